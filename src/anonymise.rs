@@ -1,0 +1,300 @@
+//! Anonymisation at the edge: `CustomerEvent` → `PreferenceEvent`.
+//!
+//! This is the only place raw personal data is read. The customer id becomes
+//! a keyed HMAC-SHA256 pseudonym under a secret the node generates into its
+//! data directory at first start; the birth year becomes an age band; postal
+//! code and country become a coarse region; free text loses e-mail addresses,
+//! phone numbers and card-like digit runs. The raw values are consumed here
+//! and never reach the store or the wire.
+
+use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
+
+use hmac::{Hmac, Mac};
+use regex::Regex;
+use sha2::Sha256;
+
+use crate::domain::{Country, CustomerEvent, PersonalData, PreferenceEvent};
+
+/// File name of the pseudonym key inside the data directory.
+pub const KEY_FILE: &str = "pseudonym.key";
+const KEY_LEN: usize = 32;
+
+/// Errors loading or creating the pseudonym key.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read or create the pseudonym key {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the pseudonym key {path} is {len} bytes, expected {KEY_LEN}; restore it from backup (a new key would change every pseudonym)")]
+    BadKey { path: PathBuf, len: usize },
+}
+
+/// Turns customer events into preference events for one origin node.
+#[derive(Clone)]
+pub struct Anonymiser {
+    origin: String,
+    key: [u8; KEY_LEN],
+}
+
+impl std::fmt::Debug for Anonymiser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Anonymiser")
+            .field("origin", &self.origin)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Anonymiser {
+    /// An anonymiser for node `origin` with the given secret key.
+    pub fn new(origin: impl Into<String>, key: [u8; KEY_LEN]) -> Self {
+        Anonymiser {
+            origin: origin.into(),
+            key,
+        }
+    }
+
+    /// Loads the node's key from `data_dir`, generating it (mode 0600) on first start.
+    pub fn open(origin: impl Into<String>, data_dir: &Path) -> Result<Self, Error> {
+        Ok(Self::new(origin, load_or_create_key(data_dir)?))
+    }
+
+    /// The anonymised form of `ev`. Consumes the event so that its personal
+    /// data is dropped here.
+    pub fn anonymise(&self, ev: CustomerEvent) -> PreferenceEvent {
+        let CustomerEvent {
+            event_id,
+            kind,
+            occurred_at,
+            product,
+            channel,
+            stage,
+            attributes,
+            score,
+            quantity,
+            personal,
+        } = ev;
+        let PersonalData {
+            customer_id,
+            postal_code,
+            country,
+            birth_year,
+            free_text,
+        } = personal;
+        PreferenceEvent {
+            event_id,
+            origin: self.origin.clone(),
+            kind,
+            occurred_at,
+            product,
+            channel,
+            stage,
+            attributes,
+            score,
+            quantity,
+            region: region(country, postal_code.as_deref()),
+            age_band: age_band(birth_year, occurred_at.year()).to_string(),
+            customer_pseudonym: customer_id
+                .map(|id| self.pseudonym(&id))
+                .unwrap_or_default(),
+            text: free_text.map(|t| scrub_text(&t)).unwrap_or_default(),
+            path: vec![self.origin.clone()],
+        }
+    }
+
+    /// HMAC-SHA256 of the customer id under the node key, hex (first 128 bits).
+    pub fn pseudonym(&self, customer_id: &str) -> String {
+        keyed_digest(&self.key, customer_id.as_bytes())
+    }
+}
+
+/// First 128 bits of HMAC-SHA256(key, data), hex: enough to make collisions
+/// between customers negligible, short enough to keep indexes small.
+pub fn keyed_digest(key: &[u8], data: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts keys of any length");
+    mac.update(data);
+    let out = mac.finalize().into_bytes();
+    out[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn load_or_create_key(data_dir: &Path) -> Result<[u8; KEY_LEN], Error> {
+    let path = data_dir.join(KEY_FILE);
+    let io = |source| Error::Io {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let len = bytes.len();
+            bytes.try_into().map_err(|_| Error::BadKey {
+                path: path.clone(),
+                len,
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(data_dir).map_err(io)?;
+            let key: [u8; KEY_LEN] = rand::random();
+            crate::secret::write_private(&path, &key).map_err(io)?;
+            Ok(key)
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
+/// The age band of someone born in `birth_year`, at `year`.
+pub fn age_band(birth_year: Option<u16>, year: i32) -> &'static str {
+    let Some(by) = birth_year else {
+        return "unknown";
+    };
+    match year - i32::from(by) {
+        i32::MIN..=-1 => "unknown",
+        0..=17 => "under-18",
+        18..=24 => "18-24",
+        25..=34 => "25-34",
+        35..=44 => "35-44",
+        45..=54 => "45-54",
+        55..=64 => "55-64",
+        _ => "65+",
+    }
+}
+
+/// How many leading characters of a country's postal code name a broad area
+/// (a county, département, province or postal district of the first level).
+/// Countries not listed get the country alone.
+fn postal_area_len(country: &str) -> Option<usize> {
+    Some(match country {
+        // First two digits: county (EE), département (FR), province (ES, IT),
+        // postal region (DE, FI, SE, PL, NL, AT-like schemes).
+        "EE" | "FR" | "ES" | "IT" | "DE" | "FI" | "SE" | "PL" | "NL" | "LT" | "DK" | "NO"
+        | "CZ" | "SK" | "PT" | "BE" | "CH" | "AT" | "GR" | "HU" | "RO" | "BG" | "HR" | "SI" => 2,
+        // "LV-1050": the first digit after the country prefix.
+        "LV" => 1,
+        // First digit: a US national area, an Australian state.
+        "US" | "AU" => 1,
+        // Outward-code letters: the postal area ("SW", "M", "EH").
+        "GB" | "IE" | "CA" => 0,
+        _ => return None,
+    })
+}
+
+/// The coarse region for a country and postal code: `EE`, `EE-10`, `GB-SW`.
+/// Never the full postal code.
+pub fn region(country: Option<Country>, postal_code: Option<&str>) -> String {
+    let Some(country) = country else {
+        return "unknown".to_string();
+    };
+    let cc = country.as_str();
+    let Some(postal) = postal_code else {
+        return cc.to_string();
+    };
+    let compact: String = postal
+        .to_ascii_uppercase()
+        .trim_start_matches(&format!("{cc}-"))
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    let area: String = match postal_area_len(cc) {
+        None => String::new(),
+        Some(0) => compact
+            .chars()
+            .take_while(|c| c.is_ascii_alphabetic())
+            .take(2)
+            .collect(),
+        Some(n) => compact
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .take(n)
+            .collect(),
+    };
+    let expected = postal_area_len(cc).unwrap_or(0).max(1);
+    // Too short to be a real code, or the area would be the whole code: keep
+    // only the country.
+    if area.is_empty() || area.len() >= compact.len() || (area.len() < expected && expected > 1) {
+        cc.to_string()
+    } else {
+        format!("{cc}-{area}")
+    }
+}
+
+static EMAIL: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?i)[a-z0-9._%+\-]+@[a-z0-9\-]+(\.[a-z0-9\-]+)*\.[a-z]{2,}").expect("valid regex")
+});
+// A run of digits, optionally separated by spaces, dots, dashes, slashes or
+// parentheses, possibly starting with '+'.
+static NUMBER_RUN: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"\+?\(?\d(?:[\s\-./()]*\d)+\)?").expect("valid regex"));
+
+/// Free text with e-mail addresses, phone numbers and card-like digit runs
+/// replaced by placeholders. Shorter numbers (sizes, years, prices) stay.
+pub fn scrub_text(text: &str) -> String {
+    let no_email = EMAIL.replace_all(text, "[email]");
+    let scrubbed = NUMBER_RUN.replace_all(&no_email, |caps: &regex::Captures<'_>| {
+        let run = &caps[0];
+        let digits = run.chars().filter(char::is_ascii_digit).count();
+        if digits >= 12 {
+            "[card]".to_string()
+        } else if digits >= 7 {
+            "[phone]".to_string()
+        } else {
+            run.to_string()
+        }
+    });
+    scrubbed.into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cc(s: &str) -> Option<Country> {
+        Some(Country::parse(s).unwrap())
+    }
+
+    #[test]
+    fn age_bands() {
+        assert_eq!(age_band(None, 2026), "unknown");
+        assert_eq!(age_band(Some(2010), 2026), "under-18");
+        assert_eq!(age_band(Some(2002), 2026), "18-24");
+        assert_eq!(age_band(Some(1985), 2026), "35-44");
+        assert_eq!(age_band(Some(1950), 2026), "65+");
+    }
+
+    #[test]
+    fn regions_are_coarse() {
+        assert_eq!(region(cc("EE"), Some("10115")), "EE-10");
+        assert_eq!(region(cc("DE"), Some("80331")), "DE-80");
+        assert_eq!(region(cc("LV"), Some("LV-1050")), "LV-1");
+        assert_eq!(region(cc("GB"), Some("SW1A 1AA")), "GB-SW");
+        assert_eq!(region(cc("JP"), Some("100-0001")), "JP");
+        assert_eq!(region(cc("EE"), None), "EE");
+        assert_eq!(region(cc("EE"), Some("1")), "EE");
+        assert_eq!(region(cc("EE"), Some("12")), "EE");
+        assert_eq!(region(None, None), "unknown");
+    }
+
+    #[test]
+    fn scrubs_emails_phones_and_cards() {
+        let t = scrub_text(
+            "Mail jane.doe@example.com or call +372 5123 4567; card 4111 1111 1111 1111. Size 42, 2 pcs",
+        );
+        assert!(!t.contains("jane"), "{t}");
+        assert!(!t.contains("5123"), "{t}");
+        assert!(!t.contains("4111"), "{t}");
+        assert!(
+            t.contains("[email]") && t.contains("[phone]") && t.contains("[card]"),
+            "{t}"
+        );
+        assert!(t.contains("Size 42, 2 pcs"), "{t}");
+    }
+
+    #[test]
+    fn pseudonyms_are_keyed_and_stable() {
+        let a = Anonymiser::new("r", [1; 32]);
+        let b = Anonymiser::new("r", [2; 32]);
+        assert_eq!(a.pseudonym("c-1"), a.pseudonym("c-1"));
+        assert_ne!(a.pseudonym("c-1"), a.pseudonym("c-2"));
+        assert_ne!(a.pseudonym("c-1"), b.pseudonym("c-1"));
+    }
+}

@@ -1,0 +1,273 @@
+//! The client side of the CLI: connecting to a node with `client.toml`, and
+//! `chainsight publish` — a JSON-lines file sent in batches over
+//! `Ingest.PublishStream` with a bounded window of unacknowledged batches.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::config::ClientConfig;
+use crate::pb;
+use crate::tls;
+
+/// Client errors, phrased for the person at the terminal.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Tls(#[from] tls::Error),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the node refused: {code:?}: {message}")]
+    Rpc { code: tonic::Code, message: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<tonic::Status> for Error {
+    fn from(s: tonic::Status) -> Self {
+        Error::Rpc {
+            code: s.code(),
+            message: s.message().to_string(),
+        }
+    }
+}
+
+/// The name the node's certificate must carry: `server_name`, or the host of `address`.
+pub fn server_name(cfg: &ClientConfig) -> String {
+    cfg.server_name.clone().unwrap_or_else(|| {
+        cfg.address
+            .parse::<tonic::codegen::http::Uri>()
+            .ok()
+            .and_then(|u| u.host().map(str::to_string))
+            .unwrap_or_else(|| "localhost".to_string())
+    })
+}
+
+/// A channel to the node of `cfg`, over mutual TLS.
+pub async fn connect(cfg: &ClientConfig) -> Result<tonic::transport::Channel, Error> {
+    Ok(tls::connect(&cfg.address, &server_name(cfg), &cfg.tls).await?)
+}
+
+/// Options of `chainsight publish`.
+#[derive(Debug, Clone)]
+pub struct PublishOptions {
+    /// Events per PublishRequest.
+    pub batch_size: usize,
+    /// Batches sent but not yet acknowledged, at most.
+    pub window: usize,
+    /// Show a progress bar (on a terminal).
+    pub progress: bool,
+}
+
+impl Default for PublishOptions {
+    fn default() -> Self {
+        PublishOptions {
+            batch_size: 500,
+            window: 8,
+            progress: true,
+        }
+    }
+}
+
+/// A line that was not stored, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineProblem {
+    /// 1-based line number in the file.
+    pub line: usize,
+    pub event_id: String,
+    /// The offending field; empty for malformed JSON.
+    pub field: String,
+    pub reason: String,
+}
+
+/// The outcome of a `publish` run.
+#[derive(Debug, Clone, Default)]
+pub struct PublishSummary {
+    pub accepted: usize,
+    pub duplicate: usize,
+    /// Events the node rejected.
+    pub rejected: Vec<LineProblem>,
+    /// Lines that were not valid JSON of a CustomerEvent.
+    pub malformed: Vec<LineProblem>,
+}
+
+struct Batch {
+    request: pb::PublishRequest,
+    lines: Vec<usize>,
+}
+
+/// Publishes every JSON line of `file` to the node.
+pub async fn publish_file(
+    cfg: &ClientConfig,
+    file: &Path,
+    opts: &PublishOptions,
+) -> Result<PublishSummary, Error> {
+    let read_err = |source| Error::Read {
+        path: file.display().to_string(),
+        source,
+    };
+    let total_lines = count_lines(file).await.map_err(read_err)?;
+    let channel = connect(cfg).await?;
+    let mut client =
+        pb::ingest_client::IngestClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+
+    let bar = progress_bar(total_lines, opts.progress);
+    let window = Arc::new(Semaphore::new(opts.window.max(1)));
+    let (req_tx, req_rx) = mpsc::channel::<pb::PublishRequest>(opts.window.max(1));
+    let (lines_tx, mut lines_rx) = mpsc::unbounded_channel::<Vec<usize>>();
+    let reader = tokio::spawn(read_batches(
+        file.to_path_buf(),
+        opts.batch_size.max(1),
+        window.clone(),
+        req_tx,
+        lines_tx,
+    ));
+
+    let mut responses = client
+        .publish_stream(ReceiverStream::new(req_rx))
+        .await?
+        .into_inner();
+    let mut summary = PublishSummary::default();
+    while let Some(resp) = responses.message().await? {
+        window.add_permits(1);
+        let lines = lines_rx
+            .recv()
+            .await
+            .ok_or_else(|| Error::Other("the node answered a batch that was never sent".into()))?;
+        tally(&mut summary, &lines, resp)?;
+        bar.inc(lines.len() as u64);
+    }
+    let malformed = reader
+        .await
+        .map_err(|e| Error::Other(e.to_string()))?
+        .map_err(read_err)?;
+    bar.inc(malformed.len() as u64);
+    bar.finish_and_clear();
+    summary.malformed = malformed;
+    Ok(summary)
+}
+
+fn tally(
+    summary: &mut PublishSummary,
+    lines: &[usize],
+    resp: pb::PublishResponse,
+) -> Result<(), Error> {
+    if resp.results.len() != lines.len() {
+        return Err(Error::Other(format!(
+            "the node answered {} results for a batch of {} events",
+            resp.results.len(),
+            lines.len()
+        )));
+    }
+    for (line, r) in lines.iter().zip(resp.results) {
+        match pb::PublishOutcome::try_from(r.outcome) {
+            Ok(pb::PublishOutcome::Accepted) => summary.accepted += 1,
+            Ok(pb::PublishOutcome::Duplicate) => summary.duplicate += 1,
+            _ => summary.rejected.push(LineProblem {
+                line: *line,
+                event_id: r.event_id,
+                field: r.field,
+                reason: r.reason,
+            }),
+        }
+    }
+    Ok(())
+}
+
+/// Reads the file, parses each line, and sends batches while the window
+/// allows. Returns the malformed lines.
+async fn read_batches(
+    file: std::path::PathBuf,
+    batch_size: usize,
+    window: Arc<Semaphore>,
+    req_tx: mpsc::Sender<pb::PublishRequest>,
+    lines_tx: mpsc::UnboundedSender<Vec<usize>>,
+) -> std::io::Result<Vec<LineProblem>> {
+    let mut lines = tokio::io::BufReader::new(tokio::fs::File::open(&file).await?).lines();
+    let mut malformed = Vec::new();
+    let mut batch = Batch {
+        request: pb::PublishRequest::default(),
+        lines: Vec::new(),
+    };
+    let mut n = 0;
+    while let Some(line) = lines.next_line().await? {
+        n += 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<pb::CustomerEvent>(&line) {
+            Ok(ev) => {
+                batch.request.events.push(ev);
+                batch.lines.push(n);
+            }
+            Err(e) => malformed.push(LineProblem {
+                line: n,
+                event_id: String::new(),
+                field: String::new(),
+                reason: format!("not a CustomerEvent in proto3 JSON: {e}"),
+            }),
+        }
+        if batch.lines.len() >= batch_size {
+            let full = std::mem::replace(
+                &mut batch,
+                Batch {
+                    request: pb::PublishRequest::default(),
+                    lines: Vec::new(),
+                },
+            );
+            if !send(full, &window, &req_tx, &lines_tx).await {
+                return Ok(malformed);
+            }
+        }
+    }
+    if !batch.lines.is_empty() {
+        send(batch, &window, &req_tx, &lines_tx).await;
+    }
+    Ok(malformed)
+}
+
+async fn send(
+    batch: Batch,
+    window: &Semaphore,
+    req_tx: &mpsc::Sender<pb::PublishRequest>,
+    lines_tx: &mpsc::UnboundedSender<Vec<usize>>,
+) -> bool {
+    let Ok(permit) = window.acquire().await else {
+        return false;
+    };
+    // The permit comes back when the node answers this batch.
+    permit.forget();
+    lines_tx.send(batch.lines).is_ok() && req_tx.send(batch.request).await.is_ok()
+}
+
+async fn count_lines(file: &Path) -> std::io::Result<u64> {
+    let mut lines = tokio::io::BufReader::new(tokio::fs::File::open(file).await?).lines();
+    let mut n = 0;
+    while let Some(line) = lines.next_line().await? {
+        if !line.trim().is_empty() {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+fn progress_bar(len: u64, enabled: bool) -> indicatif::ProgressBar {
+    if !enabled {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} publishing [{bar:40}] {pos}/{len} events ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar
+}

@@ -1,0 +1,453 @@
+//! Configuration: `node.toml` for a node and `client.toml` for the CLI's
+//! client commands, parsed once into typed structs and validated at start.
+//! Relative paths are resolved against the directory of the config file.
+//! Every error names the key and says how to fix it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::domain::{EventKind, Gtin};
+
+/// A configuration error, naming the file, the key and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: key `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+/// The TLS files of a node or client.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// PEM certificate of the chain CA.
+    pub ca: PathBuf,
+    /// PEM certificate of this node or client.
+    pub cert: PathBuf,
+    /// PEM private key of `cert`.
+    pub key: PathBuf,
+    /// Seconds a client has to complete the TLS handshake.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout_secs: u64,
+}
+
+fn default_handshake_timeout() -> u64 {
+    10
+}
+
+/// Certificate identities granted each role. Deny by default: an identity
+/// not listed has no role.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Roles {
+    #[serde(default)]
+    pub publishers: Vec<String>,
+    #[serde(default)]
+    pub downstream: Vec<String>,
+    #[serde(default)]
+    pub subscribers: Vec<String>,
+    #[serde(default)]
+    pub analysts: Vec<String>,
+}
+
+/// Privacy settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Privacy {
+    /// Aggregates over fewer distinct customers are suppressed.
+    #[serde(default = "default_k_min")]
+    pub k_min: u32,
+}
+
+fn default_k_min() -> u32 {
+    10
+}
+
+impl Default for Privacy {
+    fn default() -> Self {
+        Privacy {
+            k_min: default_k_min(),
+        }
+    }
+}
+
+/// Request size limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest accepted gRPC message, in bytes.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// Most events in one PublishRequest.
+    #[serde(default = "default_max_events")]
+    pub max_events_per_request: usize,
+}
+
+fn default_max_message_bytes() -> usize {
+    4 * 1024 * 1024
+}
+
+fn default_max_events() -> usize {
+    10_000
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: default_max_message_bytes(),
+            max_events_per_request: default_max_events(),
+        }
+    }
+}
+
+/// How a link treats the customer pseudonym.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PseudonymMode {
+    /// Re-keyed per link, so two recipients cannot join on a customer.
+    #[default]
+    PerLink,
+    /// Sent as the origin computed it.
+    Shared,
+    /// Not sent.
+    Drop,
+}
+
+/// Fields a link agreement may withhold.
+pub const DROPPABLE_FIELDS: &[&str] = &[
+    "text",
+    "customer_pseudonym",
+    "age_band",
+    "region",
+    "attributes",
+    "score",
+    "quantity",
+    "channel_detail",
+];
+
+/// The sharing agreement of one upstream link.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Share {
+    #[serde(default)]
+    pub gtin_prefixes: Vec<String>,
+    #[serde(default)]
+    pub categories: Vec<String>,
+    #[serde(default)]
+    pub kinds: Vec<String>,
+    #[serde(default)]
+    pub drop_fields: Vec<String>,
+    #[serde(default)]
+    pub pseudonym: PseudonymMode,
+}
+
+/// An upstream peer: where this node forwards events.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// The peer's certificate identity, verified on connect.
+    pub id: String,
+    /// `https://host:port`.
+    pub address: String,
+    #[serde(default)]
+    pub share: Share,
+}
+
+/// `node.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's id: its certificate identity and its name in event paths.
+    pub id: String,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Where the sled store and the pseudonym key live.
+    pub data_dir: PathBuf,
+    pub tls: TlsFiles,
+    #[serde(default)]
+    pub roles: Roles,
+    #[serde(default)]
+    pub privacy: Privacy,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub upstream: Vec<Upstream>,
+}
+
+/// `client.toml`: how the CLI reaches a node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// `https://host:port` of the node.
+    pub address: String,
+    /// The node's identity, checked against its certificate; defaults to the
+    /// host of `address`.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    pub tls: TlsFiles,
+}
+
+fn read(path: &Path) -> Result<String, Error> {
+    std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn parse<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, Error> {
+    toml::from_str(text).map_err(|e| Error::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+fn resolve(base: &Path, p: &mut PathBuf) {
+    if p.is_relative() {
+        *p = base.join(&*p);
+    }
+}
+
+fn base_dir(path: &Path) -> PathBuf {
+    path.parent()
+        .map(Path::to_path_buf)
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+impl TlsFiles {
+    fn resolve_and_check(&mut self, path: &Path, base: &Path) -> Result<(), Error> {
+        for (key, file) in [
+            ("tls.ca", &mut self.ca),
+            ("tls.cert", &mut self.cert),
+            ("tls.key", &mut self.key),
+        ] {
+            resolve(base, file);
+            if !file.is_file() {
+                return Err(invalid(
+                    path,
+                    key,
+                    format!(
+                        "file {} does not exist; create certificates with `chainsight certs init --dir DIR NAME...` and point `{key}` at them",
+                        file.display()
+                    ),
+                ));
+            }
+        }
+        if self.handshake_timeout_secs == 0 {
+            return Err(invalid(
+                path,
+                "tls.handshake_timeout_secs",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn invalid(path: &Path, key: &str, message: impl Into<String>) -> Error {
+    Error::Invalid {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Whether `s` is usable as a node or client identity.
+pub fn is_identity(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+}
+
+impl NodeConfig {
+    /// Reads and validates `node.toml`.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let mut cfg: NodeConfig = parse(path, &read(path)?)?;
+        cfg.finish(path)?;
+        Ok(cfg)
+    }
+
+    /// Parses from a string; relative paths are resolved against `base`.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, Error> {
+        let mut cfg: NodeConfig = parse(path, text)?;
+        cfg.finish(path)?;
+        Ok(cfg)
+    }
+
+    fn finish(&mut self, path: &Path) -> Result<(), Error> {
+        let base = base_dir(path);
+        if !is_identity(&self.id) {
+            return Err(invalid(
+                path,
+                "id",
+                "must be 1-64 characters of letters, digits, '-', '.', '_' (the node's certificate identity)",
+            ));
+        }
+        resolve(&base, &mut self.data_dir);
+        self.tls.resolve_and_check(path, &base)?;
+        self.validate_roles(path)?;
+        if self.privacy.k_min == 0 {
+            return Err(invalid(
+                path,
+                "privacy.k_min",
+                "must be at least 1 (default 10)",
+            ));
+        }
+        if self.limits.max_message_bytes < 1024 {
+            return Err(invalid(
+                path,
+                "limits.max_message_bytes",
+                "must be at least 1024",
+            ));
+        }
+        if self.limits.max_events_per_request == 0 {
+            return Err(invalid(
+                path,
+                "limits.max_events_per_request",
+                "must be at least 1",
+            ));
+        }
+        self.validate_upstreams(path)
+    }
+
+    fn validate_roles(&self, path: &Path) -> Result<(), Error> {
+        let r = &self.roles;
+        for (key, ids) in [
+            ("roles.publishers", &r.publishers),
+            ("roles.downstream", &r.downstream),
+            ("roles.subscribers", &r.subscribers),
+            ("roles.analysts", &r.analysts),
+        ] {
+            if let Some(bad) = ids.iter().find(|id| !is_identity(id)) {
+                return Err(invalid(
+                    path,
+                    key,
+                    format!(
+                        "{bad:?} is not a certificate identity (letters, digits, '-', '.', '_')"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_upstreams(&self, path: &Path) -> Result<(), Error> {
+        let mut seen = std::collections::HashSet::new();
+        for (i, up) in self.upstream.iter().enumerate() {
+            let key = |k: &str| format!("upstream[{i}].{k}");
+            if !is_identity(&up.id) {
+                return Err(invalid(
+                    path,
+                    &key("id"),
+                    "must be the peer's certificate identity",
+                ));
+            }
+            if up.id == self.id {
+                return Err(invalid(
+                    path,
+                    &key("id"),
+                    "a node cannot be its own upstream",
+                ));
+            }
+            if !seen.insert(&up.id) {
+                return Err(invalid(
+                    path,
+                    &key("id"),
+                    format!("{:?} is listed twice", up.id),
+                ));
+            }
+            if !up.address.starts_with("https://") {
+                return Err(invalid(
+                    path,
+                    &key("address"),
+                    "must start with https:// (links always use mutual TLS)",
+                ));
+            }
+            for p in &up.share.gtin_prefixes {
+                if p.is_empty() || p.len() > 13 || !p.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(invalid(
+                        path,
+                        &key("share.gtin_prefixes"),
+                        format!("{p:?} is not a GS1 company prefix (1-13 digits)"),
+                    ));
+                }
+            }
+            for k in &up.share.kinds {
+                if EventKind::from_label(k.trim_start_matches("EVENT_KIND_")).is_none() {
+                    return Err(invalid(
+                        path,
+                        &key("share.kinds"),
+                        format!("{k:?} is not an event kind (e.g. purchase, review, nps)"),
+                    ));
+                }
+            }
+            for f in &up.share.drop_fields {
+                if !DROPPABLE_FIELDS.contains(&f.as_str()) {
+                    return Err(invalid(
+                        path,
+                        &key("share.drop_fields"),
+                        format!("{f:?} cannot be dropped; one of {DROPPABLE_FIELDS:?}"),
+                    ));
+                }
+            }
+        }
+        let _ = Gtin::parse; // prefixes are matched against Gtin::gtin13
+        Ok(())
+    }
+}
+
+impl ClientConfig {
+    /// Reads and validates `client.toml`.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let mut cfg: ClientConfig = parse(path, &read(path)?)?;
+        let base = base_dir(path);
+        if !cfg.address.starts_with("https://") {
+            return Err(invalid(
+                path,
+                "address",
+                "must start with https:// (nodes only speak mutual TLS)",
+            ));
+        }
+        cfg.tls.resolve_and_check(path, &base)?;
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        let err = NodeConfig::from_toml(
+            "id = \"r\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"d\"\n[tls]\nca = \"nope.pem\"\ncert = \"c\"\nkey = \"k\"\n",
+            &path,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("tls.ca") && err.contains("certs init"),
+            "{err}"
+        );
+
+        let err = NodeConfig::from_toml("id = \"r\"\nlisten = \"nonsense\"\n", &path)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listen"), "{err}");
+    }
+}

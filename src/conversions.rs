@@ -1,0 +1,443 @@
+//! Conversions between the protobuf messages (`crate::pb`) and the domain
+//! types, with all input validation in one place. Every rule a customer event
+//! must satisfy lives here; a violation becomes an [`Invalid`] naming the
+//! field (in proto snake_case, dotted for nested fields) and the reason.
+
+use std::collections::BTreeMap;
+
+use crate::domain::{
+    Channel, Country, CustomerEvent, EventKind, Gtin, JourneyStage, PersonalData, PreferenceEvent,
+    Product, UnixNanos,
+};
+use crate::pb;
+
+/// Bounds on what one event may carry.
+pub mod limits {
+    /// Longest accepted `event_id`.
+    pub const EVENT_ID_LEN: usize = 128;
+    /// Most attributes per event.
+    pub const ATTRIBUTES: usize = 32;
+    /// Longest attribute key.
+    pub const ATTRIBUTE_KEY_LEN: usize = 64;
+    /// Longest attribute value.
+    pub const ATTRIBUTE_VALUE_LEN: usize = 256;
+    /// Longest product category or brand.
+    pub const PRODUCT_TEXT_LEN: usize = 128;
+    /// Longest customer id.
+    pub const CUSTOMER_ID_LEN: usize = 256;
+    /// Longest postal code.
+    pub const POSTAL_CODE_LEN: usize = 16;
+    /// Longest free text.
+    pub const FREE_TEXT_LEN: usize = 4096;
+    /// Largest quantity.
+    pub const QUANTITY: u32 = 100_000;
+    /// How far in the future `occurred_at` may lie (clock skew allowance).
+    pub const FUTURE_SKEW_NANOS: i64 = 5 * 60 * 1_000_000_000;
+    /// The earliest accepted `occurred_at`: 2000-01-01T00:00:00Z.
+    pub const EARLIEST_NANOS: i64 = 946_684_800 * 1_000_000_000;
+    /// Longest node id in a path, and most hops.
+    pub const NODE_ID_LEN: usize = 64;
+    /// Most entries in an event's path.
+    pub const PATH_LEN: usize = 32;
+}
+
+/// A validation failure: which field and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct Invalid {
+    pub field: String,
+    pub reason: String,
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> Invalid {
+    Invalid {
+        field: field.to_string(),
+        reason: reason.into(),
+    }
+}
+
+type Result<T> = std::result::Result<T, Invalid>;
+
+/// Validates a published event. `now` bounds `occurred_at`; an empty
+/// `event_id` is replaced by a fresh UUIDv7.
+pub fn customer_event_from_pb(ev: pb::CustomerEvent, now: UnixNanos) -> Result<CustomerEvent> {
+    let event_id = if ev.event_id.is_empty() {
+        uuid::Uuid::now_v7().to_string()
+    } else {
+        check_event_id(&ev.event_id)?;
+        ev.event_id
+    };
+    let kind = enum_field("kind", ev.kind, EventKind::from_number)?;
+    let channel = enum_field("channel", ev.channel, Channel::from_number)?;
+    let stage = enum_field("stage", ev.stage, JourneyStage::from_number)?;
+    let occurred_at = timestamp("occurred_at", ev.occurred_at)?;
+    if occurred_at.0 > now.0.saturating_add(limits::FUTURE_SKEW_NANOS) {
+        return Err(invalid(
+            "occurred_at",
+            "lies more than 5 minutes in the future",
+        ));
+    }
+    let product = product_from_pb(ev.product)?;
+    let score = score(kind, ev.score)?;
+    if ev.quantity > limits::QUANTITY {
+        return Err(invalid(
+            "quantity",
+            format!("must be at most {}", limits::QUANTITY),
+        ));
+    }
+    let attributes = attributes("attributes", ev.attributes.into_iter())?;
+    let personal = personal_data(
+        ev.customer_id,
+        ev.postal_code,
+        ev.country,
+        ev.birth_year,
+        ev.free_text,
+        now,
+    )?;
+    Ok(CustomerEvent {
+        event_id,
+        kind,
+        occurred_at,
+        product,
+        channel,
+        stage,
+        attributes,
+        score,
+        quantity: ev.quantity,
+        personal,
+    })
+}
+
+fn check_event_id(id: &str) -> Result<()> {
+    if id.len() > limits::EVENT_ID_LEN {
+        return Err(invalid(
+            "event_id",
+            format!("longer than {} characters", limits::EVENT_ID_LEN),
+        ));
+    }
+    if !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            "event_id",
+            "may contain only printable ASCII characters without spaces",
+        ));
+    }
+    Ok(())
+}
+
+fn enum_field<T>(field: &str, n: i32, from: impl Fn(i32) -> Option<T>) -> Result<T> {
+    match from(n) {
+        Some(v) => Ok(v),
+        None if n == 0 => Err(invalid(field, "required (UNSPECIFIED is not allowed)")),
+        None => Err(invalid(field, format!("unknown enum value {n}"))),
+    }
+}
+
+fn timestamp(field: &str, ts: Option<pbjson_types::Timestamp>) -> Result<UnixNanos> {
+    let ts = ts.ok_or_else(|| invalid(field, "required"))?;
+    if !(0..1_000_000_000).contains(&ts.nanos) {
+        return Err(invalid(field, "nanos out of range"));
+    }
+    let nanos = ts
+        .seconds
+        .checked_mul(1_000_000_000)
+        .and_then(|s| s.checked_add(i64::from(ts.nanos)))
+        .ok_or_else(|| invalid(field, "out of range"))?;
+    if nanos < limits::EARLIEST_NANOS {
+        return Err(invalid(field, "lies before 2000-01-01"));
+    }
+    Ok(UnixNanos(nanos))
+}
+
+fn product_from_pb(p: Option<pb::Product>) -> Result<Product> {
+    let p = p.ok_or_else(|| invalid("product", "required"))?;
+    let gtin = Gtin::parse(&p.gtin).map_err(|r| invalid("product.gtin", r))?;
+    bounded_text("product.category", &p.category, limits::PRODUCT_TEXT_LEN)?;
+    bounded_text("product.brand", &p.brand, limits::PRODUCT_TEXT_LEN)?;
+    Ok(Product {
+        gtin,
+        category: p.category.trim().to_string(),
+        brand: p.brand.trim().to_string(),
+    })
+}
+
+fn bounded_text(field: &str, s: &str, max: usize) -> Result<()> {
+    if s.chars().count() > max {
+        return Err(invalid(field, format!("longer than {max} characters")));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(invalid(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+fn score(kind: EventKind, score: Option<u32>) -> Result<Option<u32>> {
+    match (kind, score) {
+        (EventKind::Review, None) => Err(invalid("score", "required for REVIEW events (1-5)")),
+        (EventKind::Review, Some(s)) if !(1..=5).contains(&s) => Err(invalid(
+            "score",
+            format!("must be 1-5 for REVIEW events, got {s}"),
+        )),
+        (EventKind::Nps, None) => Err(invalid("score", "required for NPS events (0-10)")),
+        (_, Some(s)) if s > 10 => Err(invalid("score", format!("must be 0-10, got {s}"))),
+        (_, s) => Ok(s),
+    }
+}
+
+fn attributes(
+    field: &str,
+    attrs: impl ExactSizeIterator<Item = (String, String)>,
+) -> Result<BTreeMap<String, String>> {
+    if attrs.len() > limits::ATTRIBUTES {
+        return Err(invalid(
+            field,
+            format!("at most {} attributes allowed", limits::ATTRIBUTES),
+        ));
+    }
+    let mut out = BTreeMap::new();
+    for (k, v) in attrs {
+        let key_ok = !k.is_empty()
+            && k.len() <= limits::ATTRIBUTE_KEY_LEN
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        if !key_ok {
+            return Err(invalid(
+                &format!("{field}.key"),
+                format!(
+                    "key {:?} must be 1-{} characters of [A-Za-z0-9_.-]",
+                    truncate(&k, 80),
+                    limits::ATTRIBUTE_KEY_LEN
+                ),
+            ));
+        }
+        bounded_text(&format!("{field}[{k}]"), &v, limits::ATTRIBUTE_VALUE_LEN)?;
+        out.insert(k, v);
+    }
+    Ok(out)
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
+}
+
+fn personal_data(
+    customer_id: String,
+    postal_code: String,
+    country: String,
+    birth_year: u32,
+    free_text: String,
+    now: UnixNanos,
+) -> Result<PersonalData> {
+    bounded_text("customer_id", &customer_id, limits::CUSTOMER_ID_LEN)?;
+    if postal_code.len() > limits::POSTAL_CODE_LEN
+        || !postal_code
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b' ' || b == b'-')
+    {
+        return Err(invalid(
+            "postal_code",
+            format!(
+                "must be at most {} letters, digits, spaces or dashes",
+                limits::POSTAL_CODE_LEN
+            ),
+        ));
+    }
+    let country = if country.trim().is_empty() {
+        None
+    } else {
+        Some(Country::parse(&country).map_err(|r| invalid("country", r))?)
+    };
+    if country.is_none() && !postal_code.trim().is_empty() {
+        return Err(invalid("country", "required when postal_code is set"));
+    }
+    let birth_year = match birth_year {
+        0 => None,
+        y if y < 1900 || i64::from(y) > i64::from(now.year()) => {
+            return Err(invalid(
+                "birth_year",
+                format!("must be between 1900 and {}, got {y}", now.year()),
+            ))
+        }
+        y => Some(y as u16),
+    };
+    bounded_text(
+        "free_text",
+        &free_text.replace(['\n', '\t', '\r'], " "),
+        limits::FREE_TEXT_LEN,
+    )?;
+    let non_empty = |s: String| (!s.trim().is_empty()).then(|| s.trim().to_string());
+    Ok(PersonalData {
+        customer_id: non_empty(customer_id),
+        postal_code: non_empty(postal_code),
+        country,
+        birth_year,
+        free_text: non_empty(free_text),
+    })
+}
+
+/// Validates an anonymised event received from a peer.
+pub fn preference_event_from_pb(ev: pb::PreferenceEvent) -> Result<PreferenceEvent> {
+    if ev.event_id.is_empty() {
+        return Err(invalid("event_id", "required"));
+    }
+    check_event_id(&ev.event_id)?;
+    let node_id = |field: &str, s: &str| -> Result<()> {
+        if s.is_empty() || s.len() > limits::NODE_ID_LEN || !s.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(invalid(
+                field,
+                "must be a node id of 1-64 printable characters",
+            ));
+        }
+        Ok(())
+    };
+    node_id("origin", &ev.origin)?;
+    if ev.path.len() > limits::PATH_LEN {
+        return Err(invalid(
+            "path",
+            format!("longer than {} hops", limits::PATH_LEN),
+        ));
+    }
+    for p in &ev.path {
+        node_id("path", p)?;
+    }
+    let kind = enum_field("kind", ev.kind, EventKind::from_number)?;
+    let channel = enum_field("channel", ev.channel, Channel::from_number)?;
+    let stage = enum_field("stage", ev.stage, JourneyStage::from_number)?;
+    let occurred_at = timestamp("occurred_at", ev.occurred_at)?;
+    let product = product_from_pb(ev.product)?;
+    let score = score(kind, ev.score)?;
+    let attributes = attributes("attributes", ev.attributes.into_iter())?;
+    for (field, value, max) in [
+        ("region", &ev.region, 16),
+        ("age_band", &ev.age_band, 16),
+        ("customer_pseudonym", &ev.customer_pseudonym, 128),
+        ("text", &ev.text, limits::FREE_TEXT_LEN),
+    ] {
+        bounded_text(field, value, max)?;
+    }
+    Ok(PreferenceEvent {
+        event_id: ev.event_id,
+        origin: ev.origin,
+        kind,
+        occurred_at,
+        product,
+        channel,
+        stage,
+        attributes,
+        score,
+        quantity: ev.quantity.min(limits::QUANTITY),
+        region: ev.region,
+        age_band: ev.age_band,
+        customer_pseudonym: ev.customer_pseudonym,
+        text: ev.text,
+        path: ev.path,
+    })
+}
+
+/// The protobuf form of a stored event.
+pub fn preference_event_to_pb(ev: &PreferenceEvent) -> pb::PreferenceEvent {
+    let (seconds, nanos) = ev.occurred_at.split();
+    pb::PreferenceEvent {
+        event_id: ev.event_id.clone(),
+        origin: ev.origin.clone(),
+        kind: ev.kind.number(),
+        occurred_at: Some(pbjson_types::Timestamp { seconds, nanos }),
+        product: Some(pb::Product {
+            gtin: ev.product.gtin.as_str().to_string(),
+            category: ev.product.category.clone(),
+            brand: ev.product.brand.clone(),
+        }),
+        channel: ev.channel.number(),
+        stage: ev.stage.number(),
+        attributes: ev.attributes.clone().into_iter().collect(),
+        score: ev.score,
+        quantity: ev.quantity,
+        region: ev.region.clone(),
+        age_band: ev.age_band.clone(),
+        customer_pseudonym: ev.customer_pseudonym.clone(),
+        text: ev.text.clone(),
+        path: ev.path.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good() -> pb::CustomerEvent {
+        pb::CustomerEvent {
+            event_id: "ev-1".into(),
+            kind: pb::EventKind::Review as i32,
+            occurred_at: Some(pbjson_types::Timestamp {
+                seconds: 1_790_000_000,
+                nanos: 0,
+            }),
+            product: Some(pb::Product {
+                gtin: "4740001000017".into(),
+                category: "dairy".into(),
+                brand: "Põlluvara".into(),
+            }),
+            channel: pb::Channel::Web as i32,
+            stage: pb::JourneyStage::PostPurchase as i32,
+            score: Some(4),
+            quantity: 1,
+            country: "EE".into(),
+            postal_code: "10115".into(),
+            birth_year: 1985,
+            ..Default::default()
+        }
+    }
+
+    fn now() -> UnixNanos {
+        UnixNanos(1_790_000_000 * 1_000_000_000)
+    }
+
+    fn field_of(ev: pb::CustomerEvent) -> String {
+        customer_event_from_pb(ev, now()).unwrap_err().field
+    }
+
+    #[test]
+    fn a_good_event_converts() {
+        let ev = customer_event_from_pb(good(), now()).unwrap();
+        assert_eq!(ev.product.gtin.as_str(), "04740001000017");
+        assert_eq!(ev.personal.country.unwrap().as_str(), "EE");
+    }
+
+    #[test]
+    fn each_rule_names_its_field() {
+        let mut e = good();
+        e.kind = 0;
+        assert_eq!(field_of(e), "kind");
+        let mut e = good();
+        e.channel = 99;
+        assert_eq!(field_of(e), "channel");
+        let mut e = good();
+        e.score = Some(6);
+        assert_eq!(field_of(e), "score");
+        let mut e = good();
+        e.kind = pb::EventKind::Nps as i32;
+        e.score = None;
+        assert_eq!(field_of(e), "score");
+        let mut e = good();
+        e.occurred_at.as_mut().unwrap().seconds += 301;
+        assert_eq!(field_of(e), "occurred_at");
+        let mut e = good();
+        e.country = "XX".into();
+        assert_eq!(field_of(e), "country");
+        let mut e = good();
+        e.product.as_mut().unwrap().gtin = "4740001000018".into();
+        assert_eq!(field_of(e), "product.gtin");
+        let mut e = good();
+        e.attributes.insert("bad key".into(), "v".into());
+        assert_eq!(field_of(e), "attributes.key");
+    }
+
+    #[test]
+    fn empty_event_id_gets_a_uuid_v7() {
+        let mut e = good();
+        e.event_id.clear();
+        let ev = customer_event_from_pb(e, now()).unwrap();
+        let id = uuid::Uuid::parse_str(&ev.event_id).unwrap();
+        assert_eq!(id.get_version_num(), 7);
+    }
+}

@@ -1,0 +1,183 @@
+//! Domain types: what chainsight reasons about once input has been validated.
+//!
+//! Protobuf messages (`crate::pb`) are converted into these at the service
+//! edge (`crate::conversions`), so `anonymise`, `store` and `propagate` never
+//! see unvalidated input. Personal data lives only in [`PersonalData`], which
+//! exists only in memory during a request and never implements `Debug` with
+//! its contents.
+
+mod country;
+mod gtin;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+pub use country::{is_iso_country, Country};
+pub use gtin::Gtin;
+
+/// Nanoseconds since the Unix epoch, UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UnixNanos(pub i64);
+
+impl UnixNanos {
+    /// The current wall-clock time.
+    pub fn now() -> Self {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        UnixNanos(i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+    }
+
+    /// Seconds and sub-second nanoseconds, as protobuf's Timestamp holds them.
+    pub fn split(self) -> (i64, i32) {
+        let secs = self.0.div_euclid(1_000_000_000);
+        let nanos = self.0.rem_euclid(1_000_000_000) as i32;
+        (secs, nanos)
+    }
+
+    /// The calendar year (UTC) this instant falls in.
+    pub fn year(self) -> i32 {
+        let (secs, _) = self.split();
+        time::OffsetDateTime::from_unix_timestamp(secs)
+            .map(|t| t.year())
+            .unwrap_or(1970)
+    }
+}
+
+macro_rules! proto_enum {
+    ($(#[$meta:meta])* $name:ident { $($variant:ident = $value:literal => $label:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            /// Every value, in proto order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The proto enum number.
+            pub fn number(self) -> i32 {
+                match self { $($name::$variant => $value),+ }
+            }
+
+            /// The value for a proto enum number; `None` for UNSPECIFIED or unknown numbers.
+            pub fn from_number(n: i32) -> Option<Self> {
+                match n { $($value => Some($name::$variant),)+ _ => None }
+            }
+
+            /// A short lower-case label, as shown in reports and accepted by the CLI.
+            pub fn label(self) -> &'static str {
+                match self { $($name::$variant => $label),+ }
+            }
+
+            /// Parses a label as produced by [`Self::label`] (case-insensitive).
+            pub fn from_label(s: &str) -> Option<Self> {
+                let s = s.trim().to_ascii_lowercase().replace('-', "_");
+                Self::ALL.iter().copied().find(|v| v.label() == s)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.label())
+            }
+        }
+    };
+}
+
+proto_enum!(
+    /// What happened, from the end customer's point of view.
+    EventKind {
+        Purchase = 1 => "purchase",
+        Return = 2 => "return",
+        Review = 3 => "review",
+        Nps = 4 => "nps",
+        Preference = 5 => "preference",
+        CartAbandoned = 6 => "cart_abandoned",
+        SearchUnmet = 7 => "search_unmet",
+        Complaint = 8 => "complaint",
+        Usage = 9 => "usage",
+    }
+);
+
+proto_enum!(
+    /// Where the customer interacted.
+    Channel {
+        Store = 1 => "store",
+        Web = 2 => "web",
+        MobileApp = 3 => "mobile_app",
+        Social = 4 => "social",
+        Phone = 5 => "phone",
+        Marketplace = 6 => "marketplace",
+        IotDevice = 7 => "iot_device",
+    }
+);
+
+proto_enum!(
+    /// Customer-journey stage.
+    JourneyStage {
+        Awareness = 1 => "awareness",
+        Consideration = 2 => "consideration",
+        Purchase = 3 => "purchase",
+        PostPurchase = 4 => "post_purchase",
+    }
+);
+
+/// A product, identified by its GTIN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Product {
+    pub gtin: Gtin,
+    pub category: String,
+    pub brand: String,
+}
+
+/// The parts of a customer event that are personal data. They exist only in
+/// memory, between validation and anonymisation.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct PersonalData {
+    pub customer_id: Option<String>,
+    pub postal_code: Option<String>,
+    pub country: Option<Country>,
+    pub birth_year: Option<u16>,
+    pub free_text: Option<String>,
+}
+
+impl fmt::Debug for PersonalData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PersonalData { .. }")
+    }
+}
+
+/// A validated customer event, as a company's own system sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustomerEvent {
+    pub event_id: String,
+    pub kind: EventKind,
+    pub occurred_at: UnixNanos,
+    pub product: Product,
+    pub channel: Channel,
+    pub stage: JourneyStage,
+    pub attributes: BTreeMap<String, String>,
+    pub score: Option<u32>,
+    pub quantity: u32,
+    pub personal: PersonalData,
+}
+
+/// The anonymised form of an event: the only form that is stored or sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreferenceEvent {
+    pub event_id: String,
+    pub origin: String,
+    pub kind: EventKind,
+    pub occurred_at: UnixNanos,
+    pub product: Product,
+    pub channel: Channel,
+    pub stage: JourneyStage,
+    pub attributes: BTreeMap<String, String>,
+    pub score: Option<u32>,
+    pub quantity: u32,
+    pub region: String,
+    pub age_band: String,
+    pub customer_pseudonym: String,
+    pub text: String,
+    pub path: Vec<String>,
+}

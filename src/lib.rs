@@ -1,0 +1,21 @@
+//! chainsight: a customer-insight exchange for the companies of one supply
+//! chain. Each company runs a node; retailers publish end-customer events,
+//! the node anonymises them at the edge, stores them durably in sled and (in
+//! later work) forwards them upstream over mutual TLS to the producers whose
+//! products they concern.
+
+#![forbid(unsafe_code)]
+
+pub mod anonymise;
+pub mod certs;
+pub mod client;
+pub mod config;
+pub mod conversions;
+pub mod domain;
+pub mod node;
+pub mod pb;
+pub mod policy;
+pub mod secret;
+pub mod service;
+pub mod store;
+pub mod tls;

@@ -1,0 +1,174 @@
+//! The `chainsight` command line: parses arguments and calls into the library.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use chainsight::config::{ClientConfig, NodeConfig};
+
+/// chainsight: a customer-insight exchange for the companies of one supply chain.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Certificates for a chain.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Run a node.
+    Node {
+        /// Path to node.toml.
+        #[arg(long, default_value = "node.toml")]
+        config: PathBuf,
+    },
+    /// Publish customer events from a JSON-lines file (proto3 JSON of CustomerEvent).
+    Publish {
+        /// Path to client.toml.
+        #[arg(long, default_value = "client.toml")]
+        config: PathBuf,
+        /// The JSON-lines file.
+        #[arg(long)]
+        file: PathBuf,
+        /// Events per request.
+        #[arg(long, default_value_t = 500)]
+        batch_size: usize,
+        /// Requests sent ahead of their acknowledgement.
+        #[arg(long, default_value_t = 8)]
+        window: usize,
+        /// Do not show a progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Make a chain CA (or reuse the one in DIR) and a key and certificate per NAME.
+    Init {
+        /// Output directory: DIR/ca.pem, ca.key, NAME.pem, NAME.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Identities to issue certificates for.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Certs {
+            command: CertsCommand::Init { dir, names },
+        } => {
+            let written = chainsight::certs::init(&dir, &names)?;
+            for f in written {
+                println!("wrote {}", f.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Node { config } => {
+            let cfg = NodeConfig::load(&config)?;
+            let listener = tokio::net::TcpListener::bind(cfg.listen)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot listen on {} (key `listen` in {})",
+                        cfg.listen,
+                        config.display()
+                    )
+                })?;
+            let addr = listener.local_addr()?;
+            // One line on stdout for supervisors and tests: the bound address.
+            println!("chainsight node {} listening on {addr}", cfg.id);
+            chainsight::node::run(cfg, listener, chainsight::node::shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Publish {
+            config,
+            file,
+            batch_size,
+            window,
+            quiet,
+        } => publish(config, file, batch_size, window, quiet).await,
+    }
+}
+
+async fn publish(
+    config: PathBuf,
+    file: PathBuf,
+    batch_size: usize,
+    window: usize,
+    quiet: bool,
+) -> anyhow::Result<ExitCode> {
+    let cfg = ClientConfig::load(&config)?;
+    let opts = chainsight::client::PublishOptions {
+        batch_size,
+        window,
+        progress: !quiet,
+    };
+    let summary = chainsight::client::publish_file(&cfg, &file, &opts)
+        .await
+        .with_context(|| format!("publishing {} to {}", file.display(), cfg.address))?;
+    println!(
+        "accepted {}, duplicate {}, rejected {}, malformed {}",
+        summary.accepted,
+        summary.duplicate,
+        summary.rejected.len(),
+        summary.malformed.len()
+    );
+    let mut problems: Vec<_> = summary.rejected.iter().chain(&summary.malformed).collect();
+    problems.sort_by_key(|p| p.line);
+    for p in &problems {
+        if p.field.is_empty() {
+            println!("  line {}: {}", p.line, p.reason);
+        } else {
+            println!(
+                "  line {} ({}): {}: {}",
+                p.line, p.event_id, p.field, p.reason
+            );
+        }
+    }
+    Ok(if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}

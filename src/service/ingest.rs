@@ -1,0 +1,171 @@
+//! `Ingest`: a company's own publishers send customer events to their node.
+//! Each event is validated, anonymised in memory, and stored; the answer
+//! comes only after the accepted events are flushed to disk.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use super::{authorize, ApiError};
+use crate::anonymise::Anonymiser;
+use crate::conversions::{self, Invalid};
+use crate::domain::UnixNanos;
+use crate::pb;
+use crate::policy::{Policy, Role};
+use crate::store::{Appended, Store};
+
+/// How many batches of one PublishStream are processed concurrently (their
+/// answers still go out in order). Lets one stream fill a group commit.
+const STREAM_PIPELINE: usize = 8;
+
+/// The Ingest service.
+#[derive(Clone)]
+pub struct IngestService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    policy: Policy,
+    anonymiser: Anonymiser,
+    store: Store,
+    max_events: usize,
+}
+
+impl IngestService {
+    /// The service of a node with these grants, key and store.
+    pub fn new(policy: Policy, anonymiser: Anonymiser, store: Store, max_events: usize) -> Self {
+        IngestService {
+            inner: Arc::new(Inner {
+                policy,
+                anonymiser,
+                store,
+                max_events,
+            }),
+        }
+    }
+}
+
+impl Inner {
+    /// Validates, anonymises and stores a batch; one result per event, in order.
+    async fn publish(
+        &self,
+        events: Vec<pb::CustomerEvent>,
+    ) -> Result<pb::PublishResponse, ApiError> {
+        if events.len() > self.max_events {
+            return Err(ApiError::InvalidArgument {
+                field: "events".into(),
+                reason: format!(
+                    "{} events exceed the limit of {} per request; split the batch",
+                    events.len(),
+                    self.max_events
+                ),
+            });
+        }
+        let now = UnixNanos::now();
+        let mut results = Vec::with_capacity(events.len());
+        let mut accepted = Vec::new();
+        let mut accepted_at = Vec::new();
+        for (i, ev) in events.into_iter().enumerate() {
+            let given_id = ev
+                .event_id
+                .chars()
+                .take(conversions::limits::EVENT_ID_LEN)
+                .collect();
+            match conversions::customer_event_from_pb(ev, now) {
+                Ok(ce) => {
+                    results.push(result(ce.event_id.clone(), pb::PublishOutcome::Accepted));
+                    accepted.push(self.anonymiser.anonymise(ce));
+                    accepted_at.push(i);
+                }
+                Err(Invalid { field, reason }) => {
+                    let mut r = result(given_id, pb::PublishOutcome::Rejected);
+                    r.field = field;
+                    r.reason = reason;
+                    results.push(r);
+                }
+            }
+        }
+        let outcomes = self.store.append(accepted).await?;
+        for (i, outcome) in accepted_at.into_iter().zip(outcomes) {
+            if let Appended::Duplicate(_) = outcome {
+                results[i].outcome = pb::PublishOutcome::Duplicate as i32;
+            }
+        }
+        log_outcomes(&results);
+        Ok(pb::PublishResponse { results })
+    }
+}
+
+fn result(event_id: String, outcome: pb::PublishOutcome) -> pb::PublishResult {
+    pb::PublishResult {
+        event_id,
+        outcome: outcome as i32,
+        field: String::new(),
+        reason: String::new(),
+    }
+}
+
+fn log_outcomes(results: &[pb::PublishResult]) {
+    let count = |o: pb::PublishOutcome| results.iter().filter(|r| r.outcome == o as i32).count();
+    tracing::info!(
+        accepted = count(pb::PublishOutcome::Accepted),
+        duplicate = count(pb::PublishOutcome::Duplicate),
+        rejected = count(pb::PublishOutcome::Rejected),
+        "published"
+    );
+}
+
+/// A span for one RPC, carrying the caller's certificate identity.
+pub(crate) fn rpc_span<T>(req: &Request<T>, method: &'static str) -> tracing::Span {
+    let identity = req
+        .extensions()
+        .get::<crate::tls::Peer>()
+        .map(|p| p.identity.as_str())
+        .unwrap_or("?");
+    tracing::info_span!("rpc", method, peer = %identity)
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::PublishResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::ingest_server::Ingest for IngestService {
+    async fn publish(
+        &self,
+        req: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let span = rpc_span(&req, "Ingest.Publish");
+        async {
+            authorize(&req, &self.inner.policy, Role::Publisher)?;
+            let resp = self.inner.publish(req.into_inner().events).await?;
+            Ok(Response::new(resp))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn publish_stream(
+        &self,
+        req: Request<Streaming<pb::PublishRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        let span = rpc_span(&req, "Ingest.PublishStream");
+        span.in_scope(|| authorize(&req, &self.inner.policy, Role::Publisher))?;
+        let inner = self.inner.clone();
+        let out = req
+            .into_inner()
+            .map(move |item| {
+                let inner = inner.clone();
+                async move {
+                    match item {
+                        Ok(batch) => inner.publish(batch.events).await.map_err(Status::from),
+                        Err(status) => Err(status),
+                    }
+                }
+                .instrument(span.clone())
+            })
+            .buffered(STREAM_PIPELINE);
+        Ok(Response::new(Box::pin(out)))
+    }
+}

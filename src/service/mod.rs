@@ -1,0 +1,102 @@
+//! The gRPC services. Each handler authorises the caller (by certificate
+//! identity and role), converts the request into domain types, delegates,
+//! and maps the error through the one `From<ApiError> for Status` below.
+
+pub mod ingest;
+pub mod unimplemented;
+
+use crate::conversions::Invalid;
+use crate::policy::{Policy, Role};
+use crate::store;
+use crate::tls::Peer;
+
+/// Every error a handler can answer with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: String, reason: String },
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    DataLoss(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<Invalid> for ApiError {
+    fn from(e: Invalid) -> Self {
+        ApiError::InvalidArgument {
+            field: e.field,
+            reason: e.reason,
+        }
+    }
+}
+
+impl From<store::Error> for ApiError {
+    fn from(e: store::Error) -> Self {
+        match e {
+            store::Error::Write {
+                disk_full: true, ..
+            } => ApiError::ResourceExhausted(
+                "the node's disk is full; nothing of this request was stored, retry later".into(),
+            ),
+            store::Error::Corrupt { .. } => ApiError::DataLoss(e.to_string()),
+            store::Error::Closed => ApiError::Unavailable("the node is shutting down".into()),
+            store::Error::Open { .. } | store::Error::Sled(_) | store::Error::Write { .. } => {
+                ApiError::Internal(e.to_string())
+            }
+        }
+    }
+}
+
+impl From<ApiError> for tonic::Status {
+    fn from(e: ApiError) -> Self {
+        match e {
+            ApiError::InvalidArgument { field, reason } => {
+                tonic::Status::invalid_argument(format!("{field}: {reason}"))
+            }
+            ApiError::PermissionDenied(m) => tonic::Status::permission_denied(m),
+            ApiError::Unauthenticated(m) => tonic::Status::unauthenticated(m),
+            ApiError::ResourceExhausted(m) => tonic::Status::resource_exhausted(m),
+            ApiError::Unavailable(m) => tonic::Status::unavailable(m),
+            ApiError::DataLoss(m) => {
+                tracing::error!(error = %m, "data loss");
+                tonic::Status::data_loss("stored data failed verification; the operator has been alerted in the node log")
+            }
+            ApiError::Internal(m) => {
+                // Details stay in the log: they may name files or records.
+                tracing::error!(error = %m, "internal error");
+                tonic::Status::internal("internal error; see the node log")
+            }
+        }
+    }
+}
+
+/// The authenticated caller of a request, if it holds `role`.
+pub fn authorize<T>(
+    req: &tonic::Request<T>,
+    policy: &Policy,
+    role: Role,
+) -> Result<Peer, ApiError> {
+    let peer = req
+        .extensions()
+        .get::<Peer>()
+        .cloned()
+        .ok_or_else(|| ApiError::Unauthenticated("no client certificate identity".into()))?;
+    if policy.allows(&peer.identity, role) {
+        Ok(peer)
+    } else {
+        tracing::warn!(identity = %peer.identity, %role, "permission denied");
+        Err(ApiError::PermissionDenied(format!(
+            "identity {:?} does not have the {role} role on this node (grant it in node.toml `{}`)",
+            peer.identity,
+            role.config_key()
+        )))
+    }
+}

@@ -1,0 +1,25 @@
+//! Services declared by the contract whose behaviour comes with later work:
+//! they answer UNIMPLEMENTED (the generated default methods) until then.
+
+use crate::pb;
+
+/// `Peering`: forwarding between nodes.
+#[derive(Debug, Default)]
+pub struct PeeringService;
+
+#[tonic::async_trait]
+impl pb::peering_server::Peering for PeeringService {}
+
+/// `Signals`: subscriptions.
+#[derive(Debug, Default)]
+pub struct SignalsService;
+
+#[tonic::async_trait]
+impl pb::signals_server::Signals for SignalsService {}
+
+/// `Insights`: aggregated queries.
+#[derive(Debug, Default)]
+pub struct InsightsService;
+
+#[tonic::async_trait]
+impl pb::insights_server::Insights for InsightsService {}

@@ -1,0 +1,214 @@
+//! The node's durable store: anonymised events in sled.
+//!
+//! Trees (one per keyspace, numeric keys big-endian):
+//! - `events`:  seq (u64) → record (see [`record`])
+//! - `by_id`:   event_id → seq — deduplication
+//! - `by_time`: occurred_at (i64, sign-flipped) ‖ seq → () — time range scans
+//!
+//! Later keyspaces (outboxes per upstream link, subscriber cursors, rollups)
+//! are written in the same transaction as the event they derive from.
+//!
+//! All writes go through one writer thread that batches concurrent appends
+//! into a single sled transaction and a single flush (group commit): an
+//! append returns only after its events are on disk, and one flush serves
+//! every publisher waiting at that moment. Nothing outside this module
+//! touches sled.
+
+mod record;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+pub use record::DecodeError;
+
+use crate::domain::PreferenceEvent;
+
+/// A local sequence number: the position of an event in this node's store.
+pub type Seq = u64;
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open the data directory {path}: {source}")]
+    Open { path: PathBuf, source: sled::Error },
+    #[error("storage error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("corrupt record in tree {tree:?} at key {key}: {source}; run `chainsight admin verify` on the data directory")]
+    Corrupt {
+        tree: &'static str,
+        key: String,
+        source: DecodeError,
+    },
+    #[error("the store is shut down")]
+    Closed,
+    #[error("write failed, nothing of it was stored: {reason}")]
+    Write { reason: String, disk_full: bool },
+}
+
+/// Result type of the store.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What happened to one appended event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// Stored now, at this sequence number.
+    Stored(Seq),
+    /// An event with the same event_id was already stored at this sequence number.
+    Duplicate(Seq),
+}
+
+/// Handle to an open store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: sled::Db,
+    trees: Trees,
+    writer: mpsc::Sender<writer::Command>,
+    path: PathBuf,
+}
+
+#[derive(Clone)]
+struct Trees {
+    events: sled::Tree,
+    by_id: sled::Tree,
+    by_time: sled::Tree,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir` and starts its writer.
+    pub fn open(dir: &Path) -> Result<Store> {
+        let open_err = |source| Error::Open {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(open_err)?;
+        let trees = Trees {
+            events: db.open_tree("events").map_err(open_err)?,
+            by_id: db.open_tree("by_id").map_err(open_err)?,
+            by_time: db.open_tree("by_time").map_err(open_err)?,
+        };
+        let writer = writer::spawn(db.clone(), trees.clone())?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                db,
+                trees,
+                writer,
+                path: dir.to_path_buf(),
+            }),
+        })
+    }
+
+    /// Stores the events not stored before and returns, per event in order,
+    /// whether it was stored or a duplicate. Returns once the events are
+    /// flushed to disk.
+    pub async fn append(&self, events: Vec<PreferenceEvent>) -> Result<Vec<Appended>> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .writer
+            .send(writer::Command::Append { events, reply })
+            .await
+            .map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// The event at `seq`.
+    pub fn get(&self, seq: Seq) -> Result<Option<PreferenceEvent>> {
+        let key = seq.to_be_bytes();
+        match self.inner.trees.events.get(key)? {
+            None => Ok(None),
+            Some(bytes) => decode_event(seq, &bytes).map(Some),
+        }
+    }
+
+    /// The sequence number and event stored under `event_id`.
+    pub fn get_by_event_id(&self, event_id: &str) -> Result<Option<(Seq, PreferenceEvent)>> {
+        let Some(seq) = self.inner.trees.by_id.get(event_id.as_bytes())? else {
+            return Ok(None);
+        };
+        let seq = seq_from(&seq, "by_id", event_id)?;
+        Ok(self.get(seq)?.map(|ev| (seq, ev)))
+    }
+
+    /// Events with a sequence number greater than `after`, in order.
+    pub fn scan_after(&self, after: Seq) -> impl Iterator<Item = Result<(Seq, PreferenceEvent)>> {
+        let start = after.saturating_add(1).to_be_bytes();
+        self.inner.trees.events.range(start..).map(|item| {
+            let (k, v) = item?;
+            let seq = seq_from(&k, "events", "?")?;
+            Ok((seq, decode_event(seq, &v)?))
+        })
+    }
+
+    /// Number of stored events.
+    pub fn len(&self) -> usize {
+        self.inner.trees.events.len()
+    }
+
+    /// Whether no event is stored.
+    pub fn is_empty(&self) -> bool {
+        self.inner.trees.events.is_empty()
+    }
+
+    /// The highest sequence number in use, 0 when empty.
+    pub fn last_seq(&self) -> Result<Seq> {
+        match self.inner.trees.events.last()? {
+            None => Ok(0),
+            Some((k, _)) => seq_from(&k, "events", "last"),
+        }
+    }
+
+    /// Bytes the store occupies on disk.
+    pub fn size_on_disk(&self) -> Result<u64> {
+        Ok(self.inner.db.size_on_disk()?)
+    }
+
+    /// The data directory.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Flushes everything written so far to disk.
+    pub async fn flush(&self) -> Result<()> {
+        self.inner.db.flush_async().await?;
+        Ok(())
+    }
+}
+
+fn decode_event(seq: Seq, bytes: &[u8]) -> Result<PreferenceEvent> {
+    record::decode(bytes).map_err(|source| Error::Corrupt {
+        tree: "events",
+        key: seq.to_string(),
+        source,
+    })
+}
+
+fn seq_from(bytes: &[u8], tree: &'static str, key: &str) -> Result<Seq> {
+    let arr: [u8; 8] = bytes.try_into().map_err(|_| Error::Corrupt {
+        tree,
+        key: key.to_string(),
+        source: DecodeError::TooShort(bytes.len()),
+    })?;
+    Ok(Seq::from_be_bytes(arr))
+}
+
+/// The `by_time` key: occurred_at with the sign bit flipped (so negative
+/// times sort first) followed by the sequence number, both big-endian.
+fn time_key(occurred_at: i64, seq: Seq) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&((occurred_at as u64) ^ (1 << 63)).to_be_bytes());
+    key[8..].copy_from_slice(&seq.to_be_bytes());
+    key
+}

@@ -1,0 +1,171 @@
+//! The single writer: group commit for every append.
+//!
+//! Appends arrive on a bounded channel. The writer takes the first waiting
+//! command, drains whatever else is already queued (up to a batch limit),
+//! writes them all in one sled transaction across the trees, flushes once,
+//! and only then answers each caller. One thread owns the sequence counter,
+//! so deduplication and numbering need no locks.
+
+use std::collections::HashMap;
+
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{record, time_key, Appended, Error, Result, Seq, Trees};
+use crate::domain::PreferenceEvent;
+
+/// Queue depth before appenders wait (backpressure).
+const QUEUE: usize = 1024;
+/// Most events written in one transaction and flush.
+const MAX_BATCH_EVENTS: usize = 8192;
+
+pub(super) enum Command {
+    Append {
+        events: Vec<PreferenceEvent>,
+        reply: oneshot::Sender<Result<Vec<Appended>>>,
+    },
+}
+
+pub(super) fn spawn(db: sled::Db, trees: Trees) -> Result<mpsc::Sender<Command>> {
+    let next_seq = match trees.events.last()? {
+        None => 1,
+        Some((k, _)) => super::seq_from(&k, "events", "last")? + 1,
+    };
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let writer = Writer {
+        db,
+        trees,
+        next_seq,
+    };
+    std::thread::Builder::new()
+        .name("store-writer".into())
+        .spawn(move || writer.run(rx))
+        .map_err(|e| Error::Sled(sled::Error::Io(e)))?;
+    Ok(tx)
+}
+
+struct Writer {
+    db: sled::Db,
+    trees: Trees,
+    next_seq: Seq,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let _span = tracing::info_span!("store_writer").entered();
+        while let Some(first) = rx.blocking_recv() {
+            let mut batch = vec![first];
+            let mut n = batch_events(&batch[0]);
+            while n < MAX_BATCH_EVENTS {
+                match rx.try_recv() {
+                    Ok(cmd) => {
+                        n += batch_events(&cmd);
+                        batch.push(cmd);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit(batch);
+        }
+        if let Err(e) = self.db.flush() {
+            tracing::error!(error = %e, "final flush failed");
+        }
+    }
+
+    fn commit(&mut self, batch: Vec<Command>) {
+        let start_seq = self.next_seq;
+        let result = self.write(&batch).and_then(|outcomes| {
+            let started = std::time::Instant::now();
+            self.db.flush()?;
+            tracing::trace!(elapsed = ?started.elapsed(), "flushed");
+            Ok(outcomes)
+        });
+        match result {
+            Ok(outcomes) => {
+                for (cmd, outcome) in batch.into_iter().zip(outcomes) {
+                    let Command::Append { reply, .. } = cmd;
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                // Nothing of this batch is acknowledged; the numbering restarts
+                // where it was so no gap is left by a failed transaction.
+                self.next_seq = start_seq;
+                tracing::error!(error = %e, "store write failed");
+                let reason = e.to_string();
+                let disk_full = is_disk_full(&e);
+                for cmd in batch {
+                    let Command::Append { reply, .. } = cmd;
+                    let _ = reply.send(Err(Error::Write {
+                        reason: reason.clone(),
+                        disk_full,
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Decides per event whether it is new, then writes all new events in
+    /// one transaction.
+    fn write(&mut self, batch: &[Command]) -> Result<Vec<Vec<Appended>>> {
+        let mut in_batch: HashMap<&str, Seq> = HashMap::new();
+        let mut new: Vec<(Seq, &PreferenceEvent)> = Vec::new();
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for Command::Append { events, .. } in batch {
+            let mut out = Vec::with_capacity(events.len());
+            for ev in events {
+                if let Some(seq) = in_batch.get(ev.event_id.as_str()) {
+                    out.push(Appended::Duplicate(*seq));
+                } else if let Some(seq) = self.trees.by_id.get(ev.event_id.as_bytes())? {
+                    out.push(Appended::Duplicate(super::seq_from(
+                        &seq,
+                        "by_id",
+                        &ev.event_id,
+                    )?));
+                } else {
+                    let seq = self.next_seq;
+                    self.next_seq += 1;
+                    in_batch.insert(&ev.event_id, seq);
+                    new.push((seq, ev));
+                    out.push(Appended::Stored(seq));
+                }
+            }
+            outcomes.push(out);
+        }
+        if new.is_empty() {
+            return Ok(outcomes);
+        }
+        let encoded: Vec<(Seq, &PreferenceEvent, Vec<u8>)> = new
+            .into_iter()
+            .map(|(s, ev)| (s, ev, record::encode(ev)))
+            .collect();
+        let t = &self.trees;
+        (&t.events, &t.by_id, &t.by_time)
+            .transaction(|(events, by_id, by_time)| {
+                for (seq, ev, bytes) in &encoded {
+                    let key = seq.to_be_bytes();
+                    events.insert(&key, bytes.as_slice())?;
+                    by_id.insert(ev.event_id.as_bytes(), &key)?;
+                    by_time.insert(&time_key(ev.occurred_at.0, *seq), &[])?;
+                }
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(e) => Error::Sled(e),
+                TransactionError::Abort(()) => Error::Closed,
+            })?;
+        Ok(outcomes)
+    }
+}
+
+fn batch_events(cmd: &Command) -> usize {
+    let Command::Append { events, .. } = cmd;
+    events.len()
+}
+
+fn is_disk_full(e: &Error) -> bool {
+    match e {
+        Error::Sled(sled::Error::Io(io)) => io.kind() == std::io::ErrorKind::StorageFull,
+        _ => false,
+    }
+}
