@@ -116,9 +116,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     )
                 })?;
             let addr = listener.local_addr()?;
+            let shutdown = chainsight::node::shutdown_signal();
             // One line on stdout for supervisors and tests: the bound address.
             println!("chainsight node {} listening on {addr}", cfg.id);
-            chainsight::node::run(cfg, listener, chainsight::node::shutdown_signal()).await?;
+            chainsight::node::run(cfg, listener, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Publish {

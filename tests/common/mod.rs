@@ -1,0 +1,274 @@
+//! Test harness: a chain CA and certificates made for the test, node
+//! processes (the real `chainsight` binary) on 127.0.0.1 ephemeral ports with
+//! sled directories in temp dirs, and clients speaking real gRPC over mTLS.
+
+#![allow(dead_code)]
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chainsight::certs::{ChainCa, LeafOptions};
+use chainsight::config::TlsFiles;
+use chainsight::pb;
+use tonic::transport::Channel;
+
+/// A temp directory with a chain CA and certificates issued from it.
+pub struct TestEnv {
+    pub dir: tempfile::TempDir,
+    pub ca: ChainCa,
+}
+
+impl TestEnv {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = ChainCa::generate("test chain CA").expect("CA");
+        ca.write(&dir.path().join("certs")).expect("write CA");
+        TestEnv { dir, ca }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn certs_dir(&self) -> PathBuf {
+        self.dir.path().join("certs")
+    }
+
+    /// Issues a normal server+client certificate for `name`.
+    pub fn issue(&self, name: &str) -> TlsFiles {
+        self.issue_with(name, &LeafOptions::default())
+    }
+
+    /// Issues a certificate for `name` with the given options.
+    pub fn issue_with(&self, name: &str, opts: &LeafOptions) -> TlsFiles {
+        let issued = self.ca.issue(name, opts).expect("issue");
+        self.write_files(name, &issued.cert_pem, &issued.key_pem)
+    }
+
+    /// Writes a certificate and key under certs/ and returns TLS files using this CA.
+    pub fn write_files(&self, file_name: &str, cert_pem: &str, key_pem: &str) -> TlsFiles {
+        let dir = self.certs_dir();
+        chainsight::certs::write_pair(&dir, file_name, cert_pem, key_pem).expect("write pair");
+        TlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join(format!("{file_name}.pem")),
+            key: dir.join(format!("{file_name}.key")),
+            handshake_timeout_secs: 5,
+        }
+    }
+
+    /// Writes `<id>/node.toml` for a node with this CA and the given extra
+    /// TOML (e.g. a `[roles]` table), issuing the node's certificate.
+    pub fn node_config(&self, id: &str, extra: &str) -> PathBuf {
+        self.issue(id);
+        let dir = self.path().join(id);
+        std::fs::create_dir_all(&dir).expect("node dir");
+        let certs = self.certs_dir();
+        let toml = format!(
+            "id = \"{id}\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\n\
+             [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\nhandshake_timeout_secs = 3\n{extra}\n",
+            ca = certs.join("ca.pem").display(),
+            cert = certs.join(format!("{id}.pem")).display(),
+            key = certs.join(format!("{id}.key")).display(),
+        );
+        let path = dir.join("node.toml");
+        std::fs::write(&path, toml).expect("write node.toml");
+        path
+    }
+
+    /// Starts a node process from `<id>/node.toml`.
+    pub fn start(&self, id: &str) -> NodeProc {
+        NodeProc::spawn(id, self.path().join(id))
+    }
+
+    /// A retailer node whose publisher is `retailer-eshop`.
+    pub fn retailer(&self) -> NodeProc {
+        self.node_config(
+            "retailer",
+            "[roles]\npublishers = [\"retailer-eshop\"]\nanalysts = [\"analyst\"]\n",
+        );
+        self.issue("retailer-eshop");
+        self.start("retailer")
+    }
+}
+
+/// A running (or stopped) node process.
+pub struct NodeProc {
+    pub id: String,
+    pub dir: PathBuf,
+    pub addr: SocketAddr,
+    child: Option<Child>,
+}
+
+impl NodeProc {
+    fn spawn(id: &str, dir: PathBuf) -> NodeProc {
+        let mut proc = NodeProc {
+            id: id.to_string(),
+            dir,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            child: None,
+        };
+        proc.start();
+        proc
+    }
+
+    /// Starts the process and waits for the line announcing its address.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "node {} already running", self.id);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("node.log"))
+            .expect("log file");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_chainsight"))
+            .arg("node")
+            .arg("--config")
+            .arg(self.dir.join("node.toml"))
+            .env("RUST_LOG", "info,chainsight=debug")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn chainsight node");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read node stdout");
+        let addr = line
+            .trim()
+            .rsplit("listening on ")
+            .next()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("node {} did not start: {line:?}\n{}", self.id, self.log()));
+        self.addr = addr;
+        self.child = Some(child);
+    }
+
+    /// The node's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("node.log")).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let exit = wait_with_deadline(&mut child, Duration::from_secs(20));
+        assert!(
+            exit.success(),
+            "node {} exited with {exit}\n{}",
+            self.id,
+            self.log()
+        );
+    }
+
+    /// kill -9: no chance to flush or clean up.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("SIGKILL");
+        let _ = child.wait();
+    }
+
+    pub fn restart(&mut self) {
+        self.start();
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// Opens the node's store; the node must be stopped.
+    pub fn open_store(&self) -> chainsight::store::Store {
+        assert!(
+            self.child.is_none(),
+            "stop the node before opening its store"
+        );
+        chainsight::store::Store::open(&self.data_dir().join("store")).expect("open store")
+    }
+
+    /// A channel to this node as the holder of `files`.
+    pub async fn channel(&self, files: &TlsFiles) -> Result<Channel, chainsight::tls::Error> {
+        chainsight::tls::connect(&format!("https://{}", self.addr), &self.id, files).await
+    }
+
+    pub async fn ingest(&self, files: &TlsFiles) -> pb::ingest_client::IngestClient<Channel> {
+        pb::ingest_client::IngestClient::new(self.channel(files).await.expect("connect"))
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn wait_with_deadline(child: &mut Child, deadline: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "process did not exit within {deadline:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A valid event: a purchase an hour ago of a Põlluvara product.
+pub fn event(id: &str) -> pb::CustomerEvent {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    pb::CustomerEvent {
+        event_id: id.to_string(),
+        kind: pb::EventKind::Purchase as i32,
+        occurred_at: Some(pbjson_types::Timestamp {
+            seconds: now - 3600,
+            nanos: 0,
+        }),
+        product: Some(pb::Product {
+            gtin: "4740001000017".into(),
+            category: "dairy".into(),
+            brand: "Põlluvara".into(),
+        }),
+        channel: pb::Channel::Web as i32,
+        stage: pb::JourneyStage::Purchase as i32,
+        quantity: 1,
+        customer_id: format!("cust-{id}"),
+        country: "EE".into(),
+        postal_code: "10115".into(),
+        birth_year: 1985,
+        ..Default::default()
+    }
+}
+
+pub fn outcome(r: &pb::PublishResult) -> pb::PublishOutcome {
+    pb::PublishOutcome::try_from(r.outcome).expect("known outcome")
+}
+
+/// Publishes and returns the per-event results.
+pub async fn publish(
+    client: &mut pb::ingest_client::IngestClient<Channel>,
+    events: Vec<pb::CustomerEvent>,
+) -> Vec<pb::PublishResult> {
+    client
+        .publish(pb::PublishRequest { events })
+        .await
+        .expect("publish")
+        .into_inner()
+        .results
+}

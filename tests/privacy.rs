@@ -1,0 +1,170 @@
+//! Anonymisation at the edge: no raw personal data reaches the node's disk.
+
+mod common;
+
+use std::path::Path;
+
+use chainsight::pb;
+use common::{event, outcome, publish, TestEnv};
+
+/// Every file under `dir`, recursively.
+fn files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(files(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_raw_personal_data_in_any_byte_of_the_data_directory() {
+    let env = TestEnv::new();
+    // A fixed pseudonym key makes the stored bytes reproducible, so the
+    // search below cannot pass or fail by chance.
+    let data_dir = env.path().join("retailer").join("data");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    std::fs::write(data_dir.join("pseudonym.key"), [7u8; 32]).unwrap();
+    let mut node = env.retailer();
+    let eshop = env.issue("retailer-eshop");
+    let mut client = node.ingest(&eshop).await;
+
+    let personal = |id: &str, customer: &str, country: &str, postal: &str| {
+        let mut e = event(id);
+        e.customer_id = customer.into();
+        e.country = country.into();
+        e.postal_code = postal.into();
+        e.birth_year = 1961;
+        // 2026-06-15: the age band is computed at the event's time.
+        e.occurred_at = Some(pbjson_types::Timestamp {
+            seconds: 1_781_481_600,
+            nanos: 0,
+        });
+        e.free_text = "Write to margit.tamm@example.ee or call +372 5550 1234, \
+                       card 4111-1111-1111-1111. The cheese was great!"
+            .into();
+        e
+    };
+    let events = vec![
+        personal("p-1", "CUST-Margit-Tamm-7781", "GB", "SW1A 2AA"),
+        personal("p-2", "CUST-Margit-Tamm-7781", "LV", "LV-1050"),
+        personal("p-3", "CUST-Jaan-Kask-1202", "EE", "10115"),
+    ];
+    let results = publish(&mut client, events).await;
+    assert!(
+        results
+            .iter()
+            .all(|r| outcome(r) == pb::PublishOutcome::Accepted),
+        "{results:?}"
+    );
+
+    node.terminate();
+    let needles: [&[u8]; 10] = [
+        b"CUST-Margit-Tamm-7781",
+        b"CUST-Jaan-Kask-1202",
+        b"Margit",
+        b"margit.tamm@example.ee",
+        b"example.ee",
+        b"5550 1234",
+        b"4111-1111",
+        b"SW1A 2AA",
+        b"LV-1050",
+        b"1961",
+    ];
+    let all = files(&data_dir);
+    assert!(all.len() > 1, "expected sled files in {data_dir:?}");
+    for file in &all {
+        let bytes = std::fs::read(file).unwrap();
+        for needle in needles {
+            assert!(
+                !contains(&bytes, needle),
+                "{:?} found in {file:?}",
+                String::from_utf8_lossy(needle)
+            );
+        }
+    }
+
+    let store = node.open_store();
+    let (_, a) = store.get_by_event_id("p-1").unwrap().unwrap();
+    let (_, b) = store.get_by_event_id("p-2").unwrap().unwrap();
+    let (_, c) = store.get_by_event_id("p-3").unwrap().unwrap();
+    assert_eq!(
+        a.customer_pseudonym, b.customer_pseudonym,
+        "same customer, same pseudonym"
+    );
+    assert_ne!(
+        a.customer_pseudonym, c.customer_pseudonym,
+        "different customers differ"
+    );
+    assert_eq!(a.customer_pseudonym.len(), 32);
+    assert_eq!(
+        (a.region.as_str(), b.region.as_str(), c.region.as_str()),
+        ("GB-SW", "LV-1", "EE-10")
+    );
+    assert_eq!(a.age_band, "65+", "born 1961, event in 2026");
+    assert!(
+        a.text.contains("[email]") && a.text.contains("[phone]") && a.text.contains("[card]"),
+        "{}",
+        a.text
+    );
+    assert!(a.text.contains("The cheese was great!"));
+    assert_eq!(a.origin, "retailer");
+    assert_eq!(a.path, vec!["retailer".to_string()]);
+
+    // The node log holds no personal data either.
+    let log = node.log();
+    for needle in needles {
+        assert!(
+            !log.contains(std::str::from_utf8(needle).unwrap()),
+            "personal data in the log"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pseudonym_key_is_private_and_kept_across_restarts() {
+    let env = TestEnv::new();
+    let mut node = env.retailer();
+    let eshop = env.issue("retailer-eshop");
+    publish(&mut node.ingest(&eshop).await, vec![event("k-1")]).await;
+    node.terminate();
+    let key_file = node.data_dir().join("pseudonym.key");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let key = std::fs::read(&key_file).unwrap();
+    node.restart();
+    let mut second = event("k-2");
+    second.customer_id = event("k-1").customer_id;
+    publish(&mut node.ingest(&eshop).await, vec![second]).await;
+    node.terminate();
+    assert_eq!(std::fs::read(&key_file).unwrap(), key);
+    let store = node.open_store();
+    let p1 = store
+        .get_by_event_id("k-1")
+        .unwrap()
+        .unwrap()
+        .1
+        .customer_pseudonym;
+    let p2 = store
+        .get_by_event_id("k-2")
+        .unwrap()
+        .unwrap()
+        .1
+        .customer_pseudonym;
+    assert_eq!(
+        p1, p2,
+        "the same customer keeps its pseudonym across a restart"
+    );
+}
