@@ -132,3 +132,49 @@ async fn every_acknowledged_event_survives_kill_9() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_in_flight_stream_finish_then_exits_cleanly() {
+    let env = TestEnv::new();
+    let mut node = env.retailer();
+    let eshop = env.issue("retailer-eshop");
+    let mut client = node.ingest(&eshop).await;
+
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut responses = client
+        .publish_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(pb::PublishRequest {
+        events: vec![event("term-1")],
+    })
+    .await
+    .unwrap();
+    let first = responses.message().await.unwrap().unwrap();
+    assert_eq!(outcome(&first.results[0]), pb::PublishOutcome::Accepted);
+
+    // Shutdown is asked while the stream is open: the node stops accepting
+    // new work but lets this request run to its end.
+    node.send_sigterm();
+    common::wait_for(
+        || node.log().contains("shutting down"),
+        "the node to begin shutdown",
+    );
+    tx.send(pb::PublishRequest {
+        events: vec![event("term-2")],
+    })
+    .await
+    .unwrap();
+    let second = responses.message().await.unwrap().unwrap();
+    assert_eq!(outcome(&second.results[0]), pb::PublishOutcome::Accepted);
+    assert!(!node.has_exited(), "the node must wait for the open stream");
+    drop(tx);
+    assert!(responses.message().await.unwrap().is_none());
+    node.wait_clean_exit();
+    assert!(node.log().contains("store flushed; node stopped"));
+
+    let store = node.open_store();
+    assert!(store.get_by_event_id("term-1").unwrap().is_some());
+    assert!(store.get_by_event_id("term-2").unwrap().is_some());
+}

@@ -67,16 +67,23 @@ impl Writer {
             }
             self.commit(batch);
         }
-        if let Err(e) = self.db.flush() {
+        let flushed = self.flush_now();
+        if let Err(e) = flushed {
             tracing::error!(error = %e, "final flush failed");
         }
+    }
+
+    /// The blocking flush; this thread is where flushes belong.
+    #[allow(clippy::disallowed_methods)]
+    fn flush_now(&self) -> sled::Result<usize> {
+        self.db.flush()
     }
 
     fn commit(&mut self, batch: Vec<Command>) {
         let start_seq = self.next_seq;
         let result = self.write(&batch).and_then(|outcomes| {
             let started = std::time::Instant::now();
-            self.db.flush()?;
+            self.flush_now()?;
             tracing::trace!(elapsed = ?started.elapsed(), "flushed");
             Ok(outcomes)
         });

@@ -154,13 +154,24 @@ impl NodeProc {
 
     /// SIGTERM, then wait for a clean exit.
     pub fn terminate(&mut self) {
-        let mut child = self.child.take().expect("running");
+        self.send_sigterm();
+        self.wait_clean_exit();
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn send_sigterm(&self) {
+        let child = self.child.as_ref().expect("running");
         let status = Command::new("kill")
             .arg("-TERM")
             .arg(child.id().to_string())
             .status()
             .expect("kill");
         assert!(status.success());
+    }
+
+    /// Waits for the process to exit and asserts it exited cleanly.
+    pub fn wait_clean_exit(&mut self) {
+        let mut child = self.child.take().expect("running");
         let exit = wait_with_deadline(&mut child, Duration::from_secs(20));
         assert!(
             exit.success(),
@@ -168,6 +179,14 @@ impl NodeProc {
             self.id,
             self.log()
         );
+    }
+
+    /// Whether the process has exited.
+    pub fn has_exited(&mut self) -> bool {
+        match self.child.as_mut() {
+            None => true,
+            Some(c) => c.try_wait().expect("try_wait").is_some(),
+        }
     }
 
     /// kill -9: no chance to flush or clean up.
@@ -271,4 +290,16 @@ pub async fn publish(
         .expect("publish")
         .into_inner()
         .results
+}
+
+/// Polls `cond` until it holds, failing after 20 seconds.
+pub fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

@@ -1,0 +1,152 @@
+//! The command line as a user runs it: `certs init`, `node` with a bad
+//! config, and `publish` of a JSON-lines file with a summary by line.
+
+mod common;
+
+use std::process::Command;
+
+use common::TestEnv;
+
+fn chainsight() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_chainsight"))
+}
+
+#[test]
+fn certs_init_writes_ca_and_named_pairs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = chainsight()
+        .args(["certs", "init", "--dir"])
+        .arg(dir.path())
+        .args(["retailer", "retailer-eshop"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "ca.pem",
+        "ca.key",
+        "retailer.pem",
+        "retailer.key",
+        "retailer-eshop.pem",
+        "retailer-eshop.key",
+    ] {
+        assert!(dir.path().join(f).is_file(), "{f} missing");
+    }
+    let certs = chainsight::tls::load_certs(&dir.path().join("retailer-eshop.pem")).unwrap();
+    assert_eq!(
+        chainsight::tls::identity_of(&certs[0]).as_deref(),
+        Some("retailer-eshop")
+    );
+
+    let bad = chainsight()
+        .args(["certs", "init", "--dir"])
+        .arg(dir.path())
+        .arg("not a name")
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a valid identity"));
+}
+
+#[test]
+fn node_refuses_a_bad_config_naming_the_key() {
+    let env = TestEnv::new();
+    let path = env.node_config("retailer", "[privacy]\nk_min = 0\n");
+    let out = chainsight()
+        .arg("node")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("privacy.k_min") && err.contains("at least 1"),
+        "{err}"
+    );
+
+    std::fs::write(
+        &path,
+        "id = \"retailer\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"d\"\nbogus = 1\n",
+    )
+    .unwrap();
+    let out = chainsight()
+        .arg("node")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("bogus"), "{err}");
+}
+
+#[test]
+fn publish_reports_accepted_duplicates_and_problems_by_line() {
+    let env = TestEnv::new();
+    let node = env.retailer();
+    let eshop = env.issue("retailer-eshop");
+    let client_toml = env.path().join("client.toml");
+    std::fs::write(
+        &client_toml,
+        format!(
+            "address = \"https://{}\"\nserver_name = \"retailer\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            node.addr,
+            eshop.ca.display(),
+            eshop.cert.display(),
+            eshop.key.display()
+        ),
+    )
+    .unwrap();
+    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/events.jsonl");
+    let lines = std::fs::read_to_string(sample).unwrap().lines().count();
+
+    let run = || {
+        let out = chainsight()
+            .args(["publish", "--quiet", "--batch-size", "7", "--config"])
+            .arg(&client_toml)
+            .args(["--file", sample])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, stdout) = run();
+    // The sample ends with a bad GTIN, an out-of-range review score and a
+    // truncated JSON line; everything before them is valid.
+    assert_eq!(code, Some(2), "{stdout}");
+    assert!(
+        stdout.starts_with(&format!(
+            "accepted {}, duplicate 0, rejected 2, malformed 1",
+            lines - 3
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("line {}", lines - 2)) && stdout.contains("product.gtin"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("line {}", lines - 1)) && stdout.contains("score"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("line {lines}: not a CustomerEvent")),
+        "{stdout}"
+    );
+
+    // Again: events with an id are duplicates now; the 3 without one get new ids.
+    let (_, stdout) = run();
+    assert!(
+        stdout.starts_with(&format!(
+            "accepted 3, duplicate {}, rejected 2, malformed 1",
+            lines - 6
+        )),
+        "{stdout}"
+    );
+}
