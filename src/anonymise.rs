@@ -104,6 +104,17 @@ impl Anonymiser {
         }
     }
 
+    /// The key with which this node re-keys pseudonyms for the upstream link
+    /// to `link_id` (pseudonym mode `per_link`): derived from the node key,
+    /// different for every link, stable across restarts.
+    pub fn link_key(&self, link_id: &str) -> [u8; KEY_LEN] {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC accepts keys of any length");
+        mac.update(b"chainsight/v1/link-pseudonym-key/");
+        mac.update(link_id.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
     /// HMAC-SHA256 of the customer id under the node key, hex (first 128 bits).
     pub fn pseudonym(&self, customer_id: &str) -> String {
         keyed_digest(&self.key, customer_id.as_bytes())

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::domain::{EventKind, Gtin};
+use crate::domain::EventKind;
 
 /// A configuration error, naming the file, the key and the fix.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +60,9 @@ pub struct Roles {
     pub subscribers: Vec<String>,
     #[serde(default)]
     pub analysts: Vec<String>,
+    /// May read operational state (`Peering.Links`).
+    #[serde(default)]
+    pub operators: Vec<String>,
 }
 
 /// Privacy settings.
@@ -112,6 +115,68 @@ impl Default for Limits {
     }
 }
 
+/// How events travel upstream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Propagation {
+    /// Events whose path is longer than this are not stored or forwarded.
+    #[serde(default = "default_max_hops")]
+    pub max_hops: usize,
+    /// Most events in one forwarded batch.
+    #[serde(default = "default_batch_events")]
+    pub batch_max_events: usize,
+    /// Most encoded bytes in one forwarded batch.
+    #[serde(default = "default_batch_bytes")]
+    pub batch_max_bytes: usize,
+    /// Batches sent but not yet acknowledged, per link.
+    #[serde(default = "default_window")]
+    pub window: usize,
+    /// A link with a backlog and no acknowledgement for this long is stalled.
+    #[serde(default = "default_stall_after")]
+    pub stall_after_secs: u64,
+    /// Reconnect backoff bounds, milliseconds.
+    #[serde(default = "default_backoff_min")]
+    pub backoff_min_ms: u64,
+    #[serde(default = "default_backoff_max")]
+    pub backoff_max_ms: u64,
+}
+
+fn default_max_hops() -> usize {
+    8
+}
+fn default_batch_events() -> usize {
+    500
+}
+fn default_batch_bytes() -> usize {
+    1024 * 1024
+}
+fn default_window() -> usize {
+    4
+}
+fn default_stall_after() -> u64 {
+    60
+}
+fn default_backoff_min() -> u64 {
+    100
+}
+fn default_backoff_max() -> u64 {
+    10_000
+}
+
+impl Default for Propagation {
+    fn default() -> Self {
+        Propagation {
+            max_hops: default_max_hops(),
+            batch_max_events: default_batch_events(),
+            batch_max_bytes: default_batch_bytes(),
+            window: default_window(),
+            stall_after_secs: default_stall_after(),
+            backoff_min_ms: default_backoff_min(),
+            backoff_max_ms: default_backoff_max(),
+        }
+    }
+}
+
 /// How a link treats the customer pseudonym.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -134,7 +199,6 @@ pub const DROPPABLE_FIELDS: &[&str] = &[
     "attributes",
     "score",
     "quantity",
-    "channel_detail",
 ];
 
 /// The sharing agreement of one upstream link.
@@ -182,6 +246,8 @@ pub struct NodeConfig {
     pub privacy: Privacy,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub propagation: Propagation,
     #[serde(default)]
     pub upstream: Vec<Upstream>,
 }
@@ -320,7 +386,46 @@ impl NodeConfig {
                 "must be at least 1",
             ));
         }
+        self.validate_propagation(path)?;
         self.validate_upstreams(path)
+    }
+
+    fn validate_propagation(&self, path: &Path) -> Result<(), Error> {
+        let p = &self.propagation;
+        let checks: [(&str, bool, &str); 6] = [
+            (
+                "propagation.max_hops",
+                (1..=32).contains(&p.max_hops),
+                "must be 1-32",
+            ),
+            (
+                "propagation.batch_max_events",
+                p.batch_max_events >= 1,
+                "must be at least 1",
+            ),
+            (
+                "propagation.batch_max_bytes",
+                p.batch_max_bytes >= 1024 && p.batch_max_bytes < self.limits.max_message_bytes,
+                "must be at least 1024 and below limits.max_message_bytes",
+            ),
+            ("propagation.window", p.window >= 1, "must be at least 1"),
+            (
+                "propagation.stall_after_secs",
+                p.stall_after_secs >= 1,
+                "must be at least 1",
+            ),
+            (
+                "propagation.backoff_max_ms",
+                p.backoff_min_ms >= 1 && p.backoff_max_ms >= p.backoff_min_ms,
+                "must be at least backoff_min_ms (which must be at least 1)",
+            ),
+        ];
+        for (key, ok, msg) in checks {
+            if !ok {
+                return Err(invalid(path, key, msg));
+            }
+        }
+        Ok(())
     }
 
     fn validate_roles(&self, path: &Path) -> Result<(), Error> {
@@ -330,6 +435,7 @@ impl NodeConfig {
             ("roles.downstream", &r.downstream),
             ("roles.subscribers", &r.subscribers),
             ("roles.analysts", &r.analysts),
+            ("roles.operators", &r.operators),
         ] {
             if let Some(bad) = ids.iter().find(|id| !is_identity(id)) {
                 return Err(invalid(
@@ -404,7 +510,6 @@ impl NodeConfig {
                 }
             }
         }
-        let _ = Gtin::parse; // prefixes are matched against Gtin::gtin13
         Ok(())
     }
 }

@@ -305,7 +305,11 @@ pub fn preference_event_from_pb(ev: pb::PreferenceEvent) -> Result<PreferenceEve
     let stage = enum_field("stage", ev.stage, JourneyStage::from_number)?;
     let occurred_at = timestamp("occurred_at", ev.occurred_at)?;
     let product = product_from_pb(ev.product)?;
-    let score = score(kind, ev.score)?;
+    // A link agreement may have dropped the score, so it is not required here.
+    if let Some(s) = ev.score.filter(|s| *s > 10) {
+        return Err(invalid("score", format!("must be 0-10, got {s}")));
+    }
+    let score = ev.score;
     let attributes = attributes("attributes", ev.attributes.into_iter())?;
     for (field, value, max) in [
         ("region", &ev.region, 16),

@@ -15,6 +15,7 @@ pub mod domain;
 pub mod node;
 pub mod pb;
 pub mod policy;
+pub mod propagate;
 pub mod secret;
 pub mod service;
 pub mod store;

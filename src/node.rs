@@ -4,6 +4,7 @@
 //! a grace period and flush the store.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -14,8 +15,10 @@ use crate::anonymise::{self, Anonymiser};
 use crate::config::NodeConfig;
 use crate::pb;
 use crate::policy::Policy;
+use crate::propagate::{self, Links};
 use crate::service::ingest::IngestService;
-use crate::service::unimplemented::{InsightsService, PeeringService, SignalsService};
+use crate::service::peering::PeeringService;
+use crate::service::unimplemented::{InsightsService, SignalsService};
 use crate::store::{self, Store};
 use crate::tls;
 
@@ -59,11 +62,13 @@ async fn run_inner(
         path: config.data_dir.clone(),
         source,
     })?;
+    let anonymiser = Anonymiser::open(config.id.clone(), &config.data_dir)?;
+    let links = Arc::new(Links::new(&config, &anonymiser));
     let store_dir = config.data_dir.join("store");
-    let store = tokio::task::spawn_blocking(move || Store::open(&store_dir))
+    let link_ids = links.ids();
+    let store = tokio::task::spawn_blocking(move || Store::open(&store_dir, &link_ids))
         .await
         .map_err(|e| Error::Serve(e.to_string()))??;
-    let anonymiser = Anonymiser::open(config.id.clone(), &config.data_dir)?;
     let tls_config = tls::server_config(&config.tls)?;
     let policy = Policy::from_roles(&config.roles);
 
@@ -79,6 +84,7 @@ async fn run_inner(
         policy.clone(),
         anonymiser,
         store.clone(),
+        links.clone(),
         config.limits.max_events_per_request,
     ))
     .max_decoding_message_size(max);
@@ -100,7 +106,13 @@ async fn run_inner(
         .add_service(reflection)
         .add_service(ingest)
         .add_service(
-            pb::peering_server::PeeringServer::new(PeeringService).max_decoding_message_size(max),
+            pb::peering_server::PeeringServer::new(PeeringService::new(
+                config.id.clone(),
+                policy.clone(),
+                store.clone(),
+                links.clone(),
+            ))
+            .max_decoding_message_size(max),
         )
         .add_service(pb::signals_server::SignalsServer::new(SignalsService))
         .add_service(pb::insights_server::InsightsServer::new(InsightsService));
@@ -110,7 +122,14 @@ async fn run_inner(
             .serve_with_incoming_shutdown(incoming, server_token.cancelled_owned())
             .in_current_span(),
     );
-    tracing::info!(data_dir = %config.data_dir.display(), events = store.len(), "node started");
+    let workers = propagate::spawn_workers(
+        links.clone(),
+        store.clone(),
+        config.tls.clone(),
+        config.propagation.clone(),
+        token.clone(),
+    );
+    tracing::info!(data_dir = %config.data_dir.display(), events = store.len(), links = workers.len(), "node started");
 
     let early_exit = tokio::select! {
         _ = shutdown => None,
@@ -138,6 +157,9 @@ async fn run_inner(
         }
     };
     token.cancel();
+    for w in workers {
+        let _ = w.await;
+    }
     store.flush().await?;
     tracing::info!(events = store.len(), "store flushed; node stopped");
     result

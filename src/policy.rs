@@ -5,7 +5,9 @@
 use std::collections::HashSet;
 use std::fmt;
 
-use crate::config::Roles;
+use crate::anonymise::keyed_digest;
+use crate::config::{PseudonymMode, Roles, Share};
+use crate::domain::{EventKind, PreferenceEvent};
 
 /// A role a caller may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -18,6 +20,8 @@ pub enum Role {
     Subscriber,
     /// May call `Insights.Query`.
     Analyst,
+    /// May read operational state (`Peering.Links`).
+    Operator,
 }
 
 impl fmt::Display for Role {
@@ -27,6 +31,7 @@ impl fmt::Display for Role {
             Role::Downstream => "downstream",
             Role::Subscriber => "subscriber",
             Role::Analyst => "analyst",
+            Role::Operator => "operator",
         })
     }
 }
@@ -39,6 +44,7 @@ impl Role {
             Role::Downstream => "roles.downstream",
             Role::Subscriber => "roles.subscribers",
             Role::Analyst => "roles.analysts",
+            Role::Operator => "roles.operators",
         }
     }
 }
@@ -50,6 +56,7 @@ pub struct Policy {
     downstream: HashSet<String>,
     subscribers: HashSet<String>,
     analysts: HashSet<String>,
+    operators: HashSet<String>,
 }
 
 impl Policy {
@@ -61,6 +68,7 @@ impl Policy {
             downstream: set(&roles.downstream),
             subscribers: set(&roles.subscribers),
             analysts: set(&roles.analysts),
+            operators: set(&roles.operators),
         }
     }
 
@@ -71,8 +79,85 @@ impl Policy {
             Role::Downstream => &self.downstream,
             Role::Subscriber => &self.subscribers,
             Role::Analyst => &self.analysts,
+            Role::Operator => &self.operators,
         };
         set.contains(identity)
+    }
+}
+
+/// The sharing agreement of one upstream link, parsed from `[upstream.share]`:
+/// which events the link receives and what is withheld from them.
+#[derive(Debug, Clone, Default)]
+pub struct LinkAgreement {
+    /// GS1 company prefixes (matched against the GTIN-13 form); empty = all.
+    pub gtin_prefixes: Vec<String>,
+    /// Categories (case-insensitive); empty = all.
+    pub categories: Vec<String>,
+    /// Kinds; empty = all.
+    pub kinds: Vec<EventKind>,
+    /// Fields withheld (names from `config::DROPPABLE_FIELDS`).
+    pub drop_fields: HashSet<String>,
+    pub pseudonym: PseudonymMode,
+}
+
+impl LinkAgreement {
+    /// The agreement of a validated `[upstream.share]` table.
+    pub fn from_share(share: &Share) -> Self {
+        LinkAgreement {
+            gtin_prefixes: share.gtin_prefixes.clone(),
+            categories: share.categories.iter().map(|c| c.to_lowercase()).collect(),
+            kinds: share
+                .kinds
+                .iter()
+                .filter_map(|k| EventKind::from_label(k.trim_start_matches("EVENT_KIND_")))
+                .collect(),
+            drop_fields: share.drop_fields.iter().cloned().collect(),
+            pseudonym: share.pseudonym,
+        }
+    }
+
+    /// Whether the agreement covers `ev`.
+    pub fn matches(&self, ev: &PreferenceEvent) -> bool {
+        (self.gtin_prefixes.is_empty()
+            || self
+                .gtin_prefixes
+                .iter()
+                .any(|p| ev.product.gtin.has_company_prefix(p)))
+            && (self.categories.is_empty()
+                || self
+                    .categories
+                    .contains(&ev.product.category.to_lowercase()))
+            && (self.kinds.is_empty() || self.kinds.contains(&ev.kind))
+    }
+
+    /// `ev` as this link may receive it: dropped fields emptied, the
+    /// pseudonym re-keyed with `link_key`, kept, or removed.
+    pub fn apply(&self, mut ev: PreferenceEvent, link_key: &[u8]) -> PreferenceEvent {
+        let drop = |f: &str| self.drop_fields.contains(f);
+        if drop("text") {
+            ev.text.clear();
+        }
+        if drop("age_band") {
+            ev.age_band.clear();
+        }
+        if drop("region") {
+            ev.region.clear();
+        }
+        if drop("attributes") {
+            ev.attributes.clear();
+        }
+        if drop("score") {
+            ev.score = None;
+        }
+        if drop("quantity") {
+            ev.quantity = 0;
+        }
+        if drop("customer_pseudonym") || self.pseudonym == PseudonymMode::Drop {
+            ev.customer_pseudonym.clear();
+        } else if self.pseudonym == PseudonymMode::PerLink && !ev.customer_pseudonym.is_empty() {
+            ev.customer_pseudonym = keyed_digest(link_key, ev.customer_pseudonym.as_bytes());
+        }
+        ev
     }
 }
 

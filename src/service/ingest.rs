@@ -15,7 +15,8 @@ use crate::conversions::{self, Invalid};
 use crate::domain::UnixNanos;
 use crate::pb;
 use crate::policy::{Policy, Role};
-use crate::store::{Appended, Store};
+use crate::propagate::Links;
+use crate::store::{Appended, NewEvent, Store};
 
 /// How many batches of one PublishStream are processed concurrently (their
 /// answers still go out in order). Lets one stream fill a group commit.
@@ -31,17 +32,25 @@ struct Inner {
     policy: Policy,
     anonymiser: Anonymiser,
     store: Store,
+    links: Arc<Links>,
     max_events: usize,
 }
 
 impl IngestService {
-    /// The service of a node with these grants, key and store.
-    pub fn new(policy: Policy, anonymiser: Anonymiser, store: Store, max_events: usize) -> Self {
+    /// The service of a node with these grants, key, store and upstream links.
+    pub fn new(
+        policy: Policy,
+        anonymiser: Anonymiser,
+        store: Store,
+        links: Arc<Links>,
+        max_events: usize,
+    ) -> Self {
         IngestService {
             inner: Arc::new(Inner {
                 policy,
                 anonymiser,
                 store,
+                links,
                 max_events,
             }),
         }
@@ -77,7 +86,9 @@ impl Inner {
             match conversions::customer_event_from_pb(ev, now) {
                 Ok(ce) => {
                     results.push(result(ce.event_id.clone(), pb::PublishOutcome::Accepted));
-                    accepted.push(self.anonymiser.anonymise(ce));
+                    let event = self.anonymiser.anonymise(ce);
+                    let outboxes = self.links.route(&event);
+                    accepted.push(NewEvent { event, outboxes });
                     accepted_at.push(i);
                 }
                 Err(Invalid { field, reason }) => {

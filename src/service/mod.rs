@@ -3,6 +3,7 @@
 //! and maps the error through the one `From<ApiError> for Status` below.
 
 pub mod ingest;
+pub mod peering;
 pub mod unimplemented;
 
 use crate::conversions::Invalid;

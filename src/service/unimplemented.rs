@@ -3,13 +3,6 @@
 
 use crate::pb;
 
-/// `Peering`: forwarding between nodes.
-#[derive(Debug, Default)]
-pub struct PeeringService;
-
-#[tonic::async_trait]
-impl pb::peering_server::Peering for PeeringService {}
-
 /// `Signals`: subscriptions.
 #[derive(Debug, Default)]
 pub struct SignalsService;

@@ -5,8 +5,12 @@
 //! - `by_id`:   event_id → seq — deduplication
 //! - `by_time`: occurred_at (i64, sign-flipped) ‖ seq → () — time range scans
 //!
-//! Later keyspaces (outboxes per upstream link, subscriber cursors, rollups)
-//! are written in the same transaction as the event they derive from.
+//! - `outbox/<link>`: seq → enqueue time (UnixNanos, i64) — events waiting
+//!   to be acknowledged by that upstream link
+//!
+//! An event and its outbox entries are written in the same transaction, so
+//! an event is never stored without being queued where it must go. Later
+//! keyspaces (subscriber cursors, rollups) follow the same rule.
 //!
 //! All writes go through one writer thread that batches concurrent appends
 //! into a single sled transaction and a single flush (group commit): an
@@ -17,10 +21,13 @@
 mod record;
 mod writer;
 
+mod outbox;
+
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 pub use record::DecodeError;
 
@@ -60,6 +67,24 @@ pub enum Appended {
     Duplicate(Seq),
 }
 
+/// An event to append and the outboxes (indexes into the link list given to
+/// [`Store::open`]) it must be queued in if it is new.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub event: PreferenceEvent,
+    pub outboxes: Vec<usize>,
+}
+
+impl NewEvent {
+    /// An event queued nowhere.
+    pub fn local(event: PreferenceEvent) -> Self {
+        NewEvent {
+            event,
+            outboxes: Vec::new(),
+        }
+    }
+}
+
 /// Handle to an open store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -78,11 +103,22 @@ struct Trees {
     events: sled::Tree,
     by_id: sled::Tree,
     by_time: sled::Tree,
+    outboxes: Arc<Vec<Outbox>>,
+}
+
+/// One upstream link's queue.
+struct Outbox {
+    tree: sled::Tree,
+    /// Entries in the tree (kept in memory: sled's len() is a full scan).
+    len: AtomicU64,
+    /// Woken when entries are added.
+    added: Notify,
 }
 
 impl Store {
-    /// Opens (creating if needed) the store in `dir` and starts its writer.
-    pub fn open(dir: &Path) -> Result<Store> {
+    /// Opens (creating if needed) the store in `dir`, with an outbox per
+    /// entry of `links`, and starts its writer.
+    pub fn open(dir: &Path, links: &[String]) -> Result<Store> {
         let open_err = |source| Error::Open {
             path: dir.to_path_buf(),
             source,
@@ -96,6 +132,16 @@ impl Store {
             events: db.open_tree("events").map_err(open_err)?,
             by_id: db.open_tree("by_id").map_err(open_err)?,
             by_time: db.open_tree("by_time").map_err(open_err)?,
+            outboxes: Arc::new(
+                links
+                    .iter()
+                    .map(|id| outbox::open(&db, id))
+                    .collect::<Result<Vec<_>>>()
+                    .map_err(|e| match e {
+                        Error::Sled(source) => open_err(source),
+                        other => other,
+                    })?,
+            ),
         };
         let writer = writer::spawn(db.clone(), trees.clone())?;
         Ok(Store {
@@ -111,7 +157,7 @@ impl Store {
     /// Stores the events not stored before and returns, per event in order,
     /// whether it was stored or a duplicate. Returns once the events are
     /// flushed to disk.
-    pub async fn append(&self, events: Vec<PreferenceEvent>) -> Result<Vec<Appended>> {
+    pub async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>> {
         if events.is_empty() {
             return Ok(Vec::new());
         }

@@ -7,12 +7,13 @@
 //! so deduplication and numbering need no locks.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{record, time_key, Appended, Error, Result, Seq, Trees};
-use crate::domain::PreferenceEvent;
+use super::{record, time_key, Appended, Error, NewEvent, Result, Seq, Trees};
+use crate::domain::UnixNanos;
 
 /// Queue depth before appenders wait (backpressure).
 const QUEUE: usize = 1024;
@@ -21,7 +22,7 @@ const MAX_BATCH_EVENTS: usize = 8192;
 
 pub(super) enum Command {
     Append {
-        events: Vec<PreferenceEvent>,
+        events: Vec<NewEvent>,
         reply: oneshot::Sender<Result<Vec<Appended>>>,
     },
 }
@@ -89,6 +90,7 @@ impl Writer {
         });
         match result {
             Ok(outcomes) => {
+                self.announce(&batch, &outcomes);
                 for (cmd, outcome) in batch.into_iter().zip(outcomes) {
                     let Command::Append { reply, .. } = cmd;
                     let _ = reply.send(Ok(outcome));
@@ -112,28 +114,25 @@ impl Writer {
         }
     }
 
-    /// Decides per event whether it is new, then writes all new events in
-    /// one transaction.
+    /// Decides per event whether it is new, then writes all new events and
+    /// their outbox entries in one transaction.
     fn write(&mut self, batch: &[Command]) -> Result<Vec<Vec<Appended>>> {
         let mut in_batch: HashMap<&str, Seq> = HashMap::new();
-        let mut new: Vec<(Seq, &PreferenceEvent)> = Vec::new();
+        let mut new: Vec<(Seq, &NewEvent)> = Vec::new();
         let mut outcomes = Vec::with_capacity(batch.len());
         for Command::Append { events, .. } in batch {
             let mut out = Vec::with_capacity(events.len());
-            for ev in events {
-                if let Some(seq) = in_batch.get(ev.event_id.as_str()) {
+            for ne in events {
+                let id = ne.event.event_id.as_str();
+                if let Some(seq) = in_batch.get(id) {
                     out.push(Appended::Duplicate(*seq));
-                } else if let Some(seq) = self.trees.by_id.get(ev.event_id.as_bytes())? {
-                    out.push(Appended::Duplicate(super::seq_from(
-                        &seq,
-                        "by_id",
-                        &ev.event_id,
-                    )?));
+                } else if let Some(seq) = self.trees.by_id.get(id.as_bytes())? {
+                    out.push(Appended::Duplicate(super::seq_from(&seq, "by_id", id)?));
                 } else {
                     let seq = self.next_seq;
                     self.next_seq += 1;
-                    in_batch.insert(&ev.event_id, seq);
-                    new.push((seq, ev));
+                    in_batch.insert(id, seq);
+                    new.push((seq, ne));
                     out.push(Appended::Stored(seq));
                 }
             }
@@ -142,26 +141,63 @@ impl Writer {
         if new.is_empty() {
             return Ok(outcomes);
         }
-        let encoded: Vec<(Seq, &PreferenceEvent, Vec<u8>)> = new
-            .into_iter()
-            .map(|(s, ev)| (s, ev, record::encode(ev)))
+        self.transact(&new)?;
+        Ok(outcomes)
+    }
+
+    fn transact(&self, new: &[(Seq, &NewEvent)]) -> Result<()> {
+        let encoded: Vec<(Seq, &NewEvent, Vec<u8>)> = new
+            .iter()
+            .map(|(s, ne)| (*s, *ne, record::encode(&ne.event)))
             .collect();
+        let now = UnixNanos::now().0.to_be_bytes();
         let t = &self.trees;
-        (&t.events, &t.by_id, &t.by_time)
-            .transaction(|(events, by_id, by_time)| {
-                for (seq, ev, bytes) in &encoded {
+        // [events, by_id, by_time, outbox 0, outbox 1, ...]
+        let mut trees: Vec<&sled::Tree> = vec![&t.events, &t.by_id, &t.by_time];
+        trees.extend(t.outboxes.iter().map(|o| &o.tree));
+        trees
+            .as_slice()
+            .transaction(|tx| {
+                for (seq, ne, bytes) in &encoded {
                     let key = seq.to_be_bytes();
-                    events.insert(&key, bytes.as_slice())?;
-                    by_id.insert(ev.event_id.as_bytes(), &key)?;
-                    by_time.insert(&time_key(ev.occurred_at.0, *seq), &[])?;
+                    tx[0].insert(&key, bytes.as_slice())?;
+                    tx[1].insert(ne.event.event_id.as_bytes(), &key)?;
+                    tx[2].insert(&time_key(ne.event.occurred_at.0, *seq), &[])?;
+                    for &link in &ne.outboxes {
+                        if let Some(outbox) = tx.get(3 + link) {
+                            outbox.insert(&key, &now)?;
+                        }
+                    }
                 }
                 Ok::<(), ConflictableTransactionError<()>>(())
             })
             .map_err(|e| match e {
                 TransactionError::Storage(e) => Error::Sled(e),
                 TransactionError::Abort(()) => Error::Closed,
-            })?;
-        Ok(outcomes)
+            })
+    }
+
+    /// After a successful flush: count the new outbox entries and wake the
+    /// links that have work.
+    fn announce(&self, batch: &[Command], outcomes: &[Vec<Appended>]) {
+        let mut added = vec![0u64; self.trees.outboxes.len()];
+        for (Command::Append { events, .. }, out) in batch.iter().zip(outcomes) {
+            for (ne, outcome) in events.iter().zip(out) {
+                if let Appended::Stored(_) = outcome {
+                    for &link in &ne.outboxes {
+                        if let Some(n) = added.get_mut(link) {
+                            *n += 1;
+                        }
+                    }
+                }
+            }
+        }
+        for (outbox, n) in self.trees.outboxes.iter().zip(added) {
+            if n > 0 {
+                outbox.len.fetch_add(n, Ordering::SeqCst);
+                outbox.added.notify_one();
+            }
+        }
     }
 }
 

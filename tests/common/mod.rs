@@ -210,7 +210,7 @@ impl NodeProc {
             self.child.is_none(),
             "stop the node before opening its store"
         );
-        chainsight::store::Store::open(&self.data_dir().join("store")).expect("open store")
+        chainsight::store::Store::open(&self.data_dir().join("store"), &[]).expect("open store")
     }
 
     /// A channel to this node as the holder of `files`.

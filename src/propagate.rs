@@ -1,0 +1,411 @@
+//! Upstream propagation: which events go to which upstream link, and one
+//! worker per link that streams them over `Peering.Forward`.
+//!
+//! An event is routed when it is stored (published here or received from
+//! downstream): the store queues it in the outbox of every link whose
+//! agreement covers it, in the same durable write. The link's worker reads
+//! its outbox in order, shapes each event as the agreement allows (dropped
+//! fields, pseudonym per link, this node appended to the path), sends
+//! batches bounded in count and bytes with a bounded window of
+//! unacknowledged batches, and deletes entries only once the upstream node
+//! has acknowledged them — which it does after its own flush. On any error
+//! the worker reconnects with exponential backoff and full jitter and
+//! resends everything still in the outbox; the receiver deduplicates.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::anonymise::Anonymiser;
+use crate::config::{NodeConfig, Propagation, TlsFiles};
+use crate::conversions;
+use crate::domain::{PreferenceEvent, UnixNanos};
+use crate::pb;
+use crate::policy::LinkAgreement;
+use crate::store::{self, Seq, Store};
+use crate::tls;
+
+/// One upstream link.
+pub struct Link {
+    /// The upstream node's certificate identity.
+    pub id: String,
+    pub address: String,
+    pub agreement: LinkAgreement,
+    key: [u8; 32],
+    state: LinkState,
+}
+
+#[derive(Default)]
+struct LinkState {
+    connected: AtomicBool,
+    acknowledged: AtomicU64,
+    stalled: AtomicBool,
+    last_error: Mutex<String>,
+    last_progress: Mutex<Option<(Instant, UnixNanos)>>,
+}
+
+/// A link's state, as `Peering.Links` reports it.
+#[derive(Debug, Clone)]
+pub struct LinkStatus {
+    pub id: String,
+    pub address: String,
+    pub connected: bool,
+    pub backlog: u64,
+    pub oldest_unacked: Option<Duration>,
+    pub acknowledged: u64,
+    pub last_error: String,
+    pub stalled: bool,
+    pub last_progress: Option<UnixNanos>,
+}
+
+/// This node's upstream links and the routing rules over them.
+pub struct Links {
+    node_id: String,
+    max_hops: usize,
+    links: Vec<Link>,
+}
+
+impl Links {
+    /// The links of `[[upstream]]`; per-link pseudonym keys derive from the node key.
+    pub fn new(config: &NodeConfig, anonymiser: &Anonymiser) -> Self {
+        Links {
+            node_id: config.id.clone(),
+            max_hops: config.propagation.max_hops,
+            links: config
+                .upstream
+                .iter()
+                .map(|u| Link {
+                    id: u.id.clone(),
+                    address: u.address.clone(),
+                    agreement: LinkAgreement::from_share(&u.share),
+                    key: anonymiser.link_key(&u.id),
+                    state: LinkState::default(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The link ids, in outbox order.
+    pub fn ids(&self) -> Vec<String> {
+        self.links.iter().map(|l| l.id.clone()).collect()
+    }
+
+    /// The most entries an event's path may have.
+    pub fn max_hops(&self) -> usize {
+        self.max_hops
+    }
+
+    /// The links `ev` must be forwarded on: those whose agreement covers it,
+    /// that it has not passed already, and within the hop limit.
+    pub fn route(&self, ev: &PreferenceEvent) -> Vec<usize> {
+        let hops_after_send = ev.path.len() + usize::from(ev.path.last() != Some(&self.node_id));
+        if hops_after_send > self.max_hops {
+            return Vec::new();
+        }
+        self.links
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| !ev.path.contains(&l.id) && l.agreement.matches(ev))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// `ev` as it is sent on link `idx`: shaped by the agreement, with this
+    /// node at the end of its path.
+    pub fn outgoing(&self, idx: usize, ev: PreferenceEvent) -> PreferenceEvent {
+        let link = &self.links[idx];
+        let mut ev = link.agreement.apply(ev, &link.key);
+        if ev.path.last() != Some(&self.node_id) {
+            ev.path.push(self.node_id.clone());
+        }
+        ev
+    }
+
+    /// The state of every link.
+    pub fn status(&self, store: &Store) -> Vec<LinkStatus> {
+        let now = UnixNanos::now();
+        self.links
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let oldest = store.outbox_oldest(i).ok().flatten();
+                LinkStatus {
+                    id: l.id.clone(),
+                    address: l.address.clone(),
+                    connected: l.state.connected.load(Ordering::SeqCst),
+                    backlog: store.outbox_len(i),
+                    oldest_unacked: oldest
+                        .map(|t| Duration::from_nanos(now.0.saturating_sub(t.0).max(0) as u64)),
+                    acknowledged: l.state.acknowledged.load(Ordering::SeqCst),
+                    last_error: lock(&l.state.last_error).clone(),
+                    stalled: l.state.stalled.load(Ordering::SeqCst),
+                    last_progress: lock(&l.state.last_progress).map(|(_, t)| t),
+                }
+            })
+            .collect()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Starts one worker per link; they stop when `token` is cancelled.
+pub fn spawn_workers(
+    links: Arc<Links>,
+    store: Store,
+    tls: TlsFiles,
+    settings: Propagation,
+    token: CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..links.links.len())
+        .map(|idx| {
+            let worker = Worker {
+                idx,
+                links: links.clone(),
+                store: store.clone(),
+                tls: tls.clone(),
+                settings: settings.clone(),
+                token: token.clone(),
+            };
+            let span = tracing::info_span!("propagate", link = %links.links[idx].id);
+            tokio::spawn(worker.run().instrument(span))
+        })
+        .collect()
+}
+
+/// Why a session with the upstream ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Connect(#[from] tls::Error),
+    #[error("{0}")]
+    Rpc(String),
+    #[error("local store: {0}")]
+    Store(#[from] store::Error),
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+impl From<tonic::Status> for SessionError {
+    fn from(s: tonic::Status) -> Self {
+        SessionError::Rpc(format!("{:?}: {}", s.code(), s.message()))
+    }
+}
+
+struct Worker {
+    idx: usize,
+    links: Arc<Links>,
+    store: Store,
+    tls: TlsFiles,
+    settings: Propagation,
+    token: CancellationToken,
+}
+
+impl Worker {
+    fn link(&self) -> &Link {
+        &self.links.links[self.idx]
+    }
+
+    async fn run(self) {
+        let min = Duration::from_millis(self.settings.backoff_min_ms);
+        let max = Duration::from_millis(self.settings.backoff_max_ms);
+        let mut failures = 0u32;
+        tracing::info!(address = %self.link().address, backlog = self.store.outbox_len(self.idx), "link worker started");
+        while !self.token.is_cancelled() {
+            let mut progressed = false;
+            let result = self.session(&mut progressed).await;
+            let state = &self.link().state;
+            state.connected.store(false, Ordering::SeqCst);
+            let Err(e) = result else { break };
+            failures = if progressed {
+                1
+            } else {
+                failures.saturating_add(1)
+            };
+            let msg = e.to_string();
+            tracing::warn!(error = %msg, attempt = failures, "link down; will retry");
+            *lock(&state.last_error) = msg;
+            let delay = backoff(min, max, failures);
+            tokio::select! {
+                _ = self.token.cancelled() => break,
+                _ = self.monitor_while(delay) => {}
+            }
+        }
+        tracing::info!("link worker stopped");
+    }
+
+    /// Sleeps `delay` while still watching for a stall.
+    async fn monitor_while(&self, delay: Duration) {
+        let deadline = tokio::time::Instant::now() + delay;
+        while tokio::time::Instant::now() < deadline {
+            self.check_stall();
+            tokio::time::sleep_until(
+                deadline.min(tokio::time::Instant::now() + Duration::from_secs(1)),
+            )
+            .await;
+        }
+    }
+
+    /// One connection: send the outbox, collect acknowledgements, until an
+    /// error or shutdown (`Ok`).
+    async fn session(&self, progressed: &mut bool) -> Result<(), SessionError> {
+        let link = self.link();
+        let channel = tls::client_endpoint(&link.address, &link.id, &self.tls)?
+            .connect()
+            .await
+            .map_err(|e| {
+                SessionError::Rpc(format!(
+                    "cannot connect to {}: {}",
+                    link.address,
+                    tls::error_chain(&e)
+                ))
+            })?;
+        let window = self.settings.window.max(1);
+        let (tx, rx) = tokio::sync::mpsc::channel(window);
+        let mut client = pb::peering_client::PeeringClient::new(channel)
+            .max_encoding_message_size(self.settings.batch_max_bytes * 2 + 64 * 1024);
+        let mut acks = client.forward(ReceiverStream::new(rx)).await?.into_inner();
+        link.state.connected.store(true, Ordering::SeqCst);
+        tracing::info!("connected");
+
+        let mut inflight: VecDeque<(u64, Vec<Seq>)> = VecDeque::new();
+        let mut cursor: Seq = 0;
+        let mut next_batch = 1u64;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            while inflight.len() < window {
+                let queued = self.store.outbox_batch(
+                    self.idx,
+                    cursor,
+                    self.settings.batch_max_events,
+                    self.settings.batch_max_bytes,
+                )?;
+                let Some(last) = queued.last() else { break };
+                cursor = last.seq;
+                let seqs: Vec<Seq> = queued.iter().map(|q| q.seq).collect();
+                let events = queued
+                    .into_iter()
+                    .map(|q| {
+                        conversions::preference_event_to_pb(&self.links.outgoing(self.idx, q.event))
+                    })
+                    .collect();
+                let batch_id = next_batch;
+                next_batch += 1;
+                tx.send(pb::ForwardBatch { batch_id, events })
+                    .await
+                    .map_err(|_| SessionError::Protocol("request stream closed".into()))?;
+                tracing::debug!(batch_id, events = seqs.len(), "batch sent");
+                inflight.push_back((batch_id, seqs));
+            }
+            tokio::select! {
+                _ = self.token.cancelled() => return Ok(()),
+                ack = acks.message() => {
+                    let ack = ack?.ok_or_else(|| SessionError::Protocol("upstream closed the stream".into()))?;
+                    self.on_ack(ack, &mut inflight)?;
+                    *progressed = true;
+                }
+                _ = self.store.outbox_added(self.idx), if inflight.len() < window => {}
+                _ = tick.tick() => self.check_stall(),
+            }
+        }
+    }
+
+    fn on_ack(
+        &self,
+        ack: pb::ForwardAck,
+        inflight: &mut VecDeque<(u64, Vec<Seq>)>,
+    ) -> Result<(), SessionError> {
+        let (batch_id, seqs) = inflight.pop_front().ok_or_else(|| {
+            SessionError::Protocol(format!("acknowledgement {} for no batch", ack.batch_id))
+        })?;
+        if ack.batch_id != batch_id {
+            return Err(SessionError::Protocol(format!(
+                "acknowledgement {} while expecting {batch_id}",
+                ack.batch_id
+            )));
+        }
+        self.store.outbox_ack(self.idx, &seqs)?;
+        let state = &self.link().state;
+        state
+            .acknowledged
+            .fetch_add(seqs.len() as u64, Ordering::SeqCst);
+        *lock(&state.last_progress) = Some((Instant::now(), UnixNanos::now()));
+        lock(&state.last_error).clear();
+        if state.stalled.swap(false, Ordering::SeqCst) {
+            tracing::info!("link made progress again");
+        }
+        tracing::debug!(
+            batch_id,
+            stored = ack.stored,
+            duplicates = ack.duplicates,
+            dropped = ack.dropped,
+            "batch acknowledged"
+        );
+        Ok(())
+    }
+
+    /// Marks the link stalled (and warns, once) when its backlog has not
+    /// moved for `stall_after_secs`. An empty outbox counts as progress.
+    fn check_stall(&self) {
+        let state = &self.link().state;
+        let mut progress = lock(&state.last_progress);
+        if self.store.outbox_len(self.idx) == 0 {
+            *progress = Some((Instant::now(), UnixNanos::now()));
+            state.stalled.store(false, Ordering::SeqCst);
+            return;
+        }
+        let since = progress
+            .get_or_insert_with(|| (Instant::now(), UnixNanos::now()))
+            .0;
+        let stall_after = Duration::from_secs(self.settings.stall_after_secs);
+        if since.elapsed() >= stall_after && !state.stalled.swap(true, Ordering::SeqCst) {
+            tracing::warn!(
+                backlog = self.store.outbox_len(self.idx),
+                no_progress_for = ?since.elapsed(),
+                last_error = %lock(&state.last_error),
+                "link stalled: events are waiting and none was acknowledged"
+            );
+        }
+    }
+}
+
+/// Exponential backoff with full jitter: a random delay in
+/// [min, min(max, min * 2^(attempt-1))].
+fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
+    let cap = min
+        .saturating_mul(
+            1u32.checked_shl(attempt.saturating_sub(1).min(20))
+                .unwrap_or(u32::MAX),
+        )
+        .min(max);
+    let span = cap.saturating_sub(min).as_millis() as u64;
+    min + Duration::from_millis(if span == 0 {
+        0
+    } else {
+        rand::random_range(0..=span)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let min = Duration::from_millis(100);
+        let max = Duration::from_secs(10);
+        assert_eq!(backoff(min, max, 1), min);
+        for attempt in 1..40 {
+            let d = backoff(min, max, attempt);
+            assert!(d >= min && d <= max, "{attempt}: {d:?}");
+        }
+        let cap_at_5 = Duration::from_millis(1600);
+        assert!((0..100).all(|_| backoff(min, max, 5) <= cap_at_5));
+    }
+}

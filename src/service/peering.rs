@@ -1,0 +1,188 @@
+//! `Peering`: node to node, upstream. `Forward` receives batches from a
+//! downstream node, stores what is new (queueing it for this node's own
+//! upstream links in the same write) and acknowledges each batch after the
+//! flush. `Links` reports the state of this node's upstream links.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use super::ingest::rpc_span;
+use super::{authorize, ApiError};
+use crate::conversions;
+use crate::pb;
+use crate::policy::{Policy, Role};
+use crate::propagate::Links;
+use crate::store::{Appended, NewEvent, Store};
+
+/// Batches of one Forward stream processed concurrently (acks stay in order).
+const FORWARD_PIPELINE: usize = 4;
+
+/// The Peering service.
+#[derive(Clone)]
+pub struct PeeringService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    node_id: String,
+    policy: Policy,
+    store: Store,
+    links: Arc<Links>,
+}
+
+impl PeeringService {
+    pub fn new(node_id: String, policy: Policy, store: Store, links: Arc<Links>) -> Self {
+        PeeringService {
+            inner: Arc::new(Inner {
+                node_id,
+                policy,
+                store,
+                links,
+            }),
+        }
+    }
+}
+
+impl Inner {
+    /// Stores one batch from downstream node `sender` and answers its ack.
+    async fn receive(
+        &self,
+        sender: &str,
+        batch: pb::ForwardBatch,
+    ) -> Result<pb::ForwardAck, ApiError> {
+        let mut dropped = 0u32;
+        let mut new = Vec::with_capacity(batch.events.len());
+        for ev in batch.events {
+            let id = ev.event_id.clone();
+            match self.admit(sender, ev) {
+                Ok(ev) => {
+                    let outboxes = self.links.route(&ev);
+                    new.push(NewEvent {
+                        event: ev,
+                        outboxes,
+                    });
+                }
+                Err(reason) => {
+                    dropped += 1;
+                    tracing::warn!(event = %id, %reason, "dropped a forwarded event");
+                }
+            }
+        }
+        let outcomes = self.store.append(new).await?;
+        let stored = outcomes
+            .iter()
+            .filter(|o| matches!(o, Appended::Stored(_)))
+            .count() as u32;
+        let ack = pb::ForwardAck {
+            batch_id: batch.batch_id,
+            stored,
+            duplicates: outcomes.len() as u32 - stored,
+            dropped,
+        };
+        tracing::debug!(
+            batch_id = ack.batch_id,
+            stored,
+            duplicates = ack.duplicates,
+            dropped,
+            "batch stored"
+        );
+        Ok(ack)
+    }
+
+    /// Validates a forwarded event; the reason it may not be stored otherwise.
+    fn admit(
+        &self,
+        sender: &str,
+        ev: pb::PreferenceEvent,
+    ) -> Result<crate::domain::PreferenceEvent, String> {
+        let ev = conversions::preference_event_from_pb(ev).map_err(|e| e.to_string())?;
+        if ev.path.iter().any(|p| p == &self.node_id) {
+            return Err(format!(
+                "loop: path {:?} already contains this node",
+                ev.path
+            ));
+        }
+        if ev.path.len() > self.links.max_hops() {
+            return Err(format!(
+                "path has {} hops, more than max_hops {}",
+                ev.path.len(),
+                self.links.max_hops()
+            ));
+        }
+        if ev.path.first() != Some(&ev.origin) {
+            return Err("path does not start at the origin".into());
+        }
+        if ev.path.last().map(String::as_str) != Some(sender) {
+            return Err(format!(
+                "path {:?} does not end at the sender {sender:?}",
+                ev.path
+            ));
+        }
+        Ok(ev)
+    }
+}
+
+type AckStream = Pin<Box<dyn Stream<Item = Result<pb::ForwardAck, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::peering_server::Peering for PeeringService {
+    async fn forward(
+        &self,
+        req: Request<Streaming<pb::ForwardBatch>>,
+    ) -> Result<Response<AckStream>, Status> {
+        let span = rpc_span(&req, "Peering.Forward");
+        let peer = span.in_scope(|| authorize(&req, &self.inner.policy, Role::Downstream))?;
+        span.in_scope(|| tracing::info!("downstream connected"));
+        let inner = self.inner.clone();
+        let sender: Arc<str> = peer.identity.into();
+        let out = req
+            .into_inner()
+            .map(move |item| {
+                let inner = inner.clone();
+                let sender = sender.clone();
+                async move {
+                    match item {
+                        Ok(batch) => inner.receive(&sender, batch).await.map_err(Status::from),
+                        Err(status) => Err(status),
+                    }
+                }
+                .instrument(span.clone())
+            })
+            .buffered(FORWARD_PIPELINE);
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    async fn links(
+        &self,
+        req: Request<pb::LinksRequest>,
+    ) -> Result<Response<pb::LinksResponse>, Status> {
+        let span = rpc_span(&req, "Peering.Links");
+        let _guard = span.enter();
+        authorize(&req, &self.inner.policy, Role::Operator)?;
+        let links = self
+            .inner
+            .links
+            .status(&self.inner.store)
+            .into_iter()
+            .map(|s| pb::LinkStatus {
+                id: s.id,
+                address: s.address,
+                connected: s.connected,
+                backlog: s.backlog,
+                oldest_unacked_ms: s.oldest_unacked.map_or(0, |d| d.as_millis() as u64),
+                acknowledged: s.acknowledged,
+                last_error: s.last_error,
+                stalled: s.stalled,
+                last_progress: s.last_progress.map(|t| {
+                    let (seconds, nanos) = t.split();
+                    pbjson_types::Timestamp { seconds, nanos }
+                }),
+            })
+            .collect();
+        Ok(Response::new(pb::LinksResponse { links }))
+    }
+}
