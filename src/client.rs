@@ -271,3 +271,41 @@ fn progress_bar(len: u64, enabled: bool) -> indicatif::ProgressBar {
     );
     bar
 }
+
+/// The upstream links of the node of `cfg` (`Peering.Links`, operators role).
+pub async fn links(cfg: &ClientConfig) -> Result<Vec<pb::LinkStatus>, Error> {
+    let channel = connect(cfg).await?;
+    let resp = pb::peering_client::PeeringClient::new(channel)
+        .links(pb::LinksRequest {})
+        .await?;
+    Ok(resp.into_inner().links)
+}
+
+/// The link table `chainsight links` prints.
+pub fn format_links(links: &[pb::LinkStatus]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    if links.is_empty() {
+        out.push_str("no upstream links configured\n");
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "{:<16} {:<10} {:>9} {:>12} {:>12}  {:<8} last error",
+        "link", "state", "backlog", "oldest (s)", "acked", "stalled"
+    );
+    for l in links {
+        let _ = writeln!(
+            out,
+            "{:<16} {:<10} {:>9} {:>12.1} {:>12}  {:<8} {}",
+            l.id,
+            if l.connected { "connected" } else { "down" },
+            l.backlog,
+            l.oldest_unacked_ms as f64 / 1000.0,
+            l.acknowledged,
+            if l.stalled { "STALLED" } else { "no" },
+            l.last_error
+        );
+    }
+    out
+}

@@ -405,8 +405,8 @@ impl NodeConfig {
             ),
             (
                 "propagation.batch_max_bytes",
-                p.batch_max_bytes >= 1024 && p.batch_max_bytes < self.limits.max_message_bytes,
-                "must be at least 1024 and below limits.max_message_bytes",
+                p.batch_max_bytes >= 1024,
+                "must be at least 1024 (and below the upstream's limits.max_message_bytes)",
             ),
             ("propagation.window", p.window >= 1, "must be at least 1"),
             (

@@ -49,6 +49,15 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Show the node's upstream links: connected, backlog, oldest unacknowledged, stalled.
+    Links {
+        /// Path to client.toml (the identity needs the operators role).
+        #[arg(long, default_value = "client.toml")]
+        config: PathBuf,
+        /// Print proto3 JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -129,6 +138,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             window,
             quiet,
         } => publish(config, file, batch_size, window, quiet).await,
+        Command::Links { config, json } => {
+            let cfg = ClientConfig::load(&config)?;
+            let links = chainsight::client::links(&cfg)
+                .await
+                .with_context(|| format!("asking {} for its links", cfg.address))?;
+            if json {
+                for l in &links {
+                    println!("{}", serde_json::to_string(l)?);
+                }
+            } else {
+                print!("{}", chainsight::client::format_links(&links));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

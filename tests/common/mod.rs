@@ -61,14 +61,29 @@ impl TestEnv {
     }
 
     /// Writes `<id>/node.toml` for a node with this CA and the given extra
-    /// TOML (e.g. a `[roles]` table), issuing the node's certificate.
+    /// TOML (e.g. a `[roles]` table), issuing the node's certificate. The
+    /// node listens on an ephemeral port.
     pub fn node_config(&self, id: &str, extra: &str) -> PathBuf {
+        self.node_config_on(id, 0, extra)
+    }
+
+    /// A free port on 127.0.0.1, for nodes whose address others must know
+    /// before they start (and that keep it across restarts).
+    pub fn reserve_port(&self) -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port()
+    }
+
+    /// As [`Self::node_config`], listening on `port` (0 = ephemeral).
+    pub fn node_config_on(&self, id: &str, port: u16, extra: &str) -> PathBuf {
         self.issue(id);
         let dir = self.path().join(id);
         std::fs::create_dir_all(&dir).expect("node dir");
         let certs = self.certs_dir();
         let toml = format!(
-            "id = \"{id}\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\n\
+            "id = \"{id}\"\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"data\"\n\
              [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\nhandshake_timeout_secs = 3\n{extra}\n",
             ca = certs.join("ca.pem").display(),
             cert = certs.join(format!("{id}.pem")).display(),
@@ -196,6 +211,8 @@ impl NodeProc {
         let _ = child.wait();
     }
 
+    /// Starts the node again (with the same config, so on the same port if
+    /// it was configured with one).
     pub fn restart(&mut self) {
         self.start();
     }
@@ -220,6 +237,36 @@ impl NodeProc {
 
     pub async fn ingest(&self, files: &TlsFiles) -> pb::ingest_client::IngestClient<Channel> {
         pb::ingest_client::IngestClient::new(self.channel(files).await.expect("connect"))
+    }
+
+    /// The node's upstream links, asked as `files` (needs the operators role).
+    pub async fn links(&self, files: &TlsFiles) -> Vec<pb::LinkStatus> {
+        pb::peering_client::PeeringClient::new(self.channel(files).await.expect("connect"))
+            .links(pb::LinksRequest {})
+            .await
+            .expect("links")
+            .into_inner()
+            .links
+    }
+
+    /// Polls the node's links until every one has an empty outbox and
+    /// together they acknowledged at least `min_acked` events.
+    pub async fn wait_drained(&self, files: &TlsFiles, min_acked: u64) -> Vec<pb::LinkStatus> {
+        let start = Instant::now();
+        loop {
+            let links = self.links(files).await;
+            let acked: u64 = links.iter().map(|l| l.acknowledged).sum();
+            if links.iter().all(|l| l.backlog == 0) && acked >= min_acked {
+                return links;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "node {} did not drain: {links:?}\n{}",
+                self.id,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
@@ -301,5 +348,58 @@ pub fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
             "timed out waiting for {what}"
         );
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// An `[[upstream]]` table for node.toml.
+pub fn upstream(id: &str, port: u16, share: &str) -> String {
+    format!(
+        "[[upstream]]\nid = \"{id}\"\naddress = \"https://127.0.0.1:{port}\"\n[upstream.share]\n{share}\n"
+    )
+}
+
+/// A `[roles]` table; each argument is `key = [..]` TOML.
+pub fn roles(entries: &[&str]) -> String {
+    let mut s = String::from("[roles]\noperators = [\"operator\"]\n");
+    for e in entries {
+        s.push_str(e);
+        s.push('\n');
+    }
+    s
+}
+
+/// A valid event about product `gtin` of `kind` by `customer`.
+pub fn event_of(id: &str, gtin: &str, kind: pb::EventKind, customer: &str) -> pb::CustomerEvent {
+    let mut e = event(id);
+    e.product.as_mut().unwrap().gtin = gtin.to_string();
+    e.kind = kind as i32;
+    e.customer_id = customer.to_string();
+    e.score = match kind {
+        pb::EventKind::Review => Some(4),
+        pb::EventKind::Nps => Some(9),
+        _ => None,
+    };
+    e.free_text = format!("note about {id}");
+    e
+}
+
+/// Publishes `events` in requests of 500 and asserts all were accepted.
+pub async fn publish_all(
+    client: &mut pb::ingest_client::IngestClient<Channel>,
+    events: Vec<pb::CustomerEvent>,
+) {
+    let mut events = events;
+    while !events.is_empty() {
+        let rest = events.split_off(events.len().min(500));
+        let results = publish(client, std::mem::replace(&mut events, rest)).await;
+        assert!(
+            results
+                .iter()
+                .all(|r| outcome(r) == pb::PublishOutcome::Accepted),
+            "{:?}",
+            results
+                .iter()
+                .find(|r| outcome(r) != pb::PublishOutcome::Accepted)
+        );
     }
 }
