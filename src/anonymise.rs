@@ -28,6 +28,8 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("the pseudonym key {path} is missing but the store next to it holds data; restore the key from backup (a new key would change every pseudonym), or move the store away to start afresh")]
+    MissingKey { path: PathBuf },
     #[error("the pseudonym key {path} is {len} bytes, expected {KEY_LEN}; restore it from backup (a new key would change every pseudonym)")]
     BadKey { path: PathBuf, len: usize },
 }
@@ -56,9 +58,18 @@ impl Anonymiser {
         }
     }
 
-    /// Loads the node's key from `data_dir`, generating it (mode 0600) on first start.
-    pub fn open(origin: impl Into<String>, data_dir: &Path) -> Result<Self, Error> {
-        Ok(Self::new(origin, load_or_create_key(data_dir)?))
+    /// Loads the node's key from `data_dir`, generating it (mode 0600) on
+    /// first start. When `store_exists`, a missing key is an error: a new key
+    /// would silently change every customer's pseudonym.
+    pub fn open(
+        origin: impl Into<String>,
+        data_dir: &Path,
+        store_exists: bool,
+    ) -> Result<Self, Error> {
+        Ok(Self::new(
+            origin,
+            load_or_create_key(data_dir, store_exists)?,
+        ))
     }
 
     /// The anonymised form of `ev`. Consumes the event so that its personal
@@ -91,7 +102,11 @@ impl Anonymiser {
             product,
             channel,
             stage,
-            attributes,
+            // Attribute values are free text too.
+            attributes: attributes
+                .into_iter()
+                .map(|(k, v)| (k, scrub_text(&v)))
+                .collect(),
             score,
             quantity,
             region: region(country, postal_code.as_deref()),
@@ -130,7 +145,7 @@ pub fn keyed_digest(key: &[u8], data: &[u8]) -> String {
     out[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn load_or_create_key(data_dir: &Path) -> Result<[u8; KEY_LEN], Error> {
+fn load_or_create_key(data_dir: &Path, store_exists: bool) -> Result<[u8; KEY_LEN], Error> {
     let path = data_dir.join(KEY_FILE);
     let io = |source| Error::Io {
         path: path.clone(),
@@ -143,6 +158,9 @@ fn load_or_create_key(data_dir: &Path) -> Result<[u8; KEY_LEN], Error> {
                 path: path.clone(),
                 len,
             })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && store_exists => {
+            Err(Error::MissingKey { path: path.clone() })
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir_all(data_dir).map_err(io)?;
@@ -230,10 +248,11 @@ pub fn region(country: Option<Country>, postal_code: Option<&str>) -> String {
 }
 
 static EMAIL: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"(?i)[a-z0-9._%+\-]+@[a-z0-9\-]+(\.[a-z0-9\-]+)*\.[a-z]{2,}").expect("valid regex")
+    // Unicode-aware: internationalised addresses (jane@tähti.ee) count too.
+    Regex::new(r"[\w.%+\-]+@[\w\-]+(\.[\w\-]+)*\.\w{2,}").expect("valid regex")
 });
-// A run of digits, optionally separated by spaces, dots, dashes, slashes or
-// parentheses, possibly starting with '+'.
+// A run of digits (any script: `\d` is Unicode), optionally separated by
+// spaces, dots, dashes, slashes or parentheses, possibly starting with '+'.
 static NUMBER_RUN: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"\+?\(?\d(?:[\s\-./()]*\d)+\)?").expect("valid regex"));
 
@@ -243,7 +262,7 @@ pub fn scrub_text(text: &str) -> String {
     let no_email = EMAIL.replace_all(text, "[email]");
     let scrubbed = NUMBER_RUN.replace_all(&no_email, |caps: &regex::Captures<'_>| {
         let run = &caps[0];
-        let digits = run.chars().filter(char::is_ascii_digit).count();
+        let digits = run.chars().filter(|c| c.is_numeric()).count();
         if digits >= 12 {
             "[card]".to_string()
         } else if digits >= 7 {
@@ -298,6 +317,8 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("Size 42, 2 pcs"), "{t}");
+        let t = scrub_text("kaart ４１１１ １１１１ １１１１ １１１１, mail jüri@tähti.ee");
+        assert!(!t.contains("１１１１") && !t.contains("jüri"), "{t}");
     }
 
     #[test]

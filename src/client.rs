@@ -27,6 +27,12 @@ pub enum Error {
     Rpc { code: tonic::Code, message: String },
     #[error("{0}")]
     Other(String),
+    #[error("interrupted after {} accepted and {} duplicate events: {code:?}: {message}; re-running is safe for events with an event_id (they come back DUPLICATE)", summary.accepted, summary.duplicate)]
+    Interrupted {
+        summary: Box<PublishSummary>,
+        code: tonic::Code,
+        message: String,
+    },
 }
 
 impl From<tonic::Status> for Error {
@@ -97,6 +103,10 @@ pub struct PublishSummary {
     pub malformed: Vec<LineProblem>,
 }
 
+/// A batch is cut at this many encoded bytes whatever its event count, to
+/// stay well under the node's message size limit (4 MiB by default).
+const MAX_BATCH_BYTES: usize = 1024 * 1024;
+
 struct Batch {
     request: pb::PublishRequest,
     lines: Vec<usize>,
@@ -134,7 +144,20 @@ pub async fn publish_file(
         .await?
         .into_inner();
     let mut summary = PublishSummary::default();
-    while let Some(resp) = responses.message().await? {
+    loop {
+        let resp = match responses.message().await {
+            Ok(Some(resp)) => resp,
+            Ok(None) => break,
+            Err(status) => {
+                bar.abandon();
+                window.close();
+                return Err(Error::Interrupted {
+                    summary: Box::new(summary),
+                    code: status.code(),
+                    message: status.message().to_string(),
+                });
+            }
+        };
         window.add_permits(1);
         let lines = lines_rx
             .recv()
@@ -196,6 +219,7 @@ async fn read_batches(
         lines: Vec::new(),
     };
     let mut n = 0;
+    let mut bytes = 0;
     while let Some(line) = lines.next_line().await? {
         n += 1;
         if line.trim().is_empty() {
@@ -203,6 +227,7 @@ async fn read_batches(
         }
         match serde_json::from_str::<pb::CustomerEvent>(&line) {
             Ok(ev) => {
+                bytes += prost::Message::encoded_len(&ev) + 8;
                 batch.request.events.push(ev);
                 batch.lines.push(n);
             }
@@ -213,7 +238,8 @@ async fn read_batches(
                 reason: format!("not a CustomerEvent in proto3 JSON: {e}"),
             }),
         }
-        if batch.lines.len() >= batch_size {
+        if batch.lines.len() >= batch_size || bytes >= MAX_BATCH_BYTES {
+            bytes = 0;
             let full = std::mem::replace(
                 &mut batch,
                 Batch {

@@ -251,10 +251,11 @@ fn personal_data(
     }
     let birth_year = match birth_year {
         0 => None,
+        // The value is personal data: it is not echoed back.
         y if y < 1900 || i64::from(y) > i64::from(now.year()) => {
             return Err(invalid(
                 "birth_year",
-                format!("must be between 1900 and {}, got {y}", now.year()),
+                format!("must be 0 (unknown) or between 1900 and {}", now.year()),
             ))
         }
         y => Some(y as u16),

@@ -49,6 +49,15 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Run a real chain of five nodes on loopback, publish, propagate, report.
+    Demo {
+        /// Events published at each of the two retailers.
+        #[arg(long, default_value_t = 3000)]
+        events: usize,
+        /// Keep the temporary directory (certificates, configs, data, logs).
+        #[arg(long)]
+        keep: bool,
+    },
     /// Show the node's upstream links: connected, backlog, oldest unacknowledged, stalled.
     Links {
         /// Path to client.toml (the identity needs the operators role).
@@ -96,9 +105,11 @@ fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn")
     });
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 
@@ -138,6 +149,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             window,
             quiet,
         } => publish(config, file, batch_size, window, quiet).await,
+        Command::Demo { events, keep } => {
+            let opts = chainsight::demo::Options {
+                events_per_retailer: events,
+                keep,
+                ..Default::default()
+            };
+            let ok = chainsight::demo::run(opts).await?;
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Links { config, json } => {
             let cfg = ClientConfig::load(&config)?;
             let links = chainsight::client::links(&cfg)

@@ -14,6 +14,7 @@ use tracing::Instrument;
 use crate::anonymise::{self, Anonymiser};
 use crate::config::NodeConfig;
 use crate::pb;
+use crate::pb::ingest_server::IngestServer;
 use crate::policy::Policy;
 use crate::propagate::{self, Links};
 use crate::service::ingest::IngestService;
@@ -58,39 +59,10 @@ async fn run_inner(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| Error::DataDir {
-        path: config.data_dir.clone(),
-        source,
-    })?;
-    let anonymiser = Anonymiser::open(config.id.clone(), &config.data_dir)?;
-    let links = Arc::new(Links::new(&config, &anonymiser));
-    let store_dir = config.data_dir.join("store");
-    let link_ids = links.ids();
-    let store = tokio::task::spawn_blocking(move || Store::open(&store_dir, &link_ids))
-        .await
-        .map_err(|e| Error::Serve(e.to_string()))??;
+    let parts = open_parts(&config).await?;
     let tls_config = tls::server_config(&config.tls)?;
-    let policy = Policy::from_roles(&config.roles);
-
     let (health, health_service) = tonic_health::server::health_reporter();
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| Error::Serve(e.to_string()))?;
-
-    let max = config.limits.max_message_bytes;
-    let ingest = pb::ingest_server::IngestServer::new(IngestService::new(
-        policy.clone(),
-        anonymiser,
-        store.clone(),
-        links.clone(),
-        config.limits.max_events_per_request,
-    ))
-    .max_decoding_message_size(max);
-    health
-        .set_serving::<pb::ingest_server::IngestServer<IngestService>>()
-        .await;
+    health.set_serving::<IngestServer<IngestService>>().await;
 
     let token = CancellationToken::new();
     let incoming = tls::incoming(
@@ -99,70 +71,140 @@ async fn run_inner(
         Duration::from_secs(config.tls.handshake_timeout_secs),
         token.clone(),
     );
-    let router = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(ingest)
-        .add_service(
-            pb::peering_server::PeeringServer::new(PeeringService::new(
-                config.id.clone(),
-                policy.clone(),
-                store.clone(),
-                links.clone(),
-            ))
-            .max_decoding_message_size(max),
-        )
-        .add_service(pb::signals_server::SignalsServer::new(SignalsService))
-        .add_service(pb::insights_server::InsightsServer::new(InsightsService));
-    let server_token = token.clone();
-    let mut server = tokio::spawn(
+    let router = build_router(&config, &parts, health_service, token.clone())?;
+    let server = tokio::spawn(
         router
-            .serve_with_incoming_shutdown(incoming, server_token.cancelled_owned())
+            .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned())
             .in_current_span(),
     );
     let workers = propagate::spawn_workers(
-        links.clone(),
-        store.clone(),
+        parts.links.clone(),
+        parts.store.clone(),
         config.tls.clone(),
         config.propagation.clone(),
         token.clone(),
     );
-    tracing::info!(data_dir = %config.data_dir.display(), events = store.len(), links = workers.len(), "node started");
+    tracing::info!(
+        data_dir = %config.data_dir.display(),
+        last_seq = parts.store.last_seq()?,
+        links = workers.len(),
+        "node started"
+    );
 
-    let early_exit = tokio::select! {
-        _ = shutdown => None,
-        res = &mut server => Some(res),
-    };
-    let result = match early_exit {
-        Some(res) => res
-            .map_err(|e| Error::Serve(e.to_string()))?
-            .map_err(|e| Error::Serve(tls::error_chain(&e))),
-        None => {
-            tracing::info!("shutting down: draining in-flight requests");
-            health
-                .set_not_serving::<pb::ingest_server::IngestServer<IngestService>>()
-                .await;
-            token.cancel();
-            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
-                Ok(Ok(res)) => res.map_err(|e| Error::Serve(tls::error_chain(&e))),
-                Ok(Err(e)) => Err(Error::Serve(e.to_string())),
-                Err(_) => {
-                    tracing::warn!(grace = ?SHUTDOWN_GRACE, "requests still running after the grace period; closing them");
-                    server.abort();
-                    Ok(())
-                }
-            }
-        }
-    };
+    let result = serve_until(server, shutdown, &token, &health).await;
     token.cancel();
     for w in workers {
         let _ = w.await;
     }
-    store.flush().await?;
-    tracing::info!(events = store.len(), "store flushed; node stopped");
+    parts.store.flush().await?;
+    tracing::info!(
+        last_seq = parts.store.last_seq()?,
+        flushes = parts.store.flushes(),
+        "store flushed; node stopped"
+    );
     result
+}
+
+/// What a node's services share.
+struct Parts {
+    anonymiser: Anonymiser,
+    links: Arc<Links>,
+    store: Store,
+    policy: Policy,
+}
+
+async fn open_parts(config: &NodeConfig) -> Result<Parts, Error> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| Error::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let store_dir = config.data_dir.join("store");
+    let anonymiser = Anonymiser::open(config.id.clone(), &config.data_dir, store_dir.exists())?;
+    let links = Arc::new(Links::new(config, &anonymiser));
+    let link_ids = links.ids();
+    let store = tokio::task::spawn_blocking(move || Store::open(&store_dir, &link_ids))
+        .await
+        .map_err(|e| Error::Serve(e.to_string()))??;
+    Ok(Parts {
+        anonymiser,
+        links,
+        store,
+        policy: Policy::from_roles(&config.roles),
+    })
+}
+
+fn build_router(
+    config: &NodeConfig,
+    parts: &Parts,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    token: CancellationToken,
+) -> Result<tonic::transport::server::Router, Error> {
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Serve(e.to_string()))?;
+    let max = config.limits.max_message_bytes;
+    let ingest = IngestServer::new(IngestService::new(
+        parts.policy.clone(),
+        parts.anonymiser.clone(),
+        parts.store.clone(),
+        parts.links.clone(),
+        config.limits.max_events_per_request,
+    ))
+    .max_decoding_message_size(max);
+    let peering = pb::peering_server::PeeringServer::new(PeeringService::new(
+        config.id.clone(),
+        parts.policy.clone(),
+        parts.store.clone(),
+        parts.links.clone(),
+        token,
+    ))
+    .max_decoding_message_size(max);
+    Ok(tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(ingest)
+        .add_service(peering)
+        .add_service(pb::signals_server::SignalsServer::new(SignalsService))
+        .add_service(pb::insights_server::InsightsServer::new(InsightsService)))
+}
+
+type ServerTask = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
+
+/// Serves until `shutdown` resolves (or the server fails), then stops
+/// accepting and lets in-flight requests finish within [`SHUTDOWN_GRACE`].
+async fn serve_until(
+    mut server: ServerTask,
+    shutdown: impl Future<Output = ()> + Send,
+    token: &CancellationToken,
+    health: &tonic_health::server::HealthReporter,
+) -> Result<(), Error> {
+    let serve_err = |e: tonic::transport::Error| Error::Serve(tls::error_chain(&e));
+    tokio::select! {
+        res = &mut server => {
+            return res.map_err(|e| Error::Serve(e.to_string()))?.map_err(serve_err);
+        }
+        _ = shutdown => {}
+    }
+    tracing::info!("shutting down: draining in-flight requests");
+    health
+        .set_not_serving::<IngestServer<IngestService>>()
+        .await;
+    token.cancel();
+    match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+        Ok(Ok(res)) => res.map_err(serve_err),
+        Ok(Err(e)) => Err(Error::Serve(e.to_string())),
+        Err(_) => {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "requests still running after the grace period; closing them");
+            server.abort();
+            Ok(())
+        }
+    }
 }
 
 /// A future that resolves on SIGINT or SIGTERM. The handlers are installed

@@ -48,6 +48,9 @@ pub enum Error {
     Client(String),
 }
 
+/// Most TLS handshakes in progress at once.
+const MAX_CONCURRENT_HANDSHAKES: usize = 256;
+
 /// Who is calling: the identity from the client certificate, and from where.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
@@ -185,6 +188,9 @@ pub fn incoming(
 ) -> ReceiverStream<std::io::Result<TlsConn>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
+    // Bounds the handshakes in progress, so a flood of idle sockets cannot
+    // hold unbounded file descriptors and tasks.
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -199,9 +205,13 @@ pub fn incoming(
                 },
             };
             let _ = tcp.set_nodelay(true);
+            let Ok(permit) = handshakes.clone().acquire_owned().await else {
+                break;
+            };
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 match handshake(acceptor, tcp, remote, handshake_timeout).await {
                     Ok(conn) => {
                         tracing::debug!(peer = %conn.peer.identity, %remote, "TLS connection established");

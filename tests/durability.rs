@@ -178,3 +178,39 @@ async fn sigterm_lets_an_in_flight_stream_finish_then_exits_cleanly() {
     assert!(store.get_by_event_id("term-1").unwrap().is_some());
     assert!(store.get_by_event_id("term-2").unwrap().is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_flush_serves_many_concurrent_publishers() {
+    let env = TestEnv::new();
+    let mut node = env.retailer();
+    let eshop = env.issue("retailer-eshop");
+    let (publishers, requests_each) = (16, 25);
+    let mut tasks = Vec::new();
+    for p in 0..publishers {
+        let mut client = node.ingest(&eshop).await;
+        tasks.push(tokio::spawn(async move {
+            for i in 0..requests_each {
+                let r = publish(&mut client, vec![event(&format!("gc-{p}-{i}"))]).await;
+                assert_eq!(outcome(&r[0]), pb::PublishOutcome::Accepted);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    node.terminate();
+    let log = node.log();
+    let flushes: u64 = log
+        .rsplit("flushes=")
+        .next()
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .expect("the node logs its flush count at shutdown");
+    let requests = (publishers * requests_each) as u64;
+    println!("{requests} acknowledged publish requests, {flushes} flushes");
+    assert!(
+        flushes < requests,
+        "group commit: {flushes} flushes for {requests} requests"
+    );
+    assert_eq!(node.open_store().len() as u64, requests);
+}

@@ -48,6 +48,8 @@ async fn no_raw_personal_data_in_any_byte_of_the_data_directory() {
             seconds: 1_781_481_600,
             nanos: 0,
         });
+        e.attributes
+            .insert("contact".into(), "reach me: margit.tamm@example.ee".into());
         e.free_text = "Write to margit.tamm@example.ee or call +372 5550 1234, \
                        card 4111-1111-1111-1111. The cheese was great!"
             .into();
@@ -67,7 +69,8 @@ async fn no_raw_personal_data_in_any_byte_of_the_data_directory() {
     );
 
     node.terminate();
-    let needles: [&[u8]; 10] = [
+    let needles: [&[u8]; 11] = [
+        b"10115",
         b"CUST-Margit-Tamm-7781",
         b"CUST-Jaan-Kask-1202",
         b"Margit",
@@ -116,6 +119,10 @@ async fn no_raw_personal_data_in_any_byte_of_the_data_directory() {
         a.text
     );
     assert!(a.text.contains("The cheese was great!"));
+    assert_eq!(
+        a.attributes["contact"], "reach me: [email]",
+        "attribute values are scrubbed too"
+    );
     assert_eq!(a.origin, "retailer");
     assert_eq!(a.path, vec!["retailer".to_string()]);
 
@@ -166,5 +173,30 @@ async fn the_pseudonym_key_is_private_and_kept_across_restarts() {
     assert_eq!(
         p1, p2,
         "the same customer keeps its pseudonym across a restart"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_key_is_lost_refuses_to_start_rather_than_change_pseudonyms() {
+    let env = TestEnv::new();
+    let mut node = env.retailer();
+    let eshop = env.issue("retailer-eshop");
+    publish(&mut node.ingest(&eshop).await, vec![event("lost-1")]).await;
+    node.terminate();
+    std::fs::remove_file(node.data_dir().join("pseudonym.key")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chainsight"))
+        .args(["node", "--config"])
+        .arg(node.dir.join("node.toml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("pseudonym key") && err.contains("restore"),
+        "{err}"
+    );
+    assert!(
+        !node.data_dir().join("pseudonym.key").exists(),
+        "no new key was made"
     );
 }

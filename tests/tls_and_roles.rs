@@ -218,3 +218,69 @@ async fn health_is_serving_and_reflection_lists_the_services() {
         assert!(names.contains(&s), "{s} missing from {names:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_1_2_is_refused_and_idle_handshakes_time_out() {
+    use std::sync::Arc;
+    let env = TestEnv::new();
+    let node = env.retailer();
+    let eshop = env.issue("retailer-eshop");
+
+    // A client that offers only TLS 1.2, with a valid certificate.
+    let provider = chainsight::tls::provider();
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in chainsight::tls::load_certs(&eshop.ca).unwrap() {
+        roots.add(ca).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots.clone())
+        .with_client_auth_cert(
+            chainsight::tls::load_certs(&eshop.cert).unwrap(),
+            chainsight::tls::load_key(&eshop.key).unwrap(),
+        )
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("retailer").unwrap();
+    let err = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name.clone(), tcp)
+        .await
+        .expect_err("TLS 1.2 must be refused");
+    assert!(err.to_string().to_lowercase().contains("protocol"), "{err}");
+
+    // The same client with TLS 1.3 gets through and negotiates h2.
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            chainsight::tls::load_certs(&eshop.cert).unwrap(),
+            chainsight::tls::load_key(&eshop.key).unwrap(),
+        )
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+
+    // A TCP connection that never starts the handshake is closed once
+    // tls.handshake_timeout_secs (3 s in the test config) has passed.
+    use tokio::io::AsyncReadExt;
+    let started = std::time::Instant::now();
+    let mut idle = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), idle.read(&mut buf))
+        .await
+        .expect("the node closes an idle connection");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(2500),
+        "closed after {waited:?}, before the handshake timeout"
+    );
+    assert!(node.log().contains("handshake not completed within"));
+}

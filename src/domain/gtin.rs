@@ -16,7 +16,8 @@ impl Gtin {
             return Err("required".into());
         }
         if !s.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(format!("must contain only digits, got {s:?}"));
+            let shown: String = s.chars().take(20).collect();
+            return Err(format!("must contain only digits, got {shown:?}"));
         }
         if ![8, 12, 13, 14].contains(&s.len()) {
             return Err(format!("must have 8, 12, 13 or 14 digits, got {}", s.len()));

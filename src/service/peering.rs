@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
@@ -32,16 +33,27 @@ struct Inner {
     policy: Policy,
     store: Store,
     links: Arc<Links>,
+    shutdown: CancellationToken,
 }
 
 impl PeeringService {
-    pub fn new(node_id: String, policy: Policy, store: Store, links: Arc<Links>) -> Self {
+    /// The service of node `node_id`. When `shutdown` is cancelled, open
+    /// Forward streams stop taking batches, answer those in flight, and end
+    /// (the sender reconnects later), so they do not hold up the shutdown.
+    pub fn new(
+        node_id: String,
+        policy: Policy,
+        store: Store,
+        links: Arc<Links>,
+        shutdown: CancellationToken,
+    ) -> Self {
         PeeringService {
             inner: Arc::new(Inner {
                 node_id,
                 policy,
                 store,
                 links,
+                shutdown,
             }),
         }
     }
@@ -141,6 +153,7 @@ impl pb::peering_server::Peering for PeeringService {
         let sender: Arc<str> = peer.identity.into();
         let out = req
             .into_inner()
+            .take_until(self.inner.shutdown.clone().cancelled_owned())
             .map(move |item| {
                 let inner = inner.clone();
                 let sender = sender.clone();

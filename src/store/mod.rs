@@ -43,7 +43,7 @@ pub enum Error {
     Open { path: PathBuf, source: sled::Error },
     #[error("storage error: {0}")]
     Sled(#[from] sled::Error),
-    #[error("corrupt record in tree {tree:?} at key {key}: {source}; run `chainsight admin verify` on the data directory")]
+    #[error("corrupt record in tree {tree:?} at key {key}: {source}; the data directory is damaged: stop the node and restore it from a backup")]
     Corrupt {
         tree: &'static str,
         key: String,
@@ -51,7 +51,7 @@ pub enum Error {
     },
     #[error("the store is shut down")]
     Closed,
-    #[error("write failed, nothing of it was stored: {reason}")]
+    #[error("write failed: {reason}")]
     Write { reason: String, disk_full: bool },
 }
 
@@ -96,6 +96,7 @@ struct Inner {
     trees: Trees,
     writer: mpsc::Sender<writer::Command>,
     path: PathBuf,
+    flushes: Arc<AtomicU64>,
 }
 
 #[derive(Clone)]
@@ -143,13 +144,15 @@ impl Store {
                     })?,
             ),
         };
-        let writer = writer::spawn(db.clone(), trees.clone())?;
+        let flushes = Arc::new(AtomicU64::new(0));
+        let writer = writer::spawn(db.clone(), trees.clone(), flushes.clone())?;
         Ok(Store {
             inner: Arc::new(Inner {
                 db,
                 trees,
                 writer,
                 path: dir.to_path_buf(),
+                flushes,
             }),
         })
     }
@@ -214,6 +217,13 @@ impl Store {
             None => Ok(0),
             Some((k, _)) => seq_from(&k, "events", "last"),
         }
+    }
+
+    /// Flushes (group commits) done since the store was opened.
+    pub fn flushes(&self) -> u64 {
+        self.inner
+            .flushes
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Bytes the store occupies on disk.

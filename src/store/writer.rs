@@ -7,7 +7,8 @@
 //! so deduplication and numbering need no locks.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use tokio::sync::{mpsc, oneshot};
@@ -27,7 +28,11 @@ pub(super) enum Command {
     },
 }
 
-pub(super) fn spawn(db: sled::Db, trees: Trees) -> Result<mpsc::Sender<Command>> {
+pub(super) fn spawn(
+    db: sled::Db,
+    trees: Trees,
+    flushes: Arc<AtomicU64>,
+) -> Result<mpsc::Sender<Command>> {
     let next_seq = match trees.events.last()? {
         None => 1,
         Some((k, _)) => super::seq_from(&k, "events", "last")? + 1,
@@ -37,6 +42,7 @@ pub(super) fn spawn(db: sled::Db, trees: Trees) -> Result<mpsc::Sender<Command>>
         db,
         trees,
         next_seq,
+        flushes,
     };
     std::thread::Builder::new()
         .name("store-writer".into())
@@ -49,6 +55,7 @@ struct Writer {
     db: sled::Db,
     trees: Trees,
     next_seq: Seq,
+    flushes: Arc<AtomicU64>,
 }
 
 impl Writer {
@@ -82,35 +89,33 @@ impl Writer {
 
     fn commit(&mut self, batch: Vec<Command>) {
         let start_seq = self.next_seq;
-        let result = self.write(&batch).and_then(|outcomes| {
-            let started = std::time::Instant::now();
-            self.flush_now()?;
-            tracing::trace!(elapsed = ?started.elapsed(), "flushed");
-            Ok(outcomes)
-        });
-        match result {
-            Ok(outcomes) => {
-                self.announce(&batch, &outcomes);
-                for (cmd, outcome) in batch.into_iter().zip(outcomes) {
-                    let Command::Append { reply, .. } = cmd;
-                    let _ = reply.send(Ok(outcome));
-                }
-            }
+        let outcomes = match self.write(&batch) {
+            Ok(outcomes) => outcomes,
             Err(e) => {
-                // Nothing of this batch is acknowledged; the numbering restarts
-                // where it was so no gap is left by a failed transaction.
+                // The transaction did not apply: its numbers are free again.
                 self.next_seq = start_seq;
-                tracing::error!(error = %e, "store write failed");
-                let reason = e.to_string();
-                let disk_full = is_disk_full(&e);
-                for cmd in batch {
-                    let Command::Append { reply, .. } = cmd;
-                    let _ = reply.send(Err(Error::Write {
-                        reason: reason.clone(),
-                        disk_full,
-                    }));
-                }
+                fail(batch, &e, "nothing of it was stored");
+                return;
             }
+        };
+        // From here on the events are in the trees (and their sequence
+        // numbers used), even if the flush fails: they are only not
+        // acknowledged, and a retry finds them as duplicates.
+        self.announce(&batch, &outcomes);
+        let started = std::time::Instant::now();
+        if let Err(e) = self.flush_now() {
+            fail(
+                batch,
+                &Error::Sled(e),
+                "its durability could not be confirmed; retrying is safe",
+            );
+            return;
+        }
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        tracing::trace!(elapsed = ?started.elapsed(), "flushed");
+        for (cmd, outcome) in batch.into_iter().zip(outcomes) {
+            let Command::Append { reply, .. } = cmd;
+            let _ = reply.send(Ok(outcome));
         }
     }
 
@@ -198,6 +203,20 @@ impl Writer {
                 outbox.added.notify_one();
             }
         }
+    }
+}
+
+/// Answers every command of a batch with the error.
+fn fail(batch: Vec<Command>, e: &Error, consequence: &str) {
+    tracing::error!(error = %e, "store write failed; {consequence}");
+    let reason = format!("{e}; {consequence}");
+    let disk_full = is_disk_full(e);
+    for cmd in batch {
+        let Command::Append { reply, .. } = cmd;
+        let _ = reply.send(Err(Error::Write {
+            reason: reason.clone(),
+            disk_full,
+        }));
     }
 }
 
