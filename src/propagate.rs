@@ -272,6 +272,7 @@ impl Worker {
             .max_encoding_message_size(self.settings.batch_max_bytes * 2 + 64 * 1024);
         let mut acks = client.forward(ReceiverStream::new(rx)).await?.into_inner();
         link.state.connected.store(true, Ordering::SeqCst);
+        lock(&link.state.last_error).clear();
         tracing::info!("connected");
 
         let mut inflight: VecDeque<(u64, Vec<Seq>)> = VecDeque::new();
