@@ -335,3 +335,48 @@ pub fn format_links(links: &[pb::LinkStatus]) -> String {
     }
     out
 }
+
+/// Options of `chainsight subscribe`.
+#[derive(Debug, Clone, Default)]
+pub struct SubscribeOptions {
+    pub filter: pb::Filter,
+    pub after: u64,
+    pub follow: bool,
+}
+
+/// Streams signals from the node to `out` as proto3 JSON lines until the
+/// stream ends or `stop` resolves. Returns the last cursor seen (the one to
+/// resume after), or `opts.after` if none came.
+pub async fn subscribe(
+    cfg: &ClientConfig,
+    opts: &SubscribeOptions,
+    mut out: impl std::io::Write,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<u64, Error> {
+    let channel = connect(cfg).await?;
+    let mut stream = pb::signals_client::SignalsClient::new(channel)
+        .max_decoding_message_size(16 * 1024 * 1024)
+        .subscribe(pb::SubscribeRequest {
+            filter: Some(opts.filter.clone()),
+            after_cursor: opts.after,
+            follow: opts.follow,
+        })
+        .await?
+        .into_inner();
+    let mut last = opts.after;
+    tokio::pin!(stop);
+    loop {
+        let signal = tokio::select! {
+            _ = &mut stop => break,
+            msg = stream.message() => match msg? {
+                Some(s) => s,
+                None => break,
+            },
+        };
+        last = signal.cursor;
+        let line = serde_json::to_string(&signal).map_err(|e| Error::Other(e.to_string()))?;
+        writeln!(out, "{line}").map_err(|e| Error::Other(format!("writing output: {e}")))?;
+    }
+    let _ = out.flush();
+    Ok(last)
+}

@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 
 use crate::domain::{
-    Channel, Country, CustomerEvent, EventKind, Gtin, JourneyStage, PersonalData, PreferenceEvent,
-    Product, UnixNanos,
+    Channel, Country, CustomerEvent, EventFilter, EventKind, Gtin, JourneyStage, PersonalData,
+    PreferenceEvent, Product, UnixNanos,
 };
 use crate::pb;
 
@@ -337,6 +337,96 @@ pub fn preference_event_from_pb(ev: pb::PreferenceEvent) -> Result<PreferenceEve
         text: ev.text,
         path: ev.path,
     })
+}
+
+/// Most values in one list of a filter.
+const FILTER_VALUES: usize = 256;
+
+/// Validates a filter; `field` prefixes the field names in errors.
+pub fn filter_from_pb(f: Option<pb::Filter>, field: &str) -> Result<EventFilter> {
+    let Some(f) = f else {
+        return Ok(EventFilter::default());
+    };
+    let name = |sub: &str| format!("{field}.{sub}");
+    for (sub, len) in [
+        ("gtin_prefixes", f.gtin_prefixes.len()),
+        ("categories", f.categories.len()),
+        ("kinds", f.kinds.len()),
+        ("channels", f.channels.len()),
+        ("regions", f.regions.len()),
+    ] {
+        if len > FILTER_VALUES {
+            return Err(invalid(
+                &name(sub),
+                format!("at most {FILTER_VALUES} values"),
+            ));
+        }
+    }
+    for p in &f.gtin_prefixes {
+        if p.is_empty() || p.len() > 13 || !p.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(invalid(
+                &name("gtin_prefixes"),
+                format!(
+                    "{:?} is not a GS1 company prefix (1-13 digits)",
+                    truncate(p, 20)
+                ),
+            ));
+        }
+    }
+    for (sub, values) in [("categories", &f.categories), ("regions", &f.regions)] {
+        for v in values {
+            bounded_text(&name(sub), v, limits::PRODUCT_TEXT_LEN)?;
+        }
+    }
+    let kinds = f
+        .kinds
+        .iter()
+        .map(|k| enum_field(&name("kinds"), *k, EventKind::from_number))
+        .collect::<Result<Vec<_>>>()?;
+    let channels = f
+        .channels
+        .iter()
+        .map(|c| enum_field(&name("channels"), *c, Channel::from_number))
+        .collect::<Result<Vec<_>>>()?;
+    let since = f
+        .since
+        .map(|t| timestamp(&name("since"), Some(t)))
+        .transpose()?;
+    let until = f
+        .until
+        .map(|t| timestamp(&name("until"), Some(t)))
+        .transpose()?;
+    if let (Some(s), Some(u)) = (since, until) {
+        if u <= s {
+            return Err(invalid(&name("until"), "must be after since"));
+        }
+    }
+    Ok(EventFilter {
+        gtin_prefixes: f.gtin_prefixes,
+        categories: f.categories.iter().map(|c| c.to_lowercase()).collect(),
+        kinds,
+        channels,
+        regions: f.regions.iter().map(|r| r.to_uppercase()).collect(),
+        since,
+        until,
+    })
+}
+
+/// The protobuf form of a filter.
+pub fn filter_to_pb(f: &EventFilter) -> pb::Filter {
+    let ts = |t: UnixNanos| {
+        let (seconds, nanos) = t.split();
+        pbjson_types::Timestamp { seconds, nanos }
+    };
+    pb::Filter {
+        gtin_prefixes: f.gtin_prefixes.clone(),
+        categories: f.categories.clone(),
+        kinds: f.kinds.iter().map(|k| k.number()).collect(),
+        channels: f.channels.iter().map(|c| c.number()).collect(),
+        regions: f.regions.clone(),
+        since: f.since.map(ts),
+        until: f.until.map(ts),
+    }
 }
 
 /// The protobuf form of a stored event.

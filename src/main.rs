@@ -49,6 +49,27 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Stream stored signals (proto3 JSON lines of Signal: cursor and event).
+    Subscribe {
+        /// Path to client.toml (the identity needs the subscribers role).
+        #[arg(long, default_value = "client.toml")]
+        config: PathBuf,
+        /// GS1 company prefix to match (repeatable).
+        #[arg(long = "gtin-prefix")]
+        gtin_prefixes: Vec<String>,
+        /// Event kind to match, e.g. review or EVENT_KIND_REVIEW (repeatable).
+        #[arg(long = "kind")]
+        kinds: Vec<String>,
+        /// Category to match (repeatable).
+        #[arg(long = "category")]
+        categories: Vec<String>,
+        /// Start after this cursor (0 = from the start).
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// Keep streaming new signals after the backfill.
+        #[arg(long)]
+        follow: bool,
+    },
     /// Run a real chain of five nodes on loopback, publish, propagate, report.
     Demo {
         /// Events published at each of the two retailers.
@@ -161,6 +182,42 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Subscribe {
+            config,
+            gtin_prefixes,
+            kinds,
+            categories,
+            after,
+            follow,
+        } => {
+            let cfg = ClientConfig::load(&config)?;
+            let kinds = kinds
+                .iter()
+                .map(|k| {
+                    chainsight::domain::EventKind::from_label(k.trim_start_matches("EVENT_KIND_"))
+                        .map(|k| k.number())
+                        .with_context(|| format!("--kind {k}: not an event kind (purchase, return, review, nps, preference, cart_abandoned, search_unmet, complaint, usage)"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let opts = chainsight::client::SubscribeOptions {
+                filter: chainsight::pb::Filter {
+                    gtin_prefixes,
+                    kinds,
+                    categories,
+                    ..Default::default()
+                },
+                after,
+                follow,
+            };
+            let last =
+                chainsight::client::subscribe(&cfg, &opts, std::io::stdout().lock(), async {
+                    let _ = tokio::signal::ctrl_c().await;
+                })
+                .await
+                .with_context(|| format!("subscribing at {}", cfg.address))?;
+            eprintln!("last cursor: {last} (resume with --after {last})");
+            Ok(ExitCode::SUCCESS)
         }
         Command::Links { config, json } => {
             let cfg = ClientConfig::load(&config)?;

@@ -19,7 +19,8 @@ use crate::policy::Policy;
 use crate::propagate::{self, Links};
 use crate::service::ingest::IngestService;
 use crate::service::peering::PeeringService;
-use crate::service::unimplemented::{InsightsService, SignalsService};
+use crate::service::signals::SignalsService;
+use crate::service::unimplemented::InsightsService;
 use crate::store::{self, Store};
 use crate::tls;
 
@@ -160,9 +161,14 @@ fn build_router(
         parts.policy.clone(),
         parts.store.clone(),
         parts.links.clone(),
-        token,
+        token.clone(),
     ))
     .max_decoding_message_size(max);
+    let signals = pb::signals_server::SignalsServer::new(SignalsService::new(
+        parts.policy.clone(),
+        parts.store.clone(),
+        token,
+    ));
     Ok(tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -170,7 +176,7 @@ fn build_router(
         .add_service(reflection)
         .add_service(ingest)
         .add_service(peering)
-        .add_service(pb::signals_server::SignalsServer::new(SignalsService))
+        .add_service(signals)
         .add_service(pb::insights_server::InsightsServer::new(InsightsService)))
 }
 

@@ -7,7 +7,7 @@ use std::fmt;
 
 use crate::anonymise::keyed_digest;
 use crate::config::{PseudonymMode, Roles, Share};
-use crate::domain::{EventKind, PreferenceEvent};
+use crate::domain::{EventFilter, EventKind, PreferenceEvent};
 
 /// A role a caller may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -89,12 +89,9 @@ impl Policy {
 /// which events the link receives and what is withheld from them.
 #[derive(Debug, Clone, Default)]
 pub struct LinkAgreement {
-    /// GS1 company prefixes (matched against the GTIN-13 form); empty = all.
-    pub gtin_prefixes: Vec<String>,
-    /// Categories (case-insensitive); empty = all.
-    pub categories: Vec<String>,
-    /// Kinds; empty = all.
-    pub kinds: Vec<EventKind>,
+    /// Which events the link receives (GTIN company prefixes, categories,
+    /// kinds; empty = all).
+    pub filter: EventFilter,
     /// Fields withheld (names from `config::DROPPABLE_FIELDS`).
     pub drop_fields: HashSet<String>,
     pub pseudonym: PseudonymMode,
@@ -104,13 +101,16 @@ impl LinkAgreement {
     /// The agreement of a validated `[upstream.share]` table.
     pub fn from_share(share: &Share) -> Self {
         LinkAgreement {
-            gtin_prefixes: share.gtin_prefixes.clone(),
-            categories: share.categories.iter().map(|c| c.to_lowercase()).collect(),
-            kinds: share
-                .kinds
-                .iter()
-                .filter_map(|k| EventKind::from_label(k.trim_start_matches("EVENT_KIND_")))
-                .collect(),
+            filter: EventFilter {
+                gtin_prefixes: share.gtin_prefixes.clone(),
+                categories: share.categories.iter().map(|c| c.to_lowercase()).collect(),
+                kinds: share
+                    .kinds
+                    .iter()
+                    .filter_map(|k| EventKind::from_label(k.trim_start_matches("EVENT_KIND_")))
+                    .collect(),
+                ..EventFilter::default()
+            },
             drop_fields: share.drop_fields.iter().cloned().collect(),
             pseudonym: share.pseudonym,
         }
@@ -118,16 +118,7 @@ impl LinkAgreement {
 
     /// Whether the agreement covers `ev`.
     pub fn matches(&self, ev: &PreferenceEvent) -> bool {
-        (self.gtin_prefixes.is_empty()
-            || self
-                .gtin_prefixes
-                .iter()
-                .any(|p| ev.product.gtin.has_company_prefix(p)))
-            && (self.categories.is_empty()
-                || self
-                    .categories
-                    .contains(&ev.product.category.to_lowercase()))
-            && (self.kinds.is_empty() || self.kinds.contains(&ev.kind))
+        self.filter.matches(ev)
     }
 
     /// `ev` as this link may receive it: dropped fields emptied, the

@@ -181,3 +181,49 @@ pub struct PreferenceEvent {
     pub text: String,
     pub path: Vec<String>,
 }
+
+/// Which events a subscriber, analyst or link is interested in. Empty lists
+/// match everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventFilter {
+    /// GS1 company prefixes, matched against the GTIN-13 form.
+    pub gtin_prefixes: Vec<String>,
+    /// Categories, lower case (matched case-insensitively).
+    pub categories: Vec<String>,
+    pub kinds: Vec<EventKind>,
+    pub channels: Vec<Channel>,
+    /// Regions; `EE` also matches `EE-10` and other areas of EE.
+    pub regions: Vec<String>,
+    /// occurred_at >= since.
+    pub since: Option<UnixNanos>,
+    /// occurred_at < until.
+    pub until: Option<UnixNanos>,
+}
+
+impl EventFilter {
+    /// Whether `ev` passes the filter.
+    pub fn matches(&self, ev: &PreferenceEvent) -> bool {
+        (self.gtin_prefixes.is_empty()
+            || self
+                .gtin_prefixes
+                .iter()
+                .any(|p| ev.product.gtin.has_company_prefix(p)))
+            && (self.categories.is_empty()
+                || self.categories.iter().any(|c| {
+                    c.eq_ignore_ascii_case(&ev.product.category)
+                        || *c == ev.product.category.to_lowercase()
+                }))
+            && (self.kinds.is_empty() || self.kinds.contains(&ev.kind))
+            && (self.channels.is_empty() || self.channels.contains(&ev.channel))
+            && (self.regions.is_empty()
+                || self.regions.iter().any(|r| {
+                    ev.region == *r
+                        || ev
+                            .region
+                            .strip_prefix(r.as_str())
+                            .is_some_and(|rest| rest.starts_with('-'))
+                }))
+            && self.since.is_none_or(|s| ev.occurred_at >= s)
+            && self.until.is_none_or(|u| ev.occurred_at < u)
+    }
+}

@@ -4,6 +4,7 @@
 
 pub mod ingest;
 pub mod peering;
+pub mod signals;
 pub mod unimplemented;
 
 use crate::conversions::Invalid;

@@ -3,13 +3,6 @@
 
 use crate::pb;
 
-/// `Signals`: subscriptions.
-#[derive(Debug, Default)]
-pub struct SignalsService;
-
-#[tonic::async_trait]
-impl pb::signals_server::Signals for SignalsService {}
-
 /// `Insights`: aggregated queries.
 #[derive(Debug, Default)]
 pub struct InsightsService;

@@ -97,6 +97,7 @@ struct Inner {
     writer: mpsc::Sender<writer::Command>,
     path: PathBuf,
     flushes: Arc<AtomicU64>,
+    durable: tokio::sync::watch::Receiver<Seq>,
 }
 
 #[derive(Clone)]
@@ -145,7 +146,12 @@ impl Store {
             ),
         };
         let flushes = Arc::new(AtomicU64::new(0));
-        let writer = writer::spawn(db.clone(), trees.clone(), flushes.clone())?;
+        let last = match trees.events.last()? {
+            None => 0,
+            Some((k, _)) => seq_from(&k, "events", "last")?,
+        };
+        let (durable_tx, durable) = tokio::sync::watch::channel(last);
+        let writer = writer::spawn(db.clone(), trees.clone(), flushes.clone(), durable_tx)?;
         Ok(Store {
             inner: Arc::new(Inner {
                 db,
@@ -153,6 +159,7 @@ impl Store {
                 writer,
                 path: dir.to_path_buf(),
                 flushes,
+                durable,
             }),
         })
     }
@@ -199,6 +206,41 @@ impl Store {
             let seq = seq_from(&k, "events", "?")?;
             Ok((seq, decode_event(seq, &v)?))
         })
+    }
+
+    /// Up to `limit` events with `after < seq <= upto`, in order.
+    pub fn scan_range(
+        &self,
+        after: Seq,
+        upto: Seq,
+        limit: usize,
+    ) -> Result<Vec<(Seq, PreferenceEvent)>> {
+        if upto <= after {
+            return Ok(Vec::new());
+        }
+        let range = after.saturating_add(1).to_be_bytes()..=upto.to_be_bytes();
+        self.inner
+            .trees
+            .events
+            .range(range)
+            .take(limit)
+            .map(|item| {
+                let (k, v) = item?;
+                let seq = seq_from(&k, "events", "?")?;
+                Ok((seq, decode_event(seq, &v)?))
+            })
+            .collect()
+    }
+
+    /// The highest sequence number known to be flushed to disk; everything
+    /// up to it is readable.
+    pub fn durable_seq(&self) -> Seq {
+        *self.inner.durable.borrow()
+    }
+
+    /// A receiver that changes whenever [`Self::durable_seq`] advances.
+    pub fn watch_durable(&self) -> tokio::sync::watch::Receiver<Seq> {
+        self.inner.durable.clone()
     }
 
     /// Number of stored events.

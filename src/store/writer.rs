@@ -32,6 +32,7 @@ pub(super) fn spawn(
     db: sled::Db,
     trees: Trees,
     flushes: Arc<AtomicU64>,
+    durable: tokio::sync::watch::Sender<Seq>,
 ) -> Result<mpsc::Sender<Command>> {
     let next_seq = match trees.events.last()? {
         None => 1,
@@ -43,6 +44,7 @@ pub(super) fn spawn(
         trees,
         next_seq,
         flushes,
+        durable,
     };
     std::thread::Builder::new()
         .name("store-writer".into())
@@ -56,6 +58,7 @@ struct Writer {
     trees: Trees,
     next_seq: Seq,
     flushes: Arc<AtomicU64>,
+    durable: tokio::sync::watch::Sender<Seq>,
 }
 
 impl Writer {
@@ -112,6 +115,8 @@ impl Writer {
             return;
         }
         self.flushes.fetch_add(1, Ordering::Relaxed);
+        // Readers (subscribers) may now see everything up to here.
+        self.durable.send_replace(self.next_seq - 1);
         tracing::trace!(elapsed = ?started.elapsed(), "flushed");
         for (cmd, outcome) in batch.into_iter().zip(outcomes) {
             let Command::Append { reply, .. } = cmd;

@@ -1,0 +1,222 @@
+//! Signals.Subscribe: backfill with filters, resume by cursor, live follow
+//! with no gap and no duplicate while events arrive, roles and bad filters.
+
+mod common;
+
+use std::collections::HashSet;
+
+use chainsight::pb;
+use common::{event_of, publish_all, roles, TestEnv};
+use tonic::transport::Channel;
+
+const DAIRY: &str = "4740001000017";
+const WEAR: &str = "4750002000015";
+
+fn node(env: &TestEnv) -> common::NodeProc {
+    env.node_config(
+        "retailer",
+        &roles(&[
+            "publishers = [\"retailer-eshop\"]",
+            "subscribers = [\"maker-app\"]",
+        ]),
+    );
+    env.start("retailer")
+}
+
+async fn signals(
+    node: &common::NodeProc,
+    files: &chainsight::config::TlsFiles,
+) -> pb::signals_client::SignalsClient<Channel> {
+    pb::signals_client::SignalsClient::new(node.channel(files).await.unwrap())
+}
+
+async fn collect(
+    client: &mut pb::signals_client::SignalsClient<Channel>,
+    filter: pb::Filter,
+    after: u64,
+) -> Vec<pb::Signal> {
+    let mut stream = client
+        .subscribe(pb::SubscribeRequest {
+            filter: Some(filter),
+            after_cursor: after,
+            follow: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(s) = stream.message().await.unwrap() {
+        out.push(s);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_returns_exactly_the_matching_events_in_order_and_resumes() {
+    let env = TestEnv::new();
+    let node = node(&env);
+    let eshop = env.issue("retailer-eshop");
+    let app = env.issue("maker-app");
+    let kinds = [
+        pb::EventKind::Purchase,
+        pb::EventKind::Review,
+        pb::EventKind::Return,
+    ];
+    let events: Vec<_> = (0..300)
+        .map(|i| {
+            event_of(
+                &format!("s-{i:03}"),
+                if i % 2 == 0 { DAIRY } else { WEAR },
+                kinds[i % 3],
+                "c",
+            )
+        })
+        .collect();
+    let expected: Vec<String> = events
+        .iter()
+        .filter(|e| {
+            e.product.as_ref().unwrap().gtin == DAIRY && e.kind == pb::EventKind::Review as i32
+        })
+        .map(|e| e.event_id.clone())
+        .collect();
+    publish_all(&mut node.ingest(&eshop).await, events).await;
+
+    let mut client = signals(&node, &app).await;
+    let filter = pb::Filter {
+        gtin_prefixes: vec!["4740001".into()],
+        kinds: vec![pb::EventKind::Review as i32],
+        ..Default::default()
+    };
+    let got = collect(&mut client, filter.clone(), 0).await;
+    let ids: Vec<String> = got
+        .iter()
+        .map(|s| s.event.as_ref().unwrap().event_id.clone())
+        .collect();
+    assert_eq!(ids, expected, "exactly the matching events, in store order");
+    assert!(
+        got.windows(2).all(|w| w[0].cursor < w[1].cursor),
+        "cursors increase"
+    );
+
+    // Resuming after a cursor gives exactly the signals after it.
+    let mid = got[got.len() / 2].cursor;
+    let rest = collect(&mut client, filter, mid).await;
+    assert_eq!(rest.len(), got.len() - got.len() / 2 - 1);
+    assert_eq!(rest[0].cursor, got[got.len() / 2 + 1].cursor);
+
+    // Everything, unfiltered: all 300, cursors 1..=300.
+    let all = collect(&mut client, pb::Filter::default(), 0).await;
+    assert_eq!(
+        all.iter().map(|s| s.cursor).collect::<Vec<_>>(),
+        (1..=300).collect::<Vec<u64>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_hands_over_from_backfill_to_live_without_gap_or_duplicate() {
+    let env = TestEnv::new();
+    let node = node(&env);
+    let eshop = env.issue("retailer-eshop");
+    let app = env.issue("maker-app");
+    // Some history first.
+    let history: Vec<_> = (0..500)
+        .map(|i| event_of(&format!("h-{i}"), DAIRY, pb::EventKind::Purchase, "c"))
+        .collect();
+    publish_all(&mut node.ingest(&eshop).await, history).await;
+
+    // Publishers keep going while the subscription starts and runs.
+    let mut tasks = Vec::new();
+    for p in 0..3 {
+        let mut client = node.ingest(&eshop).await;
+        tasks.push(tokio::spawn(async move {
+            for b in 0..20 {
+                let events: Vec<_> = (0..25)
+                    .map(|i| {
+                        event_of(
+                            &format!("live-{p}-{b}-{i}"),
+                            DAIRY,
+                            pb::EventKind::Purchase,
+                            "c",
+                        )
+                    })
+                    .collect();
+                publish_all(&mut client, events).await;
+            }
+        }));
+    }
+    let total = 500 + 3 * 20 * 25;
+    let mut stream = signals(&node, &app)
+        .await
+        .subscribe(pb::SubscribeRequest {
+            filter: None,
+            after_cursor: 0,
+            follow: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = HashSet::new();
+    let mut last = 0;
+    while seen.len() < total {
+        let s = tokio::time::timeout(std::time::Duration::from_secs(30), stream.message())
+            .await
+            .expect("signals keep coming")
+            .unwrap()
+            .expect("stream stays open with follow");
+        assert_eq!(
+            s.cursor,
+            last + 1,
+            "no gap, no duplicate: cursor {} after {last}",
+            s.cursor
+        );
+        last = s.cursor;
+        assert!(seen.insert(s.event.unwrap().event_id), "duplicate signal");
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(seen.len(), total);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribing_needs_the_role_and_a_valid_filter() {
+    let env = TestEnv::new();
+    let node = node(&env);
+    let eshop = env.issue("retailer-eshop");
+    let status = signals(&node, &eshop)
+        .await
+        .subscribe(pb::SubscribeRequest::default())
+        .await
+        .expect_err("a publisher is not a subscriber");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+
+    let app = env.issue("maker-app");
+    let status = signals(&node, &app)
+        .await
+        .subscribe(pb::SubscribeRequest {
+            filter: Some(pb::Filter {
+                gtin_prefixes: vec!["47x".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("bad prefix");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("filter.gtin_prefixes"),
+        "{status:?}"
+    );
+    let status = signals(&node, &app)
+        .await
+        .subscribe(pb::SubscribeRequest {
+            filter: Some(pb::Filter {
+                kinds: vec![42],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("unknown kind");
+    assert!(status.message().contains("filter.kinds"), "{status:?}");
+}
