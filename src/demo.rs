@@ -9,32 +9,15 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncBufReadExt;
-
-use crate::certs::{ChainCa, LeafOptions};
-use crate::config::TlsFiles;
 use crate::domain::PreferenceEvent;
 use crate::pb;
 use crate::store::Store;
 use crate::workload::{Workload, APPAREL_PREFIX, DAIRY_PREFIX};
 
-/// Demo errors: which step failed and why.
-#[derive(Debug, thiserror::Error)]
-#[error("{step}: {reason}")]
-pub struct Error {
-    step: String,
-    reason: String,
-}
-
-fn err(step: &str) -> impl Fn(String) -> Error + '_ {
-    move |reason| Error {
-        step: step.to_string(),
-        reason,
-    }
-}
+pub use crate::chain::Error;
+use crate::chain::{err, LocalChain, NodeSpec};
 
 /// Demo settings.
 #[derive(Debug, Clone)]
@@ -65,102 +48,27 @@ const DISTRIBUTOR: &str = "distributor";
 const DAIRY: &str = "dairy-maker";
 const APPAREL: &str = "apparel-maker";
 
-/// A node process; killed (SIGKILL) if dropped while running.
-struct NodeProcess {
-    id: String,
-    child: tokio::process::Child,
-    dir: PathBuf,
-}
-
-impl NodeProcess {
-    async fn spawn(id: &str, dir: &Path) -> Result<Self, Error> {
-        let exe = std::env::current_exe().map_err(|e| err("find own executable")(e.to_string()))?;
-        let log = std::fs::File::create(dir.join("node.log"))
-            .map_err(|e| err("create log")(e.to_string()))?;
-        let mut child = tokio::process::Command::new(exe)
-            .arg("node")
-            .arg("--config")
-            .arg(dir.join("node.toml"))
-            .env("RUST_LOG", "info,h2=warn,hyper=warn,tower=warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| err("start node")(format!("{id}: {e}")))?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| err("start node")(format!("{id}: no stdout")))?;
-        let mut line = String::new();
-        let mut reader = tokio::io::BufReader::new(stdout);
-        tokio::time::timeout(Duration::from_secs(15), reader.read_line(&mut line))
-            .await
-            .map_err(|_| {
-                err("start node")(format!(
-                    "{id} did not start within 15 s; see {}",
-                    dir.join("node.log").display()
-                ))
-            })?
-            .map_err(|e| err("start node")(e.to_string()))?;
-        if !line.contains("listening on") {
-            return Err(err("start node")(format!(
-                "{id} exited: {}",
-                std::fs::read_to_string(dir.join("node.log")).unwrap_or_default()
-            )));
-        }
-        Ok(NodeProcess {
-            id: id.to_string(),
-            child,
-            dir: dir.to_path_buf(),
-        })
-    }
-
-    /// SIGTERM, then wait for a clean exit.
-    async fn stop(mut self) -> Result<(), Error> {
-        if let Some(pid) = self.child.id() {
-            let pid = nix::unistd::Pid::from_raw(pid as i32);
-            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
-                .map_err(|e| err("stop node")(format!("{}: {e}", self.id)))?;
-        }
-        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
-            .await
-            .map_err(|_| err("stop node")(format!("{} did not stop within 20 s", self.id)))?
-            .map_err(|e| err("stop node")(e.to_string()))?;
-        if status.success() {
-            Ok(())
-        } else {
-            Err(err("stop node")(format!(
-                "{} exited with {status}; see {}",
-                self.id,
-                self.dir.join("node.log").display()
-            )))
-        }
-    }
-}
+const ORDER: [&str; 5] = [DAIRY, APPAREL, DISTRIBUTOR, RETAILERS[0], RETAILERS[1]];
 
 /// Runs the demo and prints its report; returns whether every check passed.
 pub async fn run(opts: Options) -> Result<bool, Error> {
     let started = Instant::now();
-    let tmp = tempfile::Builder::new()
-        .prefix("chainsight-demo-")
-        .tempdir()
-        .map_err(|e| err("create temp dir")(e.to_string()))?;
-    let root = tmp.path().to_path_buf();
+    let mut chain = LocalChain::create(
+        "chainsight-demo-",
+        &specs(),
+        &["retailer-north-eshop", "retailer-south-eshop"],
+    )?;
+    let root = chain.root().to_path_buf();
     println!(
         "chainsight demo: 5 nodes on loopback over mutual TLS, working in {}",
         root.display()
     );
-    let certs = make_certificates(&root)?;
-    let ports = write_configs(&root, &certs)?;
-
     // Upstream first, so that links find their peers at once.
-    let mut nodes = Vec::new();
-    for id in [DAIRY, APPAREL, DISTRIBUTOR, RETAILERS[0], RETAILERS[1]] {
-        nodes.push(NodeProcess::spawn(id, &root.join(id)).await?);
+    for id in ORDER {
+        chain.start(id).await?;
     }
     println!(
-        "started {} node processes in {:.1} s",
-        nodes.len(),
+        "started 5 node processes in {:.1} s",
         started.elapsed().as_secs_f64()
     );
 
@@ -177,7 +85,7 @@ pub async fn run(opts: Options) -> Result<bool, Error> {
             .map(|_| w.next_event())
             .collect();
         let t = Instant::now();
-        publish(&certs, retailer, ports[*retailer], events.clone()).await?;
+        publish(&chain, retailer, events.clone()).await?;
         println!(
             "published {} events at {retailer} in {:.2} s (acknowledged = flushed to disk)",
             events.len(),
@@ -187,13 +95,13 @@ pub async fn run(opts: Options) -> Result<bool, Error> {
     }
 
     let t = Instant::now();
-    let link_status = wait_drained(&certs, &ports, opts.events_per_retailer as u64).await?;
+    let link_status = wait_drained(&chain, opts.events_per_retailer as u64).await?;
     println!("all links drained in {:.2} s", t.elapsed().as_secs_f64());
 
     // Downstream first: each sender closes its Forward streams before the
     // receiver stops.
-    for node in nodes.into_iter().rev() {
-        node.stop().await?;
+    for id in ORDER.iter().rev() {
+        chain.stop(id).await?;
     }
     println!("stopped every node cleanly (SIGTERM: drain, flush, exit 0)\n");
 
@@ -203,118 +111,52 @@ pub async fn run(opts: Options) -> Result<bool, Error> {
         started.elapsed().as_secs_f64()
     );
     if opts.keep {
-        let kept = tmp.keep();
         println!(
             "kept certificates, configs, data and logs in {}",
-            kept.display()
+            chain.keep().display()
         );
     }
     Ok(ok)
 }
 
-fn make_certificates(root: &Path) -> Result<PathBuf, Error> {
-    let dir = root.join("certs");
-    let ca =
-        ChainCa::generate("chainsight demo chain CA").map_err(|e| err("make CA")(e.to_string()))?;
-    ca.write(&dir).map_err(|e| err("write CA")(e.to_string()))?;
-    let names = [
-        RETAILERS[0],
-        RETAILERS[1],
-        DISTRIBUTOR,
-        DAIRY,
-        APPAREL,
-        "retailer-north-eshop",
-        "retailer-south-eshop",
-        "operator",
-    ];
-    for name in names {
-        let issued = ca
-            .issue(name, &LeafOptions::default())
-            .map_err(|e| err("issue certificate")(e.to_string()))?;
-        crate::certs::write_pair(&dir, name, &issued.cert_pem, &issued.key_pem)
-            .map_err(|e| err("write certificate")(e.to_string()))?;
-    }
-    Ok(dir)
-}
-
-fn free_port() -> Result<u16, Error> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| err("find a free port")(e.to_string()))
-}
-
-/// Writes each node's node.toml; returns the ports.
-fn write_configs(root: &Path, certs: &Path) -> Result<HashMap<&'static str, u16>, Error> {
-    let mut ports = HashMap::new();
-    for id in [DAIRY, APPAREL, DISTRIBUTOR, RETAILERS[0], RETAILERS[1]] {
-        ports.insert(id, free_port()?);
-    }
-    let upstream = |id: &str, share: &str| {
-        format!(
-            "[[upstream]]\nid = \"{id}\"\naddress = \"https://127.0.0.1:{}\"\n[upstream.share]\n{share}\n",
-            ports[id]
-        )
+/// The demo chain: two retailers → distributor → two manufacturers.
+fn specs() -> Vec<NodeSpec> {
+    let node = |id: &str, roles: &[&str], upstreams: &[(&str, String)]| NodeSpec {
+        id: id.to_string(),
+        roles: roles.iter().map(|r| r.to_string()).collect(),
+        upstreams: upstreams
+            .iter()
+            .map(|(u, s)| (u.to_string(), s.clone()))
+            .collect(),
+        extra: String::new(),
     };
-    let configs = [
-        (DAIRY, "downstream = [\"distributor\"]".to_string(), String::new()),
-        (APPAREL, "downstream = [\"distributor\"]".to_string(), String::new()),
-        (
+    vec![
+        node(DAIRY, &["downstream = [\"distributor\"]"], &[]),
+        node(APPAREL, &["downstream = [\"distributor\"]"], &[]),
+        node(
             DISTRIBUTOR,
-            "downstream = [\"retailer-north\", \"retailer-south\"]".to_string(),
-            format!(
-                "{}{}",
-                upstream(DAIRY, &format!("gtin_prefixes = [\"{DAIRY_PREFIX}\"]\ndrop_fields = [\"text\"]")),
-                upstream(
+            &["downstream = [\"retailer-north\", \"retailer-south\"]"],
+            &[
+                (DAIRY, format!("gtin_prefixes = [\"{DAIRY_PREFIX}\"]\ndrop_fields = [\"text\"]")),
+                (
                     APPAREL,
-                    &format!("gtin_prefixes = [\"{APPAREL_PREFIX}\"]\ndrop_fields = [\"text\", \"age_band\"]")
-                )
-            ),
+                    format!("gtin_prefixes = [\"{APPAREL_PREFIX}\"]\ndrop_fields = [\"text\", \"age_band\"]"),
+                ),
+            ],
         ),
-        (
-            RETAILERS[0],
-            "publishers = [\"retailer-north-eshop\"]".to_string(),
-            upstream(DISTRIBUTOR, ""),
-        ),
-        (
-            RETAILERS[1],
-            "publishers = [\"retailer-south-eshop\"]".to_string(),
-            upstream(DISTRIBUTOR, ""),
-        ),
-    ];
-    for (id, roles, upstreams) in configs {
-        let dir = root.join(id);
-        std::fs::create_dir_all(&dir).map_err(|e| err("create node dir")(e.to_string()))?;
-        let toml = format!(
-            "id = \"{id}\"\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"data\"\n\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/{id}.pem\"\nkey = \"{c}/{id}.key\"\n\n[roles]\n{roles}\noperators = [\"operator\"]\n\n{upstreams}",
-            port = ports[id],
-            c = certs.display(),
-        );
-        std::fs::write(dir.join("node.toml"), toml)
-            .map_err(|e| err("write node.toml")(e.to_string()))?;
-    }
-    Ok(ports)
-}
-
-fn client_files(certs: &Path, identity: &str) -> TlsFiles {
-    TlsFiles {
-        ca: certs.join("ca.pem"),
-        cert: certs.join(format!("{identity}.pem")),
-        key: certs.join(format!("{identity}.key")),
-        handshake_timeout_secs: 10,
-    }
+        node(RETAILERS[0], &["publishers = [\"retailer-north-eshop\"]"], &[(DISTRIBUTOR, String::new())]),
+        node(RETAILERS[1], &["publishers = [\"retailer-south-eshop\"]"], &[(DISTRIBUTOR, String::new())]),
+    ]
 }
 
 async fn publish(
-    certs: &Path,
+    chain: &LocalChain,
     retailer: &str,
-    port: u16,
     events: Vec<pb::CustomerEvent>,
 ) -> Result<(), Error> {
-    let files = client_files(certs, &format!("{retailer}-eshop"));
-    let channel = crate::tls::connect(&format!("https://127.0.0.1:{port}"), retailer, &files)
-        .await
-        .map_err(|e| err("connect publisher")(e.to_string()))?;
+    let channel = chain
+        .channel(retailer, &format!("{retailer}-eshop"))
+        .await?;
     let mut client = pb::ingest_client::IngestClient::new(channel);
     let requests: Vec<_> = events
         .chunks(250)
@@ -349,11 +191,9 @@ async fn publish(
 /// Polls every node's links until all outboxes are empty and each retailer
 /// link acknowledged everything published there; returns the final states.
 async fn wait_drained(
-    certs: &Path,
-    ports: &HashMap<&'static str, u16>,
+    chain: &LocalChain,
     per_retailer: u64,
 ) -> Result<Vec<(String, pb::LinkStatus)>, Error> {
-    let files = client_files(certs, "operator");
     let deadline = Instant::now() + Duration::from_secs(40);
     let bar = indicatif::ProgressBar::new_spinner();
     bar.set_message("waiting for the links to drain");
@@ -361,10 +201,7 @@ async fn wait_drained(
         bar.tick();
         let mut all = Vec::new();
         for node in [RETAILERS[0], RETAILERS[1], DISTRIBUTOR] {
-            let channel =
-                crate::tls::connect(&format!("https://127.0.0.1:{}", ports[node]), node, &files)
-                    .await
-                    .map_err(|e| err("ask link status")(e.to_string()))?;
+            let channel = chain.channel(node, "operator").await?;
             let links = pb::peering_client::PeeringClient::new(channel)
                 .links(pb::LinksRequest {})
                 .await

@@ -8,6 +8,7 @@
 
 pub mod anonymise;
 pub mod certs;
+pub mod chain;
 pub mod client;
 pub mod config;
 pub mod conversions;

@@ -103,10 +103,12 @@ impl Writer {
         };
         // From here on the events are in the trees (and their sequence
         // numbers used), even if the flush fails: they are only not
-        // acknowledged, and a retry finds them as duplicates.
-        self.announce(&batch, &outcomes);
+        // acknowledged, and a retry finds them as duplicates. Links learn of
+        // new outbox entries after the flush, so they forward what is durable.
         let started = std::time::Instant::now();
-        if let Err(e) = self.flush_now() {
+        let flushed = self.flush_now();
+        self.announce(&batch, &outcomes);
+        if let Err(e) = flushed {
             fail(
                 batch,
                 &Error::Sled(e),

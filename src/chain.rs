@@ -1,0 +1,261 @@
+//! A local chain of `chainsight node` processes on loopback, for the demo
+//! and the benchmarks: a chain CA and certificates in a temporary
+//! directory, a node.toml per node on a free port, and the processes
+//! themselves (started, stopped with SIGTERM, or killed when dropped, so
+//! nothing is left running).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::AsyncBufReadExt;
+
+use crate::certs::{ChainCa, LeafOptions};
+use crate::config::TlsFiles;
+
+/// Which step failed and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{step}: {reason}")]
+pub struct Error {
+    step: String,
+    reason: String,
+}
+
+/// An error constructor for `step`.
+pub fn err(step: &str) -> impl Fn(String) -> Error + '_ {
+    move |reason| Error {
+        step: step.to_string(),
+        reason,
+    }
+}
+
+/// One node of the chain.
+#[derive(Debug, Clone, Default)]
+pub struct NodeSpec {
+    pub id: String,
+    /// Lines of the `[roles]` table (`operators = ["operator"]` is always added).
+    pub roles: Vec<String>,
+    /// `(upstream id, [upstream.share] lines)`.
+    pub upstreams: Vec<(String, String)>,
+    /// Further TOML appended to node.toml (e.g. a `[propagation]` table).
+    pub extra: String,
+}
+
+/// A chain's directory, certificates, configs and running processes.
+pub struct LocalChain {
+    dir: tempfile::TempDir,
+    certs: PathBuf,
+    ports: HashMap<String, u16>,
+    running: HashMap<String, NodeProcess>,
+}
+
+impl LocalChain {
+    /// Makes certificates for every node and for `clients`, and writes the configs.
+    pub fn create(prefix: &str, nodes: &[NodeSpec], clients: &[&str]) -> Result<Self, Error> {
+        let dir = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir()
+            .map_err(|e| err("create temp dir")(e.to_string()))?;
+        let certs = dir.path().join("certs");
+        let ca = ChainCa::generate("chainsight local chain CA")
+            .map_err(|e| err("make CA")(e.to_string()))?;
+        ca.write(&certs)
+            .map_err(|e| err("write CA")(e.to_string()))?;
+        let names = nodes
+            .iter()
+            .map(|n| n.id.as_str())
+            .chain(clients.iter().copied())
+            .chain(["operator"]);
+        for name in names {
+            let issued = ca
+                .issue(name, &LeafOptions::default())
+                .map_err(|e| err("issue certificate")(format!("{name}: {e}")))?;
+            crate::certs::write_pair(&certs, name, &issued.cert_pem, &issued.key_pem)
+                .map_err(|e| err("write certificate")(e.to_string()))?;
+        }
+        let mut ports = HashMap::new();
+        for n in nodes {
+            ports.insert(n.id.clone(), free_port()?);
+        }
+        let chain = LocalChain {
+            dir,
+            certs,
+            ports,
+            running: HashMap::new(),
+        };
+        for n in nodes {
+            chain.write_config(n)?;
+        }
+        Ok(chain)
+    }
+
+    fn write_config(&self, n: &NodeSpec) -> Result<(), Error> {
+        let dir = self.node_dir(&n.id);
+        std::fs::create_dir_all(&dir).map_err(|e| err("create node dir")(e.to_string()))?;
+        let mut toml = format!(
+            "id = \"{id}\"\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"data\"\n\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/{id}.pem\"\nkey = \"{c}/{id}.key\"\n\n[roles]\n{roles}\noperators = [\"operator\"]\n\n{extra}\n",
+            id = n.id,
+            port = self.ports[&n.id],
+            c = self.certs.display(),
+            roles = n.roles.join("\n"),
+            extra = n.extra,
+        );
+        for (up, share) in &n.upstreams {
+            let port = self.ports.get(up).ok_or_else(|| {
+                err("write node.toml")(format!("{}: unknown upstream {up}", n.id))
+            })?;
+            toml.push_str(&format!(
+                "[[upstream]]\nid = \"{up}\"\naddress = \"https://127.0.0.1:{port}\"\n[upstream.share]\n{share}\n\n"
+            ));
+        }
+        std::fs::write(dir.join("node.toml"), toml)
+            .map_err(|e| err("write node.toml")(e.to_string()))
+    }
+
+    /// The chain's working directory.
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn node_dir(&self, id: &str) -> PathBuf {
+        self.dir.path().join(id)
+    }
+
+    /// The data directory of node `id`.
+    pub fn data_dir(&self, id: &str) -> PathBuf {
+        self.node_dir(id).join("data")
+    }
+
+    /// Starts node `id` and waits until it listens.
+    pub async fn start(&mut self, id: &str) -> Result<(), Error> {
+        let proc = NodeProcess::spawn(id, &self.node_dir(id)).await?;
+        self.running.insert(id.to_string(), proc);
+        Ok(())
+    }
+
+    /// Stops node `id` with SIGTERM and checks it exited cleanly.
+    pub async fn stop(&mut self, id: &str) -> Result<(), Error> {
+        match self.running.remove(id) {
+            Some(p) => p.stop().await,
+            None => Ok(()),
+        }
+    }
+
+    /// TLS files of a client identity made by [`Self::create`].
+    pub fn client_files(&self, identity: &str) -> TlsFiles {
+        TlsFiles {
+            ca: self.certs.join("ca.pem"),
+            cert: self.certs.join(format!("{identity}.pem")),
+            key: self.certs.join(format!("{identity}.key")),
+            handshake_timeout_secs: 10,
+        }
+    }
+
+    /// A channel to node `node` as `identity`.
+    pub async fn channel(
+        &self,
+        node: &str,
+        identity: &str,
+    ) -> Result<tonic::transport::Channel, Error> {
+        let port = self
+            .ports
+            .get(node)
+            .ok_or_else(|| err("connect")(format!("no node {node}")))?;
+        crate::tls::connect(
+            &format!("https://127.0.0.1:{port}"),
+            node,
+            &self.client_files(identity),
+        )
+        .await
+        .map_err(|e| err("connect")(e.to_string()))
+    }
+
+    /// Keeps the directory after the chain is dropped; returns its path.
+    pub fn keep(self) -> PathBuf {
+        self.dir.keep()
+    }
+}
+
+fn free_port() -> Result<u16, Error> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| err("find a free port")(e.to_string()))
+}
+
+/// A node process; killed (SIGKILL) if dropped while running.
+struct NodeProcess {
+    id: String,
+    child: tokio::process::Child,
+    dir: PathBuf,
+}
+
+impl NodeProcess {
+    async fn spawn(id: &str, dir: &Path) -> Result<Self, Error> {
+        let exe = std::env::current_exe().map_err(|e| err("find own executable")(e.to_string()))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("node.log"))
+            .map_err(|e| err("create log")(e.to_string()))?;
+        let mut child = tokio::process::Command::new(exe)
+            .arg("node")
+            .arg("--config")
+            .arg(dir.join("node.toml"))
+            .env("RUST_LOG", "info,h2=warn,hyper=warn,tower=warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| err("start node")(format!("{id}: {e}")))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| err("start node")(format!("{id}: no stdout")))?;
+        let mut line = String::new();
+        let mut reader = tokio::io::BufReader::new(stdout);
+        tokio::time::timeout(Duration::from_secs(15), reader.read_line(&mut line))
+            .await
+            .map_err(|_| {
+                err("start node")(format!(
+                    "{id} did not start within 15 s; see {}",
+                    dir.join("node.log").display()
+                ))
+            })?
+            .map_err(|e| err("start node")(e.to_string()))?;
+        if !line.contains("listening on") {
+            return Err(err("start node")(format!(
+                "{id} exited: {}",
+                std::fs::read_to_string(dir.join("node.log")).unwrap_or_default()
+            )));
+        }
+        Ok(NodeProcess {
+            id: id.to_string(),
+            child,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    async fn stop(mut self) -> Result<(), Error> {
+        if let Some(pid) = self.child.id() {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
+                .map_err(|e| err("stop node")(format!("{}: {e}", self.id)))?;
+        }
+        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .map_err(|_| err("stop node")(format!("{} did not stop within 20 s", self.id)))?
+            .map_err(|e| err("stop node")(e.to_string()))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(err("stop node")(format!(
+                "{} exited with {status}; see {}",
+                self.id,
+                self.dir.join("node.log").display()
+            )))
+        }
+    }
+}
