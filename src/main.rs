@@ -79,6 +79,11 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Benchmark scenarios on real nodes (build with --release for real figures).
+    Bench {
+        #[command(subcommand)]
+        scenario: BenchScenario,
+    },
     /// Show the node's upstream links: connected, backlog, oldest unacknowledged, stalled.
     Links {
         /// Path to client.toml (the identity needs the operators role).
@@ -87,6 +92,28 @@ enum Command {
         /// Print proto3 JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchScenario {
+    /// 3-node chain: retailer-ack to manufacturer latency at a fixed rate, and backlog drain rate.
+    Propagate {
+        /// Offered publish rate, events per second.
+        #[arg(long, default_value_t = 5000)]
+        rate: u64,
+        /// Seconds to publish at that rate.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Events per publish request.
+        #[arg(long, default_value_t = 50)]
+        batch: usize,
+        /// Backlog size for the drain measurement.
+        #[arg(long, default_value_t = 100_000)]
+        backlog: usize,
+        /// Also write the figures as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
 }
 
@@ -217,6 +244,26 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await
                 .with_context(|| format!("subscribing at {}", cfg.address))?;
             eprintln!("last cursor: {last} (resume with --after {last})");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            scenario:
+                BenchScenario::Propagate {
+                    rate,
+                    duration,
+                    batch,
+                    backlog,
+                    json,
+                },
+        } => {
+            let opts = chainsight::bench::PropagateOptions {
+                rate,
+                duration_secs: duration,
+                batch,
+                backlog,
+                json,
+            };
+            chainsight::bench::propagate(opts).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Links { config, json } => {

@@ -1,0 +1,391 @@
+//! `chainsight bench`: benchmark scenarios against real node processes on
+//! loopback, with real mTLS and real sled directories. Each scenario prints
+//! a human summary and, with `--json FILE`, writes its figures as JSON.
+//!
+//! `propagate`: a retailer → distributor → manufacturer chain. At a fixed
+//! offered rate it measures the latency from the publish acknowledgement at
+//! the retailer (flushed there) to the event's delivery by a following
+//! subscriber at the manufacturer (which only sees flushed events) — so the
+//! figure includes two forwards, two flushes and the subscription's hand-off.
+//! Then it stops the distributor, lets the retailer accumulate a backlog,
+//! restarts the distributor and measures how fast the backlog drains to the
+//! manufacturer.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{watch, Semaphore};
+
+pub use crate::chain::Error;
+use crate::chain::{err, LocalChain, NodeSpec};
+use crate::pb;
+use crate::workload::Workload;
+
+/// Settings of `bench propagate`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PropagateOptions {
+    /// Offered publish rate, events per second.
+    pub rate: u64,
+    /// How long to publish at that rate, seconds.
+    pub duration_secs: u64,
+    /// Events per publish request in the latency phase.
+    pub batch: usize,
+    /// Size of the backlog whose drain is measured.
+    pub backlog: usize,
+    #[serde(skip)]
+    pub json: Option<PathBuf>,
+}
+
+impl Default for PropagateOptions {
+    fn default() -> Self {
+        PropagateOptions {
+            rate: 5_000,
+            duration_secs: 10,
+            batch: 50,
+            backlog: 100_000,
+            json: None,
+        }
+    }
+}
+
+/// Latency percentiles, microseconds.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Percentiles {
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+    pub samples: usize,
+}
+
+impl Percentiles {
+    /// Percentiles of `samples` (sorted here).
+    pub fn of(mut samples: Vec<Duration>) -> Self {
+        samples.sort();
+        let at = |q: f64| {
+            if samples.is_empty() {
+                return 0;
+            }
+            let i = ((samples.len() - 1) as f64 * q).round() as usize;
+            samples[i].as_micros() as u64
+        };
+        Percentiles {
+            p50_us: at(0.50),
+            p90_us: at(0.90),
+            p99_us: at(0.99),
+            max_us: at(1.0),
+            samples: samples.len(),
+        }
+    }
+}
+
+/// What `bench propagate` measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PropagateReport {
+    pub scenario: &'static str,
+    pub parameters: PropagateOptions,
+    pub machine: String,
+    pub offered_events_per_s: f64,
+    pub achieved_publish_events_per_s: f64,
+    pub end_to_end_latency: Percentiles,
+    pub publish_ack_latency: Percentiles,
+    pub backlog_events: usize,
+    pub backlog_publish_events_per_s: f64,
+    pub drain_seconds: f64,
+    pub drain_events_per_s: f64,
+}
+
+const RETAILER: &str = "retailer";
+const DISTRIBUTOR: &str = "distributor";
+const MANUFACTURER: &str = "manufacturer";
+const CLIENT: &str = "bench";
+
+fn chain_specs() -> Vec<NodeSpec> {
+    let spec = |id: &str, roles: &[&str], up: Option<&str>| NodeSpec {
+        id: id.into(),
+        roles: roles.iter().map(|r| r.to_string()).collect(),
+        upstreams: up
+            .map(|u| (u.to_string(), String::new()))
+            .into_iter()
+            .collect(),
+        extra: String::new(),
+    };
+    vec![
+        spec(
+            MANUFACTURER,
+            &[
+                "downstream = [\"distributor\"]",
+                "subscribers = [\"bench\"]",
+            ],
+            None,
+        ),
+        spec(
+            DISTRIBUTOR,
+            &["downstream = [\"retailer\"]"],
+            Some(MANUFACTURER),
+        ),
+        spec(RETAILER, &["publishers = [\"bench\"]"], Some(DISTRIBUTOR)),
+    ]
+}
+
+/// Arrival times of events at the manufacturer's subscriber.
+struct Arrivals {
+    times: Arc<Mutex<HashMap<String, Instant>>>,
+    count: watch::Receiver<usize>,
+}
+
+impl Arrivals {
+    async fn follow(chain: &LocalChain) -> Result<Self, Error> {
+        let channel = chain.channel(MANUFACTURER, CLIENT).await?;
+        let mut stream = pb::signals_client::SignalsClient::new(channel)
+            .subscribe(pb::SubscribeRequest {
+                filter: None,
+                after_cursor: 0,
+                follow: true,
+            })
+            .await
+            .map_err(|e| err("subscribe")(e.message().to_string()))?
+            .into_inner();
+        let times: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+        let (tx, count) = watch::channel(0usize);
+        let t = times.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(signal)) = stream.message().await {
+                let now = Instant::now();
+                if let Some(ev) = signal.event {
+                    let mut map = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    map.insert(ev.event_id, now);
+                    tx.send_replace(map.len());
+                }
+            }
+        });
+        Ok(Arrivals { times, count })
+    }
+
+    async fn wait_for(&mut self, n: usize, within: Duration) -> Result<(), Error> {
+        let waited = tokio::time::timeout(within, self.count.wait_for(|c| *c >= n))
+            .await
+            .map(|r| r.map(|_| ()));
+        match waited {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(err("wait for arrivals")("the subscription ended".into())),
+            Err(_) => Err(err("wait for arrivals")(format!(
+                "only {} of {n} arrived within {within:?}",
+                *self.count.borrow()
+            ))),
+        }
+    }
+}
+
+/// Runs `bench propagate`.
+pub async fn propagate(opts: PropagateOptions) -> Result<PropagateReport, Error> {
+    let mut chain = LocalChain::create("chainsight-bench-", &chain_specs(), &[CLIENT])?;
+    for id in [MANUFACTURER, DISTRIBUTOR, RETAILER] {
+        chain.start(id).await?;
+    }
+    let mut arrivals = Arrivals::follow(&chain).await?;
+    let now = crate::domain::UnixNanos::now().0 / 1_000_000_000;
+    let mut workload = Workload::new(7, "bench", 5_000, now);
+
+    // Phase 1: latency at a fixed offered rate.
+    println!(
+        "propagate: offering {} events/s for {} s at the retailer, measuring until delivery at the manufacturer",
+        opts.rate, opts.duration_secs
+    );
+    let (acks, publish_latency, elapsed) = offer(&chain, &mut workload, &opts).await?;
+    let sent = acks.len();
+    arrivals.wait_for(sent, Duration::from_secs(120)).await?;
+    let e2e: Vec<Duration> = {
+        let times = arrivals
+            .times
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        acks.iter()
+            .filter_map(|(id, acked)| {
+                times
+                    .get(id)
+                    .map(|arrived| arrived.saturating_duration_since(*acked))
+            })
+            .collect()
+    };
+
+    // Phase 2: a backlog builds while the distributor is down, then drains.
+    println!(
+        "propagate: stopping the distributor, publishing a backlog of {} events",
+        opts.backlog
+    );
+    chain.stop(DISTRIBUTOR).await?;
+    let t = Instant::now();
+    publish_bulk(&chain, &mut workload, opts.backlog).await?;
+    let backlog_rate = opts.backlog as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    chain.start(DISTRIBUTOR).await?;
+    arrivals
+        .wait_for(sent + opts.backlog, Duration::from_secs(600))
+        .await?;
+    let drain = t.elapsed().as_secs_f64();
+
+    for id in [RETAILER, DISTRIBUTOR, MANUFACTURER] {
+        chain.stop(id).await?;
+    }
+    let report = PropagateReport {
+        scenario: "propagate",
+        machine: machine(),
+        offered_events_per_s: opts.rate as f64,
+        achieved_publish_events_per_s: sent as f64 / elapsed.as_secs_f64(),
+        end_to_end_latency: Percentiles::of(e2e),
+        publish_ack_latency: Percentiles::of(publish_latency),
+        backlog_events: opts.backlog,
+        backlog_publish_events_per_s: backlog_rate,
+        drain_seconds: drain,
+        drain_events_per_s: opts.backlog as f64 / drain,
+        parameters: opts,
+    };
+    print_report(&report);
+    if let Some(path) = &report.parameters.json {
+        let json =
+            serde_json::to_string_pretty(&report).map_err(|e| err("write JSON")(e.to_string()))?;
+        std::fs::write(path, json)
+            .map_err(|e| err("write JSON")(format!("{}: {e}", path.display())))?;
+        println!("figures written to {}", path.display());
+    }
+    Ok(report)
+}
+
+type Acks = Vec<(String, Instant)>;
+
+/// Publishes at the offered rate (a batch every 10 ms, each request on its
+/// own task so a slow acknowledgement does not lower the offered rate).
+async fn offer(
+    chain: &LocalChain,
+    workload: &mut Workload,
+    opts: &PropagateOptions,
+) -> Result<(Acks, Vec<Duration>, Duration), Error> {
+    let client = pb::ingest_client::IngestClient::new(chain.channel(RETAILER, CLIENT).await?);
+    let acks: Arc<Mutex<Acks>> = Arc::default();
+    let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let inflight = Arc::new(Semaphore::new(512));
+    let batches_per_s = (opts.rate as f64 / opts.batch.max(1) as f64).max(1.0);
+    let total_batches = (batches_per_s * opts.duration_secs as f64).round() as u64;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / batches_per_s));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..total_batches {
+        tick.tick().await;
+        let events: Vec<_> = (0..opts.batch).map(|_| workload.next_event()).collect();
+        let permit = inflight
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| err("publish")(e.to_string()))?;
+        let (mut client, acks, latencies) = (client.clone(), acks.clone(), latencies.clone());
+        tasks.spawn(async move {
+            let _permit = permit;
+            let ids: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
+            let sent = Instant::now();
+            let resp = client.publish(pb::PublishRequest { events }).await;
+            let acked = Instant::now();
+            resp.map_err(|e| err("publish")(e.message().to_string()))?;
+            latencies
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(acked - sent);
+            acks.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend(ids.into_iter().map(|id| (id, acked)));
+            Ok::<(), Error>(())
+        });
+    }
+    while let Some(res) = tasks.join_next().await {
+        res.map_err(|e| err("publish")(e.to_string()))??;
+    }
+    let elapsed = started.elapsed();
+    Ok((take(&acks), take(&latencies), elapsed))
+}
+
+fn take<T: Default>(m: &Mutex<T>) -> T {
+    std::mem::take(&mut *m.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+}
+
+/// Publishes `n` events as fast as the node takes them (streaming, 8 batches in flight).
+async fn publish_bulk(chain: &LocalChain, workload: &mut Workload, n: usize) -> Result<(), Error> {
+    let mut client = pb::ingest_client::IngestClient::new(chain.channel(RETAILER, CLIENT).await?);
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let batches: Vec<pb::PublishRequest> = (0..n.div_ceil(1000))
+        .map(|i| pb::PublishRequest {
+            events: (0..1000.min(n - i * 1000))
+                .map(|_| workload.next_event())
+                .collect(),
+        })
+        .collect();
+    let feeder = tokio::spawn(async move {
+        for b in batches {
+            if tx.send(b).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut responses = client
+        .publish_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|e| err("publish backlog")(e.message().to_string()))?
+        .into_inner();
+    while responses
+        .message()
+        .await
+        .map_err(|e| err("publish backlog")(e.message().to_string()))?
+        .is_some()
+    {}
+    let _ = feeder.await;
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!("{cpus} CPUs, {model}")
+}
+
+fn print_report(r: &PropagateReport) {
+    let p = |x: &Percentiles| {
+        format!(
+            "p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} samples)",
+            x.p50_us as f64 / 1000.0,
+            x.p90_us as f64 / 1000.0,
+            x.p99_us as f64 / 1000.0,
+            x.max_us as f64 / 1000.0,
+            x.samples
+        )
+    };
+    println!("\npropagate on {}", r.machine);
+    println!(
+        "  offered {:.0} events/s, achieved {:.0} events/s ({} events per request)",
+        r.offered_events_per_s, r.achieved_publish_events_per_s, r.parameters.batch
+    );
+    println!(
+        "  publish acknowledgement latency (retailer): {}",
+        p(&r.publish_ack_latency)
+    );
+    println!(
+        "  end-to-end latency, retailer ack -> manufacturer delivery: {}",
+        p(&r.end_to_end_latency)
+    );
+    println!(
+        "  backlog: {} events published at {:.0} events/s while the distributor was down",
+        r.backlog_events, r.backlog_publish_events_per_s
+    );
+    println!(
+        "  drain: {:.2} s from distributor restart to the last event at the manufacturer = {:.0} events/s",
+        r.drain_seconds, r.drain_events_per_s
+    );
+}
