@@ -144,6 +144,7 @@ impl Arrivals {
                 filter: None,
                 after_cursor: 0,
                 follow: true,
+                name: String::new(),
             })
             .await
             .map_err(|e| err("subscribe")(e.message().to_string()))?

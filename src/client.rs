@@ -342,7 +342,13 @@ pub struct SubscribeOptions {
     pub filter: pb::Filter,
     pub after: u64,
     pub follow: bool,
+    /// A durable subscription name: the node resumes it after the cursor last
+    /// acknowledged, and the client acknowledges as it goes.
+    pub name: Option<String>,
 }
+
+/// A named subscription acknowledges its cursor at most this often.
+const ACK_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Streams signals from the node to `out` as proto3 JSON lines until the
 /// stream ends or `stop` resolves. Returns the last cursor seen (the one to
@@ -354,20 +360,31 @@ pub async fn subscribe(
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<u64, Error> {
     let channel = connect(cfg).await?;
-    let mut stream = pb::signals_client::SignalsClient::new(channel)
-        .max_decoding_message_size(16 * 1024 * 1024)
+    let mut client =
+        pb::signals_client::SignalsClient::new(channel).max_decoding_message_size(16 * 1024 * 1024);
+    let name = opts.name.clone().unwrap_or_default();
+    let mut stream = client
         .subscribe(pb::SubscribeRequest {
             filter: Some(opts.filter.clone()),
             after_cursor: opts.after,
             follow: opts.follow,
+            name: name.clone(),
         })
         .await?
         .into_inner();
     let mut last = opts.after;
+    let mut acked = last;
+    let mut ack_tick = tokio::time::interval(ACK_EVERY);
     tokio::pin!(stop);
     loop {
         let signal = tokio::select! {
             _ = &mut stop => break,
+            _ = ack_tick.tick(), if !name.is_empty() && last != acked => {
+                let _ = out.flush();
+                client.ack(pb::AckRequest { name: name.clone(), cursor: last }).await?;
+                acked = last;
+                continue;
+            }
             msg = stream.message() => match msg? {
                 Some(s) => s,
                 None => break,
@@ -378,5 +395,8 @@ pub async fn subscribe(
         writeln!(out, "{line}").map_err(|e| Error::Other(format!("writing output: {e}")))?;
     }
     let _ = out.flush();
+    if !name.is_empty() && last != acked {
+        client.ack(pb::AckRequest { name, cursor: last }).await?;
+    }
     Ok(last)
 }

@@ -229,6 +229,54 @@ pub struct Upstream {
     pub share: Share,
 }
 
+/// A filter an identity cannot widen (`[[filter_limit]]`): applies to its
+/// subscriptions and queries. Empty lists do not limit.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterLimit {
+    pub identity: String,
+    #[serde(default)]
+    pub gtin_prefixes: Vec<String>,
+    #[serde(default)]
+    pub categories: Vec<String>,
+    #[serde(default)]
+    pub kinds: Vec<String>,
+    #[serde(default)]
+    pub regions: Vec<String>,
+}
+
+/// `[retention]`: how long events are kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// Events that occurred longer ago are removed, e.g. "400d"; none if unset.
+    #[serde(default, with = "humantime_serde")]
+    pub max_age: Option<std::time::Duration>,
+    /// How often the retention task runs.
+    #[serde(default = "default_retention_every", with = "humantime_serde")]
+    pub check_every: std::time::Duration,
+    /// Most events removed per step (a step is one transaction).
+    #[serde(default = "default_retention_batch")]
+    pub batch: usize,
+}
+
+fn default_retention_every() -> std::time::Duration {
+    std::time::Duration::from_secs(60)
+}
+fn default_retention_batch() -> usize {
+    1000
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_age: None,
+            check_every: default_retention_every(),
+            batch: default_retention_batch(),
+        }
+    }
+}
+
 /// `node.toml`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -248,6 +296,10 @@ pub struct NodeConfig {
     pub limits: Limits,
     #[serde(default)]
     pub propagation: Propagation,
+    #[serde(default)]
+    pub retention: Retention,
+    #[serde(default)]
+    pub filter_limit: Vec<FilterLimit>,
     #[serde(default)]
     pub upstream: Vec<Upstream>,
 }
@@ -330,6 +382,11 @@ fn invalid(path: &Path, key: &str, message: impl Into<String>) -> Error {
     }
 }
 
+/// Whether `p` is a GS1 company prefix: 1-13 digits.
+pub fn is_gtin_prefix(p: &str) -> bool {
+    !p.is_empty() && p.len() <= 13 && p.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// Whether `s` is usable as a node or client identity.
 pub fn is_identity(s: &str) -> bool {
     !s.is_empty()
@@ -387,7 +444,54 @@ impl NodeConfig {
             ));
         }
         self.validate_propagation(path)?;
+        self.validate_limits(path)?;
+        if self.retention.max_age.is_some_and(|a| a.as_secs() < 60) {
+            return Err(invalid(
+                path,
+                "retention.max_age",
+                "must be at least 60s (e.g. \"400d\")",
+            ));
+        }
+        if self.retention.batch == 0 || self.retention.check_every.is_zero() {
+            return Err(invalid(
+                path,
+                "retention.batch",
+                "batch and check_every must be positive",
+            ));
+        }
         self.validate_upstreams(path)
+    }
+
+    fn validate_limits(&self, path: &Path) -> Result<(), Error> {
+        for (i, l) in self.filter_limit.iter().enumerate() {
+            let key = |k: &str| format!("filter_limit[{i}].{k}");
+            if !is_identity(&l.identity) {
+                return Err(invalid(
+                    path,
+                    &key("identity"),
+                    "must be a certificate identity",
+                ));
+            }
+            if let Some(p) = l.gtin_prefixes.iter().find(|p| !is_gtin_prefix(p)) {
+                return Err(invalid(
+                    path,
+                    &key("gtin_prefixes"),
+                    format!("{p:?} is not a GS1 company prefix (1-13 digits)"),
+                ));
+            }
+            if let Some(k) = l
+                .kinds
+                .iter()
+                .find(|k| EventKind::from_label(k.trim_start_matches("EVENT_KIND_")).is_none())
+            {
+                return Err(invalid(
+                    path,
+                    &key("kinds"),
+                    format!("{k:?} is not an event kind (e.g. purchase, review, nps)"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn validate_propagation(&self, path: &Path) -> Result<(), Error> {

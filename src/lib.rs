@@ -19,6 +19,7 @@ pub mod node;
 pub mod pb;
 pub mod policy;
 pub mod propagate;
+pub mod retention;
 pub mod secret;
 pub mod service;
 pub mod store;

@@ -69,6 +69,10 @@ enum Command {
         /// Keep streaming new signals after the backfill.
         #[arg(long)]
         follow: bool,
+        /// A durable subscription name: resumes after the cursor last
+        /// acknowledged under it (the client acknowledges as it prints).
+        #[arg(long)]
+        name: Option<String>,
     },
     /// Run a real chain of five nodes on loopback, publish, propagate, report.
     Demo {
@@ -217,6 +221,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             categories,
             after,
             follow,
+            name,
         } => {
             let cfg = ClientConfig::load(&config)?;
             let kinds = kinds
@@ -236,6 +241,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
                 after,
                 follow,
+                name,
             };
             let last =
                 chainsight::client::subscribe(&cfg, &opts, std::io::stdout().lock(), async {

@@ -15,7 +15,7 @@ use crate::anonymise::{self, Anonymiser};
 use crate::config::NodeConfig;
 use crate::pb;
 use crate::pb::ingest_server::IngestServer;
-use crate::policy::Policy;
+use crate::policy::{FilterLimits, Policy};
 use crate::propagate::{self, Links};
 use crate::service::ingest::IngestService;
 use crate::service::peering::PeeringService;
@@ -85,6 +85,8 @@ async fn run_inner(
         config.propagation.clone(),
         token.clone(),
     );
+    let retention =
+        crate::retention::spawn(parts.store.clone(), config.retention.clone(), token.clone());
     tracing::info!(
         data_dir = %config.data_dir.display(),
         last_seq = parts.store.last_seq()?,
@@ -94,7 +96,7 @@ async fn run_inner(
 
     let result = serve_until(server, shutdown, &token, &health).await;
     token.cancel();
-    for w in workers {
+    for w in workers.into_iter().chain(retention) {
         let _ = w.await;
     }
     parts.store.flush().await?;
@@ -166,6 +168,7 @@ fn build_router(
     .max_decoding_message_size(max);
     let signals = pb::signals_server::SignalsServer::new(SignalsService::new(
         parts.policy.clone(),
+        FilterLimits::from_config(&config.filter_limit),
         parts.store.clone(),
         token,
     ));

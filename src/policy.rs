@@ -85,6 +85,97 @@ impl Policy {
     }
 }
 
+/// Per-identity filters that subscriptions and queries cannot widen
+/// (`[[filter_limit]]` in node.toml).
+///
+/// A request is **narrowed** where it leaves a dimension open (an empty
+/// list takes the limit's values) and **refused** (`PERMISSION_DENIED`)
+/// where it explicitly asks for something outside the limit.
+#[derive(Debug, Clone, Default)]
+pub struct FilterLimits {
+    by_identity: std::collections::HashMap<String, EventFilter>,
+}
+
+impl FilterLimits {
+    /// The limits of node.toml.
+    pub fn from_config(limits: &[crate::config::FilterLimit]) -> Self {
+        let by_identity = limits
+            .iter()
+            .map(|l| {
+                let filter = EventFilter {
+                    gtin_prefixes: l.gtin_prefixes.clone(),
+                    categories: l.categories.iter().map(|c| c.to_lowercase()).collect(),
+                    kinds: l
+                        .kinds
+                        .iter()
+                        .filter_map(|k| EventKind::from_label(k.trim_start_matches("EVENT_KIND_")))
+                        .collect(),
+                    regions: l.regions.iter().map(|r| r.to_uppercase()).collect(),
+                    ..EventFilter::default()
+                };
+                (l.identity.clone(), filter)
+            })
+            .collect();
+        FilterLimits { by_identity }
+    }
+
+    /// The filter `identity` gets for `requested`, or why it is refused.
+    pub fn constrain(
+        &self,
+        identity: &str,
+        mut requested: EventFilter,
+    ) -> Result<EventFilter, String> {
+        let Some(limit) = self.by_identity.get(identity) else {
+            return Ok(requested);
+        };
+        narrow(
+            &mut requested.gtin_prefixes,
+            &limit.gtin_prefixes,
+            "GTIN prefix",
+            |r, a| r.starts_with(a),
+        )?;
+        narrow(
+            &mut requested.categories,
+            &limit.categories,
+            "category",
+            |r, a| r == a,
+        )?;
+        narrow(&mut requested.kinds, &limit.kinds, "kind", |r, a| r == a)?;
+        narrow(&mut requested.regions, &limit.regions, "region", |r, a| {
+            r == a
+                || r.strip_prefix(a.as_str())
+                    .is_some_and(|rest| rest.starts_with('-'))
+        })?;
+        Ok(requested)
+    }
+}
+
+/// Fills an open dimension from the limit, or checks every requested value
+/// lies within it.
+fn narrow<T: Clone + fmt::Debug>(
+    requested: &mut Vec<T>,
+    allowed: &[T],
+    what: &str,
+    within: impl Fn(&T, &T) -> bool,
+) -> Result<(), String> {
+    if allowed.is_empty() {
+        return Ok(());
+    }
+    if requested.is_empty() {
+        *requested = allowed.to_vec();
+        return Ok(());
+    }
+    match requested
+        .iter()
+        .find(|r| !allowed.iter().any(|a| within(r, a)))
+    {
+        None => Ok(()),
+        Some(r) => Err(format!(
+            "{what} {r:?} is outside this identity's limit {allowed:?}"
+        )),
+    }
+}
+
 /// The sharing agreement of one upstream link, parsed from `[upstream.share]`:
 /// which events the link receives and what is withheld from them.
 #[derive(Debug, Clone, Default)]
@@ -155,6 +246,35 @@ impl LinkAgreement {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_narrow_open_requests_and_refuse_wider_ones() {
+        let limits = FilterLimits::from_config(&[crate::config::FilterLimit {
+            identity: "partner".into(),
+            gtin_prefixes: vec!["4740001".into()],
+            ..Default::default()
+        }]);
+        let open = limits.constrain("partner", EventFilter::default()).unwrap();
+        assert_eq!(open.gtin_prefixes, ["4740001"]);
+        let narrower = EventFilter {
+            gtin_prefixes: vec!["47400010".into()],
+            ..Default::default()
+        };
+        assert!(limits.constrain("partner", narrower).is_ok());
+        let wider = EventFilter {
+            gtin_prefixes: vec!["474".into()],
+            ..Default::default()
+        };
+        assert!(limits
+            .constrain("partner", wider)
+            .unwrap_err()
+            .contains("474"));
+        assert!(limits
+            .constrain("someone-else", EventFilter::default())
+            .unwrap()
+            .gtin_prefixes
+            .is_empty());
+    }
 
     #[test]
     fn deny_by_default() {

@@ -40,6 +40,7 @@ async fn collect(
             filter: Some(filter),
             after_cursor: after,
             follow: false,
+            name: String::new(),
         })
         .await
         .unwrap()
@@ -151,6 +152,7 @@ async fn follow_hands_over_from_backfill_to_live_without_gap_or_duplicate() {
             filter: None,
             after_cursor: 0,
             follow: true,
+            name: String::new(),
         })
         .await
         .unwrap()

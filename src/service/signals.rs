@@ -21,7 +21,7 @@ use super::{authorize, ApiError};
 use crate::conversions;
 use crate::domain::EventFilter;
 use crate::pb;
-use crate::policy::{Policy, Role};
+use crate::policy::{FilterLimits, Policy, Role};
 use crate::store::{Seq, Store};
 
 /// Signals queued for one subscriber before its reader waits.
@@ -33,19 +33,78 @@ const SCAN_CHUNK: usize = 512;
 #[derive(Clone)]
 pub struct SignalsService {
     policy: Policy,
+    limits: FilterLimits,
     store: Store,
     shutdown: CancellationToken,
 }
 
 impl SignalsService {
     /// Subscriptions end when `shutdown` is cancelled.
-    pub fn new(policy: Policy, store: Store, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        policy: Policy,
+        limits: FilterLimits,
+        store: Store,
+        shutdown: CancellationToken,
+    ) -> Self {
         SignalsService {
             policy,
+            limits,
             store,
             shutdown,
         }
     }
+
+    /// Where a subscription starts: the explicit cursor, else the named
+    /// subscription's acknowledged cursor, else the beginning — refused with
+    /// OUT_OF_RANGE if retention removed events after it.
+    fn start_cursor(&self, identity: &str, after: Seq, name: &str) -> Result<Seq, Status> {
+        let start = if after != 0 || name.is_empty() {
+            after
+        } else {
+            self.store
+                .named_cursor(identity, name)
+                .map_err(ApiError::from)?
+                .unwrap_or(0)
+        };
+        let last = self.store.last_seq().map_err(ApiError::from)?;
+        if start > last {
+            return Err(ApiError::InvalidArgument {
+                field: "after_cursor".into(),
+                reason: format!("{start} is beyond the newest cursor {last}"),
+            }
+            .into());
+        }
+        let purged = self.store.purged_upto().map_err(ApiError::from)?;
+        if start > 0 && start < purged {
+            let oldest = self
+                .store
+                .first_seq()
+                .map_err(ApiError::from)?
+                .map_or(last, |first| first - 1);
+            let mut status = Status::out_of_range(format!(
+                "cursor {start} points before the oldest retained event: retention removed events up to cursor {purged}; \
+                 the oldest available cursor is {oldest} (subscribe with after_cursor {oldest}, or 0 for everything retained)"
+            ));
+            if let Ok(v) = oldest.to_string().parse() {
+                status.metadata_mut().insert("x-oldest-cursor", v);
+            }
+            return Err(status);
+        }
+        Ok(start)
+    }
+}
+
+/// Longest durable subscription name.
+const NAME_LEN: usize = 64;
+
+fn check_name(name: &str) -> Result<(), ApiError> {
+    if name.len() > NAME_LEN || !name.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::InvalidArgument {
+            field: "name".into(),
+            reason: format!("must be at most {NAME_LEN} printable ASCII characters without spaces"),
+        });
+    }
+    Ok(())
 }
 
 type SignalStream = Pin<Box<dyn Stream<Item = Result<pb::Signal, Status>> + Send>>;
@@ -57,27 +116,58 @@ impl pb::signals_server::Signals for SignalsService {
         req: Request<pb::SubscribeRequest>,
     ) -> Result<Response<SignalStream>, Status> {
         let span = rpc_span(&req, "Signals.Subscribe");
-        span.in_scope(|| authorize(&req, &self.policy, Role::Subscriber))?;
+        let peer = span.in_scope(|| authorize(&req, &self.policy, Role::Subscriber))?;
         let req = req.into_inner();
+        check_name(&req.name)?;
         let filter = conversions::filter_from_pb(req.filter, "filter").map_err(ApiError::from)?;
+        let filter = self
+            .limits
+            .constrain(&peer.identity, filter)
+            .map_err(ApiError::PermissionDenied)?;
+        let start =
+            span.in_scope(|| self.start_cursor(&peer.identity, req.after_cursor, &req.name))?;
         span.in_scope(|| {
-            tracing::info!(
-                after = req.after_cursor,
-                follow = req.follow,
-                "subscription started"
-            );
+            tracing::info!(after = start, follow = req.follow, name = %req.name, "subscription started");
         });
         let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
         let feed = Feed {
             store: self.store.clone(),
             filter,
-            cursor: req.after_cursor,
+            cursor: start,
             follow: req.follow,
             tx,
             shutdown: self.shutdown.clone(),
         };
         tokio::spawn(feed.run().instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn ack(&self, req: Request<pb::AckRequest>) -> Result<Response<pb::AckResponse>, Status> {
+        let span = rpc_span(&req, "Signals.Ack");
+        let peer = span.in_scope(|| authorize(&req, &self.policy, Role::Subscriber))?;
+        let req = req.into_inner();
+        check_name(&req.name)?;
+        if req.name.is_empty() {
+            return Err(ApiError::InvalidArgument {
+                field: "name".into(),
+                reason: "required".into(),
+            }
+            .into());
+        }
+        let last = self.store.last_seq().map_err(ApiError::from)?;
+        if req.cursor > last {
+            return Err(ApiError::InvalidArgument {
+                field: "cursor".into(),
+                reason: format!("{} is beyond the newest cursor {last}", req.cursor),
+            }
+            .into());
+        }
+        self.store
+            .set_named_cursor(&peer.identity, &req.name, req.cursor)
+            .instrument(span)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::AckResponse {}))
     }
 }
 

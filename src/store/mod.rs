@@ -5,6 +5,10 @@
 //! - `by_id`:   event_id → seq — deduplication
 //! - `by_time`: occurred_at (i64, sign-flipped) ‖ seq → () — time range scans
 //!
+//! - `meta`:    `last_seq`, `purged_upto` → u64 — the sequence high-water
+//!   mark (so numbers are never reused, even after retention removed the
+//!   newest events) and the highest sequence number retention removed
+//! - `cursors`: identity ‖ 0 ‖ subscription name → acknowledged cursor
 //! - `outbox/<link>`: seq → enqueue time (UnixNanos, i64) — events waiting
 //!   to be acknowledged by that upstream link
 //!
@@ -31,7 +35,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 pub use record::DecodeError;
 
-use crate::domain::PreferenceEvent;
+use crate::domain::{PreferenceEvent, UnixNanos};
 
 /// A local sequence number: the position of an event in this node's store.
 pub type Seq = u64;
@@ -105,8 +109,15 @@ struct Trees {
     events: sled::Tree,
     by_id: sled::Tree,
     by_time: sled::Tree,
+    meta: sled::Tree,
+    cursors: sled::Tree,
     outboxes: Arc<Vec<Outbox>>,
 }
+
+/// `meta` key of the sequence high-water mark.
+const META_LAST_SEQ: &[u8] = b"last_seq";
+/// `meta` key of the highest sequence number removed by retention.
+const META_PURGED_UPTO: &[u8] = b"purged_upto";
 
 /// One upstream link's queue.
 struct Outbox {
@@ -134,6 +145,8 @@ impl Store {
             events: db.open_tree("events").map_err(open_err)?,
             by_id: db.open_tree("by_id").map_err(open_err)?,
             by_time: db.open_tree("by_time").map_err(open_err)?,
+            meta: db.open_tree("meta").map_err(open_err)?,
+            cursors: db.open_tree("cursors").map_err(open_err)?,
             outboxes: Arc::new(
                 links
                     .iter()
@@ -146,10 +159,7 @@ impl Store {
             ),
         };
         let flushes = Arc::new(AtomicU64::new(0));
-        let last = match trees.events.last()? {
-            None => 0,
-            Some((k, _)) => seq_from(&k, "events", "last")?,
-        };
+        let last = high_water(&trees)?;
         let (durable_tx, durable) = tokio::sync::watch::channel(last);
         let writer = writer::spawn(db.clone(), trees.clone(), flushes.clone(), durable_tx)?;
         Ok(Store {
@@ -174,7 +184,7 @@ impl Store {
         let (reply, rx) = oneshot::channel();
         self.inner
             .writer
-            .send(writer::Command::Append { events, reply })
+            .send(writer::Command::Append(writer::Append { events, reply }))
             .await
             .map_err(|_| Error::Closed)?;
         rx.await.map_err(|_| Error::Closed)?
@@ -253,12 +263,56 @@ impl Store {
         self.inner.trees.events.is_empty()
     }
 
-    /// The highest sequence number in use, 0 when empty.
+    /// The highest sequence number ever used, 0 when nothing was stored.
     pub fn last_seq(&self) -> Result<Seq> {
-        match self.inner.trees.events.last()? {
-            None => Ok(0),
-            Some((k, _)) => seq_from(&k, "events", "last"),
+        high_water(&self.inner.trees)
+    }
+
+    /// The sequence number of the oldest stored event.
+    pub fn first_seq(&self) -> Result<Option<Seq>> {
+        match self.inner.trees.events.first()? {
+            None => Ok(None),
+            Some((k, _)) => seq_from(&k, "events", "first").map(Some),
         }
+    }
+
+    /// The highest sequence number retention has removed (0 if none).
+    pub fn purged_upto(&self) -> Result<Seq> {
+        meta_seq(&self.inner.trees.meta, META_PURGED_UPTO)
+    }
+
+    /// The cursor acknowledged under subscription `name` of `identity`.
+    pub fn named_cursor(&self, identity: &str, name: &str) -> Result<Option<Seq>> {
+        match self.inner.trees.cursors.get(cursor_key(identity, name))? {
+            None => Ok(None),
+            Some(v) => seq_from(&v, "cursors", name).map(Some),
+        }
+    }
+
+    /// Durably records `cursor` as acknowledged under subscription `name` of `identity`.
+    pub async fn set_named_cursor(&self, identity: &str, name: &str, cursor: Seq) -> Result<()> {
+        self.inner
+            .trees
+            .cursors
+            .insert(cursor_key(identity, name), &cursor.to_be_bytes())?;
+        self.inner.trees.cursors.flush_async().await?;
+        Ok(())
+    }
+
+    /// Removes up to `limit` events that occurred before `before` (retention),
+    /// with their index entries. Returns how many were removed.
+    pub async fn purge_before(&self, before: UnixNanos, limit: usize) -> Result<usize> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .writer
+            .send(writer::Command::Purge {
+                before,
+                limit,
+                reply,
+            })
+            .await
+            .map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
     }
 
     /// Flushes (group commits) done since the store was opened.
@@ -283,6 +337,31 @@ impl Store {
         self.inner.db.flush_async().await?;
         Ok(())
     }
+}
+
+fn cursor_key(identity: &str, name: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(identity.len() + 1 + name.len());
+    key.extend_from_slice(identity.as_bytes());
+    key.push(0);
+    key.extend_from_slice(name.as_bytes());
+    key
+}
+
+fn meta_seq(meta: &sled::Tree, key: &'static [u8]) -> Result<Seq> {
+    match meta.get(key)? {
+        None => Ok(0),
+        Some(v) => seq_from(&v, "meta", std::str::from_utf8(key).unwrap_or("?")),
+    }
+}
+
+/// The highest sequence number ever used: the recorded high-water mark, or
+/// the last event (stores written before the mark existed).
+fn high_water(trees: &Trees) -> Result<Seq> {
+    let last_event = match trees.events.last()? {
+        None => 0,
+        Some((k, _)) => seq_from(&k, "events", "last")?,
+    };
+    Ok(last_event.max(meta_seq(&trees.meta, META_LAST_SEQ)?))
 }
 
 fn decode_event(seq: Seq, bytes: &[u8]) -> Result<PreferenceEvent> {

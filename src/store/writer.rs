@@ -21,10 +21,18 @@ const QUEUE: usize = 1024;
 /// Most events written in one transaction and flush.
 const MAX_BATCH_EVENTS: usize = 8192;
 
+pub(super) struct Append {
+    pub events: Vec<NewEvent>,
+    pub reply: oneshot::Sender<Result<Vec<Appended>>>,
+}
+
 pub(super) enum Command {
-    Append {
-        events: Vec<NewEvent>,
-        reply: oneshot::Sender<Result<Vec<Appended>>>,
+    Append(Append),
+    /// Retention: remove up to `limit` events that occurred before `before`.
+    Purge {
+        before: UnixNanos,
+        limit: usize,
+        reply: oneshot::Sender<Result<usize>>,
     },
 }
 
@@ -34,10 +42,7 @@ pub(super) fn spawn(
     flushes: Arc<AtomicU64>,
     durable: tokio::sync::watch::Sender<Seq>,
 ) -> Result<mpsc::Sender<Command>> {
-    let next_seq = match trees.events.last()? {
-        None => 1,
-        Some((k, _)) => super::seq_from(&k, "events", "last")? + 1,
-    };
+    let next_seq = super::high_water(&trees)? + 1;
     let (tx, rx) = mpsc::channel(QUEUE);
     let writer = Writer {
         db,
@@ -64,14 +69,33 @@ struct Writer {
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let _span = tracing::info_span!("store_writer").entered();
-        while let Some(first) = rx.blocking_recv() {
+        let mut pending: Option<Command> = None;
+        loop {
+            let Some(first) = pending.take().or_else(|| rx.blocking_recv()) else {
+                break;
+            };
+            let first = match first {
+                Command::Purge {
+                    before,
+                    limit,
+                    reply,
+                } => {
+                    let _ = reply.send(self.purge(before, limit));
+                    continue;
+                }
+                Command::Append(append) => append,
+            };
+            let mut n = first.events.len();
             let mut batch = vec![first];
-            let mut n = batch_events(&batch[0]);
             while n < MAX_BATCH_EVENTS {
                 match rx.try_recv() {
-                    Ok(cmd) => {
-                        n += batch_events(&cmd);
-                        batch.push(cmd);
+                    Ok(Command::Append(append)) => {
+                        n += append.events.len();
+                        batch.push(append);
+                    }
+                    Ok(other) => {
+                        pending = Some(other);
+                        break;
                     }
                     Err(_) => break,
                 }
@@ -84,13 +108,56 @@ impl Writer {
         }
     }
 
+    /// Removes up to `limit` events that occurred before `before`, with
+    /// their `by_id` and `by_time` entries, in one transaction; records the
+    /// highest removed sequence number. Outbox entries of removed events are
+    /// dropped when a link next reads them.
+    fn purge(&mut self, before: UnixNanos, limit: usize) -> Result<usize> {
+        let t = &self.trees;
+        let end = time_key(before.0, 0);
+        let mut victims: Vec<(Vec<u8>, Seq, String)> = Vec::new();
+        for item in t.by_time.range(..end).take(limit) {
+            let (k, _) = item?;
+            let seq = super::seq_from(&k[8..], "by_time", "?")?;
+            let id = match t.events.get(seq.to_be_bytes())? {
+                Some(raw) => super::decode_event(seq, &raw)?.event_id,
+                None => String::new(),
+            };
+            victims.push((k.to_vec(), seq, id));
+        }
+        if victims.is_empty() {
+            return Ok(0);
+        }
+        let purged_upto = super::meta_seq(&t.meta, super::META_PURGED_UPTO)?
+            .max(victims.iter().map(|v| v.1).max().unwrap_or(0))
+            .to_be_bytes();
+        (&t.events, &t.by_id, &t.by_time, &t.meta)
+            .transaction(|(events, by_id, by_time, meta)| {
+                for (time_key, seq, id) in &victims {
+                    events.remove(&seq.to_be_bytes())?;
+                    if !id.is_empty() {
+                        by_id.remove(id.as_bytes())?;
+                    }
+                    by_time.remove(time_key.as_slice())?;
+                }
+                meta.insert(super::META_PURGED_UPTO, &purged_upto)?;
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(e) => Error::Sled(e),
+                TransactionError::Abort(()) => Error::Closed,
+            })?;
+        self.flush_now()?;
+        Ok(victims.len())
+    }
+
     /// The blocking flush; this thread is where flushes belong.
     #[allow(clippy::disallowed_methods)]
     fn flush_now(&self) -> sled::Result<usize> {
         self.db.flush()
     }
 
-    fn commit(&mut self, batch: Vec<Command>) {
+    fn commit(&mut self, batch: Vec<Append>) {
         let start_seq = self.next_seq;
         let outcomes = match self.write(&batch) {
             Ok(outcomes) => outcomes,
@@ -121,18 +188,18 @@ impl Writer {
         self.durable.send_replace(self.next_seq - 1);
         tracing::trace!(elapsed = ?started.elapsed(), "flushed");
         for (cmd, outcome) in batch.into_iter().zip(outcomes) {
-            let Command::Append { reply, .. } = cmd;
+            let Append { reply, .. } = cmd;
             let _ = reply.send(Ok(outcome));
         }
     }
 
     /// Decides per event whether it is new, then writes all new events and
     /// their outbox entries in one transaction.
-    fn write(&mut self, batch: &[Command]) -> Result<Vec<Vec<Appended>>> {
+    fn write(&mut self, batch: &[Append]) -> Result<Vec<Vec<Appended>>> {
         let mut in_batch: HashMap<&str, Seq> = HashMap::new();
         let mut new: Vec<(Seq, &NewEvent)> = Vec::new();
         let mut outcomes = Vec::with_capacity(batch.len());
-        for Command::Append { events, .. } in batch {
+        for Append { events, .. } in batch {
             let mut out = Vec::with_capacity(events.len());
             for ne in events {
                 let id = ne.event.event_id.as_str();
@@ -164,8 +231,14 @@ impl Writer {
             .collect();
         let now = UnixNanos::now().0.to_be_bytes();
         let t = &self.trees;
-        // [events, by_id, by_time, outbox 0, outbox 1, ...]
-        let mut trees: Vec<&sled::Tree> = vec![&t.events, &t.by_id, &t.by_time];
+        let high_water = encoded
+            .iter()
+            .map(|(s, _, _)| *s)
+            .max()
+            .unwrap_or(0)
+            .to_be_bytes();
+        // [events, by_id, by_time, meta, outbox 0, outbox 1, ...]
+        let mut trees: Vec<&sled::Tree> = vec![&t.events, &t.by_id, &t.by_time, &t.meta];
         trees.extend(t.outboxes.iter().map(|o| &o.tree));
         trees
             .as_slice()
@@ -176,11 +249,12 @@ impl Writer {
                     tx[1].insert(ne.event.event_id.as_bytes(), &key)?;
                     tx[2].insert(&time_key(ne.event.occurred_at.0, *seq), &[])?;
                     for &link in &ne.outboxes {
-                        if let Some(outbox) = tx.get(3 + link) {
+                        if let Some(outbox) = tx.get(4 + link) {
                             outbox.insert(&key, &now)?;
                         }
                     }
                 }
+                tx[3].insert(super::META_LAST_SEQ, &high_water)?;
                 Ok::<(), ConflictableTransactionError<()>>(())
             })
             .map_err(|e| match e {
@@ -191,9 +265,9 @@ impl Writer {
 
     /// After a successful flush: count the new outbox entries and wake the
     /// links that have work.
-    fn announce(&self, batch: &[Command], outcomes: &[Vec<Appended>]) {
+    fn announce(&self, batch: &[Append], outcomes: &[Vec<Appended>]) {
         let mut added = vec![0u64; self.trees.outboxes.len()];
-        for (Command::Append { events, .. }, out) in batch.iter().zip(outcomes) {
+        for (Append { events, .. }, out) in batch.iter().zip(outcomes) {
             for (ne, outcome) in events.iter().zip(out) {
                 if let Appended::Stored(_) = outcome {
                     for &link in &ne.outboxes {
@@ -214,22 +288,17 @@ impl Writer {
 }
 
 /// Answers every command of a batch with the error.
-fn fail(batch: Vec<Command>, e: &Error, consequence: &str) {
+fn fail(batch: Vec<Append>, e: &Error, consequence: &str) {
     tracing::error!(error = %e, "store write failed; {consequence}");
     let reason = format!("{e}; {consequence}");
     let disk_full = is_disk_full(e);
     for cmd in batch {
-        let Command::Append { reply, .. } = cmd;
+        let Append { reply, .. } = cmd;
         let _ = reply.send(Err(Error::Write {
             reason: reason.clone(),
             disk_full,
         }));
     }
-}
-
-fn batch_events(cmd: &Command) -> usize {
-    let Command::Append { events, .. } = cmd;
-    events.len()
 }
 
 fn is_disk_full(e: &Error) -> bool {
