@@ -137,12 +137,27 @@ struct Arrivals {
 }
 
 impl Arrivals {
-    async fn follow(chain: &LocalChain) -> Result<Self, Error> {
-        let channel = chain.channel(MANUFACTURER, CLIENT).await?;
+    /// Latency from each acknowledgement to the event's arrival.
+    fn latencies(&self, acks: &Acks) -> Vec<Duration> {
+        let times = self
+            .times
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        acks.iter()
+            .filter_map(|(id, acked)| {
+                times
+                    .get(id)
+                    .map(|arrived| arrived.saturating_duration_since(*acked))
+            })
+            .collect()
+    }
+
+    async fn follow_from(chain: &LocalChain, node: &str, after: u64) -> Result<Self, Error> {
+        let channel = chain.channel(node, CLIENT).await?;
         let mut stream = pb::signals_client::SignalsClient::new(channel)
             .subscribe(pb::SubscribeRequest {
                 filter: None,
-                after_cursor: 0,
+                after_cursor: after,
                 follow: true,
                 name: String::new(),
             })
@@ -186,7 +201,7 @@ pub async fn propagate(opts: PropagateOptions) -> Result<PropagateReport, Error>
     for id in [MANUFACTURER, DISTRIBUTOR, RETAILER] {
         chain.start(id).await?;
     }
-    let mut arrivals = Arrivals::follow(&chain).await?;
+    let mut arrivals = Arrivals::follow_from(&chain, MANUFACTURER, 0).await?;
     let now = crate::domain::UnixNanos::now().0 / 1_000_000_000;
     let mut workload = Workload::new(7, "bench", 5_000, now);
 
@@ -195,7 +210,15 @@ pub async fn propagate(opts: PropagateOptions) -> Result<PropagateReport, Error>
         "propagate: offering {} events/s for {} s at the retailer, measuring until delivery at the manufacturer",
         opts.rate, opts.duration_secs
     );
-    let (acks, publish_latency, elapsed) = offer(&chain, &mut workload, &opts).await?;
+    let (acks, publish_latency, elapsed) = offer(
+        &chain,
+        RETAILER,
+        &mut workload,
+        opts.rate,
+        opts.batch,
+        opts.duration_secs,
+    )
+    .await?;
     let sent = acks.len();
     arrivals.wait_for(sent, Duration::from_secs(120)).await?;
     let e2e: Vec<Duration> = {
@@ -219,7 +242,7 @@ pub async fn propagate(opts: PropagateOptions) -> Result<PropagateReport, Error>
     );
     chain.stop(DISTRIBUTOR).await?;
     let t = Instant::now();
-    publish_bulk(&chain, &mut workload, opts.backlog).await?;
+    publish_bulk(&chain, RETAILER, &mut workload, opts.backlog).await?;
     let backlog_rate = opts.backlog as f64 / t.elapsed().as_secs_f64();
     let t = Instant::now();
     chain.start(DISTRIBUTOR).await?;
@@ -255,28 +278,179 @@ pub async fn propagate(opts: PropagateOptions) -> Result<PropagateReport, Error>
     Ok(report)
 }
 
+/// Settings of `bench subscribe`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SubscribeOptions {
+    /// Events stored before the backfill is measured.
+    pub events: usize,
+    /// Offered publish rate while live latency is measured, events per second.
+    pub rate: u64,
+    /// Seconds of live publishing.
+    pub duration_secs: u64,
+    /// Events per publish request in the live phase.
+    pub batch: usize,
+    #[serde(skip)]
+    pub json: Option<PathBuf>,
+}
+
+impl Default for SubscribeOptions {
+    fn default() -> Self {
+        SubscribeOptions {
+            events: 1_000_000,
+            rate: 2_000,
+            duration_secs: 5,
+            batch: 20,
+            json: None,
+        }
+    }
+}
+
+/// What `bench subscribe` measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SubscribeReport {
+    pub scenario: &'static str,
+    pub parameters: SubscribeOptions,
+    pub machine: String,
+    pub bulk_publish_events_per_s: f64,
+    pub backfill_events: u64,
+    pub backfill_seconds: f64,
+    pub backfill_events_per_s: f64,
+    pub live_latency: Percentiles,
+}
+
+/// Runs `bench subscribe`: one node; a bulk load, the backfill rate of one
+/// subscriber over it, then the latency from publish acknowledgement to
+/// delivery to a following subscriber at a fixed offered rate.
+pub async fn subscribe(opts: SubscribeOptions) -> Result<SubscribeReport, Error> {
+    let spec = NodeSpec {
+        id: RETAILER.into(),
+        roles: vec![
+            "publishers = [\"bench\"]".into(),
+            "subscribers = [\"bench\"]".into(),
+        ],
+        ..NodeSpec::default()
+    };
+    let mut chain = LocalChain::create("chainsight-bench-", &[spec], &[CLIENT])?;
+    chain.start(RETAILER).await?;
+    let now = crate::domain::UnixNanos::now().0 / 1_000_000_000;
+    let mut workload = Workload::new(11, "bench", 20_000, now);
+    println!("subscribe: storing {} events", opts.events);
+    let t = Instant::now();
+    publish_bulk(&chain, RETAILER, &mut workload, opts.events).await?;
+    let bulk_rate = opts.events as f64 / t.elapsed().as_secs_f64();
+
+    println!("subscribe: one subscriber backfills all of them");
+    let t = Instant::now();
+    let mut stream = pb::signals_client::SignalsClient::new(chain.channel(RETAILER, CLIENT).await?)
+        .subscribe(pb::SubscribeRequest::default())
+        .await
+        .map_err(|e| err("subscribe")(e.message().to_string()))?
+        .into_inner();
+    let mut backfilled = 0u64;
+    let mut last = 0;
+    while let Some(signal) = stream
+        .message()
+        .await
+        .map_err(|e| err("backfill")(e.message().to_string()))?
+    {
+        backfilled += 1;
+        last = signal.cursor;
+    }
+    let backfill = t.elapsed().as_secs_f64();
+
+    println!(
+        "subscribe: live delivery at {} events/s for {} s",
+        opts.rate, opts.duration_secs
+    );
+    let mut arrivals = Arrivals::follow_from(&chain, RETAILER, last).await?;
+    let (acks, _, _) = offer(
+        &chain,
+        RETAILER,
+        &mut workload,
+        opts.rate,
+        opts.batch,
+        opts.duration_secs,
+    )
+    .await?;
+    arrivals
+        .wait_for(acks.len(), Duration::from_secs(120))
+        .await?;
+    let live = arrivals.latencies(&acks);
+    chain.stop(RETAILER).await?;
+
+    let report = SubscribeReport {
+        scenario: "subscribe",
+        machine: machine(),
+        bulk_publish_events_per_s: bulk_rate,
+        backfill_events: backfilled,
+        backfill_seconds: backfill,
+        backfill_events_per_s: backfilled as f64 / backfill,
+        live_latency: Percentiles::of(live),
+        parameters: opts,
+    };
+    println!("\nsubscribe on {}", report.machine);
+    println!(
+        "  bulk publish: {:.0} events/s",
+        report.bulk_publish_events_per_s
+    );
+    println!(
+        "  backfill: {} events in {:.2} s = {:.0} events/s",
+        report.backfill_events, report.backfill_seconds, report.backfill_events_per_s
+    );
+    println!(
+        "  live delivery, publish ack -> subscriber: {}",
+        format_percentiles(&report.live_latency)
+    );
+    write_json(&report, report.parameters.json.as_deref())?;
+    Ok(report)
+}
+
+fn write_json(report: &impl serde::Serialize, path: Option<&std::path::Path>) -> Result<(), Error> {
+    let Some(path) = path else { return Ok(()) };
+    let json =
+        serde_json::to_string_pretty(report).map_err(|e| err("write JSON")(e.to_string()))?;
+    std::fs::write(path, json)
+        .map_err(|e| err("write JSON")(format!("{}: {e}", path.display())))?;
+    println!("figures written to {}", path.display());
+    Ok(())
+}
+
+fn format_percentiles(x: &Percentiles) -> String {
+    format!(
+        "p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} samples)",
+        x.p50_us as f64 / 1000.0,
+        x.p90_us as f64 / 1000.0,
+        x.p99_us as f64 / 1000.0,
+        x.max_us as f64 / 1000.0,
+        x.samples
+    )
+}
+
 type Acks = Vec<(String, Instant)>;
 
 /// Publishes at the offered rate (a batch every 10 ms, each request on its
 /// own task so a slow acknowledgement does not lower the offered rate).
 async fn offer(
     chain: &LocalChain,
+    node: &str,
     workload: &mut Workload,
-    opts: &PropagateOptions,
+    rate: u64,
+    batch: usize,
+    duration_secs: u64,
 ) -> Result<(Acks, Vec<Duration>, Duration), Error> {
-    let client = pb::ingest_client::IngestClient::new(chain.channel(RETAILER, CLIENT).await?);
+    let client = pb::ingest_client::IngestClient::new(chain.channel(node, CLIENT).await?);
     let acks: Arc<Mutex<Acks>> = Arc::default();
     let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
     let inflight = Arc::new(Semaphore::new(512));
-    let batches_per_s = (opts.rate as f64 / opts.batch.max(1) as f64).max(1.0);
-    let total_batches = (batches_per_s * opts.duration_secs as f64).round() as u64;
+    let batches_per_s = (rate as f64 / batch.max(1) as f64).max(1.0);
+    let total_batches = (batches_per_s * duration_secs as f64).round() as u64;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / batches_per_s));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..total_batches {
         tick.tick().await;
-        let events: Vec<_> = (0..opts.batch).map(|_| workload.next_event()).collect();
+        let events: Vec<_> = (0..batch).map(|_| workload.next_event()).collect();
         let permit = inflight
             .clone()
             .acquire_owned()
@@ -312,35 +486,50 @@ fn take<T: Default>(m: &Mutex<T>) -> T {
 }
 
 /// Publishes `n` events as fast as the node takes them (streaming, 8 batches in flight).
-async fn publish_bulk(chain: &LocalChain, workload: &mut Workload, n: usize) -> Result<(), Error> {
-    let mut client = pb::ingest_client::IngestClient::new(chain.channel(RETAILER, CLIENT).await?);
+async fn publish_bulk(
+    chain: &LocalChain,
+    node: &str,
+    workload: &mut Workload,
+    n: usize,
+) -> Result<(), Error> {
+    let mut client = pb::ingest_client::IngestClient::new(chain.channel(node, CLIENT).await?);
     let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let batches: Vec<pb::PublishRequest> = (0..n.div_ceil(1000))
-        .map(|i| pb::PublishRequest {
-            events: (0..1000.min(n - i * 1000))
-                .map(|_| workload.next_event())
-                .collect(),
-        })
-        .collect();
-    let feeder = tokio::spawn(async move {
-        for b in batches {
-            if tx.send(b).await.is_err() {
+    let bar = indicatif::ProgressBar::new(n as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} publishing [{bar:40}] {pos}/{len} ({per_sec})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    // The generator runs on its own thread so publishing never waits for it.
+    let mut gen = std::mem::replace(workload, Workload::new(0, "unused", 1, 0));
+    let feeder = tokio::task::spawn_blocking(move || {
+        for i in 0..n.div_ceil(1000) {
+            let events = (0..1000.min(n - i * 1000))
+                .map(|_| gen.next_event())
+                .collect();
+            if tx.blocking_send(pb::PublishRequest { events }).is_err() {
                 break;
             }
         }
+        gen
     });
     let mut responses = client
         .publish_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .map_err(|e| err("publish backlog")(e.message().to_string()))?
         .into_inner();
-    while responses
+    while let Some(resp) = responses
         .message()
         .await
         .map_err(|e| err("publish backlog")(e.message().to_string()))?
-        .is_some()
-    {}
-    let _ = feeder.await;
+    {
+        bar.inc(resp.results.len() as u64);
+    }
+    bar.finish_and_clear();
+    *workload = feeder
+        .await
+        .map_err(|e| err("publish backlog")(e.to_string()))?;
     Ok(())
 }
 
@@ -358,16 +547,6 @@ fn machine() -> String {
 }
 
 fn print_report(r: &PropagateReport) {
-    let p = |x: &Percentiles| {
-        format!(
-            "p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} samples)",
-            x.p50_us as f64 / 1000.0,
-            x.p90_us as f64 / 1000.0,
-            x.p99_us as f64 / 1000.0,
-            x.max_us as f64 / 1000.0,
-            x.samples
-        )
-    };
     println!("\npropagate on {}", r.machine);
     println!(
         "  offered {:.0} events/s, achieved {:.0} events/s ({} events per request)",
@@ -375,11 +554,11 @@ fn print_report(r: &PropagateReport) {
     );
     println!(
         "  publish acknowledgement latency (retailer): {}",
-        p(&r.publish_ack_latency)
+        format_percentiles(&r.publish_ack_latency)
     );
     println!(
         "  end-to-end latency, retailer ack -> manufacturer delivery: {}",
-        p(&r.end_to_end_latency)
+        format_percentiles(&r.end_to_end_latency)
     );
     println!(
         "  backlog: {} events published at {:.0} events/s while the distributor was down",

@@ -101,6 +101,21 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchScenario {
+    /// One node: backfill rate over N stored events, and live delivery latency.
+    Subscribe {
+        /// Events stored before the backfill.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: usize,
+        /// Offered publish rate during the live phase, events per second.
+        #[arg(long, default_value_t = 2000)]
+        rate: u64,
+        /// Seconds of live publishing.
+        #[arg(long, default_value_t = 5)]
+        duration: u64,
+        /// Also write the figures as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// 3-node chain: retailer-ack to manufacturer latency at a fixed rate, and backlog drain rate.
     Propagate {
         /// Offered publish rate, events per second.
@@ -270,6 +285,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 json,
             };
             chainsight::bench::propagate(opts).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            scenario:
+                BenchScenario::Subscribe {
+                    events,
+                    rate,
+                    duration,
+                    json,
+                },
+        } => {
+            let opts = chainsight::bench::SubscribeOptions {
+                events,
+                rate,
+                duration_secs: duration,
+                json,
+                ..Default::default()
+            };
+            chainsight::bench::subscribe(opts).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Links { config, json } => {
