@@ -400,3 +400,81 @@ pub async fn subscribe(
     }
     Ok(last)
 }
+
+/// Runs an insight query (`Insights.Query`, analysts role).
+pub async fn query(cfg: &ClientConfig, q: pb::InsightQuery) -> Result<pb::InsightReport, Error> {
+    let channel = connect(cfg).await?;
+    Ok(pb::insights_client::InsightsClient::new(channel)
+        .max_decoding_message_size(64 * 1024 * 1024)
+        .query(q)
+        .await?
+        .into_inner())
+}
+
+/// The aligned table `chainsight query` prints, with the suppressed groups
+/// noted under it.
+pub fn format_report(headers: &[String], r: &pb::InsightReport) -> String {
+    use std::fmt::Write;
+    let fmt_opt =
+        |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
+    let mut table: Vec<Vec<String>> = Vec::new();
+    let mut head: Vec<String> = headers.to_vec();
+    head.extend(
+        [
+            "events",
+            "customers",
+            "avg score",
+            "NPS",
+            "return rate",
+            "share",
+        ]
+        .map(String::from),
+    );
+    table.push(head);
+    for row in &r.rows {
+        let mut cells = row.key.clone();
+        cells.extend([
+            row.events.to_string(),
+            row.customers.to_string(),
+            fmt_opt(row.avg_score, 2),
+            fmt_opt(row.nps, 1),
+            row.return_rate
+                .map_or("-".to_string(), |x| format!("{:.1}%", x * 100.0)),
+            format!("{:.1}%", row.share * 100.0),
+        ]);
+        table.push(cells);
+    }
+    let cols = table[0].len();
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            table
+                .iter()
+                .map(|r| r.get(c).map_or(0, |s| s.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in &table {
+        let line: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(c, s)| {
+                if c < headers.len() {
+                    format!("{s:<w$}", w = widths[c])
+                } else {
+                    format!("{s:>w$}", w = widths[c])
+                }
+            })
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    let _ = writeln!(
+        out,
+        "{} groups; {} suppressed (fewer than {} distinct customers)",
+        r.rows.len(),
+        r.suppressed_groups,
+        r.k_min
+    );
+    out
+}

@@ -412,6 +412,99 @@ pub fn filter_from_pb(f: Option<pb::Filter>, field: &str) -> Result<EventFilter>
     })
 }
 
+/// Validates an insight query.
+pub fn insight_query_from_pb(q: pb::InsightQuery) -> Result<crate::insights::Query> {
+    use crate::insights::{Bucket, Dim, Query};
+    let filter = filter_from_pb(q.filter, "filter")?;
+    let mut group_by = Vec::with_capacity(q.group_by.len());
+    for d in &q.group_by {
+        let dim = match pb::Dimension::try_from(*d) {
+            Ok(pb::Dimension::Gtin) => Dim::Gtin,
+            Ok(pb::Dimension::Category) => Dim::Category,
+            Ok(pb::Dimension::Brand) => Dim::Brand,
+            Ok(pb::Dimension::Region) => Dim::Region,
+            Ok(pb::Dimension::Channel) => Dim::Channel,
+            Ok(pb::Dimension::Stage) => Dim::Stage,
+            Ok(pb::Dimension::Kind) => Dim::Kind,
+            Ok(pb::Dimension::AgeBand) => Dim::AgeBand,
+            Ok(pb::Dimension::Attribute) => Dim::Attribute,
+            Ok(pb::Dimension::Time) => Dim::Time,
+            Ok(pb::Dimension::Unspecified) => {
+                return Err(invalid(
+                    "group_by",
+                    "DIMENSION_UNSPECIFIED is not a dimension",
+                ))
+            }
+            Err(_) => return Err(invalid("group_by", format!("unknown dimension {d}"))),
+        };
+        if group_by.contains(&dim) {
+            return Err(invalid("group_by", format!("{dim:?} listed twice")));
+        }
+        group_by.push(dim);
+    }
+    let bucket = match pb::TimeBucket::try_from(q.bucket) {
+        Ok(pb::TimeBucket::Unspecified) => None,
+        Ok(pb::TimeBucket::Hour) => Some(Bucket::Hour),
+        Ok(pb::TimeBucket::Day) => Some(Bucket::Day),
+        Ok(pb::TimeBucket::Week) => Some(Bucket::Week),
+        Ok(pb::TimeBucket::Month) => Some(Bucket::Month),
+        Err(_) => {
+            return Err(invalid(
+                "bucket",
+                format!("unknown time bucket {}", q.bucket),
+            ))
+        }
+    };
+    if group_by.contains(&Dim::Time) && bucket.is_none() {
+        return Err(invalid(
+            "bucket",
+            "required when grouping by TIME (HOUR, DAY, WEEK or MONTH)",
+        ));
+    }
+    let attribute_key = (!q.attribute_key.is_empty()).then_some(q.attribute_key);
+    if group_by.contains(&Dim::Attribute) && attribute_key.is_none() {
+        return Err(invalid(
+            "attribute_key",
+            "required when grouping by ATTRIBUTE",
+        ));
+    }
+    if let Some(k) = &attribute_key {
+        bounded_text("attribute_key", k, limits::ATTRIBUTE_KEY_LEN)?;
+    }
+    Ok(Query {
+        filter,
+        group_by,
+        attribute_key,
+        bucket,
+        limit: q.limit as usize,
+    })
+}
+
+/// The protobuf form of an insight report.
+pub fn insight_report_to_pb(r: crate::insights::Report) -> pb::InsightReport {
+    pb::InsightReport {
+        rows: r
+            .rows
+            .into_iter()
+            .map(|row| pb::InsightRow {
+                key: row.key,
+                bucket_start: row.bucket_start.map(|t| {
+                    let (seconds, nanos) = t.split();
+                    pbjson_types::Timestamp { seconds, nanos }
+                }),
+                events: row.events,
+                customers: row.customers,
+                avg_score: row.avg_score,
+                nps: row.nps,
+                return_rate: row.return_rate,
+                share: row.share,
+            })
+            .collect(),
+        suppressed_groups: r.suppressed_groups,
+        k_min: r.k_min,
+    }
+}
+
 /// The protobuf form of a filter.
 pub fn filter_to_pb(f: &EventFilter) -> pb::Filter {
     let ts = |t: UnixNanos| {

@@ -74,6 +74,50 @@ enum Command {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Query aggregated insight (identity needs the analysts role).
+    Query {
+        /// Path to client.toml.
+        #[arg(long, default_value = "client.toml")]
+        config: PathBuf,
+        /// Dimensions: gtin, category, brand, region, channel, stage, kind, age_band, attribute, time.
+        #[arg(long, value_delimiter = ',')]
+        group_by: Vec<String>,
+        /// Time bucket for the time dimension (hour, day, week, month); implies grouping by time.
+        #[arg(long)]
+        bucket: Option<String>,
+        /// The attribute whose values the attribute dimension groups by.
+        #[arg(long)]
+        attribute_key: Option<String>,
+        /// RFC 3339 start (inclusive), e.g. 2026-01-01T00:00:00Z.
+        #[arg(long)]
+        since: Option<String>,
+        /// RFC 3339 end (exclusive).
+        #[arg(long)]
+        until: Option<String>,
+        /// GS1 company prefix (repeatable).
+        #[arg(long = "gtin-prefix")]
+        gtin_prefixes: Vec<String>,
+        /// Event kind (repeatable).
+        #[arg(long = "kind")]
+        kinds: Vec<String>,
+        /// At most this many rows.
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+        /// Print the report as proto3 JSON.
+        #[arg(long)]
+        json: bool,
+        /// Also draw the feed into this SVG file (needs --bucket).
+        #[arg(long)]
+        chart: Option<PathBuf>,
+        /// The metric the chart shows: events, customers, nps, avg_score, return_rate.
+        #[arg(long, default_value = "events")]
+        chart_metric: String,
+    },
+    /// Offline maintenance of a node's data directory (stop the node first).
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
     /// Run a real chain of five nodes on loopback, publish, propagate, report.
     Demo {
         /// Events published at each of the two retailers.
@@ -133,6 +177,16 @@ enum BenchScenario {
         /// Also write the figures as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Recompute every rollup from the stored events.
+    RebuildRollups {
+        /// Path to node.toml of the (stopped) node.
+        #[arg(long, default_value = "node.toml")]
+        config: PathBuf,
     },
 }
 
@@ -239,14 +293,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             name,
         } => {
             let cfg = ClientConfig::load(&config)?;
-            let kinds = kinds
-                .iter()
-                .map(|k| {
-                    chainsight::domain::EventKind::from_label(k.trim_start_matches("EVENT_KIND_"))
-                        .map(|k| k.number())
-                        .with_context(|| format!("--kind {k}: not an event kind (purchase, return, review, nps, preference, cart_abandoned, search_unmet, complaint, usage)"))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
+            let kinds = parse_kinds(&kinds)?;
             let opts = chainsight::client::SubscribeOptions {
                 filter: chainsight::pb::Filter {
                     gtin_prefixes,
@@ -306,6 +353,101 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             chainsight::bench::subscribe(opts).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Query {
+            config,
+            group_by,
+            bucket,
+            attribute_key,
+            since,
+            until,
+            gtin_prefixes,
+            kinds,
+            limit,
+            json,
+            chart,
+            chart_metric,
+        } => {
+            let cfg = ClientConfig::load(&config)?;
+            let metric = chainsight::chart::Metric::parse(&chart_metric)
+                .with_context(|| format!("--chart-metric {chart_metric}: one of events, customers, nps, avg_score, return_rate"))?;
+            let mut dims = parse_dimensions(&group_by)?;
+            let bucket = bucket.as_deref().map(parse_bucket).transpose()?;
+            if bucket.is_some() && !dims.contains(&(chainsight::pb::Dimension::Time as i32)) {
+                dims.push(chainsight::pb::Dimension::Time as i32);
+            }
+            let q = chainsight::pb::InsightQuery {
+                filter: Some(chainsight::pb::Filter {
+                    gtin_prefixes,
+                    kinds: parse_kinds(&kinds)?,
+                    since: since
+                        .as_deref()
+                        .map(|s| parse_time("--since", s))
+                        .transpose()?,
+                    until: until
+                        .as_deref()
+                        .map(|s| parse_time("--until", s))
+                        .transpose()?,
+                    ..Default::default()
+                }),
+                group_by: dims.clone(),
+                attribute_key: attribute_key.unwrap_or_default(),
+                bucket: bucket.unwrap_or(0),
+                limit,
+            };
+            let report = chainsight::client::query(&cfg, q)
+                .await
+                .with_context(|| format!("querying {}", cfg.address))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                let headers: Vec<String> = dims
+                    .iter()
+                    .map(|d| {
+                        chainsight::pb::Dimension::try_from(*d)
+                            .map(|d| {
+                                d.as_str_name()
+                                    .trim_start_matches("DIMENSION_")
+                                    .to_lowercase()
+                            })
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                print!("{}", chainsight::client::format_report(&headers, &report));
+            }
+            if let Some(path) = chart {
+                let time_index = dims
+                    .iter()
+                    .position(|d| *d == chainsight::pb::Dimension::Time as i32)
+                    .context("--chart needs --bucket (the chart plots time buckets)")?;
+                chainsight::chart::draw(&report, time_index, metric, &path)
+                    .map_err(anyhow::Error::msg)?;
+                eprintln!("chart written to {}", path.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Admin {
+            command: AdminCommand::RebuildRollups { config },
+        } => {
+            let cfg = NodeConfig::load(&config)?;
+            let dir = cfg.data_dir.join("store");
+            let store = chainsight::store::Store::open(&dir, &[]).with_context(|| {
+                format!(
+                    "opening {} (is the node still running? stop it first)",
+                    dir.display()
+                )
+            })?;
+            let bar = indicatif::ProgressBar::new(store.len() as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} rebuilding rollups [{bar:40}] {pos}/{len} events ({per_sec})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let n = store.rebuild_rollups(|done| bar.set_position(done)).await?;
+            bar.finish_and_clear();
+            println!("rebuilt rollups from {n} events");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Links { config, json } => {
             let cfg = ClientConfig::load(&config)?;
             let links = chainsight::client::links(&cfg)
@@ -362,5 +504,44 @@ async fn publish(
         ExitCode::SUCCESS
     } else {
         ExitCode::from(2)
+    })
+}
+
+fn parse_dimensions(names: &[String]) -> anyhow::Result<Vec<i32>> {
+    names
+        .iter()
+        .filter(|n| !n.trim().is_empty())
+        .map(|n| {
+            let name = format!("DIMENSION_{}", n.trim().to_uppercase().replace('-', "_"));
+            chainsight::pb::Dimension::from_str_name(&name)
+                .map(|d| d as i32)
+                .with_context(|| format!("--group-by {n}: not a dimension (gtin, category, brand, region, channel, stage, kind, age_band, attribute, time)"))
+        })
+        .collect()
+}
+
+fn parse_bucket(b: &str) -> anyhow::Result<i32> {
+    chainsight::pb::TimeBucket::from_str_name(&format!("TIME_BUCKET_{}", b.trim().to_uppercase()))
+        .map(|b| b as i32)
+        .with_context(|| format!("--bucket {b}: one of hour, day, week, month"))
+}
+
+fn parse_kinds(kinds: &[String]) -> anyhow::Result<Vec<i32>> {
+    kinds
+        .iter()
+        .map(|k| {
+            chainsight::domain::EventKind::from_label(k.trim_start_matches("EVENT_KIND_"))
+                .map(|k| k.number())
+                .with_context(|| format!("--kind {k}: not an event kind (purchase, return, review, nps, preference, cart_abandoned, search_unmet, complaint, usage)"))
+        })
+        .collect()
+}
+
+fn parse_time(flag: &str, s: &str) -> anyhow::Result<pbjson_types::Timestamp> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .with_context(|| format!("{flag} {s}: expected RFC 3339, e.g. 2026-01-01T00:00:00Z"))?;
+    Ok(pbjson_types::Timestamp {
+        seconds: t.unix_timestamp(),
+        nanos: t.nanosecond() as i32,
     })
 }

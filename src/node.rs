@@ -18,9 +18,9 @@ use crate::pb::ingest_server::IngestServer;
 use crate::policy::{FilterLimits, Policy};
 use crate::propagate::{self, Links};
 use crate::service::ingest::IngestService;
+use crate::service::insights::InsightsService;
 use crate::service::peering::PeeringService;
 use crate::service::signals::SignalsService;
-use crate::service::unimplemented::InsightsService;
 use crate::store::{self, Store};
 use crate::tls;
 
@@ -180,7 +180,14 @@ fn build_router(
         .add_service(ingest)
         .add_service(peering)
         .add_service(signals)
-        .add_service(pb::insights_server::InsightsServer::new(InsightsService)))
+        .add_service(pb::insights_server::InsightsServer::new(
+            InsightsService::new(
+                parts.policy.clone(),
+                FilterLimits::from_config(&config.filter_limit),
+                parts.store.clone(),
+                config.privacy.k_min,
+            ),
+        )))
 }
 
 type ServerTask = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;

@@ -35,7 +35,9 @@ pub fn spawn(
                 match store.purge_before(cutoff, cfg.batch).await {
                     Ok(n) => {
                         removed += n;
-                        if n < cfg.batch || token.is_cancelled() {
+                        // A step that removes nothing also drops the rollup
+                        // cells of the purged hours, so always end on one.
+                        if n == 0 || token.is_cancelled() {
                             break;
                         }
                         // Let other work (ingest) in between batches.

@@ -3,9 +3,9 @@
 //! and maps the error through the one `From<ApiError> for Status` below.
 
 pub mod ingest;
+pub mod insights;
 pub mod peering;
 pub mod signals;
-pub mod unimplemented;
 
 use crate::conversions::Invalid;
 use crate::policy::{Policy, Role};

@@ -8,6 +8,8 @@
 //! - `meta`:    `last_seq`, `purged_upto` → u64 — the sequence high-water
 //!   mark (so numbers are never reused, even after retention removed the
 //!   newest events) and the highest sequence number retention removed
+//! - `rollups`: hour ‖ dimensions → aggregates (see `crate::rollup`),
+//!   updated in the same transaction as the events they count
 //! - `cursors`: identity ‖ 0 ‖ subscription name → acknowledged cursor
 //! - `outbox/<link>`: seq → enqueue time (UnixNanos, i64) — events waiting
 //!   to be acknowledged by that upstream link
@@ -111,6 +113,7 @@ struct Trees {
     by_time: sled::Tree,
     meta: sled::Tree,
     cursors: sled::Tree,
+    rollups: sled::Tree,
     outboxes: Arc<Vec<Outbox>>,
 }
 
@@ -147,6 +150,7 @@ impl Store {
             by_time: db.open_tree("by_time").map_err(open_err)?,
             meta: db.open_tree("meta").map_err(open_err)?,
             cursors: db.open_tree("cursors").map_err(open_err)?,
+            rollups: db.open_tree("rollups").map_err(open_err)?,
             outboxes: Arc::new(
                 links
                     .iter()
@@ -251,6 +255,69 @@ impl Store {
     /// A receiver that changes whenever [`Self::durable_seq`] advances.
     pub fn watch_durable(&self) -> tokio::sync::watch::Receiver<Seq> {
         self.inner.durable.clone()
+    }
+
+    /// Rollup cells of the hours `from..to` (open ends: unbounded), in key order.
+    pub fn scan_rollups(
+        &self,
+        from: Option<i64>,
+        to: Option<i64>,
+    ) -> impl Iterator<Item = Result<(crate::rollup::CellKey, crate::rollup::Agg)>> + '_ {
+        use std::ops::Bound;
+        let start = from.map_or(Bound::Unbounded, |h| {
+            Bound::Included(crate::rollup::hour_prefix(h).to_vec())
+        });
+        let end = to.map_or(Bound::Unbounded, |h| {
+            Bound::Excluded(crate::rollup::hour_prefix(h).to_vec())
+        });
+        self.inner
+            .trees
+            .rollups
+            .range::<Vec<u8>, _>((start, end))
+            .map(|item| {
+                let (k, v) = item?;
+                let corrupt = |what: &str| Error::Corrupt {
+                    tree: "rollups",
+                    key: format!("{k:?}"),
+                    source: DecodeError::Payload(what.to_string()),
+                };
+                let key =
+                    crate::rollup::CellKey::decode(&k).ok_or_else(|| corrupt("bad cell key"))?;
+                let agg =
+                    crate::rollup::Agg::decode_bytes(&v).ok_or_else(|| corrupt("bad cell"))?;
+                Ok((key, agg))
+            })
+    }
+
+    /// Recomputes every rollup cell from the stored events (offline repair,
+    /// `chainsight admin rebuild-rollups`); `progress` gets the events done.
+    /// Returns the number of events folded.
+    pub async fn rebuild_rollups(&self, progress: impl Fn(u64)) -> Result<u64> {
+        let rollups = &self.inner.trees.rollups;
+        rollups.clear()?;
+        let mut after = 0;
+        let mut done = 0u64;
+        loop {
+            let chunk = self.scan_range(after, u64::MAX, 20_000)?;
+            let Some((last, _)) = chunk.last() else { break };
+            after = *last;
+            done += chunk.len() as u64;
+            let cells = crate::rollup::fold(chunk.iter().map(|(_, ev)| ev));
+            let mut batch = sled::Batch::default();
+            for (key, delta) in cells {
+                let mut agg = match rollups.get(&key)? {
+                    Some(old) => crate::rollup::Agg::decode_bytes(&old).unwrap_or_default(),
+                    None => crate::rollup::Agg::default(),
+                };
+                agg.merge(&delta);
+                agg.compact();
+                batch.insert(key, agg.encode());
+            }
+            rollups.apply_batch(batch)?;
+            progress(done);
+        }
+        self.inner.db.flush_async().await?;
+        Ok(done)
     }
 
     /// Number of stored events.

@@ -126,6 +126,14 @@ impl Writer {
             victims.push((k.to_vec(), seq, id));
         }
         if victims.is_empty() {
+            // Everything before `before` is gone: so go the rollup cells of
+            // those hours (retention cuts at whole hours).
+            let end = crate::rollup::hour_prefix(crate::rollup::hour_of(before));
+            let mut batch = sled::Batch::default();
+            for item in t.rollups.range(..end.to_vec()) {
+                batch.remove(item?.0);
+            }
+            t.rollups.apply_batch(batch)?;
             return Ok(0);
         }
         let purged_upto = super::meta_seq(&t.meta, super::META_PURGED_UPTO)?
@@ -237,8 +245,10 @@ impl Writer {
             .max()
             .unwrap_or(0)
             .to_be_bytes();
-        // [events, by_id, by_time, meta, outbox 0, outbox 1, ...]
-        let mut trees: Vec<&sled::Tree> = vec![&t.events, &t.by_id, &t.by_time, &t.meta];
+        let cells = crate::rollup::fold(new.iter().map(|(_, ne)| &ne.event));
+        // [events, by_id, by_time, meta, rollups, outbox 0, outbox 1, ...]
+        let mut trees: Vec<&sled::Tree> =
+            vec![&t.events, &t.by_id, &t.by_time, &t.meta, &t.rollups];
         trees.extend(t.outboxes.iter().map(|o| &o.tree));
         trees
             .as_slice()
@@ -249,12 +259,21 @@ impl Writer {
                     tx[1].insert(ne.event.event_id.as_bytes(), &key)?;
                     tx[2].insert(&time_key(ne.event.occurred_at.0, *seq), &[])?;
                     for &link in &ne.outboxes {
-                        if let Some(outbox) = tx.get(4 + link) {
+                        if let Some(outbox) = tx.get(5 + link) {
                             outbox.insert(&key, &now)?;
                         }
                     }
                 }
                 tx[3].insert(super::META_LAST_SEQ, &high_water)?;
+                for (key, delta) in &cells {
+                    let mut agg = match tx[4].get(key)? {
+                        Some(old) => crate::rollup::Agg::decode_bytes(&old).unwrap_or_default(),
+                        None => crate::rollup::Agg::default(),
+                    };
+                    agg.merge(delta);
+                    agg.compact();
+                    tx[4].insert(key.as_slice(), agg.encode())?;
+                }
                 Ok::<(), ConflictableTransactionError<()>>(())
             })
             .map_err(|e| match e {
