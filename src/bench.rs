@@ -426,6 +426,168 @@ fn format_percentiles(x: &Percentiles) -> String {
     )
 }
 
+/// Settings of `bench query`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QueryOptions {
+    /// Store sizes to measure at (events, spread over one year).
+    pub sizes: Vec<usize>,
+    /// Queries timed per size.
+    pub queries: usize,
+    /// Events published to compare ingest with rollups on and off.
+    pub cost_events: usize,
+    #[serde(skip)]
+    pub json: Option<PathBuf>,
+}
+
+impl Default for QueryOptions {
+    fn default() -> Self {
+        QueryOptions {
+            sizes: vec![1_000_000],
+            queries: 50,
+            cost_events: 200_000,
+            json: None,
+        }
+    }
+}
+
+/// One size of `bench query`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QuerySize {
+    pub stored_events: usize,
+    pub ingest_events_per_s: f64,
+    pub rows: usize,
+    pub latency: Percentiles,
+}
+
+/// What `bench query` measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QueryReport {
+    pub scenario: &'static str,
+    pub parameters: QueryOptions,
+    pub machine: String,
+    pub feed: &'static str,
+    pub sizes: Vec<QuerySize>,
+    pub ingest_with_rollups_events_per_s: f64,
+    pub ingest_without_rollups_events_per_s: f64,
+}
+
+const FEED: &str = "group by category x region x week over the last 365 days";
+
+fn feed_query(now_secs: i64) -> pb::InsightQuery {
+    pb::InsightQuery {
+        filter: Some(pb::Filter {
+            since: Some(pbjson_types::Timestamp {
+                seconds: now_secs - 365 * 86_400,
+                nanos: 0,
+            }),
+            ..Default::default()
+        }),
+        group_by: vec![
+            pb::Dimension::Category as i32,
+            pb::Dimension::Region as i32,
+            pb::Dimension::Time as i32,
+        ],
+        bucket: pb::TimeBucket::Week as i32,
+        ..Default::default()
+    }
+}
+
+/// Runs `bench query`: the typical feed's latency at each store size, and
+/// the ingest cost of maintaining rollups.
+pub async fn query(opts: QueryOptions) -> Result<QueryReport, Error> {
+    let now = crate::domain::UnixNanos::now().0 / 1_000_000_000;
+    let mut sizes = Vec::new();
+    for &n in &opts.sizes {
+        let spec = NodeSpec {
+            id: RETAILER.into(),
+            roles: vec![
+                "publishers = [\"bench\"]".into(),
+                "analysts = [\"bench\"]".into(),
+            ],
+            ..NodeSpec::default()
+        };
+        let mut chain = LocalChain::create("chainsight-bench-", &[spec], &[CLIENT])?;
+        chain.start(RETAILER).await?;
+        println!("query: storing {n} events spread over a year");
+        let mut workload = Workload::new(13, "bench", 50_000, now).with_span_days(365);
+        let t = Instant::now();
+        publish_bulk(&chain, RETAILER, &mut workload, n).await?;
+        let ingest = n as f64 / t.elapsed().as_secs_f64();
+        let mut client =
+            pb::insights_client::InsightsClient::new(chain.channel(RETAILER, CLIENT).await?)
+                .max_decoding_message_size(256 * 1024 * 1024);
+        let mut latencies = Vec::with_capacity(opts.queries);
+        let mut rows = 0;
+        for _ in 0..opts.queries.max(1) {
+            let t = Instant::now();
+            let report = client
+                .query(feed_query(now))
+                .await
+                .map_err(|e| err("query")(e.message().to_string()))?
+                .into_inner();
+            latencies.push(t.elapsed());
+            rows = report.rows.len();
+        }
+        chain.stop(RETAILER).await?;
+        let size = QuerySize {
+            stored_events: n,
+            ingest_events_per_s: ingest,
+            rows,
+            latency: Percentiles::of(latencies),
+        };
+        println!(
+            "  {n} events: {} ({} rows)",
+            format_percentiles(&size.latency),
+            size.rows
+        );
+        sizes.push(size);
+    }
+    let with = ingest_rate(opts.cost_events, true, now).await?;
+    let without = ingest_rate(opts.cost_events, false, now).await?;
+    let report = QueryReport {
+        scenario: "query",
+        machine: machine(),
+        feed: FEED,
+        sizes,
+        ingest_with_rollups_events_per_s: with,
+        ingest_without_rollups_events_per_s: without,
+        parameters: opts,
+    };
+    println!("\nquery on {}: {}", report.machine, report.feed);
+    for s in &report.sizes {
+        println!(
+            "  {:>10} events: {} ({} rows; ingest {:.0} events/s)",
+            s.stored_events,
+            format_percentiles(&s.latency),
+            s.rows,
+            s.ingest_events_per_s
+        );
+    }
+    println!(
+        "  ingest of {} events: {:.0} events/s with rollups, {:.0} events/s without",
+        report.parameters.cost_events, with, without
+    );
+    write_json(&report, report.parameters.json.as_deref())?;
+    Ok(report)
+}
+
+async fn ingest_rate(n: usize, rollups: bool, now: i64) -> Result<f64, Error> {
+    let spec = NodeSpec {
+        id: RETAILER.into(),
+        roles: vec!["publishers = [\"bench\"]".into()],
+        extra: format!("[insights]\nrollups = {rollups}\n"),
+        ..NodeSpec::default()
+    };
+    let mut chain = LocalChain::create("chainsight-bench-", &[spec], &[CLIENT])?;
+    chain.start(RETAILER).await?;
+    let mut workload = Workload::new(17, "bench", 50_000, now).with_span_days(365);
+    let t = Instant::now();
+    publish_bulk(&chain, RETAILER, &mut workload, n).await?;
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    chain.stop(RETAILER).await?;
+    Ok(rate)
+}
+
 type Acks = Vec<(String, Instant)>;
 
 /// Publishes at the offered rate (a batch every 10 ms, each request on its

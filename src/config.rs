@@ -277,6 +277,27 @@ impl Default for Retention {
     }
 }
 
+/// `[insights]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InsightsConfig {
+    /// Maintain rollups at ingest (queries read only rollups). Turning this
+    /// off is for measuring their cost; re-enable with
+    /// `chainsight admin rebuild-rollups`.
+    #[serde(default = "default_true")]
+    pub rollups: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for InsightsConfig {
+    fn default() -> Self {
+        InsightsConfig { rollups: true }
+    }
+}
+
 /// `node.toml`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -298,6 +319,8 @@ pub struct NodeConfig {
     pub propagation: Propagation,
     #[serde(default)]
     pub retention: Retention,
+    #[serde(default)]
+    pub insights: InsightsConfig,
     #[serde(default)]
     pub filter_limit: Vec<FilterLimit>,
     #[serde(default)]

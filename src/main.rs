@@ -145,6 +145,21 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchScenario {
+    /// The typical insight feed's latency over 1M (and more) stored events; rollup cost.
+    Query {
+        /// Store sizes, comma-separated (e.g. 1000000,10000000).
+        #[arg(long, value_delimiter = ',', default_value = "1000000")]
+        sizes: Vec<usize>,
+        /// Queries timed per size.
+        #[arg(long, default_value_t = 50)]
+        queries: usize,
+        /// Events published with rollups on and off to compare ingest.
+        #[arg(long, default_value_t = 200_000)]
+        cost_events: usize,
+        /// Also write the figures as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// One node: backfill rate over N stored events, and live delivery latency.
     Subscribe {
         /// Events stored before the backfill.
@@ -446,6 +461,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let n = store.rebuild_rollups(|done| bar.set_position(done)).await?;
             bar.finish_and_clear();
             println!("rebuilt rollups from {n} events");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            scenario:
+                BenchScenario::Query {
+                    sizes,
+                    queries,
+                    cost_events,
+                    json,
+                },
+        } => {
+            let opts = chainsight::bench::QueryOptions {
+                sizes,
+                queries,
+                cost_events,
+                json,
+            };
+            chainsight::bench::query(opts).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Links { config, json } => {

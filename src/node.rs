@@ -125,9 +125,11 @@ async fn open_parts(config: &NodeConfig) -> Result<Parts, Error> {
     let anonymiser = Anonymiser::open(config.id.clone(), &config.data_dir, store_dir.exists())?;
     let links = Arc::new(Links::new(config, &anonymiser));
     let link_ids = links.ids();
-    let store = tokio::task::spawn_blocking(move || Store::open(&store_dir, &link_ids))
-        .await
-        .map_err(|e| Error::Serve(e.to_string()))??;
+    let rollups = config.insights.rollups;
+    let store =
+        tokio::task::spawn_blocking(move || Store::open_with(&store_dir, &link_ids, rollups))
+            .await
+            .map_err(|e| Error::Serve(e.to_string()))??;
     Ok(Parts {
         anonymiser,
         links,

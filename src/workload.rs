@@ -95,6 +95,7 @@ pub struct Workload {
     customers: Vec<Customer>,
     next: u64,
     now_secs: i64,
+    span_secs: i64,
 }
 
 const COUNTRIES: &[(&str, &str)] = &[
@@ -138,7 +139,14 @@ impl Workload {
             customers,
             next: 0,
             now_secs,
+            span_secs: 30 * 86_400,
         }
+    }
+
+    /// Spreads the events over the `days` before now instead of 30.
+    pub fn with_span_days(mut self, days: i64) -> Self {
+        self.span_secs = days.max(1) * 86_400;
+        self
     }
 
     /// The customers (to check later that none of their data left the edge).
@@ -216,7 +224,7 @@ impl Workload {
             K::SearchUnmet => "Looked for a larger pack size".to_string(),
             _ => String::new(),
         };
-        let age_secs = rng.random_range(0..30 * 86_400);
+        let age_secs = rng.random_range(0..self.span_secs);
         pb::CustomerEvent {
             event_id: format!("{}-{:07}", self.prefix, self.next),
             kind: kind as i32,

@@ -135,6 +135,12 @@ impl Store {
     /// Opens (creating if needed) the store in `dir`, with an outbox per
     /// entry of `links`, and starts its writer.
     pub fn open(dir: &Path, links: &[String]) -> Result<Store> {
+        Self::open_with(dir, links, true)
+    }
+
+    /// As [`Self::open`]; with `rollups = false` the writer does not maintain
+    /// rollups (to measure their cost; insight queries then see nothing new).
+    pub fn open_with(dir: &Path, links: &[String], rollups: bool) -> Result<Store> {
         let open_err = |source| Error::Open {
             path: dir.to_path_buf(),
             source,
@@ -165,7 +171,13 @@ impl Store {
         let flushes = Arc::new(AtomicU64::new(0));
         let last = high_water(&trees)?;
         let (durable_tx, durable) = tokio::sync::watch::channel(last);
-        let writer = writer::spawn(db.clone(), trees.clone(), flushes.clone(), durable_tx)?;
+        let writer = writer::spawn(
+            db.clone(),
+            trees.clone(),
+            flushes.clone(),
+            durable_tx,
+            rollups,
+        )?;
         Ok(Store {
             inner: Arc::new(Inner {
                 db,

@@ -41,6 +41,7 @@ pub(super) fn spawn(
     trees: Trees,
     flushes: Arc<AtomicU64>,
     durable: tokio::sync::watch::Sender<Seq>,
+    rollups: bool,
 ) -> Result<mpsc::Sender<Command>> {
     let next_seq = super::high_water(&trees)? + 1;
     let (tx, rx) = mpsc::channel(QUEUE);
@@ -50,6 +51,7 @@ pub(super) fn spawn(
         next_seq,
         flushes,
         durable,
+        rollups,
     };
     std::thread::Builder::new()
         .name("store-writer".into())
@@ -64,6 +66,8 @@ struct Writer {
     next_seq: Seq,
     flushes: Arc<AtomicU64>,
     durable: tokio::sync::watch::Sender<Seq>,
+    /// Maintain rollups (off only to measure their cost).
+    rollups: bool,
 }
 
 impl Writer {
@@ -245,7 +249,11 @@ impl Writer {
             .max()
             .unwrap_or(0)
             .to_be_bytes();
-        let cells = crate::rollup::fold(new.iter().map(|(_, ne)| &ne.event));
+        let cells = if self.rollups {
+            crate::rollup::fold(new.iter().map(|(_, ne)| &ne.event))
+        } else {
+            Default::default()
+        };
         // [events, by_id, by_time, meta, rollups, outbox 0, outbox 1, ...]
         let mut trees: Vec<&sled::Tree> =
             vec![&t.events, &t.by_id, &t.by_time, &t.meta, &t.rollups];
