@@ -363,16 +363,23 @@ pub async fn subscribe(
     let mut client =
         pb::signals_client::SignalsClient::new(channel).max_decoding_message_size(16 * 1024 * 1024);
     let name = opts.name.clone().unwrap_or_default();
-    let mut stream = client
+    let stream = client
         .subscribe(pb::SubscribeRequest {
             filter: Some(opts.filter.clone()),
             after_cursor: opts.after,
             follow: opts.follow,
             name: name.clone(),
         })
-        .await?
-        .into_inner();
-    let mut last = opts.after;
+        .await?;
+    // The node says where the stream starts (a named subscription's cursor).
+    let start = stream
+        .metadata()
+        .get("x-start-cursor")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(opts.after);
+    let mut stream = stream.into_inner();
+    let mut last = start;
     let mut acked = last;
     let mut ack_tick = tokio::time::interval(ACK_EVERY);
     tokio::pin!(stop);

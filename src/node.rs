@@ -97,7 +97,13 @@ async fn run_inner(
     let result = serve_until(server, shutdown, &token, &health).await;
     token.cancel();
     for w in workers.into_iter().chain(retention) {
-        let _ = w.await;
+        // Workers watch the token; the bound is a safety net.
+        if tokio::time::timeout(Duration::from_secs(5), w)
+            .await
+            .is_err()
+        {
+            tracing::warn!("a background task did not stop within 5 s; leaving it");
+        }
     }
     parts.store.flush().await?;
     tracing::info!(

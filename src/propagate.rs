@@ -219,7 +219,7 @@ impl Worker {
         tracing::info!(address = %self.link().address, backlog = self.store.outbox_len(self.idx), "link worker started");
         while !self.token.is_cancelled() {
             let mut progressed = false;
-            let result = self.session(&mut progressed).await;
+            let result = self.watched_session(&mut progressed).await;
             let state = &self.link().state;
             state.connected.store(false, Ordering::SeqCst);
             let Err(e) = result else { break };
@@ -238,6 +238,22 @@ impl Worker {
             }
         }
         tracing::info!("link worker stopped");
+    }
+
+    /// A session, ended early by shutdown, with the stall check running even
+    /// while connecting (an upstream that accepts TCP but never completes the
+    /// handshake must not be a silent stall).
+    async fn watched_session(&self, progressed: &mut bool) -> Result<(), SessionError> {
+        let session = self.session(progressed);
+        tokio::pin!(session);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                res = &mut session => return res,
+                _ = self.token.cancelled() => return Ok(()),
+                _ = tick.tick() => self.check_stall(),
+            }
+        }
     }
 
     /// Sleeps `delay` while still watching for a stall.

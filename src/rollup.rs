@@ -74,18 +74,32 @@ fn get_str(bytes: &[u8], pos: &mut usize) -> Option<String> {
     Some(s)
 }
 
-/// The sled key of the first cell of `hour` (cells sort by hour first).
-pub fn hour_prefix(hour: i64) -> [u8; 8] {
-    ((hour as u64) ^ (1 << 63)).to_be_bytes()
+/// Base cells (no attribute) and attribute cells are kept apart, so that a
+/// query reads only the family it needs.
+pub const FAMILY_BASE: u8 = 0;
+/// See [`FAMILY_BASE`].
+pub const FAMILY_ATTRIBUTE: u8 = 1;
+
+/// The sled key of the first cell of `hour` in `family` (cells sort by
+/// family, then hour).
+pub fn hour_prefix(family: u8, hour: i64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = family;
+    k[1..].copy_from_slice(&((hour as u64) ^ (1 << 63)).to_be_bytes());
+    k
 }
 
 impl CellKey {
-    /// Encodes the key: hour (sign-flipped, big-endian) then the dimensions.
+    /// Encodes the key: family, hour (sign-flipped, big-endian), dimensions.
     pub fn encode(&self) -> Vec<u8> {
         let d = &self.dims;
+        let family = if d.attribute.is_some() {
+            FAMILY_ATTRIBUTE
+        } else {
+            FAMILY_BASE
+        };
         let mut out = Vec::with_capacity(96);
-        out.extend_from_slice(&hour_prefix(self.hour));
-        out.push(u8::from(d.attribute.is_some()));
+        out.extend_from_slice(&hour_prefix(family, self.hour));
         for s in [&d.gtin, &d.category, &d.brand, &d.region] {
             put_str(&mut out, s);
         }
@@ -100,8 +114,8 @@ impl CellKey {
 
     /// Decodes a key written by [`Self::encode`].
     pub fn decode(bytes: &[u8]) -> Option<Self> {
-        let hour = (u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?) ^ (1 << 63)) as i64;
-        let has_attr = *bytes.get(8)? == 1;
+        let has_attr = *bytes.first()? == FAMILY_ATTRIBUTE;
+        let hour = (u64::from_be_bytes(bytes.get(1..9)?.try_into().ok()?) ^ (1 << 63)) as i64;
         let mut pos = 9;
         let gtin = get_str(bytes, &mut pos)?;
         let category = get_str(bytes, &mut pos)?;
@@ -360,6 +374,13 @@ mod tests {
         let mut negative = k.clone();
         negative.hour = -5;
         assert!(negative.encode() < k.encode());
+        let mut base = k.clone();
+        base.dims.attribute = None;
+        base.hour += 100;
+        assert!(
+            base.encode() < k.encode(),
+            "base cells sort before attribute cells"
+        );
     }
 
     /// splitmix64: uniform 64-bit values, as HMAC-derived hashes are.

@@ -284,7 +284,9 @@ pub fn client_endpoint(
             read(&files.cert, "certificate")?,
             read(&files.key, "private key")?,
         ))
-        .domain_name(server_name);
+        .domain_name(server_name)
+        // Bounds the TLS handshake too: connect_timeout covers only TCP.
+        .timeout(Duration::from_secs(10));
     Endpoint::from_shared(address.to_string())
         .map_err(|e| Error::Client(format!("bad address {address:?}: {e}")))?
         .tls_config(tls)

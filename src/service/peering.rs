@@ -111,7 +111,12 @@ impl Inner {
         sender: &str,
         ev: pb::PreferenceEvent,
     ) -> Result<crate::domain::PreferenceEvent, String> {
-        let ev = conversions::preference_event_from_pb(ev).map_err(|e| e.to_string())?;
+        let mut ev = conversions::preference_event_from_pb(ev).map_err(|e| e.to_string())?;
+        // Do not trust the sender's scrubbing: free text is scrubbed again.
+        ev.text = crate::anonymise::scrub_text(&ev.text);
+        for v in ev.attributes.values_mut() {
+            *v = crate::anonymise::scrub_text(v);
+        }
         if ev.path.iter().any(|p| p == &self.node_id) {
             return Err(format!(
                 "loop: path {:?} already contains this node",

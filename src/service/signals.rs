@@ -76,11 +76,9 @@ impl SignalsService {
         }
         let purged = self.store.purged_upto().map_err(ApiError::from)?;
         if start > 0 && start < purged {
-            let oldest = self
-                .store
-                .first_seq()
-                .map_err(ApiError::from)?
-                .map_or(last, |first| first - 1);
+            // Every event after `purged` is still stored, so resuming after
+            // it never misses anything retention did not remove.
+            let oldest = purged;
             let mut status = Status::out_of_range(format!(
                 "cursor {start} points before the oldest retained event: retention removed events up to cursor {purged}; \
                  the oldest available cursor is {oldest} (subscribe with after_cursor {oldest}, or 0 for everything retained)"
@@ -137,9 +135,16 @@ impl pb::signals_server::Signals for SignalsService {
             follow: req.follow,
             tx,
             shutdown: self.shutdown.clone(),
+            purged_seen: self.store.purged_upto().map_err(ApiError::from)?,
         };
         tokio::spawn(feed.run().instrument(span));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let mut resp = Response::new(Box::pin(ReceiverStream::new(rx)) as SignalStream);
+        // Where the stream starts (useful for named subscriptions that
+        // receive nothing: the client can still report where to resume).
+        if let Ok(v) = start.to_string().parse() {
+            resp.metadata_mut().insert("x-start-cursor", v);
+        }
+        Ok(resp)
     }
 
     async fn ack(&self, req: Request<pb::AckRequest>) -> Result<Response<pb::AckResponse>, Status> {
@@ -179,18 +184,53 @@ struct Feed {
     follow: bool,
     tx: mpsc::Sender<Result<pb::Signal, Status>>,
     shutdown: CancellationToken,
+    /// Retention's high-water mark when this feed last checked.
+    purged_seen: Seq,
 }
 
 impl Feed {
+    /// A follower that fell behind retention is told, not silently skipped:
+    /// if retention removed events after its cursor since it last looked.
+    fn check_not_purged(&mut self) -> Result<(), Status> {
+        let purged = self.store.purged_upto().map_err(ApiError::from)?;
+        let newly_purged = purged > self.purged_seen;
+        self.purged_seen = purged;
+        if newly_purged && self.cursor < purged {
+            return Err(Status::out_of_range(format!(
+                "retention removed events after cursor {} (up to cursor {purged}) before they were delivered; \
+                 resubscribe with after_cursor {purged}",
+                self.cursor
+            )));
+        }
+        Ok(())
+    }
+
     async fn run(mut self) {
         let mut durable = self.store.watch_durable();
         let mut sent = 0u64;
         loop {
             let upto = *durable.borrow_and_update();
-            let chunk = match self.store.scan_range(self.cursor, upto, SCAN_CHUNK) {
-                Ok(chunk) => chunk,
-                Err(e) => {
+            if let Err(status) = self.check_not_purged() {
+                let _ = self.tx.send(Err(status)).await;
+                return;
+            }
+            // The scan is a blocking sled read; a filter that matches little
+            // must not hold a runtime thread.
+            let (store, cursor) = (self.store.clone(), self.cursor);
+            let scanned =
+                tokio::task::spawn_blocking(move || store.scan_range(cursor, upto, SCAN_CHUNK))
+                    .await;
+            let chunk = match scanned {
+                Ok(Ok(chunk)) => chunk,
+                Ok(Err(e)) => {
                     let _ = self.tx.send(Err(ApiError::from(e).into())).await;
+                    return;
+                }
+                Err(e) => {
+                    let _ = self
+                        .tx
+                        .send(Err(ApiError::Internal(e.to_string()).into()))
+                        .await;
                     return;
                 }
             };

@@ -269,36 +269,28 @@ impl Store {
         self.inner.durable.clone()
     }
 
-    /// Rollup cells of the hours `from..to` (open ends: unbounded), in key order.
+    /// Rollup cells of `family` in the hours `from..to` (open ends:
+    /// unbounded), in key order.
     pub fn scan_rollups(
         &self,
+        family: u8,
         from: Option<i64>,
         to: Option<i64>,
     ) -> impl Iterator<Item = Result<(crate::rollup::CellKey, crate::rollup::Agg)>> + '_ {
-        use std::ops::Bound;
-        let start = from.map_or(Bound::Unbounded, |h| {
-            Bound::Included(crate::rollup::hour_prefix(h).to_vec())
-        });
-        let end = to.map_or(Bound::Unbounded, |h| {
-            Bound::Excluded(crate::rollup::hour_prefix(h).to_vec())
-        });
-        self.inner
-            .trees
-            .rollups
-            .range::<Vec<u8>, _>((start, end))
-            .map(|item| {
-                let (k, v) = item?;
-                let corrupt = |what: &str| Error::Corrupt {
-                    tree: "rollups",
-                    key: format!("{k:?}"),
-                    source: DecodeError::Payload(what.to_string()),
-                };
-                let key =
-                    crate::rollup::CellKey::decode(&k).ok_or_else(|| corrupt("bad cell key"))?;
-                let agg =
-                    crate::rollup::Agg::decode_bytes(&v).ok_or_else(|| corrupt("bad cell"))?;
-                Ok((key, agg))
-            })
+        use crate::rollup::hour_prefix;
+        let start = hour_prefix(family, from.unwrap_or(i64::MIN)).to_vec();
+        let end = hour_prefix(family, to.unwrap_or(i64::MAX)).to_vec();
+        self.inner.trees.rollups.range(start..end).map(|item| {
+            let (k, v) = item?;
+            let corrupt = |what: &str| Error::Corrupt {
+                tree: "rollups",
+                key: format!("{k:?}"),
+                source: DecodeError::Payload(what.to_string()),
+            };
+            let key = crate::rollup::CellKey::decode(&k).ok_or_else(|| corrupt("bad cell key"))?;
+            let agg = crate::rollup::Agg::decode_bytes(&v).ok_or_else(|| corrupt("bad cell"))?;
+            Ok((key, agg))
+        })
     }
 
     /// Recomputes every rollup cell from the stored events (offline repair,

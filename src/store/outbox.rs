@@ -45,11 +45,22 @@ impl Store {
         let mut out = Vec::new();
         let mut bytes = 0;
         let start = after.saturating_add(1).to_be_bytes();
+        // Only what is flushed here is forwarded.
+        let durable = self.durable_seq();
         for item in self.outbox(link).tree.range(start..) {
             let (k, _) = item?;
             let seq = seq_from(&k, "outbox", "?")?;
+            if seq > durable {
+                break;
+            }
             let Some(raw) = self.inner.trees.events.get(k)? else {
-                // The event is gone (e.g. removed by retention): nothing to send.
+                // The event is gone (removed by retention before it could be
+                // forwarded): nothing to send, but say so.
+                tracing::warn!(
+                    link,
+                    seq,
+                    "an event past retention was dropped from the outbox before it was forwarded"
+                );
                 self.outbox_ack(link, &[seq])?;
                 continue;
             };
@@ -78,7 +89,11 @@ impl Store {
                 removed += 1;
             }
         }
-        outbox.len.fetch_sub(removed, Ordering::SeqCst);
+        let _ = outbox
+            .len
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                Some(n.saturating_sub(removed))
+            });
         Ok(())
     }
 

@@ -119,23 +119,23 @@ impl Writer {
     fn purge(&mut self, before: UnixNanos, limit: usize) -> Result<usize> {
         let t = &self.trees;
         let end = time_key(before.0, 0);
-        let mut victims: Vec<(Vec<u8>, Seq, String)> = Vec::new();
+        let mut victims: Vec<(Vec<u8>, Seq, ())> = Vec::new();
         for item in t.by_time.range(..end).take(limit) {
             let (k, _) = item?;
             let seq = super::seq_from(&k[8..], "by_time", "?")?;
-            let id = match t.events.get(seq.to_be_bytes())? {
-                Some(raw) => super::decode_event(seq, &raw)?.event_id,
-                None => String::new(),
-            };
-            victims.push((k.to_vec(), seq, id));
+            victims.push((k.to_vec(), seq, ()));
         }
         if victims.is_empty() {
             // Everything before `before` is gone: so go the rollup cells of
             // those hours (retention cuts at whole hours).
-            let end = crate::rollup::hour_prefix(crate::rollup::hour_of(before));
+            let hour = crate::rollup::hour_of(before);
             let mut batch = sled::Batch::default();
-            for item in t.rollups.range(..end.to_vec()) {
-                batch.remove(item?.0);
+            for family in [crate::rollup::FAMILY_BASE, crate::rollup::FAMILY_ATTRIBUTE] {
+                let start = crate::rollup::hour_prefix(family, i64::MIN).to_vec();
+                let end = crate::rollup::hour_prefix(family, hour).to_vec();
+                for item in t.rollups.range(start..end) {
+                    batch.remove(item?.0);
+                }
             }
             t.rollups.apply_batch(batch)?;
             return Ok(0);
@@ -143,13 +143,12 @@ impl Writer {
         let purged_upto = super::meta_seq(&t.meta, super::META_PURGED_UPTO)?
             .max(victims.iter().map(|v| v.1).max().unwrap_or(0))
             .to_be_bytes();
-        (&t.events, &t.by_id, &t.by_time, &t.meta)
-            .transaction(|(events, by_id, by_time, meta)| {
-                for (time_key, seq, id) in &victims {
+        (&t.events, &t.by_time, &t.meta)
+            .transaction(|(events, by_time, meta)| {
+                // `by_id` entries stay, as tombstones: a late resend of a
+                // removed event is still a duplicate, never a new copy.
+                for (time_key, seq, _) in &victims {
                     events.remove(&seq.to_be_bytes())?;
-                    if !id.is_empty() {
-                        by_id.remove(id.as_bytes())?;
-                    }
                     by_time.remove(time_key.as_slice())?;
                 }
                 meta.insert(super::META_PURGED_UPTO, &purged_upto)?;
@@ -186,6 +185,12 @@ impl Writer {
         // new outbox entries after the flush, so they forward what is durable.
         let started = std::time::Instant::now();
         let flushed = self.flush_now();
+        if flushed.is_ok() {
+            self.flushes.fetch_add(1, Ordering::Relaxed);
+            // Readers (subscribers, link workers) may now see everything up
+            // to here; set before links are woken so they find it.
+            self.durable.send_replace(self.next_seq - 1);
+        }
         self.announce(&batch, &outcomes);
         if let Err(e) = flushed {
             fail(
@@ -195,9 +200,6 @@ impl Writer {
             );
             return;
         }
-        self.flushes.fetch_add(1, Ordering::Relaxed);
-        // Readers (subscribers) may now see everything up to here.
-        self.durable.send_replace(self.next_seq - 1);
         tracing::trace!(elapsed = ?started.elapsed(), "flushed");
         for (cmd, outcome) in batch.into_iter().zip(outcomes) {
             let Append { reply, .. } = cmd;
