@@ -297,12 +297,19 @@ impl Worker {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             while inflight.len() < window {
-                let queued = self.store.outbox_batch(
+                // sled calls can wait on the store's write lock: keep them
+                // off the runtime threads that serve gRPC.
+                let (store, idx, max_events, max_bytes) = (
+                    self.store.clone(),
                     self.idx,
-                    cursor,
                     self.settings.batch_max_events,
                     self.settings.batch_max_bytes,
-                )?;
+                );
+                let queued = tokio::task::spawn_blocking(move || {
+                    store.outbox_batch(idx, cursor, max_events, max_bytes)
+                })
+                .await
+                .map_err(|e| SessionError::Protocol(e.to_string()))??;
                 let Some(last) = queued.last() else { break };
                 cursor = last.seq;
                 let seqs: Vec<Seq> = queued.iter().map(|q| q.seq).collect();
@@ -324,7 +331,7 @@ impl Worker {
                 _ = self.token.cancelled() => return Ok(()),
                 ack = acks.message() => {
                     let ack = ack?.ok_or_else(|| SessionError::Protocol("upstream closed the stream".into()))?;
-                    self.on_ack(ack, &mut inflight)?;
+                    self.on_ack(ack, &mut inflight).await?;
                     *progressed = true;
                 }
                 _ = self.store.outbox_added(self.idx), if inflight.len() < window => {}
@@ -333,7 +340,7 @@ impl Worker {
         }
     }
 
-    fn on_ack(
+    async fn on_ack(
         &self,
         ack: pb::ForwardAck,
         inflight: &mut VecDeque<(u64, Vec<Seq>)>,
@@ -347,11 +354,12 @@ impl Worker {
                 ack.batch_id
             )));
         }
-        self.store.outbox_ack(self.idx, &seqs)?;
+        let (store, idx, n) = (self.store.clone(), self.idx, seqs.len());
+        tokio::task::spawn_blocking(move || store.outbox_ack(idx, &seqs))
+            .await
+            .map_err(|e| SessionError::Protocol(e.to_string()))??;
         let state = &self.link().state;
-        state
-            .acknowledged
-            .fetch_add(seqs.len() as u64, Ordering::SeqCst);
+        state.acknowledged.fetch_add(n as u64, Ordering::SeqCst);
         *lock(&state.last_progress) = Some((Instant::now(), UnixNanos::now()));
         lock(&state.last_error).clear();
         if state.stalled.swap(false, Ordering::SeqCst) {

@@ -33,7 +33,7 @@ type SignalsClient = pb::signals_client::SignalsClient<Channel>;
 type IngestClient = pb::ingest_client::IngestClient<Channel>;
 
 /// A node `id` whose publisher is `retailer-eshop` and whose subscribers are
-/// `maker-app` and `maker-bi`, plus `extra` TOML.
+/// `maker-app`, `maker-bi` and `partner`, plus `extra` TOML.
 fn node(env: &TestEnv, id: &str, extra: &str) -> NodeProc {
     env.node_config(
         id,
@@ -426,12 +426,30 @@ async fn the_manufacturers_follower_receives_the_retailers_events_as_they_propag
 }
 
 // 4. Slow subscriber
-/// Publishes `events` and returns the rate in events per second.
-async fn timed_round(client: &mut IngestClient, events: Vec<pb::CustomerEvent>) -> f64 {
+/// CPU time (user + system) `pid` has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command name (which is in parentheses): state is
+    // field 3, utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = stat[stat.rfind(')').expect("comm") + 2..]
+        .split(' ')
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Publishes `events` to `node`; returns the rate in events per second and
+/// the CPU ticks the node used meanwhile.
+async fn timed_round(
+    client: &mut IngestClient,
+    pid: u32,
+    events: Vec<pb::CustomerEvent>,
+) -> (f64, u64) {
     let n = events.len();
+    let cpu = cpu_ticks(pid);
     let start = Instant::now();
     publish_stream(client, events).await;
-    n as f64 / start.elapsed().as_secs_f64()
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    (rate, cpu_ticks(pid) - cpu)
 }
 
 /// Events with about 2 KB of text each, so that holding the unconsumed ones
@@ -457,13 +475,12 @@ async fn a_slow_subscriber_neither_slows_publishing_nor_grows_the_nodes_memory()
     let app = env.issue("maker-app");
     let mut quiet_ingest = quiet.ingest(&eshop).await;
     let mut busy_ingest = busy.ingest(&eshop).await;
-    let (rounds, per_round) = (3, 5000);
-
-    // Warm up both (connections, store files, allocator).
-    timed_round(&mut quiet_ingest, fat_events("warm", 2000)).await;
-    timed_round(&mut busy_ingest, fat_events("warm", 2000)).await;
+    let (rounds, per_round) = (6, 2500);
 
     let (quiet_pid, busy_pid) = (node_pid(&quiet), node_pid(&busy));
+    // Warm up both (connections, store files, allocator).
+    timed_round(&mut quiet_ingest, quiet_pid, fat_events("warm", 2000)).await;
+    timed_round(&mut busy_ingest, busy_pid, fat_events("warm", 2000)).await;
     let (quiet_rss_before, busy_rss_before) = (vm_rss_kib(quiet_pid), vm_rss_kib(busy_pid));
 
     // The slow subscriber: follows from the start of the store, reading one
@@ -486,55 +503,103 @@ async fn a_slow_subscriber_neither_slows_publishing_nor_grows_the_nodes_memory()
     };
 
     let (mut quiet_rates, mut busy_rates) = (Vec::new(), Vec::new());
+    let (mut quiet_cpu, mut busy_cpu) = (0, 0);
     for r in 0..rounds {
         let q = fat_events(&format!("q{r}"), per_round);
         let b = fat_events(&format!("b{r}"), per_round);
         // Alternate which goes first, so neither always gets the warmer disk.
-        if r % 2 == 0 {
-            quiet_rates.push(timed_round(&mut quiet_ingest, q).await);
-            busy_rates.push(timed_round(&mut busy_ingest, b).await);
+        let (quiet_round, busy_round) = if r % 2 == 0 {
+            let q = timed_round(&mut quiet_ingest, quiet_pid, q).await;
+            (q, timed_round(&mut busy_ingest, busy_pid, b).await)
         } else {
-            busy_rates.push(timed_round(&mut busy_ingest, b).await);
-            quiet_rates.push(timed_round(&mut quiet_ingest, q).await);
-        }
+            let b = timed_round(&mut busy_ingest, busy_pid, b).await;
+            (timed_round(&mut quiet_ingest, quiet_pid, q).await, b)
+        };
+        quiet_rates.push(quiet_round.0);
+        busy_rates.push(busy_round.0);
+        quiet_cpu += quiet_round.1;
+        busy_cpu += busy_round.1;
     }
     let (quiet_rss_after, busy_rss_after) = (vm_rss_kib(quiet_pid), vm_rss_kib(busy_pid));
     let consumed = consumed.load(Ordering::SeqCst);
     assert!(!reader.is_finished(), "the slow subscription stays open");
     reader.abort();
 
+    // Each round of `busy` ran right next to one of `quiet`, so their ratio
+    // cancels the drift of this (shared, 2-core) machine's load; the median
+    // of the ratios discounts a burst of load that hit a single round.
+    let mut ratios: Vec<f64> = busy_rates
+        .iter()
+        .zip(&quiet_rates)
+        .map(|(b, q)| b / q)
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let median = (ratios[ratios.len() / 2] + ratios[(ratios.len() - 1) / 2]) / 2.0;
     let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
-    let (quiet_best, busy_best) = (best(&quiet_rates), best(&busy_rates));
-    let published_during = (rounds * per_round) as u64;
-    let quiet_growth_mib = (quiet_rss_after as f64 - quiet_rss_before as f64) / 1024.0;
-    let busy_growth_mib = (busy_rss_after as f64 - busy_rss_before as f64) / 1024.0;
+    let stored = 2000 + (rounds * per_round) as u64;
+    let mib = |before: u64, after: u64| (after as f64 - before as f64) / 1024.0;
+    let quiet_growth = mib(quiet_rss_before, quiet_rss_after);
+    let busy_growth = mib(busy_rss_before, busy_rss_after);
     println!(
-        "publish rate (events/s) without slow subscriber: {quiet_rates:.0?} best {quiet_best:.0}; \
-         with: {busy_rates:.0?} best {busy_best:.0} ({:.1} %)",
-        100.0 * busy_best / quiet_best
+        "publish rate (events/s) without a slow subscriber: {quiet_rates:.0?} (best {:.0}); \
+         with one: {busy_rates:.0?} (best {:.0}); per-round ratios {ratios:.2?}, median {median:.2}",
+        best(&quiet_rates),
+        best(&busy_rates),
     );
     println!(
-        "VmRSS without: {} -> {} KiB ({quiet_growth_mib:+.1} MiB); with: {} -> {} KiB \
-         ({busy_growth_mib:+.1} MiB); slow subscriber consumed {consumed} of {} stored events",
-        quiet_rss_before,
-        quiet_rss_after,
-        busy_rss_before,
-        busy_rss_after,
-        2000 + published_during
+        "node CPU ticks for the {} events: {quiet_cpu} without, {busy_cpu} with",
+        rounds * per_round
     );
-    println!("RSSDIFF {:.1}", busy_growth_mib - quiet_growth_mib);
-    let stored = 2000 + published_during;
+    println!(
+        "VmRSS without: {quiet_rss_before} -> {quiet_rss_after} KiB ({quiet_growth:+.1} MiB); \
+         with: {busy_rss_before} -> {busy_rss_after} KiB ({busy_growth:+.1} MiB); \
+         the slow subscriber read {consumed} of {stored} stored events"
+    );
     assert!(
         stored - consumed >= 15_000,
-        "the slow subscriber must have left at least 15,000 events unconsumed ({consumed} read)"
+        "the slow subscriber must have left at least 15,000 events unread ({consumed} read)"
+    );
+    // Wall-clock rates only mean something when the machine is not
+    // overloaded by other work (seen here: ratios of 0.83-0.89 at load
+    // averages of 5-9 on 2 cores, never at ~3.5). On an overloaded machine
+    // the comparison is reported, and the CPU-per-event check below (which
+    // does not depend on load) still guards the property.
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get()) as f64;
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| {
+            l.split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0);
+    if load <= 2.0 * cpus {
+        assert!(
+            median >= 0.9,
+            "a slow subscriber slowed publishing: median rate ratio {median:.2} ({ratios:.2?})"
+        );
+    } else {
+        println!(
+            "load average {load:.1} on {cpus} CPUs: the machine is overloaded, the rate ratio {median:.2} is reported, not asserted"
+        );
+    }
+    // Unlike the rates, the node's CPU time per event hardly depends on the
+    // rest of the machine's load: the slow subscriber must not add work.
+    assert!(
+        busy_cpu as f64 <= 1.25 * quiet_cpu as f64,
+        "a slow subscriber made the node work more: {busy_cpu} CPU ticks vs {quiet_cpu} without"
     );
     assert!(
-        busy_best >= 0.9 * quiet_best,
-        "a slow subscriber slowed publishing: {busy_best:.0}/s vs {quiet_best:.0}/s without"
+        busy_growth < 100.0,
+        "the node's memory grew by {busy_growth:.1} MiB with a slow subscriber"
     );
+    // The ~17,000 unread events carry about 35 MB of text: a node that
+    // queued them in memory for the subscriber grew by ~34 MiB more than the
+    // quiet one (tried with an unbounded subscriber queue); the difference
+    // between two identical nodes without that stayed within ±17 MiB.
     assert!(
-        busy_growth_mib < 100.0,
-        "the node's memory grew by {busy_growth_mib:.1} MiB with a slow subscriber"
+        busy_growth < quiet_growth + 25.0,
+        "with a slow subscriber the node grew by {busy_growth:.1} MiB, {quiet_growth:.1} MiB without"
     );
 }
 
@@ -688,40 +753,52 @@ async fn retention_removes_old_events_and_an_older_cursor_gets_out_of_range() {
             .await
             .expect_err("cursor before the oldest retained event");
         assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
-        let oldest: u64 = status
-            .metadata()
-            .get("x-oldest-cursor")
-            .expect("x-oldest-cursor metadata")
-            .to_str()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let oldest = oldest_cursor(&status);
         assert_eq!(oldest, 50, "resuming after 50 misses nothing retained");
-        assert!(
-            status.message().contains(&oldest.to_string()),
-            "the message names the oldest available cursor: {status:?}"
-        );
         let resumed = backfill(&mut client, pb::Filter::default(), oldest, "").await;
         assert_eq!(ids(&resumed), recent_ids);
     }
     let from_start = backfill(&mut client, pb::Filter::default(), 0, "").await;
     assert_eq!(ids(&from_start), recent_ids);
 
-    // Sequence numbers are never reused, even when retention removed the
-    // newest events and the node restarts.
+    // Old events published after recent ones: retention now removes the
+    // newest cursors (81..=100) while 51..=80 stay.
     let newest_old: Vec<_> = events("old2", 20)
         .into_iter()
         .map(|e| occurred_days_ago(e, 3))
         .collect();
     publish_all(&mut node.ingest(&eshop).await, newest_old).await; // cursors 81..=100
+    let refused = std::sync::Mutex::new(None);
     eventually(Duration::from_secs(20), "retention to remove old2", || {
         let mut client = client.clone();
+        let refused = &refused;
         async move {
-            let got = backfill(&mut client, pb::Filter::default(), 0, "").await;
-            !ids(&got).iter().any(|id| id.starts_with("old2-"))
+            let res = client
+                .subscribe(request(pb::Filter::default(), 80, false, ""))
+                .await;
+            let done = res.is_err();
+            *refused.lock().unwrap() = res.err();
+            done
         }
     })
     .await;
+    let status = refused.into_inner().unwrap().unwrap();
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    let oldest = oldest_cursor(&status);
+    assert_eq!(oldest, 100, "after 100 nothing was removed: {status:?}");
+    let resumed = try_backfill(&mut client, oldest).await.unwrap_or_else(|s| {
+        panic!("the node named {oldest} as the oldest available cursor, then refused it: {s:?}")
+    });
+    assert!(resumed.is_empty());
+    // A subscriber from the start still gets everything retained: events
+    // removed before it subscribed are no reason to refuse it.
+    let got = try_backfill(&mut client, 0).await.unwrap_or_else(|s| {
+        panic!("a backfill from 0 must give everything retained, even when retention removed events newer than some retained ones: {s:?}")
+    });
+    assert_eq!(ids(&got), recent_ids);
+
+    // Sequence numbers are never reused, even when retention removed the
+    // newest events and the node restarts.
     node.terminate();
     node.restart();
     publish_all(&mut node.ingest(&eshop).await, events("after-restart", 1)).await;
@@ -737,66 +814,41 @@ async fn retention_removes_old_events_and_an_older_cursor_gets_out_of_range() {
     );
 }
 
-/// Known bug (see the report): when events that occurred long ago are
-/// published after recent ones, retention removes a non-prefix of the
-/// sequence; the "oldest available cursor" the node names then lies before
-/// the purge high-water mark, and subscribing with it is refused again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug in Signals::start_cursor: the oldest available cursor it names can itself be OUT_OF_RANGE"]
-async fn the_oldest_cursor_named_by_out_of_range_is_accepted_when_old_events_came_late() {
-    let _shared = EXCLUSIVE.read().await;
-    let env = TestEnv::new();
-    let node = node(
-        &env,
-        "retailer",
-        "[retention]\nmax_age = \"2d\"\ncheck_every = \"1s\"\n",
-    );
-    let eshop = env.issue("retailer-eshop");
-    let app = env.issue("maker-app");
-    let old = |p: &str| -> Vec<_> {
-        events(p, 10)
-            .into_iter()
-            .map(|e| occurred_days_ago(e, 3))
-            .collect()
-    };
-    let mut ingest = node.ingest(&eshop).await;
-    publish_all(&mut ingest, old("oldA")).await; // 1..=10
-    publish_all(&mut ingest, events("recent", 10)).await; // 11..=20
-    publish_all(&mut ingest, old("oldB")).await; // 21..=30, removed
-    publish_all(&mut ingest, events("later", 10)).await; // 31..=40
-    let client = signals(&node, &app).await;
-    eventually(Duration::from_secs(20), "retention", || {
-        let mut client = client.clone();
-        async move {
-            backfill(&mut client, pb::Filter::default(), 0, "")
-                .await
-                .len()
-                == 20
-        }
-    })
-    .await;
-    let mut client = client;
-    let status = client
-        .subscribe(request(pb::Filter::default(), 25, false, ""))
-        .await
-        .expect_err("events after 25 were removed");
-    assert_eq!(status.code(), tonic::Code::OutOfRange);
+/// The oldest available cursor an OUT_OF_RANGE status names, from its
+/// metadata; the message must name it too.
+fn oldest_cursor(status: &tonic::Status) -> u64 {
     let oldest: u64 = status
         .metadata()
         .get("x-oldest-cursor")
-        .expect("x-oldest-cursor")
+        .expect("x-oldest-cursor metadata")
         .to_str()
         .unwrap()
         .parse()
         .unwrap();
-    let resumed = client
-        .subscribe(request(pb::Filter::default(), oldest, false, ""))
-        .await;
     assert!(
-        resumed.is_ok(),
-        "the node named {oldest} as the oldest available cursor, then refused it: {:?}",
-        resumed.err()
+        status.message().contains(&oldest.to_string()),
+        "the message names the oldest available cursor: {status:?}"
     );
+    oldest
+}
+
+/// An unfiltered backfill after `after`, or the status that ended it.
+async fn try_backfill(
+    client: &mut SignalsClient,
+    after: u64,
+) -> Result<Vec<pb::Signal>, tonic::Status> {
+    let mut stream = client
+        .subscribe(request(pb::Filter::default(), after, false, ""))
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(s) = tokio::time::timeout(MESSAGE_TIMEOUT, stream.message())
+        .await
+        .expect("the next signal (or the end) in time")?
+    {
+        out.push(s);
+    }
+    Ok(out)
 }
 
 // 7. Named subscriptions
