@@ -88,7 +88,13 @@ pub fn run(store: &Store, q: &Query, k_min: u32) -> store::Result<Report> {
     } else {
         rollup::FAMILY_BASE
     };
-    for cell in store.scan_rollups(family, from, to) {
+    // Whole hours come from the rollups; the partial hours at the edges of
+    // the window from the few events in them, so the window is exact.
+    let (edges, from, to) = edge_cells(store, &q.filter, from, to)?;
+    let cells = store
+        .scan_rollups(family, from, to)
+        .chain(edges.into_iter().map(Ok));
+    for cell in cells {
         let (key, agg) = cell?;
         let in_family = match (&key.dims.attribute, attribute) {
             (None, None) => true,
@@ -156,19 +162,65 @@ fn row(
     }
 }
 
-/// The hours a filter covers: since rounded down, until rounded up to whole
-/// hours (rollups are hourly).
+/// The whole hours inside a filter's window: since rounded up, until
+/// rounded down (rollups are hourly).
 fn hour_window(f: &EventFilter) -> (Option<i64>, Option<i64>) {
-    let from = f.since.map(rollup::hour_of);
-    let to = f.until.map(|u| {
-        let h = rollup::hour_of(u);
-        if rollup::hour_start(h) == u {
+    let from = f.since.map(|s| {
+        let h = rollup::hour_of(s);
+        if rollup::hour_start(h) == s {
             h
         } else {
             h + 1
         }
     });
+    let to = f.until.map(rollup::hour_of);
     (from, to)
+}
+
+type Cells = Vec<(rollup::CellKey, Agg)>;
+
+/// The cells of the events in the partial hours at the window's edges, and
+/// the whole-hour range left for the rollups (empty when the window lies
+/// within one hour).
+fn edge_cells(
+    store: &Store,
+    f: &EventFilter,
+    from: Option<i64>,
+    to: Option<i64>,
+) -> store::Result<(Cells, Option<i64>, Option<i64>)> {
+    let mut ranges = Vec::new();
+    match (f.since, f.until, from, to) {
+        (Some(s), Some(u), Some(fh), Some(th)) if fh > th => {
+            // Within one hour: no whole hour, only events.
+            ranges.push((s, u));
+            let cells = fold_events(store, &ranges)?;
+            return Ok((cells, Some(fh), Some(fh)));
+        }
+        _ => {
+            if let (Some(s), Some(fh)) = (f.since, from) {
+                ranges.push((s, rollup::hour_start(fh)));
+            }
+            if let (Some(u), Some(th)) = (f.until, to) {
+                ranges.push((rollup::hour_start(th), u));
+            }
+        }
+    }
+    Ok((fold_events(store, &ranges)?, from, to))
+}
+
+fn fold_events(store: &Store, ranges: &[(UnixNanos, UnixNanos)]) -> store::Result<Cells> {
+    let mut events = Vec::new();
+    for (a, b) in ranges {
+        if a < b {
+            for ev in store.scan_time(*a, *b) {
+                events.push(ev?);
+            }
+        }
+    }
+    Ok(rollup::fold(events.iter())
+        .into_iter()
+        .filter_map(|(k, agg)| rollup::CellKey::decode(&k).map(|key| (key, agg)))
+        .collect())
 }
 
 fn cell_matches(f: &EventFilter, d: &CellDims) -> bool {

@@ -749,7 +749,7 @@ async fn metrics_equal_an_independent_fold() {
 /// `since` and `until` are instants (occurred_at >= since, < until), not
 /// whole hours.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: insights::hour_window rounds since/until out to whole hours, so events outside the window are counted"]
+
 async fn time_window_is_exact() {
     let env = TestEnv::new();
     let (node, publisher, analyst) = start_retailer(&env, &node_extra(&[ANALYST], 1, ""));

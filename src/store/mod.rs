@@ -324,6 +324,28 @@ impl Store {
         Ok(done)
     }
 
+    /// Events that occurred in `[from, to)`, in time order.
+    pub fn scan_time(
+        &self,
+        from: UnixNanos,
+        to: UnixNanos,
+    ) -> impl Iterator<Item = Result<PreferenceEvent>> + '_ {
+        let start = time_key(from.0, 0);
+        let end = time_key(to.0, 0);
+        self.inner
+            .trees
+            .by_time
+            .range(start..end)
+            .filter_map(move |item| {
+                let read = || -> Result<Option<PreferenceEvent>> {
+                    let (k, _) = item?;
+                    let seq = seq_from(&k[8..], "by_time", "?")?;
+                    self.get(seq)
+                };
+                read().transpose()
+            })
+    }
+
     /// Number of stored events.
     pub fn len(&self) -> usize {
         self.inner.trees.events.len()
