@@ -276,6 +276,67 @@ mod tests {
             .is_empty());
     }
 
+    fn sample_event() -> PreferenceEvent {
+        use crate::domain::*;
+        PreferenceEvent {
+            event_id: "e".into(),
+            origin: "r".into(),
+            kind: EventKind::Review,
+            occurred_at: UnixNanos(1_790_000_000_000_000_000),
+            product: Product {
+                gtin: Gtin::parse("4740001000017").unwrap(),
+                category: "dairy".into(),
+                brand: "b".into(),
+            },
+            channel: Channel::Web,
+            stage: JourneyStage::PostPurchase,
+            attributes: [("size".to_string(), "M".to_string())].into(),
+            score: Some(4),
+            quantity: 1,
+            region: "EE-10".into(),
+            age_band: "35-44".into(),
+            customer_pseudonym: "00112233445566778899aabbccddeeff".into(),
+            text: "fine".into(),
+            path: vec!["r".into()],
+        }
+    }
+
+    #[test]
+    fn pseudonym_modes_and_dropped_fields() {
+        let ev = sample_event();
+        let share = |mode, drop: &[&str]| LinkAgreement {
+            drop_fields: drop.iter().map(|s| s.to_string()).collect(),
+            pseudonym: mode,
+            ..Default::default()
+        };
+        let per_link = share(PseudonymMode::PerLink, &[]);
+        let a = per_link.apply(ev.clone(), b"link-a");
+        let b = per_link.apply(ev.clone(), b"link-b");
+        assert_ne!(a.customer_pseudonym, ev.customer_pseudonym);
+        assert_ne!(a.customer_pseudonym, b.customer_pseudonym);
+        assert_eq!(
+            a.customer_pseudonym,
+            per_link.apply(ev.clone(), b"link-a").customer_pseudonym
+        );
+        let shared = share(PseudonymMode::Shared, &[]).apply(ev.clone(), b"link-a");
+        assert_eq!(shared.customer_pseudonym, ev.customer_pseudonym);
+        let dropped = share(PseudonymMode::Drop, &[]).apply(ev.clone(), b"link-a");
+        assert!(dropped.customer_pseudonym.is_empty());
+        let all = [
+            "text",
+            "age_band",
+            "region",
+            "attributes",
+            "score",
+            "quantity",
+            "customer_pseudonym",
+        ];
+        let bare = share(PseudonymMode::Shared, &all).apply(ev, b"k");
+        assert!(bare.text.is_empty() && bare.age_band.is_empty() && bare.region.is_empty());
+        assert!(bare.attributes.is_empty() && bare.score.is_none() && bare.quantity == 0);
+        assert!(bare.customer_pseudonym.is_empty());
+    }
+
     #[test]
     fn deny_by_default() {
         let p = Policy::from_roles(&Roles {
