@@ -379,7 +379,16 @@ struct Acc {
     nps_n: u64,
     purchases: u64,
     returns: u64,
+    /// Whether a contributing rollup cell holds more than [`EXACT_LIMIT`]
+    /// customers (then the node's count is a sketch estimate).
+    approx: bool,
 }
+
+/// The documented size up to which a rollup cell (hour × all dimensions)
+/// counts distinct customers exactly; above it HyperLogLog with a standard
+/// error of 3.25 %.
+const EXACT_LIMIT: usize = 64;
+const HLL_BOUND: f64 = 3.0 * 0.0325;
 
 #[derive(Debug, Clone, PartialEq)]
 struct Row {
@@ -391,6 +400,8 @@ struct Row {
     nps: Option<f64>,
     return_rate: Option<f64>,
     share: f64,
+    /// `customers` is exact in the fold, the node's may be an estimate.
+    approx: bool,
 }
 
 struct Expected {
@@ -406,6 +417,37 @@ struct Expected {
 /// node's reading of "all events that matched the filter" there).
 fn fold(events: &[Ev], q: &Q, k_min: u32) -> Expected {
     let by_attr = q.group_by.contains(&D::Attribute);
+    // The rollup cells (hour × every dimension) and their customers.
+    let cell_of = |e: &Ev, attr: &Option<String>| {
+        format!(
+            "{}|{}|{}|{}|{}|{}|{}|{}|{}|{:?}",
+            e.secs.div_euclid(3600),
+            e.gtin,
+            e.category,
+            e.brand,
+            e.region,
+            e.channel,
+            e.stage,
+            e.kind,
+            e.age_band,
+            attr
+        )
+    };
+    let mut cells: HashMap<String, HashSet<&str>> = HashMap::new();
+    for e in events {
+        let attr = if by_attr {
+            match e.attributes.get(q.attribute_key) {
+                Some(v) => Some(v.clone()),
+                None => continue,
+            }
+        } else {
+            None
+        };
+        let cell = cells.entry(cell_of(e, &attr)).or_default();
+        if let Some(c) = &e.customer {
+            cell.insert(c);
+        }
+    }
     let mut groups: BTreeMap<(Vec<String>, Option<i64>), Acc> = BTreeMap::new();
     let mut total = 0u64;
     for e in events {
@@ -444,6 +486,7 @@ fn fold(events: &[Ev], q: &Q, k_min: u32) -> Expected {
             .collect();
         let a = groups.entry((key, bucket)).or_default();
         a.events += 1;
+        a.approx |= cells[&cell_of(e, &attr)].len() > EXACT_LIMIT;
         if let Some(c) = &e.customer {
             a.customers.insert(c.clone());
         }
@@ -480,6 +523,7 @@ fn fold(events: &[Ev], q: &Q, k_min: u32) -> Expected {
             }),
             return_rate: (a.purchases > 0).then(|| a.returns as f64 / a.purchases as f64),
             share: a.events as f64 / total as f64,
+            approx: a.approx,
         });
     }
     rows.sort_by(|a, b| b.events.cmp(&a.events).then_with(|| a.key.cmp(&b.key)));
@@ -500,41 +544,72 @@ fn close_opt(a: Option<f64>, b: Option<f64>) -> bool {
 
 /// Asserts the report equals the fold, row by row and metric by metric.
 fn assert_report(what: &str, got: &pb::InsightReport, exp: &Expected, k_min: u32, limit: u32) {
-    assert_eq!(got.k_min, k_min, "{what}: k_min");
-    assert_eq!(
-        got.suppressed_groups, exp.suppressed,
-        "{what}: suppressed_groups"
+    if let Err(e) = report_diff(what, got, exp, k_min, limit) {
+        panic!("{e}");
+    }
+}
+
+/// Where the report differs from the fold, if it does.
+fn report_diff(
+    what: &str,
+    got: &pb::InsightReport,
+    exp: &Expected,
+    k_min: u32,
+    limit: u32,
+) -> Result<(), String> {
+    macro_rules! ensure {
+        ($cond:expr, $($msg:tt)+) => {
+            if !$cond {
+                return Err(format!($($msg)+));
+            }
+        };
+    }
+    ensure!(got.k_min == k_min, "{what}: k_min {} != {k_min}", got.k_min);
+    ensure!(
+        got.suppressed_groups == exp.suppressed,
+        "{what}: suppressed_groups {} != {}",
+        got.suppressed_groups,
+        exp.suppressed
     );
     let want: Vec<&Row> = if limit > 0 {
         exp.rows.iter().take(limit as usize).collect()
     } else {
         exp.rows.iter().collect()
     };
-    assert_eq!(
+    ensure!(
+        got.rows.len() == want.len(),
+        "{what}: {} rows, want {}\n got keys {:?}\nwant keys {:?}",
         got.rows.len(),
         want.len(),
-        "{what}: number of rows\n got keys {:?}\nwant keys {:?}",
         got.rows.iter().map(|r| &r.key).collect::<Vec<_>>(),
         want.iter().map(|r| &r.key).collect::<Vec<_>>()
     );
     for (i, (g, w)) in got.rows.iter().zip(&want).enumerate() {
         let ctx = format!("{what}: row {i} {:?}\n got {g:?}\nwant {w:?}", w.key);
-        assert_eq!(g.key, w.key, "{ctx}");
-        assert_eq!(
-            g.bucket_start.map(|t| (t.seconds, t.nanos)),
-            w.bucket_start.map(|s| (s, 0)),
-            "{ctx}"
+        ensure!(g.key == w.key, "key: {ctx}");
+        ensure!(
+            g.bucket_start.map(|t| (t.seconds, t.nanos)) == w.bucket_start.map(|s| (s, 0)),
+            "bucket_start: {ctx}"
         );
-        assert_eq!(g.events, w.events, "{ctx}");
-        assert_eq!(g.customers, w.customers, "{ctx}");
-        assert!(close_opt(g.avg_score, w.avg_score), "avg_score: {ctx}");
-        assert!(close_opt(g.nps, w.nps), "nps: {ctx}");
-        assert!(
+        ensure!(g.events == w.events, "events: {ctx}");
+        if w.approx {
+            let bound = (HLL_BOUND * w.customers as f64).ceil() as u64;
+            ensure!(
+                g.customers.abs_diff(w.customers) <= bound,
+                "customers beyond the sketch bound ±{bound}: {ctx}"
+            );
+        } else {
+            ensure!(g.customers == w.customers, "customers: {ctx}");
+        }
+        ensure!(close_opt(g.avg_score, w.avg_score), "avg_score: {ctx}");
+        ensure!(close_opt(g.nps, w.nps), "nps: {ctx}");
+        ensure!(
             close_opt(g.return_rate, w.return_rate),
             "return_rate: {ctx}"
         );
-        assert!(close(g.share, w.share), "share: {ctx}");
+        ensure!(close(g.share, w.share), "share: {ctx}");
     }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
@@ -747,31 +822,133 @@ async fn metrics_equal_an_independent_fold() {
 }
 
 /// `since` and `until` are instants (occurred_at >= since, < until), not
-/// whole hours.
+/// whole hours: windows inside one hour, across hours, open on either side,
+/// on whole hours and on the very second of an event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-
 async fn time_window_is_exact() {
     let env = TestEnv::new();
     let (node, publisher, analyst) = start_retailer(&env, &node_extra(&[ANALYST], 1, ""));
-    let hour = now_secs() / 3600 * 3600 - 5 * 3600;
-    let published: Vec<pb::CustomerEvent> = (0..60)
+    let h = now_secs() / 3600 * 3600 - 7 * 3600;
+    let mut rng = Rng(0x5eed_0006);
+    let custs = customers(&mut rng, 20);
+    // One event every 3 minutes for 6 hours.
+    let published: Vec<pb::CustomerEvent> = (0..120)
         .map(|i| {
-            let mut e = event(&format!("w-{i}"));
-            e.occurred_at = ts(hour + i * 60);
+            let mut e = random_event(&mut rng, format!("w-{i}"), &custs, 1);
+            e.occurred_at = ts(h + i * 180);
             e
         })
         .collect();
     let events: Vec<Ev> = published.iter().map(expected).collect();
     publish_all(&mut node.ingest(&publisher).await, published).await;
-    let q = Q {
-        filter: pb::Filter {
-            since: ts(hour + 10 * 60 + 30),
-            until: ts(hour + 40 * 60),
+    let m = 60;
+    let windows = [
+        (
+            "inside one hour",
+            Some(h + 3600 + 10 * m + 30),
+            Some(h + 3600 + 40 * m),
+        ),
+        (
+            "across hours",
+            Some(h + 10 * m + 30),
+            Some(h + 4 * 3600 + 17 * m),
+        ),
+        ("since only", Some(h + 2 * 3600 + 5 * m + 1), None),
+        ("until only", None, Some(h + 3 * 3600 + 59 * m + 59)),
+        ("whole hours", Some(h + 3600), Some(h + 3 * 3600)),
+        (
+            "on events",
+            Some(h + 2 * 3600 + 9 * m),
+            Some(h + 5 * 3600 + 21 * m),
+        ),
+    ];
+    for (what, since, until) in windows {
+        let filter = pb::Filter {
+            since: since.and_then(ts),
+            until: until.and_then(ts),
             ..Default::default()
-        },
-        ..Q::by(&[D::Category])
+        };
+        let by_hour = Q {
+            filter: filter.clone(),
+            bucket: TimeBucket::Hour,
+            ..Q::by(&[D::Time])
+        };
+        check(what, &node, &analyst, &events, &by_hour, 1).await;
+        let by_kind = Q {
+            filter,
+            ..Q::by(&[D::Category, D::Kind])
+        };
+        check(what, &node, &analyst, &events, &by_kind, 1).await;
+    }
+}
+
+/// Retention removes events and the rollup cells of purged hours together:
+/// queries agree with the events that are left, including in the hour the
+/// cutoff falls in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: retention purges events up to a mid-hour cutoff but keeps the rollup cell of that hour"]
+async fn retention_keeps_rollups_consistent_with_events() {
+    let env = TestEnv::new();
+    let now = now_secs();
+    // The cutoff lies in the middle of an hour four hours ago, far (minutes)
+    // from every event, so it does not pass one while the test runs.
+    let h = now / 3600 * 3600 - 4 * 3600;
+    let cutoff = h + 1800;
+    let retention = format!(
+        "[retention]\nmax_age = \"{}s\"\ncheck_every = \"100ms\"\n",
+        now - cutoff
+    );
+    let (node, publisher, analyst) = start_retailer(&env, &node_extra(&[ANALYST], 1, &retention));
+    let mut rng = Rng(0x5eed_0007);
+    let custs = customers(&mut rng, 20);
+    // Every 10 minutes from two hours before the cutoff's hour on; none
+    // within 10 minutes of the cutoff.
+    let published: Vec<pb::CustomerEvent> = (0..30)
+        .map(|i| h - 2 * 3600 + 5 * 60 + i * 600)
+        .filter(|t| (t - cutoff).abs() >= 300)
+        .enumerate()
+        .map(|(i, t)| {
+            let mut e = random_event(&mut rng, format!("t-{i}"), &custs, 1);
+            e.occurred_at = ts(t);
+            e
+        })
+        .collect();
+    let events: Vec<Ev> = published.iter().map(expected).collect();
+    assert!(events.iter().any(|e| e.secs < cutoff && e.secs >= h));
+    let kept: Vec<Ev> = events
+        .iter()
+        .filter(|e| e.secs >= cutoff)
+        .cloned()
+        .collect();
+    publish_all(&mut node.ingest(&publisher).await, published).await;
+
+    let by_hour = Q {
+        bucket: TimeBucket::Hour,
+        ..Q::by(&[D::Time, D::Kind])
     };
-    check("window inside one hour", &node, &analyst, &events, &q, 1).await;
+    let exp = fold(&kept, &by_hour, 1);
+    let start = Instant::now();
+    loop {
+        let got = query(&node, &analyst, by_hour.pb()).await.unwrap();
+        match report_diff("after retention", &got, &exp, 1, 0) {
+            Ok(()) => break,
+            Err(e) => assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{e}\n{}",
+                node.log()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    check(
+        "category after retention",
+        &node,
+        &analyst,
+        &kept,
+        &Q::by(&[D::Category]),
+        1,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1021,6 +1198,79 @@ async fn rollups_survive_restart_and_kill9_mid_ingest() {
         1,
     )
     .await;
+}
+
+/// Above the exact size a cell counts customers with HyperLogLog: the
+/// estimate stays within 3 standard errors, merges with exact cells without
+/// counting a customer twice, and groups of exact cells stay exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distinct_counts_above_the_exact_limit_stay_within_the_bound() {
+    let env = TestEnv::new();
+    let (node, publisher, analyst) = start_retailer(&env, &node_extra(&[ANALYST], 1, ""));
+    let h = now_secs() / 3600 * 3600 - 12 * 3600;
+    let big = 400;
+    let one = |id: String, category: &str, kind: pb::EventKind, customer: String, t: i64| {
+        let mut e = event_of(&id, "4740001000017", kind, &customer);
+        e.product.as_mut().unwrap().category = category.into();
+        e.occurred_at = ts(t);
+        e
+    };
+    let mut published = Vec::new();
+    // One cell (one hour, same dimensions) with 400 customers: a sketch.
+    for i in 0..big {
+        published.push(one(
+            format!("hll-p-{i}"),
+            "dairy",
+            pb::EventKind::Purchase,
+            format!("big-{i}"),
+            h + 60 + i as i64,
+        ));
+    }
+    // The same customers again, 50 an hour: exact cells.
+    for i in 0..big {
+        published.push(one(
+            format!("hll-r-{i}"),
+            "dairy",
+            pb::EventKind::Review,
+            format!("big-{i}"),
+            h + 3600 * (1 + i as i64 / 50) + 60,
+        ));
+    }
+    // Sixty customers in one cell: still exact.
+    for i in 0..60 {
+        published.push(one(
+            format!("hll-b-{i}"),
+            "bakery",
+            pb::EventKind::Purchase,
+            format!("small-{i}"),
+            h + 120 + i,
+        ));
+    }
+    let events: Vec<Ev> = published.iter().map(expected).collect();
+    publish_all(&mut node.ingest(&publisher).await, published).await;
+
+    let by_category = Q::by(&[D::Category]);
+    let exp = fold(&events, &by_category, 1);
+    assert_eq!(
+        exp.rows
+            .iter()
+            .map(|r| (r.key[0].as_str(), r.customers, r.approx))
+            .collect::<Vec<_>>(),
+        [("dairy", 400, true), ("bakery", 60, false)]
+    );
+    check("category", &node, &analyst, &events, &by_category, 1).await;
+    let by_kind = Q::by(&[D::Category, D::Kind]);
+    let exp = fold(&events, &by_kind, 1);
+    assert!(exp
+        .rows
+        .iter()
+        .any(|r| r.key == ["dairy", "review"] && r.customers == 400 && !r.approx));
+    check("category+kind", &node, &analyst, &events, &by_kind, 1).await;
+    let by_hour = Q {
+        bucket: TimeBucket::Hour,
+        ..Q::by(&[D::Time])
+    };
+    check("hour", &node, &analyst, &events, &by_hour, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
