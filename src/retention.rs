@@ -30,6 +30,9 @@ pub fn spawn(
                     .0
                     .saturating_sub(max_age.as_nanos().min(i64::MAX as u128) as i64),
             );
+            // Cut at a whole hour, so that rollup cells (hourly) go with
+            // exactly the events they count.
+            let cutoff = crate::rollup::hour_start(crate::rollup::hour_of(cutoff));
             let mut removed = 0;
             loop {
                 match store.purge_before(cutoff, cfg.batch).await {
