@@ -81,7 +81,7 @@ pub fn run(store: &Store, q: &Query, k_min: u32) -> store::Result<Report> {
     } else {
         None
     };
-    let mut groups: HashMap<(Vec<String>, Option<i64>), Agg> = HashMap::new();
+    let mut groups: HashMap<(Vec<String>, Option<i64>), rollup::GroupAcc> = HashMap::new();
     let mut total = 0u64;
     let family = if attribute.is_some() {
         rollup::FAMILY_ATTRIBUTE
@@ -114,18 +114,18 @@ pub fn run(store: &Store, q: &Query, k_min: u32) -> store::Result<Report> {
             .iter()
             .map(|d| dim_value(*d, &key.dims, bucket))
             .collect();
-        groups.entry((group_key, bucket)).or_default().merge(&agg);
+        groups.entry((group_key, bucket)).or_default().add(&agg);
     }
     let mut suppressed = 0u32;
     let mut rows: Vec<Row> = groups
         .into_iter()
-        .filter_map(|((key, bucket), agg)| {
-            let (customers, exact) = agg.customers();
+        .filter_map(|((key, bucket), acc)| {
+            let (customers, exact) = acc.customers();
             if customers < u64::from(k_min) {
                 suppressed += 1;
                 return None;
             }
-            Some(row(key, bucket, &agg, customers, exact, total))
+            Some(row(key, bucket, &acc.counts, customers, exact, total))
         })
         .collect();
     rows.sort_by(|a, b| b.events.cmp(&a.events).then_with(|| a.key.cmp(&b.key)));

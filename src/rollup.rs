@@ -309,6 +309,53 @@ impl Agg {
     }
 }
 
+/// A query group's running total: counts add up, customers go into one
+/// hash set (or one sketch once any contributing cell is a sketch), so
+/// merging many cells costs linear, not quadratic, time.
+#[derive(Debug, Default)]
+pub struct GroupAcc {
+    /// Counts only (its customer fields stay empty).
+    pub counts: Agg,
+    exact: HashSet<u64>,
+    sketch: Option<Vec<u8>>,
+}
+
+impl GroupAcc {
+    /// Adds a cell.
+    pub fn add(&mut self, cell: &Agg) {
+        let c = &mut self.counts;
+        c.events += cell.events;
+        c.score_sum += cell.score_sum;
+        c.score_n += cell.score_n;
+        c.promoters += cell.promoters;
+        c.detractors += cell.detractors;
+        c.nps_n += cell.nps_n;
+        c.purchases += cell.purchases;
+        c.returns += cell.returns;
+        if !cell.hll.is_empty() {
+            let sketch = self.sketch.get_or_insert_with(|| vec![0; HLL_M]);
+            for (r, o) in sketch.iter_mut().zip(&cell.hll) {
+                *r = (*r).max(*o);
+            }
+        }
+        self.exact.extend(cell.customers.iter().copied());
+    }
+
+    /// Distinct customers, and whether the count is exact.
+    pub fn customers(&self) -> (u64, bool) {
+        match &self.sketch {
+            None => (self.exact.len() as u64, true),
+            Some(sketch) => {
+                let mut registers = sketch.clone();
+                for h in &self.exact {
+                    hll_add(&mut registers, *h);
+                }
+                (hll_estimate(&registers).round() as u64, false)
+            }
+        }
+    }
+}
+
 /// The cells one event contributes to: its base cell and one attribute cell
 /// per attribute.
 pub fn cells_of(ev: &PreferenceEvent) -> Vec<CellKey> {
