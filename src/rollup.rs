@@ -245,14 +245,7 @@ impl Agg {
 
     /// Adds `other` into `self`.
     pub fn merge(&mut self, other: &Agg) {
-        self.events += other.events;
-        self.score_sum += other.score_sum;
-        self.score_n += other.score_n;
-        self.promoters += other.promoters;
-        self.detractors += other.detractors;
-        self.nps_n += other.nps_n;
-        self.purchases += other.purchases;
-        self.returns += other.returns;
+        self.add_counts(other);
         if !other.hll.is_empty() {
             self.switch_to_sketch();
             for (r, o) in self.hll.iter_mut().zip(&other.hll) {
@@ -270,6 +263,18 @@ impl Agg {
                 hll_add(hll, *h);
             }
         }
+    }
+
+    /// Adds `other`'s counts (not its customers) into `self`.
+    pub fn add_counts(&mut self, other: &Agg) {
+        self.events += other.events;
+        self.score_sum += other.score_sum;
+        self.score_n += other.score_n;
+        self.promoters += other.promoters;
+        self.detractors += other.detractors;
+        self.nps_n += other.nps_n;
+        self.purchases += other.purchases;
+        self.returns += other.returns;
     }
 
     /// Switches a cell to the sketch once its exact set is too large.
@@ -323,15 +328,7 @@ pub struct GroupAcc {
 impl GroupAcc {
     /// Adds a cell.
     pub fn add(&mut self, cell: &Agg) {
-        let c = &mut self.counts;
-        c.events += cell.events;
-        c.score_sum += cell.score_sum;
-        c.score_n += cell.score_n;
-        c.promoters += cell.promoters;
-        c.detractors += cell.detractors;
-        c.nps_n += cell.nps_n;
-        c.purchases += cell.purchases;
-        c.returns += cell.returns;
+        self.counts.add_counts(cell);
         if !cell.hll.is_empty() {
             let sketch = self.sketch.get_or_insert_with(|| vec![0; HLL_M]);
             for (r, o) in sketch.iter_mut().zip(&cell.hll) {
