@@ -206,8 +206,7 @@ pub async fn propagate(opts: PropagateOptions) -> Result<PropagateReport, Error>
     let mut workload = Workload::new(7, "bench", 5_000, now);
 
     // Phase 1: latency at a fixed offered rate.
-    println!(
-        "propagate: offering {} events/s for {} s at the retailer, measuring until delivery at the manufacturer",
+    tracing::info!("propagate: offering {} events/s for {} s at the retailer, measuring until delivery at the manufacturer",
         opts.rate, opts.duration_secs
     );
     let (acks, publish_latency, elapsed) = offer(
@@ -236,7 +235,7 @@ pub async fn propagate(opts: PropagateOptions) -> Result<PropagateReport, Error>
     };
 
     // Phase 2: a backlog builds while the distributor is down, then drains.
-    println!(
+    tracing::info!(
         "propagate: stopping the distributor, publishing a backlog of {} events",
         opts.backlog
     );
@@ -334,12 +333,12 @@ pub async fn subscribe(opts: SubscribeOptions) -> Result<SubscribeReport, Error>
     chain.start(RETAILER).await?;
     let now = crate::domain::UnixNanos::now().0 / 1_000_000_000;
     let mut workload = Workload::new(11, "bench", 20_000, now);
-    println!("subscribe: storing {} events", opts.events);
+    tracing::info!("subscribe: storing {} events", opts.events);
     let t = Instant::now();
     publish_bulk(&chain, RETAILER, &mut workload, opts.events).await?;
     let bulk_rate = opts.events as f64 / t.elapsed().as_secs_f64();
 
-    println!("subscribe: one subscriber backfills all of them");
+    tracing::info!("subscribe: one subscriber backfills all of them");
     let t = Instant::now();
     let mut stream = pb::signals_client::SignalsClient::new(chain.channel(RETAILER, CLIENT).await?)
         .subscribe(pb::SubscribeRequest::default())
@@ -358,9 +357,10 @@ pub async fn subscribe(opts: SubscribeOptions) -> Result<SubscribeReport, Error>
     }
     let backfill = t.elapsed().as_secs_f64();
 
-    println!(
+    tracing::info!(
         "subscribe: live delivery at {} events/s for {} s",
-        opts.rate, opts.duration_secs
+        opts.rate,
+        opts.duration_secs
     );
     let mut arrivals = Arrivals::follow_from(&chain, RETAILER, last).await?;
     let (acks, _, _) = offer(
@@ -508,7 +508,7 @@ pub async fn query(opts: QueryOptions) -> Result<QueryReport, Error> {
         };
         let mut chain = LocalChain::create("chainsight-bench-", &[spec], &[CLIENT])?;
         chain.start(RETAILER).await?;
-        println!("query: storing {n} events spread over a year");
+        tracing::info!("query: storing {n} events spread over a year");
         let mut workload = Workload::new(13, "bench", 50_000, now).with_span_days(365);
         let t = Instant::now();
         publish_bulk(&chain, RETAILER, &mut workload, n).await?;

@@ -405,11 +405,6 @@ fn invalid(path: &Path, key: &str, message: impl Into<String>) -> Error {
     }
 }
 
-/// Whether `p` is a GS1 company prefix: 1-13 digits.
-pub fn is_gtin_prefix(p: &str) -> bool {
-    !p.is_empty() && p.len() <= 13 && p.bytes().all(|b| b.is_ascii_digit())
-}
-
 /// Whether `s` is usable as a node or client identity.
 pub fn is_identity(s: &str) -> bool {
     !s.is_empty()
@@ -495,18 +490,18 @@ impl NodeConfig {
                     "must be a certificate identity",
                 ));
             }
-            if let Some(p) = l.gtin_prefixes.iter().find(|p| !is_gtin_prefix(p)) {
+            if let Some(p) = l
+                .gtin_prefixes
+                .iter()
+                .find(|p| !crate::domain::is_company_prefix(p))
+            {
                 return Err(invalid(
                     path,
                     &key("gtin_prefixes"),
                     format!("{p:?} is not a GS1 company prefix (1-13 digits)"),
                 ));
             }
-            if let Some(k) = l
-                .kinds
-                .iter()
-                .find(|k| EventKind::from_label(k.trim_start_matches("EVENT_KIND_")).is_none())
-            {
+            if let Some(k) = l.kinds.iter().find(|k| EventKind::from_label(k).is_none()) {
                 return Err(invalid(
                     path,
                     &key("kinds"),
@@ -610,7 +605,7 @@ impl NodeConfig {
                 ));
             }
             for p in &up.share.gtin_prefixes {
-                if p.is_empty() || p.len() > 13 || !p.bytes().all(|b| b.is_ascii_digit()) {
+                if !crate::domain::is_company_prefix(p) {
                     return Err(invalid(
                         path,
                         &key("share.gtin_prefixes"),
@@ -619,7 +614,7 @@ impl NodeConfig {
                 }
             }
             for k in &up.share.kinds {
-                if EventKind::from_label(k.trim_start_matches("EVENT_KIND_")).is_none() {
+                if EventKind::from_label(k).is_none() {
                     return Err(invalid(
                         path,
                         &key("share.kinds"),

@@ -363,7 +363,7 @@ pub fn filter_from_pb(f: Option<pb::Filter>, field: &str) -> Result<EventFilter>
         }
     }
     for p in &f.gtin_prefixes {
-        if p.is_empty() || p.len() > 13 || !p.bytes().all(|b| b.is_ascii_digit()) {
+        if !crate::domain::is_company_prefix(p) {
             return Err(invalid(
                 &name("gtin_prefixes"),
                 format!(

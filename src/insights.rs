@@ -236,12 +236,9 @@ fn cell_matches(f: &EventFilter, d: &CellDims) -> bool {
                 .iter()
                 .any(|c| c.number() == i32::from(d.channel)))
         && (f.regions.is_empty()
-            || f.regions.iter().any(|r| {
-                d.region == *r
-                    || d.region
-                        .strip_prefix(r.as_str())
-                        .is_some_and(|rest| rest.starts_with('-'))
-            }))
+            || f.regions
+                .iter()
+                .any(|r| crate::domain::region_within(&d.region, r)))
 }
 
 fn dim_value(d: Dim, dims: &CellDims, bucket: Option<i64>) -> String {

@@ -563,7 +563,7 @@ fn parse_kinds(kinds: &[String]) -> anyhow::Result<Vec<i32>> {
     kinds
         .iter()
         .map(|k| {
-            chainsight::domain::EventKind::from_label(k.trim_start_matches("EVENT_KIND_"))
+            chainsight::domain::EventKind::from_label(k)
                 .map(|k| k.number())
                 .with_context(|| format!("--kind {k}: not an event kind (purchase, return, review, nps, preference, cart_abandoned, search_unmet, complaint, usage)"))
         })

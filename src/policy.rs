@@ -108,7 +108,7 @@ impl FilterLimits {
                     kinds: l
                         .kinds
                         .iter()
-                        .filter_map(|k| EventKind::from_label(k.trim_start_matches("EVENT_KIND_")))
+                        .filter_map(|k| EventKind::from_label(k))
                         .collect(),
                     regions: l.regions.iter().map(|r| r.to_uppercase()).collect(),
                     ..EventFilter::default()
@@ -142,9 +142,7 @@ impl FilterLimits {
         )?;
         narrow(&mut requested.kinds, &limit.kinds, "kind", |r, a| r == a)?;
         narrow(&mut requested.regions, &limit.regions, "region", |r, a| {
-            r == a
-                || r.strip_prefix(a.as_str())
-                    .is_some_and(|rest| rest.starts_with('-'))
+            crate::domain::region_within(r, a)
         })?;
         Ok(requested)
     }
@@ -198,7 +196,7 @@ impl LinkAgreement {
                 kinds: share
                     .kinds
                     .iter()
-                    .filter_map(|k| EventKind::from_label(k.trim_start_matches("EVENT_KIND_")))
+                    .filter_map(|k| EventKind::from_label(k))
                     .collect(),
                 ..EventFilter::default()
             },

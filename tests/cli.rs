@@ -89,18 +89,7 @@ fn publish_reports_accepted_duplicates_and_problems_by_line() {
     let env = TestEnv::new();
     let node = env.retailer();
     let eshop = env.issue("retailer-eshop");
-    let client_toml = env.path().join("client.toml");
-    std::fs::write(
-        &client_toml,
-        format!(
-            "address = \"https://{}\"\nserver_name = \"retailer\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-            node.addr,
-            eshop.ca.display(),
-            eshop.cert.display(),
-            eshop.key.display()
-        ),
-    )
-    .unwrap();
+    let client_toml = node.write_client_toml(env.path(), &eshop);
     let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/events.jsonl");
     let lines = std::fs::read_to_string(sample).unwrap().lines().count();
 

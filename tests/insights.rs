@@ -1468,18 +1468,7 @@ async fn cli_prints_a_table_and_json() {
     let exp = fold(&events, &Q::by(&[D::Category, D::Kind]), k_min);
     assert!(exp.suppressed > 0);
 
-    let client_toml = env.path().join("client.toml");
-    std::fs::write(
-        &client_toml,
-        format!(
-            "address = \"https://{}\"\nserver_name = \"retailer\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-            node.addr,
-            analyst.ca.display(),
-            analyst.cert.display(),
-            analyst.key.display()
-        ),
-    )
-    .unwrap();
+    let client_toml = node.write_client_toml(env.path(), &analyst);
     let run = |json: bool| {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_chainsight"));
         cmd.arg("query")

@@ -968,18 +968,7 @@ async fn a_named_subscription_resumes_after_the_client_restarts() {
 
     // Through the CLI: the first run prints everything and acknowledges; the
     // second prints exactly what was published in between.
-    let client_toml = env.path().join("client.toml");
-    std::fs::write(
-        &client_toml,
-        format!(
-            "address = \"https://{}\"\nserver_name = \"retailer\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-            node.addr,
-            app.ca.display(),
-            app.cert.display(),
-            app.key.display()
-        ),
-    )
-    .unwrap();
+    let client_toml = node.write_client_toml(env.path(), &app);
     let first_run = cli_subscribe(&client_toml, "cli-etl").await;
     assert_eq!(
         first_run.iter().map(json_cursor).collect::<Vec<_>>(),

@@ -45,7 +45,7 @@ impl UnixNanos {
 }
 
 macro_rules! proto_enum {
-    ($(#[$meta:meta])* $name:ident { $($variant:ident = $value:literal => $label:literal),+ $(,)? }) => {
+    ($(#[$meta:meta])* $name:ident ($prefix:literal) { $($variant:ident = $value:literal => $label:literal),+ $(,)? }) => {
         $(#[$meta])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
         pub enum $name { $($variant),+ }
@@ -69,9 +69,11 @@ macro_rules! proto_enum {
                 match self { $($name::$variant => $label),+ }
             }
 
-            /// Parses a label as produced by [`Self::label`] (case-insensitive).
+            /// Parses a label as produced by [`Self::label`] (case-insensitive),
+            /// or the proto name (e.g. `EVENT_KIND_REVIEW`).
             pub fn from_label(s: &str) -> Option<Self> {
-                let s = s.trim().to_ascii_lowercase().replace('-', "_");
+                let s = s.trim();
+                let s = s.strip_prefix($prefix).unwrap_or(s).to_ascii_lowercase().replace('-', "_");
                 Self::ALL.iter().copied().find(|v| v.label() == s)
             }
         }
@@ -86,7 +88,7 @@ macro_rules! proto_enum {
 
 proto_enum!(
     /// What happened, from the end customer's point of view.
-    EventKind {
+    EventKind ("EVENT_KIND_") {
         Purchase = 1 => "purchase",
         Return = 2 => "return",
         Review = 3 => "review",
@@ -101,7 +103,7 @@ proto_enum!(
 
 proto_enum!(
     /// Where the customer interacted.
-    Channel {
+    Channel ("CHANNEL_") {
         Store = 1 => "store",
         Web = 2 => "web",
         MobileApp = 3 => "mobile_app",
@@ -114,7 +116,7 @@ proto_enum!(
 
 proto_enum!(
     /// Customer-journey stage.
-    JourneyStage {
+    JourneyStage ("JOURNEY_STAGE_") {
         Awareness = 1 => "awareness",
         Consideration = 2 => "consideration",
         Purchase = 3 => "purchase",
@@ -182,6 +184,20 @@ pub struct PreferenceEvent {
     pub path: Vec<String>,
 }
 
+/// Whether `region` lies within `area`: the same region, or a first-level
+/// area of the country `area` (`EE-10` lies within `EE`).
+pub fn region_within(region: &str, area: &str) -> bool {
+    region == area
+        || region
+            .strip_prefix(area)
+            .is_some_and(|rest| rest.starts_with('-'))
+}
+
+/// Whether `p` is a GS1 company prefix: 1-13 digits.
+pub fn is_company_prefix(p: &str) -> bool {
+    !p.is_empty() && p.len() <= 13 && p.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// Which events a subscriber, analyst or link is interested in. Empty lists
 /// match everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -208,21 +224,12 @@ impl EventFilter {
                 .gtin_prefixes
                 .iter()
                 .any(|p| ev.product.gtin.has_company_prefix(p)))
+            // Categories are kept lower case; one lower-casing per event.
             && (self.categories.is_empty()
-                || self.categories.iter().any(|c| {
-                    c.eq_ignore_ascii_case(&ev.product.category)
-                        || *c == ev.product.category.to_lowercase()
-                }))
+                || self.categories.contains(&ev.product.category.to_lowercase()))
             && (self.kinds.is_empty() || self.kinds.contains(&ev.kind))
             && (self.channels.is_empty() || self.channels.contains(&ev.channel))
-            && (self.regions.is_empty()
-                || self.regions.iter().any(|r| {
-                    ev.region == *r
-                        || ev
-                            .region
-                            .strip_prefix(r.as_str())
-                            .is_some_and(|rest| rest.starts_with('-'))
-                }))
+            && (self.regions.is_empty() || self.regions.iter().any(|r| region_within(&ev.region, r)))
             && self.since.is_none_or(|s| ev.occurred_at >= s)
             && self.until.is_none_or(|u| ev.occurred_at < u)
     }

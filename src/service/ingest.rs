@@ -9,7 +9,7 @@ use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use super::{authorize, ApiError};
+use super::{authorize, rpc_span, ApiError};
 use crate::anonymise::Anonymiser;
 use crate::conversions::{self, Invalid};
 use crate::domain::UnixNanos;
@@ -127,16 +127,6 @@ fn log_outcomes(results: &[pb::PublishResult]) {
         rejected = count(pb::PublishOutcome::Rejected),
         "published"
     );
-}
-
-/// A span for one RPC, carrying the caller's certificate identity.
-pub(crate) fn rpc_span<T>(req: &Request<T>, method: &'static str) -> tracing::Span {
-    let identity = req
-        .extensions()
-        .get::<crate::tls::Peer>()
-        .map(|p| p.identity.as_str())
-        .unwrap_or("?");
-    tracing::info_span!("rpc", method, peer = %identity)
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::PublishResponse, Status>> + Send>>;

@@ -4,8 +4,7 @@
 
 use tonic::{Request, Response, Status};
 
-use super::ingest::rpc_span;
-use super::{authorize, ApiError};
+use super::{authorize, rpc_span, ApiError};
 use crate::conversions;
 use crate::insights;
 use crate::pb;

@@ -102,3 +102,13 @@ pub fn authorize<T>(
         )))
     }
 }
+
+/// A span for one RPC, carrying the caller's certificate identity.
+pub(crate) fn rpc_span<T>(req: &tonic::Request<T>, method: &'static str) -> tracing::Span {
+    let identity = req
+        .extensions()
+        .get::<crate::tls::Peer>()
+        .map(|p| p.identity.as_str())
+        .unwrap_or("?");
+    tracing::info_span!("rpc", method, peer = %identity)
+}

@@ -11,8 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use super::ingest::rpc_span;
-use super::{authorize, ApiError};
+use super::{authorize, rpc_span, ApiError};
 use crate::conversions;
 use crate::pb;
 use crate::policy::{Policy, Role};

@@ -16,8 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use super::ingest::rpc_span;
-use super::{authorize, ApiError};
+use super::{authorize, rpc_span, ApiError};
 use crate::conversions;
 use crate::domain::EventFilter;
 use crate::pb;

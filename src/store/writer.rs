@@ -119,11 +119,11 @@ impl Writer {
     fn purge(&mut self, before: UnixNanos, limit: usize) -> Result<usize> {
         let t = &self.trees;
         let end = time_key(before.0, 0);
-        let mut victims: Vec<(Vec<u8>, Seq, ())> = Vec::new();
+        let mut victims: Vec<(Vec<u8>, Seq)> = Vec::new();
         for item in t.by_time.range(..end).take(limit) {
             let (k, _) = item?;
             let seq = super::seq_from(&k[8..], "by_time", "?")?;
-            victims.push((k.to_vec(), seq, ()));
+            victims.push((k.to_vec(), seq));
         }
         if victims.is_empty() {
             // Everything before `before` is gone: so go the rollup cells of
@@ -147,7 +147,7 @@ impl Writer {
             .transaction(|(events, by_time, meta)| {
                 // `by_id` entries stay, as tombstones: a late resend of a
                 // removed event is still a duplicate, never a new copy.
-                for (time_key, seq, _) in &victims {
+                for (time_key, seq) in &victims {
                     events.remove(&seq.to_be_bytes())?;
                     by_time.remove(time_key.as_slice())?;
                 }

@@ -239,6 +239,25 @@ impl NodeProc {
         pb::ingest_client::IngestClient::new(self.channel(files).await.expect("connect"))
     }
 
+    /// Writes a client.toml for the CLI to reach this node as the holder of
+    /// `files`, in `dir`; returns its path.
+    pub fn write_client_toml(&self, dir: &Path, files: &TlsFiles) -> PathBuf {
+        let path = dir.join("client.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "address = \"https://{}\"\nserver_name = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                self.addr,
+                self.id,
+                files.ca.display(),
+                files.cert.display(),
+                files.key.display()
+            ),
+        )
+        .expect("write client.toml");
+        path
+    }
+
     /// The node's upstream links, asked as `files` (needs the operators role).
     pub async fn links(&self, files: &TlsFiles) -> Vec<pb::LinkStatus> {
         pb::peering_client::PeeringClient::new(self.channel(files).await.expect("connect"))
