@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::domain::EventKind;
+use crate::rollup::{DimSet, Layout};
 
 /// A configuration error, naming the file, the key and the fix.
 #[derive(Debug, thiserror::Error)]
@@ -286,6 +287,14 @@ pub struct InsightsConfig {
     /// `chainsight admin rebuild-rollups`.
     #[serde(default = "default_true")]
     pub rollups: bool,
+    /// The views kept besides the hourly cells over every dimension: each
+    /// a list of dimensions (gtin, category, brand, region, channel, stage,
+    /// kind, age_band, attribute). A query whose group-by and filter
+    /// dimensions a view covers reads that view's day/week/month cells, so
+    /// its cost does not grow with history. Changing the list needs
+    /// `chainsight admin rebuild-rollups`. Default: see [`Layout::default`].
+    #[serde(default)]
+    pub views: Option<Vec<Vec<String>>>,
 }
 
 fn default_true() -> bool {
@@ -294,7 +303,51 @@ fn default_true() -> bool {
 
 impl Default for InsightsConfig {
     fn default() -> Self {
-        InsightsConfig { rollups: true }
+        InsightsConfig {
+            rollups: true,
+            views: None,
+        }
+    }
+}
+
+impl InsightsConfig {
+    /// The rollup layout to keep; `None` when rollups are off. Checked at
+    /// load, so only a hand-built config can fail here.
+    pub fn layout(&self) -> Result<Option<Layout>, String> {
+        if !self.rollups {
+            return Ok(None);
+        }
+        let Some(views) = &self.views else {
+            return Ok(Some(Layout::default()));
+        };
+        if views.len() > crate::rollup::MAX_VIEWS {
+            return Err(format!(
+                "at most {} views, got {}",
+                crate::rollup::MAX_VIEWS,
+                views.len()
+            ));
+        }
+        let mut out = Vec::with_capacity(views.len());
+        for (i, names) in views.iter().enumerate() {
+            let mut dims = DimSet::default();
+            for name in names {
+                let d = DimSet::named(name).ok_or_else(|| {
+                    format!(
+                        "view {i}: unknown dimension {name:?} (one of {})",
+                        DimSet::NAMES.map(|(n, _)| n).join(", ")
+                    )
+                })?;
+                dims = dims.union(d);
+            }
+            if dims.is_empty() {
+                return Err(format!("view {i} names no dimension"));
+            }
+            if out.contains(&dims) {
+                return Err(format!("view {i} repeats an earlier view"));
+            }
+            out.push(dims);
+        }
+        Ok(Some(Layout { views: out }))
     }
 }
 
@@ -463,6 +516,9 @@ impl NodeConfig {
         }
         self.validate_propagation(path)?;
         self.validate_limits(path)?;
+        self.insights
+            .layout()
+            .map_err(|m| invalid(path, "insights.views", m))?;
         if self.retention.max_age.is_some_and(|a| a.as_secs() < 60) {
             return Err(invalid(
                 path,

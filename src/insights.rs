@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use crate::domain::{Channel, EventFilter, EventKind, JourneyStage, UnixNanos};
-use crate::rollup::{self, Agg, CellDims};
+use crate::rollup::{self, Agg, CellDims, DimSet, Layout};
 use crate::store::{self, Store};
 
 /// A dimension to group by.
@@ -26,15 +26,7 @@ pub enum Dim {
     Time,
 }
 
-/// A time bucket, in UTC.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Bucket {
-    Hour,
-    Day,
-    /// ISO weeks, starting on Monday.
-    Week,
-    Month,
-}
+pub use crate::rollup::{bucket_start_hour, Bucket};
 
 /// A validated insight query.
 #[derive(Debug, Clone)]
@@ -73,48 +65,180 @@ pub struct Report {
     pub k_min: u32,
 }
 
+impl Dim {
+    /// The rollup dimension (none for TIME).
+    fn dims(self) -> DimSet {
+        match self {
+            Dim::Gtin => DimSet::GTIN,
+            Dim::Category => DimSet::CATEGORY,
+            Dim::Brand => DimSet::BRAND,
+            Dim::Region => DimSet::REGION,
+            Dim::Channel => DimSet::CHANNEL,
+            Dim::Stage => DimSet::STAGE,
+            Dim::Kind => DimSet::KIND,
+            Dim::AgeBand => DimSet::AGE_BAND,
+            Dim::Attribute => DimSet::ATTRIBUTE,
+            Dim::Time => DimSet::default(),
+        }
+    }
+}
+
+/// The dimensions a filter looks at.
+fn filter_dims(f: &EventFilter) -> DimSet {
+    [
+        (!f.gtin_prefixes.is_empty(), DimSet::GTIN),
+        (!f.categories.is_empty(), DimSet::CATEGORY),
+        (!f.kinds.is_empty(), DimSet::KIND),
+        (!f.channels.is_empty(), DimSet::CHANNEL),
+        (!f.regions.is_empty(), DimSet::REGION),
+    ]
+    .into_iter()
+    .filter(|(used, _)| *used)
+    .fold(DimSet::default(), |acc, (_, d)| acc.union(d))
+}
+
+/// Where a query's cells come from: a family, and the periods it keeps,
+/// coarsest first, that may serve the query.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub family: u8,
+    /// The view's dimensions, `None` for the hourly families over every
+    /// dimension.
+    pub view: Option<DimSet>,
+    pub periods: Vec<Bucket>,
+}
+
+/// The cheapest source that covers `needed`: the view with the fewest
+/// dimensions that keeps all of them (and the attribute exactly when the
+/// query is about one), else the hourly families over every dimension.
+pub fn plan(layout: Option<&Layout>, needed: DimSet, bucket: Option<Bucket>) -> Plan {
+    let attribute = needed.contains(DimSet::ATTRIBUTE);
+    let view = layout.and_then(|l| {
+        l.views
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.contains(needed) && v.contains(DimSet::ATTRIBUTE) == attribute)
+            .min_by_key(|(_, v)| v.len())
+    });
+    match view {
+        Some((i, dims)) => Plan {
+            family: Layout::family(i),
+            view: Some(*dims),
+            periods: match bucket {
+                Some(Bucket::Hour) => vec![Bucket::Hour],
+                Some(Bucket::Day) => vec![Bucket::Day, Bucket::Hour],
+                Some(Bucket::Week) => vec![Bucket::Week, Bucket::Day, Bucket::Hour],
+                Some(Bucket::Month) | None => vec![Bucket::Month, Bucket::Day, Bucket::Hour],
+            },
+        },
+        None => Plan {
+            family: if attribute {
+                rollup::FAMILY_ATTRIBUTE
+            } else {
+                rollup::FAMILY_BASE
+            },
+            view: None,
+            periods: vec![Bucket::Hour],
+        },
+    }
+}
+
+/// A cell range to read: `period` cells starting in hours `from..to`.
+pub type Piece = (Bucket, Option<i64>, Option<i64>);
+
+/// Splits the hours `[a, b)` (open ends: unbounded) into whole periods of
+/// the coarsest kind of `periods` that fit, and the rest, at each end,
+/// into finer ones. The last kind (hours) takes whatever is left.
+pub fn decompose(a: Option<i64>, b: Option<i64>, periods: &[Bucket], out: &mut Vec<Piece>) {
+    if let (Some(a), Some(b)) = (a, b) {
+        if a >= b {
+            return;
+        }
+    }
+    let Some((&p, finer)) = periods.split_first() else {
+        return;
+    };
+    if finer.is_empty() {
+        out.push((p, a, b));
+        return;
+    }
+    let lo = a.map(|a| {
+        let s = bucket_start_hour(a, p);
+        if s == a {
+            s
+        } else {
+            rollup::next_bucket_start(s, p)
+        }
+    });
+    let hi = b.map(|b| bucket_start_hour(b, p));
+    if let (Some(lo), Some(hi)) = (lo, hi) {
+        if lo >= hi {
+            return decompose(a, b, finer, out);
+        }
+    }
+    out.push((p, lo, hi));
+    if let (Some(a), Some(lo)) = (a, lo) {
+        decompose(Some(a), Some(lo), finer, out);
+    }
+    if let (Some(hi), Some(b)) = (hi, b) {
+        decompose(Some(hi), Some(b), finer, out);
+    }
+}
+
 /// Runs `q` over the rollups of `store`.
 pub fn run(store: &Store, q: &Query, k_min: u32) -> store::Result<Report> {
-    let (from, to) = hour_window(&q.filter);
+    run_with(store, q, k_min, store.rollup_layout())
+}
+
+/// Runs `q` reading the views of `layout` (`None`: only the hourly
+/// families over every dimension; the answer is the same, slower).
+pub fn run_with(
+    store: &Store,
+    q: &Query,
+    k_min: u32,
+    layout: Option<&Layout>,
+) -> store::Result<Report> {
     let attribute = if q.group_by.contains(&Dim::Attribute) {
         q.attribute_key.as_deref()
     } else {
         None
     };
+    let bucket = q.bucket.filter(|_| q.group_by.contains(&Dim::Time));
+    let needed = q
+        .group_by
+        .iter()
+        .fold(filter_dims(&q.filter), |acc, d| acc.union(d.dims()));
     let mut groups: HashMap<(Vec<String>, Option<i64>), rollup::GroupAcc> = HashMap::new();
     let mut total = 0u64;
-    let family = if attribute.is_some() {
-        rollup::FAMILY_ATTRIBUTE
-    } else {
-        rollup::FAMILY_BASE
-    };
-    // Whole hours come from the rollups; the partial hours at the edges of
-    // the window from the few events in them, so the window is exact.
-    let (edges, from, to) = edge_cells(store, &q.filter, from, to)?;
-    let cells = store
-        .scan_rollups(family, from, to)
-        .chain(edges.into_iter().map(Ok));
-    for cell in cells {
-        let (key, agg) = cell?;
-        let in_family = match (&key.dims.attribute, attribute) {
-            (None, None) => true,
-            (Some((k, _)), Some(want)) => k == want,
-            _ => false,
-        };
-        if !in_family || !cell_matches(&q.filter, &key.dims) {
-            continue;
-        }
-        total += agg.events;
-        let bucket = q
-            .bucket
-            .filter(|_| q.group_by.contains(&Dim::Time))
-            .map(|b| bucket_start_hour(key.hour, b));
-        let group_key = q
-            .group_by
-            .iter()
-            .map(|d| dim_value(*d, &key.dims, bucket))
-            .collect();
-        groups.entry((group_key, bucket)).or_default().add(&agg);
+    scan(
+        store,
+        &q.filter,
+        attribute,
+        plan(layout, needed, bucket),
+        |key, agg| {
+            total += agg.events;
+            let bucket = bucket.map(|b| bucket_start_hour(key.hour, b));
+            let group_key = q
+                .group_by
+                .iter()
+                .map(|d| dim_value(*d, &key.dims, bucket))
+                .collect();
+            groups.entry((group_key, bucket)).or_default().add(agg);
+        },
+    )?;
+    if attribute.is_some() {
+        // Share is of all matched events, with or without the attribute.
+        total = 0;
+        let needed = filter_dims(&q.filter);
+        scan(
+            store,
+            &q.filter,
+            None,
+            plan(layout, needed, None),
+            |_, agg| {
+                total += agg.events;
+            },
+        )?;
     }
     let mut suppressed = 0u32;
     let mut rows: Vec<Row> = groups
@@ -137,6 +261,46 @@ pub fn run(store: &Store, q: &Query, k_min: u32) -> store::Result<Report> {
         suppressed_groups: suppressed,
         k_min,
     })
+}
+
+/// Calls `visit` with every cell of `plan` in the filter's window that
+/// matches the filter (and is about `attribute`, if given): whole periods
+/// from the rollups, the partial hours at the window's edges from the
+/// events in them, so the window is exact.
+fn scan(
+    store: &Store,
+    filter: &EventFilter,
+    attribute: Option<&str>,
+    plan: Plan,
+    mut visit: impl FnMut(&rollup::CellKey, &Agg),
+) -> store::Result<()> {
+    let (from, to) = hour_window(filter);
+    let (edges, from, to) = edge_cells(store, filter, from, to)?;
+    // Retention removed everything before the horizon; cells of periods
+    // that started earlier still count removed events.
+    let from = match (from, store.rollup_horizon()?) {
+        (Some(f), Some(h)) => Some(f.max(h)),
+        (f, h) => f.or(h),
+    };
+    let mut pieces = Vec::new();
+    decompose(from, to, &plan.periods, &mut pieces);
+    let mut visit_matching = |key: &rollup::CellKey, agg: &Agg| {
+        let in_family = match (&key.dims.attribute, attribute) {
+            (None, None) => true,
+            (Some((k, _)), Some(want)) => k == want,
+            _ => false,
+        };
+        if in_family && cell_matches(filter, &key.dims) {
+            visit(key, agg);
+        }
+    };
+    for (key, agg) in store.read_rollups(plan.family, &pieces)? {
+        visit_matching(&key, &agg);
+    }
+    for (key, agg) in &edges {
+        visit_matching(key, agg);
+    }
+    Ok(())
 }
 
 fn row(
@@ -217,7 +381,7 @@ fn fold_events(store: &Store, ranges: &[(UnixNanos, UnixNanos)]) -> store::Resul
             }
         }
     }
-    Ok(rollup::fold(events.iter())
+    Ok(rollup::fold(events.iter(), &Layout::base_only())
         .into_iter()
         .filter_map(|(k, agg)| rollup::CellKey::decode(&k).map(|key| (key, agg)))
         .collect())
@@ -279,27 +443,6 @@ fn format_hour(hour: i64) -> String {
         .unwrap_or_else(|| hour.to_string())
 }
 
-/// The first hour of the bucket `hour` falls in.
-pub fn bucket_start_hour(hour: i64, bucket: Bucket) -> i64 {
-    let Ok(t) = time::OffsetDateTime::from_unix_timestamp(hour.saturating_mul(3600)) else {
-        return hour;
-    };
-    let day = t.date();
-    let start = match bucket {
-        Bucket::Hour => return hour,
-        Bucket::Day => day,
-        Bucket::Week => {
-            day - time::Duration::days(i64::from(day.weekday().number_days_from_monday()))
-        }
-        Bucket::Month => day.replace_day(1).unwrap_or(day),
-    };
-    start
-        .midnight()
-        .assume_utc()
-        .unix_timestamp()
-        .div_euclid(3600)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,5 +467,244 @@ mod tests {
             format_hour(bucket_start_hour(h, Bucket::Month)),
             "2026-11-01T00:00:00Z"
         );
+    }
+
+    #[test]
+    fn windows_split_into_whole_periods_and_edges() {
+        // 2026-11-19T15:00Z (Thursday) to 2027-01-04T05:00Z.
+        let a = 1_795_100_400 / 3600;
+        let b = 1_799_038_800 / 3600;
+        let mut pieces = Vec::new();
+        decompose(
+            Some(a),
+            Some(b),
+            &[Bucket::Month, Bucket::Day, Bucket::Hour],
+            &mut pieces,
+        );
+        let shown: Vec<(Bucket, String, String)> = pieces
+            .iter()
+            .map(|(p, x, y)| (*p, format_hour(x.unwrap()), format_hour(y.unwrap())))
+            .collect();
+        let s = |x: &str| x.to_string();
+        assert_eq!(
+            shown,
+            [
+                (
+                    Bucket::Month,
+                    s("2026-12-01T00:00:00Z"),
+                    s("2027-01-01T00:00:00Z")
+                ),
+                (
+                    Bucket::Day,
+                    s("2026-11-20T00:00:00Z"),
+                    s("2026-12-01T00:00:00Z")
+                ),
+                (
+                    Bucket::Hour,
+                    s("2026-11-19T15:00:00Z"),
+                    s("2026-11-20T00:00:00Z")
+                ),
+                (
+                    Bucket::Day,
+                    s("2027-01-01T00:00:00Z"),
+                    s("2027-01-04T00:00:00Z")
+                ),
+                (
+                    Bucket::Hour,
+                    s("2027-01-04T00:00:00Z"),
+                    s("2027-01-04T05:00:00Z")
+                ),
+            ]
+        );
+        // The pieces tile the window exactly.
+        let mut covered: Vec<(i64, i64)> = Vec::new();
+        for (p, x, y) in &pieces {
+            let mut h = x.unwrap();
+            while h < y.unwrap() {
+                let next = rollup::next_bucket_start(h, *p);
+                covered.push((h, next));
+                h = next;
+            }
+        }
+        covered.sort();
+        assert_eq!(covered.first().unwrap().0, a);
+        assert_eq!(covered.last().unwrap().1, b);
+        assert!(covered.windows(2).all(|w| w[0].1 == w[1].0));
+        // Open ends take whole periods up to the first boundary.
+        let mut open = Vec::new();
+        decompose(
+            None,
+            Some(b),
+            &[Bucket::Week, Bucket::Day, Bucket::Hour],
+            &mut open,
+        );
+        assert_eq!(
+            open[0],
+            (Bucket::Week, None, Some(bucket_start_hour(b, Bucket::Week)))
+        );
+        assert_eq!(open.last().unwrap().0, Bucket::Hour);
+    }
+
+    #[test]
+    fn the_cheapest_covering_view_is_chosen() {
+        let layout = Layout::default();
+        let cr = DimSet::CATEGORY.union(DimSet::REGION);
+        let p = plan(Some(&layout), cr, Some(Bucket::Week));
+        assert_eq!(p.view, Some(cr));
+        assert_eq!(p.periods, [Bucket::Week, Bucket::Day, Bucket::Hour]);
+        let p = plan(Some(&layout), DimSet::KIND, None);
+        assert_eq!(p.view, Some(DimSet::GTIN.union(DimSet::KIND)));
+        let p = plan(Some(&layout), DimSet::AGE_BAND, None);
+        assert_eq!((p.family, p.view), (rollup::FAMILY_BASE, None));
+        let p = plan(Some(&layout), DimSet::ATTRIBUTE.union(DimSet::REGION), None);
+        assert_eq!((p.family, p.view), (rollup::FAMILY_ATTRIBUTE, None));
+        let p = plan(Some(&layout), DimSet::ATTRIBUTE, None);
+        assert_eq!(p.view, Some(DimSet::CATEGORY.union(DimSet::ATTRIBUTE)));
+        assert_eq!(plan(None, cr, None).view, None);
+    }
+
+    /// splitmix64, for a seeded dataset.
+    fn mix(z: &mut u64) -> u64 {
+        *z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut x = *z;
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^ (x >> 31)
+    }
+
+    fn dataset(n: usize, start_hour: i64, hours: u64) -> Vec<crate::store::NewEvent> {
+        use crate::domain::{Gtin, PreferenceEvent};
+        let mut z = 7u64;
+        let gtins = ["4740001000017", "4740001000031", "4750002000015"];
+        let categories = ["dairy", "cheese", "outerwear"];
+        let regions = ["EE-10", "EE-50", "LV-1", "FI"];
+        let kinds = [
+            EventKind::Purchase,
+            EventKind::Return,
+            EventKind::Review,
+            EventKind::Nps,
+        ];
+        (0..n)
+            .map(|i| {
+                let mut pick = |len: usize| (mix(&mut z) % len as u64) as usize;
+                let g = pick(gtins.len());
+                let kind = kinds[pick(kinds.len())];
+                let mut ev = PreferenceEvent::example();
+                ev.event_id = format!("ev-{i}");
+                ev.product.gtin = Gtin::parse(gtins[g]).expect("valid");
+                ev.product.category = categories[g].into();
+                ev.region = regions[pick(regions.len())].into();
+                ev.kind = kind;
+                ev.channel = [Channel::Web, Channel::Store][pick(2)];
+                ev.score = match kind {
+                    EventKind::Review => Some(1 + pick(5) as u32),
+                    EventKind::Nps => Some(pick(11) as u32),
+                    _ => None,
+                };
+                // At most 60 customers: every count is exact on both paths.
+                let mut customer = pick(60) as u64;
+                ev.customer_pseudonym = format!("{:016x}", mix(&mut customer));
+                if pick(3) == 0 {
+                    ev.attributes
+                        .insert("size".into(), ["S", "M", "L"][pick(3)].into());
+                }
+                let secs = start_hour * 3600 + (mix(&mut z) % (hours * 3600)) as i64;
+                ev.occurred_at = UnixNanos(secs * 1_000_000_000);
+                crate::store::NewEvent::local(ev)
+            })
+            .collect()
+    }
+
+    /// Reading the views gives exactly what reading the hourly cells over
+    /// every dimension gives, for windows that cut periods anywhere, every
+    /// bucket, filters, attributes, and after retention.
+    #[tokio::test]
+    async fn views_answer_exactly_as_the_hourly_cells() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path(), &[]).expect("open");
+        store.check_rollups().expect("fresh store");
+        // 2026-01-01T00:00Z, 100 days.
+        let start = 1_767_225_600 / 3600;
+        let events = dataset(3000, start, 100 * 24);
+        for chunk in events.chunks(500) {
+            store.append(chunk.to_vec()).await.expect("append");
+        }
+        let layout = store.rollup_layout().cloned();
+        let t = |h: i64, m: i64| Some(UnixNanos((h * 3600 + m * 60) * 1_000_000_000));
+        let windows = [
+            (None, None),
+            (t(start + 30 * 24 + 5, 17), t(start + 77 * 24 + 13, 41)),
+            (t(start + 3, 0), t(start + 3 * 24, 0)),
+            (None, t(start + 40 * 24 + 7, 30)),
+            (t(start + 50 * 24 + 2, 10), t(start + 50 * 24 + 2, 50)),
+        ];
+        let groupings: [&[Dim]; 7] = [
+            &[Dim::Category, Dim::Region, Dim::Time],
+            &[Dim::Kind],
+            &[Dim::Gtin, Dim::Kind, Dim::Time],
+            &[Dim::Category, Dim::Attribute],
+            &[Dim::Attribute, Dim::Time],
+            &[Dim::Channel, Dim::Region],
+            &[],
+        ];
+        let filters: Vec<EventFilter> = vec![
+            EventFilter::default(),
+            EventFilter {
+                categories: vec!["dairy".into()],
+                ..Default::default()
+            },
+            EventFilter {
+                kinds: vec![EventKind::Review, EventKind::Nps],
+                regions: vec!["EE".into()],
+                ..Default::default()
+            },
+            EventFilter {
+                gtin_prefixes: vec!["4740001".into()],
+                ..Default::default()
+            },
+        ];
+        let compare = |label: &str| {
+            let mut checked = 0;
+            for (since, until) in windows {
+                for group_by in groupings {
+                    let buckets: &[Bucket] = if group_by.contains(&Dim::Time) {
+                        &Bucket::ALL
+                    } else {
+                        &[Bucket::Day]
+                    };
+                    for &bucket in buckets {
+                        for base in &filters {
+                            let q = Query {
+                                filter: EventFilter {
+                                    since,
+                                    until,
+                                    ..base.clone()
+                                },
+                                group_by: group_by.to_vec(),
+                                attribute_key: Some("size".into()),
+                                bucket: Some(bucket),
+                                limit: 0,
+                            };
+                            let fast = run_with(&store, &q, 3, layout.as_ref()).expect("views");
+                            let slow = run_with(&store, &q, 3, None).expect("hourly");
+                            assert_eq!(fast, slow, "{label}: {q:?}");
+                            checked += fast.rows.len();
+                        }
+                    }
+                }
+            }
+            assert!(checked > 1000, "{label}: only {checked} rows compared");
+        };
+        compare("all events");
+        // Retention at a cut through a day, a week and a month.
+        let cut = start + 40 * 24 + 7;
+        while store
+            .purge_before(rollup::hour_start(cut), 1000)
+            .await
+            .expect("purge")
+            > 0
+        {}
+        assert_eq!(store.rollup_horizon().expect("horizon"), Some(cut));
+        compare("after retention");
     }
 }

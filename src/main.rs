@@ -445,12 +445,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let cfg = NodeConfig::load(&config)?;
             let dir = cfg.data_dir.join("store");
-            let store = chainsight::store::Store::open(&dir, &[]).with_context(|| {
-                format!(
-                    "opening {} (is the node still running? stop it first)",
-                    dir.display()
-                )
-            })?;
+            let layout =
+                cfg.insights.layout().map_err(anyhow::Error::msg)?.context(
+                    "[insights] rollups = false in this config: turn them on to rebuild",
+                )?;
+            let store = chainsight::store::Store::open_with(&dir, &[], Some(layout)).with_context(
+                || {
+                    format!(
+                        "opening {} (is the node still running? stop it first)",
+                        dir.display()
+                    )
+                },
+            )?;
             let bar = indicatif::ProgressBar::new(store.len() as u64);
             bar.set_style(
                 indicatif::ProgressStyle::with_template(

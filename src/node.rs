@@ -105,7 +105,7 @@ async fn run_inner(
             tracing::warn!("a background task did not stop within 5 s; leaving it");
         }
     }
-    parts.store.flush().await?;
+    parts.store.close().await?;
     tracing::info!(
         last_seq = parts.store.last_seq()?,
         flushes = parts.store.flushes(),
@@ -131,11 +131,14 @@ async fn open_parts(config: &NodeConfig) -> Result<Parts, Error> {
     let anonymiser = Anonymiser::open(config.id.clone(), &config.data_dir, store_dir.exists())?;
     let links = Arc::new(Links::new(config, &anonymiser));
     let link_ids = links.ids();
-    let rollups = config.insights.rollups;
-    let store =
-        tokio::task::spawn_blocking(move || Store::open_with(&store_dir, &link_ids, rollups))
-            .await
-            .map_err(|e| Error::Serve(e.to_string()))??;
+    let layout = config.insights.layout().map_err(Error::Serve)?;
+    let store = tokio::task::spawn_blocking(move || {
+        let store = Store::open_with(&store_dir, &link_ids, layout)?;
+        store.check_rollups()?;
+        Ok::<_, crate::store::Error>(store)
+    })
+    .await
+    .map_err(|e| Error::Serve(e.to_string()))??;
     Ok(Parts {
         anonymiser,
         links,

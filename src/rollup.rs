@@ -1,8 +1,18 @@
-//! Rollups: per hour and per combination of the event's dimensions, the
-//! aggregates an insight query needs — events, review scores, NPS answers,
-//! purchases and returns, and the distinct customers behind them — kept
-//! up to date at ingest in the same transaction as the events, so a query
-//! reads rollup cells, not events.
+//! Rollups: the aggregates an insight query needs — events, review scores,
+//! NPS answers, purchases and returns, and the distinct customers behind
+//! them — kept up to date at ingest in the same transaction as the events,
+//! so a query reads rollup cells, not events.
+//!
+//! Cells come in families:
+//! - family 0 (`FAMILY_BASE`): per hour and per combination of every
+//!   dimension of the event — answers any query;
+//! - family 1 (`FAMILY_ATTRIBUTE`): the same with one attribute (key,
+//!   value) of the event added — answers any ATTRIBUTE query;
+//! - families 2, 3, …: the *views* of the [`Layout`] (`[insights] views`
+//!   in node.toml): per hour, day, ISO week and month, and per combination
+//!   of a few dimensions only (e.g. category × region). A view has few cells
+//!   per period whatever the number of events, so a query a view covers
+//!   reads a number of cells that does not grow with history.
 //!
 //! Distinct customers: a cell keeps the exact set of (64-bit hashes of)
 //! pseudonyms up to [`EXACT_LIMIT`]; above it the cell switches to a
@@ -23,8 +33,188 @@ pub const HLL_P: u32 = 10;
 const HLL_M: usize = 1 << HLL_P;
 const NANOS_PER_HOUR: i64 = 3_600 * 1_000_000_000;
 
-/// The dimensions of a cell, in key order.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A time bucket (and the period of a rollup cell), in UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Bucket {
+    Hour,
+    Day,
+    /// ISO weeks, starting on Monday.
+    Week,
+    Month,
+}
+
+impl Bucket {
+    /// Every period a view keeps, finest first.
+    pub const ALL: [Bucket; 4] = [Bucket::Hour, Bucket::Day, Bucket::Week, Bucket::Month];
+
+    fn code(self) -> u8 {
+        match self {
+            Bucket::Hour => 0,
+            Bucket::Day => 1,
+            Bucket::Week => 2,
+            Bucket::Month => 3,
+        }
+    }
+
+    fn from_code(c: u8) -> Option<Bucket> {
+        Bucket::ALL.get(usize::from(c)).copied()
+    }
+}
+
+/// The first hour of the bucket `hour` falls in.
+pub fn bucket_start_hour(hour: i64, bucket: Bucket) -> i64 {
+    if bucket == Bucket::Hour {
+        return hour;
+    }
+    let Ok(t) = time::OffsetDateTime::from_unix_timestamp(hour.saturating_mul(3600)) else {
+        return hour;
+    };
+    let day = t.date();
+    let start = match bucket {
+        Bucket::Hour | Bucket::Day => day,
+        Bucket::Week => {
+            day - time::Duration::days(i64::from(day.weekday().number_days_from_monday()))
+        }
+        Bucket::Month => day.replace_day(1).unwrap_or(day),
+    };
+    start
+        .midnight()
+        .assume_utc()
+        .unix_timestamp()
+        .div_euclid(3600)
+}
+
+/// The first hour of the bucket after the one starting at `start`.
+pub fn next_bucket_start(start: i64, bucket: Bucket) -> i64 {
+    match bucket {
+        Bucket::Hour => start + 1,
+        Bucket::Day => start + 24,
+        Bucket::Week => start + 7 * 24,
+        // Months are 28-31 days: step past the end and snap back.
+        Bucket::Month => bucket_start_hour(start + 32 * 24, Bucket::Month),
+    }
+}
+
+/// A set of non-time dimensions, one bit each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct DimSet(pub u16);
+
+impl DimSet {
+    pub const GTIN: DimSet = DimSet(1);
+    pub const CATEGORY: DimSet = DimSet(1 << 1);
+    pub const BRAND: DimSet = DimSet(1 << 2);
+    pub const REGION: DimSet = DimSet(1 << 3);
+    pub const CHANNEL: DimSet = DimSet(1 << 4);
+    pub const STAGE: DimSet = DimSet(1 << 5);
+    pub const KIND: DimSet = DimSet(1 << 6);
+    pub const AGE_BAND: DimSet = DimSet(1 << 7);
+    pub const ATTRIBUTE: DimSet = DimSet(1 << 8);
+
+    /// The names used in node.toml, in key order.
+    pub const NAMES: [(&'static str, DimSet); 9] = [
+        ("gtin", DimSet::GTIN),
+        ("category", DimSet::CATEGORY),
+        ("brand", DimSet::BRAND),
+        ("region", DimSet::REGION),
+        ("channel", DimSet::CHANNEL),
+        ("stage", DimSet::STAGE),
+        ("kind", DimSet::KIND),
+        ("age_band", DimSet::AGE_BAND),
+        ("attribute", DimSet::ATTRIBUTE),
+    ];
+
+    /// The dimension called `name` in node.toml.
+    pub fn named(name: &str) -> Option<DimSet> {
+        Self::NAMES
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name.trim()))
+            .map(|(_, d)| *d)
+    }
+
+    pub fn union(self, other: DimSet) -> DimSet {
+        DimSet(self.0 | other.0)
+    }
+
+    pub fn contains(self, other: DimSet) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    pub fn len(self) -> u32 {
+        self.0.count_ones()
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// `category+region`-style name.
+    pub fn describe(self) -> String {
+        Self::NAMES
+            .iter()
+            .filter(|(_, d)| self.contains(*d))
+            .map(|(n, _)| *n)
+            .collect::<Vec<_>>()
+            .join("+")
+    }
+}
+
+/// The views kept besides the base families.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// Each view's dimensions; view `i` is family `FIRST_VIEW_FAMILY + i`.
+    pub views: Vec<DimSet>,
+}
+
+/// Family of the first view.
+pub const FIRST_VIEW_FAMILY: u8 = 2;
+/// At most this many views.
+pub const MAX_VIEWS: usize = 32;
+
+impl Default for Layout {
+    /// Views for the usual feeds: category × region (the typical feed), the
+    /// same per kind (kind filters: only reviews, only NPS answers), per
+    /// product and kind (a manufacturer's own products), journey funnels,
+    /// and attribute preferences per category.
+    fn default() -> Self {
+        let d = |dims: &[DimSet]| dims.iter().fold(DimSet::default(), |a, d| a.union(*d));
+        Layout {
+            views: vec![
+                d(&[DimSet::CATEGORY, DimSet::REGION]),
+                d(&[DimSet::CATEGORY, DimSet::REGION, DimSet::KIND]),
+                d(&[DimSet::GTIN, DimSet::KIND]),
+                d(&[
+                    DimSet::CATEGORY,
+                    DimSet::CHANNEL,
+                    DimSet::STAGE,
+                    DimSet::KIND,
+                ]),
+                d(&[DimSet::CATEGORY, DimSet::ATTRIBUTE]),
+            ],
+        }
+    }
+}
+
+impl Layout {
+    /// No views: only the hourly base families.
+    pub fn base_only() -> Layout {
+        Layout { views: Vec::new() }
+    }
+
+    /// Identifies the layout the stored cells were built with.
+    pub fn signature(&self) -> String {
+        let views: Vec<String> = self.views.iter().map(|v| v.describe()).collect();
+        format!("rollups-v2;{}", views.join(";"))
+    }
+
+    /// The family of view `i`.
+    pub fn family(i: usize) -> u8 {
+        FIRST_VIEW_FAMILY + i as u8
+    }
+}
+
+/// The dimensions of a cell, in key order. A view's cells leave the
+/// dimensions it does not keep empty (0 for the enums).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct CellDims {
     pub gtin: String,
     pub category: String,
@@ -34,14 +224,44 @@ pub struct CellDims {
     pub stage: u8,
     pub kind: u8,
     pub age_band: String,
-    /// `(attribute key, value)` for attribute cells; `None` for base cells.
+    /// `(attribute key, value)` for attribute cells; `None` otherwise.
     pub attribute: Option<(String, String)>,
 }
 
-/// A cell's position: its hour and dimensions.
+impl CellDims {
+    /// Only the dimensions in `keep`.
+    fn masked(&self, keep: DimSet) -> CellDims {
+        let s = |d: DimSet, v: &String| {
+            if keep.contains(d) {
+                v.clone()
+            } else {
+                String::new()
+            }
+        };
+        let n = |d: DimSet, v: u8| if keep.contains(d) { v } else { 0 };
+        CellDims {
+            gtin: s(DimSet::GTIN, &self.gtin),
+            category: s(DimSet::CATEGORY, &self.category),
+            brand: s(DimSet::BRAND, &self.brand),
+            region: s(DimSet::REGION, &self.region),
+            channel: n(DimSet::CHANNEL, self.channel),
+            stage: n(DimSet::STAGE, self.stage),
+            kind: n(DimSet::KIND, self.kind),
+            age_band: s(DimSet::AGE_BAND, &self.age_band),
+            attribute: self
+                .attribute
+                .clone()
+                .filter(|_| keep.contains(DimSet::ATTRIBUTE)),
+        }
+    }
+}
+
+/// A cell's position: its family, period and dimensions.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CellKey {
-    /// Hours since the Unix epoch.
+    pub family: u8,
+    pub period: Bucket,
+    /// The period's first hour (hours since the Unix epoch).
     pub hour: i64,
     pub dims: CellDims,
 }
@@ -74,49 +294,50 @@ fn get_str(bytes: &[u8], pos: &mut usize) -> Option<String> {
     Some(s)
 }
 
-/// Base cells (no attribute) and attribute cells are kept apart, so that a
-/// query reads only the family it needs.
+/// Hourly cells over every dimension.
 pub const FAMILY_BASE: u8 = 0;
-/// See [`FAMILY_BASE`].
+/// Hourly cells over every dimension and one attribute.
 pub const FAMILY_ATTRIBUTE: u8 = 1;
 
-/// The sled key of the first cell of `hour` in `family` (cells sort by
-/// family, then hour).
-pub fn hour_prefix(family: u8, hour: i64) -> [u8; 9] {
-    let mut k = [0u8; 9];
+/// The sled key of the first cell of `family`'s `period` starting at
+/// `hour` (cells sort by family, period kind, then start hour).
+pub fn period_prefix(family: u8, period: Bucket, hour: i64) -> [u8; 10] {
+    let mut k = [0u8; 10];
     k[0] = family;
-    k[1..].copy_from_slice(&((hour as u64) ^ (1 << 63)).to_be_bytes());
+    k[1] = period.code();
+    k[2..].copy_from_slice(&((hour as u64) ^ (1 << 63)).to_be_bytes());
     k
 }
 
 impl CellKey {
-    /// Encodes the key: family, hour (sign-flipped, big-endian), dimensions.
+    /// Encodes the key: family, period kind, start hour (sign-flipped,
+    /// big-endian), dimensions.
     pub fn encode(&self) -> Vec<u8> {
         let d = &self.dims;
-        let family = if d.attribute.is_some() {
-            FAMILY_ATTRIBUTE
-        } else {
-            FAMILY_BASE
-        };
         let mut out = Vec::with_capacity(96);
-        out.extend_from_slice(&hour_prefix(family, self.hour));
+        out.extend_from_slice(&period_prefix(self.family, self.period, self.hour));
         for s in [&d.gtin, &d.category, &d.brand, &d.region] {
             put_str(&mut out, s);
         }
         out.extend_from_slice(&[d.channel, d.stage, d.kind]);
         put_str(&mut out, &d.age_band);
-        if let Some((k, v)) = &d.attribute {
-            put_str(&mut out, k);
-            put_str(&mut out, v);
+        match &d.attribute {
+            Some((k, v)) => {
+                out.push(1);
+                put_str(&mut out, k);
+                put_str(&mut out, v);
+            }
+            None => out.push(0),
         }
         out
     }
 
     /// Decodes a key written by [`Self::encode`].
     pub fn decode(bytes: &[u8]) -> Option<Self> {
-        let has_attr = *bytes.first()? == FAMILY_ATTRIBUTE;
-        let hour = (u64::from_be_bytes(bytes.get(1..9)?.try_into().ok()?) ^ (1 << 63)) as i64;
-        let mut pos = 9;
+        let family = *bytes.first()?;
+        let period = Bucket::from_code(*bytes.get(1)?)?;
+        let hour = (u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?) ^ (1 << 63)) as i64;
+        let mut pos = 10;
         let gtin = get_str(bytes, &mut pos)?;
         let category = get_str(bytes, &mut pos)?;
         let brand = get_str(bytes, &mut pos)?;
@@ -124,12 +345,17 @@ impl CellKey {
         let [channel, stage, kind] = bytes.get(pos..pos + 3)?.try_into().ok()?;
         pos += 3;
         let age_band = get_str(bytes, &mut pos)?;
-        let attribute = if has_attr {
-            Some((get_str(bytes, &mut pos)?, get_str(bytes, &mut pos)?))
-        } else {
-            None
+        let attribute = match bytes.get(pos)? {
+            0 => None,
+            1 => {
+                pos += 1;
+                Some((get_str(bytes, &mut pos)?, get_str(bytes, &mut pos)?))
+            }
+            _ => return None,
         };
         Some(CellKey {
+            family,
+            period,
             hour,
             dims: CellDims {
                 gtin,
@@ -353,9 +579,10 @@ impl GroupAcc {
     }
 }
 
-/// The cells one event contributes to: its base cell and one attribute cell
-/// per attribute.
-pub fn cells_of(ev: &PreferenceEvent) -> Vec<CellKey> {
+/// The cells one event contributes to: its hourly base cell, one hourly
+/// attribute cell per attribute, and in every view of `layout` one cell per
+/// period kind (one per attribute for views that keep the attribute).
+pub fn cells_of(ev: &PreferenceEvent, layout: &Layout) -> Vec<CellKey> {
     let base = CellDims {
         gtin: ev.product.gtin.as_str().to_string(),
         category: ev.product.category.clone(),
@@ -368,22 +595,60 @@ pub fn cells_of(ev: &PreferenceEvent) -> Vec<CellKey> {
         attribute: None,
     };
     let hour = hour_of(ev.occurred_at);
-    let mut out = Vec::with_capacity(1 + ev.attributes.len());
-    for (k, v) in &ev.attributes {
-        let mut dims = base.clone();
-        dims.attribute = Some((k.clone(), v.clone()));
-        out.push(CellKey { hour, dims });
+    let with_attributes: Vec<CellDims> = ev
+        .attributes
+        .iter()
+        .map(|(k, v)| CellDims {
+            attribute: Some((k.clone(), v.clone())),
+            ..base.clone()
+        })
+        .collect();
+    let mut out = Vec::with_capacity(1 + with_attributes.len() + 4 * layout.views.len());
+    for (i, view) in layout.views.iter().enumerate() {
+        let family = Layout::family(i);
+        let sources = if view.contains(DimSet::ATTRIBUTE) {
+            &with_attributes[..]
+        } else {
+            std::slice::from_ref(&base)
+        };
+        for dims in sources {
+            let dims = dims.masked(*view);
+            for period in Bucket::ALL {
+                out.push(CellKey {
+                    family,
+                    period,
+                    hour: bucket_start_hour(hour, period),
+                    dims: dims.clone(),
+                });
+            }
+        }
     }
-    out.push(CellKey { hour, dims: base });
+    for dims in with_attributes {
+        out.push(CellKey {
+            family: FAMILY_ATTRIBUTE,
+            period: Bucket::Hour,
+            hour,
+            dims,
+        });
+    }
+    out.push(CellKey {
+        family: FAMILY_BASE,
+        period: Bucket::Hour,
+        hour,
+        dims: base,
+    });
     out
 }
 
 /// Folds a batch of events into per-cell deltas.
-pub fn fold<'a>(events: impl IntoIterator<Item = &'a PreferenceEvent>) -> BTreeMap<Vec<u8>, Agg> {
+pub fn fold<'a>(
+    events: impl IntoIterator<Item = &'a PreferenceEvent>,
+    layout: &Layout,
+) -> BTreeMap<Vec<u8>, Agg> {
     let mut cells: BTreeMap<Vec<u8>, Agg> = BTreeMap::new();
     for ev in events {
         let contribution = Agg::of_event(ev);
-        for key in cells_of(ev) {
+        for key in cells_of(ev, layout) {
             cells.entry(key.encode()).or_default().merge(&contribution);
         }
     }
@@ -395,8 +660,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_round_trip_and_sort_by_hour() {
+    fn keys_round_trip_and_sort_by_family_period_and_hour() {
         let k = CellKey {
+            family: FAMILY_ATTRIBUTE,
+            period: Bucket::Hour,
             hour: 493_000,
             dims: CellDims {
                 gtin: "04740001000017".into(),
@@ -419,12 +686,54 @@ mod tests {
         negative.hour = -5;
         assert!(negative.encode() < k.encode());
         let mut base = k.clone();
+        base.family = FAMILY_BASE;
         base.dims.attribute = None;
         base.hour += 100;
-        assert!(
-            base.encode() < k.encode(),
-            "base cells sort before attribute cells"
-        );
+        assert_eq!(CellKey::decode(&base.encode()).unwrap(), base);
+        assert!(base.encode() < k.encode(), "families sort first");
+        let mut view = base.clone();
+        view.family = Layout::family(0);
+        view.period = Bucket::Week;
+        view.dims = view.dims.masked(DimSet::CATEGORY.union(DimSet::REGION));
+        assert_eq!(view.dims.gtin, "");
+        assert_eq!(view.dims.category, "dairy");
+        assert_eq!(CellKey::decode(&view.encode()).unwrap(), view);
+        let start = period_prefix(view.family, Bucket::Week, view.hour).to_vec();
+        let end = period_prefix(view.family, Bucket::Week, view.hour + 1).to_vec();
+        assert!(start <= view.encode() && view.encode() < end);
+    }
+
+    #[test]
+    fn an_event_lands_in_every_period_of_every_view() {
+        let layout = Layout::default();
+        let mut ev = crate::domain::PreferenceEvent::example();
+        ev.attributes = [("size", "M"), ("colour", "red")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let cells = cells_of(&ev, &layout);
+        // base + 2 attribute cells + 4 plain views × 4 periods + 1 attribute
+        // view × 2 attributes × 4 periods.
+        assert_eq!(cells.len(), 1 + 2 + 4 * 4 + 2 * 4);
+        let hour = hour_of(ev.occurred_at);
+        for c in &cells {
+            assert_eq!(c.hour, bucket_start_hour(hour, c.period));
+            assert!(c.hour <= hour && hour < next_bucket_start(c.hour, c.period));
+        }
+    }
+
+    #[test]
+    fn periods_step_through_months_of_every_length() {
+        // 2024-01-01T00:00Z, a leap year.
+        let mut h = 1_704_067_200 / 3600;
+        let mut days = Vec::new();
+        for _ in 0..12 {
+            let next = next_bucket_start(h, Bucket::Month);
+            days.push((next - h) / 24);
+            assert_eq!(bucket_start_hour(next - 1, Bucket::Month), h);
+            h = next;
+        }
+        assert_eq!(days, [31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31]);
     }
 
     /// splitmix64: uniform 64-bit values, as HMAC-derived hashes are.

@@ -184,6 +184,34 @@ pub struct PreferenceEvent {
     pub path: Vec<String>,
 }
 
+#[cfg(test)]
+impl PreferenceEvent {
+    /// A plausible event for unit tests.
+    pub fn example() -> Self {
+        PreferenceEvent {
+            event_id: "ev-1".into(),
+            origin: "retailer".into(),
+            kind: EventKind::Purchase,
+            occurred_at: UnixNanos(1_790_000_000_000_000_000),
+            product: Product {
+                gtin: Gtin::parse("4740001000017").expect("valid GTIN"),
+                category: "dairy".into(),
+                brand: "x".into(),
+            },
+            channel: Channel::Web,
+            stage: JourneyStage::Purchase,
+            attributes: Default::default(),
+            score: None,
+            quantity: 2,
+            region: "EE-10".into(),
+            age_band: "35-44".into(),
+            customer_pseudonym: "ab".into(),
+            text: String::new(),
+            path: vec!["retailer".into()],
+        }
+    }
+}
+
 /// Whether `region` lies within `area`: the same region, or a first-level
 /// area of the country `area` (`EE-10` lies within `EE`).
 pub fn region_within(region: &str, area: &str) -> bool {

@@ -50,9 +50,10 @@ impl From<store::Error> for ApiError {
             ),
             store::Error::Corrupt { .. } => ApiError::DataLoss(e.to_string()),
             store::Error::Closed => ApiError::Unavailable("the node is shutting down".into()),
-            store::Error::Open { .. } | store::Error::Sled(_) | store::Error::Write { .. } => {
-                ApiError::Internal(e.to_string())
-            }
+            store::Error::Open { .. }
+            | store::Error::Sled(_)
+            | store::Error::Write { .. }
+            | store::Error::RollupsStale { .. } => ApiError::Internal(e.to_string()),
         }
     }
 }

@@ -8,8 +8,10 @@
 //! - `meta`:    `last_seq`, `purged_upto` → u64 — the sequence high-water
 //!   mark (so numbers are never reused, even after retention removed the
 //!   newest events) and the highest sequence number retention removed
-//! - `rollups`: hour ‖ dimensions → aggregates (see `crate::rollup`),
-//!   updated in the same transaction as the events they count
+//! - `rollups`: family ‖ period ‖ dimensions → aggregates (see
+//!   `crate::rollup`), updated in the same transaction as the events they
+//!   count; `meta` keeps the layout they were built with (`rollup_layout`)
+//!   and the hour before which retention removed them (`rollup_horizon`)
 //! - `cursors`: identity ‖ 0 ‖ subscription name → acknowledged cursor
 //! - `outbox/<link>`: seq → enqueue time (UnixNanos, i64) — events waiting
 //!   to be acknowledged by that upstream link
@@ -28,6 +30,7 @@ mod record;
 mod writer;
 
 mod outbox;
+mod rollups;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
@@ -59,6 +62,12 @@ pub enum Error {
     Closed,
     #[error("write failed: {reason}")]
     Write { reason: String, disk_full: bool },
+    #[error("the insight rollups in {path} {state}, but this node keeps {wanted:?}: stop the node and run `chainsight admin rebuild-rollups --config <its node.toml>`")]
+    RollupsStale {
+        path: PathBuf,
+        state: String,
+        wanted: String,
+    },
 }
 
 /// Result type of the store.
@@ -101,6 +110,8 @@ struct Inner {
     db: sled::Db,
     trees: Trees,
     writer: mpsc::Sender<writer::Command>,
+    /// Joined when the last handle goes, so the files are released.
+    writer_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     path: PathBuf,
     flushes: Arc<AtomicU64>,
     durable: tokio::sync::watch::Receiver<Seq>,
@@ -115,12 +126,23 @@ struct Trees {
     cursors: sled::Tree,
     rollups: sled::Tree,
     outboxes: Arc<Vec<Outbox>>,
+    /// The rollups waiting in memory (and the layout); `None` when rollups
+    /// are off.
+    pending: Option<Arc<rollups::Pending>>,
 }
 
 /// `meta` key of the sequence high-water mark.
 const META_LAST_SEQ: &[u8] = b"last_seq";
 /// `meta` key of the highest sequence number removed by retention.
 const META_PURGED_UPTO: &[u8] = b"purged_upto";
+/// `meta` key of the rollup layout's signature (or a state word).
+const META_ROLLUP_LAYOUT: &[u8] = b"rollup_layout";
+/// `meta` key of the hour (i64) before which retention removed rollups.
+const META_ROLLUP_HORIZON: &[u8] = b"rollup_horizon";
+/// [`META_ROLLUP_LAYOUT`] while a rebuild runs.
+const ROLLUPS_REBUILDING: &str = "rebuilding";
+/// [`META_ROLLUP_LAYOUT`] when a node ran without rollups.
+const ROLLUPS_OFF: &str = "off";
 
 /// One upstream link's queue.
 struct Outbox {
@@ -135,12 +157,18 @@ impl Store {
     /// Opens (creating if needed) the store in `dir`, with an outbox per
     /// entry of `links`, and starts its writer.
     pub fn open(dir: &Path, links: &[String]) -> Result<Store> {
-        Self::open_with(dir, links, true)
+        Self::open_with(dir, links, Some(crate::rollup::Layout::default()))
     }
 
-    /// As [`Self::open`]; with `rollups = false` the writer does not maintain
-    /// rollups (to measure their cost; insight queries then see nothing new).
-    pub fn open_with(dir: &Path, links: &[String], rollups: bool) -> Result<Store> {
+    /// As [`Self::open`], keeping rollups with `layout`; with `None` the
+    /// writer does not maintain rollups (to measure their cost; insight
+    /// queries then see nothing new). Call [`Self::check_rollups`] before
+    /// serving queries.
+    pub fn open_with(
+        dir: &Path,
+        links: &[String],
+        layout: Option<crate::rollup::Layout>,
+    ) -> Result<Store> {
         let open_err = |source| Error::Open {
             path: dir.to_path_buf(),
             source,
@@ -167,22 +195,28 @@ impl Store {
                         other => other,
                     })?,
             ),
+            pending: None,
         };
+        let mut trees = trees;
+        if let Some(layout) = layout {
+            let current = rollups_current(&trees, &layout)?;
+            trees.pending = Some(Arc::new(rollups::Pending::open(
+                &trees,
+                Arc::new(layout),
+                current,
+            )?));
+        }
         let flushes = Arc::new(AtomicU64::new(0));
         let last = high_water(&trees)?;
         let (durable_tx, durable) = tokio::sync::watch::channel(last);
-        let writer = writer::spawn(
-            db.clone(),
-            trees.clone(),
-            flushes.clone(),
-            durable_tx,
-            rollups,
-        )?;
+        let (writer, writer_thread) =
+            writer::spawn(db.clone(), trees.clone(), flushes.clone(), durable_tx)?;
         Ok(Store {
             inner: Arc::new(Inner {
                 db,
                 trees,
                 writer,
+                writer_thread: std::sync::Mutex::new(Some(writer_thread)),
                 path: dir.to_path_buf(),
                 flushes,
                 durable,
@@ -269,36 +303,97 @@ impl Store {
         self.inner.durable.clone()
     }
 
-    /// Rollup cells of `family` in the hours `from..to` (open ends:
-    /// unbounded), in key order.
-    pub fn scan_rollups(
+    /// The rollup cells of `family` in `pieces` (each: `period` cells
+    /// starting in the hours `from..to`, open ends unbounded), including
+    /// the deltas not yet checkpointed (a cell may come more than once:
+    /// its parts add up).
+    pub fn read_rollups(
         &self,
         family: u8,
-        from: Option<i64>,
-        to: Option<i64>,
-    ) -> impl Iterator<Item = Result<(crate::rollup::CellKey, crate::rollup::Agg)>> + '_ {
-        use crate::rollup::hour_prefix;
-        let start = hour_prefix(family, from.unwrap_or(i64::MIN)).to_vec();
-        let end = hour_prefix(family, to.unwrap_or(i64::MAX)).to_vec();
-        self.inner.trees.rollups.range(start..end).map(|item| {
-            let (k, v) = item?;
-            let corrupt = |what: &str| Error::Corrupt {
-                tree: "rollups",
-                key: format!("{k:?}"),
-                source: DecodeError::Payload(what.to_string()),
+        pieces: &[(crate::rollup::Bucket, Option<i64>, Option<i64>)],
+    ) -> Result<Vec<(crate::rollup::CellKey, crate::rollup::Agg)>> {
+        let tree = &self.inner.trees.rollups;
+        match &self.inner.trees.pending {
+            Some(pending) => pending.read_cells(tree, family, pieces),
+            None => rollups::Pending::read_tree(tree, family, pieces),
+        }
+    }
+
+    /// The rollup layout kept, `None` when rollups are off.
+    pub fn rollup_layout(&self) -> Option<&crate::rollup::Layout> {
+        self.inner
+            .trees
+            .pending
+            .as_deref()
+            .map(rollups::Pending::layout)
+    }
+
+    /// The hour before which retention removed events and rollups: cells
+    /// of periods starting earlier are incomplete.
+    pub fn rollup_horizon(&self) -> Result<Option<i64>> {
+        Ok(self
+            .inner
+            .trees
+            .meta
+            .get(META_ROLLUP_HORIZON)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(i64::from_be_bytes))
+    }
+
+    /// Checks that the stored rollups were built with this store's layout
+    /// (and that no rebuild was cut short); an empty store just takes the
+    /// layout. With rollups off, records that they are no longer kept, so
+    /// that turning them on again asks for a rebuild. Blocks (flushes):
+    /// call it off the async runtime.
+    #[allow(clippy::disallowed_methods)] // a blocking flush, by contract
+    pub fn check_rollups(&self) -> Result<()> {
+        let meta = &self.inner.trees.meta;
+        let stored = meta
+            .get(META_ROLLUP_LAYOUT)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned());
+        let wanted = match self.rollup_layout() {
+            None => ROLLUPS_OFF.to_string(),
+            Some(layout) => layout.signature(),
+        };
+        if stored.as_deref() == Some(wanted.as_str()) {
+            return Ok(());
+        }
+        let empty = self.inner.trees.events.is_empty() && self.inner.trees.rollups.is_empty();
+        if self.rollup_layout().is_some() && !empty {
+            let state = match stored.as_deref() {
+                None => "were built by an older version".to_string(),
+                Some(ROLLUPS_REBUILDING) => "are incomplete: a rebuild did not finish".to_string(),
+                Some(ROLLUPS_OFF) => "were not kept while rollups were off".to_string(),
+                Some(other) => format!("were built for the layout {other:?}"),
             };
-            let key = crate::rollup::CellKey::decode(&k).ok_or_else(|| corrupt("bad cell key"))?;
-            let agg = crate::rollup::Agg::decode_bytes(&v).ok_or_else(|| corrupt("bad cell"))?;
-            Ok((key, agg))
-        })
+            return Err(Error::RollupsStale {
+                path: self.inner.path.clone(),
+                state,
+                wanted,
+            });
+        }
+        meta.insert(META_ROLLUP_LAYOUT, wanted.as_bytes())?;
+        // At start-up, before serving (the node calls this off the runtime).
+        self.inner.db.flush()?;
+        Ok(())
     }
 
     /// Recomputes every rollup cell from the stored events (offline repair,
     /// `chainsight admin rebuild-rollups`); `progress` gets the events done.
-    /// Returns the number of events folded.
+    /// Returns the number of events folded. A rebuild cut short leaves a
+    /// marker that [`Self::check_rollups`] refuses.
     pub async fn rebuild_rollups(&self, progress: impl Fn(u64)) -> Result<u64> {
+        let layout = self.rollup_layout().cloned().unwrap_or_default();
+        let meta = &self.inner.trees.meta;
+        meta.insert(META_ROLLUP_LAYOUT, ROLLUPS_REBUILDING)?;
+        meta.flush_async().await?;
         let rollups = &self.inner.trees.rollups;
         rollups.clear()?;
+        let last = self.last_seq()?;
+        if let Some(pending) = &self.inner.trees.pending {
+            pending.reset(last);
+        }
+        let horizon = self.rollup_horizon()?;
         let mut after = 0;
         let mut done = 0u64;
         loop {
@@ -306,7 +401,7 @@ impl Store {
             let Some((last, _)) = chunk.last() else { break };
             after = *last;
             done += chunk.len() as u64;
-            let cells = crate::rollup::fold(chunk.iter().map(|(_, ev)| ev));
+            let cells = crate::rollup::fold(chunk.iter().map(|(_, ev)| ev), &layout);
             let mut batch = sled::Batch::default();
             for (key, delta) in cells {
                 let mut agg = match rollups.get(&key)? {
@@ -320,7 +415,13 @@ impl Store {
             rollups.apply_batch(batch)?;
             progress(done);
         }
+        if let Some(h) = horizon {
+            writer::remove_cells_before(rollups, &layout, h)?;
+        }
+        rollups::write_watermark(rollups, after.max(last))?;
         self.inner.db.flush_async().await?;
+        meta.insert(META_ROLLUP_LAYOUT, layout.signature().as_bytes())?;
+        meta.flush_async().await?;
         Ok(done)
     }
 
@@ -425,10 +526,46 @@ impl Store {
         &self.inner.path
     }
 
+    /// Merges the rollups waiting in memory, flushes, and stops the writer:
+    /// later writes fail with [`Error::Closed`]. For a clean shutdown (the
+    /// next start then has nothing to refold).
+    pub async fn close(&self) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .inner
+            .writer
+            .send(writer::Command::Close { reply })
+            .await
+            .is_err()
+        {
+            return Ok(()); // already closed
+        }
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
     /// Flushes everything written so far to disk.
     pub async fn flush(&self) -> Result<()> {
         self.inner.db.flush_async().await?;
         Ok(())
+    }
+}
+
+impl Drop for Inner {
+    /// The writer stops once its queue closes (this was the last handle);
+    /// waiting for it means the data directory is released on return.
+    fn drop(&mut self) {
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.writer, closed));
+        let handle = self
+            .writer_thread
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(handle) = handle {
+            if handle.thread().id() != std::thread::current().id() {
+                let _ = handle.join();
+            }
+        }
     }
 }
 
@@ -445,6 +582,13 @@ fn meta_seq(meta: &sled::Tree, key: &'static [u8]) -> Result<Seq> {
         None => Ok(0),
         Some(v) => seq_from(&v, "meta", std::str::from_utf8(key).unwrap_or("?")),
     }
+}
+
+/// Whether the stored rollups were built with `layout` (or there is nothing
+/// to build from yet).
+fn rollups_current(trees: &Trees, layout: &crate::rollup::Layout) -> Result<bool> {
+    let stored = trees.meta.get(META_ROLLUP_LAYOUT)?;
+    Ok(stored.as_deref() == Some(layout.signature().as_bytes()) || trees.events.is_empty())
 }
 
 /// The highest sequence number ever used: the recorded high-water mark, or
@@ -481,4 +625,68 @@ fn time_key(occurred_at: i64, seq: Seq) -> [u8; 16] {
     key[..8].copy_from_slice(&((occurred_at as u64) ^ (1 << 63)).to_be_bytes());
     key[8..].copy_from_slice(&seq.to_be_bytes());
     key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollup::{DimSet, Layout};
+
+    /// Opens once the writer of a dropped handle has let go of the files.
+    fn reopen(dir: &Path, layout: Option<Layout>) -> Store {
+        for _ in 0..200 {
+            if let Ok(store) = Store::open_with(dir, &[], layout.clone()) {
+                return store;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        panic!("store still locked");
+    }
+
+    #[tokio::test]
+    async fn rollups_of_another_layout_or_an_unfinished_rebuild_are_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let store = Store::open(dir.path(), &[]).expect("open");
+            store
+                .check_rollups()
+                .expect("an empty store takes the layout");
+            store
+                .append(vec![NewEvent::local(PreferenceEvent::example())])
+                .await
+                .expect("append");
+        }
+        let other = Layout {
+            views: vec![DimSet::BRAND],
+        };
+        let store = reopen(dir.path(), Some(other.clone()));
+        let err = store.check_rollups().expect_err("other layout");
+        assert!(err.to_string().contains("rebuild-rollups"), "{err}");
+        // A rebuild cut short (the marker is written first) stays refused.
+        store
+            .inner
+            .trees
+            .meta
+            .insert(META_ROLLUP_LAYOUT, ROLLUPS_REBUILDING)
+            .expect("marker");
+        let err = store.check_rollups().expect_err("unfinished rebuild");
+        assert!(err.to_string().contains("did not finish"), "{err}");
+        assert_eq!(store.rebuild_rollups(|_| {}).await.expect("rebuild"), 1);
+        store.check_rollups().expect("rebuilt");
+        let family = Layout::family(0);
+        let cells = store
+            .read_rollups(family, &[(crate::rollup::Bucket::Month, None, None)])
+            .expect("cells");
+        assert_eq!(cells.len(), 1);
+        assert_eq!(cells[0].0.dims.brand, "x");
+        assert_eq!(cells[0].0.dims.category, "", "not kept by the view");
+        drop(store);
+        // Running without rollups marks them stale for later.
+        let store = reopen(dir.path(), None);
+        store.check_rollups().expect("off");
+        drop(store);
+        let store = reopen(dir.path(), Some(other));
+        let err = store.check_rollups().expect_err("were off");
+        assert!(err.to_string().contains("rollups were off"), "{err}");
+    }
 }

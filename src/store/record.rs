@@ -59,27 +59,7 @@ mod tests {
     use crate::domain::*;
 
     fn sample() -> PreferenceEvent {
-        PreferenceEvent {
-            event_id: "ev-1".into(),
-            origin: "retailer".into(),
-            kind: EventKind::Purchase,
-            occurred_at: UnixNanos(1_790_000_000_000_000_000),
-            product: Product {
-                gtin: Gtin::parse("4740001000017").unwrap(),
-                category: "dairy".into(),
-                brand: "x".into(),
-            },
-            channel: Channel::Web,
-            stage: JourneyStage::Purchase,
-            attributes: Default::default(),
-            score: None,
-            quantity: 2,
-            region: "EE-10".into(),
-            age_band: "35-44".into(),
-            customer_pseudonym: "ab".into(),
-            text: String::new(),
-            path: vec!["retailer".into()],
-        }
+        PreferenceEvent::example()
     }
 
     #[test]

@@ -34,6 +34,10 @@ pub(super) enum Command {
         limit: usize,
         reply: oneshot::Sender<Result<usize>>,
     },
+    /// Merge the waiting rollups, flush, answer and stop.
+    Close {
+        reply: oneshot::Sender<Result<()>>,
+    },
 }
 
 pub(super) fn spawn(
@@ -41,23 +45,29 @@ pub(super) fn spawn(
     trees: Trees,
     flushes: Arc<AtomicU64>,
     durable: tokio::sync::watch::Sender<Seq>,
-    rollups: bool,
-) -> Result<mpsc::Sender<Command>> {
+) -> Result<(mpsc::Sender<Command>, std::thread::JoinHandle<()>)> {
     let next_seq = super::high_water(&trees)? + 1;
     let (tx, rx) = mpsc::channel(QUEUE);
+    let checkpointer = match &trees.pending {
+        Some(p) => Some(super::rollups::spawn_checkpointer(
+            p.clone(),
+            trees.rollups.clone(),
+        )?),
+        None => None,
+    };
     let writer = Writer {
         db,
         trees,
         next_seq,
         flushes,
         durable,
-        rollups,
+        checkpointer,
     };
-    std::thread::Builder::new()
+    let handle = std::thread::Builder::new()
         .name("store-writer".into())
         .spawn(move || writer.run(rx))
         .map_err(|e| Error::Sled(sled::Error::Io(e)))?;
-    Ok(tx)
+    Ok((tx, handle))
 }
 
 struct Writer {
@@ -66,8 +76,9 @@ struct Writer {
     next_seq: Seq,
     flushes: Arc<AtomicU64>,
     durable: tokio::sync::watch::Sender<Seq>,
-    /// Maintain rollups (off only to measure their cost).
-    rollups: bool,
+    /// Merges rollup deltas into the tree; stopped (after a last merge)
+    /// before the final flush.
+    checkpointer: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Writer {
@@ -86,6 +97,10 @@ impl Writer {
                 } => {
                     let _ = reply.send(self.purge(before, limit));
                     continue;
+                }
+                Command::Close { reply } => {
+                    let _ = reply.send(self.finish());
+                    return;
                 }
                 Command::Append(append) => append,
             };
@@ -106,10 +121,19 @@ impl Writer {
             }
             self.commit(batch);
         }
-        let flushed = self.flush_now();
-        if let Err(e) = flushed {
+        if let Err(e) = self.finish() {
             tracing::error!(error = %e, "final flush failed");
         }
+    }
+
+    /// The last checkpoint of the rollups, then the final flush.
+    fn finish(&mut self) -> Result<()> {
+        if let (Some(pending), Some(handle)) = (&self.trees.pending, self.checkpointer.take()) {
+            super::rollups::stop(pending);
+            let _ = handle.join();
+        }
+        self.flush_now()?;
+        Ok(())
     }
 
     /// Removes up to `limit` events that occurred before `before`, with
@@ -127,17 +151,26 @@ impl Writer {
         }
         if victims.is_empty() {
             // Everything before `before` is gone: so go the rollup cells of
-            // those hours (retention cuts at whole hours).
+            // periods starting before it (retention cuts at whole hours).
+            // The horizon is recorded first: queries never use cells of
+            // periods starting before it (a day, week or month cell that
+            // straddles it counts removed events).
             let hour = crate::rollup::hour_of(before);
-            let mut batch = sled::Batch::default();
-            for family in [crate::rollup::FAMILY_BASE, crate::rollup::FAMILY_ATTRIBUTE] {
-                let start = crate::rollup::hour_prefix(family, i64::MIN).to_vec();
-                let end = crate::rollup::hour_prefix(family, hour).to_vec();
-                for item in t.rollups.range(start..end) {
-                    batch.remove(item?.0);
+            if let Some(pending) = &self.trees.pending {
+                let layout = pending.layout();
+                let old = t
+                    .meta
+                    .get(super::META_ROLLUP_HORIZON)?
+                    .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+                    .map(i64::from_be_bytes);
+                if old.is_none_or(|old| old < hour) {
+                    t.meta
+                        .insert(super::META_ROLLUP_HORIZON, &hour.to_be_bytes())?;
+                    self.flush_now()?;
                 }
+                remove_cells_before(&t.rollups, layout, hour)?;
+                pending.remove_before(hour);
             }
-            t.rollups.apply_batch(batch)?;
             return Ok(0);
         }
         let purged_upto = super::meta_seq(&t.meta, super::META_PURGED_UPTO)?
@@ -251,14 +284,8 @@ impl Writer {
             .max()
             .unwrap_or(0)
             .to_be_bytes();
-        let cells = if self.rollups {
-            crate::rollup::fold(new.iter().map(|(_, ne)| &ne.event))
-        } else {
-            Default::default()
-        };
-        // [events, by_id, by_time, meta, rollups, outbox 0, outbox 1, ...]
-        let mut trees: Vec<&sled::Tree> =
-            vec![&t.events, &t.by_id, &t.by_time, &t.meta, &t.rollups];
+        // [events, by_id, by_time, meta, outbox 0, outbox 1, ...]
+        let mut trees: Vec<&sled::Tree> = vec![&t.events, &t.by_id, &t.by_time, &t.meta];
         trees.extend(t.outboxes.iter().map(|o| &o.tree));
         trees
             .as_slice()
@@ -269,27 +296,26 @@ impl Writer {
                     tx[1].insert(ne.event.event_id.as_bytes(), &key)?;
                     tx[2].insert(&time_key(ne.event.occurred_at.0, *seq), &[])?;
                     for &link in &ne.outboxes {
-                        if let Some(outbox) = tx.get(5 + link) {
+                        if let Some(outbox) = tx.get(4 + link) {
                             outbox.insert(&key, &now)?;
                         }
                     }
                 }
                 tx[3].insert(super::META_LAST_SEQ, &high_water)?;
-                for (key, delta) in &cells {
-                    let mut agg = match tx[4].get(key)? {
-                        Some(old) => crate::rollup::Agg::decode_bytes(&old).unwrap_or_default(),
-                        None => crate::rollup::Agg::default(),
-                    };
-                    agg.merge(delta);
-                    agg.compact();
-                    tx[4].insert(key.as_slice(), agg.encode())?;
-                }
                 Ok::<(), ConflictableTransactionError<()>>(())
             })
             .map_err(|e| match e {
                 TransactionError::Storage(e) => Error::Sled(e),
                 TransactionError::Abort(()) => Error::Closed,
-            })
+            })?;
+        // The events are in the trees: their rollup deltas wait in memory
+        // until the checkpointer merges them (a crash refolds them).
+        if let Some(pending) = &t.pending {
+            let cells = crate::rollup::fold(new.iter().map(|(_, ne)| &ne.event), pending.layout());
+            let upto = new.iter().map(|(s, _)| *s).max().unwrap_or(0);
+            pending.add(cells, new.len() as u64, upto);
+        }
+        Ok(())
     }
 
     /// After a successful flush: count the new outbox entries and wake the
@@ -314,6 +340,29 @@ impl Writer {
             }
         }
     }
+}
+
+/// Removes the rollup cells of every family and period that start before
+/// `hour`.
+pub(super) fn remove_cells_before(
+    rollups: &sled::Tree,
+    layout: &crate::rollup::Layout,
+    hour: i64,
+) -> Result<()> {
+    use crate::rollup::{period_prefix, Bucket, Layout};
+    let families = (0..Layout::family(layout.views.len())).collect::<Vec<u8>>();
+    let mut batch = sled::Batch::default();
+    for family in families {
+        for period in Bucket::ALL {
+            let start = period_prefix(family, period, i64::MIN).to_vec();
+            let end = period_prefix(family, period, hour).to_vec();
+            for item in rollups.range(start..end) {
+                batch.remove(item?.0);
+            }
+        }
+    }
+    rollups.apply_batch(batch)?;
+    Ok(())
 }
 
 /// Answers every command of a batch with the error.

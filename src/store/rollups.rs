@@ -1,0 +1,352 @@
+//! Rollup maintenance off the ingest path.
+//!
+//! The writer folds each committed batch into an in-memory map of cell
+//! deltas (`active`). A checkpointer thread regularly freezes that map and
+//! merges it into the `rollups` tree in one atomic sled batch, together with
+//! the sequence number it covers up to (the *watermark*, kept in the same
+//! tree). Queries read the tree plus the frozen and active maps, under a
+//! sequence lock so that a checkpoint landing mid-query is never counted
+//! twice.
+//!
+//! After a crash the maps are gone; [`Pending::open`] folds the stored
+//! events after the watermark again. sled writes its log in order, so a
+//! durable checkpoint implies the events it covers are durable too.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Duration;
+
+use super::{Error, Result, Seq, Trees};
+use crate::rollup::{Agg, Bucket, CellKey, Layout};
+
+/// Key of the watermark in the `rollups` tree (sorts after every family).
+const WATERMARK_KEY: &[u8] = b"\xffwatermark";
+/// Checkpoint at least this often while deltas wait.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+/// Checkpoint early once this many events wait.
+const CHECKPOINT_EVENTS: u64 = 50_000;
+/// The writer waits for the checkpointer beyond this many waiting events.
+const MAX_WAITING_EVENTS: u64 = 8 * CHECKPOINT_EVENTS;
+
+/// Deltas not yet in the tree.
+#[derive(Default)]
+struct Maps {
+    active: BTreeMap<Vec<u8>, Agg>,
+    active_events: u64,
+    /// The highest sequence number folded into `active`.
+    active_upto: Seq,
+    /// Being merged into the tree by the checkpointer.
+    frozen: Option<Arc<BTreeMap<Vec<u8>, Agg>>>,
+}
+
+/// The rollups waiting in memory, shared by the writer (adds), the
+/// checkpointer (drains) and queries (read).
+pub(super) struct Pending {
+    layout: Arc<Layout>,
+    maps: RwLock<Maps>,
+    /// Even while the tree is stable; odd while a checkpoint applies.
+    generation: AtomicU64,
+    wake: Condvar,
+    wake_lock: Mutex<()>,
+    stop: AtomicBool,
+}
+
+fn read_watermark(tree: &sled::Tree) -> Result<Option<Seq>> {
+    Ok(tree
+        .get(WATERMARK_KEY)?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map(Seq::from_be_bytes))
+}
+
+/// Writes `cells` (deltas) into `tree` merged with what it holds, and the
+/// watermark, in one atomic batch.
+pub(super) fn merge_into_tree(
+    tree: &sled::Tree,
+    cells: &BTreeMap<Vec<u8>, Agg>,
+    watermark: Seq,
+) -> Result<()> {
+    let mut batch = sled::Batch::default();
+    for (key, delta) in cells {
+        let mut agg = match tree.get(key)? {
+            Some(old) => Agg::decode_bytes(&old).unwrap_or_default(),
+            None => Agg::default(),
+        };
+        agg.merge(delta);
+        agg.compact();
+        batch.insert(key.as_slice(), agg.encode());
+    }
+    batch.insert(WATERMARK_KEY, &watermark.to_be_bytes());
+    tree.apply_batch(batch)?;
+    Ok(())
+}
+
+/// Adds `cells` into `map`.
+fn merge_map(map: &mut BTreeMap<Vec<u8>, Agg>, cells: BTreeMap<Vec<u8>, Agg>) {
+    for (key, delta) in cells {
+        match map.get_mut(&key) {
+            Some(agg) => {
+                agg.merge(&delta);
+                agg.compact();
+            }
+            None => {
+                map.insert(key, delta);
+            }
+        }
+    }
+}
+
+impl Pending {
+    /// Starts from the tree's watermark, folding the events stored after
+    /// it (lost from memory by a crash) into the active map. `fold_events`
+    /// is false when the tree's layout is stale: nothing is folded then,
+    /// the node refuses to start until a rebuild.
+    pub(super) fn open(trees: &Trees, layout: Arc<Layout>, fold_events: bool) -> Result<Pending> {
+        let mut maps = Maps::default();
+        if fold_events {
+            let after = read_watermark(&trees.rollups)?.unwrap_or(0);
+            maps.active_upto = after;
+            let start = after.saturating_add(1).to_be_bytes();
+            let mut chunk = Vec::new();
+            for item in trees.events.range(start..) {
+                let (k, v) = item?;
+                let seq = super::seq_from(&k, "events", "?")?;
+                chunk.push(super::decode_event(seq, &v)?);
+                maps.active_upto = seq;
+                if chunk.len() == 10_000 {
+                    maps.active_events += chunk.len() as u64;
+                    merge_map(&mut maps.active, crate::rollup::fold(chunk.iter(), &layout));
+                    chunk.clear();
+                }
+            }
+            maps.active_events += chunk.len() as u64;
+            merge_map(&mut maps.active, crate::rollup::fold(chunk.iter(), &layout));
+            if maps.active_events > 0 {
+                tracing::info!(
+                    events = maps.active_events,
+                    "folded the events after the last rollup checkpoint"
+                );
+            }
+        }
+        Ok(Pending {
+            layout,
+            maps: RwLock::new(maps),
+            generation: AtomicU64::new(0),
+            wake: Condvar::new(),
+            wake_lock: Mutex::new(()),
+            stop: AtomicBool::new(false),
+        })
+    }
+
+    pub(super) fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Maps> {
+        self.maps
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Maps> {
+        self.maps
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Adds the cells of committed events up to `upto` (writer thread).
+    pub(super) fn add(&self, cells: BTreeMap<Vec<u8>, Agg>, events: u64, upto: Seq) {
+        let waiting = {
+            let mut maps = self.write();
+            merge_map(&mut maps.active, cells);
+            maps.active_events += events;
+            maps.active_upto = maps.active_upto.max(upto);
+            maps.active_events
+        };
+        if waiting >= CHECKPOINT_EVENTS {
+            self.wake.notify_all();
+        }
+        if waiting >= MAX_WAITING_EVENTS {
+            // Backpressure: let the checkpointer catch up.
+            let mut guard = self
+                .wake_lock
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            while self.read().active_events >= MAX_WAITING_EVENTS
+                && !self.stop.load(Ordering::SeqCst)
+            {
+                self.wake.notify_all();
+                guard = self
+                    .wake
+                    .wait_timeout(guard, Duration::from_millis(50))
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .0;
+            }
+        }
+    }
+
+    /// Forgets every waiting delta: a rebuild recomputes the tree from all
+    /// events, up to `upto`.
+    pub(super) fn reset(&self, upto: Seq) {
+        let mut maps = self.write();
+        *maps = Maps {
+            active_upto: upto,
+            ..Maps::default()
+        };
+    }
+
+    /// Drops waiting cells of periods starting before `hour` (retention).
+    pub(super) fn remove_before(&self, hour: i64) {
+        let families = crate::rollup::Layout::family(self.layout.views.len());
+        let mut maps = self.write();
+        maps.active.retain(|k, _| {
+            CellKey::decode(k).is_none_or(|c| c.family >= families || c.hour >= hour)
+        });
+    }
+
+    /// Merges the active map into the tree if anything waits (checkpointer
+    /// thread, and once more at shutdown).
+    fn checkpoint(&self, tree: &sled::Tree) -> Result<bool> {
+        let (frozen, upto) = {
+            let mut maps = self.write();
+            if maps.active.is_empty() {
+                return Ok(false);
+            }
+            let frozen = Arc::new(std::mem::take(&mut maps.active));
+            maps.active_events = 0;
+            maps.frozen = Some(frozen.clone());
+            (frozen, maps.active_upto)
+        };
+        self.wake.notify_all();
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        let applied = merge_into_tree(tree, &frozen, upto);
+        {
+            let mut maps = self.write();
+            if applied.is_ok() {
+                maps.frozen = None;
+            } else if let Some(frozen) = maps.frozen.take() {
+                // Put it back; the next checkpoint retries.
+                let newer = std::mem::take(&mut maps.active);
+                maps.active = Arc::try_unwrap(frozen).unwrap_or_else(|a| (*a).clone());
+                merge_map(&mut maps.active, newer);
+            }
+        }
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        applied.map(|()| true)
+    }
+
+    /// The cells in the tree alone.
+    pub(super) fn read_tree(
+        tree: &sled::Tree,
+        family: u8,
+        pieces: &[(Bucket, Option<i64>, Option<i64>)],
+    ) -> Result<Vec<(CellKey, Agg)>> {
+        let mut out = Vec::new();
+        for &(period, a, b) in pieces {
+            let (start, end) = range(family, period, a, b);
+            for item in tree.range(start..end) {
+                let (k, v) = item?;
+                let agg = Agg::decode_bytes(&v).ok_or_else(|| corrupt(&k, "bad cell"))?;
+                out.push((decode_key(&k)?, agg));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The cells of `family`'s `period` cells starting in `from..to`: from
+    /// the tree, and the deltas waiting in memory (a key may come twice;
+    /// cells add up).
+    pub(super) fn read_cells(
+        &self,
+        tree: &sled::Tree,
+        family: u8,
+        pieces: &[(Bucket, Option<i64>, Option<i64>)],
+    ) -> Result<Vec<(CellKey, Agg)>> {
+        loop {
+            let before = self.generation.load(Ordering::SeqCst);
+            if before % 2 == 1 {
+                std::thread::sleep(Duration::from_micros(200));
+                continue;
+            }
+            let mut out = Vec::new();
+            {
+                let maps = self.read();
+                let frozen = maps.frozen.as_deref();
+                for map in std::iter::once(&maps.active).chain(frozen) {
+                    for &(period, a, b) in pieces {
+                        let (start, end) = range(family, period, a, b);
+                        for (k, agg) in map.range(start..end) {
+                            out.push((decode_key(k)?, agg.clone()));
+                        }
+                    }
+                }
+            }
+            out.extend(Self::read_tree(tree, family, pieces)?);
+            if self.generation.load(Ordering::SeqCst) == before {
+                return Ok(out);
+            }
+        }
+    }
+}
+
+fn range(family: u8, period: Bucket, a: Option<i64>, b: Option<i64>) -> (Vec<u8>, Vec<u8>) {
+    use crate::rollup::period_prefix;
+    (
+        period_prefix(family, period, a.unwrap_or(i64::MIN)).to_vec(),
+        period_prefix(family, period, b.unwrap_or(i64::MAX)).to_vec(),
+    )
+}
+
+fn corrupt(k: &[u8], what: &str) -> Error {
+    Error::Corrupt {
+        tree: "rollups",
+        key: format!("{k:?}"),
+        source: super::DecodeError::Payload(what.to_string()),
+    }
+}
+
+fn decode_key(k: &[u8]) -> Result<CellKey> {
+    CellKey::decode(k).ok_or_else(|| corrupt(k, "bad cell key"))
+}
+
+/// Runs checkpoints until [`stop`] is called, then a last one.
+pub(super) fn spawn_checkpointer(
+    pending: Arc<Pending>,
+    tree: sled::Tree,
+) -> Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("rollup-checkpoint".into())
+        .spawn(move || {
+            let _span = tracing::info_span!("rollup_checkpoint").entered();
+            loop {
+                let stopping = pending.stop.load(Ordering::SeqCst);
+                match pending.checkpoint(&tree) {
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "rollup checkpoint failed; will retry (queries still see the waiting deltas)"),
+                }
+                if stopping {
+                    break;
+                }
+                let guard = pending
+                    .wake_lock
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if pending.read().active_events < CHECKPOINT_EVENTS {
+                    let _ = pending.wake.wait_timeout(guard, CHECKPOINT_EVERY);
+                }
+            }
+        })
+        .map_err(|e| Error::Sled(sled::Error::Io(e)))
+}
+
+/// Asks the checkpointer to do a last checkpoint and end.
+pub(super) fn stop(pending: &Pending) {
+    pending.stop.store(true, Ordering::SeqCst);
+    pending.wake.notify_all();
+}
+
+/// The watermark, for a rebuild to set.
+pub(super) fn write_watermark(tree: &sled::Tree, upto: Seq) -> Result<()> {
+    tree.insert(WATERMARK_KEY, &upto.to_be_bytes())?;
+    Ok(())
+}
