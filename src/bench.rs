@@ -456,7 +456,11 @@ pub struct QuerySize {
     pub stored_events: usize,
     pub ingest_events_per_s: f64,
     pub rows: usize,
+    /// At the client: request sent to report decoded, over gRPC and mTLS.
     pub latency: Percentiles,
+    /// In the node: reading the rollups to the finished report (from its
+    /// log), without encoding and transport.
+    pub server: Percentiles,
 }
 
 /// What `bench query` measured.
@@ -471,7 +475,7 @@ pub struct QueryReport {
     pub ingest_without_rollups_events_per_s: f64,
 }
 
-const FEED: &str = "group by category x region x week over the last 365 days";
+const FEED: &str = "group by category x region x week over the last 365 days (events stored in time order, as history accumulates)";
 
 fn feed_query(now_secs: i64) -> pb::InsightQuery {
     pb::InsightQuery {
@@ -509,13 +513,25 @@ pub async fn query(opts: QueryOptions) -> Result<QueryReport, Error> {
         let mut chain = LocalChain::create("chainsight-bench-", &[spec], &[CLIENT])?;
         chain.start(RETAILER).await?;
         tracing::info!("query: storing {n} events spread over a year");
-        let mut workload = Workload::new(13, "bench", 50_000, now).with_span_days(365);
+        let mut workload = Workload::new(13, "bench", 50_000, now)
+            .with_span_days(365)
+            .chronological(n as u64);
         let t = Instant::now();
         publish_bulk(&chain, RETAILER, &mut workload, n).await?;
         let ingest = n as f64 / t.elapsed().as_secs_f64();
         let mut client =
             pb::insights_client::InsightsClient::new(chain.channel(RETAILER, CLIENT).await?)
                 .max_decoding_message_size(256 * 1024 * 1024);
+        // Warm-up: let the node merge the last rollup deltas of the
+        // publish into its tree, and run the feed a few times untimed.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        for _ in 0..3 {
+            client
+                .query(feed_query(now))
+                .await
+                .map_err(|e| err("query")(e.message().to_string()))?;
+        }
+        let warmups = chain.log(RETAILER).matches("query answered").count();
         let mut latencies = Vec::with_capacity(opts.queries);
         let mut rows = 0;
         for _ in 0..opts.queries.max(1) {
@@ -529,16 +545,26 @@ pub async fn query(opts: QueryOptions) -> Result<QueryReport, Error> {
             rows = report.rows.len();
         }
         chain.stop(RETAILER).await?;
+        let server: Vec<Duration> = chain
+            .log(RETAILER)
+            .lines()
+            .filter(|l| l.contains("query answered"))
+            .skip(warmups)
+            .filter_map(|l| l.split("elapsed=").nth(1))
+            .filter_map(|d| parse_debug_duration(d.split_whitespace().next()?))
+            .collect();
         let size = QuerySize {
             stored_events: n,
             ingest_events_per_s: ingest,
             rows,
             latency: Percentiles::of(latencies),
+            server: Percentiles::of(server),
         };
         println!(
-            "  {n} events: {} ({} rows)",
+            "  {n} events: {} ({} rows); in the node: {}",
             format_percentiles(&size.latency),
-            size.rows
+            size.rows,
+            format_percentiles(&size.server)
         );
         sizes.push(size);
     }
@@ -562,6 +588,11 @@ pub async fn query(opts: QueryOptions) -> Result<QueryReport, Error> {
             s.rows,
             s.ingest_events_per_s
         );
+        println!(
+            "  {:>10}  in the node: {}",
+            "",
+            format_percentiles(&s.server)
+        );
     }
     println!(
         "  ingest of {} events: {:.0} events/s with rollups, {:.0} events/s without",
@@ -569,6 +600,21 @@ pub async fn query(opts: QueryOptions) -> Result<QueryReport, Error> {
     );
     write_json(&report, report.parameters.json.as_deref())?;
     Ok(report)
+}
+
+/// A `Duration` as `{:?}` prints it ("850µs", "1.16ms", "2.5s").
+fn parse_debug_duration(s: &str) -> Option<Duration> {
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (number, unit) = s.split_at(split);
+    let value: f64 = number.parse().ok()?;
+    let seconds = match unit {
+        "ns" => value / 1e9,
+        "µs" | "us" => value / 1e6,
+        "ms" => value / 1e3,
+        "s" => value,
+        _ => return None,
+    };
+    Some(Duration::from_secs_f64(seconds))
 }
 
 async fn ingest_rate(n: usize, rollups: bool, now: i64) -> Result<f64, Error> {
@@ -580,7 +626,9 @@ async fn ingest_rate(n: usize, rollups: bool, now: i64) -> Result<f64, Error> {
     };
     let mut chain = LocalChain::create("chainsight-bench-", &[spec], &[CLIENT])?;
     chain.start(RETAILER).await?;
-    let mut workload = Workload::new(17, "bench", 50_000, now).with_span_days(365);
+    let mut workload = Workload::new(17, "bench", 50_000, now)
+        .with_span_days(365)
+        .chronological(n as u64);
     let t = Instant::now();
     publish_bulk(&chain, RETAILER, &mut workload, n).await?;
     let rate = n as f64 / t.elapsed().as_secs_f64();

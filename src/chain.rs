@@ -171,6 +171,11 @@ impl LocalChain {
         .map_err(|e| err("connect")(e.to_string()))
     }
 
+    /// What node `id` has logged so far.
+    pub fn log(&self, id: &str) -> String {
+        std::fs::read_to_string(self.node_dir(id).join("node.log")).unwrap_or_default()
+    }
+
     /// Keeps the directory after the chain is dropped; returns its path.
     pub fn keep(self) -> PathBuf {
         self.dir.keep()

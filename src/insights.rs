@@ -98,7 +98,8 @@ fn filter_dims(f: &EventFilter) -> DimSet {
 }
 
 /// Where a query's cells come from: a family, and the periods it keeps,
-/// coarsest first, that may serve the query.
+/// coarsest first, that may serve the query. Hours always come from the
+/// hourly family over every dimension (`hourly`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
     pub family: u8,
@@ -106,6 +107,8 @@ pub struct Plan {
     /// dimension.
     pub view: Option<DimSet>,
     pub periods: Vec<Bucket>,
+    /// The family read for whole hours.
+    pub hourly: u8,
 }
 
 /// The cheapest source that covers `needed`: the view with the fewest
@@ -113,32 +116,36 @@ pub struct Plan {
 /// query is about one), else the hourly families over every dimension.
 pub fn plan(layout: Option<&Layout>, needed: DimSet, bucket: Option<Bucket>) -> Plan {
     let attribute = needed.contains(DimSet::ATTRIBUTE);
-    let view = layout.and_then(|l| {
-        l.views
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| v.contains(needed) && v.contains(DimSet::ATTRIBUTE) == attribute)
-            .min_by_key(|(_, v)| v.len())
-    });
+    let hourly = if attribute {
+        rollup::FAMILY_ATTRIBUTE
+    } else {
+        rollup::FAMILY_BASE
+    };
+    let view = layout
+        .filter(|_| bucket != Some(Bucket::Hour))
+        .and_then(|l| {
+            l.views
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| v.contains(needed) && v.contains(DimSet::ATTRIBUTE) == attribute)
+                .min_by_key(|(_, v)| v.len())
+        });
     match view {
         Some((i, dims)) => Plan {
             family: Layout::family(i),
             view: Some(*dims),
+            hourly,
             periods: match bucket {
-                Some(Bucket::Hour) => vec![Bucket::Hour],
-                Some(Bucket::Day) => vec![Bucket::Day, Bucket::Hour],
+                Some(Bucket::Hour) | Some(Bucket::Day) => vec![Bucket::Day, Bucket::Hour],
                 Some(Bucket::Week) => vec![Bucket::Week, Bucket::Day, Bucket::Hour],
                 Some(Bucket::Month) | None => vec![Bucket::Month, Bucket::Day, Bucket::Hour],
             },
         },
         None => Plan {
-            family: if attribute {
-                rollup::FAMILY_ATTRIBUTE
-            } else {
-                rollup::FAMILY_BASE
-            },
+            family: hourly,
             view: None,
             periods: vec![Bucket::Hour],
+            hourly,
         },
     }
 }
@@ -208,39 +215,41 @@ pub fn run_with(
         .group_by
         .iter()
         .fold(filter_dims(&q.filter), |acc, d| acc.union(d.dims()));
-    let mut groups: HashMap<(Vec<String>, Option<i64>), rollup::GroupAcc> = HashMap::new();
+    let started = std::time::Instant::now();
+    let chosen = plan(layout, needed, bucket);
+    let view = chosen.view.map(DimSet::describe);
+    let cells = matching_cells(store, &q.filter, attribute, chosen)?;
+    let read = started.elapsed();
     let mut total = 0u64;
-    scan(
-        store,
-        &q.filter,
-        attribute,
-        plan(layout, needed, bucket),
-        |key, agg| {
-            total += agg.events;
-            let bucket = bucket.map(|b| bucket_start_hour(key.hour, b));
-            let group_key = q
-                .group_by
-                .iter()
-                .map(|d| dim_value(*d, &key.dims, bucket))
-                .collect();
-            groups.entry((group_key, bucket)).or_default().add(agg);
-        },
-    )?;
+    let mut groups: HashMap<(Vec<&str>, Option<i64>), rollup::GroupAcc> =
+        HashMap::with_capacity(cells.len().min(1 << 16));
+    for (key, agg) in &cells {
+        total += agg.events;
+        let bucket = bucket.map(|b| {
+            if key.period == b {
+                key.hour
+            } else {
+                bucket_start_hour(key.hour, b)
+            }
+        });
+        let group_key = q
+            .group_by
+            .iter()
+            .map(|d| dim_value(*d, &key.dims))
+            .collect();
+        groups.entry((group_key, bucket)).or_default().add(agg);
+    }
+    let grouped = started.elapsed();
     if attribute.is_some() {
         // Share is of all matched events, with or without the attribute.
-        total = 0;
         let needed = filter_dims(&q.filter);
-        scan(
-            store,
-            &q.filter,
-            None,
-            plan(layout, needed, None),
-            |_, agg| {
-                total += agg.events;
-            },
-        )?;
+        total = matching_cells(store, &q.filter, None, plan(layout, needed, None))?
+            .iter()
+            .map(|(_, agg)| agg.events)
+            .sum();
     }
     let mut suppressed = 0u32;
+    let mut labels: HashMap<i64, String> = HashMap::new();
     let mut rows: Vec<Row> = groups
         .into_iter()
         .filter_map(|((key, bucket), acc)| {
@@ -249,6 +258,17 @@ pub fn run_with(
                 suppressed += 1;
                 return None;
             }
+            let key = q
+                .group_by
+                .iter()
+                .zip(key)
+                .map(|(d, v)| match (d, bucket) {
+                    (Dim::Time, Some(b)) => {
+                        labels.entry(b).or_insert_with(|| format_hour(b)).clone()
+                    }
+                    _ => v.to_string(),
+                })
+                .collect();
             Some(row(key, bucket, &acc.counts, customers, exact, total))
         })
         .collect();
@@ -256,6 +276,14 @@ pub fn run_with(
     if q.limit > 0 {
         rows.truncate(q.limit);
     }
+    tracing::debug!(
+        view = view.as_deref().unwrap_or("(hourly, every dimension)"),
+        cells = cells.len(),
+        ?read,
+        ?grouped,
+        total = ?started.elapsed(),
+        "insight query planned and run"
+    );
     Ok(Report {
         rows,
         suppressed_groups: suppressed,
@@ -263,17 +291,16 @@ pub fn run_with(
     })
 }
 
-/// Calls `visit` with every cell of `plan` in the filter's window that
-/// matches the filter (and is about `attribute`, if given): whole periods
-/// from the rollups, the partial hours at the window's edges from the
-/// events in them, so the window is exact.
-fn scan(
+/// Every cell of `plan` in the filter's window that matches the filter
+/// (and is about `attribute`, if given): whole periods from the rollups,
+/// the partial hours at the window's edges from the events in them, so the
+/// window is exact.
+fn matching_cells(
     store: &Store,
     filter: &EventFilter,
     attribute: Option<&str>,
     plan: Plan,
-    mut visit: impl FnMut(&rollup::CellKey, &Agg),
-) -> store::Result<()> {
+) -> store::Result<Cells> {
     let (from, to) = hour_window(filter);
     let (edges, from, to) = edge_cells(store, filter, from, to)?;
     // Retention removed everything before the horizon; cells of periods
@@ -284,23 +311,29 @@ fn scan(
     };
     let mut pieces = Vec::new();
     decompose(from, to, &plan.periods, &mut pieces);
-    let mut visit_matching = |key: &rollup::CellKey, agg: &Agg| {
+    let wanted = |key: &rollup::CellKey| {
         let in_family = match (&key.dims.attribute, attribute) {
             (None, None) => true,
             (Some((k, _)), Some(want)) => k == want,
             _ => false,
         };
-        if in_family && cell_matches(filter, &key.dims) {
-            visit(key, agg);
-        }
+        in_family && cell_matches(filter, &key.dims)
     };
-    for (key, agg) in store.read_rollups(plan.family, &pieces)? {
-        visit_matching(&key, &agg);
-    }
-    for (key, agg) in &edges {
-        visit_matching(key, agg);
-    }
-    Ok(())
+    let pieces: Vec<_> = pieces
+        .into_iter()
+        .map(|(period, a, b)| {
+            let family = if period == Bucket::Hour {
+                plan.hourly
+            } else {
+                plan.family
+            };
+            (family, period, a, b)
+        })
+        .collect();
+    let mut cells = store.read_rollups(&pieces)?;
+    cells.extend(edges);
+    cells.retain(|(key, _)| wanted(key));
+    Ok(cells)
 }
 
 fn row(
@@ -405,15 +438,14 @@ fn cell_matches(f: &EventFilter, d: &CellDims) -> bool {
                 .any(|r| crate::domain::region_within(&d.region, r)))
 }
 
-fn dim_value(d: Dim, dims: &CellDims, bucket: Option<i64>) -> String {
-    let label = |n: u8, f: fn(i32) -> Option<&'static str>| {
-        f(i32::from(n)).unwrap_or("unknown").to_string()
-    };
+/// A cell's value of `d` (TIME: empty, the bucket stands for it).
+fn dim_value(d: Dim, dims: &CellDims) -> &str {
+    let label = |n: u8, f: fn(i32) -> Option<&'static str>| f(i32::from(n)).unwrap_or("unknown");
     match d {
-        Dim::Gtin => dims.gtin.clone(),
-        Dim::Category => dims.category.clone(),
-        Dim::Brand => dims.brand.clone(),
-        Dim::Region => dims.region.clone(),
+        Dim::Gtin => &dims.gtin,
+        Dim::Category => &dims.category,
+        Dim::Brand => &dims.brand,
+        Dim::Region => &dims.region,
         Dim::Channel => label(dims.channel, |n| {
             Channel::from_number(n).map(Channel::label)
         }),
@@ -423,13 +455,9 @@ fn dim_value(d: Dim, dims: &CellDims, bucket: Option<i64>) -> String {
         Dim::Kind => label(dims.kind, |n| {
             EventKind::from_number(n).map(EventKind::label)
         }),
-        Dim::AgeBand => dims.age_band.clone(),
-        Dim::Attribute => dims
-            .attribute
-            .as_ref()
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default(),
-        Dim::Time => bucket.map(format_hour).unwrap_or_default(),
+        Dim::AgeBand => &dims.age_band,
+        Dim::Attribute => dims.attribute.as_ref().map_or("", |(_, v)| v.as_str()),
+        Dim::Time => "",
     }
 }
 

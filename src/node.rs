@@ -186,6 +186,8 @@ fn build_router(
     Ok(tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .initial_stream_window_size(Some(2 << 20))
+        .initial_connection_window_size(Some(8 << 20))
         .add_service(health)
         .add_service(reflection)
         .add_service(ingest)

@@ -9,7 +9,7 @@
 //! - family 1 (`FAMILY_ATTRIBUTE`): the same with one attribute (key,
 //!   value) of the event added — answers any ATTRIBUTE query;
 //! - families 2, 3, …: the *views* of the [`Layout`] (`[insights] views`
-//!   in node.toml): per hour, day, ISO week and month, and per combination
+//!   in node.toml): per day, ISO week and month, and per combination
 //!   of a few dimensions only (e.g. category × region). A view has few cells
 //!   per period whatever the number of events, so a query a view covers
 //!   reads a number of cells that does not grow with history.
@@ -44,8 +44,12 @@ pub enum Bucket {
 }
 
 impl Bucket {
-    /// Every period a view keeps, finest first.
+    /// Every period kind, finest first.
     pub const ALL: [Bucket; 4] = [Bucket::Hour, Bucket::Day, Bucket::Week, Bucket::Month];
+    /// The periods a view keeps. Hours are left to the base families: a
+    /// view's hour cells would hold about one event each, and cost a write
+    /// per event and view.
+    pub const VIEW_PERIODS: [Bucket; 3] = [Bucket::Day, Bucket::Week, Bucket::Month];
 
     fn code(self) -> u8 {
         match self {
@@ -229,6 +233,23 @@ pub struct CellDims {
 }
 
 impl CellDims {
+    /// Appends the key bytes of the dimensions (after the period prefix).
+    fn encode_into(&self, out: &mut Vec<u8>) {
+        for s in [&self.gtin, &self.category, &self.brand, &self.region] {
+            put_str(out, s);
+        }
+        out.extend_from_slice(&[self.channel, self.stage, self.kind]);
+        put_str(out, &self.age_band);
+        match &self.attribute {
+            Some((k, v)) => {
+                out.push(1);
+                put_str(out, k);
+                put_str(out, v);
+            }
+            None => out.push(0),
+        }
+    }
+
     /// Only the dimensions in `keep`.
     fn masked(&self, keep: DimSet) -> CellDims {
         let s = |d: DimSet, v: &String| {
@@ -313,22 +334,9 @@ impl CellKey {
     /// Encodes the key: family, period kind, start hour (sign-flipped,
     /// big-endian), dimensions.
     pub fn encode(&self) -> Vec<u8> {
-        let d = &self.dims;
         let mut out = Vec::with_capacity(96);
         out.extend_from_slice(&period_prefix(self.family, self.period, self.hour));
-        for s in [&d.gtin, &d.category, &d.brand, &d.region] {
-            put_str(&mut out, s);
-        }
-        out.extend_from_slice(&[d.channel, d.stage, d.kind]);
-        put_str(&mut out, &d.age_band);
-        match &d.attribute {
-            Some((k, v)) => {
-                out.push(1);
-                put_str(&mut out, k);
-                put_str(&mut out, v);
-            }
-            None => out.push(0),
-        }
+        self.dims.encode_into(&mut out);
         out
     }
 
@@ -399,6 +407,10 @@ pub struct Agg {
     /// HyperLogLog registers (HLL_M bytes) once the cell outgrew the exact set.
     #[prost(bytes = "vec", tag = "10")]
     pub hll: Vec<u8>,
+    /// The estimate of `hll`, kept with it (see [`Agg::compact`]) so that
+    /// a group of one cell needs no pass over the registers.
+    #[prost(uint64, tag = "11")]
+    pub hll_estimate: u64,
 }
 
 /// A 64-bit hash of a pseudonym (already a keyed HMAC, so its bits are uniform).
@@ -429,12 +441,28 @@ fn hll_add(registers: &mut [u8], hash: u64) {
     }
 }
 
+/// 2^-r, exactly, from the bits of an f64 (r is at most 65 here).
+fn pow2_neg(r: u8) -> f64 {
+    f64::from_bits((1023 - u64::from(r.min(64))) << 52)
+}
+
 fn hll_estimate(registers: &[u8]) -> f64 {
     let m = registers.len() as f64;
     let alpha = 0.7213 / (1.0 + 1.079 / m);
-    let sum: f64 = registers.iter().map(|&r| 2f64.powi(-i32::from(r))).sum();
+    // A histogram of the ranks, then one power per rank: integer work per
+    // register instead of a dependent floating-point sum.
+    let mut counts = [0u32; 66];
+    for &r in registers {
+        counts[usize::from(r.min(65))] += 1;
+    }
+    let sum: f64 = counts
+        .iter()
+        .enumerate()
+        .filter(|(_, &c)| c > 0)
+        .map(|(r, &c)| f64::from(c) * pow2_neg(r as u8))
+        .sum();
+    let zeros = counts[0] as usize;
     let estimate = alpha * m * m / sum;
-    let zeros = registers.iter().filter(|&&r| r == 0).count();
     if estimate <= 2.5 * m && zeros > 0 {
         m * (m / zeros as f64).ln()
     } else {
@@ -479,10 +507,13 @@ impl Agg {
             }
         }
         if self.hll.is_empty() {
-            let mut set: HashSet<u64> = self.customers.iter().copied().collect();
-            set.extend(other.customers.iter().copied());
-            self.customers = set.into_iter().collect();
-            self.customers.sort_unstable();
+            // The exact set stays sorted; cells are small (at most
+            // EXACT_LIMIT before compaction), so insertion is cheap.
+            for h in &other.customers {
+                if let Err(at) = self.customers.binary_search(h) {
+                    self.customers.insert(at, *h);
+                }
+            }
         } else {
             let hll = &mut self.hll;
             for h in &other.customers {
@@ -503,10 +534,15 @@ impl Agg {
         self.returns += other.returns;
     }
 
-    /// Switches a cell to the sketch once its exact set is too large.
+    /// Switches a cell to the sketch once its exact set is too large, and
+    /// refreshes the sketch's stored estimate. Called after merging, before
+    /// storing.
     pub fn compact(&mut self) {
         if self.hll.is_empty() && self.customers.len() > EXACT_LIMIT {
             self.switch_to_sketch();
+        }
+        if !self.hll.is_empty() {
+            self.hll_estimate = hll_estimate(&self.hll).round() as u64;
         }
     }
 
@@ -542,23 +578,32 @@ impl Agg {
 
 /// A query group's running total: counts add up, customers go into one
 /// hash set (or one sketch once any contributing cell is a sketch), so
-/// merging many cells costs linear, not quadratic, time.
+/// merging many cells costs linear, not quadratic, time. A group of a
+/// single sketch cell borrows it and uses its stored estimate.
 #[derive(Debug, Default)]
-pub struct GroupAcc {
+pub struct GroupAcc<'a> {
     /// Counts only (its customer fields stay empty).
     pub counts: Agg,
     exact: HashSet<u64>,
+    /// The only sketch cell so far.
+    first_sketch: Option<&'a Agg>,
+    /// The union of the sketches, once there are two.
     sketch: Option<Vec<u8>>,
 }
 
-impl GroupAcc {
+impl<'a> GroupAcc<'a> {
     /// Adds a cell.
-    pub fn add(&mut self, cell: &Agg) {
+    pub fn add(&mut self, cell: &'a Agg) {
         self.counts.add_counts(cell);
         if !cell.hll.is_empty() {
-            let sketch = self.sketch.get_or_insert_with(|| vec![0; HLL_M]);
-            for (r, o) in sketch.iter_mut().zip(&cell.hll) {
-                *r = (*r).max(*o);
+            if let Some(sketch) = &mut self.sketch {
+                max_into(sketch, &cell.hll);
+            } else if let Some(first) = self.first_sketch.take() {
+                let mut sketch = first.hll.clone();
+                max_into(&mut sketch, &cell.hll);
+                self.sketch = Some(sketch);
+            } else {
+                self.first_sketch = Some(cell);
             }
         }
         self.exact.extend(cell.customers.iter().copied());
@@ -566,16 +611,28 @@ impl GroupAcc {
 
     /// Distinct customers, and whether the count is exact.
     pub fn customers(&self) -> (u64, bool) {
-        match &self.sketch {
-            None => (self.exact.len() as u64, true),
-            Some(sketch) => {
-                let mut registers = sketch.clone();
-                for h in &self.exact {
-                    hll_add(&mut registers, *h);
-                }
-                (hll_estimate(&registers).round() as u64, false)
+        let registers = match (&self.sketch, self.first_sketch) {
+            (Some(sketch), _) => sketch,
+            (None, Some(first)) if self.exact.is_empty() && first.hll_estimate > 0 => {
+                return (first.hll_estimate, false);
             }
+            (None, Some(first)) => &first.hll,
+            (None, None) => return (self.exact.len() as u64, true),
+        };
+        if self.exact.is_empty() {
+            return (hll_estimate(registers).round() as u64, false);
         }
+        let mut registers = registers.clone();
+        for h in &self.exact {
+            hll_add(&mut registers, *h);
+        }
+        (hll_estimate(&registers).round() as u64, false)
+    }
+}
+
+fn max_into(sketch: &mut [u8], other: &[u8]) {
+    for (r, o) in sketch.iter_mut().zip(other) {
+        *r = (*r).max(*o);
     }
 }
 
@@ -583,6 +640,24 @@ impl GroupAcc {
 /// attribute cell per attribute, and in every view of `layout` one cell per
 /// period kind (one per attribute for views that keep the attribute).
 pub fn cells_of(ev: &PreferenceEvent, layout: &Layout) -> Vec<CellKey> {
+    let mut out = Vec::new();
+    for_each_cell(ev, layout, |family, period, hour, dims| {
+        out.push(CellKey {
+            family,
+            period,
+            hour,
+            dims: dims.clone(),
+        })
+    });
+    out
+}
+
+/// Calls `f` with every cell of `ev` (see [`cells_of`]).
+fn for_each_cell(
+    ev: &PreferenceEvent,
+    layout: &Layout,
+    mut f: impl FnMut(u8, Bucket, i64, &CellDims),
+) {
     let base = CellDims {
         gtin: ev.product.gtin.as_str().to_string(),
         category: ev.product.category.clone(),
@@ -595,6 +670,7 @@ pub fn cells_of(ev: &PreferenceEvent, layout: &Layout) -> Vec<CellKey> {
         attribute: None,
     };
     let hour = hour_of(ev.occurred_at);
+    let starts = Bucket::VIEW_PERIODS.map(|p| (p, bucket_start_hour(hour, p)));
     let with_attributes: Vec<CellDims> = ev
         .attributes
         .iter()
@@ -603,9 +679,7 @@ pub fn cells_of(ev: &PreferenceEvent, layout: &Layout) -> Vec<CellKey> {
             ..base.clone()
         })
         .collect();
-    let mut out = Vec::with_capacity(1 + with_attributes.len() + 4 * layout.views.len());
     for (i, view) in layout.views.iter().enumerate() {
-        let family = Layout::family(i);
         let sources = if view.contains(DimSet::ATTRIBUTE) {
             &with_attributes[..]
         } else {
@@ -613,44 +687,42 @@ pub fn cells_of(ev: &PreferenceEvent, layout: &Layout) -> Vec<CellKey> {
         };
         for dims in sources {
             let dims = dims.masked(*view);
-            for period in Bucket::ALL {
-                out.push(CellKey {
-                    family,
-                    period,
-                    hour: bucket_start_hour(hour, period),
-                    dims: dims.clone(),
-                });
+            for (period, start) in starts {
+                f(Layout::family(i), period, start, &dims);
             }
         }
     }
-    for dims in with_attributes {
-        out.push(CellKey {
-            family: FAMILY_ATTRIBUTE,
-            period: Bucket::Hour,
-            hour,
-            dims,
-        });
+    for dims in &with_attributes {
+        f(FAMILY_ATTRIBUTE, Bucket::Hour, hour, dims);
     }
-    out.push(CellKey {
-        family: FAMILY_BASE,
-        period: Bucket::Hour,
-        hour,
-        dims: base,
-    });
-    out
+    f(FAMILY_BASE, Bucket::Hour, hour, &base);
 }
 
-/// Folds a batch of events into per-cell deltas.
+/// Folds a batch of events into per-cell deltas, by encoded key.
 pub fn fold<'a>(
     events: impl IntoIterator<Item = &'a PreferenceEvent>,
     layout: &Layout,
 ) -> BTreeMap<Vec<u8>, Agg> {
     let mut cells: BTreeMap<Vec<u8>, Agg> = BTreeMap::new();
+    let mut dims_bytes = Vec::with_capacity(96);
     for ev in events {
         let contribution = Agg::of_event(ev);
-        for key in cells_of(ev, layout) {
-            cells.entry(key.encode()).or_default().merge(&contribution);
-        }
+        for_each_cell(ev, layout, |family, period, hour, dims| {
+            dims_bytes.clear();
+            dims.encode_into(&mut dims_bytes);
+            let mut key = Vec::with_capacity(10 + dims_bytes.len());
+            key.extend_from_slice(&period_prefix(family, period, hour));
+            key.extend_from_slice(&dims_bytes);
+            match cells.get_mut(&key) {
+                Some(agg) => {
+                    agg.merge(&contribution);
+                    agg.compact();
+                }
+                None => {
+                    cells.insert(key, contribution.clone());
+                }
+            }
+        });
     }
     cells
 }
@@ -712,13 +784,20 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         let cells = cells_of(&ev, &layout);
-        // base + 2 attribute cells + 4 plain views × 4 periods + 1 attribute
-        // view × 2 attributes × 4 periods.
-        assert_eq!(cells.len(), 1 + 2 + 4 * 4 + 2 * 4);
+        // base + 2 attribute cells + 4 plain views × 3 periods + 1 attribute
+        // view × 2 attributes × 3 periods.
+        assert_eq!(cells.len(), 1 + 2 + 4 * 3 + 2 * 3);
         let hour = hour_of(ev.occurred_at);
         for c in &cells {
             assert_eq!(c.hour, bucket_start_hour(hour, c.period));
             assert!(c.hour <= hour && hour < next_bucket_start(c.hour, c.period));
+        }
+    }
+
+    #[test]
+    fn the_power_table_is_exact() {
+        for r in 0..=64u8 {
+            assert_eq!(pow2_neg(r), 2f64.powi(-i32::from(r)), "2^-{r}");
         }
     }
 

@@ -96,6 +96,9 @@ pub struct Workload {
     next: u64,
     now_secs: i64,
     span_secs: i64,
+    /// `Some(n)`: the n events arrive in time order over the span (as a
+    /// year of history accumulates), instead of at random times in it.
+    chronological: Option<u64>,
 }
 
 const COUNTRIES: &[(&str, &str)] = &[
@@ -140,7 +143,15 @@ impl Workload {
             next: 0,
             now_secs,
             span_secs: 30 * 86_400,
+            chronological: None,
         }
+    }
+
+    /// The next `n` events occur in time order, evenly over the span (with
+    /// a minute of jitter), ending now: a history as it accumulates.
+    pub fn chronological(mut self, n: u64) -> Self {
+        self.chronological = Some(n.max(1));
+        self
     }
 
     /// Spreads the events over the `days` before now instead of 30.
@@ -224,7 +235,14 @@ impl Workload {
             K::SearchUnmet => "Looked for a larger pack size".to_string(),
             _ => String::new(),
         };
-        let age_secs = rng.random_range(0..self.span_secs);
+        let age_secs = match self.chronological {
+            None => rng.random_range(0..self.span_secs),
+            Some(n) => {
+                let left = n.saturating_sub(self.next) as i64;
+                let at = (i128::from(self.span_secs) * i128::from(left) / i128::from(n)) as i64;
+                (at + rng.random_range(0..60)).clamp(0, self.span_secs - 1)
+            }
+        };
         pb::CustomerEvent {
             event_id: format!("{}-{:07}", self.prefix, self.next),
             kind: kind as i32,

@@ -32,6 +32,8 @@ mod writer;
 mod outbox;
 mod rollups;
 
+pub use rollups::Piece;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -303,19 +305,18 @@ impl Store {
         self.inner.durable.clone()
     }
 
-    /// The rollup cells of `family` in `pieces` (each: `period` cells
+    /// The rollup cells of `pieces` (each: `family`'s `period` cells
     /// starting in the hours `from..to`, open ends unbounded), including
     /// the deltas not yet checkpointed (a cell may come more than once:
     /// its parts add up).
     pub fn read_rollups(
         &self,
-        family: u8,
-        pieces: &[(crate::rollup::Bucket, Option<i64>, Option<i64>)],
+        pieces: &[rollups::Piece],
     ) -> Result<Vec<(crate::rollup::CellKey, crate::rollup::Agg)>> {
         let tree = &self.inner.trees.rollups;
         match &self.inner.trees.pending {
-            Some(pending) => pending.read_cells(tree, family, pieces),
-            None => rollups::Pending::read_tree(tree, family, pieces),
+            Some(pending) => pending.read_cells(tree, pieces),
+            None => rollups::Pending::read_tree(tree, pieces),
         }
     }
 
@@ -675,7 +676,7 @@ mod tests {
         store.check_rollups().expect("rebuilt");
         let family = Layout::family(0);
         let cells = store
-            .read_rollups(family, &[(crate::rollup::Bucket::Month, None, None)])
+            .read_rollups(&[(family, crate::rollup::Bucket::Month, None, None)])
             .expect("cells");
         assert_eq!(cells.len(), 1);
         assert_eq!(cells[0].0.dims.brand, "x");

@@ -4,16 +4,17 @@
 //! deltas (`active`). A checkpointer thread regularly freezes that map and
 //! merges it into the `rollups` tree in one atomic sled batch, together with
 //! the sequence number it covers up to (the *watermark*, kept in the same
-//! tree). Queries read the tree plus the frozen and active maps, under a
-//! sequence lock so that a checkpoint landing mid-query is never counted
-//! twice.
+//! tree). Queries read the tree plus the frozen and active maps while
+//! holding a read lock that the checkpointer's merge takes for writing, so
+//! a checkpoint landing mid-query is never counted twice (checkpoints are
+//! small, so neither side waits long).
 //!
 //! After a crash the maps are gone; [`Pending::open`] folds the stored
 //! events after the watermark again. sled writes its log in order, so a
 //! durable checkpoint implies the events it covers are durable too.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
@@ -23,11 +24,15 @@ use crate::rollup::{Agg, Bucket, CellKey, Layout};
 /// Key of the watermark in the `rollups` tree (sorts after every family).
 const WATERMARK_KEY: &[u8] = b"\xffwatermark";
 /// Checkpoint at least this often while deltas wait.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 /// Checkpoint early once this many events wait.
-const CHECKPOINT_EVENTS: u64 = 50_000;
+const CHECKPOINT_EVENTS: u64 = 10_000;
 /// The writer waits for the checkpointer beyond this many waiting events.
-const MAX_WAITING_EVENTS: u64 = 8 * CHECKPOINT_EVENTS;
+const MAX_WAITING_EVENTS: u64 = 3 * CHECKPOINT_EVENTS;
+
+/// Cells to read: `family`'s `period` cells starting in the hours
+/// `from..to` (open ends: unbounded).
+pub type Piece = (u8, Bucket, Option<i64>, Option<i64>);
 
 /// Deltas not yet in the tree.
 #[derive(Default)]
@@ -45,8 +50,8 @@ struct Maps {
 pub(super) struct Pending {
     layout: Arc<Layout>,
     maps: RwLock<Maps>,
-    /// Even while the tree is stable; odd while a checkpoint applies.
-    generation: AtomicU64,
+    /// Held for reading by queries, for writing while a checkpoint merges.
+    tree_lock: RwLock<()>,
     wake: Condvar,
     wake_lock: Mutex<()>,
     stop: AtomicBool,
@@ -59,13 +64,13 @@ fn read_watermark(tree: &sled::Tree) -> Result<Option<Seq>> {
         .map(Seq::from_be_bytes))
 }
 
-/// Writes `cells` (deltas) into `tree` merged with what it holds, and the
-/// watermark, in one atomic batch.
-pub(super) fn merge_into_tree(
+/// The batch that writes `cells` (deltas) into `tree` merged with what it
+/// holds, and the watermark.
+fn prepare_batch(
     tree: &sled::Tree,
     cells: &BTreeMap<Vec<u8>, Agg>,
     watermark: Seq,
-) -> Result<()> {
+) -> Result<sled::Batch> {
     let mut batch = sled::Batch::default();
     for (key, delta) in cells {
         let mut agg = match tree.get(key)? {
@@ -77,8 +82,7 @@ pub(super) fn merge_into_tree(
         batch.insert(key.as_slice(), agg.encode());
     }
     batch.insert(WATERMARK_KEY, &watermark.to_be_bytes());
-    tree.apply_batch(batch)?;
-    Ok(())
+    Ok(batch)
 }
 
 /// Adds `cells` into `map`.
@@ -131,7 +135,7 @@ impl Pending {
         Ok(Pending {
             layout,
             maps: RwLock::new(maps),
-            generation: AtomicU64::new(0),
+            tree_lock: RwLock::new(()),
             wake: Condvar::new(),
             wake_lock: Mutex::new(()),
             stop: AtomicBool::new(false),
@@ -218,8 +222,17 @@ impl Pending {
             (frozen, maps.active_upto)
         };
         self.wake.notify_all();
-        self.generation.fetch_add(1, Ordering::SeqCst);
-        let applied = merge_into_tree(tree, &frozen, upto);
+        // Only the checkpointer writes cells (retention removes some, and
+        // a cell it resurrects lies before the horizon, which queries
+        // ignore), so the batch is prepared without blocking queries.
+        let batch = prepare_batch(tree, &frozen, upto);
+        // Applying and dropping the frozen map happen under one lock hold:
+        // a query sees the deltas either in the map or in the tree.
+        let _merging = self
+            .tree_lock
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let applied = batch.and_then(|batch| Ok(tree.apply_batch(batch)?));
         {
             let mut maps = self.write();
             if applied.is_ok() {
@@ -231,18 +244,13 @@ impl Pending {
                 merge_map(&mut maps.active, newer);
             }
         }
-        self.generation.fetch_add(1, Ordering::SeqCst);
         applied.map(|()| true)
     }
 
     /// The cells in the tree alone.
-    pub(super) fn read_tree(
-        tree: &sled::Tree,
-        family: u8,
-        pieces: &[(Bucket, Option<i64>, Option<i64>)],
-    ) -> Result<Vec<(CellKey, Agg)>> {
+    pub(super) fn read_tree(tree: &sled::Tree, pieces: &[Piece]) -> Result<Vec<(CellKey, Agg)>> {
         let mut out = Vec::new();
-        for &(period, a, b) in pieces {
+        for &(family, period, a, b) in pieces {
             let (start, end) = range(family, period, a, b);
             for item in tree.range(start..end) {
                 let (k, v) = item?;
@@ -259,33 +267,27 @@ impl Pending {
     pub(super) fn read_cells(
         &self,
         tree: &sled::Tree,
-        family: u8,
-        pieces: &[(Bucket, Option<i64>, Option<i64>)],
+        pieces: &[Piece],
     ) -> Result<Vec<(CellKey, Agg)>> {
-        loop {
-            let before = self.generation.load(Ordering::SeqCst);
-            if before % 2 == 1 {
-                std::thread::sleep(Duration::from_micros(200));
-                continue;
-            }
-            let mut out = Vec::new();
-            {
-                let maps = self.read();
-                let frozen = maps.frozen.as_deref();
-                for map in std::iter::once(&maps.active).chain(frozen) {
-                    for &(period, a, b) in pieces {
-                        let (start, end) = range(family, period, a, b);
-                        for (k, agg) in map.range(start..end) {
-                            out.push((decode_key(k)?, agg.clone()));
-                        }
+        let _stable = self
+            .tree_lock
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut out = Vec::new();
+        {
+            let maps = self.read();
+            let frozen = maps.frozen.as_deref();
+            for map in std::iter::once(&maps.active).chain(frozen) {
+                for &(family, period, a, b) in pieces {
+                    let (start, end) = range(family, period, a, b);
+                    for (k, agg) in map.range(start..end) {
+                        out.push((decode_key(k)?, agg.clone()));
                     }
                 }
             }
-            out.extend(Self::read_tree(tree, family, pieces)?);
-            if self.generation.load(Ordering::SeqCst) == before {
-                return Ok(out);
-            }
         }
+        out.extend(Self::read_tree(tree, pieces)?);
+        Ok(out)
     }
 }
 
