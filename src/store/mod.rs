@@ -332,13 +332,7 @@ impl Store {
     /// The hour before which retention removed events and rollups: cells
     /// of periods starting earlier are incomplete.
     pub fn rollup_horizon(&self) -> Result<Option<i64>> {
-        Ok(self
-            .inner
-            .trees
-            .meta
-            .get(META_ROLLUP_HORIZON)?
-            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-            .map(i64::from_be_bytes))
+        read_horizon(&self.inner.trees.meta)
     }
 
     /// Checks that the stored rollups were built with this store's layout
@@ -403,17 +397,7 @@ impl Store {
             after = *last;
             done += chunk.len() as u64;
             let cells = crate::rollup::fold(chunk.iter().map(|(_, ev)| ev), &layout);
-            let mut batch = sled::Batch::default();
-            for (key, delta) in cells {
-                let mut agg = match rollups.get(&key)? {
-                    Some(old) => crate::rollup::Agg::decode_bytes(&old).unwrap_or_default(),
-                    None => crate::rollup::Agg::default(),
-                };
-                agg.merge(&delta);
-                agg.compact();
-                batch.insert(key, agg.encode());
-            }
-            rollups.apply_batch(batch)?;
+            rollups.apply_batch(rollups::prepare_batch(rollups, &cells, after)?)?;
             progress(done);
         }
         if let Some(h) = horizon {
@@ -583,6 +567,14 @@ fn meta_seq(meta: &sled::Tree, key: &'static [u8]) -> Result<Seq> {
         None => Ok(0),
         Some(v) => seq_from(&v, "meta", std::str::from_utf8(key).unwrap_or("?")),
     }
+}
+
+/// The recorded retention horizon of the rollups (an hour), if any.
+fn read_horizon(meta: &sled::Tree) -> Result<Option<i64>> {
+    Ok(meta
+        .get(META_ROLLUP_HORIZON)?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map(i64::from_be_bytes))
 }
 
 /// Whether the stored rollups were built with `layout` (or there is nothing

@@ -65,8 +65,8 @@ fn read_watermark(tree: &sled::Tree) -> Result<Option<Seq>> {
 }
 
 /// The batch that writes `cells` (deltas) into `tree` merged with what it
-/// holds, and the watermark.
-fn prepare_batch(
+/// holds, and the watermark (also used by a rebuild, chunk by chunk).
+pub(super) fn prepare_batch(
     tree: &sled::Tree,
     cells: &BTreeMap<Vec<u8>, Agg>,
     watermark: Seq,

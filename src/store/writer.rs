@@ -158,11 +158,7 @@ impl Writer {
             let hour = crate::rollup::hour_of(before);
             if let Some(pending) = &self.trees.pending {
                 let layout = pending.layout();
-                let old = t
-                    .meta
-                    .get(super::META_ROLLUP_HORIZON)?
-                    .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-                    .map(i64::from_be_bytes);
+                let old = super::read_horizon(&t.meta)?;
                 if old.is_none_or(|old| old < hour) {
                     t.meta
                         .insert(super::META_ROLLUP_HORIZON, &hour.to_be_bytes())?;
