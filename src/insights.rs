@@ -6,8 +6,8 @@
 use std::collections::HashMap;
 
 use crate::domain::{Channel, EventFilter, EventKind, JourneyStage, UnixNanos};
-use crate::rollup::{self, Agg, CellDims, DimSet, Layout};
-use crate::store::{self, Store};
+use crate::rollup::{self, Agg, AggRef, CellDims, CellKeyRef, DimSet, Layout};
+use crate::store::{self, RawCell, Store};
 
 /// A dimension to group by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -218,13 +218,18 @@ pub fn run_with(
     let started = std::time::Instant::now();
     let chosen = plan(layout, needed, bucket);
     let view = chosen.view.map(DimSet::describe);
-    let cells = matching_cells(store, &q.filter, attribute, chosen)?;
+    let raw = matching_cells(store, &q.filter, chosen)?;
+    let cells = parse_matching(&raw, &q.filter, attribute)?;
     let read = started.elapsed();
     let mut total = 0u64;
-    let mut groups: HashMap<(Vec<&str>, Option<i64>), rollup::GroupAcc> =
-        HashMap::with_capacity(cells.len().min(1 << 16));
+    // Groups in first-seen order, found by key.
+    let mut index: HashMap<GroupKey, usize, foldhash::fast::FixedState> =
+        HashMap::with_capacity_and_hasher(cells.len().min(1 << 16), Default::default());
+    let mut keys: Vec<GroupKey> = Vec::new();
+    let mut accs: Vec<rollup::GroupAcc> = Vec::new();
+    debug_assert!(q.group_by.len() <= DIMS, "dimensions are distinct");
     for (key, agg) in &cells {
-        total += agg.events;
+        total += agg.counts.events;
         let bucket = bucket.map(|b| {
             if key.period == b {
                 key.hour
@@ -232,50 +237,66 @@ pub fn run_with(
                 bucket_start_hour(key.hour, b)
             }
         });
-        let group_key = q
-            .group_by
-            .iter()
-            .map(|d| dim_value(*d, &key.dims))
-            .collect();
-        groups.entry((group_key, bucket)).or_default().add(agg);
+        let mut group_key = [""; DIMS];
+        for (slot, d) in group_key.iter_mut().zip(&q.group_by) {
+            *slot = dim_value(*d, &key.dims);
+        }
+        let i = *index.entry((group_key, bucket)).or_insert_with(|| {
+            keys.push((group_key, bucket));
+            accs.push(rollup::GroupAcc::default());
+            accs.len() - 1
+        });
+        accs[i].add(agg);
     }
     let grouped = started.elapsed();
     if attribute.is_some() {
         // Share is of all matched events, with or without the attribute.
         let needed = filter_dims(&q.filter);
-        total = matching_cells(store, &q.filter, None, plan(layout, needed, None))?
+        let raw = matching_cells(store, &q.filter, plan(layout, needed, None))?;
+        total = parse_matching(&raw, &q.filter, None)?
             .iter()
-            .map(|(_, agg)| agg.events)
+            .map(|(_, agg)| agg.counts.events)
             .sum();
     }
-    let mut suppressed = 0u32;
+    let customers: Vec<(u64, bool)> = accs.iter().map(rollup::GroupAcc::customers).collect();
+    let mut kept: Vec<usize> = (0..accs.len())
+        .filter(|&i| customers[i].0 >= u64::from(k_min))
+        .collect();
+    let suppressed = u32::try_from(accs.len() - kept.len()).unwrap_or(u32::MAX);
+    // Events descending, then key: the key's values in group_by order, the
+    // bucket by its start (as its RFC 3339 label sorts). Values are ranked
+    // first, so that ties compare integers rather than strings.
+    let ranks = rank_keys(&q.group_by, &keys, &kept);
+    kept.sort_unstable_by(|&a, &b| {
+        accs[b]
+            .counts
+            .events
+            .cmp(&accs[a].counts.events)
+            .then_with(|| ranks[a].cmp(&ranks[b]))
+    });
+    if q.limit > 0 {
+        kept.truncate(q.limit);
+    }
     let mut labels: HashMap<i64, String> = HashMap::new();
-    let mut rows: Vec<Row> = groups
+    let rows: Vec<Row> = kept
         .into_iter()
-        .filter_map(|((key, bucket), acc)| {
-            let (customers, exact) = acc.customers();
-            if customers < u64::from(k_min) {
-                suppressed += 1;
-                return None;
-            }
+        .map(|i| {
+            let (values, bucket) = &keys[i];
             let key = q
                 .group_by
                 .iter()
-                .zip(key)
+                .zip(values)
                 .map(|(d, v)| match (d, bucket) {
                     (Dim::Time, Some(b)) => {
-                        labels.entry(b).or_insert_with(|| format_hour(b)).clone()
+                        labels.entry(*b).or_insert_with(|| format_hour(*b)).clone()
                     }
                     _ => v.to_string(),
                 })
                 .collect();
-            Some(row(key, bucket, &acc.counts, customers, exact, total))
+            let (n, exact) = customers[i];
+            row(key, *bucket, &accs[i].counts, n, exact, total)
         })
         .collect();
-    rows.sort_by(|a, b| b.events.cmp(&a.events).then_with(|| a.key.cmp(&b.key)));
-    if q.limit > 0 {
-        rows.truncate(q.limit);
-    }
     tracing::debug!(
         view = view.as_deref().unwrap_or("(hourly, every dimension)"),
         cells = cells.len(),
@@ -291,16 +312,45 @@ pub fn run_with(
     })
 }
 
-/// Every cell of `plan` in the filter's window that matches the filter
-/// (and is about `attribute`, if given): whole periods from the rollups,
-/// the partial hours at the window's edges from the events in them, so the
-/// window is exact.
-fn matching_cells(
-    store: &Store,
-    filter: &EventFilter,
-    attribute: Option<&str>,
-    plan: Plan,
-) -> store::Result<Cells> {
+/// For each group of `groups`, the rank of each of its values among the
+/// values of its position (buckets by start): groups order by key as
+/// their rank arrays do.
+fn rank_keys(group_by: &[Dim], keys: &[GroupKey], groups: &[usize]) -> Vec<[u32; DIMS]> {
+    let mut ranks = vec![[0u32; DIMS]; keys.len()];
+    for (pos, d) in group_by.iter().enumerate() {
+        if *d == Dim::Time {
+            let mut starts: Vec<Option<i64>> = groups.iter().map(|&i| keys[i].1).collect();
+            starts.sort_unstable();
+            starts.dedup();
+            for &i in groups {
+                let rank = starts.binary_search(&keys[i].1).unwrap_or_default();
+                ranks[i][pos] = rank as u32;
+            }
+            continue;
+        }
+        let mut values: Vec<&str> = groups
+            .iter()
+            .map(|&i| keys[i].0[pos])
+            .collect::<std::collections::HashSet<&str, foldhash::fast::FixedState>>()
+            .into_iter()
+            .collect();
+        values.sort_unstable();
+        let rank: HashMap<&str, u32, foldhash::fast::FixedState> = values
+            .into_iter()
+            .enumerate()
+            .map(|(r, v)| (v, r as u32))
+            .collect();
+        for &i in groups {
+            ranks[i][pos] = rank[keys[i].0[pos]];
+        }
+    }
+    ranks
+}
+
+/// Every cell of `plan` in the filter's window: whole periods from the
+/// rollups, the partial hours at the window's edges folded from the events
+/// in them, so the window is exact. Unparsed: see [`parse_matching`].
+fn matching_cells(store: &Store, filter: &EventFilter, plan: Plan) -> store::Result<Cells> {
     let (from, to) = hour_window(filter);
     let (edges, from, to) = edge_cells(store, filter, from, to)?;
     // Retention removed everything before the horizon; cells of periods
@@ -311,14 +361,6 @@ fn matching_cells(
     };
     let mut pieces = Vec::new();
     decompose(from, to, &plan.periods, &mut pieces);
-    let wanted = |key: &rollup::CellKey| {
-        let in_family = match (&key.dims.attribute, attribute) {
-            (None, None) => true,
-            (Some((k, _)), Some(want)) => k == want,
-            _ => false,
-        };
-        in_family && cell_matches(filter, &key.dims)
-    };
     let pieces: Vec<_> = pieces
         .into_iter()
         .map(|(period, a, b)| {
@@ -332,8 +374,30 @@ fn matching_cells(
         .collect();
     let mut cells = store.read_rollups(&pieces)?;
     cells.extend(edges);
-    cells.retain(|(key, _)| wanted(key));
     Ok(cells)
+}
+
+/// The cells of `raw` that match the filter (and are about `attribute`, if
+/// given, or about no attribute otherwise), read in place.
+fn parse_matching<'a>(
+    raw: &'a [RawCell],
+    filter: &EventFilter,
+    attribute: Option<&str>,
+) -> store::Result<Vec<(CellKeyRef<'a>, AggRef<'a>)>> {
+    let categories: Vec<String> = filter.categories.iter().map(|c| c.to_lowercase()).collect();
+    let mut out = Vec::with_capacity(raw.len());
+    for cell in raw {
+        let (key, agg) = store::parse_cell(cell)?;
+        let in_family = match (key.dims.attribute, attribute) {
+            (None, None) => true,
+            (Some((k, _)), Some(want)) => k == want,
+            _ => false,
+        };
+        if in_family && cell_matches(filter, &categories, &key.dims) {
+            out.push((key, agg));
+        }
+    }
+    Ok(out)
 }
 
 fn row(
@@ -374,7 +438,13 @@ fn hour_window(f: &EventFilter) -> (Option<i64>, Option<i64>) {
     (from, to)
 }
 
-type Cells = Vec<(rollup::CellKey, Agg)>;
+type Cells = Vec<RawCell>;
+
+/// Dimensions a query can group by (they are distinct).
+const DIMS: usize = 10;
+
+/// A group: its value of each group_by dimension, and its time bucket.
+type GroupKey<'a> = ([&'a str; DIMS], Option<i64>);
 
 /// The cells of the events in the partial hours at the window's edges, and
 /// the whole-hour range left for the rollups (empty when the window lies
@@ -416,17 +486,22 @@ fn fold_events(store: &Store, ranges: &[(UnixNanos, UnixNanos)]) -> store::Resul
     }
     Ok(rollup::fold(events.iter(), &Layout::base_only())
         .into_iter()
-        .filter_map(|(k, agg)| rollup::CellKey::decode(&k).map(|key| (key, agg)))
+        .map(|(k, agg)| (k.into(), agg.encode().into()))
         .collect())
 }
 
-fn cell_matches(f: &EventFilter, d: &CellDims) -> bool {
+/// `categories`: the filter's categories in lower case.
+fn cell_matches(f: &EventFilter, categories: &[String], d: &CellDims<&str>) -> bool {
     let gtin13 = d.gtin.get(1..).unwrap_or("");
     (f.gtin_prefixes.is_empty()
         || f.gtin_prefixes
             .iter()
             .any(|p| gtin13.starts_with(p.as_str())))
-        && (f.categories.is_empty() || f.categories.contains(&d.category.to_lowercase()))
+        && (categories.is_empty()
+            || categories.iter().any(|c| {
+                c.chars()
+                    .eq(d.category.chars().flat_map(char::to_lowercase))
+            }))
         && (f.kinds.is_empty() || f.kinds.iter().any(|k| k.number() == i32::from(d.kind)))
         && (f.channels.is_empty()
             || f.channels
@@ -435,17 +510,17 @@ fn cell_matches(f: &EventFilter, d: &CellDims) -> bool {
         && (f.regions.is_empty()
             || f.regions
                 .iter()
-                .any(|r| crate::domain::region_within(&d.region, r)))
+                .any(|r| crate::domain::region_within(d.region, r)))
 }
 
 /// A cell's value of `d` (TIME: empty, the bucket stands for it).
-fn dim_value(d: Dim, dims: &CellDims) -> &str {
+fn dim_value<'a>(d: Dim, dims: &CellDims<&'a str>) -> &'a str {
     let label = |n: u8, f: fn(i32) -> Option<&'static str>| f(i32::from(n)).unwrap_or("unknown");
     match d {
-        Dim::Gtin => &dims.gtin,
-        Dim::Category => &dims.category,
-        Dim::Brand => &dims.brand,
-        Dim::Region => &dims.region,
+        Dim::Gtin => dims.gtin,
+        Dim::Category => dims.category,
+        Dim::Brand => dims.brand,
+        Dim::Region => dims.region,
         Dim::Channel => label(dims.channel, |n| {
             Channel::from_number(n).map(Channel::label)
         }),
@@ -455,8 +530,8 @@ fn dim_value(d: Dim, dims: &CellDims) -> &str {
         Dim::Kind => label(dims.kind, |n| {
             EventKind::from_number(n).map(EventKind::label)
         }),
-        Dim::AgeBand => &dims.age_band,
-        Dim::Attribute => dims.attribute.as_ref().map_or("", |(_, v)| v.as_str()),
+        Dim::AgeBand => dims.age_band,
+        Dim::Attribute => dims.attribute.map_or("", |(_, v)| v),
         Dim::Time => "",
     }
 }

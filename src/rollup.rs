@@ -218,18 +218,37 @@ impl Layout {
 
 /// The dimensions of a cell, in key order. A view's cells leave the
 /// dimensions it does not keep empty (0 for the enums).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct CellDims {
-    pub gtin: String,
-    pub category: String,
-    pub brand: String,
-    pub region: String,
+/// `S` is `String` for owned dimensions and `&str` for dimensions read in
+/// place from a stored key ([`CellKeyRef`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct CellDims<S = String> {
+    pub gtin: S,
+    pub category: S,
+    pub brand: S,
+    pub region: S,
     pub channel: u8,
     pub stage: u8,
     pub kind: u8,
-    pub age_band: String,
+    pub age_band: S,
     /// `(attribute key, value)` for attribute cells; `None` otherwise.
-    pub attribute: Option<(String, String)>,
+    pub attribute: Option<(S, S)>,
+}
+
+impl CellDims<&str> {
+    /// The owned form.
+    pub fn to_owned(&self) -> CellDims {
+        CellDims {
+            gtin: self.gtin.to_string(),
+            category: self.category.to_string(),
+            brand: self.brand.to_string(),
+            region: self.region.to_string(),
+            channel: self.channel,
+            stage: self.stage,
+            kind: self.kind,
+            age_band: self.age_band.to_string(),
+            attribute: self.attribute.map(|(k, v)| (k.to_string(), v.to_string())),
+        }
+    }
 }
 
 impl CellDims {
@@ -303,14 +322,12 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&s.as_bytes()[..usize::from(len)]);
 }
 
-fn get_str(bytes: &[u8], pos: &mut usize) -> Option<String> {
+fn get_str<'a>(bytes: &'a [u8], pos: &mut usize) -> Option<&'a str> {
     let len = usize::from(u16::from_be_bytes(
         bytes.get(*pos..*pos + 2)?.try_into().ok()?,
     ));
     *pos += 2;
-    let s = std::str::from_utf8(bytes.get(*pos..*pos + len)?)
-        .ok()?
-        .to_string();
+    let s = std::str::from_utf8(bytes.get(*pos..*pos + len)?).ok()?;
     *pos += len;
     Some(s)
 }
@@ -342,6 +359,28 @@ impl CellKey {
 
     /// Decodes a key written by [`Self::encode`].
     pub fn decode(bytes: &[u8]) -> Option<Self> {
+        let k = CellKeyRef::parse(bytes)?;
+        Some(CellKey {
+            family: k.family,
+            period: k.period,
+            hour: k.hour,
+            dims: k.dims.to_owned(),
+        })
+    }
+}
+
+/// A stored cell key read in place: its dimensions borrow the key bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CellKeyRef<'a> {
+    pub family: u8,
+    pub period: Bucket,
+    pub hour: i64,
+    pub dims: CellDims<&'a str>,
+}
+
+impl<'a> CellKeyRef<'a> {
+    /// Reads a key written by [`CellKey::encode`].
+    pub fn parse(bytes: &'a [u8]) -> Option<Self> {
         let family = *bytes.first()?;
         let period = Bucket::from_code(*bytes.get(1)?)?;
         let hour = (u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?) ^ (1 << 63)) as i64;
@@ -361,7 +400,7 @@ impl CellKey {
             }
             _ => return None,
         };
-        Some(CellKey {
+        Some(CellKeyRef {
             family,
             period,
             hour,
@@ -576,55 +615,173 @@ impl Agg {
     }
 }
 
+/// Customer hashes stored as packed varints (an exact cell's list, sorted
+/// and distinct), read in place.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PackedCustomers<'a> {
+    bytes: &'a [u8],
+    len: usize,
+}
+
+impl<'a> PackedCustomers<'a> {
+    /// Counts the varints of `bytes` (each ends with a byte below 0x80)
+    /// and checks that the last one is whole.
+    fn parse(bytes: &'a [u8]) -> Option<Self> {
+        let len = bytes.iter().filter(|&&b| b < 0x80).count();
+        bytes
+            .last()
+            .is_none_or(|&b| b < 0x80)
+            .then_some(PackedCustomers { bytes, len })
+    }
+
+    /// How many hashes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The hashes.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + 'a {
+        let mut buf = self.bytes;
+        // Checked by `parse`, so decoding cannot fail here.
+        std::iter::from_fn(move || {
+            (!buf.is_empty())
+                .then(|| prost::encoding::decode_varint(&mut buf).ok())
+                .flatten()
+        })
+    }
+}
+
+/// A stored cell's value read in place from its bytes (no copy, no
+/// allocation): the counts, and the customers as stored — the exact hashes
+/// or the sketch's registers with their estimate. Reads the encoding of
+/// [`Agg`] (a unit test keeps the two in step).
+#[derive(Debug, Clone, Default)]
+pub struct AggRef<'a> {
+    /// Counts only (its customer fields stay empty).
+    pub counts: Agg,
+    pub customers: PackedCustomers<'a>,
+    pub hll: &'a [u8],
+    pub hll_estimate: u64,
+}
+
+impl<'a> AggRef<'a> {
+    /// Reads an encoded [`Agg`]; `None` when the bytes are not one.
+    pub fn parse(bytes: &'a [u8]) -> Option<Self> {
+        use prost::encoding::{decode_key, decode_varint, WireType};
+        let mut buf = bytes;
+        let mut a = AggRef::default();
+        while !buf.is_empty() {
+            let (tag, wire) = decode_key(&mut buf).ok()?;
+            match wire {
+                WireType::Varint => {
+                    let v = decode_varint(&mut buf).ok()?;
+                    let c = &mut a.counts;
+                    match tag {
+                        1 => c.events = v,
+                        2 => c.score_sum = v,
+                        3 => c.score_n = v,
+                        4 => c.promoters = v,
+                        5 => c.detractors = v,
+                        6 => c.nps_n = v,
+                        7 => c.purchases = v,
+                        8 => c.returns = v,
+                        11 => a.hll_estimate = v,
+                        // Customers are written packed; anything else is not ours.
+                        _ => return None,
+                    }
+                }
+                WireType::LengthDelimited => {
+                    let len = usize::try_from(decode_varint(&mut buf).ok()?).ok()?;
+                    let (field, rest) = buf.split_at_checked(len)?;
+                    buf = rest;
+                    match tag {
+                        9 => a.customers = PackedCustomers::parse(field)?,
+                        10 => a.hll = field,
+                        _ => return None,
+                    }
+                }
+                _ => return None,
+            }
+        }
+        (a.hll.is_empty() || a.hll.len() == HLL_M).then_some(a)
+    }
+}
+
+/// A fast hasher for sets of customer hashes (already uniform bits).
+type CustomerSet = HashSet<u64, foldhash::fast::FixedState>;
+
 /// A query group's running total: counts add up, customers go into one
 /// hash set (or one sketch once any contributing cell is a sketch), so
-/// merging many cells costs linear, not quadratic, time. A group of a
-/// single sketch cell borrows it and uses its stored estimate.
+/// merging many cells costs linear, not quadratic, time. A group of one
+/// cell borrows the cell's customers (and uses a sketch's stored
+/// estimate): nothing is copied until a second cell arrives.
 #[derive(Debug, Default)]
 pub struct GroupAcc<'a> {
     /// Counts only (its customer fields stay empty).
     pub counts: Agg,
-    exact: HashSet<u64>,
-    /// The only sketch cell so far.
-    first_sketch: Option<&'a Agg>,
+    /// The exact customers of the only exact cell so far.
+    first_exact: Option<PackedCustomers<'a>>,
+    /// The union of the exact customers, once there are two exact cells.
+    exact: CustomerSet,
+    /// The only sketch cell so far: registers and estimate.
+    first_sketch: Option<(&'a [u8], u64)>,
     /// The union of the sketches, once there are two.
     sketch: Option<Vec<u8>>,
 }
 
 impl<'a> GroupAcc<'a> {
     /// Adds a cell.
-    pub fn add(&mut self, cell: &'a Agg) {
-        self.counts.add_counts(cell);
+    pub fn add(&mut self, cell: &AggRef<'a>) {
+        self.counts.add_counts(&cell.counts);
         if !cell.hll.is_empty() {
             if let Some(sketch) = &mut self.sketch {
-                max_into(sketch, &cell.hll);
-            } else if let Some(first) = self.first_sketch.take() {
-                let mut sketch = first.hll.clone();
-                max_into(&mut sketch, &cell.hll);
+                max_into(sketch, cell.hll);
+            } else if let Some((first, _)) = self.first_sketch.take() {
+                let mut sketch = first.to_vec();
+                max_into(&mut sketch, cell.hll);
                 self.sketch = Some(sketch);
             } else {
-                self.first_sketch = Some(cell);
+                self.first_sketch = Some((cell.hll, cell.hll_estimate));
             }
         }
-        self.exact.extend(cell.customers.iter().copied());
+        if !cell.customers.is_empty() {
+            if self.first_exact.is_none() && self.exact.is_empty() {
+                self.first_exact = Some(cell.customers);
+            } else {
+                if let Some(first) = self.first_exact.take() {
+                    self.exact.extend(first.iter());
+                }
+                self.exact.extend(cell.customers.iter());
+            }
+        }
     }
 
     /// Distinct customers, and whether the count is exact.
     pub fn customers(&self) -> (u64, bool) {
+        // A stored exact list is distinct, so one cell's length is its count.
+        let exact_n = self
+            .first_exact
+            .map_or(self.exact.len(), |first| first.len()) as u64;
         let registers = match (&self.sketch, self.first_sketch) {
-            (Some(sketch), _) => sketch,
-            (None, Some(first)) if self.exact.is_empty() && first.hll_estimate > 0 => {
-                return (first.hll_estimate, false);
+            (Some(sketch), _) => sketch.as_slice(),
+            (None, Some((_, estimate))) if exact_n == 0 && estimate > 0 => {
+                return (estimate, false);
             }
-            (None, Some(first)) => &first.hll,
-            (None, None) => return (self.exact.len() as u64, true),
+            (None, Some((first, _))) => first,
+            (None, None) => return (exact_n, true),
         };
-        if self.exact.is_empty() {
+        if exact_n == 0 {
             return (hll_estimate(registers).round() as u64, false);
         }
-        let mut registers = registers.clone();
-        for h in &self.exact {
-            hll_add(&mut registers, *h);
+        let mut registers = registers.to_vec();
+        let first = self.first_exact.iter().flat_map(|f| f.iter());
+        for h in first.chain(self.exact.iter().copied()) {
+            hll_add(&mut registers, h);
         }
         (hll_estimate(&registers).round() as u64, false)
     }
@@ -792,6 +949,50 @@ mod tests {
             assert_eq!(c.hour, bucket_start_hour(hour, c.period));
             assert!(c.hour <= hour && hour < next_bucket_start(c.hour, c.period));
         }
+    }
+
+    /// `AggRef` reads what `Agg` writes, for every kind of cell.
+    #[test]
+    fn stored_cells_read_in_place_as_they_decode() {
+        let mut exact = Agg {
+            events: 300,
+            score_sum: 41,
+            score_n: 9,
+            promoters: 3,
+            detractors: 2,
+            nps_n: 7,
+            purchases: 120,
+            returns: 1u64 << 40,
+            ..Default::default()
+        };
+        exact.customers = vec![1, 300, u64::MAX, 1 << 35];
+        let mut sketch = exact.clone();
+        for i in 0..200 {
+            sketch.customers.push(mix(i));
+        }
+        sketch.customers.sort_unstable();
+        sketch.compact();
+        assert!(!sketch.hll.is_empty() && sketch.hll_estimate > 0);
+        for agg in [Agg::default(), exact, sketch] {
+            let bytes = agg.encode();
+            let read = AggRef::parse(&bytes).expect("parses");
+            let mut counts = agg.clone();
+            counts.customers.clear();
+            counts.hll.clear();
+            counts.hll_estimate = 0;
+            assert_eq!(read.counts, counts);
+            assert_eq!(read.customers.iter().collect::<Vec<_>>(), agg.customers);
+            assert_eq!(read.customers.len(), agg.customers.len());
+            assert_eq!(read.hll, agg.hll.as_slice());
+            assert_eq!(read.hll_estimate, agg.hll_estimate);
+            let mut acc = GroupAcc::default();
+            acc.add(&read);
+            assert_eq!(acc.customers(), agg.customers());
+            acc.add(&read);
+            assert_eq!(acc.customers(), agg.customers(), "a union with itself");
+        }
+        assert!(AggRef::parse(&[0x4a, 0x05, 0x01]).is_none(), "cut short");
+        assert!(AggRef::parse(&[0x48, 0x01]).is_none(), "unpacked customers");
     }
 
     #[test]

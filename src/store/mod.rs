@@ -32,7 +32,7 @@ mod writer;
 mod outbox;
 mod rollups;
 
-pub use rollups::Piece;
+pub use rollups::{parse_cell, Piece, RawCell};
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
@@ -309,10 +309,7 @@ impl Store {
     /// starting in the hours `from..to`, open ends unbounded), including
     /// the deltas not yet checkpointed (a cell may come more than once:
     /// its parts add up).
-    pub fn read_rollups(
-        &self,
-        pieces: &[rollups::Piece],
-    ) -> Result<Vec<(crate::rollup::CellKey, crate::rollup::Agg)>> {
+    pub fn read_rollups(&self, pieces: &[rollups::Piece]) -> Result<Vec<rollups::RawCell>> {
         let tree = &self.inner.trees.rollups;
         match &self.inner.trees.pending {
             Some(pending) => pending.read_cells(tree, pieces),
@@ -671,8 +668,9 @@ mod tests {
             .read_rollups(&[(family, crate::rollup::Bucket::Month, None, None)])
             .expect("cells");
         assert_eq!(cells.len(), 1);
-        assert_eq!(cells[0].0.dims.brand, "x");
-        assert_eq!(cells[0].0.dims.category, "", "not kept by the view");
+        let (key, _) = parse_cell(&cells[0]).expect("cell");
+        assert_eq!(key.dims.brand, "x");
+        assert_eq!(key.dims.category, "", "not kept by the view");
         drop(store);
         // Running without rollups marks them stale for later.
         let store = reopen(dir.path(), None);

@@ -19,7 +19,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
 use super::{Error, Result, Seq, Trees};
-use crate::rollup::{Agg, Bucket, CellKey, Layout};
+use crate::rollup::{Agg, AggRef, Bucket, CellKey, CellKeyRef, Layout};
 
 /// Key of the watermark in the `rollups` tree (sorts after every family).
 const WATERMARK_KEY: &[u8] = b"\xffwatermark";
@@ -33,6 +33,11 @@ const MAX_WAITING_EVENTS: u64 = 3 * CHECKPOINT_EVENTS;
 /// Cells to read: `family`'s `period` cells starting in the hours
 /// `from..to` (open ends: unbounded).
 pub type Piece = (u8, Bucket, Option<i64>, Option<i64>);
+
+/// A cell as stored: key and value bytes (shared with sled's cache, not
+/// copied). Read them in place with [`crate::rollup::CellKeyRef`] and
+/// [`crate::rollup::AggRef`].
+pub type RawCell = (sled::IVec, sled::IVec);
 
 /// Deltas not yet in the tree.
 #[derive(Default)]
@@ -248,14 +253,12 @@ impl Pending {
     }
 
     /// The cells in the tree alone.
-    pub(super) fn read_tree(tree: &sled::Tree, pieces: &[Piece]) -> Result<Vec<(CellKey, Agg)>> {
+    pub(super) fn read_tree(tree: &sled::Tree, pieces: &[Piece]) -> Result<Vec<RawCell>> {
         let mut out = Vec::new();
         for &(family, period, a, b) in pieces {
             let (start, end) = range(family, period, a, b);
             for item in tree.range(start..end) {
-                let (k, v) = item?;
-                let agg = Agg::decode_bytes(&v).ok_or_else(|| corrupt(&k, "bad cell"))?;
-                out.push((decode_key(&k)?, agg));
+                out.push(item?);
             }
         }
         Ok(out)
@@ -264,11 +267,7 @@ impl Pending {
     /// The cells of `family`'s `period` cells starting in `from..to`: from
     /// the tree, and the deltas waiting in memory (a key may come twice;
     /// cells add up).
-    pub(super) fn read_cells(
-        &self,
-        tree: &sled::Tree,
-        pieces: &[Piece],
-    ) -> Result<Vec<(CellKey, Agg)>> {
+    pub(super) fn read_cells(&self, tree: &sled::Tree, pieces: &[Piece]) -> Result<Vec<RawCell>> {
         let _stable = self
             .tree_lock
             .read()
@@ -281,7 +280,7 @@ impl Pending {
                 for &(family, period, a, b) in pieces {
                     let (start, end) = range(family, period, a, b);
                     for (k, agg) in map.range(start..end) {
-                        out.push((decode_key(k)?, agg.clone()));
+                        out.push((k.as_slice().into(), agg.encode().into()));
                     }
                 }
             }
@@ -307,8 +306,12 @@ fn corrupt(k: &[u8], what: &str) -> Error {
     }
 }
 
-fn decode_key(k: &[u8]) -> Result<CellKey> {
-    CellKey::decode(k).ok_or_else(|| corrupt(k, "bad cell key"))
+/// Reads a cell in place; a cell that does not parse is corruption.
+pub fn parse_cell(cell: &RawCell) -> Result<(CellKeyRef<'_>, AggRef<'_>)> {
+    let (k, v) = cell;
+    let key = CellKeyRef::parse(k).ok_or_else(|| corrupt(k, "bad cell key"))?;
+    let agg = AggRef::parse(v).ok_or_else(|| corrupt(k, "bad cell"))?;
+    Ok((key, agg))
 }
 
 /// Runs checkpoints until [`stop`] is called, then a last one.
