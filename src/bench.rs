@@ -461,6 +461,9 @@ pub struct QuerySize {
     /// In the node: reading the rollups to the finished report (from its
     /// log), without encoding and transport.
     pub server: Percentiles,
+    /// At the client, the same feed limited to 10 rows: the node does the
+    /// same work, little is encoded and sent.
+    pub latency_limit_10: Percentiles,
 }
 
 /// What `bench query` measured.
@@ -478,7 +481,13 @@ pub struct QueryReport {
 const FEED: &str = "group by category x region x week over the last 365 days (events stored in time order, as history accumulates)";
 
 fn feed_query(now_secs: i64) -> pb::InsightQuery {
+    feed_query_limit(now_secs, 0)
+}
+
+/// The feed with at most `limit` rows (0: all).
+fn feed_query_limit(now_secs: i64, limit: u32) -> pb::InsightQuery {
     pb::InsightQuery {
+        limit,
         filter: Some(pb::Filter {
             since: Some(pbjson_types::Timestamp {
                 seconds: now_secs - 365 * 86_400,
@@ -544,12 +553,22 @@ pub async fn query(opts: QueryOptions) -> Result<QueryReport, Error> {
             latencies.push(t.elapsed());
             rows = report.rows.len();
         }
+        let mut small = Vec::with_capacity(opts.queries);
+        for _ in 0..opts.queries.max(1) {
+            let t = Instant::now();
+            client
+                .query(feed_query_limit(now, 10))
+                .await
+                .map_err(|e| err("query")(e.message().to_string()))?;
+            small.push(t.elapsed());
+        }
         chain.stop(RETAILER).await?;
         let server: Vec<Duration> = chain
             .log(RETAILER)
             .lines()
             .filter(|l| l.contains("query answered"))
             .skip(warmups)
+            .take(opts.queries.max(1))
             .filter_map(|l| l.split("elapsed=").nth(1))
             .filter_map(|d| parse_debug_duration(d.split_whitespace().next()?))
             .collect();
@@ -559,6 +578,7 @@ pub async fn query(opts: QueryOptions) -> Result<QueryReport, Error> {
             rows,
             latency: Percentiles::of(latencies),
             server: Percentiles::of(server),
+            latency_limit_10: Percentiles::of(small),
         };
         println!(
             "  {n} events: {} ({} rows); in the node: {}",
@@ -592,6 +612,11 @@ pub async fn query(opts: QueryOptions) -> Result<QueryReport, Error> {
             "  {:>10}  in the node: {}",
             "",
             format_percentiles(&s.server)
+        );
+        println!(
+            "  {:>10}  limited to 10 rows: {}",
+            "",
+            format_percentiles(&s.latency_limit_10)
         );
     }
     println!(

@@ -295,10 +295,19 @@ pub struct InsightsConfig {
     /// `chainsight admin rebuild-rollups`. Default: see [`Layout::default`].
     #[serde(default)]
     pub views: Option<Vec<Vec<String>>>,
+    /// Memory for the day, week and month cells queries read recently
+    /// (MiB; 0: none). A query over a year of weeks then reads one cached
+    /// entry per week instead of walking the store cell by cell.
+    #[serde(default = "default_cache_mib")]
+    pub cache_mib: usize,
 }
 
 fn default_true() -> bool {
     true
+}
+
+fn default_cache_mib() -> usize {
+    64
 }
 
 impl Default for InsightsConfig {
@@ -306,6 +315,7 @@ impl Default for InsightsConfig {
         InsightsConfig {
             rollups: true,
             views: None,
+            cache_mib: default_cache_mib(),
         }
     }
 }

@@ -6,8 +6,8 @@
 use std::collections::HashMap;
 
 use crate::domain::{Channel, EventFilter, EventKind, JourneyStage, UnixNanos};
-use crate::rollup::{self, Agg, AggRef, CellDims, CellKeyRef, DimSet, Layout};
-use crate::store::{self, RawCell, Store};
+use crate::rollup::{self, Agg, CellDims, DimSet, Interner, Layout, QueryCell, Sym};
+use crate::store::{self, QueryCells, RawCell, Store};
 
 /// A dimension to group by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -218,8 +218,24 @@ pub fn run_with(
     let started = std::time::Instant::now();
     let chosen = plan(layout, needed, bucket);
     let view = chosen.view.map(DimSet::describe);
-    let raw = matching_cells(store, &q.filter, chosen)?;
-    let cells = parse_matching(&raw, &q.filter, attribute)?;
+    // Share is of all matched events, with or without the attribute (read
+    // first: decoding cells interns symbols, which waits for readers).
+    let all_matched = match attribute {
+        None => None,
+        Some(_) => {
+            let needed = filter_dims(&q.filter);
+            let all = matching_cells(store, &q.filter, plan(layout, needed, None))?;
+            let symbols = all.symbols();
+            let events = matching(&all, &symbols, &q.filter, None)
+                .iter()
+                .map(|cell| cell.counts.events)
+                .sum::<u64>();
+            Some(events)
+        }
+    };
+    let read_cells = matching_cells(store, &q.filter, chosen)?;
+    let symbols = read_cells.symbols();
+    let cells = matching(&read_cells, &symbols, &q.filter, attribute);
     let read = started.elapsed();
     let mut total = 0u64;
     // Groups in first-seen order, found by key.
@@ -228,35 +244,29 @@ pub fn run_with(
     let mut keys: Vec<GroupKey> = Vec::new();
     let mut accs: Vec<rollup::GroupAcc> = Vec::new();
     debug_assert!(q.group_by.len() <= DIMS, "dimensions are distinct");
-    for (key, agg) in &cells {
-        total += agg.counts.events;
+    for cell in &cells {
+        total += cell.counts.events;
         let bucket = bucket.map(|b| {
-            if key.period == b {
-                key.hour
+            if cell.period == b {
+                cell.hour
             } else {
-                bucket_start_hour(key.hour, b)
+                bucket_start_hour(cell.hour, b)
             }
         });
-        let mut group_key = [""; DIMS];
+        let mut group_key = [0; DIMS];
         for (slot, d) in group_key.iter_mut().zip(&q.group_by) {
-            *slot = dim_value(*d, &key.dims);
+            *slot = dim_id(*d, &cell.dims);
         }
         let i = *index.entry((group_key, bucket)).or_insert_with(|| {
             keys.push((group_key, bucket));
             accs.push(rollup::GroupAcc::default());
             accs.len() - 1
         });
-        accs[i].add(agg);
+        accs[i].add(cell);
     }
     let grouped = started.elapsed();
-    if attribute.is_some() {
-        // Share is of all matched events, with or without the attribute.
-        let needed = filter_dims(&q.filter);
-        let raw = matching_cells(store, &q.filter, plan(layout, needed, None))?;
-        total = parse_matching(&raw, &q.filter, None)?
-            .iter()
-            .map(|(_, agg)| agg.counts.events)
-            .sum();
+    if let Some(all) = all_matched {
+        total = all;
     }
     let customers: Vec<(u64, bool)> = accs.iter().map(rollup::GroupAcc::customers).collect();
     let mut kept: Vec<usize> = (0..accs.len())
@@ -266,7 +276,7 @@ pub fn run_with(
     // Events descending, then key: the key's values in group_by order, the
     // bucket by its start (as its RFC 3339 label sorts). Values are ranked
     // first, so that ties compare integers rather than strings.
-    let ranks = rank_keys(&q.group_by, &keys, &kept);
+    let ranks = rank_keys(&q.group_by, &keys, &kept, &symbols);
     kept.sort_unstable_by(|&a, &b| {
         accs[b]
             .counts
@@ -290,7 +300,7 @@ pub fn run_with(
                     (Dim::Time, Some(b)) => {
                         labels.entry(*b).or_insert_with(|| format_hour(*b)).clone()
                     }
-                    _ => v.to_string(),
+                    _ => dim_label(*d, *v, &symbols).to_string(),
                 })
                 .collect();
             let (n, exact) = customers[i];
@@ -313,9 +323,14 @@ pub fn run_with(
 }
 
 /// For each group of `groups`, the rank of each of its values among the
-/// values of its position (buckets by start): groups order by key as
-/// their rank arrays do.
-fn rank_keys(group_by: &[Dim], keys: &[GroupKey], groups: &[usize]) -> Vec<[u32; DIMS]> {
+/// values of its position (strings in order, buckets by start): groups
+/// order by key as their rank arrays do.
+fn rank_keys(
+    group_by: &[Dim],
+    keys: &[GroupKey],
+    groups: &[usize],
+    symbols: &Interner,
+) -> Vec<[u32; DIMS]> {
     let mut ranks = vec![[0u32; DIMS]; keys.len()];
     for (pos, d) in group_by.iter().enumerate() {
         if *d == Dim::Time {
@@ -328,29 +343,27 @@ fn rank_keys(group_by: &[Dim], keys: &[GroupKey], groups: &[usize]) -> Vec<[u32;
             }
             continue;
         }
-        let mut values: Vec<&str> = groups
-            .iter()
-            .map(|&i| keys[i].0[pos])
-            .collect::<std::collections::HashSet<&str, foldhash::fast::FixedState>>()
-            .into_iter()
-            .collect();
+        let mut values: Vec<u32> = groups.iter().map(|&i| keys[i].0[pos]).collect();
         values.sort_unstable();
-        let rank: HashMap<&str, u32, foldhash::fast::FixedState> = values
+        values.dedup();
+        values.sort_by(|a, b| dim_label(*d, *a, symbols).cmp(dim_label(*d, *b, symbols)));
+        let rank: HashMap<u32, u32, foldhash::fast::FixedState> = values
             .into_iter()
             .enumerate()
             .map(|(r, v)| (v, r as u32))
             .collect();
         for &i in groups {
-            ranks[i][pos] = rank[keys[i].0[pos]];
+            ranks[i][pos] = rank[&keys[i].0[pos]];
         }
     }
     ranks
 }
 
-/// Every cell of `plan` in the filter's window: whole periods from the
-/// rollups, the partial hours at the window's edges folded from the events
-/// in them, so the window is exact. Unparsed: see [`parse_matching`].
-fn matching_cells(store: &Store, filter: &EventFilter, plan: Plan) -> store::Result<Cells> {
+/// Every cell of `plan` in the filter's window, decoded: whole periods
+/// from the rollups, the partial hours at the window's edges folded from
+/// the events in them, so the window is exact. Unfiltered: see
+/// [`matching`].
+fn matching_cells(store: &Store, filter: &EventFilter, plan: Plan) -> store::Result<QueryCells> {
     let (from, to) = hour_window(filter);
     let (edges, from, to) = edge_cells(store, filter, from, to)?;
     // Retention removed everything before the horizon; cells of periods
@@ -372,32 +385,38 @@ fn matching_cells(store: &Store, filter: &EventFilter, plan: Plan) -> store::Res
             (family, period, a, b)
         })
         .collect();
-    let mut cells = store.read_rollups(&pieces)?;
-    cells.extend(edges);
-    Ok(cells)
+    store.read_rollups(&pieces, edges)
 }
 
-/// The cells of `raw` that match the filter (and are about `attribute`, if
-/// given, or about no attribute otherwise), read in place.
-fn parse_matching<'a>(
-    raw: &'a [RawCell],
+/// The cells of `cells` that match the filter (and are about `attribute`,
+/// if given, or about no attribute otherwise).
+fn matching<'a>(
+    cells: &'a QueryCells,
+    symbols: &Interner,
     filter: &EventFilter,
     attribute: Option<&str>,
-) -> store::Result<Vec<(CellKeyRef<'a>, AggRef<'a>)>> {
+) -> Vec<&'a QueryCell> {
     let categories: Vec<String> = filter.categories.iter().map(|c| c.to_lowercase()).collect();
-    let mut out = Vec::with_capacity(raw.len());
-    for cell in raw {
-        let (key, agg) = store::parse_cell(cell)?;
-        let in_family = match (key.dims.attribute, attribute) {
-            (None, None) => true,
-            (Some((k, _)), Some(want)) => k == want,
-            _ => false,
-        };
-        if in_family && cell_matches(filter, &categories, &key.dims) {
-            out.push((key, agg));
-        }
-    }
-    Ok(out)
+    // An attribute no cell has matches nothing.
+    let attribute = attribute.map(|a| symbols.get(a).unwrap_or(Sym::MAX));
+    let unfiltered = filter.gtin_prefixes.is_empty()
+        && categories.is_empty()
+        && filter.kinds.is_empty()
+        && filter.channels.is_empty()
+        && filter.regions.is_empty();
+    cells
+        .iter()
+        .filter(|cell| {
+            let in_family = match (cell.dims.attribute, attribute) {
+                (None, None) => true,
+                (Some((k, _)), Some(want)) => k == want,
+                _ => false,
+            };
+            in_family
+                && (unfiltered
+                    || cell_matches(filter, &categories, &symbols.resolve_dims(&cell.dims)))
+        })
+        .collect()
 }
 
 fn row(
@@ -443,8 +462,9 @@ type Cells = Vec<RawCell>;
 /// Dimensions a query can group by (they are distinct).
 const DIMS: usize = 10;
 
-/// A group: its value of each group_by dimension, and its time bucket.
-type GroupKey<'a> = ([&'a str; DIMS], Option<i64>);
+/// A group: its value of each group_by dimension (a symbol, or an enum's
+/// number), and its time bucket.
+type GroupKey = ([u32; DIMS], Option<i64>);
 
 /// The cells of the events in the partial hours at the window's edges, and
 /// the whole-hour range left for the rollups (empty when the window lies
@@ -513,26 +533,35 @@ fn cell_matches(f: &EventFilter, categories: &[String], d: &CellDims<&str>) -> b
                 .any(|r| crate::domain::region_within(d.region, r)))
 }
 
-/// A cell's value of `d` (TIME: empty, the bucket stands for it).
-fn dim_value<'a>(d: Dim, dims: &CellDims<&'a str>) -> &'a str {
-    let label = |n: u8, f: fn(i32) -> Option<&'static str>| f(i32::from(n)).unwrap_or("unknown");
+/// A cell's value of `d` as a number: the symbol of a string dimension,
+/// the number of an enum (TIME: 0, the bucket stands for it).
+fn dim_id(d: Dim, dims: &CellDims<Sym>) -> u32 {
     match d {
         Dim::Gtin => dims.gtin,
         Dim::Category => dims.category,
         Dim::Brand => dims.brand,
         Dim::Region => dims.region,
-        Dim::Channel => label(dims.channel, |n| {
-            Channel::from_number(n).map(Channel::label)
-        }),
-        Dim::Stage => label(dims.stage, |n| {
-            JourneyStage::from_number(n).map(JourneyStage::label)
-        }),
-        Dim::Kind => label(dims.kind, |n| {
-            EventKind::from_number(n).map(EventKind::label)
-        }),
+        Dim::Channel => u32::from(dims.channel),
+        Dim::Stage => u32::from(dims.stage),
+        Dim::Kind => u32::from(dims.kind),
         Dim::AgeBand => dims.age_band,
-        Dim::Attribute => dims.attribute.map_or("", |(_, v)| v),
+        Dim::Attribute => dims.attribute.map_or(Sym::MAX, |(_, v)| v),
+        Dim::Time => 0,
+    }
+}
+
+/// The label of value `id` of dimension `d` (see [`dim_id`]).
+fn dim_label(d: Dim, id: u32, symbols: &Interner) -> &str {
+    let label = |f: fn(i32) -> Option<&'static str>| {
+        i32::try_from(id).ok().and_then(f).unwrap_or("unknown")
+    };
+    match d {
+        Dim::Channel => label(|n| Channel::from_number(n).map(Channel::label)),
+        Dim::Stage => label(|n| JourneyStage::from_number(n).map(JourneyStage::label)),
+        Dim::Kind => label(|n| EventKind::from_number(n).map(EventKind::label)),
         Dim::Time => "",
+        Dim::Attribute if id == Sym::MAX => "",
+        _ => symbols.resolve(id),
     }
 }
 

@@ -60,7 +60,7 @@ impl Bucket {
         }
     }
 
-    fn from_code(c: u8) -> Option<Bucket> {
+    pub(crate) fn from_code(c: u8) -> Option<Bucket> {
         Bucket::ALL.get(usize::from(c)).copied()
     }
 }
@@ -715,73 +715,196 @@ impl<'a> AggRef<'a> {
 /// A fast hasher for sets of customer hashes (already uniform bits).
 type CustomerSet = HashSet<u64, foldhash::fast::FixedState>;
 
+/// An interned dimension value (see [`Interner`]).
+pub type Sym = u32;
+
+/// Dimension strings as small integers, so that a query groups and
+/// compares cells by integers and resolves strings only for its rows.
+/// Append-only: it holds each distinct dimension value once.
+#[derive(Debug, Default)]
+pub struct Interner {
+    ids: std::collections::HashMap<Box<str>, Sym, foldhash::fast::FixedState>,
+    strings: Vec<Box<str>>,
+}
+
+impl Interner {
+    /// The symbol of `s`, new if needed.
+    pub fn intern(&mut self, s: &str) -> Sym {
+        if let Some(&id) = self.ids.get(s) {
+            return id;
+        }
+        let id = Sym::try_from(self.strings.len()).unwrap_or(Sym::MAX);
+        self.strings.push(s.into());
+        self.ids.insert(s.into(), id);
+        id
+    }
+
+    /// The symbol of `s`, if it has one.
+    pub fn get(&self, s: &str) -> Option<Sym> {
+        self.ids.get(s).copied()
+    }
+
+    /// The string of `sym`.
+    pub fn resolve(&self, sym: Sym) -> &str {
+        self.strings.get(sym as usize).map_or("", |s| s)
+    }
+
+    /// The dimensions of `dims` as strings.
+    pub fn resolve_dims(&self, dims: &CellDims<Sym>) -> CellDims<&str> {
+        let r = |s: Sym| self.resolve(s);
+        CellDims {
+            gtin: r(dims.gtin),
+            category: r(dims.category),
+            brand: r(dims.brand),
+            region: r(dims.region),
+            channel: dims.channel,
+            stage: dims.stage,
+            kind: dims.kind,
+            age_band: r(dims.age_band),
+            attribute: dims.attribute.map(|(k, v)| (r(k), r(v))),
+        }
+    }
+
+    fn intern_dims(&mut self, dims: &CellDims<&str>) -> CellDims<Sym> {
+        CellDims {
+            gtin: self.intern(dims.gtin),
+            category: self.intern(dims.category),
+            brand: self.intern(dims.brand),
+            region: self.intern(dims.region),
+            channel: dims.channel,
+            stage: dims.stage,
+            kind: dims.kind,
+            age_band: self.intern(dims.age_band),
+            attribute: dims
+                .attribute
+                .map(|(k, v)| (self.intern(k), self.intern(v))),
+        }
+    }
+}
+
+/// A stored cell decoded for queries: period, interned dimensions, counts
+/// and the size of its customers, compact and contiguous so that a query
+/// over thousands of cells runs from memory. The stored value stays
+/// (shared, not copied) for the unions of customers a group of several
+/// cells needs.
+#[derive(Debug, Clone)]
+pub struct QueryCell {
+    pub family: u8,
+    pub period: Bucket,
+    pub hour: i64,
+    pub dims: CellDims<Sym>,
+    /// Counts only (its customer fields stay empty).
+    pub counts: Agg,
+    /// Exact customers stored (0 for a sketch).
+    pub exact_n: u32,
+    /// Whether the customers are a sketch.
+    pub sketch: bool,
+    /// The sketch's stored estimate (0: compute from the registers).
+    pub hll_estimate: u64,
+    value: bytes::Bytes,
+}
+
+impl QueryCell {
+    /// Decodes a stored cell (key and value bytes), interning its
+    /// dimensions; `None` when the bytes are not a cell.
+    pub fn decode(
+        key: &[u8],
+        value: impl AsRef<[u8]> + Send + 'static,
+        symbols: &mut Interner,
+    ) -> Option<QueryCell> {
+        let k = CellKeyRef::parse(key)?;
+        let value = bytes::Bytes::from_owner(value);
+        let agg = AggRef::parse(&value)?;
+        Some(QueryCell {
+            family: k.family,
+            period: k.period,
+            hour: k.hour,
+            dims: symbols.intern_dims(&k.dims),
+            exact_n: u32::try_from(agg.customers.len()).ok()?,
+            sketch: !agg.hll.is_empty(),
+            hll_estimate: agg.hll_estimate,
+            counts: agg.counts,
+            value,
+        })
+    }
+
+    /// The stored value read in place (for its customers).
+    pub fn agg(&self) -> AggRef<'_> {
+        // Checked by `decode`.
+        AggRef::parse(&self.value).unwrap_or_default()
+    }
+
+    /// Bytes this cell holds in memory, about.
+    pub fn footprint(&self) -> usize {
+        std::mem::size_of::<Self>() + self.value.len()
+    }
+}
+
 /// A query group's running total: counts add up, customers go into one
 /// hash set (or one sketch once any contributing cell is a sketch), so
 /// merging many cells costs linear, not quadratic, time. A group of one
-/// cell borrows the cell's customers (and uses a sketch's stored
-/// estimate): nothing is copied until a second cell arrives.
+/// cell reads its size from the cell (a sketch's stored estimate): its
+/// stored customers are not touched.
 #[derive(Debug, Default)]
 pub struct GroupAcc<'a> {
     /// Counts only (its customer fields stay empty).
     pub counts: Agg,
-    /// The exact customers of the only exact cell so far.
-    first_exact: Option<PackedCustomers<'a>>,
-    /// The union of the exact customers, once there are two exact cells.
+    /// The only cell with customers so far.
+    first: Option<&'a QueryCell>,
+    /// Whether two or more cells with customers came: then `exact` and
+    /// `sketch` hold their union.
+    many: bool,
     exact: CustomerSet,
-    /// The only sketch cell so far: registers and estimate.
-    first_sketch: Option<(&'a [u8], u64)>,
-    /// The union of the sketches, once there are two.
     sketch: Option<Vec<u8>>,
 }
 
 impl<'a> GroupAcc<'a> {
     /// Adds a cell.
-    pub fn add(&mut self, cell: &AggRef<'a>) {
+    pub fn add(&mut self, cell: &'a QueryCell) {
         self.counts.add_counts(&cell.counts);
-        if !cell.hll.is_empty() {
-            if let Some(sketch) = &mut self.sketch {
-                max_into(sketch, cell.hll);
-            } else if let Some((first, _)) = self.first_sketch.take() {
-                let mut sketch = first.to_vec();
-                max_into(&mut sketch, cell.hll);
-                self.sketch = Some(sketch);
-            } else {
-                self.first_sketch = Some((cell.hll, cell.hll_estimate));
+        if cell.exact_n == 0 && !cell.sketch {
+            return;
+        }
+        if !self.many && self.first.is_none() {
+            self.first = Some(cell);
+            return;
+        }
+        if let Some(first) = self.first.take() {
+            self.absorb(first);
+        }
+        self.absorb(cell);
+        self.many = true;
+    }
+
+    fn absorb(&mut self, cell: &QueryCell) {
+        let agg = cell.agg();
+        if !agg.hll.is_empty() {
+            match &mut self.sketch {
+                Some(sketch) => max_into(sketch, agg.hll),
+                None => self.sketch = Some(agg.hll.to_vec()),
             }
         }
-        if !cell.customers.is_empty() {
-            if self.first_exact.is_none() && self.exact.is_empty() {
-                self.first_exact = Some(cell.customers);
-            } else {
-                if let Some(first) = self.first_exact.take() {
-                    self.exact.extend(first.iter());
-                }
-                self.exact.extend(cell.customers.iter());
-            }
-        }
+        self.exact.extend(agg.customers.iter());
     }
 
     /// Distinct customers, and whether the count is exact.
     pub fn customers(&self) -> (u64, bool) {
-        // A stored exact list is distinct, so one cell's length is its count.
-        let exact_n = self
-            .first_exact
-            .map_or(self.exact.len(), |first| first.len()) as u64;
-        let registers = match (&self.sketch, self.first_sketch) {
-            (Some(sketch), _) => sketch.as_slice(),
-            (None, Some((_, estimate))) if exact_n == 0 && estimate > 0 => {
-                return (estimate, false);
-            }
-            (None, Some((first, _))) => first,
-            (None, None) => return (exact_n, true),
-        };
-        if exact_n == 0 {
-            return (hll_estimate(registers).round() as u64, false);
+        if let Some(first) = self.first {
+            return match (first.sketch, first.hll_estimate) {
+                (false, _) => (u64::from(first.exact_n), true),
+                (true, 0) => (hll_estimate(first.agg().hll).round() as u64, false),
+                (true, estimate) => (estimate, false),
+            };
         }
-        let mut registers = registers.to_vec();
-        let first = self.first_exact.iter().flat_map(|f| f.iter());
-        for h in first.chain(self.exact.iter().copied()) {
-            hll_add(&mut registers, h);
+        let Some(sketch) = &self.sketch else {
+            return (self.exact.len() as u64, true);
+        };
+        if self.exact.is_empty() {
+            return (hll_estimate(sketch).round() as u64, false);
+        }
+        let mut registers = sketch.clone();
+        for h in &self.exact {
+            hll_add(&mut registers, *h);
         }
         (hll_estimate(&registers).round() as u64, false)
     }
@@ -985,10 +1108,19 @@ mod tests {
             assert_eq!(read.customers.len(), agg.customers.len());
             assert_eq!(read.hll, agg.hll.as_slice());
             assert_eq!(read.hll_estimate, agg.hll_estimate);
+            let key = CellKey {
+                family: FAMILY_BASE,
+                period: Bucket::Hour,
+                hour: 1,
+                dims: CellDims::default(),
+            };
+            let mut symbols = Interner::default();
+            let cell = QueryCell::decode(&key.encode(), bytes.clone(), &mut symbols).expect("cell");
+            assert_eq!(cell.exact_n as usize, agg.customers.len());
             let mut acc = GroupAcc::default();
-            acc.add(&read);
+            acc.add(&cell);
             assert_eq!(acc.customers(), agg.customers());
-            acc.add(&read);
+            acc.add(&cell);
             assert_eq!(acc.customers(), agg.customers(), "a union with itself");
         }
         assert!(AggRef::parse(&[0x4a, 0x05, 0x01]).is_none(), "cut short");

@@ -32,7 +32,7 @@ mod writer;
 mod outbox;
 mod rollups;
 
-pub use rollups::{parse_cell, Piece, RawCell};
+pub use rollups::{Piece, RawCell};
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
@@ -117,6 +117,29 @@ struct Inner {
     path: PathBuf,
     flushes: Arc<AtomicU64>,
     durable: tokio::sync::watch::Receiver<Seq>,
+    /// The dimension values of the cells queries decoded.
+    symbols: Arc<std::sync::RwLock<crate::rollup::Interner>>,
+}
+
+/// Rollup cells for a query, decoded: shared segments (whole cached
+/// periods among them) and the symbols their dimensions refer to.
+pub struct QueryCells {
+    pub segments: Vec<Arc<Vec<crate::rollup::QueryCell>>>,
+    pub symbols: Arc<std::sync::RwLock<crate::rollup::Interner>>,
+}
+
+impl QueryCells {
+    /// Every cell.
+    pub fn iter(&self) -> impl Iterator<Item = &crate::rollup::QueryCell> {
+        self.segments.iter().flat_map(|s| s.iter())
+    }
+
+    /// The symbols, for reading.
+    pub fn symbols(&self) -> std::sync::RwLockReadGuard<'_, crate::rollup::Interner> {
+        self.symbols
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 #[derive(Clone)]
@@ -222,6 +245,7 @@ impl Store {
                 path: dir.to_path_buf(),
                 flushes,
                 durable,
+                symbols: Default::default(),
             }),
         })
     }
@@ -309,11 +333,32 @@ impl Store {
     /// starting in the hours `from..to`, open ends unbounded), including
     /// the deltas not yet checkpointed (a cell may come more than once:
     /// its parts add up).
-    pub fn read_rollups(&self, pieces: &[rollups::Piece]) -> Result<Vec<rollups::RawCell>> {
+    pub fn read_rollups(
+        &self,
+        pieces: &[rollups::Piece],
+        extra: Vec<rollups::RawCell>,
+    ) -> Result<QueryCells> {
         let tree = &self.inner.trees.rollups;
-        match &self.inner.trees.pending {
-            Some(pending) => pending.read_cells(tree, pieces),
-            None => rollups::Pending::read_tree(tree, pieces),
+        let symbols = &self.inner.symbols;
+        let mut segments = match &self.inner.trees.pending {
+            Some(pending) => pending.read_cells(tree, pieces, symbols)?,
+            None => vec![Arc::new(rollups::decode_cells(
+                rollups::Pending::read_tree(tree, pieces)?,
+                symbols,
+            )?)],
+        };
+        segments.push(Arc::new(rollups::decode_cells(extra, symbols)?));
+        Ok(QueryCells {
+            segments,
+            symbols: self.inner.symbols.clone(),
+        })
+    }
+
+    /// Bounds the memory of recently read day, week and month cells
+    /// (default [`rollups::DEFAULT_CACHE_BYTES`]; 0: no cache).
+    pub fn set_rollup_cache_bytes(&self, bytes: usize) {
+        if let Some(pending) = &self.inner.trees.pending {
+            pending.set_cache_budget(bytes);
         }
     }
 
@@ -399,6 +444,9 @@ impl Store {
         }
         if let Some(h) = horizon {
             writer::remove_cells_before(rollups, &layout, h)?;
+        }
+        if let Some(pending) = &self.inner.trees.pending {
+            pending.clear_cache();
         }
         rollups::write_watermark(rollups, after.max(last))?;
         self.inner.db.flush_async().await?;
@@ -665,12 +713,17 @@ mod tests {
         store.check_rollups().expect("rebuilt");
         let family = Layout::family(0);
         let cells = store
-            .read_rollups(&[(family, crate::rollup::Bucket::Month, None, None)])
+            .read_rollups(
+                &[(family, crate::rollup::Bucket::Month, None, None)],
+                Vec::new(),
+            )
             .expect("cells");
-        assert_eq!(cells.len(), 1);
-        let (key, _) = parse_cell(&cells[0]).expect("cell");
-        assert_eq!(key.dims.brand, "x");
-        assert_eq!(key.dims.category, "", "not kept by the view");
+        let all: Vec<_> = cells.iter().collect();
+        assert_eq!(all.len(), 1);
+        let symbols = cells.symbols();
+        let dims = symbols.resolve_dims(&all[0].dims);
+        assert_eq!(dims.brand, "x");
+        assert_eq!(dims.category, "", "not kept by the view");
         drop(store);
         // Running without rollups marks them stale for later.
         let store = reopen(dir.path(), None);

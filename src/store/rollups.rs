@@ -19,7 +19,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
 use super::{Error, Result, Seq, Trees};
-use crate::rollup::{Agg, AggRef, Bucket, CellKey, CellKeyRef, Layout};
+use crate::rollup::{Agg, Bucket, CellKey, CellKeyRef, Interner, Layout, QueryCell};
 
 /// Key of the watermark in the `rollups` tree (sorts after every family).
 const WATERMARK_KEY: &[u8] = b"\xffwatermark";
@@ -39,6 +39,107 @@ pub type Piece = (u8, Bucket, Option<i64>, Option<i64>);
 /// [`crate::rollup::AggRef`].
 pub type RawCell = (sled::IVec, sled::IVec);
 
+/// Default budget of the [`PeriodCache`].
+pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
+
+/// One period's cells: family, period kind, start hour.
+type PeriodId = (u8, Bucket, i64);
+
+/// The cells of whole days, weeks and months recently read from the tree,
+/// per period, so that a query over a year of weeks does not walk sled
+/// cell by cell each time: one lookup per period instead. Values share
+/// sled's bytes (`IVec`s are reference-counted). Filled by queries while
+/// they hold `tree_lock` for reading; a checkpoint drops the periods it
+/// changes while it holds it for writing, so an entry is never stale.
+/// Bounded in bytes; the least recently used periods go first.
+struct PeriodCache {
+    entries: std::collections::HashMap<PeriodId, CachedPeriod>,
+    bytes: usize,
+    budget: usize,
+    clock: u64,
+}
+
+struct CachedPeriod {
+    cells: Arc<Vec<QueryCell>>,
+    bytes: usize,
+    used: u64,
+}
+
+impl PeriodCache {
+    fn new(budget: usize) -> Self {
+        PeriodCache {
+            entries: std::collections::HashMap::new(),
+            bytes: 0,
+            budget,
+            clock: 0,
+        }
+    }
+
+    fn get(&mut self, id: &PeriodId) -> Option<Arc<Vec<QueryCell>>> {
+        self.clock += 1;
+        let entry = self.entries.get_mut(id)?;
+        entry.used = self.clock;
+        Some(entry.cells.clone())
+    }
+
+    fn insert(&mut self, id: PeriodId, cells: Arc<Vec<QueryCell>>) {
+        let bytes = cells.iter().map(QueryCell::footprint).sum::<usize>() + 64;
+        if bytes > self.budget / 4 {
+            return;
+        }
+        self.clock += 1;
+        let entry = CachedPeriod {
+            cells,
+            bytes,
+            used: self.clock,
+        };
+        if let Some(old) = self.entries.insert(id, entry) {
+            self.bytes -= old.bytes;
+        }
+        self.bytes += bytes;
+        while self.bytes > self.budget {
+            let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, e)| e.used)
+                .map(|(id, _)| *id)
+            else {
+                break;
+            };
+            self.remove(&oldest);
+        }
+    }
+
+    fn remove(&mut self, id: &PeriodId) {
+        if let Some(old) = self.entries.remove(id) {
+            self.bytes -= old.bytes;
+        }
+    }
+
+    fn retain(&mut self, keep: impl Fn(&PeriodId) -> bool) {
+        let gone: Vec<PeriodId> = self
+            .entries
+            .keys()
+            .filter(|id| !keep(id))
+            .copied()
+            .collect();
+        for id in gone {
+            self.remove(&id);
+        }
+    }
+}
+
+/// The period of a cell key (its first ten bytes), if it is a day, week or
+/// month cell.
+fn coarse_period(key: &[u8]) -> Option<PeriodId> {
+    let period = Bucket::from_code(*key.get(1)?)?;
+    if period == Bucket::Hour {
+        return None;
+    }
+    let hour = (u64::from_be_bytes(key.get(2..10)?.try_into().ok()?) ^ (1 << 63)) as i64;
+    Some((key[0], period, hour))
+}
+
 /// Deltas not yet in the tree.
 #[derive(Default)]
 struct Maps {
@@ -57,6 +158,8 @@ pub(super) struct Pending {
     maps: RwLock<Maps>,
     /// Held for reading by queries, for writing while a checkpoint merges.
     tree_lock: RwLock<()>,
+    /// Day, week and month cells recently read from the tree.
+    cache: Mutex<PeriodCache>,
     wake: Condvar,
     wake_lock: Mutex<()>,
     stop: AtomicBool,
@@ -141,6 +244,7 @@ impl Pending {
             layout,
             maps: RwLock::new(maps),
             tree_lock: RwLock::new(()),
+            cache: Mutex::new(PeriodCache::new(DEFAULT_CACHE_BYTES)),
             wake: Condvar::new(),
             wake_lock: Mutex::new(()),
             stop: AtomicBool::new(false),
@@ -202,6 +306,26 @@ impl Pending {
             active_upto: upto,
             ..Maps::default()
         };
+        self.clear_cache();
+    }
+
+    /// Forgets the cached periods (after writing the tree other than by a
+    /// checkpoint).
+    pub(super) fn clear_cache(&self) {
+        let mut cache = self.cache();
+        let budget = cache.budget;
+        *cache = PeriodCache::new(budget);
+    }
+
+    /// Bounds the period cache to `bytes` (0: no cache).
+    pub(super) fn set_cache_budget(&self, bytes: usize) {
+        *self.cache() = PeriodCache::new(bytes);
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, PeriodCache> {
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Drops waiting cells of periods starting before `hour` (retention).
@@ -211,6 +335,7 @@ impl Pending {
         maps.active.retain(|k, _| {
             CellKey::decode(k).is_none_or(|c| c.family >= families || c.hour >= hour)
         });
+        self.cache().retain(|&(_, _, start)| start >= hour);
     }
 
     /// Merges the active map into the tree if anything waits (checkpointer
@@ -241,6 +366,14 @@ impl Pending {
         {
             let mut maps = self.write();
             if applied.is_ok() {
+                let mut cache = self.cache();
+                let mut last = None;
+                for id in frozen.keys().filter_map(|k| coarse_period(k)) {
+                    if last != Some(id) {
+                        cache.remove(&id);
+                        last = Some(id);
+                    }
+                }
                 maps.frozen = None;
             } else if let Some(frozen) = maps.frozen.take() {
                 // Put it back; the next checkpoint retries.
@@ -264,15 +397,79 @@ impl Pending {
         Ok(out)
     }
 
-    /// The cells of `family`'s `period` cells starting in `from..to`: from
-    /// the tree, and the deltas waiting in memory (a key may come twice;
-    /// cells add up).
-    pub(super) fn read_cells(&self, tree: &sled::Tree, pieces: &[Piece]) -> Result<Vec<RawCell>> {
+    /// As [`Self::read_tree`], decoded, day, week and month cells period by
+    /// period through the cache. Call with `tree_lock` held.
+    fn read_tree_cached(
+        &self,
+        tree: &sled::Tree,
+        pieces: &[Piece],
+        symbols: &RwLock<Interner>,
+        out: &mut Vec<Arc<Vec<QueryCell>>>,
+    ) -> Result<()> {
+        let mut plain = Vec::new();
+        let cached = self.cache().budget > 0;
+        for &(family, period, a, b) in pieces {
+            if period == Bucket::Hour || !cached {
+                plain.push((family, period, a, b));
+                continue;
+            }
+            // Open ends: from the first to the last period stored.
+            let (start, end) = range(family, period, a, b);
+            let first = match a {
+                Some(a) => Some(a),
+                None => first_hour(tree.range(start.clone()..end.clone()).next())?,
+            };
+            let last = match b {
+                Some(b) => Some(b - 1),
+                None => first_hour(tree.range(start..end).next_back())?,
+            };
+            let (Some(first), Some(last)) = (first, last) else {
+                continue;
+            };
+            let mut hour = first;
+            while hour <= last {
+                if crate::rollup::bucket_start_hour(hour, period) != hour {
+                    // Not a period start (pieces are whole periods): read
+                    // the rest plainly.
+                    plain.push((family, period, Some(hour), b));
+                    break;
+                }
+                let id = (family, period, hour);
+                let cells = self.cache().get(&id);
+                let cells = match cells {
+                    Some(cells) => cells,
+                    None => {
+                        let raw =
+                            Self::read_tree(tree, &[(family, period, Some(hour), Some(hour + 1))])?;
+                        let cells = Arc::new(decode_cells(raw, symbols)?);
+                        self.cache().insert(id, cells.clone());
+                        cells
+                    }
+                };
+                out.push(cells);
+                hour = crate::rollup::next_bucket_start(hour, period);
+            }
+        }
+        out.push(Arc::new(decode_cells(
+            Self::read_tree(tree, &plain)?,
+            symbols,
+        )?));
+        Ok(())
+    }
+
+    /// The cells of the pieces, decoded: from the tree, and the deltas
+    /// waiting in memory (a key may come twice; cells add up).
+    pub(super) fn read_cells(
+        &self,
+        tree: &sled::Tree,
+        pieces: &[Piece],
+        symbols: &RwLock<Interner>,
+    ) -> Result<Vec<Arc<Vec<QueryCell>>>> {
         let _stable = self
             .tree_lock
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut out = Vec::new();
+        let mut waiting: Vec<RawCell> = Vec::new();
         {
             let maps = self.read();
             let frozen = maps.frozen.as_deref();
@@ -280,14 +477,31 @@ impl Pending {
                 for &(family, period, a, b) in pieces {
                     let (start, end) = range(family, period, a, b);
                     for (k, agg) in map.range(start..end) {
-                        out.push((k.as_slice().into(), agg.encode().into()));
+                        waiting.push((k.as_slice().into(), agg.encode().into()));
                     }
                 }
             }
         }
-        out.extend(Self::read_tree(tree, pieces)?);
+        let mut out = vec![Arc::new(decode_cells(waiting, symbols)?)];
+        self.read_tree_cached(tree, pieces, symbols, &mut out)?;
         Ok(out)
     }
+}
+
+/// Decodes stored cells for a query, interning their dimensions.
+pub(super) fn decode_cells(
+    raw: Vec<RawCell>,
+    symbols: &RwLock<Interner>,
+) -> Result<Vec<QueryCell>> {
+    if raw.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut symbols = symbols
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    raw.into_iter()
+        .map(|(k, v)| QueryCell::decode(&k, v, &mut symbols).ok_or_else(|| corrupt(&k, "bad cell")))
+        .collect()
 }
 
 fn range(family: u8, period: Bucket, a: Option<i64>, b: Option<i64>) -> (Vec<u8>, Vec<u8>) {
@@ -298,20 +512,24 @@ fn range(family: u8, period: Bucket, a: Option<i64>, b: Option<i64>) -> (Vec<u8>
     )
 }
 
+/// The start hour of a cell found by a range read.
+fn first_hour(item: Option<sled::Result<RawCell>>) -> Result<Option<i64>> {
+    match item {
+        None => Ok(None),
+        Some(item) => {
+            let (k, _) = item?;
+            let key = CellKeyRef::parse(&k).ok_or_else(|| corrupt(&k, "bad cell key"))?;
+            Ok(Some(key.hour))
+        }
+    }
+}
+
 fn corrupt(k: &[u8], what: &str) -> Error {
     Error::Corrupt {
         tree: "rollups",
         key: format!("{k:?}"),
         source: super::DecodeError::Payload(what.to_string()),
     }
-}
-
-/// Reads a cell in place; a cell that does not parse is corruption.
-pub fn parse_cell(cell: &RawCell) -> Result<(CellKeyRef<'_>, AggRef<'_>)> {
-    let (k, v) = cell;
-    let key = CellKeyRef::parse(k).ok_or_else(|| corrupt(k, "bad cell key"))?;
-    let agg = AggRef::parse(v).ok_or_else(|| corrupt(k, "bad cell"))?;
-    Ok((key, agg))
 }
 
 /// Runs checkpoints until [`stop`] is called, then a last one.
