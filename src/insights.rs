@@ -269,7 +269,7 @@ pub fn run_with(
         total = all;
     }
     let customers: Vec<(u64, bool)> = accs.iter().map(rollup::GroupAcc::customers).collect();
-    let mut kept: Vec<usize> = (0..accs.len())
+    let kept: Vec<usize> = (0..accs.len())
         .filter(|&i| customers[i].0 >= u64::from(k_min))
         .collect();
     let suppressed = u32::try_from(accs.len() - kept.len()).unwrap_or(u32::MAX);
@@ -277,13 +277,14 @@ pub fn run_with(
     // bucket by its start (as its RFC 3339 label sorts). Values are ranked
     // first, so that ties compare integers rather than strings.
     let ranks = rank_keys(&q.group_by, &keys, &kept, &symbols);
-    kept.sort_unstable_by(|&a, &b| {
-        accs[b]
-            .counts
-            .events
-            .cmp(&accs[a].counts.events)
-            .then_with(|| ranks[a].cmp(&ranks[b]))
-    });
+    // Sorted as compact entries (events, ranks, group), not through the
+    // groups themselves.
+    let mut order: Vec<(std::cmp::Reverse<u64>, [u32; DIMS], usize)> = kept
+        .iter()
+        .map(|&i| (std::cmp::Reverse(accs[i].counts.events), ranks[i], i))
+        .collect();
+    order.sort_unstable();
+    let mut kept: Vec<usize> = order.into_iter().map(|(_, _, i)| i).collect();
     if q.limit > 0 {
         kept.truncate(q.limit);
     }
