@@ -109,6 +109,13 @@ fn bench(c: &mut Criterion) {
     group.bench_function("client_decode", |b| {
         b.iter(|| chainsight::pb::InsightReport::decode(encoded.as_slice()).expect("decode"))
     });
+    // As tonic hands a received message to prost: through a BytesMut.
+    group.bench_function("client_decode_bytesmut", |b| {
+        b.iter(|| {
+            let mut buf = bytes::BytesMut::from(encoded.as_slice());
+            chainsight::pb::InsightReport::decode(&mut buf).expect("decode")
+        })
+    });
     group.finish();
     rt.block_on(store.close()).expect("close");
 }

@@ -528,9 +528,7 @@ pub async fn query(opts: QueryOptions) -> Result<QueryReport, Error> {
         let t = Instant::now();
         publish_bulk(&chain, RETAILER, &mut workload, n).await?;
         let ingest = n as f64 / t.elapsed().as_secs_f64();
-        let mut client =
-            pb::insights_client::InsightsClient::new(chain.channel(RETAILER, CLIENT).await?)
-                .max_decoding_message_size(256 * 1024 * 1024);
+        let mut client = crate::client::InsightsClient::new(chain.channel(RETAILER, CLIENT).await?);
         // Warm-up: let the node merge the last rollup deltas of the
         // publish into its tree, and run the feed a few times untimed.
         tokio::time::sleep(Duration::from_secs(3)).await;

@@ -410,12 +410,93 @@ pub async fn subscribe(
 
 /// Runs an insight query (`Insights.Query`, analysts role).
 pub async fn query(cfg: &ClientConfig, q: pb::InsightQuery) -> Result<pb::InsightReport, Error> {
-    let channel = connect(cfg).await?;
-    Ok(pb::insights_client::InsightsClient::new(channel)
-        .max_decoding_message_size(64 * 1024 * 1024)
-        .query(q)
-        .await?
-        .into_inner())
+    let mut client = InsightsClient::new(connect(cfg).await?);
+    Ok(client.query(q).await?.into_inner())
+}
+
+/// Largest insight report a client accepts.
+const MAX_REPORT_BYTES: usize = 256 * 1024 * 1024;
+
+/// An `Insights` client that decodes reports from one contiguous buffer:
+/// prost reads a slice much faster than the chunked receive buffer tonic
+/// hands to the generated client (about a third less time for a report of
+/// 10,000 rows; see `benches/insights_query.rs`).
+#[derive(Debug, Clone)]
+pub struct InsightsClient {
+    grpc: tonic::client::Grpc<tonic::transport::Channel>,
+}
+
+impl InsightsClient {
+    pub fn new(channel: tonic::transport::Channel) -> Self {
+        InsightsClient {
+            grpc: tonic::client::Grpc::new(channel).max_decoding_message_size(MAX_REPORT_BYTES),
+        }
+    }
+
+    /// `Insights.Query`.
+    pub async fn query(
+        &mut self,
+        q: pb::InsightQuery,
+    ) -> Result<tonic::Response<pb::InsightReport>, tonic::Status> {
+        self.grpc
+            .ready()
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("connection not ready: {e}")))?;
+        let path =
+            tonic::codegen::http::uri::PathAndQuery::from_static("/chainsight.v1.Insights/Query");
+        self.grpc
+            .unary(tonic::Request::new(q), path, ContiguousCodec::default())
+            .await
+    }
+}
+
+/// Encodes as tonic-prost does; decodes a message from a contiguous copy.
+#[derive(Debug, Clone, Copy)]
+struct ContiguousCodec<T, U>(std::marker::PhantomData<(T, U)>);
+
+impl<T, U> Default for ContiguousCodec<T, U> {
+    fn default() -> Self {
+        ContiguousCodec(std::marker::PhantomData)
+    }
+}
+
+impl<T, U> tonic::codec::Codec for ContiguousCodec<T, U>
+where
+    T: prost::Message + Send + 'static,
+    U: prost::Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = tonic_prost::ProstEncoder<T>;
+    type Decoder = ContiguousDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstEncoder::default()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ContiguousDecoder(std::marker::PhantomData)
+    }
+}
+
+/// See [`ContiguousCodec`].
+#[derive(Debug)]
+struct ContiguousDecoder<U>(std::marker::PhantomData<U>);
+
+impl<U: prost::Message + Default> tonic::codec::Decoder for ContiguousDecoder<U> {
+    type Item = U;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<U>, tonic::Status> {
+        use bytes::Buf;
+        let bytes = buf.copy_to_bytes(buf.remaining());
+        U::decode(bytes.as_ref())
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(format!("malformed response: {e}")))
+    }
 }
 
 /// The aligned table `chainsight query` prints, with the suppressed groups
