@@ -158,3 +158,66 @@ pub fn draw(
     root.present().map_err(e)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(key: &[&str], week: i64, events: u64, nps: f64) -> pb::InsightRow {
+        pb::InsightRow {
+            key: key.iter().map(|k| k.to_string()).collect(),
+            bucket_start: Some(pbjson_types::Timestamp {
+                // Mondays from 2026-01-05.
+                seconds: 1_767_571_200 + week * 7 * 86_400,
+                nanos: 0,
+            }),
+            events,
+            customers: events / 2,
+            nps: Some(nps),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_feed_becomes_one_line_per_group_with_a_legend() {
+        let mut report = pb::InsightReport::default();
+        for w in 0..10 {
+            report.rows.push(row(
+                &["dairy", "EE", "t"],
+                w,
+                100 + w as u64,
+                20.0 + w as f64,
+            ));
+            report
+                .rows
+                .push(row(&["cheese", "LV", "t"], w, 50, -10.0 + 3.0 * w as f64));
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("feed.svg");
+        draw(&report, 2, Metric::Nps, &path).expect("drawn");
+        let svg = std::fs::read_to_string(&path).expect("svg");
+        assert!(svg.starts_with("<svg"), "an SVG document");
+        assert!(svg.contains("NPS per time bucket"), "caption");
+        assert!(
+            svg.contains("dairy / EE") && svg.contains("cheese / LV"),
+            "legend"
+        );
+        let dates = svg
+            .lines()
+            .filter(|l| l.len() == 10 && l.starts_with("2026-0"))
+            .count();
+        assert!(dates >= 4, "dates on the x axis: {dates}");
+        assert_eq!(svg.matches("<circle").count(), 20, "a point per row");
+        assert!(
+            svg.matches("<polyline").count() >= 4,
+            "lines and legend marks"
+        );
+        if let Ok(out) = std::env::var("CHAINSIGHT_CHART_OUT") {
+            std::fs::copy(&path, out).expect("copy");
+        }
+        let mut untimed = pb::InsightReport::default();
+        untimed.rows.push(pb::InsightRow::default());
+        let err = draw(&untimed, 0, Metric::Events, &path).expect_err("no time");
+        assert!(err.contains("--bucket"), "{err}");
+    }
+}

@@ -829,6 +829,17 @@ mod tests {
             assert!(checked > 1000, "{label}: only {checked} rows compared");
         };
         compare("all events");
+        // More events in the same periods: the cached periods must not
+        // answer for the changed cells, neither while the deltas wait in
+        // memory nor once a checkpoint merged them.
+        let mut more = dataset(1500, start, 100 * 24);
+        for ev in &mut more {
+            ev.event.event_id.push_str("-more");
+        }
+        store.append(more).await.expect("append more");
+        compare("waiting deltas over cached periods");
+        tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+        compare("merged deltas over cached periods");
         // Retention at a cut through a day, a week and a month.
         let cut = start + 40 * 24 + 7;
         while store

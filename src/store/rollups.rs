@@ -45,9 +45,10 @@ pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 /// One period's cells: family, period kind, start hour.
 type PeriodId = (u8, Bucket, i64);
 
-/// The cells of whole days, weeks and months recently read from the tree,
-/// per period, so that a query over a year of weeks does not walk sled
-/// cell by cell each time: one lookup per period instead. Values share
+/// The cells of whole days, weeks and months (and of short runs of hours)
+/// recently read from the tree, decoded, per period, so that a query over
+/// a year of weeks does not walk and decode sled cells each time: one
+/// lookup per period instead. Values share
 /// sled's bytes (`IVec`s are reference-counted). Filled by queries while
 /// they hold `tree_lock` for reading; a checkpoint drops the periods it
 /// changes while it holds it for writing, so an entry is never stale.
@@ -129,13 +130,12 @@ impl PeriodCache {
     }
 }
 
-/// The period of a cell key (its first ten bytes), if it is a day, week or
-/// month cell.
-fn coarse_period(key: &[u8]) -> Option<PeriodId> {
+/// Runs of at most this many hourly cells are read through the cache.
+const MAX_CACHED_HOURS: i64 = 48;
+
+/// The period of a cell key (its first ten bytes).
+fn period_of(key: &[u8]) -> Option<PeriodId> {
     let period = Bucket::from_code(*key.get(1)?)?;
-    if period == Bucket::Hour {
-        return None;
-    }
     let hour = (u64::from_be_bytes(key.get(2..10)?.try_into().ok()?) ^ (1 << 63)) as i64;
     Some((key[0], period, hour))
 }
@@ -368,7 +368,7 @@ impl Pending {
             if applied.is_ok() {
                 let mut cache = self.cache();
                 let mut last = None;
-                for id in frozen.keys().filter_map(|k| coarse_period(k)) {
+                for id in frozen.keys().filter_map(|k| period_of(k)) {
                     if last != Some(id) {
                         cache.remove(&id);
                         last = Some(id);
@@ -409,7 +409,11 @@ impl Pending {
         let mut plain = Vec::new();
         let cached = self.cache().budget > 0;
         for &(family, period, a, b) in pieces {
-            if period == Bucket::Hour || !cached {
+            // Hours are cached only for short runs (a window's edges):
+            // a query that reads hours across a long window would push the
+            // periods other queries reuse out of the cache.
+            let short_hours = matches!((a, b), (Some(a), Some(b)) if b - a <= MAX_CACHED_HOURS);
+            if !cached || (period == Bucket::Hour && !short_hours) {
                 plain.push((family, period, a, b));
                 continue;
             }
