@@ -536,9 +536,11 @@ impl Agg {
         a
     }
 
-    /// Adds `other` into `self`.
+    /// Adds `other` into `self`. A sketch's stored estimate goes stale
+    /// (0) until [`Self::seal`].
     pub fn merge(&mut self, other: &Agg) {
         self.add_counts(other);
+        self.hll_estimate = 0;
         if !other.hll.is_empty() {
             self.switch_to_sketch();
             for (r, o) in self.hll.iter_mut().zip(&other.hll) {
@@ -573,14 +575,20 @@ impl Agg {
         self.returns += other.returns;
     }
 
-    /// Switches a cell to the sketch once its exact set is too large, and
-    /// refreshes the sketch's stored estimate. Called after merging, before
-    /// storing.
+    /// Switches a cell to the sketch once its exact set is too large.
+    /// Called after merging.
     pub fn compact(&mut self) {
         if self.hll.is_empty() && self.customers.len() > EXACT_LIMIT {
             self.switch_to_sketch();
         }
-        if !self.hll.is_empty() {
+    }
+
+    /// Stores a sketch's estimate with it, so that a query of one cell
+    /// needs no pass over the registers. Called once before storing (not
+    /// after each merge: in memory a stale estimate is 0, which readers
+    /// compute from the registers instead).
+    pub fn seal(&mut self) {
+        if !self.hll.is_empty() && self.hll_estimate == 0 {
             self.hll_estimate = hll_estimate(&self.hll).round() as u64;
         }
     }
@@ -984,15 +992,12 @@ pub fn fold<'a>(
     layout: &Layout,
 ) -> BTreeMap<Vec<u8>, Agg> {
     let mut cells: BTreeMap<Vec<u8>, Agg> = BTreeMap::new();
-    let mut dims_bytes = Vec::with_capacity(96);
     for ev in events {
         let contribution = Agg::of_event(ev);
         for_each_cell(ev, layout, |family, period, hour, dims| {
-            dims_bytes.clear();
-            dims.encode_into(&mut dims_bytes);
-            let mut key = Vec::with_capacity(10 + dims_bytes.len());
+            let mut key = Vec::with_capacity(96);
             key.extend_from_slice(&period_prefix(family, period, hour));
-            key.extend_from_slice(&dims_bytes);
+            dims.encode_into(&mut key);
             match cells.get_mut(&key) {
                 Some(agg) => {
                     agg.merge(&contribution);
@@ -1095,6 +1100,7 @@ mod tests {
         }
         sketch.customers.sort_unstable();
         sketch.compact();
+        sketch.seal();
         assert!(!sketch.hll.is_empty() && sketch.hll_estimate > 0);
         for agg in [Agg::default(), exact, sketch] {
             let bytes = agg.encode();

@@ -187,6 +187,7 @@ pub(super) fn prepare_batch(
         };
         agg.merge(delta);
         agg.compact();
+        agg.seal();
         batch.insert(key.as_slice(), agg.encode());
     }
     batch.insert(WATERMARK_KEY, &watermark.to_be_bytes());
