@@ -838,7 +838,14 @@ mod tests {
         }
         store.append(more).await.expect("append more");
         compare("waiting deltas over cached periods");
-        tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while store.rollup_deltas_waiting() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no checkpoint in 10 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         compare("merged deltas over cached periods");
         // Retention at a cut through a day, a week and a month.
         let cut = start + 40 * 24 + 7;

@@ -347,6 +347,15 @@ pub fn period_prefix(family: u8, period: Bucket, hour: i64) -> [u8; 10] {
     k
 }
 
+/// The family, period kind and start hour at the head of a cell key (see
+/// [`period_prefix`]).
+pub fn parse_period_prefix(key: &[u8]) -> Option<(u8, Bucket, i64)> {
+    let family = *key.first()?;
+    let period = Bucket::from_code(*key.get(1)?)?;
+    let hour = (u64::from_be_bytes(key.get(2..10)?.try_into().ok()?) ^ (1 << 63)) as i64;
+    Some((family, period, hour))
+}
+
 impl CellKey {
     /// Encodes the key: family, period kind, start hour (sign-flipped,
     /// big-endian), dimensions.
@@ -381,9 +390,7 @@ pub struct CellKeyRef<'a> {
 impl<'a> CellKeyRef<'a> {
     /// Reads a key written by [`CellKey::encode`].
     pub fn parse(bytes: &'a [u8]) -> Option<Self> {
-        let family = *bytes.first()?;
-        let period = Bucket::from_code(*bytes.get(1)?)?;
-        let hour = (u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?) ^ (1 << 63)) as i64;
+        let (family, period, hour) = parse_period_prefix(bytes)?;
         let mut pos = 10;
         let gtin = get_str(bytes, &mut pos)?;
         let category = get_str(bytes, &mut pos)?;

@@ -354,6 +354,15 @@ impl Store {
         })
     }
 
+    /// Whether rollup deltas wait in memory for the next checkpoint.
+    pub fn rollup_deltas_waiting(&self) -> bool {
+        self.inner
+            .trees
+            .pending
+            .as_deref()
+            .is_some_and(rollups::Pending::waiting)
+    }
+
     /// Bounds the memory of recently read day, week and month cells
     /// (default [`rollups::DEFAULT_CACHE_BYTES`]; 0: no cache).
     pub fn set_rollup_cache_bytes(&self, bytes: usize) {

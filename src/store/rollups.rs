@@ -19,7 +19,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
 use super::{Error, Result, Seq, Trees};
-use crate::rollup::{Agg, Bucket, CellKey, CellKeyRef, Interner, Layout, QueryCell};
+use crate::rollup::{parse_period_prefix, Agg, Bucket, Interner, Layout, QueryCell};
 
 /// Key of the watermark in the `rollups` tree (sorts after every family).
 const WATERMARK_KEY: &[u8] = b"\xffwatermark";
@@ -133,13 +133,6 @@ impl PeriodCache {
 /// Runs of at most this many hourly cells are read through the cache.
 const MAX_CACHED_HOURS: i64 = 48;
 
-/// The period of a cell key (its first ten bytes).
-fn period_of(key: &[u8]) -> Option<PeriodId> {
-    let period = Bucket::from_code(*key.get(1)?)?;
-    let hour = (u64::from_be_bytes(key.get(2..10)?.try_into().ok()?) ^ (1 << 63)) as i64;
-    Some((key[0], period, hour))
-}
-
 /// Deltas not yet in the tree.
 #[derive(Default)]
 struct Maps {
@@ -158,7 +151,7 @@ pub(super) struct Pending {
     maps: RwLock<Maps>,
     /// Held for reading by queries, for writing while a checkpoint merges.
     tree_lock: RwLock<()>,
-    /// Day, week and month cells recently read from the tree.
+    /// Cells queries read recently, decoded, per period.
     cache: Mutex<PeriodCache>,
     wake: Condvar,
     wake_lock: Mutex<()>,
@@ -182,7 +175,8 @@ pub(super) fn prepare_batch(
     let mut batch = sled::Batch::default();
     for (key, delta) in cells {
         let mut agg = match tree.get(key)? {
-            Some(old) => Agg::decode_bytes(&old).unwrap_or_default(),
+            // Never merged into as if empty: that would lose its counts.
+            Some(old) => Agg::decode_bytes(&old).ok_or_else(|| corrupt(key, "bad cell"))?,
             None => Agg::default(),
         };
         agg.merge(delta);
@@ -310,6 +304,12 @@ impl Pending {
         self.clear_cache();
     }
 
+    /// Whether deltas wait in memory, not yet merged into the tree.
+    pub(super) fn waiting(&self) -> bool {
+        let maps = self.read();
+        !maps.active.is_empty() || maps.frozen.is_some()
+    }
+
     /// Forgets the cached periods (after writing the tree other than by a
     /// checkpoint).
     pub(super) fn clear_cache(&self) {
@@ -334,7 +334,8 @@ impl Pending {
         let families = crate::rollup::Layout::family(self.layout.views.len());
         let mut maps = self.write();
         maps.active.retain(|k, _| {
-            CellKey::decode(k).is_none_or(|c| c.family >= families || c.hour >= hour)
+            parse_period_prefix(k)
+                .is_none_or(|(family, _, start)| family >= families || start >= hour)
         });
         self.cache().retain(|&(_, _, start)| start >= hour);
     }
@@ -369,7 +370,7 @@ impl Pending {
             if applied.is_ok() {
                 let mut cache = self.cache();
                 let mut last = None;
-                for id in frozen.keys().filter_map(|k| period_of(k)) {
+                for id in frozen.keys().filter_map(|k| parse_period_prefix(k)) {
                     if last != Some(id) {
                         cache.remove(&id);
                         last = Some(id);
@@ -523,8 +524,9 @@ fn first_hour(item: Option<sled::Result<RawCell>>) -> Result<Option<i64>> {
         None => Ok(None),
         Some(item) => {
             let (k, _) = item?;
-            let key = CellKeyRef::parse(&k).ok_or_else(|| corrupt(&k, "bad cell key"))?;
-            Ok(Some(key.hour))
+            let (_, _, hour) =
+                parse_period_prefix(&k).ok_or_else(|| corrupt(&k, "bad cell key"))?;
+            Ok(Some(hour))
         }
     }
 }
@@ -533,7 +535,10 @@ fn corrupt(k: &[u8], what: &str) -> Error {
     Error::Corrupt {
         tree: "rollups",
         key: format!("{k:?}"),
-        source: super::DecodeError::Payload(what.to_string()),
+        source: super::DecodeError::Payload(format!(
+            "{what} (rollups can be recomputed from the events: stop the node and run \
+             `chainsight admin rebuild-rollups --config node.toml`)"
+        )),
     }
 }
 
@@ -577,4 +582,38 @@ pub(super) fn stop(pending: &Pending) {
 pub(super) fn write_watermark(tree: &sled::Tree, upto: Seq) -> Result<()> {
     tree.insert(WATERMARK_KEY, &upto.to_be_bytes())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollup::CellKey;
+
+    /// A stored cell that does not decode is reported, never merged into
+    /// as if it were empty.
+    #[test]
+    fn a_corrupt_stored_cell_stops_the_merge_and_names_the_repair() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = sled::open(dir.path()).expect("sled");
+        let tree = db.open_tree("rollups").expect("tree");
+        let key = CellKey {
+            family: crate::rollup::FAMILY_BASE,
+            period: Bucket::Hour,
+            hour: 7,
+            dims: Default::default(),
+        }
+        .encode();
+        tree.insert(&key, &[0xff, 0xff, 0xff][..]).expect("garbage");
+        let delta = Agg {
+            events: 1,
+            ..Default::default()
+        };
+        let cells = BTreeMap::from([(key.clone(), delta)]);
+        let err = prepare_batch(&tree, &cells, 1).expect_err("corrupt cell");
+        assert!(err.to_string().contains("rebuild-rollups"), "{err}");
+        assert_eq!(
+            tree.get(&key).expect("get").as_deref(),
+            Some(&[0xff, 0xff, 0xff][..])
+        );
+    }
 }
