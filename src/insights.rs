@@ -6,8 +6,9 @@
 use std::collections::HashMap;
 
 use crate::domain::{Channel, EventFilter, EventKind, JourneyStage, UnixNanos};
-use crate::rollup::{self, Agg, CellDims, DimSet, Interner, Layout, QueryCell, Sym};
+use crate::rollup::{self, CellDims, Counts, DimSet, Interner, Layout, QueryCell, Sym};
 use crate::store::{self, QueryCells, RawCell, Store};
+use crate::wire::{ReportWriter, RowFields};
 
 /// A dimension to group by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -205,6 +206,158 @@ pub fn run_with(
     k_min: u32,
     layout: Option<&Layout>,
 ) -> store::Result<Report> {
+    answer(store, q, k_min, layout, |a| Report {
+        rows: a
+            .rows()
+            .map(|r| Row {
+                key: r.key().iter().map(|k| k.to_string()).collect(),
+                bucket_start: r.bucket_start,
+                events: r.counts.events,
+                customers: r.customers,
+                customers_exact: r.exact,
+                avg_score: r.avg_score(),
+                nps: r.nps(),
+                return_rate: r.return_rate(),
+                share: r.share(),
+            })
+            .collect(),
+        suppressed_groups: a.suppressed,
+        k_min,
+    })
+}
+
+/// Runs `q` and writes the report's protobuf encoding (`InsightReport`)
+/// straight from the groups, without building a row object per group: what
+/// `Insights.Query` sends. Decodes to what [`run`] returns, converted.
+pub fn run_encoded(store: &Store, q: &Query, k_min: u32) -> store::Result<EncodedReport> {
+    answer(store, q, k_min, store.rollup_layout(), |a| {
+        let mut writer = ReportWriter::with_capacity(a.order.len());
+        for r in a.rows() {
+            writer.row(&RowFields {
+                key: r.key(),
+                bucket_start: r.bucket_start,
+                events: r.counts.events,
+                customers: r.customers,
+                avg_score: r.avg_score(),
+                nps: r.nps(),
+                return_rate: r.return_rate(),
+                share: r.share(),
+            });
+        }
+        EncodedReport {
+            rows: a.order.len(),
+            suppressed_groups: a.suppressed,
+            bytes: writer.finish(a.suppressed, k_min),
+        }
+    })
+}
+
+/// An `InsightReport` in its protobuf encoding, and what a log line says of
+/// it.
+#[derive(Debug, Clone)]
+pub struct EncodedReport {
+    pub rows: usize,
+    pub suppressed_groups: u32,
+    pub bytes: bytes::Bytes,
+}
+
+/// The groups of an answer, ranked and cut to the limit: what [`run_with`]
+/// turns into rows and [`run_encoded`] into bytes.
+struct Answer<'a> {
+    keys: Vec<GroupKey>,
+    accs: Vec<rollup::GroupAcc<'a>>,
+    customers: Vec<(u64, bool)>,
+    /// The groups returned, in order.
+    order: Vec<usize>,
+    /// Each position's label per group (the bucket's RFC 3339 start for
+    /// TIME).
+    labels: Labels<'a>,
+    total: u64,
+    suppressed: u32,
+}
+
+/// The key labels of the returned groups, borrowed from the symbols (or
+/// the bucket labels made for this answer).
+struct Labels<'a> {
+    group_by: &'a [Dim],
+    symbols: &'a Interner,
+    buckets: HashMap<i64, String, foldhash::fast::FixedState>,
+}
+
+/// One returned group, borrowed from an [`Answer`].
+struct RowRef<'a> {
+    key: [&'a str; DIMS],
+    len: usize,
+    bucket_start: Option<UnixNanos>,
+    counts: &'a Counts,
+    customers: u64,
+    exact: bool,
+    total: u64,
+}
+
+impl RowRef<'_> {
+    fn key(&self) -> &[&str] {
+        &self.key[..self.len]
+    }
+
+    fn avg_score(&self) -> Option<f64> {
+        ratio(self.counts.score_sum, self.counts.score_n)
+    }
+
+    /// % promoters − % detractors over the NPS answers.
+    fn nps(&self) -> Option<f64> {
+        let a = self.counts;
+        (a.nps_n > 0).then(|| 100.0 * (a.promoters as f64 - a.detractors as f64) / a.nps_n as f64)
+    }
+
+    fn return_rate(&self) -> Option<f64> {
+        ratio(self.counts.returns, self.counts.purchases)
+    }
+
+    /// The group's events / all matched events.
+    fn share(&self) -> f64 {
+        ratio(self.counts.events, self.total).unwrap_or(0.0)
+    }
+}
+
+fn ratio(num: u64, den: u64) -> Option<f64> {
+    (den > 0).then(|| num as f64 / den as f64)
+}
+
+impl Answer<'_> {
+    fn rows(&self) -> impl Iterator<Item = RowRef<'_>> {
+        self.order.iter().map(|&i| {
+            let (values, bucket) = &self.keys[i];
+            let mut key = [""; DIMS];
+            let l = &self.labels;
+            for ((slot, d), v) in key.iter_mut().zip(l.group_by).zip(values) {
+                *slot = match (d, bucket) {
+                    (Dim::Time, Some(b)) => l.buckets.get(b).map_or("", String::as_str),
+                    _ => dim_label(*d, *v, l.symbols),
+                };
+            }
+            let (customers, exact) = self.customers[i];
+            RowRef {
+                key,
+                len: l.group_by.len(),
+                bucket_start: bucket.map(rollup::hour_start),
+                counts: &self.accs[i].counts,
+                customers,
+                exact,
+                total: self.total,
+            }
+        })
+    }
+}
+
+/// Plans and runs `q`, then hands the ranked groups to `emit`.
+fn answer<R>(
+    store: &Store,
+    q: &Query,
+    k_min: u32,
+    layout: Option<&Layout>,
+    emit: impl FnOnce(&Answer<'_>) -> R,
+) -> store::Result<R> {
     let attribute = if q.group_by.contains(&Dim::Attribute) {
         q.attribute_key.as_deref()
     } else {
@@ -237,37 +390,9 @@ pub fn run_with(
     let symbols = read_cells.symbols();
     let cells = matching(&read_cells, &symbols, &q.filter, attribute);
     let read = started.elapsed();
-    let mut total = 0u64;
-    // Groups in first-seen order, found by key.
-    let mut index: HashMap<GroupKey, usize, foldhash::fast::FixedState> =
-        HashMap::with_capacity_and_hasher(cells.len().min(1 << 16), Default::default());
-    let mut keys: Vec<GroupKey> = Vec::new();
-    let mut accs: Vec<rollup::GroupAcc> = Vec::new();
-    debug_assert!(q.group_by.len() <= DIMS, "dimensions are distinct");
-    for cell in &cells {
-        total += cell.counts.events;
-        let bucket = bucket.map(|b| {
-            if cell.period == b {
-                cell.hour
-            } else {
-                bucket_start_hour(cell.hour, b)
-            }
-        });
-        let mut group_key = [0; DIMS];
-        for (slot, d) in group_key.iter_mut().zip(&q.group_by) {
-            *slot = dim_id(*d, &cell.dims);
-        }
-        let i = *index.entry((group_key, bucket)).or_insert_with(|| {
-            keys.push((group_key, bucket));
-            accs.push(rollup::GroupAcc::default());
-            accs.len() - 1
-        });
-        accs[i].add(cell);
-    }
+    let (keys, accs, total) = group(&cells, &q.group_by, bucket);
     let grouped = started.elapsed();
-    if let Some(all) = all_matched {
-        total = all;
-    }
+    let total = all_matched.unwrap_or(total);
     let customers: Vec<(u64, bool)> = accs.iter().map(rollup::GroupAcc::customers).collect();
     let kept: Vec<usize> = (0..accs.len())
         .filter(|&i| customers[i].0 >= u64::from(k_min))
@@ -276,38 +401,32 @@ pub fn run_with(
     // Events descending, then key: the key's values in group_by order, the
     // bucket by its start (as its RFC 3339 label sorts). Values are ranked
     // first, so that ties compare integers rather than strings.
-    let ranks = rank_keys(&q.group_by, &keys, &kept, &symbols);
-    // Sorted as compact entries (events, ranks, group), not through the
-    // groups themselves.
-    let mut order: Vec<(std::cmp::Reverse<u64>, [u32; DIMS], usize)> = kept
-        .iter()
-        .map(|&i| (std::cmp::Reverse(accs[i].counts.events), ranks[i], i))
-        .collect();
-    order.sort_unstable();
-    let mut kept: Vec<usize> = order.into_iter().map(|(_, _, i)| i).collect();
+    let mut order = ranked_order(&q.group_by, &keys, &kept, &symbols, |i| {
+        accs[i].counts.events
+    });
     if q.limit > 0 {
-        kept.truncate(q.limit);
+        order.truncate(q.limit);
     }
-    let mut labels: HashMap<i64, String> = HashMap::new();
-    let rows: Vec<Row> = kept
-        .into_iter()
-        .map(|i| {
-            let (values, bucket) = &keys[i];
-            let key = q
-                .group_by
-                .iter()
-                .zip(values)
-                .map(|(d, v)| match (d, bucket) {
-                    (Dim::Time, Some(b)) => {
-                        labels.entry(*b).or_insert_with(|| format_hour(*b)).clone()
-                    }
-                    _ => dim_label(*d, *v, &symbols).to_string(),
-                })
-                .collect();
-            let (n, exact) = customers[i];
-            row(key, *bucket, &accs[i].counts, n, exact, total)
-        })
-        .collect();
+    let mut buckets = HashMap::default();
+    for &i in &order {
+        if let Some(b) = keys[i].1 {
+            buckets.entry(b).or_insert_with(|| format_hour(b));
+        }
+    }
+    let answer = Answer {
+        keys,
+        accs,
+        customers,
+        order,
+        labels: Labels {
+            group_by: &q.group_by,
+            symbols: &symbols,
+            buckets,
+        },
+        total,
+        suppressed,
+    };
+    let out = emit(&answer);
     tracing::debug!(
         view = view.as_deref().unwrap_or("(hourly, every dimension)"),
         cells = cells.len(),
@@ -316,11 +435,95 @@ pub fn run_with(
         total = ?started.elapsed(),
         "insight query planned and run"
     );
-    Ok(Report {
-        rows,
-        suppressed_groups: suppressed,
-        k_min,
-    })
+    Ok(out)
+}
+
+/// Groups `cells` by the `group_by` values and bucket: the groups' keys
+/// and accumulators in first-seen order, and the events of all cells.
+fn group<'a>(
+    cells: &[&'a QueryCell],
+    group_by: &[Dim],
+    bucket: Option<Bucket>,
+) -> (Vec<GroupKey>, Vec<rollup::GroupAcc<'a>>, u64) {
+    debug_assert!(group_by.len() <= DIMS, "dimensions are distinct");
+    use std::hash::BuildHasher;
+    let hasher = foldhash::fast::FixedState::default();
+    let mut total = 0u64;
+    // The index holds group numbers only (4 bytes a slot, not the 56-byte
+    // keys): it stays in cache while thousands of groups are added.
+    let mut index: hashbrown::HashTable<u32> = hashbrown::HashTable::with_capacity(cells.len());
+    // At most one group per cell; sized once rather than grown (a grown
+    // vector of 12,000 groups copies itself a dozen times).
+    let mut keys: Vec<GroupKey> = Vec::with_capacity(cells.len());
+    let mut accs: Vec<rollup::GroupAcc> = Vec::with_capacity(cells.len());
+    for &cell in cells {
+        total += cell.counts.events;
+        let bucket = bucket.map(|b| {
+            if cell.period == b {
+                cell.hour
+            } else {
+                bucket_start_hour(cell.hour, b)
+            }
+        });
+        let mut values = [0; DIMS];
+        for (slot, d) in values.iter_mut().zip(group_by) {
+            *slot = dim_id(*d, &cell.dims);
+        }
+        let key = (values, bucket);
+        let hash = hasher.hash_one(key);
+        let slot = index.entry(
+            hash,
+            |&i| keys[i as usize] == key,
+            |&i| hasher.hash_one(keys[i as usize]),
+        );
+        let i = match slot {
+            hashbrown::hash_table::Entry::Occupied(e) => *e.get() as usize,
+            hashbrown::hash_table::Entry::Vacant(e) => {
+                e.insert(keys.len() as u32);
+                keys.push(key);
+                accs.push(rollup::GroupAcc::default());
+                keys.len() - 1
+            }
+        };
+        accs[i].add(cell);
+    }
+    (keys, accs, total)
+}
+
+/// `groups` in report order: events descending (`events` of a group),
+/// then key. The ranks of a key's values are packed into one integer when
+/// they fit in 64 bits (they always do for a few dimensions), so that the
+/// sort moves 24-byte entries rather than the keys' rank arrays.
+fn ranked_order(
+    group_by: &[Dim],
+    keys: &[GroupKey],
+    groups: &[usize],
+    symbols: &Interner,
+    events: impl Fn(usize) -> u64,
+) -> Vec<usize> {
+    let (ranks, distinct) = rank_keys(group_by, keys, groups, symbols);
+    let packed = distinct
+        .iter()
+        .try_fold(1u64, |product, &n| product.checked_mul(n.max(1)));
+    if packed.is_some() {
+        let pack = |r: &[u32; DIMS]| {
+            r.iter()
+                .zip(&distinct)
+                .fold(0u64, |acc, (&rank, &n)| acc * n.max(1) + u64::from(rank))
+        };
+        let mut order: Vec<(std::cmp::Reverse<u64>, u64, u32)> = groups
+            .iter()
+            .map(|&i| (std::cmp::Reverse(events(i)), pack(&ranks[i]), i as u32))
+            .collect();
+        order.sort_unstable();
+        return order.into_iter().map(|(_, _, i)| i as usize).collect();
+    }
+    let mut order: Vec<(std::cmp::Reverse<u64>, [u32; DIMS], usize)> = groups
+        .iter()
+        .map(|&i| (std::cmp::Reverse(events(i)), ranks[i], i))
+        .collect();
+    order.sort_unstable();
+    order.into_iter().map(|(_, _, i)| i).collect()
 }
 
 /// For each group of `groups`, the rank of each of its values among the
@@ -331,8 +534,10 @@ fn rank_keys(
     keys: &[GroupKey],
     groups: &[usize],
     symbols: &Interner,
-) -> Vec<[u32; DIMS]> {
+) -> (Vec<[u32; DIMS]>, Vec<u64>) {
     let mut ranks = vec![[0u32; DIMS]; keys.len()];
+    // Per position, how many distinct values (ranks run 0..n).
+    let mut distinct = vec![1u64; DIMS];
     for (pos, d) in group_by.iter().enumerate() {
         if *d == Dim::Time {
             let mut starts: Vec<Option<i64>> = groups.iter().map(|&i| keys[i].1).collect();
@@ -342,12 +547,14 @@ fn rank_keys(
                 let rank = starts.binary_search(&keys[i].1).unwrap_or_default();
                 ranks[i][pos] = rank as u32;
             }
+            distinct[pos] = starts.len() as u64;
             continue;
         }
         let mut values: Vec<u32> = groups.iter().map(|&i| keys[i].0[pos]).collect();
         values.sort_unstable();
         values.dedup();
         values.sort_by(|a, b| dim_label(*d, *a, symbols).cmp(dim_label(*d, *b, symbols)));
+        distinct[pos] = values.len() as u64;
         let rank: HashMap<u32, u32, foldhash::fast::FixedState> = values
             .into_iter()
             .enumerate()
@@ -357,7 +564,7 @@ fn rank_keys(
             ranks[i][pos] = rank[&keys[i].0[pos]];
         }
     }
-    ranks
+    (ranks, distinct)
 }
 
 /// Every cell of `plan` in the filter's window, decoded: whole periods
@@ -418,29 +625,6 @@ fn matching<'a>(
                     || cell_matches(filter, &categories, &symbols.resolve_dims(&cell.dims)))
         })
         .collect()
-}
-
-fn row(
-    key: Vec<String>,
-    bucket: Option<i64>,
-    agg: &Agg,
-    customers: u64,
-    exact: bool,
-    total: u64,
-) -> Row {
-    let ratio = |num: u64, den: u64| (den > 0).then(|| num as f64 / den as f64);
-    Row {
-        key,
-        bucket_start: bucket.map(rollup::hour_start),
-        events: agg.events,
-        customers,
-        customers_exact: exact,
-        avg_score: ratio(agg.score_sum, agg.score_n),
-        nps: (agg.nps_n > 0)
-            .then(|| 100.0 * (agg.promoters as f64 - agg.detractors as f64) / agg.nps_n as f64),
-        return_rate: ratio(agg.returns, agg.purchases),
-        share: ratio(agg.events, total).unwrap_or(0.0),
-    }
 }
 
 /// The whole hours inside a filter's window: since rounded up, until
@@ -578,7 +762,10 @@ fn format_hour(hour: i64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use prost::Message;
+
     use super::*;
+    use crate::{conversions, pb};
 
     #[test]
     fn buckets_start_at_day_monday_and_month() {
@@ -821,6 +1008,13 @@ mod tests {
                             let fast = run_with(&store, &q, 3, layout.as_ref()).expect("views");
                             let slow = run_with(&store, &q, 3, None).expect("hourly");
                             assert_eq!(fast, slow, "{label}: {q:?}");
+                            // What the node sends: the same report, encoded.
+                            let sent = run_encoded(&store, &q, 3).expect("encoded");
+                            assert_eq!(
+                                pb::InsightReport::decode(sent.bytes).expect("decodes"),
+                                conversions::insight_report_to_pb(fast.clone()),
+                                "{label}: {q:?}"
+                            );
                             checked += fast.rows.len();
                         }
                     }

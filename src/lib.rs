@@ -27,4 +27,5 @@ pub mod secret;
 pub mod service;
 pub mod store;
 pub mod tls;
+pub mod wire;
 pub mod workload;

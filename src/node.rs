@@ -195,14 +195,15 @@ fn build_router(
         .add_service(ingest)
         .add_service(peering)
         .add_service(signals)
-        .add_service(pb::insights_server::InsightsServer::new(
+        .add_service(
             InsightsService::new(
                 parts.policy.clone(),
                 FilterLimits::from_config(&config.filter_limit),
                 parts.store.clone(),
                 config.privacy.k_min,
-            ),
-        )))
+            )
+            .into_server(max),
+        ))
 }
 
 type ServerTask = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;

@@ -459,6 +459,34 @@ pub struct Agg {
     pub hll_estimate: u64,
 }
 
+/// The additive part of a cell or a query group: an [`Agg`] without its
+/// customers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub events: u64,
+    pub score_sum: u64,
+    pub score_n: u64,
+    pub promoters: u64,
+    pub detractors: u64,
+    pub nps_n: u64,
+    pub purchases: u64,
+    pub returns: u64,
+}
+
+impl Counts {
+    /// Adds `other` into `self`.
+    pub fn add(&mut self, other: &Counts) {
+        self.events += other.events;
+        self.score_sum += other.score_sum;
+        self.score_n += other.score_n;
+        self.promoters += other.promoters;
+        self.detractors += other.detractors;
+        self.nps_n += other.nps_n;
+        self.purchases += other.purchases;
+        self.returns += other.returns;
+    }
+}
+
 /// A 64-bit hash of a pseudonym (already a keyed HMAC, so its bits are uniform).
 pub fn customer_hash(pseudonym: &str) -> Option<u64> {
     if pseudonym.is_empty() {
@@ -570,6 +598,20 @@ impl Agg {
         }
     }
 
+    /// The counts (not the customers).
+    pub fn counts(&self) -> Counts {
+        Counts {
+            events: self.events,
+            score_sum: self.score_sum,
+            score_n: self.score_n,
+            promoters: self.promoters,
+            detractors: self.detractors,
+            nps_n: self.nps_n,
+            purchases: self.purchases,
+            returns: self.returns,
+        }
+    }
+
     /// Adds `other`'s counts (not its customers) into `self`.
     pub fn add_counts(&mut self, other: &Agg) {
         self.events += other.events;
@@ -677,8 +719,7 @@ impl<'a> PackedCustomers<'a> {
 /// [`Agg`] (a unit test keeps the two in step).
 #[derive(Debug, Clone, Default)]
 pub struct AggRef<'a> {
-    /// Counts only (its customer fields stay empty).
-    pub counts: Agg,
+    pub counts: Counts,
     pub customers: PackedCustomers<'a>,
     pub hll: &'a [u8],
     pub hll_estimate: u64,
@@ -808,8 +849,7 @@ pub struct QueryCell {
     pub period: Bucket,
     pub hour: i64,
     pub dims: CellDims<Sym>,
-    /// Counts only (its customer fields stay empty).
-    pub counts: Agg,
+    pub counts: Counts,
     /// Exact customers stored (0 for a sketch).
     pub exact_n: u32,
     /// Whether the customers are a sketch.
@@ -862,13 +902,17 @@ impl QueryCell {
 /// stored customers are not touched.
 #[derive(Debug, Default)]
 pub struct GroupAcc<'a> {
-    /// Counts only (its customer fields stay empty).
-    pub counts: Agg,
+    pub counts: Counts,
     /// The only cell with customers so far.
     first: Option<&'a QueryCell>,
-    /// Whether two or more cells with customers came: then `exact` and
-    /// `sketch` hold their union.
-    many: bool,
+    /// The union of the customers of two or more cells.
+    merged: Option<Box<Merged>>,
+}
+
+/// Customers merged from several cells: an exact set until a sketch comes,
+/// then the sketch alone.
+#[derive(Debug, Default)]
+struct Merged {
     exact: CustomerSet,
     sketch: Option<Vec<u8>>,
 }
@@ -876,30 +920,24 @@ pub struct GroupAcc<'a> {
 impl<'a> GroupAcc<'a> {
     /// Adds a cell.
     pub fn add(&mut self, cell: &'a QueryCell) {
-        self.counts.add_counts(&cell.counts);
+        self.counts.add(&cell.counts);
         if cell.exact_n == 0 && !cell.sketch {
             return;
         }
-        if !self.many && self.first.is_none() {
-            self.first = Some(cell);
-            return;
-        }
-        if let Some(first) = self.first.take() {
-            self.absorb(first);
-        }
-        self.absorb(cell);
-        self.many = true;
-    }
-
-    fn absorb(&mut self, cell: &QueryCell) {
-        let agg = cell.agg();
-        if !agg.hll.is_empty() {
-            match &mut self.sketch {
-                Some(sketch) => max_into(sketch, agg.hll),
-                None => self.sketch = Some(agg.hll.to_vec()),
+        let merged = match (&mut self.merged, self.first) {
+            (Some(merged), _) => merged,
+            (None, None) => {
+                self.first = Some(cell);
+                return;
             }
-        }
-        self.exact.extend(agg.customers.iter());
+            (None, Some(first)) => {
+                self.first = None;
+                let mut merged = Box::<Merged>::default();
+                merged.absorb(first);
+                self.merged.insert(merged)
+            }
+        };
+        merged.absorb(cell);
     }
 
     /// Distinct customers, and whether the count is exact.
@@ -911,17 +949,37 @@ impl<'a> GroupAcc<'a> {
                 (true, estimate) => (estimate, false),
             };
         }
-        let Some(sketch) = &self.sketch else {
-            return (self.exact.len() as u64, true);
-        };
-        if self.exact.is_empty() {
-            return (hll_estimate(sketch).round() as u64, false);
+        match self.merged.as_deref() {
+            None => (0, true),
+            Some(Merged {
+                sketch: Some(sketch),
+                ..
+            }) => (hll_estimate(sketch).round() as u64, false),
+            Some(Merged { exact, .. }) => (exact.len() as u64, true),
         }
-        let mut registers = sketch.clone();
-        for h in &self.exact {
-            hll_add(&mut registers, *h);
+    }
+}
+
+impl Merged {
+    fn absorb(&mut self, cell: &QueryCell) {
+        let agg = cell.agg();
+        if !agg.hll.is_empty() && self.sketch.is_none() {
+            let mut sketch = agg.hll.to_vec();
+            for h in self.exact.drain() {
+                hll_add(&mut sketch, h);
+            }
+            self.sketch = Some(sketch);
+        } else if let Some(sketch) = &mut self.sketch {
+            max_into(sketch, agg.hll);
         }
-        (hll_estimate(&registers).round() as u64, false)
+        match &mut self.sketch {
+            Some(sketch) => {
+                for h in agg.customers.iter() {
+                    hll_add(sketch, h);
+                }
+            }
+            None => self.exact.extend(agg.customers.iter()),
+        }
     }
 }
 
@@ -1112,11 +1170,7 @@ mod tests {
         for agg in [Agg::default(), exact, sketch] {
             let bytes = agg.encode();
             let read = AggRef::parse(&bytes).expect("parses");
-            let mut counts = agg.clone();
-            counts.customers.clear();
-            counts.hll.clear();
-            counts.hll_estimate = 0;
-            assert_eq!(read.counts, counts);
+            assert_eq!(read.counts, agg.counts());
             assert_eq!(read.customers.iter().collect::<Vec<_>>(), agg.customers);
             assert_eq!(read.customers.len(), agg.customers.len());
             assert_eq!(read.hll, agg.hll.as_slice());
