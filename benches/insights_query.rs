@@ -36,8 +36,11 @@ fn store(rt: &tokio::runtime::Runtime) -> Store {
         .and_then(|v| v.parse().ok())
         .unwrap_or(200_000);
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("insights-query-{n}"));
+    // Marks a finished store with the rollup layout it was built with: a
+    // store of an older layout is built again.
     let done = dir.join("COMPLETE");
-    if !done.exists() {
+    let layout = chainsight::rollup::Layout::default().signature();
+    if std::fs::read_to_string(&done).ok().as_deref() != Some(layout.as_str()) {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("bench data dir");
         let store = Store::open(&dir, &[]).expect("open store");
@@ -67,7 +70,7 @@ fn store(rt: &tokio::runtime::Runtime) -> Store {
         });
         eprintln!("stored {n} events in {:.1?}", t.elapsed());
         drop(store);
-        std::fs::write(&done, b"").expect("mark complete");
+        std::fs::write(&done, &layout).expect("mark complete");
     }
     Store::open(&dir, &[]).expect("reopen store")
 }
