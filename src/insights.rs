@@ -99,9 +99,8 @@ fn filter_dims(f: &EventFilter) -> DimSet {
 }
 
 /// Where a query's cells come from: a family, and the periods it keeps,
-/// coarsest first, that may serve the query, and the family whole hours
-/// come from (`hourly`: the view's own, or the hourly family over every
-/// dimension when no view serves).
+/// coarsest first, that may serve the query. Hours always come from the
+/// hourly family over every dimension (`hourly`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
     pub family: u8,
@@ -123,22 +122,22 @@ pub fn plan(layout: Option<&Layout>, needed: DimSet, bucket: Option<Bucket>) -> 
     } else {
         rollup::FAMILY_BASE
     };
-    let view = layout.and_then(|l| {
-        l.views
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| v.contains(needed) && v.contains(DimSet::ATTRIBUTE) == attribute)
-            .min_by_key(|(_, v)| v.len())
-    });
+    let view = layout
+        .filter(|_| bucket != Some(Bucket::Hour))
+        .and_then(|l| {
+            l.views
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| v.contains(needed) && v.contains(DimSet::ATTRIBUTE) == attribute)
+                .min_by_key(|(_, v)| v.len())
+        });
     match view {
         Some((i, dims)) => Plan {
             family: Layout::family(i),
             view: Some(*dims),
-            // Views keep hours too.
-            hourly: Layout::family(i),
+            hourly,
             periods: match bucket {
-                Some(Bucket::Hour) => vec![Bucket::Hour],
-                Some(Bucket::Day) => vec![Bucket::Day, Bucket::Hour],
+                Some(Bucket::Hour) | Some(Bucket::Day) => vec![Bucket::Day, Bucket::Hour],
                 Some(Bucket::Week) => vec![Bucket::Week, Bucket::Day, Bucket::Hour],
                 Some(Bucket::Month) | None => vec![Bucket::Month, Bucket::Day, Bucket::Hour],
             },

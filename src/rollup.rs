@@ -9,7 +9,7 @@
 //! - family 1 (`FAMILY_ATTRIBUTE`): the same with one attribute (key,
 //!   value) of the event added — answers any ATTRIBUTE query;
 //! - families 2, 3, …: the *views* of the [`Layout`] (`[insights] views`
-//!   in node.toml): per hour, day, ISO week and month, and per combination
+//!   in node.toml): per day, ISO week and month, and per combination
 //!   of a few dimensions only (e.g. category × region). A view has few cells
 //!   per period whatever the number of events, so a query a view covers
 //!   reads a number of cells that does not grow with history.
@@ -46,11 +46,10 @@ pub enum Bucket {
 impl Bucket {
     /// Every period kind, finest first.
     pub const ALL: [Bucket; 4] = [Bucket::Hour, Bucket::Day, Bucket::Week, Bucket::Month];
-    /// The periods a view keeps: all of them. Its hour cells answer the
-    /// whole hours at a window's edges (up to 23 at each end): read from
-    /// the base family instead, those would be one cell per combination of
-    /// every dimension, tens of thousands at ten million events a year.
-    pub const VIEW_PERIODS: [Bucket; 4] = Bucket::ALL;
+    /// The periods a view keeps. Hours are left to the base families: a
+    /// view's hour cells would hold about one event each, and cost a write
+    /// per event and view.
+    pub const VIEW_PERIODS: [Bucket; 3] = [Bucket::Day, Bucket::Week, Bucket::Month];
 
     fn code(self) -> u8 {
         match self {
@@ -208,7 +207,7 @@ impl Layout {
     /// Identifies the layout the stored cells were built with.
     pub fn signature(&self) -> String {
         let views: Vec<String> = self.views.iter().map(|v| v.describe()).collect();
-        format!("rollups-v3;{}", views.join(";"))
+        format!("rollups-v2;{}", views.join(";"))
     }
 
     /// The family of view `i`.
@@ -1135,9 +1134,9 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         let cells = cells_of(&ev, &layout);
-        // base + 2 attribute cells + 4 plain views × 4 periods + 1 attribute
-        // view × 2 attributes × 4 periods.
-        assert_eq!(cells.len(), 1 + 2 + 4 * 4 + 2 * 4);
+        // base + 2 attribute cells + 4 plain views × 3 periods + 1 attribute
+        // view × 2 attributes × 3 periods.
+        assert_eq!(cells.len(), 1 + 2 + 4 * 3 + 2 * 3);
         let hour = hour_of(ev.occurred_at);
         for c in &cells {
             assert_eq!(c.hour, bucket_start_hour(hour, c.period));
