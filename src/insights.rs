@@ -593,7 +593,7 @@ fn matching_cells(store: &Store, filter: &EventFilter, plan: Plan) -> store::Res
             (family, period, a, b)
         })
         .collect();
-    store.read_rollups(&pieces, edges)
+    store.read_rollups(&pieces, plan.view, edges)
 }
 
 /// The cells of `cells` that match the filter (and are about `attribute`,

@@ -1051,6 +1051,46 @@ fn for_each_cell(
     f(FAMILY_BASE, Bucket::Hour, hour, &base);
 }
 
+/// Merges cells (encoded keys and values) onto the dimensions `keep`: the
+/// cells a view of `keep` holds for the same periods, under the cells'
+/// own family. Counts add up and customers unite as in [`fold`], so a
+/// query grouping by (and filtering on) dimensions of `keep` answers the
+/// same from either. As in a view, attribute cells are kept exactly when
+/// `keep` has the attribute (the others are left out). On a cell that does
+/// not decode, its key.
+pub fn project<'a>(
+    cells: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    keep: DimSet,
+) -> Result<BTreeMap<Vec<u8>, Agg>, &'a [u8]> {
+    let mut out: BTreeMap<Vec<u8>, Agg> = BTreeMap::new();
+    for (k, v) in cells {
+        let (Some(key), Some(agg)) = (CellKey::decode(k), Agg::decode_bytes(v)) else {
+            return Err(k);
+        };
+        if key.dims.attribute.is_some() != keep.contains(DimSet::ATTRIBUTE) {
+            continue;
+        }
+        let key = CellKey {
+            dims: key.dims.masked(keep),
+            ..key
+        }
+        .encode();
+        match out.entry(key) {
+            std::collections::btree_map::Entry::Occupied(mut cell) => {
+                cell.get_mut().merge(&agg);
+                cell.get_mut().compact();
+            }
+            std::collections::btree_map::Entry::Vacant(cell) => {
+                cell.insert(agg);
+            }
+        }
+    }
+    for agg in out.values_mut() {
+        agg.seal();
+    }
+    Ok(out)
+}
+
 /// Folds a batch of events into per-cell deltas, by encoded key.
 pub fn fold<'a>(
     events: impl IntoIterator<Item = &'a PreferenceEvent>,

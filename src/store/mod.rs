@@ -332,16 +332,23 @@ impl Store {
     /// The rollup cells of `pieces` (each: `family`'s `period` cells
     /// starting in the hours `from..to`, open ends unbounded), including
     /// the deltas not yet checkpointed (a cell may come more than once:
-    /// its parts add up).
+    /// its parts add up). Hour cells may come merged onto the dimensions
+    /// of `hour_view` (a view's dimensions that cover the query: grouping
+    /// and filtering by them reads the same, from fewer cells), and so
+    /// does `extra` (cells folded from events).
     pub fn read_rollups(
         &self,
         pieces: &[rollups::Piece],
-        extra: Vec<rollups::RawCell>,
+        hour_view: Option<crate::rollup::DimSet>,
+        mut extra: Vec<rollups::RawCell>,
     ) -> Result<QueryCells> {
         let tree = &self.inner.trees.rollups;
         let symbols = &self.inner.symbols;
+        if let Some(view) = hour_view.filter(|_| !extra.is_empty()) {
+            extra = rollups::project(extra, view)?;
+        }
         let mut segments = match &self.inner.trees.pending {
-            Some(pending) => pending.read_cells(tree, pieces, symbols)?,
+            Some(pending) => pending.read_cells(tree, pieces, hour_view, symbols)?,
             None => vec![Arc::new(rollups::decode_cells(
                 rollups::Pending::read_tree(tree, pieces)?,
                 symbols,
@@ -724,6 +731,7 @@ mod tests {
         let cells = store
             .read_rollups(
                 &[(family, crate::rollup::Bucket::Month, None, None)],
+                None,
                 Vec::new(),
             )
             .expect("cells");

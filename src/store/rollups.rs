@@ -19,7 +19,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
 use super::{Error, Result, Seq, Trees};
-use crate::rollup::{parse_period_prefix, Agg, Bucket, Interner, Layout, QueryCell};
+use crate::rollup::{parse_period_prefix, Agg, Bucket, DimSet, Interner, Layout, QueryCell};
 
 /// Key of the watermark in the `rollups` tree (sorts after every family).
 const WATERMARK_KEY: &[u8] = b"\xffwatermark";
@@ -60,8 +60,11 @@ struct PeriodCache {
     clock: u64,
 }
 
+/// A period's cached cells: as stored (projection 0) and, for hours,
+/// merged onto the dimensions of the views queries read them with.
+#[derive(Default)]
 struct CachedPeriod {
-    cells: Arc<Vec<QueryCell>>,
+    variants: Vec<(DimSet, Arc<Vec<QueryCell>>)>,
     bytes: usize,
     used: u64,
 }
@@ -76,27 +79,35 @@ impl PeriodCache {
         }
     }
 
-    fn get(&mut self, id: &PeriodId) -> Option<Arc<Vec<QueryCell>>> {
+    fn get(&mut self, id: &PeriodId, projection: DimSet) -> Option<Arc<Vec<QueryCell>>> {
         self.clock += 1;
         let entry = self.entries.get_mut(id)?;
+        let cells = entry
+            .variants
+            .iter()
+            .find(|(p, _)| *p == projection)?
+            .1
+            .clone();
         entry.used = self.clock;
-        Some(entry.cells.clone())
+        Some(cells)
     }
 
-    fn insert(&mut self, id: PeriodId, cells: Arc<Vec<QueryCell>>) {
+    fn insert(&mut self, id: PeriodId, projection: DimSet, cells: Arc<Vec<QueryCell>>) {
         let bytes = cells.iter().map(QueryCell::footprint).sum::<usize>() + 64;
         if bytes > self.budget / 4 {
             return;
         }
         self.clock += 1;
-        let entry = CachedPeriod {
-            cells,
-            bytes,
-            used: self.clock,
-        };
-        if let Some(old) = self.entries.insert(id, entry) {
-            self.bytes -= old.bytes;
+        let entry = self.entries.entry(id).or_default();
+        entry.used = self.clock;
+        if let Some(at) = entry.variants.iter().position(|(p, _)| *p == projection) {
+            let (_, old) = entry.variants.swap_remove(at);
+            let old = old.iter().map(QueryCell::footprint).sum::<usize>() + 64;
+            entry.bytes -= old;
+            self.bytes -= old;
         }
+        entry.variants.push((projection, cells));
+        entry.bytes += bytes;
         self.bytes += bytes;
         while self.bytes > self.budget {
             let Some(oldest) = self
@@ -111,6 +122,7 @@ impl PeriodCache {
         }
     }
 
+    /// Drops every variant of a period.
     fn remove(&mut self, id: &PeriodId) {
         if let Some(old) = self.entries.remove(id) {
             self.bytes -= old.bytes;
@@ -400,11 +412,15 @@ impl Pending {
     }
 
     /// As [`Self::read_tree`], decoded, day, week and month cells period by
-    /// period through the cache. Call with `tree_lock` held.
+    /// period through the cache. Short runs of hours go through the cache
+    /// too, merged onto `hour_view`'s dimensions when given (a view's: the
+    /// dozens of cells it would keep for the hour rather than the thousand
+    /// over every dimension). Call with `tree_lock` held.
     fn read_tree_cached(
         &self,
         tree: &sled::Tree,
         pieces: &[Piece],
+        hour_view: Option<DimSet>,
         symbols: &RwLock<Interner>,
         out: &mut Vec<Arc<Vec<QueryCell>>>,
     ) -> Result<()> {
@@ -441,14 +457,21 @@ impl Pending {
                     break;
                 }
                 let id = (family, period, hour);
-                let cells = self.cache().get(&id);
+                let projection = match hour_view {
+                    Some(view) if period == Bucket::Hour => view,
+                    _ => DimSet::default(),
+                };
+                let cells = self.cache().get(&id, projection);
                 let cells = match cells {
                     Some(cells) => cells,
                     None => {
-                        let raw =
+                        let mut raw =
                             Self::read_tree(tree, &[(family, period, Some(hour), Some(hour + 1))])?;
+                        if !projection.is_empty() {
+                            raw = project(raw, projection)?;
+                        }
                         let cells = Arc::new(decode_cells(raw, symbols)?);
-                        self.cache().insert(id, cells.clone());
+                        self.cache().insert(id, projection, cells.clone());
                         cells
                     }
                 };
@@ -469,6 +492,7 @@ impl Pending {
         &self,
         tree: &sled::Tree,
         pieces: &[Piece],
+        hour_view: Option<DimSet>,
         symbols: &RwLock<Interner>,
     ) -> Result<Vec<Arc<Vec<QueryCell>>>> {
         let _stable = self
@@ -489,7 +513,7 @@ impl Pending {
             }
         }
         let mut out = vec![Arc::new(decode_cells(waiting, symbols)?)];
-        self.read_tree_cached(tree, pieces, symbols, &mut out)?;
+        self.read_tree_cached(tree, pieces, hour_view, symbols, &mut out)?;
         Ok(out)
     }
 }
@@ -508,6 +532,17 @@ pub(super) fn decode_cells(
     raw.into_iter()
         .map(|(k, v)| QueryCell::decode(&k, v, &mut symbols).ok_or_else(|| corrupt(&k, "bad cell")))
         .collect()
+}
+
+/// `cells` merged onto the dimensions `keep`, encoded as stored (see
+/// [`crate::rollup::project`]).
+pub(super) fn project(cells: Vec<RawCell>, keep: DimSet) -> Result<Vec<RawCell>> {
+    let projected = crate::rollup::project(cells.iter().map(|(k, v)| (&k[..], &v[..])), keep)
+        .map_err(|k| corrupt(k, "bad cell"))?;
+    Ok(projected
+        .into_iter()
+        .map(|(k, agg)| (k.into(), agg.encode().into()))
+        .collect())
 }
 
 fn range(family: u8, period: Bucket, a: Option<i64>, b: Option<i64>) -> (Vec<u8>, Vec<u8>) {
