@@ -13,6 +13,7 @@ const PROTOS: &[&str] = &[
     "proto/chainsight/v1/peering.proto",
     "proto/chainsight/v1/signals.proto",
     "proto/chainsight/v1/insights.proto",
+    "proto/chainsight/v1/audit.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

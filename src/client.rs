@@ -337,6 +337,90 @@ pub fn format_links(links: &[pb::LinkStatus]) -> String {
     out
 }
 
+/// The audit records of the node of `cfg` that `request` selects
+/// (`Audit.List`, auditors role), oldest first.
+pub async fn audit_records(
+    cfg: &ClientConfig,
+    request: pb::AuditListRequest,
+) -> Result<Vec<pb::AuditRecord>, Error> {
+    let channel = connect(cfg).await?;
+    let mut stream = pb::audit_client::AuditClient::new(channel)
+        .list(request)
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(record) = stream.message().await? {
+        out.push(record);
+    }
+    Ok(out)
+}
+
+/// Fetches the whole audit trail of the node of `cfg` and checks its hash
+/// chain here, so the node is not trusted to check itself.
+pub async fn verify_audit(
+    cfg: &ClientConfig,
+) -> Result<Result<crate::audit::Verified, crate::audit::Broken>, Error> {
+    let records = audit_records(cfg, pb::AuditListRequest::default()).await?;
+    let records = records.into_iter().map(|r| {
+        let seq = r.seq;
+        crate::conversions::audit_record_from_pb(r).map_err(|e| crate::audit::Broken {
+            seq,
+            reason: format!("malformed record: {e}"),
+        })
+    });
+    let mut malformed = None;
+    let verdict = crate::audit::verify_chain(records.map_while(|r| match r {
+        Ok(r) => Some(Ok::<_, std::convert::Infallible>(r)),
+        Err(broken) => {
+            malformed = Some(broken);
+            None
+        }
+    }));
+    let Ok(verdict) = verdict;
+    Ok(match (verdict, malformed) {
+        (Err(broken), _) | (Ok(_), Some(broken)) => Err(broken),
+        (Ok(verified), None) => Ok(verified),
+    })
+}
+
+/// The table `chainsight audit` prints.
+pub fn format_audit(records: &[pb::AuditRecord]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    if records.is_empty() {
+        out.push_str("no audit records match\n");
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "{:>7}  {:<30}  {:<12}  {:<16}  detail",
+        "seq", "at", "kind", "identity"
+    );
+    for r in records {
+        let at =
+            r.at.as_ref()
+                .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t.seconds).ok())
+                .and_then(|t| {
+                    t.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .unwrap_or_default();
+        let kind = pb::AuditKind::try_from(r.kind)
+            .map(|k| {
+                k.as_str_name()
+                    .trim_start_matches("AUDIT_KIND_")
+                    .to_lowercase()
+            })
+            .unwrap_or_else(|_| r.kind.to_string());
+        let _ = writeln!(
+            out,
+            "{:>7}  {:<30}  {:<12}  {:<16}  {}",
+            r.seq, at, kind, r.identity, r.detail
+        );
+    }
+    out
+}
+
 /// Options of `chainsight subscribe`.
 #[derive(Debug, Clone, Default)]
 pub struct SubscribeOptions {

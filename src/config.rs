@@ -64,6 +64,9 @@ pub struct Roles {
     /// May read operational state (`Peering.Links`).
     #[serde(default)]
     pub operators: Vec<String>,
+    /// May read the audit trail (`Audit.List`).
+    #[serde(default)]
+    pub auditors: Vec<String>,
 }
 
 /// Privacy settings.
@@ -624,6 +627,7 @@ impl NodeConfig {
             ("roles.subscribers", &r.subscribers),
             ("roles.analysts", &r.analysts),
             ("roles.operators", &r.operators),
+            ("roles.auditors", &r.auditors),
         ] {
             if let Some(bad) = ids.iter().find(|id| !is_identity(id)) {
                 return Err(invalid(

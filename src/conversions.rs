@@ -548,6 +548,53 @@ pub fn preference_event_to_pb(ev: &PreferenceEvent) -> pb::PreferenceEvent {
     }
 }
 
+/// An optional timestamp field (absent: `None`), validated as
+/// [`timestamp`] does.
+pub fn optional_timestamp(
+    field: &str,
+    ts: Option<pbjson_types::Timestamp>,
+) -> Result<Option<UnixNanos>> {
+    ts.map(|t| timestamp(field, Some(t))).transpose()
+}
+
+/// The protobuf form of an audit record.
+pub fn audit_record_to_pb(r: &crate::audit::Record) -> pb::AuditRecord {
+    let (seconds, nanos) = r.at.split();
+    pb::AuditRecord {
+        seq: r.seq,
+        at: Some(pbjson_types::Timestamp { seconds, nanos }),
+        kind: r.kind.number(),
+        identity: r.identity.clone(),
+        detail: r.detail.clone(),
+        prev_hash: r.prev.to_vec(),
+        hash: r.hash.to_vec(),
+    }
+}
+
+/// An audit record as a node sent it, for checking its chain. Only the
+/// shape is checked here (whether it verifies is the chain's business).
+pub fn audit_record_from_pb(r: pb::AuditRecord) -> Result<crate::audit::Record> {
+    let at = r.at.ok_or_else(|| invalid("at", "required"))?;
+    let at = at
+        .seconds
+        .checked_mul(1_000_000_000)
+        .and_then(|s| s.checked_add(i64::from(at.nanos)))
+        .ok_or_else(|| invalid("at", "out of range"))?;
+    let hash = |field: &str, b: Vec<u8>| {
+        <crate::audit::Hash>::try_from(b.as_slice())
+            .map_err(|_| invalid(field, format!("must be {} bytes", crate::audit::HASH_LEN)))
+    };
+    Ok(crate::audit::Record {
+        seq: r.seq,
+        at: UnixNanos(at),
+        kind: enum_field("kind", r.kind, crate::audit::Kind::from_number)?,
+        identity: r.identity,
+        detail: r.detail,
+        prev: hash("prev_hash", r.prev_hash)?,
+        hash: hash("hash", r.hash)?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod anonymise;
+pub mod audit;
 pub mod bench;
 pub mod certs;
 pub mod chain;

@@ -137,6 +137,14 @@ enum Command {
         #[command(subcommand)]
         scenario: BenchScenario,
     },
+    /// The node's audit trail: list it (auditors role), or check its hash chain.
+    #[command(args_conflicts_with_subcommands = true)]
+    Audit {
+        #[command(subcommand)]
+        command: Option<AuditCommand>,
+        #[command(flatten)]
+        list: AuditList,
+    },
     /// Show the node's upstream links: connected, backlog, oldest unacknowledged, stalled.
     Links {
         /// Path to client.toml (the identity needs the operators role).
@@ -197,6 +205,40 @@ enum BenchScenario {
         /// Also write the figures as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+}
+
+/// `chainsight audit`: which records to list.
+#[derive(clap::Args)]
+struct AuditList {
+    /// Path to client.toml (the identity needs the auditors role).
+    #[arg(long, default_value = "client.toml")]
+    config: PathBuf,
+    /// RFC 3339: only records at or after this time.
+    #[arg(long)]
+    since: Option<String>,
+    /// Only records of this identity.
+    #[arg(long)]
+    identity: Option<String>,
+    /// Only records of this kind: forward, subscription, query, erasure.
+    #[arg(long)]
+    kind: Option<String>,
+    /// Print proto3 JSON lines instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the trail's hash chain: a node's, fetched over mTLS (--config),
+    /// or a stopped node's data directory (--data-dir).
+    Verify {
+        /// Path to client.toml (the identity needs the auditors role).
+        #[arg(long, conflicts_with = "data_dir")]
+        config: Option<PathBuf>,
+        /// The stopped node's data directory (`data_dir` of its node.toml).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
     },
 }
 
@@ -491,6 +533,81 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             chainsight::bench::query(opts).await?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit {
+            command: None,
+            list,
+        } => {
+            let cfg = ClientConfig::load(&list.config)?;
+            let request = chainsight::pb::AuditListRequest {
+                since: list
+                    .since
+                    .as_deref()
+                    .map(|s| parse_time("--since", s))
+                    .transpose()?,
+                identity: list.identity.unwrap_or_default(),
+                after_seq: 0,
+                kind: match list.kind.as_deref() {
+                    None => 0,
+                    Some(k) => chainsight::audit::Kind::from_label(k)
+                        .with_context(|| {
+                            format!("--kind {k}: one of forward, subscription, query, erasure")
+                        })?
+                        .number(),
+                },
+            };
+            let records = chainsight::client::audit_records(&cfg, request)
+                .await
+                .with_context(|| format!("reading the audit trail of {}", cfg.address))?;
+            if list.json {
+                for r in &records {
+                    println!("{}", serde_json::to_string(r)?);
+                }
+            } else {
+                print!("{}", chainsight::client::format_audit(&records));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit {
+            command: Some(AuditCommand::Verify { config, data_dir }),
+            ..
+        } => {
+            let verdict = match (config, data_dir) {
+                (Some(config), None) => {
+                    let cfg = ClientConfig::load(&config)?;
+                    chainsight::client::verify_audit(&cfg)
+                        .await
+                        .with_context(|| format!("reading the audit trail of {}", cfg.address))?
+                }
+                (None, Some(dir)) => {
+                    let store = dir.join("store");
+                    let verdict = tokio::task::spawn_blocking(move || {
+                        chainsight::store::Store::verify_audit_at(&store)
+                    })
+                    .await?;
+                    verdict.with_context(|| {
+                        format!(
+                            "opening {} (is the node still running? stop it first, or use --config)",
+                            dir.display()
+                        )
+                    })?
+                }
+                _ => anyhow::bail!("give --config client.toml (a running node) or --data-dir DIR (a stopped node's data directory)"),
+            };
+            match verdict {
+                Ok(v) => {
+                    println!(
+                        "audit trail intact: {} records, head {}",
+                        v.records,
+                        chainsight::audit::hex(&v.head)
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(broken) => {
+                    eprintln!("audit trail BROKEN at {broken}; the records from there on cannot be trusted");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
         }
         Command::Links { config, json } => {
             let cfg = ClientConfig::load(&config)?;

@@ -195,6 +195,9 @@ fn build_router(
         .add_service(ingest)
         .add_service(peering)
         .add_service(signals)
+        .add_service(pb::audit_server::AuditServer::new(
+            crate::service::audit::AuditService::new(parts.policy.clone(), parts.store.clone()),
+        ))
         .add_service(
             InsightsService::new(
                 parts.policy.clone(),

@@ -22,6 +22,8 @@ pub enum Role {
     Analyst,
     /// May read operational state (`Peering.Links`).
     Operator,
+    /// May read the audit trail (`Audit.List`).
+    Auditor,
 }
 
 impl fmt::Display for Role {
@@ -32,6 +34,7 @@ impl fmt::Display for Role {
             Role::Subscriber => "subscriber",
             Role::Analyst => "analyst",
             Role::Operator => "operator",
+            Role::Auditor => "auditor",
         })
     }
 }
@@ -45,6 +48,7 @@ impl Role {
             Role::Subscriber => "roles.subscribers",
             Role::Analyst => "roles.analysts",
             Role::Operator => "roles.operators",
+            Role::Auditor => "roles.auditors",
         }
     }
 }
@@ -57,6 +61,7 @@ pub struct Policy {
     subscribers: HashSet<String>,
     analysts: HashSet<String>,
     operators: HashSet<String>,
+    auditors: HashSet<String>,
 }
 
 impl Policy {
@@ -69,6 +74,7 @@ impl Policy {
             subscribers: set(&roles.subscribers),
             analysts: set(&roles.analysts),
             operators: set(&roles.operators),
+            auditors: set(&roles.auditors),
         }
     }
 
@@ -80,6 +86,7 @@ impl Policy {
             Role::Subscriber => &self.subscribers,
             Role::Analyst => &self.analysts,
             Role::Operator => &self.operators,
+            Role::Auditor => &self.auditors,
         };
         set.contains(identity)
     }
@@ -203,6 +210,17 @@ impl LinkAgreement {
             drop_fields: share.drop_fields.iter().cloned().collect(),
             pseudonym: share.pseudonym,
         }
+    }
+
+    /// The agreement as the audit trail records it.
+    pub fn describe(&self) -> serde_json::Value {
+        let mut dropped: Vec<&str> = self.drop_fields.iter().map(String::as_str).collect();
+        dropped.sort_unstable();
+        serde_json::json!({
+            "filter": crate::conversions::filter_to_pb(&self.filter),
+            "drop_fields": dropped,
+            "pseudonym": format!("{:?}", self.pseudonym),
+        })
     }
 
     /// Whether the agreement covers `ev`.

@@ -355,9 +355,26 @@ impl Worker {
             )));
         }
         let (store, idx, n) = (self.store.clone(), self.idx, seqs.len());
-        tokio::task::spawn_blocking(move || store.outbox_ack(idx, &seqs))
-            .await
-            .map_err(|e| SessionError::Protocol(e.to_string()))??;
+        let link = self.link();
+        let detail = serde_json::json!({
+            "link": link.id,
+            "address": link.address,
+            "batch_id": batch_id,
+            "events": n,
+            "stored": ack.stored,
+            "duplicates": ack.duplicates,
+            "dropped": ack.dropped,
+            "first_seq": seqs.first(),
+            "last_seq": seqs.last(),
+            "agreement": link.agreement.describe(),
+        });
+        let upstream = link.id.clone();
+        tokio::task::spawn_blocking(move || {
+            store.outbox_ack(idx, &seqs)?;
+            store.audit(crate::audit::Kind::Forward, &upstream, &detail)
+        })
+        .await
+        .map_err(|e| SessionError::Protocol(e.to_string()))??;
         let state = &self.link().state;
         state.acknowledged.fetch_add(n as u64, Ordering::SeqCst);
         *lock(&state.last_progress) = Some((Instant::now(), UnixNanos::now()));

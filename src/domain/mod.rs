@@ -78,13 +78,15 @@ macro_rules! proto_enum {
             }
         }
 
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        impl ::std::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
                 f.write_str(self.label())
             }
         }
     };
 }
+
+pub(crate) use proto_enum;
 
 proto_enum!(
     /// What happened, from the end customer's point of view.

@@ -46,8 +46,9 @@ impl InsightsService {
     ) -> Result<Response<EncodedReport>, Status> {
         let span = rpc_span(&req, "Insights.Query");
         let peer = span.in_scope(|| authorize(&req, &self.policy, Role::Analyst))?;
+        let asked = req.into_inner();
         let mut query =
-            conversions::insight_query_from_pb(req.into_inner()).map_err(ApiError::from)?;
+            conversions::insight_query_from_pb(asked.clone()).map_err(ApiError::from)?;
         query.filter = self
             .limits
             .constrain(&peer.identity, query.filter)
@@ -55,11 +56,21 @@ impl InsightsService {
         let store = self.store.clone();
         let k_min = self.k_min;
         let started = std::time::Instant::now();
-        let report =
-            tokio::task::spawn_blocking(move || insights::run_encoded(&store, &query, k_min))
-                .await
-                .map_err(|e| ApiError::Internal(e.to_string()))?
-                .map_err(ApiError::from)?;
+        let report = tokio::task::spawn_blocking(move || {
+            let report = insights::run_encoded(&store, &query, k_min)?;
+            let detail = serde_json::json!({
+                "query": asked,
+                "filter_applied": conversions::filter_to_pb(&query.filter),
+                "groups_returned": report.rows,
+                "groups_suppressed": report.suppressed_groups,
+                "k_min": k_min,
+            });
+            store.audit(crate::audit::Kind::Query, &peer.identity, &detail)?;
+            Ok::<_, crate::store::Error>(report)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(ApiError::from)?;
         span.in_scope(|| {
             tracing::info!(
                 rows = report.rows,

@@ -129,6 +129,8 @@ impl pb::signals_server::Signals for SignalsService {
         let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
         let feed = Feed {
             store: self.store.clone(),
+            identity: peer.identity.clone(),
+            name: req.name.clone(),
             filter,
             cursor: start,
             follow: req.follow,
@@ -178,6 +180,8 @@ impl pb::signals_server::Signals for SignalsService {
 /// One subscription's reader.
 struct Feed {
     store: Store,
+    identity: String,
+    name: String,
     filter: EventFilter,
     cursor: Seq,
     follow: bool,
@@ -204,14 +208,42 @@ impl Feed {
         Ok(())
     }
 
+    /// Serves the subscription, then records it in the audit trail.
     async fn run(mut self) {
-        let mut durable = self.store.watch_durable();
+        let first = self.cursor;
         let mut sent = 0u64;
-        loop {
+        let ended = self.serve(&mut sent).await;
+        let detail = serde_json::json!({
+            "name": self.name,
+            "filter": conversions::filter_to_pb(&self.filter),
+            "follow": self.follow,
+            "after_cursor": first,
+            "served_upto_cursor": self.cursor,
+            "signals_sent": sent,
+            "ended": ended,
+        });
+        let store = self.store.clone();
+        let identity = std::mem::take(&mut self.identity);
+        let recorded = tokio::task::spawn_blocking(move || {
+            store.audit(crate::audit::Kind::Subscription, &identity, &detail)
+        })
+        .await;
+        if !matches!(recorded, Ok(Ok(_))) {
+            tracing::error!(
+                ?recorded,
+                "could not record the subscription in the audit trail"
+            );
+        }
+    }
+
+    /// Sends signals until the subscription ends; says how it ended.
+    async fn serve(&mut self, sent: &mut u64) -> &'static str {
+        let mut durable = self.store.watch_durable();
+        let ended = loop {
             let upto = *durable.borrow_and_update();
             if let Err(status) = self.check_not_purged() {
                 let _ = self.tx.send(Err(status)).await;
-                return;
+                return "behind retention";
             }
             // The scan is a blocking sled read; a filter that matches little
             // must not hold a runtime thread.
@@ -223,24 +255,24 @@ impl Feed {
                 Ok(Ok(chunk)) => chunk,
                 Ok(Err(e)) => {
                     let _ = self.tx.send(Err(ApiError::from(e).into())).await;
-                    return;
+                    return "store error";
                 }
                 Err(e) => {
                     let _ = self
                         .tx
                         .send(Err(ApiError::Internal(e.to_string()).into()))
                         .await;
-                    return;
+                    return "internal error";
                 }
             };
             if chunk.is_empty() {
                 if !self.follow {
-                    break;
+                    break "caught up";
                 }
                 tokio::select! {
-                    changed = durable.changed() => if changed.is_err() { break },
-                    _ = self.tx.closed() => break,
-                    _ = self.shutdown.cancelled() => break,
+                    changed = durable.changed() => if changed.is_err() { break "store closed" },
+                    _ = self.tx.closed() => break "subscriber went away",
+                    _ = self.shutdown.cancelled() => break "node shutting down",
                 }
                 continue;
             }
@@ -255,14 +287,20 @@ impl Feed {
                 };
                 tokio::select! {
                     res = self.tx.send(Ok(signal)) => if res.is_err() {
-                        tracing::info!(cursor = self.cursor, sent, "subscriber went away");
-                        return;
+                        tracing::info!(cursor = self.cursor, sent = *sent, "subscriber went away");
+                        return "subscriber went away";
                     },
-                    _ = self.shutdown.cancelled() => return,
+                    _ = self.shutdown.cancelled() => return "node shutting down",
                 }
-                sent += 1;
+                *sent += 1;
             }
-        }
-        tracing::info!(cursor = self.cursor, sent, "subscription ended");
+        };
+        tracing::info!(
+            cursor = self.cursor,
+            sent = *sent,
+            ended,
+            "subscription ended"
+        );
+        ended
     }
 }

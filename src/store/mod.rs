@@ -15,6 +15,7 @@
 //! - `cursors`: identity ‖ 0 ‖ subscription name → acknowledged cursor
 //! - `outbox/<link>`: seq → enqueue time (UnixNanos, i64) — events waiting
 //!   to be acknowledged by that upstream link
+//! - `audit`: seq (u64) → hash-chained audit record (see [`crate::audit`])
 //!
 //! An event and its outbox entries are written in the same transaction, so
 //! an event is never stored without being queued where it must go. Later
@@ -29,6 +30,7 @@
 mod record;
 mod writer;
 
+mod audit;
 mod outbox;
 mod rollups;
 
@@ -117,6 +119,7 @@ struct Inner {
     path: PathBuf,
     flushes: Arc<AtomicU64>,
     durable: tokio::sync::watch::Receiver<Seq>,
+    audit: audit::AuditLog,
     /// The dimension values of the cells queries decoded.
     symbols: Arc<std::sync::RwLock<crate::rollup::Interner>>,
 }
@@ -231,6 +234,10 @@ impl Store {
                 current,
             )?));
         }
+        let audit = audit::AuditLog::open(&db).map_err(|e| match e {
+            Error::Sled(source) => open_err(source),
+            other => other,
+        })?;
         let flushes = Arc::new(AtomicU64::new(0));
         let last = high_water(&trees)?;
         let (durable_tx, durable) = tokio::sync::watch::channel(last);
@@ -245,6 +252,7 @@ impl Store {
                 path: dir.to_path_buf(),
                 flushes,
                 durable,
+                audit,
                 symbols: Default::default(),
             }),
         })
@@ -539,6 +547,48 @@ impl Store {
         Ok(())
     }
 
+    /// Appends a record to the audit trail: `identity` did `kind`,
+    /// described by `detail` (a JSON object).
+    pub fn audit(
+        &self,
+        kind: crate::audit::Kind,
+        identity: &str,
+        detail: &serde_json::Value,
+    ) -> Result<crate::audit::Record> {
+        self.inner.audit.append(kind, identity, detail.to_string())
+    }
+
+    /// The audit records after seq `after`, oldest first.
+    pub fn audit_records(
+        &self,
+        after: u64,
+    ) -> impl Iterator<Item = Result<crate::audit::Record>> + Send + 'static {
+        self.inner.audit.after(after)
+    }
+
+    /// Checks the audit trail's hash chain from its first record.
+    pub fn verify_audit(
+        &self,
+    ) -> Result<std::result::Result<crate::audit::Verified, crate::audit::Broken>> {
+        self.inner.audit.verify()
+    }
+
+    /// Checks the audit trail of the (stopped) node whose store is `dir`,
+    /// opening nothing else of it.
+    pub fn verify_audit_at(
+        dir: &Path,
+    ) -> Result<std::result::Result<crate::audit::Verified, crate::audit::Broken>> {
+        let db = sled::Config::new()
+            .path(dir)
+            .create_new(false)
+            .open()
+            .map_err(|source| Error::Open {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        audit::verify_db(&db)
+    }
+
     /// Removes up to `limit` events that occurred before `before` (retention),
     /// with their index entries. Returns how many were removed.
     pub async fn purge_before(&self, before: UnixNanos, limit: usize) -> Result<usize> {
@@ -695,6 +745,41 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(25));
         }
         panic!("store still locked");
+    }
+
+    #[tokio::test]
+    async fn the_audit_trail_continues_its_chain_after_a_reopen() {
+        use crate::audit::Kind;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let detail = serde_json::json!({"n": 1});
+        let store = reopen(dir.path(), None);
+        for identity in ["a", "b", "c"] {
+            store.audit(Kind::Query, identity, &detail).expect("append");
+        }
+        drop(store);
+        let store = reopen(dir.path(), None);
+        let fourth = store
+            .audit(Kind::Erasure, "d", &detail)
+            .expect("append after reopen");
+        assert_eq!(fourth.seq, 4);
+        let verified = store.verify_audit().expect("read").expect("intact");
+        assert_eq!((verified.records, verified.head), (4, fourth.hash));
+        let identities: Vec<String> = store
+            .audit_records(1)
+            .map(|r| r.expect("record").identity)
+            .collect();
+        assert_eq!(identities, ["b", "c", "d"]);
+        drop(store);
+        let mut offline = Store::verify_audit_at(dir.path());
+        for _ in 0..200 {
+            if offline.is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+            offline = Store::verify_audit_at(dir.path());
+        }
+        let offline = offline.expect("store released");
+        assert_eq!(offline.expect("intact").records, 4);
     }
 
     #[tokio::test]
