@@ -116,6 +116,7 @@ impl Anonymiser {
                 .unwrap_or_default(),
             text: free_text.map(|t| scrub_text(&t)).unwrap_or_default(),
             path: vec![self.origin.clone()],
+            proof: None,
         }
     }
 

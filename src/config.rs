@@ -391,6 +391,34 @@ pub struct NodeConfig {
     pub filter_limit: Vec<FilterLimit>,
     #[serde(default)]
     pub upstream: Vec<Upstream>,
+    #[serde(default)]
+    pub trust: Trust,
+}
+
+/// Verifiable origin (`[trust]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Trust {
+    /// Sign the events this node creates (publishes) with its certificate key.
+    #[serde(default = "yes")]
+    pub sign: bool,
+    /// Refuse (and count) forwarded events whose origin proof does not
+    /// verify against the chain CA, or that carry none.
+    #[serde(default)]
+    pub require_origin_signature: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for Trust {
+    fn default() -> Self {
+        Trust {
+            sign: true,
+            require_origin_signature: false,
+        }
+    }
 }
 
 /// `client.toml`: how the CLI reaches a node.

@@ -336,7 +336,88 @@ pub fn preference_event_from_pb(ev: pb::PreferenceEvent) -> Result<PreferenceEve
         customer_pseudonym: ev.customer_pseudonym,
         text: ev.text,
         path: ev.path,
+        proof: ev.origin_proof.map(origin_proof_from_pb).transpose()?,
     })
+}
+
+/// Most fields an origin proof may cover (the fixed fields and attributes).
+const PROOF_FIELDS: usize = 16 + limits::ATTRIBUTES;
+/// Longest signature accepted (an RSA-4096 signature is 512 bytes).
+const SIGNATURE_LEN: usize = 1024;
+
+fn origin_proof_from_pb(p: pb::OriginProof) -> Result<crate::origin::OriginProof> {
+    use crate::origin::{FieldDigest, OriginProof, SALT_LEN};
+    let bytes32 = |field: &str, b: &[u8]| -> Result<[u8; 32]> {
+        b.try_into().map_err(|_| invalid(field, "must be 32 bytes"))
+    };
+    let scheme = u16::try_from(p.scheme)
+        .map_err(|_| invalid("origin_proof.scheme", "not a TLS signature scheme"))?;
+    if p.signature.is_empty() || p.signature.len() > SIGNATURE_LEN {
+        return Err(invalid(
+            "origin_proof.signature",
+            format!("must be 1-{SIGNATURE_LEN} bytes"),
+        ));
+    }
+    if p.fields.len() > PROOF_FIELDS {
+        return Err(invalid(
+            "origin_proof.fields",
+            format!("more than {PROOF_FIELDS} fields"),
+        ));
+    }
+    let max_name = "attributes.".len() + limits::ATTRIBUTE_KEY_LEN;
+    let fields = p
+        .fields
+        .into_iter()
+        .map(|f| {
+            if f.name.is_empty() || f.name.len() > max_name {
+                return Err(invalid(
+                    "origin_proof.fields.name",
+                    format!("must be 1-{max_name} bytes"),
+                ));
+            }
+            let salt = match f.salt.len() {
+                0 => None,
+                SALT_LEN => Some(f.salt.as_slice().try_into().unwrap_or([0; SALT_LEN])),
+                _ => {
+                    return Err(invalid(
+                        "origin_proof.fields.salt",
+                        format!("must be empty or {SALT_LEN} bytes"),
+                    ))
+                }
+            };
+            Ok(FieldDigest {
+                digest: bytes32("origin_proof.fields.digest", &f.digest)?,
+                name: f.name,
+                salt,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(OriginProof {
+        certificate: bytes32("origin_proof.certificate_sha256", &p.certificate_sha256)?,
+        scheme,
+        signature: p.signature,
+        signed_at: timestamp("origin_proof.signed_at", p.signed_at)?,
+        fields,
+    })
+}
+
+fn origin_proof_to_pb(p: &crate::origin::OriginProof) -> pb::OriginProof {
+    let (seconds, nanos) = p.signed_at.split();
+    pb::OriginProof {
+        certificate_sha256: p.certificate.to_vec(),
+        scheme: u32::from(p.scheme),
+        signature: p.signature.clone(),
+        signed_at: Some(pbjson_types::Timestamp { seconds, nanos }),
+        fields: p
+            .fields
+            .iter()
+            .map(|f| pb::FieldDigest {
+                name: f.name.clone(),
+                digest: f.digest.to_vec(),
+                salt: f.salt.map(|s| s.to_vec()).unwrap_or_default(),
+            })
+            .collect(),
+    }
 }
 
 /// Most values in one list of a filter.
@@ -545,6 +626,7 @@ pub fn preference_event_to_pb(ev: &PreferenceEvent) -> pb::PreferenceEvent {
         customer_pseudonym: ev.customer_pseudonym.clone(),
         text: ev.text.clone(),
         path: ev.path.clone(),
+        origin_proof: ev.proof.as_ref().map(origin_proof_to_pb),
     }
 }
 

@@ -19,6 +19,7 @@ pub mod demo;
 pub mod domain;
 pub mod insights;
 pub mod node;
+pub mod origin;
 pub mod pb;
 pub mod policy;
 pub mod propagate;

@@ -137,6 +137,15 @@ enum Command {
         #[command(subcommand)]
         scenario: BenchScenario,
     },
+    /// Check the origin signatures of every event a (stopped) node stores.
+    Verify {
+        /// Path to node.toml of the node (its data_dir and chain CA are used).
+        #[arg(long, default_value = "node.toml")]
+        config: PathBuf,
+        /// Also fail when events carry no origin proof.
+        #[arg(long)]
+        require_signed: bool,
+    },
     /// The node's audit trail: list it (auditors role), or check its hash chain.
     #[command(args_conflicts_with_subcommands = true)]
     Audit {
@@ -533,6 +542,57 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             chainsight::bench::query(opts).await?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify {
+            config,
+            require_signed,
+        } => {
+            let cfg = NodeConfig::load(&config)?;
+            let verifier =
+                chainsight::origin::Verifier::new(chainsight::tls::load_certs(&cfg.tls.ca)?)?;
+            let dir = cfg.data_dir.join("store");
+            let layout = cfg.insights.layout().map_err(anyhow::Error::msg)?;
+            let store =
+                chainsight::store::Store::open_with(&dir, &[], layout).with_context(|| {
+                    format!(
+                        "opening {} (is the node still running? stop it first)",
+                        dir.display()
+                    )
+                })?;
+            let bar = indicatif::ProgressBar::new(store.len() as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} verifying origin proofs [{bar:40}] {pos}/{len} events ({per_sec})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let check = tokio::task::spawn_blocking(move || {
+                let check =
+                    chainsight::origin::check_store(&store, &verifier, |n| bar.set_position(n));
+                bar.finish_and_clear();
+                check
+            })
+            .await??;
+            println!(
+                "{} verified, {} unsigned, {} failed",
+                check.verified, check.unsigned, check.failed
+            );
+            for (id, why) in &check.failures {
+                println!("  {id}: {why}");
+            }
+            if check.failed > check.failures.len() as u64 {
+                println!(
+                    "  … and {} more",
+                    check.failed - check.failures.len() as u64
+                );
+            }
+            Ok(
+                if check.failed > 0 || (require_signed && check.unsigned > 0) {
+                    ExitCode::FAILURE
+                } else {
+                    ExitCode::SUCCESS
+                },
+            )
         }
         Command::Audit {
             command: None,

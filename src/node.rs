@@ -36,6 +36,8 @@ pub enum Error {
     Key(#[from] anonymise::Error),
     #[error(transparent)]
     Tls(#[from] tls::Error),
+    #[error(transparent)]
+    Origin(#[from] crate::origin::SetupError),
     #[error("gRPC server: {0}")]
     Serve(String),
     #[error("could not create the data directory {path}: {source}")]
@@ -120,6 +122,8 @@ struct Parts {
     links: Arc<Links>,
     store: Store,
     policy: Policy,
+    signer: Option<Arc<crate::origin::Signer>>,
+    verifier: Arc<crate::origin::Verifier>,
 }
 
 async fn open_parts(config: &NodeConfig) -> Result<Parts, Error> {
@@ -141,11 +145,29 @@ async fn open_parts(config: &NodeConfig) -> Result<Parts, Error> {
     })
     .await
     .map_err(|e| Error::Serve(e.to_string()))??;
+    let verifier = Arc::new(crate::origin::Verifier::new(tls::load_certs(
+        &config.tls.ca,
+    )?)?);
+    let signer = if config.trust.sign {
+        let chain = tls::load_certs(&config.tls.cert)?;
+        let leaf = chain.into_iter().next().ok_or_else(|| {
+            Error::Tls(tls::Error::NoCertificate {
+                path: config.tls.cert.display().to_string(),
+            })
+        })?;
+        let signer = crate::origin::Signer::new(leaf, &tls::load_key(&config.tls.key)?)?;
+        store.put_certificate(signer.certificate())?;
+        Some(Arc::new(signer))
+    } else {
+        None
+    };
     Ok(Parts {
         anonymiser,
         links,
         store,
         policy: Policy::from_roles(&config.roles),
+        signer,
+        verifier,
     })
 }
 
@@ -169,6 +191,7 @@ fn build_router(
         parts.store.clone(),
         parts.links.clone(),
         config.limits.max_events_per_request,
+        parts.signer.clone(),
     ))
     .max_decoding_message_size(max);
     let peering = pb::peering_server::PeeringServer::new(PeeringService::new(
@@ -177,6 +200,10 @@ fn build_router(
         parts.store.clone(),
         parts.links.clone(),
         token.clone(),
+        crate::service::peering::Trust {
+            verifier: parts.verifier.clone(),
+            require: config.trust.require_origin_signature,
+        },
     ))
     .max_decoding_message_size(max);
     let signals = pb::signals_server::SignalsServer::new(SignalsService::new(

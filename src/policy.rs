@@ -314,6 +314,7 @@ mod tests {
             customer_pseudonym: "00112233445566778899aabbccddeeff".into(),
             text: "fine".into(),
             path: vec!["r".into()],
+            proof: None,
         }
     }
 

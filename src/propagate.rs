@@ -120,6 +120,8 @@ impl Links {
     pub fn outgoing(&self, idx: usize, ev: PreferenceEvent) -> PreferenceEvent {
         let link = &self.links[idx];
         let mut ev = link.agreement.apply(ev, &link.key);
+        // Withheld fields stay verifiable: their salts go with them.
+        crate::origin::withhold_missing(&mut ev);
         if ev.path.last() != Some(&self.node_id) {
             ev.path.push(self.node_id.clone());
         }
@@ -306,10 +308,23 @@ impl Worker {
                     self.settings.batch_max_bytes,
                 );
                 let queued = tokio::task::spawn_blocking(move || {
-                    store.outbox_batch(idx, cursor, max_events, max_bytes)
+                    let queued = store.outbox_batch(idx, cursor, max_events, max_bytes)?;
+                    // The certificates the batch's origin proofs need.
+                    let mut fingerprints: Vec<_> = queued
+                        .iter()
+                        .filter_map(|q| q.event.proof.as_ref().map(|p| p.certificate))
+                        .collect();
+                    fingerprints.sort_unstable();
+                    fingerprints.dedup();
+                    let certificates = fingerprints
+                        .iter()
+                        .filter_map(|fp| store.certificate(fp).transpose())
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok::<_, store::Error>((queued, certificates))
                 })
                 .await
                 .map_err(|e| SessionError::Protocol(e.to_string()))??;
+                let (queued, certificates) = queued;
                 let Some(last) = queued.last() else { break };
                 cursor = last.seq;
                 let seqs: Vec<Seq> = queued.iter().map(|q| q.seq).collect();
@@ -321,9 +336,13 @@ impl Worker {
                     .collect();
                 let batch_id = next_batch;
                 next_batch += 1;
-                tx.send(pb::ForwardBatch { batch_id, events })
-                    .await
-                    .map_err(|_| SessionError::Protocol("request stream closed".into()))?;
+                tx.send(pb::ForwardBatch {
+                    batch_id,
+                    events,
+                    certificates,
+                })
+                .await
+                .map_err(|_| SessionError::Protocol("request stream closed".into()))?;
                 tracing::debug!(batch_id, events = seqs.len(), "batch sent");
                 inflight.push_back((batch_id, seqs));
             }
@@ -364,6 +383,7 @@ impl Worker {
             "stored": ack.stored,
             "duplicates": ack.duplicates,
             "dropped": ack.dropped,
+            "refused": ack.refused,
             "first_seq": seqs.first(),
             "last_seq": seqs.last(),
             "agreement": link.agreement.describe(),
@@ -387,8 +407,16 @@ impl Worker {
             stored = ack.stored,
             duplicates = ack.duplicates,
             dropped = ack.dropped,
+            refused = ack.refused,
             "batch acknowledged"
         );
+        if ack.refused > 0 {
+            tracing::warn!(
+                batch_id,
+                refused = ack.refused,
+                "upstream refused events whose origin proof did not verify (see its log)"
+            );
+        }
         Ok(())
     }
 

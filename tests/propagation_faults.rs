@@ -401,10 +401,12 @@ async fn receiver_drops_loops_long_paths_and_foreign_paths_and_deduplicates() {
             pb::ForwardBatch {
                 batch_id: 7,
                 events: vec![valid.clone(), looped, too_long, foreign, valid.clone()],
+                certificates: Vec::new(),
             },
             pb::ForwardBatch {
                 batch_id: 8,
                 events: vec![valid.clone(), max_hops_ok],
+                certificates: Vec::new(),
             },
         ],
     )
@@ -441,6 +443,7 @@ async fn forward_and_links_need_their_roles() {
     let batch = pb::ForwardBatch {
         batch_id: 1,
         events: vec![forwarded("perm-1", &["retailer", "stranger"])],
+        certificates: Vec::new(),
     };
     let status = forward(&mut peering(&manufacturer, &stranger).await, vec![batch])
         .await
@@ -470,6 +473,7 @@ async fn forward_and_links_need_their_roles() {
     let batch = pb::ForwardBatch {
         batch_id: 1,
         events: vec![forwarded("perm-2", &["retailer", "distributor"])],
+        certificates: Vec::new(),
     };
     let acks = forward(&mut peering(&manufacturer, &distributor).await, vec![batch])
         .await

@@ -184,6 +184,8 @@ pub struct PreferenceEvent {
     pub customer_pseudonym: String,
     pub text: String,
     pub path: Vec<String>,
+    /// The origin's signature over the fields it set (see [`crate::origin`]).
+    pub proof: Option<crate::origin::OriginProof>,
 }
 
 #[cfg(test)]
@@ -210,6 +212,7 @@ impl PreferenceEvent {
             customer_pseudonym: "ab".into(),
             text: String::new(),
             path: vec!["retailer".into()],
+            proof: None,
         }
     }
 }

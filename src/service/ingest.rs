@@ -34,16 +34,19 @@ struct Inner {
     store: Store,
     links: Arc<Links>,
     max_events: usize,
+    signer: Option<Arc<crate::origin::Signer>>,
 }
 
 impl IngestService {
-    /// The service of a node with these grants, key, store and upstream links.
+    /// The service of a node with these grants, key, store and upstream
+    /// links; events are signed with `signer` if given.
     pub fn new(
         policy: Policy,
         anonymiser: Anonymiser,
         store: Store,
         links: Arc<Links>,
         max_events: usize,
+        signer: Option<Arc<crate::origin::Signer>>,
     ) -> Self {
         IngestService {
             inner: Arc::new(Inner {
@@ -52,6 +55,7 @@ impl IngestService {
                 store,
                 links,
                 max_events,
+                signer,
             }),
         }
     }
@@ -99,6 +103,23 @@ impl Inner {
                 }
             }
         }
+        let accepted = match &self.signer {
+            Some(signer) if !accepted.is_empty() => {
+                // A signature per event: CPU work, off the runtime threads.
+                let signer = signer.clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut accepted = accepted;
+                    for new in &mut accepted {
+                        new.event.proof = Some(signer.sign(&new.event)?);
+                    }
+                    Ok::<_, String>(accepted)
+                })
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))?
+                .map_err(|e| ApiError::Internal(format!("signing events: {e}")))?
+            }
+            _ => accepted,
+        };
         let outcomes = self.store.append(accepted).await?;
         for (i, outcome) in accepted_at.into_iter().zip(outcomes) {
             if let Appended::Duplicate(_) = outcome {

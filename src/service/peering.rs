@@ -20,6 +20,8 @@ use crate::store::{Appended, NewEvent, Store};
 
 /// Batches of one Forward stream processed concurrently (acks stay in order).
 const FORWARD_PIPELINE: usize = 4;
+/// Origin certificates looked at per batch (one per origin is needed).
+const MAX_BATCH_CERTIFICATES: usize = 64;
 
 /// The Peering service.
 #[derive(Clone)]
@@ -33,6 +35,16 @@ struct Inner {
     store: Store,
     links: Arc<Links>,
     shutdown: CancellationToken,
+    trust: Trust,
+}
+
+/// How forwarded events' origin proofs are treated.
+#[derive(Clone)]
+pub struct Trust {
+    /// Checks certificates and proofs against the chain CA.
+    pub verifier: Arc<crate::origin::Verifier>,
+    /// Refuse events whose proof does not verify (or that have none).
+    pub require: bool,
 }
 
 impl PeeringService {
@@ -45,6 +57,7 @@ impl PeeringService {
         store: Store,
         links: Arc<Links>,
         shutdown: CancellationToken,
+        trust: Trust,
     ) -> Self {
         PeeringService {
             inner: Arc::new(Inner {
@@ -53,6 +66,7 @@ impl PeeringService {
                 store,
                 links,
                 shutdown,
+                trust,
             }),
         }
     }
@@ -83,6 +97,7 @@ impl Inner {
                 }
             }
         }
+        let (new, refused) = self.check_origins(batch.certificates, new).await?;
         let outcomes = self.store.append(new).await?;
         let stored = outcomes
             .iter()
@@ -93,15 +108,70 @@ impl Inner {
             stored,
             duplicates: outcomes.len() as u32 - stored,
             dropped,
+            refused,
         };
         tracing::debug!(
             batch_id = ack.batch_id,
             stored,
             duplicates = ack.duplicates,
             dropped,
+            refused,
             "batch stored"
         );
         Ok(ack)
+    }
+
+    /// Keeps the batch's origin certificates that chain to the CA and, when
+    /// signatures are required, takes out the events whose proof does not
+    /// verify; how many it took out.
+    async fn check_origins(
+        &self,
+        certificates: Vec<Vec<u8>>,
+        events: Vec<NewEvent>,
+    ) -> Result<(Vec<NewEvent>, u32), ApiError> {
+        let trust = self.trust.clone();
+        let store = self.store.clone();
+        let checked = tokio::task::spawn_blocking(move || {
+            let mut batch_certs = std::collections::HashMap::new();
+            for der in certificates.into_iter().take(MAX_BATCH_CERTIFICATES) {
+                match trust.verifier.check_certificate(&der) {
+                    Ok(_) => {
+                        store.put_certificate(&der)?;
+                        batch_certs.insert(crate::origin::fingerprint(&der), der);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "ignored a forwarded origin certificate"),
+                }
+            }
+            if !trust.require {
+                return Ok((events, 0));
+            }
+            let mut kept = Vec::with_capacity(events.len());
+            let mut refused = 0u32;
+            for e in events {
+                let verdict = trust.verifier.verify(&e.event, |fp| {
+                    batch_certs
+                        .get(fp)
+                        .cloned()
+                        .or_else(|| store.certificate(fp).ok().flatten())
+                });
+                match verdict {
+                    Ok(_) => kept.push(e),
+                    Err(failure) => {
+                        refused += 1;
+                        tracing::warn!(
+                            event = %e.event.event_id,
+                            origin = %e.event.origin,
+                            reason = %failure,
+                            "refused a forwarded event: its origin proof does not verify"
+                        );
+                    }
+                }
+            }
+            Ok::<_, crate::store::Error>((kept, refused))
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+        Ok(checked)
     }
 
     /// Validates a forwarded event; the reason it may not be stored otherwise.

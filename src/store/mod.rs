@@ -16,6 +16,8 @@
 //! - `outbox/<link>`: seq → enqueue time (UnixNanos, i64) — events waiting
 //!   to be acknowledged by that upstream link
 //! - `audit`: seq (u64) → hash-chained audit record (see [`crate::audit`])
+//! - `certs`: SHA-256 → DER of the origin certificates events are signed
+//!   with (see [`crate::origin`])
 //!
 //! An event and its outbox entries are written in the same transaction, so
 //! an event is never stored without being queued where it must go. Later
@@ -152,6 +154,7 @@ struct Trees {
     by_time: sled::Tree,
     meta: sled::Tree,
     cursors: sled::Tree,
+    certs: sled::Tree,
     rollups: sled::Tree,
     outboxes: Arc<Vec<Outbox>>,
     /// The rollups waiting in memory (and the layout); `None` when rollups
@@ -212,6 +215,7 @@ impl Store {
             by_time: db.open_tree("by_time").map_err(open_err)?,
             meta: db.open_tree("meta").map_err(open_err)?,
             cursors: db.open_tree("cursors").map_err(open_err)?,
+            certs: db.open_tree("certs").map_err(open_err)?,
             rollups: db.open_tree("rollups").map_err(open_err)?,
             outboxes: Arc::new(
                 links
@@ -545,6 +549,20 @@ impl Store {
             .insert(cursor_key(identity, name), &cursor.to_be_bytes())?;
         self.inner.trees.cursors.flush_async().await?;
         Ok(())
+    }
+
+    /// Keeps an origin certificate (DER) under its SHA-256.
+    pub fn put_certificate(&self, der: &[u8]) -> Result<()> {
+        let fp = crate::origin::fingerprint(der);
+        if !self.inner.trees.certs.contains_key(fp)? {
+            self.inner.trees.certs.insert(fp, der)?;
+        }
+        Ok(())
+    }
+
+    /// The origin certificate (DER) with SHA-256 `fp`, if kept.
+    pub fn certificate(&self, fp: &crate::origin::Fingerprint) -> Result<Option<Vec<u8>>> {
+        Ok(self.inner.trees.certs.get(fp)?.map(|v| v.to_vec()))
     }
 
     /// Appends a record to the audit trail: `identity` did `kind`,
