@@ -383,6 +383,29 @@ pub async fn verify_audit(
     })
 }
 
+/// The table `chainsight erasure status` prints.
+pub fn format_erasure(status: &pb::ErasureStatusResponse) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "erasure {}", status.erasure_id);
+    let _ = writeln!(out, "{:<20} {:<12} {:>8}  detail", "hop", "state", "erased");
+    for h in &status.hops {
+        let state = pb::ErasureState::try_from(h.state)
+            .map(|s| {
+                s.as_str_name()
+                    .trim_start_matches("ERASURE_STATE_")
+                    .to_lowercase()
+            })
+            .unwrap_or_else(|_| h.state.to_string());
+        let _ = writeln!(
+            out,
+            "{:<20} {:<12} {:>8}  {}",
+            h.node, state, h.erased_events, h.detail
+        );
+    }
+    out
+}
+
 /// The table `chainsight audit` prints.
 pub fn format_audit(records: &[pb::AuditRecord]) -> String {
     use std::fmt::Write;

@@ -137,6 +137,20 @@ enum Command {
         #[command(subcommand)]
         scenario: BenchScenario,
     },
+    /// Erase every event of one end customer, here and upstream along the chain (publishers role).
+    Erase {
+        /// Path to client.toml.
+        #[arg(long, default_value = "client.toml")]
+        config: PathBuf,
+        /// The customer id as it was published.
+        #[arg(long)]
+        customer_id: String,
+    },
+    /// Follow an erasure along the chain.
+    Erasure {
+        #[command(subcommand)]
+        command: ErasureCommand,
+    },
     /// Check the origin signatures of every event a (stopped) node stores.
     Verify {
         /// Path to node.toml of the node (its data_dir and chain CA are used).
@@ -214,6 +228,21 @@ enum BenchScenario {
         /// Also write the figures as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ErasureCommand {
+    /// Which hops have confirmed erasure ID.
+    Status {
+        /// The erasure id `chainsight erase` printed.
+        id: String,
+        /// Path to client.toml (publishers role at the node that took the erasure).
+        #[arg(long, default_value = "client.toml")]
+        config: PathBuf,
+        /// Print proto3 JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -542,6 +571,64 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             chainsight::bench::query(opts).await?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Erase {
+            config,
+            customer_id,
+        } => {
+            let cfg = ClientConfig::load(&config)?;
+            let channel = chainsight::client::connect(&cfg).await?;
+            let resp = chainsight::pb::ingest_client::IngestClient::new(channel)
+                .erase(chainsight::pb::EraseRequest { customer_id })
+                .await
+                .map_err(chainsight::client::Error::from)
+                .with_context(|| format!("erasing at {}", cfg.address))?
+                .into_inner();
+            println!(
+                "erasure {}: {} events erased here; passed on to {}",
+                resp.erasure_id,
+                resp.erased_events,
+                if resp.links.is_empty() {
+                    "no upstream link".to_string()
+                } else {
+                    resp.links.join(", ")
+                }
+            );
+            eprintln!(
+                "follow it with: chainsight erasure status {} --config {}",
+                resp.erasure_id,
+                config.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Erasure {
+            command: ErasureCommand::Status { id, config, json },
+        } => {
+            let cfg = ClientConfig::load(&config)?;
+            let channel = chainsight::client::connect(&cfg).await?;
+            let status = chainsight::pb::ingest_client::IngestClient::new(channel)
+                .erasure_status(chainsight::pb::ErasureStatusRequest {
+                    erasure_id: id,
+                    depth: 0,
+                })
+                .await
+                .map_err(chainsight::client::Error::from)
+                .with_context(|| format!("asking {} for the erasure", cfg.address))?
+                .into_inner();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", chainsight::client::format_erasure(&status));
+            }
+            let done = status
+                .hops
+                .iter()
+                .all(|h| h.state == chainsight::pb::ErasureState::Confirmed as i32);
+            Ok(if done {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
         }
         Command::Verify {
             config,

@@ -87,6 +87,12 @@ async fn run_inner(
         config.propagation.clone(),
         token.clone(),
     );
+    let erasures = crate::erasure::spawn_senders(
+        parts.links.clone(),
+        parts.store.clone(),
+        config.tls.clone(),
+        token.clone(),
+    );
     let retention =
         crate::retention::spawn(parts.store.clone(), config.retention.clone(), token.clone());
     tracing::info!(
@@ -98,7 +104,7 @@ async fn run_inner(
 
     let result = serve_until(server, shutdown, &token, &health).await;
     token.cancel();
-    for w in workers.into_iter().chain(retention) {
+    for w in workers.into_iter().chain(erasures).chain(retention) {
         // Workers watch the token; the bound is a safety net.
         if tokio::time::timeout(Duration::from_secs(5), w)
             .await
@@ -171,6 +177,14 @@ async fn open_parts(config: &NodeConfig) -> Result<Parts, Error> {
     })
 }
 
+fn erasure_context(config: &NodeConfig, parts: &Parts) -> crate::erasure::Context {
+    crate::erasure::Context {
+        node_id: config.id.clone(),
+        links: parts.links.clone(),
+        tls: config.tls.clone(),
+    }
+}
+
 fn build_router(
     config: &NodeConfig,
     parts: &Parts,
@@ -192,6 +206,7 @@ fn build_router(
         parts.links.clone(),
         config.limits.max_events_per_request,
         parts.signer.clone(),
+        erasure_context(config, parts),
     ))
     .max_decoding_message_size(max);
     let peering = pb::peering_server::PeeringServer::new(PeeringService::new(
@@ -204,6 +219,7 @@ fn build_router(
             verifier: parts.verifier.clone(),
             require: config.trust.require_origin_signature,
         },
+        erasure_context(config, parts),
     ))
     .max_decoding_message_size(max);
     let signals = pb::signals_server::SignalsServer::new(SignalsService::new(

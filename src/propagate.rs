@@ -95,6 +95,11 @@ impl Links {
         self.links.iter().map(|l| l.id.clone()).collect()
     }
 
+    /// The link addresses, in outbox order.
+    pub fn addresses(&self) -> Vec<String> {
+        self.links.iter().map(|l| l.address.clone()).collect()
+    }
+
     /// The most entries an event's path may have.
     pub fn max_hops(&self) -> usize {
         self.max_hops

@@ -624,6 +624,18 @@ impl Agg {
         self.returns += other.returns;
     }
 
+    /// Takes the counts of `other` out of `self` (an erasure).
+    pub fn subtract_counts(&mut self, other: &Agg) {
+        self.events = self.events.saturating_sub(other.events);
+        self.score_sum = self.score_sum.saturating_sub(other.score_sum);
+        self.score_n = self.score_n.saturating_sub(other.score_n);
+        self.promoters = self.promoters.saturating_sub(other.promoters);
+        self.detractors = self.detractors.saturating_sub(other.detractors);
+        self.nps_n = self.nps_n.saturating_sub(other.nps_n);
+        self.purchases = self.purchases.saturating_sub(other.purchases);
+        self.returns = self.returns.saturating_sub(other.returns);
+    }
+
     /// Switches a cell to the sketch once its exact set is too large.
     /// Called after merging.
     pub fn compact(&mut self) {

@@ -178,3 +178,228 @@ async fn a_relay_that_alters_a_field_is_refused_where_signatures_are_required() 
         .unwrap()
         .is_some());
 }
+
+async fn by_kind(
+    node: &common::NodeProc,
+    analyst: &chainsight::config::TlsFiles,
+) -> Vec<(String, u64, u64)> {
+    let report = pb::insights_client::InsightsClient::new(node.channel(analyst).await.unwrap())
+        .query(pb::InsightQuery {
+            group_by: vec![pb::Dimension::Kind as i32],
+            ..Default::default()
+        })
+        .await
+        .expect("query")
+        .into_inner();
+    assert_eq!(report.suppressed_groups, 0);
+    let mut rows: Vec<_> = report
+        .rows
+        .into_iter()
+        .map(|r| (r.key[0].clone(), r.events, r.customers))
+        .collect();
+    rows.sort();
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasing_a_customer_reaches_every_hop_rollups_included_even_past_a_hop_that_was_down() {
+    let env = TestEnv::new();
+    let operator = env.issue("operator");
+    let analyst = env.issue("analyst");
+    let app = env.issue("maker-app");
+    let eshop = env.issue("eshop");
+    let (m_port, d_port) = (env.reserve_port(), env.reserve_port());
+    let k1 = "[privacy]\nk_min = 1\n";
+    env.node_config_on(
+        "manufacturer",
+        m_port,
+        &format!(
+            "{}{k1}",
+            roles(&[
+                "downstream = [\"distributor\"]",
+                "analysts = [\"analyst\"]",
+                "subscribers = [\"maker-app\"]",
+            ])
+        ),
+    );
+    let mut m = env.start("manufacturer");
+    env.node_config_on(
+        "distributor",
+        d_port,
+        &format!(
+            "{}{k1}{}",
+            roles(&["downstream = [\"retailer\"]", "analysts = [\"analyst\"]"]),
+            upstream("manufacturer", m_port, "")
+        ),
+    );
+    let mut d = env.start("distributor");
+    env.node_config(
+        "retailer",
+        &format!(
+            "{}{k1}{}",
+            roles(&["publishers = [\"eshop\"]", "analysts = [\"analyst\"]"]),
+            upstream("distributor", d_port, "")
+        ),
+    );
+    let mut r = env.start("retailer");
+    let events: Vec<_> = (0..240)
+        .map(|i| {
+            event_of(
+                &format!("x-{i}"),
+                DAIRY,
+                [pb::EventKind::Review, pb::EventKind::Purchase][i % 2],
+                &format!("c-{}", i % 12),
+            )
+        })
+        .collect();
+    let erased_ids: Vec<String> = events
+        .iter()
+        .filter(|e| e.customer_id == "c-3")
+        .map(|e| e.event_id.clone())
+        .collect();
+    assert_eq!(erased_ids.len(), 20);
+    publish_all(&mut r.ingest(&eshop).await, events).await;
+    r.wait_drained(&operator, 240).await;
+    d.wait_drained(&operator, 240).await;
+    let before = by_kind(&m, &analyst).await;
+    // Even i: reviews by the even customers; odd i: purchases by the odd.
+    assert_eq!(
+        before,
+        [
+            ("purchase".to_string(), 120, 6),
+            ("review".to_string(), 120, 6)
+        ]
+    );
+    // c-3's 20 events are purchases (i % 12 == 3 means i is odd): exactly
+    // 20 purchase events and one customer go, reviews stay as they were.
+    let expected_after = [
+        ("purchase".to_string(), 100, 5),
+        ("review".to_string(), 120, 6),
+    ];
+
+    // The distributor is down when the erasure is asked for.
+    d.terminate();
+    let dir = tempfile::tempdir().unwrap();
+    let client = r.write_client_toml(dir.path(), &eshop);
+    let client = client.to_str().unwrap();
+    let out = cli(&["erase", "--config", client, "--customer-id", "c-3"]);
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        said.contains("20 events erased here; passed on to distributor"),
+        "{said}"
+    );
+    let id = said
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(':')
+        .to_string();
+    assert_eq!(
+        by_kind(&r, &analyst).await,
+        expected_after,
+        "at the retailer"
+    );
+    let out = cli(&["erasure", "status", &id, "--config", client, "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "pending while a hop is down: {out:?}"
+    );
+    let status: pb::ErasureStatusResponse = serde_json::from_slice(&out.stdout).unwrap();
+    let states: Vec<(String, i32)> = status
+        .hops
+        .iter()
+        .map(|h| (h.node.clone(), h.state))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("retailer".to_string(), pb::ErasureState::Confirmed as i32),
+            ("distributor".to_string(), pb::ErasureState::Pending as i32)
+        ]
+    );
+
+    // The hop comes back: the erasure completes, hop by hop.
+    d.restart();
+    let start = std::time::Instant::now();
+    let status = loop {
+        let out = cli(&["erasure", "status", &id, "--config", client, "--json"]);
+        if out.status.success() {
+            break serde_json::from_slice::<pb::ErasureStatusResponse>(&out.stdout).unwrap();
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "erasure did not complete: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            d.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let hops: Vec<(String, u64)> = status
+        .hops
+        .iter()
+        .map(|h| (h.node.clone(), h.erased_events))
+        .collect();
+    assert_eq!(
+        hops,
+        [
+            ("retailer".to_string(), 20),
+            ("distributor".to_string(), 20),
+            ("manufacturer".to_string(), 20)
+        ]
+    );
+    assert_eq!(
+        by_kind(&d, &analyst).await,
+        expected_after,
+        "at the distributor"
+    );
+    assert_eq!(
+        by_kind(&m, &analyst).await,
+        expected_after,
+        "at the manufacturer"
+    );
+
+    // Subscribers at the manufacturer learn which events to delete.
+    let mut stream = pb::signals_client::SignalsClient::new(m.channel(&app).await.unwrap())
+        .subscribe(pb::SubscribeRequest {
+            filter: Some(pb::Filter::default()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut events_seen, mut erasures) = (0, Vec::new());
+    while let Some(s) = stream.message().await.unwrap() {
+        match (s.event, s.erasure) {
+            (Some(ev), None) => {
+                assert!(!erased_ids.contains(&ev.event_id));
+                events_seen += 1;
+            }
+            (None, Some(e)) => erasures.push(e),
+            other => panic!("a signal is an event or an erasure: {other:?}"),
+        }
+    }
+    assert_eq!(events_seen, 220);
+    assert_eq!(erasures.len(), 1);
+    assert_eq!(erasures[0].erasure_id, id);
+    let mut signalled = erasures[0].event_ids.clone();
+    signalled.sort();
+    let mut expected = erased_ids.clone();
+    expected.sort();
+    assert_eq!(signalled, expected);
+
+    // Nothing of c-3 is stored anywhere, and the rest is.
+    for n in [&mut r, &mut d, &mut m] {
+        n.terminate();
+        let store = n.open_store();
+        assert_eq!(store.len(), 220, "{}", n.id);
+        for id in &erased_ids {
+            assert!(
+                store.get_by_event_id(id).unwrap().is_none(),
+                "{id} at {}",
+                n.id
+            );
+        }
+    }
+}

@@ -35,6 +35,7 @@ struct Inner {
     links: Arc<Links>,
     max_events: usize,
     signer: Option<Arc<crate::origin::Signer>>,
+    erasure: crate::erasure::Context,
 }
 
 impl IngestService {
@@ -47,6 +48,7 @@ impl IngestService {
         links: Arc<Links>,
         max_events: usize,
         signer: Option<Arc<crate::origin::Signer>>,
+        erasure: crate::erasure::Context,
     ) -> Self {
         IngestService {
             inner: Arc::new(Inner {
@@ -56,6 +58,7 @@ impl IngestService {
                 links,
                 max_events,
                 signer,
+                erasure,
             }),
         }
     }
@@ -189,5 +192,84 @@ impl pb::ingest_server::Ingest for IngestService {
             })
             .buffered(STREAM_PIPELINE);
         Ok(Response::new(Box::pin(out)))
+    }
+
+    async fn erase(
+        &self,
+        req: Request<pb::EraseRequest>,
+    ) -> Result<Response<pb::EraseResponse>, Status> {
+        let span = rpc_span(&req, "Ingest.Erase");
+        async {
+            let peer = authorize(&req, &self.inner.policy, Role::Publisher)?;
+            let customer_id = req.into_inner().customer_id;
+            let len = conversions::limits::CUSTOMER_ID_LEN;
+            if customer_id.trim().is_empty() || customer_id.len() > len {
+                return Err(ApiError::InvalidArgument {
+                    field: "customer_id".into(),
+                    reason: format!("required, at most {len} bytes"),
+                }
+                .into());
+            }
+            let inner = &self.inner;
+            let id = uuid::Uuid::now_v7().to_string();
+            let request = crate::store::EraseRequest {
+                id: id.clone(),
+                requested_by: peer.identity.clone(),
+                pseudonym: inner.anonymiser.pseudonym(customer_id.trim()),
+                event_ids: Vec::new(),
+            };
+            let router = crate::erasure::router(inner.links.clone());
+            let erased = inner
+                .store
+                .erase(request, router)
+                .await
+                .map_err(ApiError::from)?;
+            let detail = serde_json::json!({
+                "erasure_id": id,
+                "requested": true,
+                "erased_events": erased.events,
+                "links": erased.links,
+            });
+            let store = inner.store.clone();
+            tokio::task::spawn_blocking(move || {
+                store.audit(crate::audit::Kind::Erasure, &peer.identity, &detail)
+            })
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(ApiError::from)?;
+            tracing::info!(erasure = %id, erased = erased.events, links = ?erased.links, "erasure requested");
+            Ok(Response::new(pb::EraseResponse {
+                erasure_id: id,
+                erased_events: erased.events,
+                links: erased.links,
+            }))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn erasure_status(
+        &self,
+        req: Request<pb::ErasureStatusRequest>,
+    ) -> Result<Response<pb::ErasureStatusResponse>, Status> {
+        let span = rpc_span(&req, "Ingest.ErasureStatus");
+        async {
+            authorize(&req, &self.inner.policy, Role::Publisher)?;
+            let id = req.into_inner().erasure_id;
+            crate::erasure::check_id(&id).map_err(ApiError::from)?;
+            let depth = self.inner.links.max_hops() as u32;
+            match self
+                .inner
+                .erasure
+                .status(&self.inner.store, &id, depth)
+                .await
+                .map_err(ApiError::from)?
+            {
+                Some(status) => Ok(Response::new(status)),
+                None => Err(Status::not_found(format!("no erasure {id:?} at this node"))),
+            }
+        }
+        .instrument(span)
+        .await
     }
 }

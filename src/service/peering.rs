@@ -20,6 +20,8 @@ use crate::store::{Appended, NewEvent, Store};
 
 /// Batches of one Forward stream processed concurrently (acks stay in order).
 const FORWARD_PIPELINE: usize = 4;
+/// Most event ids in one erasure passed on by a downstream node.
+const MAX_ERASED_IDS: usize = 100_000;
 /// Origin certificates looked at per batch (one per origin is needed).
 const MAX_BATCH_CERTIFICATES: usize = 64;
 
@@ -36,6 +38,7 @@ struct Inner {
     links: Arc<Links>,
     shutdown: CancellationToken,
     trust: Trust,
+    erasure: crate::erasure::Context,
 }
 
 /// How forwarded events' origin proofs are treated.
@@ -58,6 +61,7 @@ impl PeeringService {
         links: Arc<Links>,
         shutdown: CancellationToken,
         trust: Trust,
+        erasure: crate::erasure::Context,
     ) -> Self {
         PeeringService {
             inner: Arc::new(Inner {
@@ -67,6 +71,7 @@ impl PeeringService {
                 links,
                 shutdown,
                 trust,
+                erasure,
             }),
         }
     }
@@ -241,6 +246,103 @@ impl pb::peering_server::Peering for PeeringService {
             })
             .buffered(FORWARD_PIPELINE);
         Ok(Response::new(Box::pin(out)))
+    }
+
+    async fn erase(
+        &self,
+        req: Request<pb::ErasureForward>,
+    ) -> Result<Response<pb::ErasureAck>, Status> {
+        let span = rpc_span(&req, "Peering.Erase");
+        async {
+            let peer = authorize(&req, &self.inner.policy, Role::Downstream)?;
+            let req = req.into_inner();
+            crate::erasure::check_id(&req.erasure_id).map_err(ApiError::from)?;
+            let bad = |field: &str, reason: String| {
+                Status::from(ApiError::InvalidArgument {
+                    field: field.into(),
+                    reason,
+                })
+            };
+            if req.customer_pseudonym.len() > 128 {
+                return Err(bad("customer_pseudonym", "longer than 128 bytes".into()));
+            }
+            let max_ids = MAX_ERASED_IDS;
+            if req.event_ids.len() > max_ids {
+                return Err(bad("event_ids", format!("more than {max_ids}")));
+            }
+            if let Some(id) = req
+                .event_ids
+                .iter()
+                .find(|id| id.is_empty() || id.len() > conversions::limits::EVENT_ID_LEN)
+            {
+                return Err(bad("event_ids", format!("{id:?} is not an event id")));
+            }
+            let inner = &self.inner;
+            let request = crate::store::EraseRequest {
+                id: req.erasure_id.clone(),
+                requested_by: peer.identity.clone(),
+                pseudonym: req.customer_pseudonym,
+                event_ids: req.event_ids,
+            };
+            let erased = inner
+                .store
+                .erase(request, crate::erasure::router(inner.links.clone()))
+                .await
+                .map_err(ApiError::from)?;
+            let total = inner
+                .store
+                .erasure(&req.erasure_id)
+                .map_err(ApiError::from)?
+                .map_or(erased.events, |r| r.erased_events);
+            let detail = serde_json::json!({
+                "erasure_id": req.erasure_id,
+                "from_downstream": peer.identity,
+                "erased_events": erased.events,
+                "links": erased.links,
+            });
+            let store = inner.store.clone();
+            let identity = peer.identity.clone();
+            tokio::task::spawn_blocking(move || {
+                store.audit(crate::audit::Kind::Erasure, &identity, &detail)
+            })
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(ApiError::from)?;
+            tracing::info!(erasure = %req.erasure_id, erased = erased.events, links = ?erased.links, "erasure applied");
+            Ok(Response::new(pb::ErasureAck {
+                erased_events: total,
+            }))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn erasure_status(
+        &self,
+        req: Request<pb::ErasureStatusRequest>,
+    ) -> Result<Response<pb::ErasureStatusResponse>, Status> {
+        let span = rpc_span(&req, "Peering.ErasureStatus");
+        async {
+            authorize(&req, &self.inner.policy, Role::Downstream)?;
+            let req = req.into_inner();
+            crate::erasure::check_id(&req.erasure_id).map_err(ApiError::from)?;
+            let depth = req.depth.min(self.inner.links.max_hops() as u32);
+            match self
+                .inner
+                .erasure
+                .status(&self.inner.store, &req.erasure_id, depth)
+                .await
+                .map_err(ApiError::from)?
+            {
+                Some(status) => Ok(Response::new(status)),
+                None => Err(Status::not_found(format!(
+                    "no erasure {:?} at this node",
+                    req.erasure_id
+                ))),
+            }
+        }
+        .instrument(span)
+        .await
     }
 
     async fn links(

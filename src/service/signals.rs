@@ -21,7 +21,7 @@ use crate::conversions;
 use crate::domain::EventFilter;
 use crate::pb;
 use crate::policy::{FilterLimits, Policy, Role};
-use crate::store::{Seq, Store};
+use crate::store::{Seq, Store, Stored};
 
 /// Signals queued for one subscriber before its reader waits.
 const SUBSCRIBER_BUFFER: usize = 256;
@@ -249,7 +249,7 @@ impl Feed {
             // must not hold a runtime thread.
             let (store, cursor) = (self.store.clone(), self.cursor);
             let scanned =
-                tokio::task::spawn_blocking(move || store.scan_range(cursor, upto, SCAN_CHUNK))
+                tokio::task::spawn_blocking(move || store.scan_signals(cursor, upto, SCAN_CHUNK))
                     .await;
             let chunk = match scanned {
                 Ok(Ok(chunk)) => chunk,
@@ -276,14 +276,35 @@ impl Feed {
                 }
                 continue;
             }
-            for (seq, ev) in chunk {
+            for (seq, stored) in chunk {
                 self.cursor = seq;
-                if !self.filter.matches(&ev) {
-                    continue;
-                }
-                let signal = pb::Signal {
-                    cursor: seq,
-                    event: Some(conversions::preference_event_to_pb(&ev)),
+                let signal = match stored {
+                    Stored::Event(ev) if self.filter.matches(&ev) => pb::Signal {
+                        cursor: seq,
+                        event: Some(conversions::preference_event_to_pb(&ev)),
+                        erasure: None,
+                    },
+                    Stored::Event(_) => continue,
+                    Stored::Erasure(erasure) => {
+                        // Only the erased events this subscription matches.
+                        let event_ids: Vec<String> = erasure
+                            .events
+                            .iter()
+                            .filter(|ev| self.filter.matches(ev))
+                            .map(|ev| ev.event_id.clone())
+                            .collect();
+                        if event_ids.is_empty() {
+                            continue;
+                        }
+                        pb::Signal {
+                            cursor: seq,
+                            event: None,
+                            erasure: Some(pb::ErasureSignal {
+                                erasure_id: erasure.erasure_id,
+                                event_ids,
+                            }),
+                        }
+                    }
                 };
                 tokio::select! {
                     res = self.tx.send(Ok(signal)) => if res.is_err() {

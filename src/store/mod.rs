@@ -33,9 +33,11 @@ mod record;
 mod writer;
 
 mod audit;
+mod erasure;
 mod outbox;
 mod rollups;
 
+pub use erasure::{EraseRequest, Erased, ErasureRecord, ErasureSignal, LinkErasure, Route, Router};
 pub use rollups::{Piece, RawCell};
 
 use std::path::{Path, PathBuf};
@@ -86,6 +88,13 @@ pub enum Appended {
     Stored(Seq),
     /// An event with the same event_id was already stored at this sequence number.
     Duplicate(Seq),
+}
+
+/// What a sequence number holds, for subscribers.
+#[derive(Debug, Clone)]
+pub enum Stored {
+    Event(Box<PreferenceEvent>),
+    Erasure(ErasureSignal),
 }
 
 /// An event to append and the outboxes (indexes into the link list given to
@@ -155,6 +164,11 @@ struct Trees {
     meta: sled::Tree,
     cursors: sled::Tree,
     certs: sled::Tree,
+    by_customer: sled::Tree,
+    erasures: sled::Tree,
+    erasure_signals: sled::Tree,
+    /// Woken when an erasure is recorded (links pass it on).
+    erasures_added: Arc<Notify>,
     rollups: sled::Tree,
     outboxes: Arc<Vec<Outbox>>,
     /// The rollups waiting in memory (and the layout); `None` when rollups
@@ -216,6 +230,10 @@ impl Store {
             meta: db.open_tree("meta").map_err(open_err)?,
             cursors: db.open_tree("cursors").map_err(open_err)?,
             certs: db.open_tree("certs").map_err(open_err)?,
+            by_customer: db.open_tree("by_customer").map_err(open_err)?,
+            erasures: db.open_tree("erasures").map_err(open_err)?,
+            erasure_signals: db.open_tree("erasure_signals").map_err(open_err)?,
+            erasures_added: Arc::new(Notify::new()),
             rollups: db.open_tree("rollups").map_err(open_err)?,
             outboxes: Arc::new(
                 links
@@ -238,6 +256,7 @@ impl Store {
                 current,
             )?));
         }
+        index_customers(&trees)?;
         let audit = audit::AuditLog::open(&db).map_err(|e| match e {
             Error::Sled(source) => open_err(source),
             other => other,
@@ -551,6 +570,117 @@ impl Store {
         Ok(())
     }
 
+    /// Erases one customer's events here (see [`EraseRequest`]) and records
+    /// the erasure for the upstream links `router` names; returns once it
+    /// is durable.
+    pub async fn erase(&self, request: EraseRequest, router: Router) -> Result<Erased> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .writer
+            .send(writer::Command::Erase {
+                request,
+                router,
+                reply,
+            })
+            .await
+            .map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// The erasure recorded under `id`.
+    pub fn erasure(&self, id: &str) -> Result<Option<ErasureRecord>> {
+        match self.inner.trees.erasures.get(id.as_bytes())? {
+            None => Ok(None),
+            Some(bytes) => erasure::decode_record(id, &bytes).map(Some),
+        }
+    }
+
+    /// The erasures not yet confirmed by upstream link `link`.
+    pub fn erasures_pending(&self, link: &str) -> Result<Vec<(String, LinkErasure)>> {
+        let mut out = Vec::new();
+        for item in self.inner.trees.erasures.iter() {
+            let (k, v) = item?;
+            let id = String::from_utf8_lossy(&k).into_owned();
+            let record = erasure::decode_record(&id, &v)?;
+            if let Some(l) = record
+                .links
+                .into_iter()
+                .find(|l| l.link == link && l.confirmed_at == 0)
+            {
+                out.push((id, l));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records the upstream's answer to passing erasure `id` on along
+    /// `link`: confirmed with the events it erased, or the error.
+    pub async fn erasure_answered(
+        &self,
+        id: &str,
+        link: &str,
+        answer: std::result::Result<u64, String>,
+    ) -> Result<()> {
+        let tree = &self.inner.trees.erasures;
+        tree.fetch_and_update(id.as_bytes(), |old| {
+            let mut record = erasure::decode_record(id, old?).ok()?;
+            if let Some(l) = record.links.iter_mut().find(|l| l.link == link) {
+                match &answer {
+                    Ok(n) => {
+                        l.confirmed_at = UnixNanos::now().0;
+                        l.erased_upstream = *n;
+                        l.last_error.clear();
+                    }
+                    Err(e) => l.last_error = e.clone(),
+                }
+            }
+            Some(prost::Message::encode_to_vec(&record))
+        })?;
+        tree.flush_async().await?;
+        Ok(())
+    }
+
+    /// Woken whenever an erasure is recorded.
+    pub fn erasures_added(&self) -> Arc<Notify> {
+        self.inner.trees.erasures_added.clone()
+    }
+
+    /// Up to `limit` events with `after < seq <= upto`, and the erasure
+    /// signals among them, in sequence order: what subscribers are sent.
+    pub fn scan_signals(&self, after: Seq, upto: Seq, limit: usize) -> Result<Vec<(Seq, Stored)>> {
+        let events = self.scan_range(after, upto, limit)?;
+        let bound = match events.last() {
+            Some((last, _)) if events.len() >= limit => *last,
+            _ => upto,
+        };
+        let erasures = self.erasure_signals(after, bound)?;
+        let mut out: Vec<(Seq, Stored)> = events
+            .into_iter()
+            .map(|(s, e)| (s, Stored::Event(Box::new(e))))
+            .chain(erasures.into_iter().map(|(s, e)| (s, Stored::Erasure(e))))
+            .collect();
+        out.sort_by_key(|(s, _)| *s);
+        Ok(out)
+    }
+
+    /// Erasure signals with `after < seq <= upto`, in order.
+    pub fn erasure_signals(&self, after: Seq, upto: Seq) -> Result<Vec<(Seq, ErasureSignal)>> {
+        if upto <= after {
+            return Ok(Vec::new());
+        }
+        let range = after.saturating_add(1).to_be_bytes()..=upto.to_be_bytes();
+        self.inner
+            .trees
+            .erasure_signals
+            .range(range)
+            .map(|item| {
+                let (k, v) = item?;
+                let seq = seq_from(&k, "erasure_signals", "?")?;
+                Ok((seq, erasure::decode_signal(seq, &v)?))
+            })
+            .collect()
+    }
+
     /// Keeps an origin certificate (DER) under its SHA-256.
     pub fn put_certificate(&self, der: &[u8]) -> Result<()> {
         let fp = crate::origin::fingerprint(der);
@@ -715,6 +845,36 @@ fn rollups_current(trees: &Trees, layout: &crate::rollup::Layout) -> Result<bool
 
 /// The highest sequence number ever used: the recorded high-water mark, or
 /// the last event (stores written before the mark existed).
+/// `meta` key set once `by_customer` indexes every stored event.
+const META_CUSTOMER_INDEX: &[u8] = b"customer_index";
+
+/// Builds the customer index of a store written before it existed.
+fn index_customers(trees: &Trees) -> Result<()> {
+    if trees.meta.contains_key(META_CUSTOMER_INDEX)? {
+        return Ok(());
+    }
+    let mut batch = sled::Batch::default();
+    let mut n = 0usize;
+    for item in trees.events.iter() {
+        let (k, v) = item?;
+        let seq = seq_from(&k, "events", "?")?;
+        let ev = decode_event(seq, &v)?;
+        if !ev.customer_pseudonym.is_empty() {
+            batch.insert(erasure::customer_key(&ev.customer_pseudonym, seq), &[]);
+            n += 1;
+        }
+        if n % 100_000 == 99_999 {
+            trees.by_customer.apply_batch(std::mem::take(&mut batch))?;
+        }
+    }
+    trees.by_customer.apply_batch(batch)?;
+    if n > 0 {
+        tracing::info!(events = n, "indexed the stored events by customer");
+    }
+    trees.meta.insert(META_CUSTOMER_INDEX, &[1])?;
+    Ok(())
+}
+
 fn high_water(trees: &Trees) -> Result<Seq> {
     let last_event = match trees.events.last()? {
         None => 0,
@@ -763,6 +923,113 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(25));
         }
         panic!("store still locked");
+    }
+
+    #[tokio::test]
+    async fn an_erasure_corrects_exact_cells_and_rebuilds_sketches_as_a_full_rebuild_would() {
+        use crate::insights::{self, Dim, Query};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = reopen(dir.path(), Some(Layout::default()));
+        // 300 customers in one hour (the cells become sketches), and a
+        // small category of 5 customers (exact cells).
+        let events: Vec<NewEvent> = (0..900)
+            .map(|i| {
+                let mut ev = PreferenceEvent::example();
+                ev.event_id = format!("e-{i}");
+                let customer = i % 300;
+                ev.customer_pseudonym =
+                    format!("{:032x}", (customer as u128 + 1) * 0x9e37_79b9_7f4a_7c15);
+                ev.product.category = if customer < 5 {
+                    "tea".into()
+                } else {
+                    "dairy".into()
+                };
+                ev.kind = [
+                    crate::domain::EventKind::Purchase,
+                    crate::domain::EventKind::Return,
+                ][i % 2];
+                ev.occurred_at = UnixNanos(ev.occurred_at.0 + i as i64 * 1_000_000);
+                NewEvent::local(ev)
+            })
+            .collect();
+        let victim = events[3].event.customer_pseudonym.clone();
+        let victim_events = events
+            .iter()
+            .filter(|e| e.event.customer_pseudonym == victim)
+            .count() as u64;
+        store.append(events).await.expect("append");
+        let query = Query {
+            filter: Default::default(),
+            group_by: vec![Dim::Category, Dim::Kind],
+            attribute_key: None,
+            bucket: None,
+            limit: 0,
+        };
+        let before = insights::run(&store, &query, 1).expect("query");
+        let erased = store
+            .erase(
+                EraseRequest {
+                    id: "er-1".into(),
+                    requested_by: "test".into(),
+                    pseudonym: victim,
+                    event_ids: Vec::new(),
+                },
+                Box::new(|_| Vec::new()),
+            )
+            .await
+            .expect("erase");
+        assert_eq!(erased.events, victim_events);
+        let after = insights::run(&store, &query, 1).expect("query");
+        let total = |r: &insights::Report| r.rows.iter().map(|r| r.events).sum::<u64>();
+        assert_eq!(total(&before) - total(&after), victim_events);
+        let tea = |r: &insights::Report| {
+            r.rows
+                .iter()
+                .filter(|r| r.key[0] == "tea")
+                .map(|r| (r.key[1].clone(), r.events, r.customers, r.customers_exact))
+                .collect::<Vec<_>>()
+        };
+        // Exact cells: the victim (customer 3, whose events are all
+        // returns) is one customer fewer among tea returns, exactly.
+        let (b, a) = (tea(&before), tea(&after));
+        assert_eq!(b.len(), 2);
+        assert_eq!(b.len(), a.len());
+        for (b, a) in b.iter().zip(&a) {
+            assert!(b.3 && a.3, "tea cells are exact");
+            let gone = u64::from(b.0 == "return");
+            assert_eq!((a.0.clone(), a.2), (b.0.clone(), b.2 - gone));
+        }
+        // Every cell, sketches included, as a rebuild from the remaining
+        // events computes it.
+        store.rebuild_rollups(|_| {}).await.expect("rebuild");
+        let rebuilt = insights::run(&store, &query, 1).expect("query");
+        assert_eq!(after, rebuilt);
+        assert!(
+            rebuilt.rows.iter().any(|r| !r.customers_exact),
+            "sketches were exercised"
+        );
+        // Applying the same erasure again changes nothing.
+        let again = store
+            .erase(
+                EraseRequest {
+                    id: "er-1".into(),
+                    requested_by: "test".into(),
+                    pseudonym: String::new(),
+                    event_ids: vec!["e-3".into()],
+                },
+                Box::new(|_| Vec::new()),
+            )
+            .await
+            .expect("erase again");
+        assert_eq!(again.events, 0);
+        assert_eq!(
+            store
+                .erasure("er-1")
+                .expect("read")
+                .expect("recorded")
+                .erased_events,
+            victim_events
+        );
     }
 
     #[tokio::test]

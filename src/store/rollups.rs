@@ -399,6 +399,35 @@ impl Pending {
         applied.map(|()| true)
     }
 
+    /// Returns once no delta waits in memory: every cell is in the tree.
+    /// Call on the writer thread (which alone adds deltas).
+    pub(super) fn drain(&self) -> Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while self.waiting() {
+            if std::time::Instant::now() > deadline {
+                return Err(Error::Write {
+                    reason: "the rollup checkpoint did not finish within 60 s".into(),
+                    disk_full: false,
+                });
+            }
+            self.wake.notify_all();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    /// Runs `f` (which writes the tree) with queries held off, then
+    /// forgets the cached periods.
+    pub(super) fn exclusive<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _writing = self
+            .tree_lock
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let out = f();
+        self.clear_cache();
+        out
+    }
+
     /// The cells in the tree alone.
     pub(super) fn read_tree(tree: &sled::Tree, pieces: &[Piece]) -> Result<Vec<RawCell>> {
         let mut out = Vec::new();
@@ -516,6 +545,75 @@ impl Pending {
         self.read_tree_cached(tree, pieces, hour_view, symbols, &mut out)?;
         Ok(out)
     }
+}
+
+/// A cell's key and its new value (`None`: remove the cell).
+pub(super) type CellWrite = (Vec<u8>, Option<Vec<u8>>);
+
+/// The writes (key, new value or removal) that take `erased`, events about
+/// to be removed, out of the rollups in `tree`: counts subtracted, their
+/// customers taken out of exact sets, and sketches (which cannot forget)
+/// rebuilt from the events that stay in the cell's period, which
+/// `remaining(from_hour, to_hour)` returns.
+pub(super) fn erase_corrections(
+    tree: &sled::Tree,
+    layout: &Layout,
+    erased: &[crate::domain::PreferenceEvent],
+    remaining: impl Fn(i64, i64) -> Result<Vec<crate::domain::PreferenceEvent>>,
+) -> Result<Vec<CellWrite>> {
+    use std::collections::{BTreeSet, HashSet};
+    let customers: HashSet<u64> = erased
+        .iter()
+        .filter_map(|ev| crate::rollup::customer_hash(&ev.customer_pseudonym))
+        .collect();
+    let mut writes = Vec::new();
+    let mut rebuild: BTreeMap<Vec<u8>, Agg> = BTreeMap::new();
+    for (key, delta) in crate::rollup::fold(erased.iter(), layout) {
+        let Some(stored) = tree.get(&key)? else {
+            continue; // retention took the cell
+        };
+        let mut agg = Agg::decode_bytes(&stored).ok_or_else(|| corrupt(&key, "bad cell"))?;
+        agg.subtract_counts(&delta);
+        if agg.events == 0 {
+            writes.push((key, None));
+        } else if agg.hll.is_empty() {
+            agg.customers.retain(|h| !customers.contains(h));
+            writes.push((key, Some(agg.encode())));
+        } else {
+            rebuild.insert(key, agg);
+        }
+    }
+    // Sketches: the customers of the remaining events, period by period.
+    let periods: BTreeSet<(Bucket, i64)> = rebuild
+        .keys()
+        .filter_map(|k| parse_period_prefix(k).map(|(_, period, hour)| (period, hour)))
+        .collect();
+    let mut customers_of: BTreeMap<Vec<u8>, Agg> = BTreeMap::new();
+    for (period, start) in periods {
+        let end = match period {
+            Bucket::Hour => start + 1,
+            _ => crate::rollup::next_bucket_start(start, period),
+        };
+        for ev in remaining(start, end)? {
+            for (key, agg) in crate::rollup::fold(std::iter::once(&ev), layout) {
+                if rebuild.contains_key(&key) {
+                    let acc = customers_of.entry(key).or_default();
+                    acc.merge(&agg);
+                    acc.compact();
+                }
+            }
+        }
+    }
+    for (key, mut agg) in rebuild {
+        let acc = customers_of.remove(&key).unwrap_or_default();
+        agg.customers = acc.customers;
+        agg.hll = acc.hll;
+        agg.hll_estimate = 0;
+        agg.compact();
+        agg.seal();
+        writes.push((key, Some(agg.encode())));
+    }
+    Ok(writes)
 }
 
 /// Decodes stored cells for a query, interning their dimensions.

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use prost::Message;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use tokio::sync::{mpsc, oneshot};
 
@@ -33,6 +34,12 @@ pub(super) enum Command {
         before: UnixNanos,
         limit: usize,
         reply: oneshot::Sender<Result<usize>>,
+    },
+    /// Erase one customer's events (see `super::erasure`).
+    Erase {
+        request: super::EraseRequest,
+        router: super::Router,
+        reply: oneshot::Sender<Result<super::Erased>>,
     },
     /// Merge the waiting rollups, flush, answer and stop.
     Close {
@@ -98,6 +105,14 @@ impl Writer {
                     let _ = reply.send(self.purge(before, limit));
                     continue;
                 }
+                Command::Erase {
+                    request,
+                    router,
+                    reply,
+                } => {
+                    let _ = reply.send(self.erase(&request, &router));
+                    continue;
+                }
                 Command::Close { reply } => {
                     let _ = reply.send(self.finish());
                     return;
@@ -144,9 +159,16 @@ impl Writer {
         let t = &self.trees;
         let end = time_key(before.0, 0);
         let mut victims: Vec<(Vec<u8>, Seq)> = Vec::new();
+        let mut customer_keys: Vec<Vec<u8>> = Vec::new();
         for item in t.by_time.range(..end).take(limit) {
             let (k, _) = item?;
             let seq = super::seq_from(&k[8..], "by_time", "?")?;
+            if let Some(bytes) = t.events.get(seq.to_be_bytes())? {
+                let ev = super::decode_event(seq, &bytes)?;
+                if !ev.customer_pseudonym.is_empty() {
+                    customer_keys.push(super::erasure::customer_key(&ev.customer_pseudonym, seq));
+                }
+            }
             victims.push((k.to_vec(), seq));
         }
         if victims.is_empty() {
@@ -172,13 +194,16 @@ impl Writer {
         let purged_upto = super::meta_seq(&t.meta, super::META_PURGED_UPTO)?
             .max(victims.iter().map(|v| v.1).max().unwrap_or(0))
             .to_be_bytes();
-        (&t.events, &t.by_time, &t.meta)
-            .transaction(|(events, by_time, meta)| {
+        (&t.events, &t.by_time, &t.meta, &t.by_customer)
+            .transaction(|(events, by_time, meta, by_customer)| {
                 // `by_id` entries stay, as tombstones: a late resend of a
                 // removed event is still a duplicate, never a new copy.
                 for (time_key, seq) in &victims {
                     events.remove(&seq.to_be_bytes())?;
                     by_time.remove(time_key.as_slice())?;
+                }
+                for k in &customer_keys {
+                    by_customer.remove(k.as_slice())?;
                 }
                 meta.insert(super::META_PURGED_UPTO, &purged_upto)?;
                 Ok::<(), ConflictableTransactionError<()>>(())
@@ -189,6 +214,187 @@ impl Writer {
             })?;
         self.flush_now()?;
         Ok(victims.len())
+    }
+
+    /// Erases the events of `req` (by pseudonym and by id) with their
+    /// index and outbox entries, corrects the rollups, records the erasure
+    /// with the upstream links it must go on along (by `router`) and a
+    /// signal for subscribers, all in one transaction, then flushes.
+    /// Applying an erasure again erases what arrived since, if anything.
+    fn erase(
+        &mut self,
+        req: &super::EraseRequest,
+        router: &super::Router,
+    ) -> Result<super::Erased> {
+        use super::erasure;
+        let t = &self.trees;
+        // The events: by the customer index, and by id.
+        let mut seqs: std::collections::BTreeSet<Seq> = Default::default();
+        if !req.pseudonym.is_empty() {
+            for item in t
+                .by_customer
+                .scan_prefix(erasure::customer_prefix(&req.pseudonym))
+            {
+                let (k, _) = item?;
+                seqs.insert(super::seq_from(&k[k.len() - 8..], "by_customer", "?")?);
+            }
+        }
+        for id in &req.event_ids {
+            if let Some(seq) = t.by_id.get(id.as_bytes())? {
+                seqs.insert(super::seq_from(&seq, "by_id", id)?);
+            }
+        }
+        let mut erased: Vec<(Seq, crate::domain::PreferenceEvent)> = Vec::new();
+        for seq in seqs {
+            if let Some(bytes) = t.events.get(seq.to_be_bytes())? {
+                erased.push((seq, super::decode_event(seq, &bytes)?));
+            }
+        }
+        // The record: merged with an earlier application of the same erasure.
+        let mut record = match t.erasures.get(req.id.as_bytes())? {
+            Some(bytes) => erasure::decode_record(&req.id, &bytes)?,
+            None => super::ErasureRecord {
+                id: req.id.clone(),
+                requested_at: UnixNanos::now().0,
+                requested_by: req.requested_by.clone(),
+                ..Default::default()
+            },
+        };
+        record.erased_events += erased.len() as u64;
+        for (_, ev) in &erased {
+            for (link, pseudonym) in router(ev) {
+                let entry = match record.links.iter_mut().position(|l| l.link == link) {
+                    Some(i) => &mut record.links[i],
+                    None => {
+                        record.links.push(super::LinkErasure {
+                            link: link.clone(),
+                            pseudonym: pseudonym.clone(),
+                            ..Default::default()
+                        });
+                        record.links.last_mut().expect("just pushed")
+                    }
+                };
+                // New events to erase upstream: pending again.
+                entry.event_ids.push(ev.event_id.clone());
+                entry.confirmed_at = 0;
+                if entry.pseudonym.is_empty() {
+                    entry.pseudonym = pseudonym;
+                }
+            }
+        }
+        let links: Vec<String> = record.links.iter().map(|l| l.link.clone()).collect();
+        if erased.is_empty() {
+            // Nothing (more) here: the record says so; nothing to signal.
+            if !t.erasures.contains_key(req.id.as_bytes())? {
+                t.erasures
+                    .insert(req.id.as_bytes(), prost::Message::encode_to_vec(&record))?;
+                self.flush_now()?;
+            }
+            return Ok(super::Erased { events: 0, links });
+        }
+        // The rollups: every delta in the tree first, then the corrections.
+        let erased_seqs: std::collections::HashSet<Seq> = erased.iter().map(|(s, _)| *s).collect();
+        let corrections = match &t.pending {
+            Some(pending) if !erased.is_empty() => {
+                pending.drain()?;
+                let events: Vec<_> = erased.iter().map(|(_, ev)| ev.clone()).collect();
+                super::rollups::erase_corrections(&t.rollups, pending.layout(), &events, |a, b| {
+                    let start = time_key(crate::rollup::hour_start(a).0, 0);
+                    let end = time_key(crate::rollup::hour_start(b).0, 0);
+                    let mut out = Vec::new();
+                    for item in t.by_time.range(start..end) {
+                        let (k, _) = item?;
+                        let seq = super::seq_from(&k[8..], "by_time", "?")?;
+                        if erased_seqs.contains(&seq) {
+                            continue;
+                        }
+                        if let Some(bytes) = t.events.get(seq.to_be_bytes())? {
+                            out.push(super::decode_event(seq, &bytes)?);
+                        }
+                    }
+                    Ok(out)
+                })?
+            }
+            _ => Vec::new(),
+        };
+        let signal_seq = self.next_seq;
+        let signal = erasure::SignalRecord {
+            erasure_id: req.id.clone(),
+            events: erased
+                .iter()
+                .map(|(_, ev)| record::encode(&erasure::trimmed(ev)))
+                .collect(),
+        }
+        .encode_to_vec();
+        let record_bytes = prost::Message::encode_to_vec(&record);
+        // [events, by_time, by_customer, meta, erasures, erasure_signals,
+        //  rollups, outbox 0, outbox 1, ...]
+        let mut trees: Vec<&sled::Tree> = vec![
+            &t.events,
+            &t.by_time,
+            &t.by_customer,
+            &t.meta,
+            &t.erasures,
+            &t.erasure_signals,
+            &t.rollups,
+        ];
+        trees.extend(t.outboxes.iter().map(|o| &o.tree));
+        let apply = || {
+            trees.as_slice().transaction(|tx| {
+                let mut unqueued = vec![0u64; t.outboxes.len()];
+                for (seq, ev) in &erased {
+                    let key = seq.to_be_bytes();
+                    tx[0].remove(&key)?;
+                    tx[1].remove(&time_key(ev.occurred_at.0, *seq))?;
+                    if !ev.customer_pseudonym.is_empty() {
+                        tx[2].remove(erasure::customer_key(&ev.customer_pseudonym, *seq))?;
+                    }
+                    for (i, n) in unqueued.iter_mut().enumerate() {
+                        if tx[7 + i].remove(&key)?.is_some() {
+                            *n += 1;
+                        }
+                    }
+                }
+                tx[3].insert(super::META_LAST_SEQ, &signal_seq.to_be_bytes())?;
+                tx[4].insert(req.id.as_bytes(), record_bytes.as_slice())?;
+                tx[5].insert(&signal_seq.to_be_bytes(), signal.as_slice())?;
+                for (key, value) in &corrections {
+                    match value {
+                        Some(v) => tx[6].insert(key.as_slice(), v.as_slice())?,
+                        None => tx[6].remove(key.as_slice())?,
+                    };
+                }
+                Ok::<_, ConflictableTransactionError<()>>(unqueued)
+            })
+        };
+        let applied = match &t.pending {
+            Some(pending) => pending.exclusive(apply),
+            None => apply(),
+        }
+        .map_err(|e| match e {
+            TransactionError::Storage(e) => Error::Sled(e),
+            TransactionError::Abort(()) => Error::Closed,
+        })?;
+        self.next_seq += 1;
+        self.flush_now()?;
+        self.durable.send_replace(self.next_seq - 1);
+        for (outbox, n) in self.trees.outboxes.iter().zip(applied) {
+            outbox
+                .len
+                .fetch_sub(n.min(outbox.len.load(Ordering::SeqCst)), Ordering::SeqCst);
+        }
+        self.trees.erasures_added.notify_waiters();
+        tracing::info!(
+            erasure = %req.id,
+            events = erased.len(),
+            cells = corrections.len(),
+            links = ?links,
+            "erased a customer's events"
+        );
+        Ok(super::Erased {
+            events: erased.len() as u64,
+            links,
+        })
     }
 
     /// The blocking flush; this thread is where flushes belong.
@@ -280,8 +486,9 @@ impl Writer {
             .max()
             .unwrap_or(0)
             .to_be_bytes();
-        // [events, by_id, by_time, meta, outbox 0, outbox 1, ...]
-        let mut trees: Vec<&sled::Tree> = vec![&t.events, &t.by_id, &t.by_time, &t.meta];
+        // [events, by_id, by_time, meta, by_customer, outbox 0, outbox 1, ...]
+        let mut trees: Vec<&sled::Tree> =
+            vec![&t.events, &t.by_id, &t.by_time, &t.meta, &t.by_customer];
         trees.extend(t.outboxes.iter().map(|o| &o.tree));
         trees
             .as_slice()
@@ -291,8 +498,14 @@ impl Writer {
                     tx[0].insert(&key, bytes.as_slice())?;
                     tx[1].insert(ne.event.event_id.as_bytes(), &key)?;
                     tx[2].insert(&time_key(ne.event.occurred_at.0, *seq), &[])?;
+                    if !ne.event.customer_pseudonym.is_empty() {
+                        tx[4].insert(
+                            super::erasure::customer_key(&ne.event.customer_pseudonym, *seq),
+                            &[],
+                        )?;
+                    }
                     for &link in &ne.outboxes {
-                        if let Some(outbox) = tx.get(4 + link) {
+                        if let Some(outbox) = tx.get(5 + link) {
                             outbox.insert(&key, &now)?;
                         }
                     }
