@@ -393,6 +393,35 @@ pub struct NodeConfig {
     pub upstream: Vec<Upstream>,
     #[serde(default)]
     pub trust: Trust,
+    #[serde(default)]
+    pub dp_budget: Vec<DpBudget>,
+}
+
+/// A differential-privacy budget for one analyst (`[[dp_budget]]`): their
+/// insight answers carry calibrated noise (see `crate::dp`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpBudget {
+    pub identity: String,
+    /// ε the analyst may spend per period.
+    pub epsilon_per_period: f64,
+    /// The period, from the Unix epoch (UTC): "1d", "7d", "12h".
+    #[serde(default = "default_dp_period", with = "humantime_serde")]
+    pub period: std::time::Duration,
+    /// ε one query spends.
+    pub epsilon_per_query: f64,
+    /// Contribution bound the noise is calibrated for: events of one
+    /// customer in one group.
+    #[serde(default = "default_max_events_per_customer")]
+    pub max_events_per_customer: u32,
+}
+
+fn default_dp_period() -> std::time::Duration {
+    std::time::Duration::from_secs(86_400)
+}
+
+fn default_max_events_per_customer() -> u32 {
+    1
 }
 
 /// Verifiable origin (`[trust]`).
@@ -534,6 +563,7 @@ impl NodeConfig {
         resolve(&base, &mut self.data_dir);
         self.tls.resolve_and_check(path, &base)?;
         self.validate_roles(path)?;
+        self.validate_dp(path)?;
         if self.privacy.k_min == 0 {
             return Err(invalid(
                 path,
@@ -642,6 +672,46 @@ impl NodeConfig {
         for (key, ok, msg) in checks {
             if !ok {
                 return Err(invalid(path, key, msg));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_dp(&self, path: &Path) -> Result<(), Error> {
+        let mut seen = std::collections::HashSet::new();
+        for b in &self.dp_budget {
+            let positive = |v: f64| v.is_finite() && v > 0.0;
+            let checks = [
+                (
+                    "dp_budget.identity",
+                    is_identity(&b.identity) && seen.insert(b.identity.clone()),
+                    "must be a certificate identity, once per identity",
+                ),
+                (
+                    "dp_budget.epsilon_per_period",
+                    positive(b.epsilon_per_period),
+                    "must be a positive number",
+                ),
+                (
+                    "dp_budget.epsilon_per_query",
+                    positive(b.epsilon_per_query) && b.epsilon_per_query <= b.epsilon_per_period,
+                    "must be positive and at most epsilon_per_period",
+                ),
+                (
+                    "dp_budget.period",
+                    b.period.as_secs() >= 1,
+                    "must be at least 1s",
+                ),
+                (
+                    "dp_budget.max_events_per_customer",
+                    b.max_events_per_customer >= 1,
+                    "must be at least 1",
+                ),
+            ];
+            for (key, ok, msg) in checks {
+                if !ok {
+                    return Err(invalid(path, key, msg));
+                }
             }
         }
         Ok(())

@@ -583,6 +583,7 @@ pub fn insight_report_to_pb(r: crate::insights::Report) -> pb::InsightReport {
             .collect(),
         suppressed_groups: r.suppressed_groups,
         k_min: r.k_min,
+        epsilon: r.epsilon,
     }
 }
 

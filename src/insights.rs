@@ -56,6 +56,8 @@ pub struct Row {
     pub nps: Option<f64>,
     pub return_rate: Option<f64>,
     pub share: f64,
+    /// The sums the metrics derive from.
+    pub counts: rollup::Counts,
 }
 
 /// A query's result.
@@ -64,6 +66,8 @@ pub struct Report {
     pub rows: Vec<Row>,
     pub suppressed_groups: u32,
     pub k_min: u32,
+    /// The privacy budget spent on noise (0: exact; see [`crate::dp`]).
+    pub epsilon: f64,
 }
 
 impl Dim {
@@ -219,10 +223,12 @@ pub fn run_with(
                 nps: r.nps(),
                 return_rate: r.return_rate(),
                 share: r.share(),
+                counts: *r.counts,
             })
             .collect(),
         suppressed_groups: a.suppressed,
         k_min,
+        epsilon: 0.0,
     })
 }
 

@@ -17,6 +17,7 @@ pub mod config;
 pub mod conversions;
 pub mod demo;
 pub mod domain;
+pub mod dp;
 pub mod erasure;
 pub mod insights;
 pub mod node;

@@ -247,6 +247,7 @@ fn build_router(
                 FilterLimits::from_config(&config.filter_limit),
                 parts.store.clone(),
                 config.privacy.k_min,
+                &config.dp_budget,
             )
             .into_server(max),
         ))

@@ -314,6 +314,7 @@ mod tests {
                 rows: Vec::new(),
                 suppressed_groups: suppressed,
                 k_min,
+                epsilon: 0.0,
             };
             for (key, fields) in &rows {
                 let fields = RowFields { key, ..*fields };
@@ -377,6 +378,8 @@ mod tests {
             })],
             suppressed_groups: 1,
             k_min: 5,
+            // Not read by the fast path: prost takes over.
+            epsilon: 0.5,
         }
         .encode_to_vec();
         // Field 9, varint 7.

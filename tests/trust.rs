@@ -403,3 +403,106 @@ async fn erasing_a_customer_reaches_every_hop_rollups_included_even_past_a_hop_t
         }
     }
 }
+
+async fn ask(
+    node: &common::NodeProc,
+    files: &chainsight::config::TlsFiles,
+    query: &pb::InsightQuery,
+) -> Result<pb::InsightReport, tonic::Status> {
+    pb::insights_client::InsightsClient::new(node.channel(files).await.unwrap())
+        .query(query.clone())
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dp_budget_is_spent_per_query_refused_past_it_and_noise_has_the_documented_scale() {
+    let env = TestEnv::new();
+    let eshop = env.issue("eshop");
+    let (analyst, partner, stat) = (
+        env.issue("analyst"),
+        env.issue("partner"),
+        env.issue("stat"),
+    );
+    env.node_config(
+        "retailer",
+        &format!(
+            "{}[privacy]\nk_min = 1\n\
+             [[dp_budget]]\nidentity = \"partner\"\nepsilon_per_period = 0.3\nepsilon_per_query = 0.1\nperiod = \"1d\"\n\
+             [[dp_budget]]\nidentity = \"stat\"\nepsilon_per_period = 1000000.0\nepsilon_per_query = 0.9\nmax_events_per_customer = 2\n",
+            roles(&[
+                "publishers = [\"eshop\"]",
+                "analysts = [\"analyst\", \"partner\", \"stat\"]",
+            ])
+        ),
+    );
+    let mut r = env.start("retailer");
+    let events: Vec<_> = (0..400)
+        .map(|i| {
+            event_of(
+                &format!("p-{i}"),
+                DAIRY,
+                pb::EventKind::Purchase,
+                &format!("c-{}", i % 50),
+            )
+        })
+        .collect();
+    publish_all(&mut r.ingest(&eshop).await, events).await;
+    let query = pb::InsightQuery {
+        group_by: vec![pb::Dimension::Category as i32],
+        ..Default::default()
+    };
+    let exact = ask(&r, &analyst, &query).await.expect("exact");
+    assert_eq!(
+        (exact.rows[0].events, exact.rows[0].customers, exact.epsilon),
+        (400, 50, 0.0)
+    );
+
+    // The partner's budget: three queries of 0.1 in 0.3, then refused.
+    for _ in 0..3 {
+        let noisy = ask(&r, &partner, &query).await.expect("within budget");
+        assert_eq!(noisy.epsilon, 0.1);
+    }
+    let refused = ask(&r, &partner, &query)
+        .await
+        .expect_err("past the budget");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("renews at"), "{refused:?}");
+    // Spent is spent: a restart does not renew it.
+    r.terminate();
+    r.restart();
+    let refused = ask(&r, &partner, &query)
+        .await
+        .expect_err("still past the budget");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+
+    // The noise of the events count has the documented variance.
+    let mech = chainsight::dp::Mechanism {
+        epsilon: 0.9,
+        max_events_per_customer: 2,
+    };
+    let runs = 300;
+    let mut values = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let noisy = ask(&r, &stat, &query).await.expect("stat");
+        assert_eq!(noisy.epsilon, 0.9);
+        values.push(noisy.rows[0].events as f64);
+    }
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    let expected = mech.variance(mech.events_sensitivity());
+    println!("events: mean {mean:.1} (true 400), variance {var:.0} (theory {expected:.0}) over {runs} answers");
+    assert!(
+        (var / expected - 1.0).abs() < 0.35,
+        "empirical variance {var:.0} vs theoretical {expected:.0}"
+    );
+    assert!(
+        (mean - 400.0).abs() < 4.0 * (expected / n).sqrt(),
+        "mean {mean:.1} is not centred on 400"
+    );
+}

@@ -13,7 +13,9 @@ use tonic::codegen::{http, Body, BoxFuture, Context, Poll, Service, StdError};
 use tonic::{Request, Response, Status};
 
 use super::{authorize, rpc_span, ApiError};
+use crate::config::DpBudget;
 use crate::conversions;
+use crate::dp::Mechanism;
 use crate::insights::{self, EncodedReport};
 use crate::pb;
 use crate::policy::{FilterLimits, Policy, Role};
@@ -26,16 +28,74 @@ pub struct InsightsService {
     limits: FilterLimits,
     store: Store,
     k_min: u32,
+    budgets: Arc<std::collections::HashMap<String, DpBudget>>,
 }
 
 impl InsightsService {
-    /// Groups with fewer than `k_min` distinct customers are suppressed.
-    pub fn new(policy: Policy, limits: FilterLimits, store: Store, k_min: u32) -> Self {
+    /// Groups with fewer than `k_min` distinct customers are suppressed;
+    /// analysts with a budget get differentially private answers.
+    pub fn new(
+        policy: Policy,
+        limits: FilterLimits,
+        store: Store,
+        k_min: u32,
+        budgets: &[DpBudget],
+    ) -> Self {
         InsightsService {
             policy,
             limits,
             store,
             k_min,
+            budgets: Arc::new(
+                budgets
+                    .iter()
+                    .map(|b| (b.identity.clone(), b.clone()))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Spends the query's ε of `identity`'s budget, if it has one: the
+    /// mechanism to answer with, or RESOURCE_EXHAUSTED saying when the
+    /// budget renews.
+    async fn spend(&self, identity: &str) -> Result<Option<(Mechanism, f64)>, Status> {
+        let Some(b) = self.budgets.get(identity) else {
+            return Ok(None);
+        };
+        let period = i64::try_from(b.period.as_nanos())
+            .unwrap_or(i64::MAX)
+            .max(1);
+        let now = crate::domain::UnixNanos::now().0;
+        let start = now.div_euclid(period) * period;
+        let spent = self
+            .store
+            .spend_privacy_budget(identity, start, b.epsilon_per_query, b.epsilon_per_period)
+            .await
+            .map_err(ApiError::from)?;
+        match spent {
+            Ok(left) => Ok(Some((
+                Mechanism {
+                    epsilon: b.epsilon_per_query,
+                    max_events_per_customer: b.max_events_per_customer,
+                },
+                left,
+            ))),
+            Err(spent) => {
+                let renews = time::OffsetDateTime::from_unix_timestamp_nanos(
+                    i128::from(start) + i128::from(period),
+                )
+                .ok()
+                .and_then(|t| {
+                    t.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .unwrap_or_default();
+                tracing::warn!(identity, spent, "privacy budget spent; query refused");
+                Err(Status::resource_exhausted(format!(
+                    "the privacy budget of {identity:?} for this period is spent                      (ε {spent:.3} of {:.3} used, {:.3} per query); it renews at {renews}",
+                    b.epsilon_per_period, b.epsilon_per_query
+                )))
+            }
         }
     }
 
@@ -53,17 +113,46 @@ impl InsightsService {
             .limits
             .constrain(&peer.identity, query.filter)
             .map_err(ApiError::PermissionDenied)?;
+        let private = self.spend(&peer.identity).await?;
         let store = self.store.clone();
         let k_min = self.k_min;
         let started = std::time::Instant::now();
         let report = tokio::task::spawn_blocking(move || {
-            let report = insights::run_encoded(&store, &query, k_min)?;
+            let report = match private {
+                None => insights::run_encoded(&store, &query, k_min)?,
+                Some((mechanism, _)) => {
+                    // Everything computed exactly, then noise, ranking,
+                    // suppression and the limit on the noisy sums.
+                    let limit = query.limit;
+                    let exact = insights::run(
+                        &store,
+                        &insights::Query {
+                            limit: 0,
+                            ..query.clone()
+                        },
+                        0,
+                    )?;
+                    let noisy = crate::dp::noisy(exact, mechanism, k_min, limit);
+                    let rows = noisy.rows.len();
+                    let suppressed_groups = noisy.suppressed_groups;
+                    EncodedReport {
+                        rows,
+                        suppressed_groups,
+                        bytes: prost::Message::encode_to_vec(&conversions::insight_report_to_pb(
+                            noisy,
+                        ))
+                        .into(),
+                    }
+                }
+            };
             let detail = serde_json::json!({
                 "query": asked,
                 "filter_applied": conversions::filter_to_pb(&query.filter),
                 "groups_returned": report.rows,
                 "groups_suppressed": report.suppressed_groups,
                 "k_min": k_min,
+                "epsilon": private.map_or(0.0, |(m, _)| m.epsilon),
+                "budget_left": private.map(|(_, left)| left),
             });
             store.audit(crate::audit::Kind::Query, &peer.identity, &detail)?;
             Ok::<_, crate::store::Error>(report)

@@ -18,6 +18,7 @@
 //! - `audit`: seq (u64) → hash-chained audit record (see [`crate::audit`])
 //! - `certs`: SHA-256 → DER of the origin certificates events are signed
 //!   with (see [`crate::origin`])
+//! - `dp_budget`: analyst identity → period start (i64) ‖ ε spent (f64)
 //!
 //! An event and its outbox entries are written in the same transaction, so
 //! an event is never stored without being queued where it must go. Later
@@ -165,6 +166,7 @@ struct Trees {
     cursors: sled::Tree,
     certs: sled::Tree,
     by_customer: sled::Tree,
+    dp_budget: sled::Tree,
     erasures: sled::Tree,
     erasure_signals: sled::Tree,
     /// Woken when an erasure is recorded (links pass it on).
@@ -231,6 +233,7 @@ impl Store {
             cursors: db.open_tree("cursors").map_err(open_err)?,
             certs: db.open_tree("certs").map_err(open_err)?,
             by_customer: db.open_tree("by_customer").map_err(open_err)?,
+            dp_budget: db.open_tree("dp_budget").map_err(open_err)?,
             erasures: db.open_tree("erasures").map_err(open_err)?,
             erasure_signals: db.open_tree("erasure_signals").map_err(open_err)?,
             erasures_added: Arc::new(Notify::new()),
@@ -679,6 +682,42 @@ impl Store {
                 Ok((seq, erasure::decode_signal(seq, &v)?))
             })
             .collect()
+    }
+
+    /// Spends `cost` of `identity`'s privacy budget `budget` for the period
+    /// starting at `period_start` (a new period starts from nothing), and
+    /// flushes before returning: `Ok(left)`, or `Err(spent)` when the cost
+    /// does not fit (nothing is spent then).
+    pub async fn spend_privacy_budget(
+        &self,
+        identity: &str,
+        period_start: i64,
+        cost: f64,
+        budget: f64,
+    ) -> Result<std::result::Result<f64, f64>> {
+        let tree = &self.inner.trees.dp_budget;
+        let mut verdict = Err(0.0);
+        tree.fetch_and_update(identity.as_bytes(), |old| {
+            let spent = old
+                .filter(|v| v.len() == 16)
+                .filter(|v| {
+                    i64::from_be_bytes(v[..8].try_into().unwrap_or_default()) == period_start
+                })
+                .map_or(0.0, |v| {
+                    f64::from_be_bytes(v[8..].try_into().unwrap_or_default())
+                });
+            // A little slack for sums of decimal fractions (0.1 × 10).
+            if spent + cost > budget * (1.0 + 1e-9) {
+                verdict = Err(spent);
+                return old.map(<[u8]>::to_vec);
+            }
+            verdict = Ok(budget - spent - cost);
+            let mut v = period_start.to_be_bytes().to_vec();
+            v.extend_from_slice(&(spent + cost).to_be_bytes());
+            Some(v)
+        })?;
+        tree.flush_async().await?;
+        Ok(verdict)
     }
 
     /// Keeps an origin certificate (DER) under its SHA-256.

@@ -1,0 +1,179 @@
+//! Differentially private insight feeds.
+//!
+//! An analyst given a budget in node.toml (`[[dp_budget]]`) gets answers
+//! whose counts carry discrete Laplace noise. Each query spends
+//! `epsilon_per_query` of the analyst's `epsilon_per_period`; the spent
+//! amount is stored (and flushed) before the answer leaves, and a query past
+//! the budget is refused until the period renews.
+//!
+//! **Mechanism.** A row releases nine sums: events, distinct customers,
+//! score sum and count (reviews), promoters, detractors and answers (NPS),
+//! purchases and returns. The query's ε is split evenly over them, so each
+//! gets ε/9 and noise from the discrete Laplace distribution
+//! P(k) ∝ α^|k| with α = exp(−(ε/9)/Δ), Δ being that sum's sensitivity:
+//! `max_events_per_customer` (events and the kind counts), ten times it
+//! (score sum: scores are 0–10), and 1 (distinct customers). Its variance is
+//! 2α/(1−α)². Noisy sums are clamped at 0; the metrics (average score, NPS,
+//! return rate, share) are computed from the noisy sums, groups are ranked
+//! by noisy events and suppressed by noisy customers (k_min), so nothing
+//! in the answer depends on an exact count: post-processing keeps the
+//! guarantee.
+//!
+//! **Assumptions** (the README repeats them): the guarantee is ε-DP per
+//! query and per group for a customer who contributes at most
+//! `max_events_per_customer` events to any one group. Rollups do not
+//! enforce that bound, so a customer with more events in a group is less
+//! protected in proportion; a customer who appears in g groups of one
+//! answer (time buckets, several products) spends g·ε of their protection.
+//! Noise comes from the operating system's CSPRNG through `rand`'s thread
+//! generator; the integer-valued (discrete) distribution avoids the
+//! floating-point weaknesses of a naively sampled continuous Laplace.
+
+use rand::Rng;
+
+use crate::insights::{Report, Row};
+use crate::rollup::Counts;
+
+/// Sums released per row, over which a query's ε is split.
+pub const MEASURES: u32 = 9;
+
+/// The noise of one query.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Mechanism {
+    /// ε spent by the query.
+    pub epsilon: f64,
+    /// Contribution bound: events of one customer in one group.
+    pub max_events_per_customer: u32,
+}
+
+impl Mechanism {
+    /// α of the discrete Laplace noise of a sum with `sensitivity`.
+    pub fn alpha(&self, sensitivity: f64) -> f64 {
+        (-(self.epsilon / f64::from(MEASURES)) / sensitivity).exp()
+    }
+
+    /// The noise variance of a sum with `sensitivity`.
+    pub fn variance(&self, sensitivity: f64) -> f64 {
+        let a = self.alpha(sensitivity);
+        2.0 * a / ((1.0 - a) * (1.0 - a))
+    }
+
+    /// The sensitivity of the events count (and of each kind count).
+    pub fn events_sensitivity(&self) -> f64 {
+        f64::from(self.max_events_per_customer.max(1))
+    }
+}
+
+/// A sample of the discrete Laplace distribution with parameter `alpha`
+/// (0 < α < 1): the difference of two geometric samples.
+pub fn discrete_laplace<R: Rng>(rng: &mut R, alpha: f64) -> i64 {
+    geometric(rng, alpha) - geometric(rng, alpha)
+}
+
+/// Failures before the first success, success probability 1 − α.
+fn geometric<R: Rng>(rng: &mut R, alpha: f64) -> i64 {
+    let u: f64 = 1.0 - rng.random::<f64>(); // in (0, 1]
+    (u.ln() / alpha.ln()).floor().min(i64::MAX as f64 / 4.0) as i64
+}
+
+/// `report` (computed with nothing suppressed and no limit) with noise on
+/// every sum, metrics recomputed, ranked, suppressed below `k_min` noisy
+/// customers and cut to `limit` (0: all).
+pub fn noisy(report: Report, mech: Mechanism, k_min: u32, limit: usize) -> Report {
+    let mut rng = rand::rng();
+    let de = mech.events_sensitivity();
+    let mut noise = |value: u64, sensitivity: f64| -> u64 {
+        let noisy =
+            i128::from(value) + i128::from(discrete_laplace(&mut rng, mech.alpha(sensitivity)));
+        u64::try_from(noisy.max(0)).unwrap_or(u64::MAX)
+    };
+    // A group made only of events without a pseudonym cannot prove k:
+    // suppressed whatever the noise says, as in exact answers.
+    let (rows, anonymous): (Vec<Row>, Vec<Row>) =
+        report.rows.into_iter().partition(|r| r.customers > 0);
+    let mut rows: Vec<Row> = rows
+        .into_iter()
+        .map(|row| {
+            let c = row.counts;
+            let counts = Counts {
+                events: noise(c.events, de),
+                score_sum: noise(c.score_sum, 10.0 * de),
+                score_n: noise(c.score_n, de),
+                promoters: noise(c.promoters, de),
+                detractors: noise(c.detractors, de),
+                nps_n: noise(c.nps_n, de),
+                purchases: noise(c.purchases, de),
+                returns: noise(c.returns, de),
+            };
+            let ratio = |a: u64, b: u64| (b > 0).then(|| a as f64 / b as f64);
+            Row {
+                key: row.key,
+                bucket_start: row.bucket_start,
+                events: counts.events,
+                customers: noise(row.customers, 1.0),
+                customers_exact: false,
+                avg_score: ratio(counts.score_sum, counts.score_n).map(|a| a.clamp(0.0, 10.0)),
+                nps: ratio(counts.promoters.min(counts.nps_n), counts.nps_n).map(|p| {
+                    let d = counts.detractors.min(counts.nps_n) as f64 / counts.nps_n as f64;
+                    ((p - d) * 100.0).clamp(-100.0, 100.0)
+                }),
+                return_rate: ratio(counts.returns, counts.purchases),
+                share: 0.0,
+                counts,
+            }
+        })
+        .collect();
+    let total: u64 = rows.iter().map(|r| r.events).sum();
+    for r in &mut rows {
+        r.share = if total > 0 {
+            r.events as f64 / total as f64
+        } else {
+            0.0
+        };
+    }
+    let before = rows.len();
+    rows.retain(|r| r.customers >= u64::from(k_min) && r.customers > 0);
+    let suppressed = (before - rows.len() + anonymous.len()) as u32;
+    rows.sort_by(|a, b| {
+        b.events
+            .cmp(&a.events)
+            .then_with(|| a.key.cmp(&b.key))
+            .then_with(|| a.bucket_start.cmp(&b.bucket_start))
+    });
+    if limit > 0 {
+        rows.truncate(limit);
+    }
+    Report {
+        rows,
+        suppressed_groups: suppressed,
+        k_min,
+        epsilon: mech.epsilon,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn discrete_laplace_has_the_stated_mean_and_variance() {
+        let mech = Mechanism {
+            epsilon: 0.9,
+            max_events_per_customer: 2,
+        };
+        let alpha = mech.alpha(2.0);
+        let mut rng = rand::rng();
+        let n = 200_000;
+        let samples: Vec<f64> = (0..n)
+            .map(|_| discrete_laplace(&mut rng, alpha) as f64)
+            .collect();
+        let mean = samples.iter().sum::<f64>() / n as f64;
+        let var = samples.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+        let expected = mech.variance(2.0);
+        assert!(mean.abs() < 0.2, "mean {mean}");
+        assert!(
+            (var / expected - 1.0).abs() < 0.05,
+            "variance {var}, expected {expected}"
+        );
+    }
+}
