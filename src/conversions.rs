@@ -346,7 +346,7 @@ const PROOF_FIELDS: usize = 16 + limits::ATTRIBUTES;
 const SIGNATURE_LEN: usize = 1024;
 
 fn origin_proof_from_pb(p: pb::OriginProof) -> Result<crate::origin::OriginProof> {
-    use crate::origin::{FieldDigest, OriginProof, SALT_LEN};
+    use crate::origin::{FieldEntry, FieldPart, OriginProof, ProofForm, SALT_LEN};
     let bytes32 = |field: &str, b: &[u8]| -> Result<[u8; 32]> {
         b.try_into().map_err(|_| invalid(field, "must be 32 bytes"))
     };
@@ -358,65 +358,100 @@ fn origin_proof_from_pb(p: pb::OriginProof) -> Result<crate::origin::OriginProof
             format!("must be 1-{SIGNATURE_LEN} bytes"),
         ));
     }
-    if p.fields.len() > PROOF_FIELDS {
-        return Err(invalid(
-            "origin_proof.fields",
-            format!("more than {PROOF_FIELDS} fields"),
-        ));
-    }
-    let max_name = "attributes.".len() + limits::ATTRIBUTE_KEY_LEN;
-    let fields = p
-        .fields
-        .into_iter()
-        .map(|f| {
-            if f.name.is_empty() || f.name.len() > max_name {
+    let form = match (p.salt_seed.is_empty(), p.fields.is_empty()) {
+        (false, true) => ProofForm::Compact {
+            seed: bytes32("origin_proof.salt_seed", &p.salt_seed)?,
+        },
+        (true, false) => {
+            if p.fields.len() > PROOF_FIELDS {
                 return Err(invalid(
-                    "origin_proof.fields.name",
-                    format!("must be 1-{max_name} bytes"),
+                    "origin_proof.fields",
+                    format!("more than {PROOF_FIELDS} fields"),
                 ));
             }
-            let salt = match f.salt.len() {
-                0 => None,
-                SALT_LEN => Some(f.salt.as_slice().try_into().unwrap_or([0; SALT_LEN])),
-                _ => {
+            let max_name = "attributes.".len() + limits::ATTRIBUTE_KEY_LEN;
+            let mut entries = Vec::with_capacity(p.fields.len());
+            for f in p.fields {
+                if f.name.is_empty() || f.name.len() > max_name {
                     return Err(invalid(
-                        "origin_proof.fields.salt",
-                        format!("must be empty or {SALT_LEN} bytes"),
-                    ))
+                        "origin_proof.fields.name",
+                        format!("must be 1-{max_name} bytes"),
+                    ));
                 }
-            };
-            Ok(FieldDigest {
-                digest: bytes32("origin_proof.fields.digest", &f.digest)?,
-                name: f.name,
-                salt,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+                let part = match (f.salt.len(), f.digest.is_empty()) {
+                    (SALT_LEN, true) => {
+                        let mut salt = [0u8; SALT_LEN];
+                        salt.copy_from_slice(&f.salt);
+                        FieldPart::Salt(salt)
+                    }
+                    (0, false) => {
+                        FieldPart::Withheld(bytes32("origin_proof.fields.digest", &f.digest)?)
+                    }
+                    _ => {
+                        return Err(invalid(
+                            "origin_proof.fields",
+                            format!(
+                            "each field has a salt of {SALT_LEN} bytes or a digest of 32, not both"
+                        ),
+                        ))
+                    }
+                };
+                entries.push(FieldEntry { name: f.name, part });
+            }
+            if !entries.windows(2).all(|w| w[0].name < w[1].name) {
+                return Err(invalid(
+                    "origin_proof.fields",
+                    "must be sorted by name, each name once",
+                ));
+            }
+            ProofForm::Expanded(entries)
+        }
+        _ => {
+            return Err(invalid(
+                "origin_proof",
+                "needs either salt_seed or fields (not both)",
+            ))
+        }
+    };
     Ok(OriginProof {
         certificate: bytes32("origin_proof.certificate_sha256", &p.certificate_sha256)?,
         scheme,
         signature: p.signature,
         signed_at: timestamp("origin_proof.signed_at", p.signed_at)?,
-        fields,
+        form,
     })
 }
 
 fn origin_proof_to_pb(p: &crate::origin::OriginProof) -> pb::OriginProof {
+    use crate::origin::{FieldPart, ProofForm};
     let (seconds, nanos) = p.signed_at.split();
+    let (salt_seed, fields) = match &p.form {
+        ProofForm::Compact { seed } => (seed.to_vec(), Vec::new()),
+        ProofForm::Expanded(entries) => (
+            Vec::new(),
+            entries
+                .iter()
+                .map(|e| {
+                    let (salt, digest) = match e.part {
+                        FieldPart::Salt(s) => (s.to_vec(), Vec::new()),
+                        FieldPart::Withheld(d) => (Vec::new(), d.to_vec()),
+                    };
+                    pb::FieldDigest {
+                        name: e.name.clone(),
+                        salt,
+                        digest,
+                    }
+                })
+                .collect(),
+        ),
+    };
     pb::OriginProof {
         certificate_sha256: p.certificate.to_vec(),
         scheme: u32::from(p.scheme),
         signature: p.signature.clone(),
         signed_at: Some(pbjson_types::Timestamp { seconds, nanos }),
-        fields: p
-            .fields
-            .iter()
-            .map(|f| pb::FieldDigest {
-                name: f.name.clone(),
-                digest: f.digest.to_vec(),
-                salt: f.salt.map(|s| s.to_vec()).unwrap_or_default(),
-            })
-            .collect(),
+        salt_seed,
+        fields,
     }
 }
 

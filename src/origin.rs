@@ -2,14 +2,17 @@
 //! fields it set, so that nodes two or three hops away can check that a
 //! relay changed none of them.
 //!
-//! Each field gets a fresh 16-byte salt and a digest, SHA-256(salt ‖
-//! canonical value); the origin signs the list of field names and digests
-//! with the key of its chain certificate. A relay that withholds a field
-//! under its agreement clears the value and the field's salt and keeps the
-//! digest: the signature still covers the list, and every field still
-//! present is checked against its digest. Salts keep a withheld field's
-//! value from being guessed from its digest. By design outside the proof:
-//! `customer_pseudonym` (re-keyed per link) and `path` (appended per hop).
+//! Each field has a 16-byte salt and a digest, SHA-256(salt ‖ canonical
+//! value); the origin signs the sorted list of field names and digests with
+//! the key of its chain certificate. The origin sends the proof **compact**:
+//! one 32-byte seed from which every salt derives (HMAC-SHA256(seed, name)),
+//! the signed fields being exactly those the event carries. A relay that
+//! withholds fields under its agreement **expands** it: every signed field
+//! listed, present ones with their salt, withheld ones with their digest
+//! only; the signature still covers the list, every field still present is
+//! checked against it, and salts keep a withheld value from being guessed
+//! from its digest. By design outside the proof: `customer_pseudonym`
+//! (re-keyed per link) and `path` (appended per hop).
 //!
 //! Verification needs the origin's certificate (it travels in forward
 //! batches and is kept in the store) and the chain CA: the certificate must
@@ -50,17 +53,33 @@ pub struct OriginProof {
     pub scheme: u16,
     pub signature: Vec<u8>,
     pub signed_at: UnixNanos,
-    /// Sorted by name.
-    pub fields: Vec<FieldDigest>,
+    pub form: ProofForm,
 }
 
-/// One signed field.
+/// How the salts travel.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldDigest {
+pub enum ProofForm {
+    /// Every salt derives from the seed; the signed fields are the ones the
+    /// event carries.
+    Compact { seed: [u8; 32] },
+    /// Every signed field, sorted by name (after a relay withheld some).
+    Expanded(Vec<FieldEntry>),
+}
+
+/// One signed field of an expanded proof.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldEntry {
     pub name: String,
-    pub digest: [u8; 32],
-    /// `None` once a relay withheld the field.
-    pub salt: Option<[u8; SALT_LEN]>,
+    pub part: FieldPart,
+}
+
+/// What an expanded proof keeps of a field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldPart {
+    /// The field is present: its salt, to recompute the digest.
+    Salt([u8; SALT_LEN]),
+    /// The field was withheld: its digest only.
+    Withheld([u8; 32]),
 }
 
 /// The fields of `ev` the proof covers, by name, in canonical form: only
@@ -101,24 +120,31 @@ fn field_digest(salt: &[u8; SALT_LEN], value: &str) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// The bytes the origin signs.
-fn signed_message(
+/// The salt of field `name` in a compact proof.
+fn derived_salt(seed: &[u8; 32], name: &str) -> [u8; SALT_LEN] {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<Sha256>::new_from_slice(seed).expect("HMAC accepts keys of any length");
+    mac.update(name.as_bytes());
+    let full = mac.finalize().into_bytes();
+    let mut salt = [0u8; SALT_LEN];
+    salt.copy_from_slice(&full[..SALT_LEN]);
+    salt
+}
+
+/// The bytes the origin signs: names and digests, sorted by name.
+fn signed_message<'a>(
     certificate: &Fingerprint,
     signed_at: UnixNanos,
-    fields: &[FieldDigest],
+    fields: impl IntoIterator<Item = (&'a str, [u8; 32])>,
 ) -> Vec<u8> {
-    let mut m = Vec::with_capacity(CONTEXT.len() + 40 + fields.len() * 56);
+    let mut m = Vec::with_capacity(CONTEXT.len() + 40 + 16 * 48);
     m.extend_from_slice(CONTEXT);
     m.extend_from_slice(certificate);
     m.extend_from_slice(&signed_at.0.to_be_bytes());
-    for f in fields {
-        m.extend_from_slice(
-            &u16::try_from(f.name.len())
-                .unwrap_or(u16::MAX)
-                .to_be_bytes(),
-        );
-        m.extend_from_slice(f.name.as_bytes());
-        m.extend_from_slice(&f.digest);
+    for (name, digest) in fields {
+        m.extend_from_slice(&u16::try_from(name.len()).unwrap_or(u16::MAX).to_be_bytes());
+        m.extend_from_slice(name.as_bytes());
+        m.extend_from_slice(&digest);
     }
     m
 }
@@ -177,47 +203,82 @@ impl Signer {
         &self.certificate
     }
 
-    /// The proof for `ev` as it is now (its origin must be this node).
+    /// The proof for `ev` as it is now (its origin must be this node), in
+    /// compact form.
     pub fn sign(&self, ev: &PreferenceEvent) -> Result<OriginProof, String> {
-        let mut rng = rand::rng();
-        let fields: Vec<FieldDigest> = canonical_fields(ev)
-            .into_iter()
-            .map(|(name, value)| {
-                let mut salt = [0u8; SALT_LEN];
-                rng.fill_bytes(&mut salt);
-                FieldDigest {
-                    digest: field_digest(&salt, &value),
-                    name,
-                    salt: Some(salt),
-                }
-            })
-            .collect();
+        let mut seed = [0u8; 32];
+        rand::rng().fill_bytes(&mut seed);
+        let fields = canonical_fields(ev);
         let signed_at = UnixNanos::now();
-        let signature = self
-            .signer
-            .sign(&signed_message(&self.fingerprint, signed_at, &fields))
-            .map_err(|e| e.to_string())?;
+        let message = signed_message(
+            &self.fingerprint,
+            signed_at,
+            fields.iter().map(|(name, value)| {
+                (
+                    name.as_str(),
+                    field_digest(&derived_salt(&seed, name), value),
+                )
+            }),
+        );
+        let signature = self.signer.sign(&message).map_err(|e| e.to_string())?;
         Ok(OriginProof {
             certificate: self.fingerprint,
             scheme: u16::from(self.signer.scheme()),
             signature,
             signed_at,
-            fields,
+            form: ProofForm::Compact { seed },
         })
     }
 }
 
-/// Clears the salts of the fields `ev` no longer carries (withheld by this
-/// relay's agreement), so the proof stays consistent with the event.
-pub fn withhold_missing(ev: &mut PreferenceEvent) {
-    let present = canonical_fields(ev);
-    if let Some(proof) = ev.proof.as_mut() {
-        for f in &mut proof.fields {
-            if !present.contains_key(&f.name) {
-                f.salt = None;
-            }
-        }
+/// Keeps `after`'s proof valid when it lacks fields `before` carried (a
+/// relay's agreement withheld them): the proof is expanded, withheld
+/// fields keeping only their digest. Nothing to do when no field went.
+pub fn withhold(before: &PreferenceEvent, after: &mut PreferenceEvent) {
+    if after.proof.is_none() {
+        return;
     }
+    let had = canonical_fields(before);
+    let has = canonical_fields(after);
+    if had.keys().all(|k| has.contains_key(k)) {
+        return;
+    }
+    let Some(proof) = after.proof.as_mut() else {
+        return;
+    };
+    let entries: Vec<FieldEntry> = match &proof.form {
+        ProofForm::Compact { seed } => had
+            .iter()
+            .map(|(name, value)| {
+                let salt = derived_salt(seed, name);
+                let part = if has.contains_key(name) {
+                    FieldPart::Salt(salt)
+                } else {
+                    FieldPart::Withheld(field_digest(&salt, value))
+                };
+                FieldEntry {
+                    name: name.clone(),
+                    part,
+                }
+            })
+            .collect(),
+        ProofForm::Expanded(entries) => entries
+            .iter()
+            .map(|e| {
+                let part = match (e.part, had.get(&e.name), has.contains_key(&e.name)) {
+                    (FieldPart::Salt(salt), Some(value), false) => {
+                        FieldPart::Withheld(field_digest(&salt, value))
+                    }
+                    (part, _, _) => part,
+                };
+                FieldEntry {
+                    name: e.name.clone(),
+                    part,
+                }
+            })
+            .collect(),
+    };
+    proof.form = ProofForm::Expanded(entries);
 }
 
 /// Why an event failed verification.
@@ -319,6 +380,52 @@ impl Verifier {
                 found: identity,
             });
         }
+        let present = canonical_fields(ev);
+        let mut withheld = Vec::new();
+        let digests: Vec<(&str, [u8; 32])> = match &proof.form {
+            // The signed fields are exactly the present ones: a changed,
+            // added or removed field shows as a signature that fails.
+            ProofForm::Compact { seed } => present
+                .iter()
+                .map(|(name, value)| {
+                    (
+                        name.as_str(),
+                        field_digest(&derived_salt(seed, name), value),
+                    )
+                })
+                .collect(),
+            ProofForm::Expanded(entries) => {
+                let mut out = Vec::with_capacity(entries.len());
+                for e in entries {
+                    match (e.part, present.get(&e.name)) {
+                        (FieldPart::Salt(salt), Some(value)) => {
+                            out.push((e.name.as_str(), field_digest(&salt, value)));
+                        }
+                        (FieldPart::Salt(_), None) => {
+                            return Err(Failure::Altered(format!("{} (removed)", e.name)))
+                        }
+                        (FieldPart::Withheld(_), Some(_)) => {
+                            return Err(Failure::Altered(format!(
+                                "{} (withheld, yet present)",
+                                e.name
+                            )))
+                        }
+                        (FieldPart::Withheld(digest), None) => {
+                            withheld.push(e.name.clone());
+                            out.push((e.name.as_str(), digest));
+                        }
+                    }
+                }
+                if let Some(name) = present.keys().find(|k| {
+                    entries
+                        .binary_search_by(|e| e.name.as_str().cmp(k))
+                        .is_err()
+                }) {
+                    return Err(Failure::Added(name.clone()));
+                }
+                out
+            }
+        };
         let scheme = rustls::SignatureScheme::from(proof.scheme);
         let algorithms = self
             .algorithms
@@ -330,33 +437,15 @@ impl Verifier {
         let cert_der = CertificateDer::from(der.as_slice());
         let cert = webpki::EndEntityCert::try_from(&cert_der)
             .map_err(|e| Failure::Certificate(e.to_string()))?;
-        let message = signed_message(&proof.certificate, proof.signed_at, &proof.fields);
-        // The scheme's algorithms for each key type: the one of the
-        // certificate's key decides.
+        let message = signed_message(&proof.certificate, proof.signed_at, digests);
         if !algorithms.iter().any(|alg| {
             cert.verify_signature(*alg, &message, &proof.signature)
                 .is_ok()
         }) {
-            return Err(Failure::Signature(format!(
-                "{scheme:?} signature does not match the origin's key"
-            )));
-        }
-        let mut present = canonical_fields(ev);
-        let mut withheld = Vec::new();
-        for f in &proof.fields {
-            match (present.remove(&f.name), f.salt) {
-                (Some(value), Some(salt)) => {
-                    if field_digest(&salt, &value) != f.digest {
-                        return Err(Failure::Altered(f.name.clone()));
-                    }
-                }
-                // A value without its salt cannot be checked.
-                (Some(_), None) => return Err(Failure::Altered(f.name.clone())),
-                (None, _) => withheld.push(f.name.clone()),
-            }
-        }
-        if let Some(name) = present.into_keys().next() {
-            return Err(Failure::Added(name));
+            return Err(Failure::Signature(match proof.form {
+                ProofForm::Compact { .. } => "it does not cover the event's fields as they are now: a field was changed, added or removed on the way".into(),
+                ProofForm::Expanded(_) => "it does not cover the listed fields: a field was changed on the way".into(),
+            }));
         }
         Ok(Verified { withheld })
     }
@@ -470,34 +559,77 @@ mod tests {
         relayed.attributes.clear();
         relayed.customer_pseudonym = "rekeyed".into();
         relayed.path.push("distributor".into());
-        withhold_missing(&mut relayed);
+        withhold(&ev, &mut relayed);
         let verified = v.verify(&relayed, certs(&retailer.der)).expect("withheld");
         assert_eq!(verified.withheld, ["attributes.size", "region", "text"]);
-        assert!(relayed
-            .proof
-            .as_ref()
-            .unwrap()
-            .fields
+        let ProofForm::Expanded(entries) = &relayed.proof.as_ref().unwrap().form else {
+            panic!("withholding expands the proof");
+        };
+        let withheld: Vec<&str> = entries
             .iter()
-            .filter(|f| f.salt.is_none())
-            .all(|f| ["attributes.size", "region", "text"].contains(&f.name.as_str())));
+            .filter(|e| matches!(e.part, FieldPart::Withheld(_)))
+            .map(|e| e.name.as_str())
+            .collect();
+        assert_eq!(withheld, ["attributes.size", "region", "text"]);
+        // A second relay withholds one more: still verifies.
+        let mut further = relayed.clone();
+        further.age_band.clear();
+        withhold(&relayed, &mut further);
+        let verified = v
+            .verify(&further, certs(&retailer.der))
+            .expect("withheld twice");
+        assert_eq!(
+            verified.withheld,
+            ["age_band", "attributes.size", "region", "text"]
+        );
 
-        // A changed field, an added field, a changed signature.
+        // Compact: any change fails the signature.
         let mut altered = ev.clone();
         altered.product.category = "cheese".into();
-        assert_eq!(
+        assert!(matches!(
             v.verify(&altered, certs(&retailer.der)),
-            Err(Failure::Altered("product.category".into()))
-        );
+            Err(Failure::Signature(_))
+        ));
+        let mut added = ev.clone();
+        added.attributes.insert("colour".into(), "red".into());
+        assert!(matches!(
+            v.verify(&added, certs(&retailer.der)),
+            Err(Failure::Signature(_))
+        ));
+        // Expanded: a changed value, an added field, a withheld field that
+        // is back, a field removed without withholding its digest.
+        let mut altered = relayed.clone();
+        altered.product.category = "cheese".into();
+        assert!(matches!(
+            v.verify(&altered, certs(&retailer.der)),
+            Err(Failure::Signature(_))
+        ));
         let mut added = relayed.clone();
-        added.age_band.clear();
         added.attributes.insert("colour".into(), "red".into());
         assert_eq!(
             v.verify(&added, certs(&retailer.der)),
             Err(Failure::Added("attributes.colour".into()))
         );
-        let mut forged = ev.clone();
-        forged.proof.as_mut().unwrap().fields[0].digest[0] ^= 1;
+        let mut back = relayed.clone();
+        back.region = "EE-37".into();
+        assert!(matches!(
+            v.verify(&back, certs(&retailer.der)),
+            Err(Failure::Altered(_))
+        ));
+        let mut removed = relayed.clone();
+        removed.age_band.clear();
+        assert_eq!(
+            v.verify(&removed, certs(&retailer.der)),
+            Err(Failure::Altered("age_band (removed)".into()))
+        );
+        let mut forged = relayed.clone();
+        if let Some(ProofForm::Expanded(entries)) = forged.proof.as_mut().map(|p| &mut p.form) {
+            for e in entries.iter_mut() {
+                if let FieldPart::Withheld(d) = &mut e.part {
+                    d[0] ^= 1;
+                }
+            }
+        }
         assert!(matches!(
             v.verify(&forged, certs(&retailer.der)),
             Err(Failure::Signature(_))

@@ -124,9 +124,13 @@ impl Links {
     /// node at the end of its path.
     pub fn outgoing(&self, idx: usize, ev: PreferenceEvent) -> PreferenceEvent {
         let link = &self.links[idx];
+        // Withheld fields keep the rest verifiable: the proof is expanded.
+        let before =
+            (ev.proof.is_some() && !link.agreement.drop_fields.is_empty()).then(|| ev.clone());
         let mut ev = link.agreement.apply(ev, &link.key);
-        // Withheld fields stay verifiable: their salts go with them.
-        crate::origin::withhold_missing(&mut ev);
+        if let Some(before) = before {
+            crate::origin::withhold(&before, &mut ev);
+        }
         if ev.path.last() != Some(&self.node_id) {
             ev.path.push(self.node_id.clone());
         }
