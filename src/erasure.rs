@@ -63,19 +63,34 @@ const STATUS_TIMEOUT: Duration = Duration::from_secs(3);
 /// Pending erasures are retried at least this often.
 const RETRY_EVERY: Duration = Duration::from_secs(2);
 
-/// The upstream routes of an erased event: the links its agreement sent it
-/// on, with the customer's pseudonym in the form each link carries.
+/// Where an erasure goes on: the links an erased event's agreement sent it
+/// on, and every link that carries pseudonyms, each with the customer's
+/// pseudonym in the form that link knows.
 pub fn router(links: Arc<Links>) -> Router {
-    Box::new(move |ev: &PreferenceEvent| -> Vec<Route> {
-        links
-            .route(ev)
-            .into_iter()
-            .map(|idx| {
-                let sent = links.outgoing(idx, ev.clone());
-                (links.ids()[idx].clone(), sent.customer_pseudonym)
-            })
-            .collect()
-    })
+    let per_customer = links.clone();
+    Router {
+        event: Box::new(move |ev: &PreferenceEvent| -> Vec<Route> {
+            links
+                .route(ev)
+                .into_iter()
+                .map(|idx| {
+                    let sent = links.outgoing(idx, ev.clone());
+                    (links.ids()[idx].clone(), sent.customer_pseudonym)
+                })
+                .collect()
+        }),
+        customer: Box::new(move |pseudonym: &str| -> Vec<Route> {
+            per_customer
+                .ids()
+                .into_iter()
+                .enumerate()
+                .filter_map(|(idx, id)| {
+                    let p = per_customer.link_pseudonym(idx, pseudonym);
+                    (!p.is_empty()).then_some((id, p))
+                })
+                .collect()
+        }),
+    }
 }
 
 /// Starts one erasure sender per upstream link; they stop with `token`.
@@ -162,7 +177,10 @@ impl Sender {
                 )
             })?;
         let mut client = pb::peering_client::PeeringClient::new(channel);
+        // One erasure the upstream refuses does not hold up the others.
+        let mut first_error = None;
         for (id, entry) in pending {
+            let sent_ids = entry.event_ids.len();
             let answer = client
                 .erase(pb::ErasureForward {
                     erasure_id: id.clone(),
@@ -175,17 +193,20 @@ impl Sender {
                 Err(status) => Err(format!("{:?}: {}", status.code(), status.message())),
             };
             self.store
-                .erasure_answered(&id, &self.link, result.clone())
+                .erasure_answered(&id, &self.link, sent_ids, result.clone())
                 .await
                 .map_err(|e| e.to_string())?;
             match result {
                 Ok(n) => {
                     tracing::info!(erasure = %id, erased = n, "upstream confirmed the erasure")
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(erasure = %id, error = %e, "upstream did not take the erasure");
+                    first_error.get_or_insert(e);
+                }
             }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 }
 

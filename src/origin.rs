@@ -281,6 +281,15 @@ pub fn withhold(before: &PreferenceEvent, after: &mut PreferenceEvent) {
     proof.form = ProofForm::Expanded(entries);
 }
 
+/// Whether a link agreement may withhold field `name` of the proof
+/// (`config::DROPPABLE_FIELDS`; the pseudonym is outside the proof).
+fn withholdable(name: &str) -> bool {
+    name.starts_with("attributes.")
+        || crate::config::DROPPABLE_FIELDS
+            .iter()
+            .any(|f| *f == name && *f != "attributes")
+}
+
 /// Why an event failed verification.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Failure {
@@ -346,7 +355,12 @@ impl Verifier {
         self.check_certificate_at(certificate, UnixNanos::now())
     }
 
-    fn check_certificate_at(&self, certificate: &[u8], at: UnixNanos) -> Result<String, Failure> {
+    /// As [`Self::check_certificate`], valid at `at`.
+    pub fn check_certificate_at(
+        &self,
+        certificate: &[u8],
+        at: UnixNanos,
+    ) -> Result<String, Failure> {
         let der = CertificateDer::from(certificate);
         let secs = u64::try_from(at.0.div_euclid(1_000_000_000)).unwrap_or(0);
         self.chain
@@ -407,6 +421,12 @@ impl Verifier {
                         (FieldPart::Withheld(_), Some(_)) => {
                             return Err(Failure::Altered(format!(
                                 "{} (withheld, yet present)",
+                                e.name
+                            )))
+                        }
+                        (FieldPart::Withheld(_), None) if !withholdable(&e.name) => {
+                            return Err(Failure::Altered(format!(
+                                "{} (blanked, but no agreement may withhold it)",
                                 e.name
                             )))
                         }

@@ -250,12 +250,23 @@ impl LinkAgreement {
         if drop("quantity") {
             ev.quantity = 0;
         }
-        if drop("customer_pseudonym") || self.pseudonym == PseudonymMode::Drop {
-            ev.customer_pseudonym.clear();
-        } else if self.pseudonym == PseudonymMode::PerLink && !ev.customer_pseudonym.is_empty() {
-            ev.customer_pseudonym = keyed_digest(link_key, ev.customer_pseudonym.as_bytes());
-        }
+        ev.customer_pseudonym = self.pseudonym_for(&ev.customer_pseudonym, link_key);
         ev
+    }
+
+    /// A customer pseudonym as this link carries it: re-keyed, as is, or
+    /// not at all (empty).
+    pub fn pseudonym_for(&self, pseudonym: &str, link_key: &[u8]) -> String {
+        if pseudonym.is_empty()
+            || self.drop_fields.contains("customer_pseudonym")
+            || self.pseudonym == PseudonymMode::Drop
+        {
+            String::new()
+        } else if self.pseudonym == PseudonymMode::PerLink {
+            keyed_digest(link_key, pseudonym.as_bytes())
+        } else {
+            pseudonym.to_string()
+        }
     }
 }
 

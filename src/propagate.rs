@@ -95,6 +95,13 @@ impl Links {
         self.links.iter().map(|l| l.id.clone()).collect()
     }
 
+    /// The customer pseudonym `pseudonym` as link `idx` carries it (empty
+    /// when the link does not carry pseudonyms).
+    pub fn link_pseudonym(&self, idx: usize, pseudonym: &str) -> String {
+        let link = &self.links[idx];
+        link.agreement.pseudonym_for(pseudonym, &link.key)
+    }
+
     /// The link addresses, in outbox order.
     pub fn addresses(&self) -> Vec<String> {
         self.links.iter().map(|l| l.address.clone()).collect()

@@ -137,9 +137,21 @@ impl Inner {
         let trust = self.trust.clone();
         let store = self.store.clone();
         let checked = tokio::task::spawn_blocking(move || {
+            // A certificate is checked at the signing time of an event that
+            // needs it: one that expired since still proves older events.
+            let signed_at: std::collections::HashMap<_, _> = events
+                .iter()
+                .filter_map(|e| e.event.proof.as_ref())
+                .map(|p| (p.certificate, p.signed_at))
+                .collect();
             let mut batch_certs = std::collections::HashMap::new();
             for der in certificates.into_iter().take(MAX_BATCH_CERTIFICATES) {
-                match trust.verifier.check_certificate(&der) {
+                let fp = crate::origin::fingerprint(&der);
+                let checked = match signed_at.get(&fp) {
+                    Some(at) => trust.verifier.check_certificate_at(&der, *at),
+                    None => trust.verifier.check_certificate(&der),
+                };
+                match checked {
                     Ok(_) => {
                         store.put_certificate(&der)?;
                         batch_certs.insert(crate::origin::fingerprint(&der), der);

@@ -34,8 +34,28 @@ pub struct EraseRequest {
 /// pseudonym in that link's form (empty when the link does not carry it).
 pub type Route = (String, String);
 
-/// Computes the upstream routes of an erased event.
-pub type Router = Box<dyn Fn(&PreferenceEvent) -> Vec<Route> + Send>;
+/// Where an erasure goes on: the links of each erased event, and the
+/// links that carry a customer's pseudonym (asked even when nothing is
+/// stored here any more: retention here may be shorter than upstream).
+pub struct Router {
+    pub event: EventRoutes,
+    pub customer: CustomerRoutes,
+}
+
+/// The routes of an erased event.
+pub type EventRoutes = Box<dyn Fn(&PreferenceEvent) -> Vec<Route> + Send>;
+/// The routes of a customer's pseudonym.
+pub type CustomerRoutes = Box<dyn Fn(&str) -> Vec<Route> + Send>;
+
+impl Router {
+    /// Routes nowhere (a node without upstream links).
+    pub fn none() -> Router {
+        Router {
+            event: Box::new(|_| Vec::new()),
+            customer: Box::new(|_| Vec::new()),
+        }
+    }
+}
 
 /// An erasure as recorded here.
 #[derive(Clone, PartialEq, Message)]

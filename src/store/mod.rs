@@ -617,11 +617,14 @@ impl Store {
     }
 
     /// Records the upstream's answer to passing erasure `id` on along
-    /// `link`: confirmed with the events it erased, or the error.
+    /// `link` with its first `sent_ids` event ids: confirmed with the events
+    /// it erased, or the error. A confirmation does not cover ids added
+    /// since they were sent (the erasure stays pending for those).
     pub async fn erasure_answered(
         &self,
         id: &str,
         link: &str,
+        sent_ids: usize,
         answer: std::result::Result<u64, String>,
     ) -> Result<()> {
         let tree = &self.inner.trees.erasures;
@@ -629,6 +632,7 @@ impl Store {
             let mut record = erasure::decode_record(id, old?).ok()?;
             if let Some(l) = record.links.iter_mut().find(|l| l.link == link) {
                 match &answer {
+                    Ok(_) if l.event_ids.len() != sent_ids => l.last_error.clear(),
                     Ok(n) => {
                         l.confirmed_at = UnixNanos::now().0;
                         l.erased_upstream = *n;
@@ -1013,7 +1017,7 @@ mod tests {
                     pseudonym: victim,
                     event_ids: Vec::new(),
                 },
-                Box::new(|_| Vec::new()),
+                Router::none(),
             )
             .await
             .expect("erase");
@@ -1056,7 +1060,7 @@ mod tests {
                     pseudonym: String::new(),
                     event_ids: vec!["e-3".into()],
                 },
-                Box::new(|_| Vec::new()),
+                Router::none(),
             )
             .await
             .expect("erase again");

@@ -17,6 +17,10 @@ use tokio::sync::{mpsc, oneshot};
 use super::{record, time_key, Appended, Error, NewEvent, Result, Seq, Trees};
 use crate::domain::UnixNanos;
 
+/// The sequence number a `by_id` tombstone of an erased event that was
+/// never stored here points to (no event has it).
+const ERASED_TOMBSTONE: Seq = Seq::MAX;
+
 /// Queue depth before appenders wait (backpressure).
 const QUEUE: usize = 1024;
 /// Most events written in one transaction and flush.
@@ -239,10 +243,23 @@ impl Writer {
                 seqs.insert(super::seq_from(&k[k.len() - 8..], "by_customer", "?")?);
             }
         }
+        // Ids not stored (yet): tombstones, so that a batch still on its
+        // way here is a duplicate when it arrives, never stored.
+        let mut tombstones: Vec<&str> = Vec::new();
         for id in &req.event_ids {
-            if let Some(seq) = t.by_id.get(id.as_bytes())? {
-                seqs.insert(super::seq_from(&seq, "by_id", id)?);
+            match t.by_id.get(id.as_bytes())? {
+                Some(seq) => {
+                    seqs.insert(super::seq_from(&seq, "by_id", id)?);
+                }
+                None => tombstones.push(id),
             }
+        }
+        if !tombstones.is_empty() {
+            let mut batch = sled::Batch::default();
+            for id in &tombstones {
+                batch.insert(id.as_bytes(), &ERASED_TOMBSTONE.to_be_bytes());
+            }
+            t.by_id.apply_batch(batch)?;
         }
         let mut erased: Vec<(Seq, crate::domain::PreferenceEvent)> = Vec::new();
         for seq in seqs {
@@ -261,8 +278,22 @@ impl Writer {
             },
         };
         record.erased_events += erased.len() as u64;
+        let by_customer = if req.pseudonym.is_empty() {
+            Vec::new()
+        } else {
+            (router.customer)(&req.pseudonym)
+        };
+        for (link, pseudonym) in by_customer {
+            if !record.links.iter().any(|l| l.link == link) {
+                record.links.push(super::LinkErasure {
+                    link,
+                    pseudonym,
+                    ..Default::default()
+                });
+            }
+        }
         for (_, ev) in &erased {
-            for (link, pseudonym) in router(ev) {
+            for (link, pseudonym) in (router.event)(ev) {
                 let entry = match record.links.iter_mut().position(|l| l.link == link) {
                     Some(i) => &mut record.links[i],
                     None => {
@@ -285,11 +316,13 @@ impl Writer {
         let links: Vec<String> = record.links.iter().map(|l| l.link.clone()).collect();
         if erased.is_empty() {
             // Nothing (more) here: the record says so; nothing to signal.
-            if !t.erasures.contains_key(req.id.as_bytes())? {
-                t.erasures
-                    .insert(req.id.as_bytes(), prost::Message::encode_to_vec(&record))?;
-                self.flush_now()?;
+            let known = t.erasures.get(req.id.as_bytes())?;
+            let bytes = prost::Message::encode_to_vec(&record);
+            if known.as_deref() != Some(bytes.as_slice()) {
+                t.erasures.insert(req.id.as_bytes(), bytes)?;
             }
+            self.flush_now()?;
+            self.trees.erasures_added.notify_waiters();
             return Ok(super::Erased { events: 0, links });
         }
         // The rollups: every delta in the tree first, then the corrections.
