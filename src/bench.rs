@@ -34,6 +34,9 @@ pub struct PropagateOptions {
     pub batch: usize,
     /// Size of the backlog whose drain is measured.
     pub backlog: usize,
+    /// Nodes do not sign events (`[trust] sign = false`): the cost of
+    /// origin proofs is the difference.
+    pub unsigned: bool,
     #[serde(skip)]
     pub json: Option<PathBuf>,
 }
@@ -45,6 +48,7 @@ impl Default for PropagateOptions {
             duration_secs: 10,
             batch: 50,
             backlog: 100_000,
+            unsigned: false,
             json: None,
         }
     }
@@ -102,7 +106,12 @@ const DISTRIBUTOR: &str = "distributor";
 const MANUFACTURER: &str = "manufacturer";
 const CLIENT: &str = "bench";
 
-fn chain_specs() -> Vec<NodeSpec> {
+fn chain_specs(unsigned: bool) -> Vec<NodeSpec> {
+    let extra = if unsigned {
+        "[trust]\nsign = false\n"
+    } else {
+        ""
+    };
     let spec = |id: &str, roles: &[&str], up: Option<&str>| NodeSpec {
         id: id.into(),
         roles: roles.iter().map(|r| r.to_string()).collect(),
@@ -110,7 +119,7 @@ fn chain_specs() -> Vec<NodeSpec> {
             .map(|u| (u.to_string(), String::new()))
             .into_iter()
             .collect(),
-        extra: String::new(),
+        extra: extra.to_string(),
     };
     vec![
         spec(
@@ -197,7 +206,8 @@ impl Arrivals {
 
 /// Runs `bench propagate`.
 pub async fn propagate(opts: PropagateOptions) -> Result<PropagateReport, Error> {
-    let mut chain = LocalChain::create("chainsight-bench-", &chain_specs(), &[CLIENT])?;
+    let mut chain =
+        LocalChain::create("chainsight-bench-", &chain_specs(opts.unsigned), &[CLIENT])?;
     for id in [MANUFACTURER, DISTRIBUTOR, RETAILER] {
         chain.start(id).await?;
     }
@@ -780,7 +790,15 @@ fn machine() -> String {
 }
 
 fn print_report(r: &PropagateReport) {
-    println!("\npropagate on {}", r.machine);
+    println!(
+        "\npropagate on {}{}",
+        r.machine,
+        if r.parameters.unsigned {
+            " (nodes not signing events)"
+        } else {
+            " (origin proofs signed at the retailer)"
+        }
+    );
     println!(
         "  offered {:.0} events/s, achieved {:.0} events/s ({} events per request)",
         r.offered_events_per_s, r.achieved_publish_events_per_s, r.parameters.batch

@@ -225,6 +225,9 @@ enum BenchScenario {
         /// Backlog size for the drain measurement.
         #[arg(long, default_value_t = 100_000)]
         backlog: usize,
+        /// Nodes do not sign events (to measure what origin proofs cost).
+        #[arg(long)]
+        unsigned: bool,
         /// Also write the figures as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -421,6 +424,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     duration,
                     batch,
                     backlog,
+                    unsigned,
                     json,
                 },
         } => {
@@ -429,6 +433,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 duration_secs: duration,
                 batch,
                 backlog,
+                unsigned,
                 json,
             };
             chainsight::bench::propagate(opts).await?;
