@@ -414,6 +414,13 @@ pub struct DpBudget {
     /// customer in one group.
     #[serde(default = "default_max_events_per_customer")]
     pub max_events_per_customer: u32,
+    /// δ of the (ε, δ) guarantee on which groups appear at all.
+    #[serde(default = "default_dp_delta")]
+    pub delta: f64,
+}
+
+fn default_dp_delta() -> f64 {
+    1e-6
 }
 
 fn default_dp_period() -> std::time::Duration {
@@ -706,6 +713,11 @@ impl NodeConfig {
                     "dp_budget.max_events_per_customer",
                     b.max_events_per_customer >= 1,
                     "must be at least 1",
+                ),
+                (
+                    "dp_budget.delta",
+                    b.delta > 0.0 && b.delta < 0.1,
+                    "must lie between 0 and 0.1 (e.g. 1e-6)",
                 ),
             ];
             for (key, ok, msg) in checks {

@@ -17,7 +17,11 @@
 //! return rate, share) are computed from the noisy sums, groups are ranked
 //! by noisy events and suppressed by noisy customers (k_min), so nothing
 //! in the answer depends on an exact count: post-processing keeps the
-//! guarantee.
+//! guarantee. Which groups appear is protected by a threshold: a group
+//! appears only when its noisy customers reach τ, chosen so that a group
+//! of one customer appears with probability at most δ ((ε, δ)-DP
+//! partition selection); the number of groups not shown is not reported
+//! (`suppressed_groups` is 0 in private answers).
 //!
 //! **Assumptions** (the README repeats them): the guarantee is ε-DP per
 //! query and per group for a customer who contributes at most
@@ -44,6 +48,8 @@ pub struct Mechanism {
     pub epsilon: f64,
     /// Contribution bound: events of one customer in one group.
     pub max_events_per_customer: u32,
+    /// δ of the (ε, δ) guarantee on which groups appear.
+    pub delta: f64,
 }
 
 impl Mechanism {
@@ -61,6 +67,15 @@ impl Mechanism {
     /// The sensitivity of the events count (and of each kind count).
     pub fn events_sensitivity(&self) -> f64 {
         f64::from(self.max_events_per_customer.max(1))
+    }
+
+    /// The fewest noisy distinct customers a group needs to appear: a
+    /// group of one customer then appears with probability at most δ
+    /// (the discrete Laplace tail beyond τ − 1 is α^(τ−1) / (1 + α)).
+    pub fn release_threshold(&self) -> u64 {
+        let alpha = self.alpha(1.0);
+        let tau = 1.0 + (self.delta * (1.0 + alpha)).ln() / alpha.ln();
+        tau.ceil().max(1.0) as u64
     }
 }
 
@@ -131,9 +146,13 @@ pub fn noisy(report: Report, mech: Mechanism, k_min: u32, limit: usize) -> Repor
             0.0
         };
     }
-    let before = rows.len();
-    rows.retain(|r| r.customers >= u64::from(k_min) && r.customers > 0);
-    let suppressed = (before - rows.len() + anonymous.len()) as u32;
+    // Released: groups whose noisy customers reach k_min and the
+    // threshold that makes a group's existence (ε, δ)-private. How many
+    // were not released is itself exact data: not reported.
+    let threshold = mech.release_threshold().max(u64::from(k_min)).max(1);
+    let _ = anonymous;
+    rows.retain(|r| r.customers >= threshold);
+    let suppressed = 0;
     rows.sort_by(|a, b| {
         b.events
             .cmp(&a.events)
@@ -160,6 +179,7 @@ mod tests {
         let mech = Mechanism {
             epsilon: 0.9,
             max_events_per_customer: 2,
+            delta: 1e-6,
         };
         let alpha = mech.alpha(2.0);
         let mut rng = rand::rng();
@@ -175,5 +195,26 @@ mod tests {
             (var / expected - 1.0).abs() < 0.05,
             "variance {var}, expected {expected}"
         );
+    }
+
+    #[test]
+    fn a_group_of_one_customer_appears_with_probability_at_most_delta() {
+        let mech = Mechanism {
+            epsilon: 9.0,
+            max_events_per_customer: 1,
+            delta: 1e-3,
+        };
+        let tau = mech.release_threshold();
+        let alpha = mech.alpha(1.0);
+        // P(1 + noise >= tau) for the discrete Laplace noise.
+        let p = alpha.powi(tau as i32 - 1) / (1.0 + alpha);
+        assert!(p <= 1e-3, "tau {tau}: {p}");
+        let looser = alpha.powi(tau as i32 - 2) / (1.0 + alpha);
+        assert!(looser > 1e-3, "tau {tau} is the smallest such threshold");
+        let mut rng = rand::rng();
+        let appeared = (0..100_000)
+            .filter(|_| 1 + discrete_laplace(&mut rng, alpha) >= tau as i64)
+            .count();
+        assert!(appeared <= 200, "{appeared} of 100,000");
     }
 }

@@ -439,15 +439,15 @@ async fn a_dp_budget_is_spent_per_query_refused_past_it_and_noise_has_the_docume
         ),
     );
     let mut r = env.start("retailer");
-    // 200 customers with 2 events each (the stat analyst's contribution
-    // bound): the noisy customer count never drops below k_min.
-    let events: Vec<_> = (0..400)
+    // 500 customers with 2 events each (the stat analyst's contribution
+    // bound): far above the release threshold, whatever the noise.
+    let events: Vec<_> = (0..1000)
         .map(|i| {
             event_of(
                 &format!("p-{i}"),
                 DAIRY,
                 pb::EventKind::Purchase,
-                &format!("c-{}", i % 200),
+                &format!("c-{}", i % 500),
             )
         })
         .collect();
@@ -457,9 +457,9 @@ async fn a_dp_budget_is_spent_per_query_refused_past_it_and_noise_has_the_docume
         ..Default::default()
     };
     let exact = ask(&r, &analyst, &query).await.expect("exact");
-    // 200 customers: counted by a sketch (about 200), the events exactly.
-    assert_eq!((exact.rows[0].events, exact.epsilon), (400, 0.0));
-    assert!((190..=210).contains(&exact.rows[0].customers), "{exact:?}");
+    // 500 customers: counted by a sketch (about 500), the events exactly.
+    assert_eq!((exact.rows[0].events, exact.epsilon), (1000, 0.0));
+    assert!((470..=530).contains(&exact.rows[0].customers), "{exact:?}");
 
     // The partner's budget: three queries of 0.1 in 0.3, then refused.
     for _ in 0..3 {
@@ -487,7 +487,14 @@ async fn a_dp_budget_is_spent_per_query_refused_past_it_and_noise_has_the_docume
     let mech = chainsight::dp::Mechanism {
         epsilon: 0.9,
         max_events_per_customer: 2,
+        delta: 1e-6,
     };
+    // 500 customers clear the release threshold for ε 0.9 (0.1 per sum).
+    assert!(
+        mech.release_threshold() < 150,
+        "{}",
+        mech.release_threshold()
+    );
     let runs = 600;
     let mut values = Vec::with_capacity(runs);
     for _ in 0..runs {
@@ -499,13 +506,13 @@ async fn a_dp_budget_is_spent_per_query_refused_past_it_and_noise_has_the_docume
     let mean = values.iter().sum::<f64>() / n;
     let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
     let expected = mech.variance(mech.events_sensitivity());
-    println!("events: mean {mean:.1} (true 400), variance {var:.0} (theory {expected:.0}) over {runs} answers");
+    println!("events: mean {mean:.1} (true 1000), variance {var:.0} (theory {expected:.0}) over {runs} answers");
     assert!(
         (var / expected - 1.0).abs() < 0.35,
         "empirical variance {var:.0} vs theoretical {expected:.0}"
     );
     assert!(
-        (mean - 400.0).abs() < 4.0 * (expected / n).sqrt(),
-        "mean {mean:.1} is not centred on 400"
+        (mean - 1000.0).abs() < 4.0 * (expected / n).sqrt(),
+        "mean {mean:.1} is not centred on 1000"
     );
 }

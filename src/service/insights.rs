@@ -77,6 +77,7 @@ impl InsightsService {
                 Mechanism {
                     epsilon: b.epsilon_per_query,
                     max_events_per_customer: b.max_events_per_customer,
+                    delta: b.delta,
                 },
                 left,
             ))),
