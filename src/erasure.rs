@@ -27,6 +27,22 @@ pub struct Context {
 }
 
 impl Context {
+    /// The answer to an erasure status request (either service's): the
+    /// status here and up to `depth` hops upstream, or NOT_FOUND.
+    pub async fn answer_status(
+        &self,
+        store: &Store,
+        id: &str,
+        depth: u32,
+    ) -> Result<pb::ErasureStatusResponse, tonic::Status> {
+        check_id(id).map_err(crate::service::ApiError::from)?;
+        let depth = depth.min(self.links.max_hops() as u32);
+        self.status(store, id, depth)
+            .await
+            .map_err(crate::service::ApiError::from)?
+            .ok_or_else(|| tonic::Status::not_found(format!("no erasure {id:?} at this node")))
+    }
+
     /// Status of erasure `id` here and up to `depth` hops upstream.
     pub async fn status(
         &self,

@@ -230,13 +230,7 @@ impl pb::ingest_server::Ingest for IngestService {
                 "erased_events": erased.events,
                 "links": erased.links,
             });
-            let store = inner.store.clone();
-            tokio::task::spawn_blocking(move || {
-                store.audit(crate::audit::Kind::Erasure, &peer.identity, &detail)
-            })
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .map_err(ApiError::from)?;
+            super::audit(&inner.store, crate::audit::Kind::Erasure, &peer.identity, detail).await?;
             tracing::info!(erasure = %id, erased = erased.events, links = ?erased.links, "erasure requested");
             Ok(Response::new(pb::EraseResponse {
                 erasure_id: id,
@@ -256,18 +250,13 @@ impl pb::ingest_server::Ingest for IngestService {
         async {
             authorize(&req, &self.inner.policy, Role::Publisher)?;
             let id = req.into_inner().erasure_id;
-            crate::erasure::check_id(&id).map_err(ApiError::from)?;
             let depth = self.inner.links.max_hops() as u32;
-            match self
+            let status = self
                 .inner
                 .erasure
-                .status(&self.inner.store, &id, depth)
-                .await
-                .map_err(ApiError::from)?
-            {
-                Some(status) => Ok(Response::new(status)),
-                None => Err(Status::not_found(format!("no erasure {id:?} at this node"))),
-            }
+                .answer_status(&self.inner.store, &id, depth)
+                .await?;
+            Ok(Response::new(status))
         }
         .instrument(span)
         .await

@@ -105,6 +105,21 @@ pub fn authorize<T>(
     }
 }
 
+/// Appends an audit record off the runtime threads.
+pub(crate) async fn audit(
+    store: &crate::store::Store,
+    kind: crate::audit::Kind,
+    identity: &str,
+    detail: serde_json::Value,
+) -> Result<(), ApiError> {
+    let (store, identity) = (store.clone(), identity.to_string());
+    tokio::task::spawn_blocking(move || store.audit(kind, &identity, &detail))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(ApiError::from)?;
+    Ok(())
+}
+
 /// A span for one RPC, carrying the caller's certificate identity.
 pub(crate) fn rpc_span<T>(req: &tonic::Request<T>, method: &'static str) -> tracing::Span {
     let identity = req

@@ -312,14 +312,7 @@ impl pb::peering_server::Peering for PeeringService {
                 "erased_events": erased.events,
                 "links": erased.links,
             });
-            let store = inner.store.clone();
-            let identity = peer.identity.clone();
-            tokio::task::spawn_blocking(move || {
-                store.audit(crate::audit::Kind::Erasure, &identity, &detail)
-            })
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .map_err(ApiError::from)?;
+            super::audit(&inner.store, crate::audit::Kind::Erasure, &peer.identity, detail).await?;
             tracing::info!(erasure = %req.erasure_id, erased = erased.events, links = ?erased.links, "erasure applied");
             Ok(Response::new(pb::ErasureAck {
                 erased_events: total,
@@ -337,21 +330,12 @@ impl pb::peering_server::Peering for PeeringService {
         async {
             authorize(&req, &self.inner.policy, Role::Downstream)?;
             let req = req.into_inner();
-            crate::erasure::check_id(&req.erasure_id).map_err(ApiError::from)?;
-            let depth = req.depth.min(self.inner.links.max_hops() as u32);
-            match self
+            let status = self
                 .inner
                 .erasure
-                .status(&self.inner.store, &req.erasure_id, depth)
-                .await
-                .map_err(ApiError::from)?
-            {
-                Some(status) => Ok(Response::new(status)),
-                None => Err(Status::not_found(format!(
-                    "no erasure {:?} at this node",
-                    req.erasure_id
-                ))),
-            }
+                .answer_status(&self.inner.store, &req.erasure_id, req.depth)
+                .await?;
+            Ok(Response::new(status))
         }
         .instrument(span)
         .await
