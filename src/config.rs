@@ -395,6 +395,25 @@ pub struct NodeConfig {
     pub trust: Trust,
     #[serde(default)]
     pub dp_budget: Vec<DpBudget>,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[log]`: how the node writes its log (stderr).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// `human` (default) or `json`: one JSON object per line for log shippers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
 }
 
 /// A differential-privacy budget for one analyst (`[[dp_budget]]`): their

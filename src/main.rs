@@ -19,8 +19,18 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
+    /// Log format on stderr: human (default) or json (one object per line,
+    /// for log shippers). A node also takes `[log] format` from node.toml.
+    #[arg(long, global = true, env = "CHAINSIGHT_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -307,8 +317,8 @@ enum CertsCommand {
 }
 
 fn main() -> ExitCode {
-    init_tracing();
     let cli = Cli::parse();
+    init_tracing(log_format(&cli));
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -325,16 +335,37 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
+/// The log format: the flag, else a node's `[log] format`, else human.
+/// (A node.toml that does not load is reported by the command itself.)
+fn log_format(cli: &Cli) -> LogFormat {
+    if let Some(f) = cli.log_format {
+        return f;
+    }
+    match &cli.command {
+        Command::Node { config } => match NodeConfig::load(config) {
+            Ok(cfg) if cfg.log.format == chainsight::config::LogFormat::Json => LogFormat::Json,
+            _ => LogFormat::Human,
+        },
+        _ => LogFormat::Human,
+    }
+}
+
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn")
     });
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+        LogFormat::Human => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {

@@ -139,3 +139,36 @@ fn publish_reports_accepted_duplicates_and_problems_by_line() {
         "{stdout}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_logs_json_lines_when_asked() {
+    let env = TestEnv::new();
+    env.node_config(
+        "retailer",
+        "[roles]\npublishers = [\"retailer-eshop\"]\n[log]\nformat = \"json\"\n",
+    );
+    let mut node = env.start("retailer");
+    let eshop = env.issue("retailer-eshop");
+    let results = common::publish(&mut node.ingest(&eshop).await, vec![common::event("j-1")]).await;
+    assert_eq!(
+        common::outcome(&results[0]),
+        chainsight::pb::PublishOutcome::Accepted
+    );
+    node.terminate();
+    let log = node.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines.len() > 3, "{log}");
+    for l in &lines {
+        assert!(l["timestamp"].is_string() && l["level"].is_string(), "{l}");
+    }
+    // The publish, with its fields and the RPC span carrying the caller.
+    let published = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "published")
+        .unwrap_or_else(|| panic!("no publish line: {log}"));
+    assert_eq!(published["fields"]["accepted"], 1);
+    assert_eq!(published["span"]["peer"], "retailer-eshop", "{published}");
+}
