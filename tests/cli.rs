@@ -172,3 +172,65 @@ async fn a_node_logs_json_lines_when_asked() {
     assert_eq!(published["fields"]["accepted"], 1);
     assert_eq!(published["span"]["peer"], "retailer-eshop", "{published}");
 }
+
+/// The demo chain's configs in examples/chain load and fit together: every
+/// upstream is a node of the chain that lists the sender as downstream.
+#[test]
+fn the_example_chain_configs_load_and_fit_together() {
+    use chainsight::config::{ClientConfig, NodeConfig};
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/chain");
+    // A copy with the certificates its header says to make.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    for entry in std::fs::read_dir(&examples).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let names: Vec<String> = [
+        "retailer-north",
+        "retailer-south",
+        "distributor",
+        "dairy-maker",
+        "apparel-maker",
+        "retailer-north-eshop",
+        "retailer-south-eshop",
+        "operator",
+        "analyst",
+        "auditor",
+        "maker-app",
+    ]
+    .iter()
+    .map(|n| n.to_string())
+    .collect();
+    chainsight::certs::init(&dir.join("certs"), &names).unwrap();
+    let mut nodes = std::collections::HashMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if name.starts_with("client-") {
+            ClientConfig::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        } else if name.ends_with(".toml") {
+            let cfg = NodeConfig::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(format!("{}.toml", cfg.id), name);
+            nodes.insert(cfg.id.clone(), cfg);
+        }
+    }
+    assert_eq!(nodes.len(), 5, "two retailers, a distributor, two makers");
+    for cfg in nodes.values() {
+        for up in &cfg.upstream {
+            let upstream = nodes
+                .get(&up.id)
+                .unwrap_or_else(|| panic!("{}: upstream {} is not in the chain", cfg.id, up.id));
+            assert!(
+                upstream.roles.downstream.contains(&cfg.id),
+                "{} does not accept {} as downstream",
+                up.id,
+                cfg.id
+            );
+            assert!(up.address.ends_with(&upstream.listen.port().to_string()));
+        }
+    }
+    assert!(dir.join("chainsight-node@.service").exists());
+}
