@@ -101,6 +101,10 @@ pub struct Broken {
     pub reason: String,
 }
 
+/// A record as read back: decoded, or (its bytes damaged) broken where
+/// it stands.
+pub type ReadRecord = Result<Record, Broken>;
+
 /// A chain that verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {
@@ -110,13 +114,18 @@ pub struct Verified {
 }
 
 /// Checks a whole trail, oldest first: numbered from 1 without gaps, each
-/// record's hash its digest, each `prev` the hash before it.
+/// record's hash its digest, each `prev` the hash before it. A record that
+/// could not be read breaks the chain there; `E` is a failure to read on
+/// (the check then has no verdict).
 pub fn verify_chain<E>(
-    records: impl IntoIterator<Item = Result<Record, E>>,
+    records: impl IntoIterator<Item = Result<ReadRecord, E>>,
 ) -> Result<Result<Verified, Broken>, E> {
     let mut expected = (0u64, GENESIS);
     for record in records {
-        let record = record?;
+        let record = match record? {
+            Ok(record) => record,
+            Err(unreadable) => return Ok(Err(unreadable)),
+        };
         let broken = |reason: &str| Broken {
             seq: record.seq,
             reason: reason.to_string(),
@@ -168,7 +177,7 @@ mod tests {
     }
 
     fn check(records: &[Record]) -> Result<Verified, Broken> {
-        verify_chain(records.iter().cloned().map(Ok::<_, ()>)).expect("no read error")
+        verify_chain(records.iter().cloned().map(|r| Ok::<_, ()>(Ok(r)))).expect("no read error")
     }
 
     #[test]

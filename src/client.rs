@@ -361,26 +361,16 @@ pub async fn verify_audit(
     cfg: &ClientConfig,
 ) -> Result<Result<crate::audit::Verified, crate::audit::Broken>, Error> {
     let records = audit_records(cfg, pb::AuditListRequest::default()).await?;
-    let records = records.into_iter().map(|r| {
+    let Ok(verdict) = crate::audit::verify_chain(records.into_iter().map(|r| {
         let seq = r.seq;
-        crate::conversions::audit_record_from_pb(r).map_err(|e| crate::audit::Broken {
-            seq,
-            reason: format!("malformed record: {e}"),
-        })
-    });
-    let mut malformed = None;
-    let verdict = crate::audit::verify_chain(records.map_while(|r| match r {
-        Ok(r) => Some(Ok::<_, std::convert::Infallible>(r)),
-        Err(broken) => {
-            malformed = Some(broken);
-            None
-        }
+        Ok::<_, std::convert::Infallible>(crate::conversions::audit_record_from_pb(r).map_err(
+            |e| crate::audit::Broken {
+                seq,
+                reason: format!("malformed record: {e}"),
+            },
+        ))
     }));
-    let Ok(verdict) = verdict;
-    Ok(match (verdict, malformed) {
-        (Err(broken), _) | (Ok(_), Some(broken)) => Err(broken),
-        (Ok(verified), None) => Ok(verified),
-    })
+    Ok(verdict)
 }
 
 /// The table `chainsight erasure status` prints.
@@ -428,13 +418,8 @@ pub fn format_audit(records: &[pb::AuditRecord]) -> String {
                         .ok()
                 })
                 .unwrap_or_default();
-        let kind = pb::AuditKind::try_from(r.kind)
-            .map(|k| {
-                k.as_str_name()
-                    .trim_start_matches("AUDIT_KIND_")
-                    .to_lowercase()
-            })
-            .unwrap_or_else(|_| r.kind.to_string());
+        let kind = crate::audit::Kind::from_number(r.kind)
+            .map_or_else(|| r.kind.to_string(), |k| k.label().to_string());
         let _ = writeln!(
             out,
             "{:>7}  {:<30}  {:<12}  {:<16}  {}",

@@ -104,10 +104,10 @@ pub fn noisy(report: Report, mech: Mechanism, k_min: u32, limit: usize) -> Repor
     };
     // A group made only of events without a pseudonym cannot prove k:
     // suppressed whatever the noise says, as in exact answers.
-    let (rows, anonymous): (Vec<Row>, Vec<Row>) =
-        report.rows.into_iter().partition(|r| r.customers > 0);
-    let mut rows: Vec<Row> = rows
+    let mut rows: Vec<Row> = report
+        .rows
         .into_iter()
+        .filter(|r| r.customers > 0)
         .map(|row| {
             let c = row.counts;
             let counts = Counts {
@@ -120,19 +120,16 @@ pub fn noisy(report: Report, mech: Mechanism, k_min: u32, limit: usize) -> Repor
                 purchases: noise(c.purchases, de),
                 returns: noise(c.returns, de),
             };
-            let ratio = |a: u64, b: u64| (b > 0).then(|| a as f64 / b as f64);
             Row {
                 key: row.key,
                 bucket_start: row.bucket_start,
                 events: counts.events,
                 customers: noise(row.customers, 1.0),
                 customers_exact: false,
-                avg_score: ratio(counts.score_sum, counts.score_n).map(|a| a.clamp(0.0, 10.0)),
-                nps: ratio(counts.promoters.min(counts.nps_n), counts.nps_n).map(|p| {
-                    let d = counts.detractors.min(counts.nps_n) as f64 / counts.nps_n as f64;
-                    ((p - d) * 100.0).clamp(-100.0, 100.0)
-                }),
-                return_rate: ratio(counts.returns, counts.purchases),
+                // Noisy sums can make a metric leave its range.
+                avg_score: counts.avg_score().map(|a| a.clamp(0.0, 10.0)),
+                nps: counts.nps().map(|n| n.clamp(-100.0, 100.0)),
+                return_rate: counts.return_rate(),
                 share: 0.0,
                 counts,
             }
@@ -150,9 +147,7 @@ pub fn noisy(report: Report, mech: Mechanism, k_min: u32, limit: usize) -> Repor
     // threshold that makes a group's existence (ε, δ)-private. How many
     // were not released is itself exact data: not reported.
     let threshold = mech.release_threshold().max(u64::from(k_min)).max(1);
-    let _ = anonymous;
     rows.retain(|r| r.customers >= threshold);
-    let suppressed = 0;
     rows.sort_by(|a, b| {
         b.events
             .cmp(&a.events)
@@ -164,7 +159,7 @@ pub fn noisy(report: Report, mech: Mechanism, k_min: u32, limit: usize) -> Repor
     }
     Report {
         rows,
-        suppressed_groups: suppressed,
+        suppressed_groups: 0,
         k_min,
         epsilon: mech.epsilon,
     }

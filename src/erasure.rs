@@ -27,6 +27,26 @@ pub struct Context {
 }
 
 impl Context {
+    /// Applies an erasure here (see [`Store::erase`]), passing it on along
+    /// this node's links, and records it in the audit trail: what both
+    /// `Ingest.Erase` and `Peering.Erase` do once the request is checked.
+    pub async fn apply(
+        &self,
+        store: &Store,
+        request: crate::store::EraseRequest,
+    ) -> Result<crate::store::Erased, crate::service::ApiError> {
+        let (id, by) = (request.id.clone(), request.requested_by.clone());
+        let erased = store.erase(request, router(self.links.clone())).await?;
+        let detail = serde_json::json!({
+            "erasure_id": id,
+            "erased_events": erased.events,
+            "links": erased.links,
+        });
+        crate::service::audit(store, crate::audit::Kind::Erasure, &by, detail).await?;
+        tracing::info!(erasure = %id, requested_by = %by, erased = erased.events, links = ?erased.links, "erasure applied");
+        Ok(erased)
+    }
+
     /// The answer to an erasure status request (either service's): the
     /// status here and up to `depth` hops upstream, or NOT_FOUND.
     pub async fn answer_status(

@@ -307,27 +307,25 @@ impl RowRef<'_> {
     }
 
     fn avg_score(&self) -> Option<f64> {
-        ratio(self.counts.score_sum, self.counts.score_n)
+        self.counts.avg_score()
     }
 
-    /// % promoters − % detractors over the NPS answers.
     fn nps(&self) -> Option<f64> {
-        let a = self.counts;
-        (a.nps_n > 0).then(|| 100.0 * (a.promoters as f64 - a.detractors as f64) / a.nps_n as f64)
+        self.counts.nps()
     }
 
     fn return_rate(&self) -> Option<f64> {
-        ratio(self.counts.returns, self.counts.purchases)
+        self.counts.return_rate()
     }
 
     /// The group's events / all matched events.
     fn share(&self) -> f64 {
-        ratio(self.counts.events, self.total).unwrap_or(0.0)
+        if self.total > 0 {
+            self.counts.events as f64 / self.total as f64
+        } else {
+            0.0
+        }
     }
-}
-
-fn ratio(num: u64, den: u64) -> Option<f64> {
-    (den > 0).then(|| num as f64 / den as f64)
 }
 
 impl Answer<'_> {

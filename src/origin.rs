@@ -235,7 +235,9 @@ impl Signer {
 /// relay's agreement withheld them): the proof is expanded, withheld
 /// fields keeping only their digest. Nothing to do when no field went.
 pub fn withhold(before: &PreferenceEvent, after: &mut PreferenceEvent) {
-    if after.proof.is_none() {
+    // Cheap check first (this runs per event and link): only droppable
+    // fields can have gone.
+    if after.proof.is_none() || droppable_set(before) == droppable_set(after) {
         return;
     }
     let had = canonical_fields(before);
@@ -281,6 +283,21 @@ pub fn withhold(before: &PreferenceEvent, after: &mut PreferenceEvent) {
     proof.form = ProofForm::Expanded(entries);
 }
 
+/// Which droppable fields `ev` carries (as [`canonical_fields`] counts
+/// them), and how many attributes.
+fn droppable_set(ev: &PreferenceEvent) -> ([bool; 5], usize) {
+    (
+        [
+            !ev.text.is_empty(),
+            !ev.region.is_empty(),
+            !ev.age_band.is_empty(),
+            ev.score.is_some(),
+            ev.quantity != 0,
+        ],
+        ev.attributes.values().filter(|v| !v.is_empty()).count(),
+    )
+}
+
 /// Whether a link agreement may withhold field `name` of the proof
 /// (`config::DROPPABLE_FIELDS`; the pseudonym is outside the proof).
 fn withholdable(name: &str) -> bool {
@@ -321,7 +338,21 @@ pub struct Verified {
 pub struct Verifier {
     chain: Arc<dyn ClientCertVerifier>,
     algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+    /// Certificates whose chain verified: identity and validity (Unix
+    /// seconds), so that the events of one origin do not each verify the
+    /// same chain again.
+    checked: Arc<std::sync::Mutex<std::collections::HashMap<Fingerprint, CheckedCertificate>>>,
 }
+
+#[derive(Debug, Clone)]
+struct CheckedCertificate {
+    identity: String,
+    not_before: i64,
+    not_after: i64,
+}
+
+/// Certificates [`Verifier`] remembers (origins are few; past it, it starts over).
+const CHECKED_CERTIFICATES: usize = 1024;
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -346,6 +377,7 @@ impl Verifier {
         Ok(Verifier {
             chain,
             algorithms: provider.signature_verification_algorithms,
+            checked: Default::default(),
         })
     }
 
@@ -361,17 +393,46 @@ impl Verifier {
         certificate: &[u8],
         at: UnixNanos,
     ) -> Result<String, Failure> {
+        let fp = fingerprint(certificate);
+        let secs = at.0.div_euclid(1_000_000_000);
+        let checked = || {
+            self.checked
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if let Some(c) = checked().get(&fp) {
+            if (c.not_before..=c.not_after).contains(&secs) {
+                return Ok(c.identity.clone());
+            }
+        }
         let der = CertificateDer::from(certificate);
-        let secs = u64::try_from(at.0.div_euclid(1_000_000_000)).unwrap_or(0);
         self.chain
             .verify_client_cert(
                 &der,
                 &[],
-                UnixTime::since_unix_epoch(std::time::Duration::from_secs(secs)),
+                UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+                    u64::try_from(secs).unwrap_or(0),
+                )),
             )
             .map_err(|e| Failure::Certificate(e.to_string()))?;
-        crate::tls::identity_of(&der)
-            .ok_or_else(|| Failure::Certificate("no identity (DNS name) in the certificate".into()))
+        let identity = crate::tls::identity_of(&der).ok_or_else(|| {
+            Failure::Certificate("no identity (DNS name) in the certificate".into())
+        })?;
+        if let Ok((_, parsed)) = x509_parser::parse_x509_certificate(certificate) {
+            let mut cache = checked();
+            if cache.len() >= CHECKED_CERTIFICATES {
+                cache.clear();
+            }
+            cache.insert(
+                fp,
+                CheckedCertificate {
+                    identity: identity.clone(),
+                    not_before: parsed.validity().not_before.timestamp(),
+                    not_after: parsed.validity().not_after.timestamp(),
+                },
+            );
+        }
+        Ok(identity)
     }
 
     /// Checks `ev` against its proof, with the origin certificate found

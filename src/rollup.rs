@@ -459,6 +459,10 @@ pub struct Agg {
     pub hll_estimate: u64,
 }
 
+fn ratio(num: u64, den: u64) -> Option<f64> {
+    (den > 0).then(|| num as f64 / den as f64)
+}
+
 /// The additive part of a cell or a query group: an [`Agg`] without its
 /// customers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -474,6 +478,22 @@ pub struct Counts {
 }
 
 impl Counts {
+    /// Average review score.
+    pub fn avg_score(&self) -> Option<f64> {
+        ratio(self.score_sum, self.score_n)
+    }
+
+    /// % promoters − % detractors over the NPS answers.
+    pub fn nps(&self) -> Option<f64> {
+        (self.nps_n > 0)
+            .then(|| 100.0 * (self.promoters as f64 - self.detractors as f64) / self.nps_n as f64)
+    }
+
+    /// Returns per purchase.
+    pub fn return_rate(&self) -> Option<f64> {
+        ratio(self.returns, self.purchases)
+    }
+
     /// Adds `other` into `self`.
     pub fn add(&mut self, other: &Counts) {
         self.events += other.events;

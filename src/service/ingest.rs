@@ -218,20 +218,7 @@ impl pb::ingest_server::Ingest for IngestService {
                 pseudonym: inner.anonymiser.pseudonym(customer_id.trim()),
                 event_ids: Vec::new(),
             };
-            let router = crate::erasure::router(inner.links.clone());
-            let erased = inner
-                .store
-                .erase(request, router)
-                .await
-                .map_err(ApiError::from)?;
-            let detail = serde_json::json!({
-                "erasure_id": id,
-                "requested": true,
-                "erased_events": erased.events,
-                "links": erased.links,
-            });
-            super::audit(&inner.store, crate::audit::Kind::Erasure, &peer.identity, detail).await?;
-            tracing::info!(erasure = %id, erased = erased.events, links = ?erased.links, "erasure requested");
+            let erased = inner.erasure.apply(&inner.store, request).await?;
             Ok(Response::new(pb::EraseResponse {
                 erasure_id: id,
                 erased_events: erased.events,

@@ -134,6 +134,9 @@ impl Inner {
         certificates: Vec<Vec<u8>>,
         events: Vec<NewEvent>,
     ) -> Result<(Vec<NewEvent>, u32), ApiError> {
+        if certificates.is_empty() && !self.trust.require {
+            return Ok((events, 0));
+        }
         let trust = self.trust.clone();
         let store = self.store.clone();
         let checked = tokio::task::spawn_blocking(move || {
@@ -147,6 +150,12 @@ impl Inner {
             let mut batch_certs = std::collections::HashMap::new();
             for der in certificates.into_iter().take(MAX_BATCH_CERTIFICATES) {
                 let fp = crate::origin::fingerprint(&der);
+                // Senders repeat their certificates in every batch: one
+                // kept here was checked when it was kept.
+                if store.certificate(&fp)?.is_some() {
+                    batch_certs.insert(fp, der);
+                    continue;
+                }
                 let checked = match signed_at.get(&fp) {
                     Some(at) => trust.verifier.check_certificate_at(&der, *at),
                     None => trust.verifier.check_certificate(&der),
@@ -154,7 +163,7 @@ impl Inner {
                 match checked {
                     Ok(_) => {
                         store.put_certificate(&der)?;
-                        batch_certs.insert(crate::origin::fingerprint(&der), der);
+                        batch_certs.insert(fp, der);
                     }
                     Err(e) => tracing::warn!(error = %e, "ignored a forwarded origin certificate"),
                 }
@@ -296,26 +305,9 @@ impl pb::peering_server::Peering for PeeringService {
                 pseudonym: req.customer_pseudonym,
                 event_ids: req.event_ids,
             };
-            let erased = inner
-                .store
-                .erase(request, crate::erasure::router(inner.links.clone()))
-                .await
-                .map_err(ApiError::from)?;
-            let total = inner
-                .store
-                .erasure(&req.erasure_id)
-                .map_err(ApiError::from)?
-                .map_or(erased.events, |r| r.erased_events);
-            let detail = serde_json::json!({
-                "erasure_id": req.erasure_id,
-                "from_downstream": peer.identity,
-                "erased_events": erased.events,
-                "links": erased.links,
-            });
-            super::audit(&inner.store, crate::audit::Kind::Erasure, &peer.identity, detail).await?;
-            tracing::info!(erasure = %req.erasure_id, erased = erased.events, links = ?erased.links, "erasure applied");
+            let erased = inner.erasure.apply(&inner.store, request).await?;
             Ok(Response::new(pb::ErasureAck {
-                erased_events: total,
+                erased_events: erased.total,
             }))
         }
         .instrument(span)

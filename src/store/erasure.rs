@@ -116,6 +116,8 @@ pub struct ErasureSignal {
 pub struct Erased {
     /// Events erased now.
     pub events: u64,
+    /// Events erased here by this erasure, over every application of it.
+    pub total: u64,
     /// The upstream links it is passed on along.
     pub links: Vec<String>,
 }

@@ -323,7 +323,11 @@ impl Writer {
             }
             self.flush_now()?;
             self.trees.erasures_added.notify_waiters();
-            return Ok(super::Erased { events: 0, links });
+            return Ok(super::Erased {
+                events: 0,
+                total: record.erased_events,
+                links,
+            });
         }
         // The rollups: every delta in the tree first, then the corrections.
         let erased_seqs: std::collections::HashSet<Seq> = erased.iter().map(|(s, _)| *s).collect();
@@ -426,6 +430,7 @@ impl Writer {
         );
         Ok(super::Erased {
             events: erased.len() as u64,
+            total: record.erased_events,
             links,
         })
     }
