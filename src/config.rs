@@ -397,6 +397,38 @@ pub struct NodeConfig {
     pub dp_budget: Vec<DpBudget>,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
+}
+
+/// `[storage]`: the sled store's use of memory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// sled's page cache (MiB): pages read or written recently stay in
+    /// memory up to this size, which bounds most of the node's memory.
+    /// Default 1024 (sled's own default).
+    #[serde(default = "default_page_cache_mib")]
+    pub page_cache_mib: u64,
+}
+
+fn default_page_cache_mib() -> u64 {
+    1024
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            page_cache_mib: default_page_cache_mib(),
+        }
+    }
+}
+
+impl StorageConfig {
+    /// The page cache in bytes.
+    pub fn page_cache_bytes(&self) -> u64 {
+        self.page_cache_mib.saturating_mul(1 << 20)
+    }
 }
 
 /// `[log]`: how the node writes its log (stderr).

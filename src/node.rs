@@ -143,8 +143,9 @@ async fn open_parts(config: &NodeConfig) -> Result<Parts, Error> {
     let link_ids = links.ids();
     let layout = config.insights.layout().map_err(Error::Serve)?;
     let cache_bytes = config.insights.cache_mib.saturating_mul(1 << 20);
+    let page_cache = config.storage.page_cache_bytes();
     let store = tokio::task::spawn_blocking(move || {
-        let store = Store::open_with(&store_dir, &link_ids, layout)?;
+        let store = Store::open_tuned(&store_dir, &link_ids, layout, page_cache)?;
         store.set_rollup_cache_bytes(cache_bytes);
         store.check_rollups()?;
         Ok::<_, crate::store::Error>(store)

@@ -200,6 +200,9 @@ struct Outbox {
     added: Notify,
 }
 
+/// sled's own default page cache (1 GiB).
+pub const DEFAULT_PAGE_CACHE_BYTES: u64 = 1 << 30;
+
 impl Store {
     /// Opens (creating if needed) the store in `dir`, with an outbox per
     /// entry of `links`, and starts its writer.
@@ -216,6 +219,18 @@ impl Store {
         links: &[String],
         layout: Option<crate::rollup::Layout>,
     ) -> Result<Store> {
+        Self::open_tuned(dir, links, layout, DEFAULT_PAGE_CACHE_BYTES)
+    }
+
+    /// As [`Self::open_with`], with sled's page cache bounded to
+    /// `page_cache_bytes` (the node's largest use of memory: pages read or
+    /// written recently stay cached up to this size).
+    pub fn open_tuned(
+        dir: &Path,
+        links: &[String],
+        layout: Option<crate::rollup::Layout>,
+        page_cache_bytes: u64,
+    ) -> Result<Store> {
         let open_err = |source| Error::Open {
             path: dir.to_path_buf(),
             source,
@@ -223,6 +238,7 @@ impl Store {
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
+            .cache_capacity(page_cache_bytes)
             .open()
             .map_err(open_err)?;
         let trees = Trees {
