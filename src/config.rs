@@ -399,6 +399,18 @@ pub struct NodeConfig {
     pub log: LogConfig,
     #[serde(default)]
     pub storage: StorageConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: the optional Prometheus endpoint.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Where to serve `GET /metrics` (plain HTTP, no authentication: keep
+    /// it on loopback, e.g. "127.0.0.1:9464"). None: no endpoint.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[storage]`: the sled store's use of memory.

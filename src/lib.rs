@@ -20,6 +20,7 @@ pub mod domain;
 pub mod dp;
 pub mod erasure;
 pub mod insights;
+pub mod metrics;
 pub mod node;
 pub mod origin;
 pub mod pb;

@@ -95,6 +95,16 @@ async fn run_inner(
     );
     let retention =
         crate::retention::spawn(parts.store.clone(), config.retention.clone(), token.clone());
+    let metrics = match config.metrics.listen {
+        Some(addr) => {
+            let registry = crate::metrics::registry(parts.store.clone(), parts.links.clone());
+            let (_, task) = crate::metrics::serve(addr, registry, token.clone())
+                .await
+                .map_err(|e| Error::Serve(e.to_string()))?;
+            Some(task)
+        }
+        None => None,
+    };
     tracing::info!(
         data_dir = %config.data_dir.display(),
         last_seq = parts.store.last_seq()?,
@@ -104,7 +114,12 @@ async fn run_inner(
 
     let result = serve_until(server, shutdown, &token, &health).await;
     token.cancel();
-    for w in workers.into_iter().chain(erasures).chain(retention) {
+    for w in workers
+        .into_iter()
+        .chain(erasures)
+        .chain(retention)
+        .chain(metrics)
+    {
         // Workers watch the token; the bound is a safety net.
         if tokio::time::timeout(Duration::from_secs(5), w)
             .await

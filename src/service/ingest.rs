@@ -145,6 +145,14 @@ fn result(event_id: String, outcome: pb::PublishOutcome) -> pb::PublishResult {
 
 fn log_outcomes(results: &[pb::PublishResult]) {
     let count = |o: pb::PublishOutcome| results.iter().filter(|r| r.outcome == o as i32).count();
+    let m = crate::metrics::get();
+    for (outcome, label) in [
+        (pb::PublishOutcome::Accepted, "accepted"),
+        (pb::PublishOutcome::Duplicate, "duplicate"),
+        (pb::PublishOutcome::Rejected, "rejected"),
+    ] {
+        crate::metrics::Metrics::count(&m.published, label, count(outcome) as u64);
+    }
     tracing::info!(
         accepted = count(pb::PublishOutcome::Accepted),
         duplicate = count(pb::PublishOutcome::Duplicate),

@@ -105,6 +105,25 @@ impl InsightsService {
         &self,
         req: Request<pb::InsightQuery>,
     ) -> Result<Response<EncodedReport>, Status> {
+        let started = std::time::Instant::now();
+        let answer = self.answer(req).await;
+        let m = crate::metrics::get();
+        match &answer {
+            Ok(report) => {
+                m.query_seconds.observe(started.elapsed().as_secs_f64());
+                m.suppressed_groups
+                    .inc_by(u64::from(report.get_ref().suppressed_groups));
+                crate::metrics::Metrics::count(&m.queries, "ok", 1);
+            }
+            Err(_) => crate::metrics::Metrics::count(&m.queries, "error", 1),
+        }
+        answer
+    }
+
+    async fn answer(
+        &self,
+        req: Request<pb::InsightQuery>,
+    ) -> Result<Response<EncodedReport>, Status> {
         let span = rpc_span(&req, "Insights.Query");
         let peer = span.in_scope(|| authorize(&req, &self.policy, Role::Analyst))?;
         let asked = req.into_inner();

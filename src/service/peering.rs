@@ -115,6 +115,15 @@ impl Inner {
             dropped,
             refused,
         };
+        let m = crate::metrics::get();
+        for (label, n) in [
+            ("stored", stored),
+            ("duplicate", ack.duplicates),
+            ("dropped", dropped),
+            ("refused", refused),
+        ] {
+            crate::metrics::Metrics::count(&m.forwarded_in, label, u64::from(n));
+        }
         tracing::debug!(
             batch_id = ack.batch_id,
             stored,

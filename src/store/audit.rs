@@ -74,6 +74,14 @@ impl AuditLog {
         Ok(record)
     }
 
+    /// The last record's seq (0 when the trail is empty).
+    pub(super) fn head_seq(&self) -> u64 {
+        self.head
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
+    }
+
     /// Records with a seq above `after`, oldest first. A record that does
     /// not decode ends the iteration with [`Error::Corrupt`].
     pub(super) fn after(&self, after: u64) -> impl Iterator<Item = Result<Record>> {

@@ -579,6 +579,22 @@ impl Store {
         }
     }
 
+    /// Every named subscription's acknowledged cursor: (identity, name, cursor).
+    pub fn named_cursors(&self) -> Result<Vec<(String, String, Seq)>> {
+        let mut out = Vec::new();
+        for entry in self.inner.trees.cursors.iter() {
+            let (k, v) = entry?;
+            let Some(split) = k.iter().position(|&b| b == 0) else {
+                continue;
+            };
+            let identity = String::from_utf8_lossy(&k[..split]).into_owned();
+            let name = String::from_utf8_lossy(&k[split + 1..]).into_owned();
+            let cursor = seq_from(&v, "cursors", &name)?;
+            out.push((identity, name, cursor));
+        }
+        Ok(out)
+    }
+
     /// Durably records `cursor` as acknowledged under subscription `name` of `identity`.
     pub async fn set_named_cursor(&self, identity: &str, name: &str, cursor: Seq) -> Result<()> {
         self.inner
@@ -763,6 +779,11 @@ impl Store {
         detail: &serde_json::Value,
     ) -> Result<crate::audit::Record> {
         self.inner.audit.append(kind, identity, detail.to_string())
+    }
+
+    /// Records in the audit trail (its last seq: numbers have no gaps).
+    pub fn audit_len(&self) -> u64 {
+        self.inner.audit.head_seq()
     }
 
     /// The audit records after seq `after`, oldest first.

@@ -473,7 +473,16 @@ impl Writer {
             );
             return;
         }
-        tracing::trace!(elapsed = ?started.elapsed(), "flushed");
+        let elapsed = started.elapsed();
+        let m = crate::metrics::get();
+        m.flush_seconds.observe(elapsed.as_secs_f64());
+        let stored = outcomes
+            .iter()
+            .flatten()
+            .filter(|o| matches!(o, Appended::Stored(_)))
+            .count();
+        m.stored.inc_by(stored as u64);
+        tracing::trace!(?elapsed, "flushed");
         for (cmd, outcome) in batch.into_iter().zip(outcomes) {
             let Append { reply, .. } = cmd;
             let _ = reply.send(Ok(outcome));

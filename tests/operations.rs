@@ -1,0 +1,336 @@
+//! Operating a node: the Prometheus endpoint, live reload, backup and
+//! restore — on real node processes over mTLS.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+
+use chainsight::pb;
+use common::{event_of, publish, publish_all, roles, upstream, TestEnv};
+
+const DAIRY: &str = "4740001000017";
+const DAIRY_RARE: &str = "4740001000024";
+const WEAR: &str = "4750002000015";
+
+/// One scrape, parsed: (metric name, labels) → value, plus each family's
+/// declared type.
+struct Scrape {
+    samples: HashMap<(String, BTreeMap<String, String>), f64>,
+    types: HashMap<String, String>,
+}
+
+impl Scrape {
+    /// The value of `name` with exactly `labels`; panics (showing what was
+    /// scraped) when absent.
+    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let labels: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        *self
+            .samples
+            .get(&(name.to_string(), labels.clone()))
+            .unwrap_or_else(|| {
+                let mut names: Vec<_> = self
+                    .samples
+                    .keys()
+                    .map(|(n, l)| format!("{n}{l:?}"))
+                    .collect();
+                names.sort();
+                panic!("no sample {name}{labels:?} among:\n{}", names.join("\n"))
+            })
+    }
+
+    fn type_of(&self, family: &str) -> &str {
+        self.types
+            .get(family)
+            .map(String::as_str)
+            .unwrap_or_else(|| panic!("no # TYPE line for {family}"))
+    }
+}
+
+/// Parses the OpenMetrics / Prometheus text format strictly: every line is
+/// a comment (`# HELP`, `# TYPE`, `# UNIT`, `# EOF`) or a sample
+/// `name{label="value",...} number`; anything else fails the test.
+fn parse_metrics(text: &str) -> Scrape {
+    assert_eq!(
+        text.trim_end().lines().last(),
+        Some("# EOF"),
+        "OpenMetrics text ends with # EOF"
+    );
+    let mut samples = HashMap::new();
+    let mut types = HashMap::new();
+    let valid_name = |n: &str| {
+        !n.is_empty()
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+            && !n.starts_with(|c: char| c.is_ascii_digit())
+    };
+    for line in text.lines() {
+        if line.is_empty() || line == "# EOF" {
+            continue;
+        }
+        if let Some(comment) = line.strip_prefix("# ") {
+            let mut parts = comment.splitn(3, ' ');
+            match parts.next() {
+                Some("TYPE") => {
+                    let family = parts.next().expect("family").to_string();
+                    let kind = parts.next().expect("type").to_string();
+                    assert!(
+                        [
+                            "counter",
+                            "gauge",
+                            "histogram",
+                            "summary",
+                            "unknown",
+                            "info",
+                            "stateset"
+                        ]
+                        .contains(&kind.as_str()),
+                        "bad type in {line:?}"
+                    );
+                    types.insert(family, kind);
+                }
+                Some("HELP") | Some("UNIT") => {}
+                _ => panic!("unexpected comment line {line:?}"),
+            }
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("sample: series and value");
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            v => v
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {line:?}")),
+        };
+        let (name, labels) = match series.split_once('{') {
+            None => (series, BTreeMap::new()),
+            Some((name, rest)) => {
+                let body = rest.strip_suffix('}').expect("labels end with }");
+                let mut labels = BTreeMap::new();
+                let mut rest = body;
+                while !rest.is_empty() {
+                    let (key, after) = rest.split_once("=\"").expect("label=\"value\"");
+                    assert!(valid_name(key), "bad label name in {line:?}");
+                    let end = after.find('"').expect("closing quote");
+                    labels.insert(key.to_string(), after[..end].to_string());
+                    rest = after[end + 1..].trim_start_matches(',');
+                }
+                (name, labels)
+            }
+        };
+        assert!(valid_name(name), "bad metric name in {line:?}");
+        assert!(
+            samples.insert((name.to_string(), labels), value).is_none(),
+            "sample twice: {line:?}"
+        );
+    }
+    Scrape { samples, types }
+}
+
+/// `GET /metrics` over plain HTTP/1.1.
+fn scrape(addr: SocketAddr) -> Scrape {
+    let mut conn = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    write!(
+        conn,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut response = String::new();
+    conn.read_to_string(&mut response).expect("read");
+    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text"),
+        "{head}"
+    );
+    if std::env::var_os("SHOW_METRICS").is_some() {
+        println!("{body}");
+    }
+    parse_metrics(body)
+}
+
+fn metrics_table(port: u16) -> String {
+    format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_endpoint_counts_publishing_forwarding_queries_and_lag() {
+    let env = TestEnv::new();
+    let operator = env.issue("operator");
+    let analyst = env.issue("analyst");
+    let maker = env.issue("maker-app");
+    let eshop = env.issue("retailer-eshop");
+    let (d_port, d_metrics, r_metrics) =
+        (env.reserve_port(), env.reserve_port(), env.reserve_port());
+    env.node_config_on(
+        "distributor",
+        d_port,
+        &format!(
+            "{}[privacy]\nk_min = 5\n{}",
+            roles(&[
+                "downstream = [\"retailer\"]",
+                "analysts = [\"analyst\"]",
+                "subscribers = [\"maker-app\"]",
+            ]),
+            metrics_table(d_metrics)
+        ),
+    );
+    let d = env.start("distributor");
+    env.node_config(
+        "retailer",
+        &format!(
+            "{}{}{}",
+            roles(&["publishers = [\"retailer-eshop\"]"]),
+            upstream("distributor", d_port, "categories = [\"dairy\"]"),
+            metrics_table(r_metrics)
+        ),
+    );
+    let r = env.start("retailer");
+
+    // 300 dairy events (forwarded) and 100 wear events (kept at the
+    // retailer), then 40 of them again and 7 invalid ones.
+    let events: Vec<_> = (0..400)
+        .map(|i| {
+            // Four dairy events of a rare product by 2 customers: a group
+            // below k_min.
+            let (gtin, customer) = match i {
+                _ if i % 4 == 3 => (WEAR, format!("c-{}", i % 50)),
+                _ if i % 100 == 1 => (DAIRY_RARE, format!("rare-{}", i % 2)),
+                _ => (DAIRY, format!("c-{}", i % 50)),
+            };
+            let mut e = event_of(&format!("e-{i}"), gtin, pb::EventKind::Purchase, &customer);
+            if gtin == WEAR {
+                e.product.as_mut().unwrap().category = "apparel".into();
+            }
+            e
+        })
+        .collect();
+    let mut ingest = r.ingest(&eshop).await;
+    publish_all(&mut ingest, events.clone()).await;
+    let again = publish(&mut ingest, events[..40].to_vec()).await;
+    assert!(again
+        .iter()
+        .all(|x| common::outcome(x) == pb::PublishOutcome::Duplicate));
+    let bad: Vec<_> = (0..7)
+        .map(|i| {
+            let mut e = event_of(&format!("bad-{i}"), DAIRY, pb::EventKind::Purchase, "c-1");
+            e.product.as_mut().unwrap().gtin = "12345".into();
+            e
+        })
+        .collect();
+    let rejected = publish(&mut ingest, bad).await;
+    assert!(rejected
+        .iter()
+        .all(|x| common::outcome(x) == pb::PublishOutcome::Rejected));
+    r.wait_drained(&operator, 300).await;
+
+    // A query at the distributor: the rare product's group is suppressed.
+    let mut insights =
+        pb::insights_client::InsightsClient::new(d.channel(&analyst).await.expect("connect"));
+    let report = insights
+        .query(pb::InsightQuery {
+            group_by: vec![pb::Dimension::Gtin as i32, pb::Dimension::Region as i32],
+            ..Default::default()
+        })
+        .await
+        .expect("query")
+        .into_inner();
+    let rows_events: u64 = report.rows.iter().map(|r| r.events).sum();
+    assert_eq!(report.suppressed_groups, 1, "{report:?}");
+    // A named subscription that processed 120 of the 300 events.
+    let mut signals =
+        pb::signals_client::SignalsClient::new(d.channel(&maker).await.expect("connect"));
+    signals
+        .ack(pb::AckRequest {
+            name: "bi-loader".into(),
+            cursor: 120,
+        })
+        .await
+        .expect("ack");
+
+    let rs = scrape(common_addr(r_metrics));
+    let ds = scrape(common_addr(d_metrics));
+    println!(
+        "retailer: {} samples, distributor: {} samples",
+        rs.samples.len(),
+        ds.samples.len()
+    );
+
+    // Publishing, by outcome, at the retailer.
+    assert_eq!(rs.type_of("chainsight_publish_events"), "counter");
+    let published = |o: &str| rs.value("chainsight_publish_events_total", &[("outcome", o)]);
+    assert_eq!(published("accepted"), 400.0);
+    assert_eq!(published("duplicate"), 40.0);
+    assert_eq!(published("rejected"), 7.0);
+    assert_eq!(rs.value("chainsight_events_stored_total", &[]), 400.0);
+    assert_eq!(rs.value("chainsight_store_last_seq", &[]), 400.0);
+    assert!(rs.value("chainsight_store_size_bytes", &[]) > 0.0);
+    // The flush histogram: one observation per group commit, buckets
+    // cumulative up to +Inf.
+    assert_eq!(
+        rs.type_of("chainsight_store_flush_duration_seconds"),
+        "histogram"
+    );
+    let flushes = rs.value("chainsight_store_flush_duration_seconds_count", &[]);
+    assert!(flushes >= 1.0, "{flushes} flushes");
+    assert_eq!(
+        rs.value(
+            "chainsight_store_flush_duration_seconds_bucket",
+            &[("le", "+Inf")]
+        ),
+        flushes
+    );
+    // The link: everything acknowledged, nothing waiting, connected.
+    let link = [("link", "distributor")];
+    assert_eq!(
+        rs.value("chainsight_link_acknowledged_events_total", &link),
+        300.0
+    );
+    assert_eq!(rs.value("chainsight_link_backlog_events", &link), 0.0);
+    assert_eq!(
+        rs.value("chainsight_link_oldest_unacknowledged_age_seconds", &link),
+        0.0
+    );
+    assert_eq!(rs.value("chainsight_link_connected", &link), 1.0);
+
+    // Forwarding, queries and subscriber lag at the distributor.
+    let received = |o: &str| {
+        ds.value(
+            "chainsight_forward_received_events_total",
+            &[("outcome", o)],
+        )
+    };
+    assert_eq!(received("stored"), 300.0);
+    assert_eq!(ds.value("chainsight_events_stored_total", &[]), 300.0);
+    assert_eq!(rows_events, 296, "300 forwarded, 4 in the suppressed group");
+    assert_eq!(
+        ds.value("chainsight_queries_total", &[("outcome", "ok")]),
+        1.0
+    );
+    assert_eq!(
+        ds.value("chainsight_query_duration_seconds_count", &[]),
+        1.0
+    );
+    assert!(ds.value("chainsight_query_duration_seconds_sum", &[]) > 0.0);
+    assert_eq!(
+        ds.value("chainsight_query_suppressed_groups_total", &[]),
+        f64::from(report.suppressed_groups)
+    );
+    assert_eq!(
+        ds.value(
+            "chainsight_subscriber_lag_events",
+            &[("identity", "maker-app"), ("subscription", "bi-loader")]
+        ),
+        180.0
+    );
+    // The query was audited.
+    assert!(ds.value("chainsight_audit_records", &[]) >= 1.0);
+}
+
+fn common_addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
