@@ -14,6 +14,7 @@ const PROTOS: &[&str] = &[
     "proto/chainsight/v1/signals.proto",
     "proto/chainsight/v1/insights.proto",
     "proto/chainsight/v1/audit.proto",
+    "proto/chainsight/v1/admin.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

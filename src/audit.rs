@@ -31,6 +31,7 @@ crate::domain::proto_enum!(
         Subscription = 2 => "subscription",
         Query = 3 => "query",
         Erasure = 4 => "erasure",
+        Admin = 5 => "admin",
     }
 );
 

@@ -401,6 +401,9 @@ pub struct NodeConfig {
     pub storage: StorageConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// The file this config was read from (for a live reload).
+    #[serde(skip)]
+    pub source: PathBuf,
 }
 
 /// `[metrics]`: the optional Prometheus endpoint.
@@ -606,6 +609,25 @@ pub fn is_identity(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
 }
 
+/// The parts of node.toml that say how to reach the node as itself: what
+/// `chainsight admin reload` needs even when the rest of the file no
+/// longer validates (the node then says why it refuses it).
+#[derive(Debug, Clone, Deserialize)]
+pub struct NodeConnection {
+    pub id: String,
+    pub listen: SocketAddr,
+    pub tls: TlsFiles,
+}
+
+impl NodeConnection {
+    /// Reads the connection parts of `node.toml`, ignoring the rest.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let mut c: NodeConnection = parse(path, &read(path)?)?;
+        c.tls.resolve_and_check(path, &base_dir(path))?;
+        Ok(c)
+    }
+}
+
 impl NodeConfig {
     /// Reads and validates `node.toml`.
     pub fn load(path: &Path) -> Result<Self, Error> {
@@ -622,6 +644,7 @@ impl NodeConfig {
     }
 
     fn finish(&mut self, path: &Path) -> Result<(), Error> {
+        self.source = path.to_path_buf();
         let base = base_dir(path);
         if !is_identity(&self.id) {
             return Err(invalid(

@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod anonymise;
 pub mod audit;
 pub mod bench;
@@ -26,6 +27,7 @@ pub mod origin;
 pub mod pb;
 pub mod policy;
 pub mod propagate;
+pub mod reload;
 pub mod retention;
 pub mod rollup;
 pub mod secret;

@@ -128,7 +128,7 @@ enum Command {
         #[arg(long, default_value = "events")]
         chart_metric: String,
     },
-    /// Offline maintenance of a node's data directory (stop the node first).
+    /// Maintenance: backup and reload of a running node; restore and rollup rebuild offline.
     Admin {
         #[command(subcommand)]
         command: AdminCommand,
@@ -298,6 +298,37 @@ enum AdminCommand {
     /// Recompute every rollup from the stored events.
     RebuildRollups {
         /// Path to node.toml of the (stopped) node.
+        #[arg(long, default_value = "node.toml")]
+        config: PathBuf,
+    },
+    /// Back up the running node: a consistent snapshot of its store
+    /// (events, outboxes, cursors, rollups, audit trail) into one file.
+    Backup {
+        /// Path to node.toml of the running node (run on its machine).
+        #[arg(long, default_value = "node.toml")]
+        config: PathBuf,
+        /// The backup file to write (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// Also store the node's pseudonym key (secret: without it a
+        /// restored node refuses to start until the key file is copied in).
+        #[arg(long)]
+        include_keys: bool,
+    },
+    /// Rebuild a data directory from a backup file (checked whole first).
+    Restore {
+        /// The backup file.
+        #[arg(long = "in")]
+        input: PathBuf,
+        /// The new data directory (`data_dir` of the restored node's
+        /// node.toml); must not hold a store.
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Make the running node re-read node.toml (as SIGHUP does): roles,
+    /// link agreements and filter limits change without a restart.
+    Reload {
+        /// Path to node.toml of the running node.
         #[arg(long, default_value = "node.toml")]
         config: PathBuf,
     },
@@ -588,6 +619,97 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let n = store.rebuild_rollups(|done| bar.set_position(done)).await?;
             bar.finish_and_clear();
             println!("rebuilt rollups from {n} events");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Admin {
+            command:
+                AdminCommand::Backup {
+                    config,
+                    out,
+                    include_keys,
+                },
+        } => {
+            let cfg = NodeConfig::load(&config)?;
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} backing up {msg}: {bytes} ({bytes_per_sec})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            bar.set_message(cfg.id.clone());
+            let summary =
+                chainsight::admin::backup(&cfg, &out, include_keys, |b| bar.set_position(b))
+                    .await?;
+            bar.finish_and_clear();
+            let check = chainsight::store::backup::verify(&out)?;
+            println!(
+                "backed up node {} into {}: {} trees, {} entries, events up to seq {}, {} bytes{}",
+                check.node_id,
+                out.display(),
+                check.counts.trees,
+                check.counts.entries,
+                check.counts.last_seq,
+                summary.bytes,
+                if summary.keys.is_empty() {
+                    " (no keys: keep the node's pseudonym.key safe separately)".to_string()
+                } else {
+                    format!(" with {} (keep this file secret)", summary.keys.join(", "))
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Admin {
+            command: AdminCommand::Restore { input, data_dir },
+        } => {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} restoring: {pos} entries ({per_sec})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            let data = data_dir.clone();
+            let restored = tokio::task::spawn_blocking(move || {
+                chainsight::store::backup::restore(&input, &data, |n| bar.set_position(n))
+            })
+            .await??;
+            println!(
+                "restored node {}'s store into {}: {} trees, {} entries, events up to seq {}",
+                restored.node_id,
+                data_dir.join("store").display(),
+                restored.counts.trees,
+                restored.counts.entries,
+                restored.counts.last_seq
+            );
+            if restored.secrets.is_empty() {
+                println!(
+                    "the backup holds no pseudonym key: copy the node's {} into {} before starting it (it refuses to start without it)",
+                    chainsight::anonymise::KEY_FILE,
+                    data_dir.display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Admin {
+            command: AdminCommand::Reload { config },
+        } => {
+            // Only how to reach the node: the node itself judges the file.
+            let cfg = chainsight::config::NodeConnection::load(&config)?;
+            let r = chainsight::admin::reload(&cfg)
+                .await
+                .context("the node refused the reload")?;
+            if r.applied.is_empty() {
+                println!("reloaded: nothing that can change live has changed");
+            } else {
+                println!("reloaded: now in force: {}", r.applied.join(", "));
+            }
+            if !r.needs_restart.is_empty() {
+                println!(
+                    "changed but in force only after a restart: {}",
+                    r.needs_restart.join("; ")
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {

@@ -105,6 +105,8 @@ async fn run_inner(
         }
         None => None,
     };
+    let reload =
+        crate::reload::spawn_on_sighup(parts.reloader.clone(), parts.store.clone(), token.clone());
     tracing::info!(
         data_dir = %config.data_dir.display(),
         last_seq = parts.store.last_seq()?,
@@ -119,6 +121,7 @@ async fn run_inner(
         .chain(erasures)
         .chain(retention)
         .chain(metrics)
+        .chain(reload)
     {
         // Workers watch the token; the bound is a safety net.
         if tokio::time::timeout(Duration::from_secs(5), w)
@@ -143,6 +146,8 @@ struct Parts {
     links: Arc<Links>,
     store: Store,
     policy: Policy,
+    limits: FilterLimits,
+    reloader: Arc<crate::reload::Reloader>,
     signer: Option<Arc<crate::origin::Signer>>,
     verifier: Arc<crate::origin::Verifier>,
 }
@@ -183,11 +188,22 @@ async fn open_parts(config: &NodeConfig) -> Result<Parts, Error> {
     } else {
         None
     };
+    let policy = Policy::from_roles(&config.roles);
+    let limits = FilterLimits::from_config(&config.filter_limit);
+    let reloader = Arc::new(crate::reload::Reloader::new(
+        config.clone(),
+        policy.clone(),
+        limits.clone(),
+        links.clone(),
+    ));
+    crate::service::admin::remove_stale_staging(&config.data_dir);
     Ok(Parts {
         anonymiser,
         links,
         store,
-        policy: Policy::from_roles(&config.roles),
+        policy,
+        limits,
+        reloader,
         signer,
         verifier,
     })
@@ -240,7 +256,7 @@ fn build_router(
     .max_decoding_message_size(max);
     let signals = pb::signals_server::SignalsServer::new(SignalsService::new(
         parts.policy.clone(),
-        FilterLimits::from_config(&config.filter_limit),
+        parts.limits.clone(),
         parts.store.clone(),
         token,
     ));
@@ -254,13 +270,22 @@ fn build_router(
         .add_service(ingest)
         .add_service(peering)
         .add_service(signals)
+        .add_service(pb::admin_server::AdminServer::new(
+            crate::service::admin::AdminService::new(
+                config.id.clone(),
+                parts.policy.clone(),
+                parts.store.clone(),
+                config.data_dir.clone(),
+                parts.reloader.clone(),
+            ),
+        ))
         .add_service(pb::audit_server::AuditServer::new(
             crate::service::audit::AuditService::new(parts.policy.clone(), parts.store.clone()),
         ))
         .add_service(
             InsightsService::new(
                 parts.policy.clone(),
-                FilterLimits::from_config(&config.filter_limit),
+                parts.limits.clone(),
                 parts.store.clone(),
                 config.privacy.k_min,
                 &config.dp_budget,

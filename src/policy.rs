@@ -2,8 +2,9 @@
 //! node.toml `[roles]`; an identity not listed for a role does not have it
 //! (deny by default).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::anonymise::keyed_digest;
 use crate::config::{PseudonymMode, Roles, Share};
@@ -53,9 +54,15 @@ impl Role {
     }
 }
 
-/// The role grants of one node.
+/// The role grants of one node. Clones share the grants, so a live reload
+/// ([`Policy::replace`]) reaches every service at once.
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
+    grants: Arc<RwLock<Grants>>,
+}
+
+#[derive(Debug, Default, PartialEq)]
+struct Grants {
     publishers: HashSet<String>,
     downstream: HashSet<String>,
     subscribers: HashSet<String>,
@@ -64,11 +71,10 @@ pub struct Policy {
     auditors: HashSet<String>,
 }
 
-impl Policy {
-    /// The grants of node.toml `[roles]`.
-    pub fn from_roles(roles: &Roles) -> Self {
+impl Grants {
+    fn from_roles(roles: &Roles) -> Self {
         let set = |v: &Vec<String>| v.iter().cloned().collect();
-        Policy {
+        Grants {
             publishers: set(&roles.publishers),
             downstream: set(&roles.downstream),
             subscribers: set(&roles.subscribers),
@@ -77,19 +83,43 @@ impl Policy {
             auditors: set(&roles.auditors),
         }
     }
+}
+
+impl Policy {
+    /// The grants of node.toml `[roles]`.
+    pub fn from_roles(roles: &Roles) -> Self {
+        Policy {
+            grants: Arc::new(RwLock::new(Grants::from_roles(roles))),
+        }
+    }
 
     /// Whether `identity` holds `role`.
     pub fn allows(&self, identity: &str, role: Role) -> bool {
+        let g = read(&self.grants);
         let set = match role {
-            Role::Publisher => &self.publishers,
-            Role::Downstream => &self.downstream,
-            Role::Subscriber => &self.subscribers,
-            Role::Analyst => &self.analysts,
-            Role::Operator => &self.operators,
-            Role::Auditor => &self.auditors,
+            Role::Publisher => &g.publishers,
+            Role::Downstream => &g.downstream,
+            Role::Subscriber => &g.subscribers,
+            Role::Analyst => &g.analysts,
+            Role::Operator => &g.operators,
+            Role::Auditor => &g.auditors,
         };
         set.contains(identity)
     }
+
+    /// Puts the grants of `roles` in force for every request from now on
+    /// (live reload); whether they differ from those in force.
+    pub fn replace(&self, roles: &Roles) -> bool {
+        let new = Grants::from_roles(roles);
+        let mut g = self.grants.write().unwrap_or_else(PoisonError::into_inner);
+        let changed = *g != new;
+        *g = new;
+        changed
+    }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Per-identity filters that subscriptions and queries cannot widen
@@ -98,15 +128,37 @@ impl Policy {
 /// A request is **narrowed** where it leaves a dimension open (an empty
 /// list takes the limit's values) and **refused** (`PERMISSION_DENIED`)
 /// where it explicitly asks for something outside the limit.
+///
+/// Clones share the limits, so a live reload ([`FilterLimits::replace`])
+/// reaches subscriptions and queries alike.
 #[derive(Debug, Clone, Default)]
 pub struct FilterLimits {
-    by_identity: std::collections::HashMap<String, EventFilter>,
+    by_identity: Arc<RwLock<HashMap<String, EventFilter>>>,
 }
 
 impl FilterLimits {
     /// The limits of node.toml.
     pub fn from_config(limits: &[crate::config::FilterLimit]) -> Self {
-        let by_identity = limits
+        FilterLimits {
+            by_identity: Arc::new(RwLock::new(Self::parse(limits))),
+        }
+    }
+
+    /// Puts `limits` in force for every request from now on (live reload);
+    /// whether they differ from those in force.
+    pub fn replace(&self, limits: &[crate::config::FilterLimit]) -> bool {
+        let new = Self::parse(limits);
+        let mut l = self
+            .by_identity
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let changed = *l != new;
+        *l = new;
+        changed
+    }
+
+    fn parse(limits: &[crate::config::FilterLimit]) -> HashMap<String, EventFilter> {
+        limits
             .iter()
             .map(|l| {
                 let filter = EventFilter {
@@ -122,8 +174,7 @@ impl FilterLimits {
                 };
                 (l.identity.clone(), filter)
             })
-            .collect();
-        FilterLimits { by_identity }
+            .collect()
     }
 
     /// The filter `identity` gets for `requested`, or why it is refused.
@@ -132,7 +183,7 @@ impl FilterLimits {
         identity: &str,
         mut requested: EventFilter,
     ) -> Result<EventFilter, String> {
-        let Some(limit) = self.by_identity.get(identity) else {
+        let Some(limit) = read(&self.by_identity).get(identity).cloned() else {
             return Ok(requested);
         };
         narrow(
@@ -183,7 +234,7 @@ fn narrow<T: Clone + fmt::Debug>(
 
 /// The sharing agreement of one upstream link, parsed from `[upstream.share]`:
 /// which events the link receives and what is withheld from them.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct LinkAgreement {
     /// Which events the link receives (GTIN company prefixes, categories,
     /// kinds; empty = all).

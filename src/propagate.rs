@@ -35,7 +35,8 @@ pub struct Link {
     /// The upstream node's certificate identity.
     pub id: String,
     pub address: String,
-    pub agreement: LinkAgreement,
+    /// Replaced by a live reload; read per event.
+    agreement: std::sync::RwLock<Arc<LinkAgreement>>,
     key: [u8; 32],
     state: LinkState,
 }
@@ -47,6 +48,16 @@ struct LinkState {
     stalled: AtomicBool,
     last_error: Mutex<String>,
     last_progress: Mutex<Option<(Instant, UnixNanos)>>,
+}
+
+impl Link {
+    /// The agreement in force.
+    pub fn agreement(&self) -> Arc<LinkAgreement> {
+        self.agreement
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
 }
 
 /// A link's state, as `Peering.Links` reports it.
@@ -82,12 +93,55 @@ impl Links {
                 .map(|u| Link {
                     id: u.id.clone(),
                     address: u.address.clone(),
-                    agreement: LinkAgreement::from_share(&u.share),
+                    agreement: std::sync::RwLock::new(Arc::new(LinkAgreement::from_share(
+                        &u.share,
+                    ))),
                     key: anonymiser.link_key(&u.id),
                     state: LinkState::default(),
                 })
                 .collect(),
         }
+    }
+
+    /// Puts the agreements of `upstreams` in force from now on (live
+    /// reload): events stored from then on are routed by them, and queued
+    /// events are shaped by them when sent (those no longer covered are
+    /// withheld). The links themselves (ids, addresses) must be unchanged;
+    /// returns the ids of the links whose agreement changed.
+    pub fn replace_agreements(
+        &self,
+        upstreams: &[crate::config::Upstream],
+    ) -> Result<Vec<String>, String> {
+        let same = upstreams.len() == self.links.len()
+            && upstreams
+                .iter()
+                .zip(&self.links)
+                .all(|(u, l)| u.id == l.id && u.address == l.address);
+        if !same {
+            return Err(format!(
+                "the upstream links changed (now {:?}, in force {:?}): adding, removing, reordering or readdressing links needs a restart",
+                upstreams.iter().map(|u| format!("{} at {}", u.id, u.address)).collect::<Vec<_>>(),
+                self.links.iter().map(|l| format!("{} at {}", l.id, l.address)).collect::<Vec<_>>(),
+            ));
+        }
+        let mut changed = Vec::new();
+        for (u, l) in upstreams.iter().zip(&self.links) {
+            let new = LinkAgreement::from_share(&u.share);
+            let mut a = l
+                .agreement
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if **a != new {
+                *a = Arc::new(new);
+                changed.push(l.id.clone());
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Whether link `idx`'s agreement (in force now) covers `ev`.
+    pub fn covers(&self, idx: usize, ev: &PreferenceEvent) -> bool {
+        self.links[idx].agreement().matches(ev)
     }
 
     /// The link ids, in outbox order.
@@ -99,7 +153,7 @@ impl Links {
     /// when the link does not carry pseudonyms).
     pub fn link_pseudonym(&self, idx: usize, pseudonym: &str) -> String {
         let link = &self.links[idx];
-        link.agreement.pseudonym_for(pseudonym, &link.key)
+        link.agreement().pseudonym_for(pseudonym, &link.key)
     }
 
     /// The link addresses, in outbox order.
@@ -122,7 +176,7 @@ impl Links {
         self.links
             .iter()
             .enumerate()
-            .filter(|(_, l)| !ev.path.contains(&l.id) && l.agreement.matches(ev))
+            .filter(|(_, l)| !ev.path.contains(&l.id) && l.agreement().matches(ev))
             .map(|(i, _)| i)
             .collect()
     }
@@ -131,10 +185,10 @@ impl Links {
     /// node at the end of its path.
     pub fn outgoing(&self, idx: usize, ev: PreferenceEvent) -> PreferenceEvent {
         let link = &self.links[idx];
+        let agreement = link.agreement();
         // Withheld fields keep the rest verifiable: the proof is expanded.
-        let before =
-            (ev.proof.is_some() && !link.agreement.drop_fields.is_empty()).then(|| ev.clone());
-        let mut ev = link.agreement.apply(ev, &link.key);
+        let before = (ev.proof.is_some() && !agreement.drop_fields.is_empty()).then(|| ev.clone());
+        let mut ev = agreement.apply(ev, &link.key);
         if let Some(before) = before {
             crate::origin::withhold(&before, &mut ev);
         }
@@ -323,8 +377,21 @@ impl Worker {
                     self.settings.batch_max_events,
                     self.settings.batch_max_bytes,
                 );
+                let links = self.links.clone();
                 let queued = tokio::task::spawn_blocking(move || {
-                    let queued = store.outbox_batch(idx, cursor, max_events, max_bytes)?;
+                    let mut queued = store.outbox_batch(idx, cursor, max_events, max_bytes)?;
+                    let last = queued.last().map(|q| q.seq);
+                    // An agreement reloaded since these were queued may no
+                    // longer cover some: they are withheld, not sent.
+                    let (kept, withheld): (Vec<_>, Vec<_>) = std::mem::take(&mut queued)
+                        .into_iter()
+                        .partition(|q| links.covers(idx, &q.event));
+                    let queued = kept;
+                    if !withheld.is_empty() {
+                        let seqs: Vec<Seq> = withheld.iter().map(|q| q.seq).collect();
+                        store.outbox_ack(idx, &seqs)?;
+                    }
+                    let withheld = withheld.len();
                     // The certificates the batch's origin proofs need.
                     let mut fingerprints: Vec<_> = queued
                         .iter()
@@ -336,13 +403,22 @@ impl Worker {
                         .iter()
                         .filter_map(|fp| store.certificate(fp).transpose())
                         .collect::<Result<Vec<_>, _>>()?;
-                    Ok::<_, store::Error>((queued, certificates))
+                    Ok::<_, store::Error>((queued, certificates, last, withheld))
                 })
                 .await
                 .map_err(|e| SessionError::Protocol(e.to_string()))??;
-                let (queued, certificates) = queued;
-                let Some(last) = queued.last() else { break };
-                cursor = last.seq;
+                let (queued, certificates, last, withheld) = queued;
+                if withheld > 0 {
+                    tracing::info!(
+                        events = withheld,
+                        "withheld queued events the reloaded agreement no longer covers"
+                    );
+                }
+                let Some(last) = last else { break };
+                cursor = last;
+                if queued.is_empty() {
+                    continue;
+                }
                 let seqs: Vec<Seq> = queued.iter().map(|q| q.seq).collect();
                 let events = queued
                     .into_iter()
@@ -402,7 +478,7 @@ impl Worker {
             "refused": ack.refused,
             "first_seq": seqs.first(),
             "last_seq": seqs.last(),
-            "agreement": link.agreement.describe(),
+            "agreement": link.agreement().describe(),
         });
         let upstream = link.id.clone();
         tokio::task::spawn_blocking(move || {

@@ -334,3 +334,178 @@ async fn the_metrics_endpoint_counts_publishing_forwarding_queries_and_lag() {
 fn common_addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
+
+/// Runs the CLI; (exit success, stdout, stderr).
+fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chainsight"))
+        .args(args)
+        .output()
+        .expect("run chainsight");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Polls the node's log until `needle` appears `count` times.
+fn wait_log(node: &common::NodeProc, needle: &str, count: usize) {
+    common::wait_for(
+        || node.log().matches(needle).count() >= count,
+        &format!("{count} × {needle:?} in {}'s log", node.id),
+    );
+}
+
+/// Event ids stored at a stopped-or-running node's distributor, via a
+/// backfill as `maker-app`.
+async fn stored_ids(node: &common::NodeProc, as_: &chainsight::config::TlsFiles) -> Vec<String> {
+    let mut client =
+        pb::signals_client::SignalsClient::new(node.channel(as_).await.expect("connect"));
+    let mut stream = client
+        .subscribe(pb::SubscribeRequest {
+            filter: Some(pb::Filter::default()),
+            after_cursor: 0,
+            follow: false,
+            name: String::new(),
+        })
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let mut ids = Vec::new();
+    while let Some(s) = stream.message().await.expect("signal") {
+        if let Some(e) = s.event {
+            ids.push(e.event_id);
+        }
+    }
+    ids
+}
+
+fn mixed_events(prefix: &str, n: usize) -> Vec<pb::CustomerEvent> {
+    (0..n)
+        .map(|i| {
+            let wear = i % 2 == 1;
+            let mut e = event_of(
+                &format!("{prefix}-{i}"),
+                if wear { WEAR } else { DAIRY },
+                pb::EventKind::Purchase,
+                &format!("c-{}", i % 20),
+            );
+            if wear {
+                e.product.as_mut().unwrap().category = "apparel".into();
+            }
+            e
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_changes_the_agreement_from_then_on_and_an_invalid_config_is_refused() {
+    let env = TestEnv::new();
+    let operator = env.issue("operator");
+    let maker = env.issue("maker-app");
+    let eshop = env.issue("retailer-eshop");
+    let d_port = env.reserve_port();
+    env.node_config_on(
+        "distributor",
+        d_port,
+        &roles(&[
+            "downstream = [\"retailer\"]",
+            "subscribers = [\"maker-app\"]",
+        ]),
+    );
+    let d = env.start("distributor");
+    let r_port = env.reserve_port();
+    let retailer_toml = |share: &str, extra: &str| {
+        format!(
+            "{}{}{extra}",
+            roles(&["publishers = [\"retailer-eshop\"]"]),
+            upstream("distributor", d_port, share)
+        )
+    };
+    let r_config = env.node_config_on(
+        "retailer",
+        r_port,
+        &retailer_toml("categories = [\"dairy\"]", ""),
+    );
+    let r = env.start("retailer");
+    let mut ingest = r.ingest(&eshop).await;
+
+    // Under the first agreement: dairy only.
+    publish_all(&mut ingest, mixed_events("a", 100)).await;
+    r.wait_drained(&operator, 50).await;
+
+    // SIGHUP with apparel instead of dairy; the connection stays up.
+    let text = std::fs::read_to_string(&r_config).unwrap();
+    std::fs::write(
+        &r_config,
+        text.replace("categories = [\"dairy\"]", "categories = [\"apparel\"]"),
+    )
+    .unwrap();
+    r.send_sighup();
+    wait_log(&r, "config reloaded", 1);
+    assert!(
+        r.log().contains("upstream distributor"),
+        "the log names the changed agreement:\n{}",
+        r.log()
+    );
+    publish_all(&mut ingest, mixed_events("b", 100)).await;
+    r.wait_drained(&operator, 100).await;
+
+    // An invalid config (k_min = 0) is refused with the reason; the node
+    // keeps serving under the agreement in force.
+    let valid = std::fs::read_to_string(&r_config).unwrap();
+    std::fs::write(&r_config, format!("{valid}\n[privacy]\nk_min = 0\n")).unwrap();
+    let (ok, stdout, stderr) = cli(&["admin", "reload", "--config", r_config.to_str().unwrap()]);
+    println!("admin reload of an invalid config: ok={ok}\n{stdout}{stderr}");
+    assert!(!ok, "an invalid config must be refused");
+    assert!(
+        stderr.contains("privacy.k_min") && stderr.contains("the one in force stays"),
+        "{stderr}"
+    );
+    // And a config that does not parse, by SIGHUP.
+    std::fs::write(&r_config, "this is not toml = = \n").unwrap();
+    r.send_sighup();
+    wait_log(&r, "reload refused", 2);
+    publish_all(&mut ingest, mixed_events("c", 100)).await;
+    let links = r.wait_drained(&operator, 150).await;
+    assert!(links[0].connected, "{links:?}");
+    // The link was never dropped: one connection for the whole test.
+    let connects = r
+        .log()
+        .lines()
+        .filter(|l| l.trim_end().ends_with(" connected"))
+        .count();
+    assert_eq!(connects, 1, "the link reconnected:\n{}", r.log());
+
+    // A valid change by `admin reload`: the reply names what changed.
+    std::fs::write(&r_config, &valid).unwrap();
+    let (ok, stdout, stderr) = cli(&["admin", "reload", "--config", r_config.to_str().unwrap()]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("nothing that can change live has changed"),
+        "{stdout}"
+    );
+
+    let ids = stored_ids(&d, &maker).await;
+    let got = |prefix: &str, wear: bool| {
+        ids.iter()
+            .filter(|id| {
+                let (p, i) = id.split_once('-').unwrap();
+                p == prefix && (i.parse::<usize>().unwrap() % 2 == 1) == wear
+            })
+            .count()
+    };
+    println!(
+        "forwarded: before SIGHUP dairy {} apparel {}; after dairy {} apparel {}; after the refused configs dairy {} apparel {}",
+        got("a", false),
+        got("a", true),
+        got("b", false),
+        got("b", true),
+        got("c", false),
+        got("c", true)
+    );
+    assert_eq!((got("a", false), got("a", true)), (50, 0));
+    assert_eq!((got("b", false), got("b", true)), (0, 50));
+    assert_eq!((got("c", false), got("c", true)), (0, 50));
+    assert_eq!(ids.len(), 150);
+}

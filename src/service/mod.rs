@@ -2,6 +2,7 @@
 //! identity and role), converts the request into domain types, delegates,
 //! and maps the error through the one `From<ApiError> for Status` below.
 
+pub mod admin;
 pub mod audit;
 pub mod ingest;
 pub mod insights;

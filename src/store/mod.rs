@@ -30,6 +30,7 @@
 //! every publisher waiting at that moment. Nothing outside this module
 //! touches sled.
 
+pub mod backup;
 mod record;
 mod writer;
 
@@ -603,6 +604,23 @@ impl Store {
             .insert(cursor_key(identity, name), &cursor.to_be_bytes())?;
         self.inner.trees.cursors.flush_async().await?;
         Ok(())
+    }
+
+    /// Writes a consistent snapshot of the store to a new file at `path`
+    /// (header and trees; see [`backup`]); returns once it is written.
+    /// Publishes wait meanwhile.
+    pub async fn snapshot(&self, node_id: &str, path: &Path) -> Result<backup::Counts> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .writer
+            .send(writer::Command::Snapshot {
+                node_id: node_id.to_string(),
+                path: path.to_path_buf(),
+                reply,
+            })
+            .await
+            .map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
     }
 
     /// Erases one customer's events here (see [`EraseRequest`]) and records

@@ -399,6 +399,14 @@ impl Pending {
         applied.map(|()| true)
     }
 
+    /// Holds checkpoints off (and lets queries run) while the guard lives:
+    /// the tree then stays as one checkpoint left it.
+    pub(super) fn hold_checkpoints(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.tree_lock
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Returns once no delta waits in memory: every cell is in the tree.
     /// Call on the writer thread (which alone adds deltas).
     pub(super) fn drain(&self) -> Result<()> {

@@ -45,6 +45,13 @@ pub(super) enum Command {
         router: super::Router,
         reply: oneshot::Sender<Result<super::Erased>>,
     },
+    /// Write a consistent snapshot of every tree to a new file (see
+    /// `super::backup`): nothing else is written meanwhile.
+    Snapshot {
+        node_id: String,
+        path: std::path::PathBuf,
+        reply: oneshot::Sender<Result<super::backup::Counts>>,
+    },
     /// Merge the waiting rollups, flush, answer and stop.
     Close {
         reply: oneshot::Sender<Result<()>>,
@@ -117,6 +124,14 @@ impl Writer {
                     let _ = reply.send(self.erase(&request, &router));
                     continue;
                 }
+                Command::Snapshot {
+                    node_id,
+                    path,
+                    reply,
+                } => {
+                    let _ = reply.send(self.snapshot(&node_id, &path));
+                    continue;
+                }
                 Command::Close { reply } => {
                     let _ = reply.send(self.finish());
                     return;
@@ -143,6 +158,23 @@ impl Writer {
         if let Err(e) = self.finish() {
             tracing::error!(error = %e, "final flush failed");
         }
+    }
+
+    /// Copies every tree to `path` with no write of this thread and no
+    /// rollup checkpoint in between.
+    fn snapshot(&mut self, node_id: &str, path: &std::path::Path) -> Result<super::backup::Counts> {
+        let started = std::time::Instant::now();
+        let _no_checkpoint = self.trees.pending.as_ref().map(|p| p.hold_checkpoints());
+        let last_seq = self.next_seq - 1;
+        let counts = super::backup::write_staging(&self.db, node_id, last_seq, path)?;
+        tracing::info!(
+            trees = counts.trees,
+            entries = counts.entries,
+            last_seq,
+            elapsed = ?started.elapsed(),
+            "snapshot taken (writes waited meanwhile)"
+        );
+        Ok(counts)
     }
 
     /// The last checkpoint of the rollups, then the final flush.

@@ -196,6 +196,17 @@ impl NodeProc {
         );
     }
 
+    /// Sends SIGHUP (a live reload of node.toml).
+    pub fn send_sighup(&self) {
+        let child = self.child.as_ref().expect("running");
+        let status = Command::new("kill")
+            .arg("-HUP")
+            .arg(child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
     /// Whether the process has exited.
     pub fn has_exited(&mut self) -> bool {
         match self.child.as_mut() {

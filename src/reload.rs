@@ -1,0 +1,156 @@
+//! Live reload: SIGHUP or `Admin.Reload` re-reads node.toml and puts in
+//! force what can change under running connections — roles, the link
+//! agreements (`[upstream.share]`) and the filter limits — without
+//! dropping a connection or touching an outbox. A config that does not
+//! load (syntax, validation) is refused with the reason and the one in
+//! force stays; sections that need a restart are reported, not applied.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::config::NodeConfig;
+use crate::policy::{FilterLimits, Policy};
+use crate::propagate::Links;
+
+/// What a reload put in force, and what it could not.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// E.g. "roles", "filter_limit", "upstream distributor".
+    pub applied: Vec<String>,
+    /// Changed sections that only a restart puts in force.
+    pub needs_restart: Vec<String>,
+}
+
+/// Re-reads the node's config and swaps the live parts.
+pub struct Reloader {
+    path: PathBuf,
+    in_force: Mutex<NodeConfig>,
+    policy: Policy,
+    limits: FilterLimits,
+    links: Arc<Links>,
+}
+
+impl Reloader {
+    /// A reloader for the node started with `config`, whose live parts are
+    /// `policy`, `limits` and `links` (shared with the services).
+    pub fn new(
+        config: NodeConfig,
+        policy: Policy,
+        limits: FilterLimits,
+        links: Arc<Links>,
+    ) -> Self {
+        Reloader {
+            path: config.source.clone(),
+            in_force: Mutex::new(config),
+            policy,
+            limits,
+            links,
+        }
+    }
+
+    /// Re-reads the config file; the refusal's reason when it does not load.
+    pub fn reload(&self) -> Result<Outcome, String> {
+        if self.path.as_os_str().is_empty() {
+            return Err("this node's config was not read from a file".into());
+        }
+        let new = NodeConfig::load(&self.path).map_err(|e| e.to_string())?;
+        let mut in_force = self.in_force.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out = Outcome::default();
+        if self.policy.replace(&new.roles) {
+            out.applied.push("roles".into());
+        }
+        if self.limits.replace(&new.filter_limit) {
+            out.applied.push("filter_limit".into());
+        }
+        match self.links.replace_agreements(&new.upstream) {
+            Ok(changed) => {
+                out.applied
+                    .extend(changed.into_iter().map(|id| format!("upstream {id}")));
+                in_force.upstream = new.upstream.clone();
+            }
+            Err(reason) => out.needs_restart.push(format!("upstream: {reason}")),
+        }
+        in_force.roles = new.roles.clone();
+        in_force.filter_limit = new.filter_limit.clone();
+        // Everything else is read once at start.
+        let differs =
+            |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+        let (old, new) = (&*in_force, &new);
+        for (section, changed) in [
+            ("id", differs(&old.id, &new.id)),
+            ("listen", differs(&old.listen, &new.listen)),
+            ("data_dir", differs(&old.data_dir, &new.data_dir)),
+            ("tls", differs(&old.tls, &new.tls)),
+            ("privacy", differs(&old.privacy, &new.privacy)),
+            ("limits", differs(&old.limits, &new.limits)),
+            ("propagation", differs(&old.propagation, &new.propagation)),
+            ("retention", differs(&old.retention, &new.retention)),
+            ("insights", differs(&old.insights, &new.insights)),
+            ("trust", differs(&old.trust, &new.trust)),
+            ("dp_budget", differs(&old.dp_budget, &new.dp_budget)),
+            ("log", differs(&old.log, &new.log)),
+            ("storage", differs(&old.storage, &new.storage)),
+            ("metrics", differs(&old.metrics, &new.metrics)),
+        ] {
+            if changed {
+                out.needs_restart.push(section.to_string());
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Reloads on every SIGHUP until `token` is cancelled, logging the outcome.
+#[cfg(unix)]
+pub fn spawn_on_sighup(
+    reloader: Arc<Reloader>,
+    store: crate::store::Store,
+    token: tokio_util::sync::CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    use tracing::Instrument;
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; reload with `chainsight admin reload` instead");
+            return None;
+        }
+    };
+    Some(tokio::spawn(
+        async move {
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    got = hup.recv() => if got.is_none() { return },
+                }
+                let r = reloader.clone();
+                let result = tokio::task::spawn_blocking(move || r.reload())
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()));
+                log_and_audit(&store, "SIGHUP", &result).await;
+            }
+        }
+        .instrument(tracing::info_span!("reload")),
+    ))
+}
+
+/// Logs a reload's outcome and records it in the audit trail as done by `by`.
+pub async fn log_and_audit(
+    store: &crate::store::Store,
+    by: &str,
+    result: &Result<Outcome, String>,
+) {
+    let detail = match result {
+        Ok(o) => {
+            tracing::info!(by, applied = ?o.applied, needs_restart = ?o.needs_restart, "config reloaded");
+            serde_json::json!({"action": "reload", "applied": o.applied, "needs_restart": o.needs_restart})
+        }
+        Err(reason) => {
+            tracing::error!(by, %reason, "reload refused; the config in force stays");
+            serde_json::json!({"action": "reload", "refused": reason})
+        }
+    };
+    if let Err(e) = crate::service::audit(store, crate::audit::Kind::Admin, by, detail).await {
+        tracing::warn!(error = %e, "could not record the reload in the audit trail");
+    }
+}
