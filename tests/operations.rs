@@ -509,3 +509,269 @@ async fn sighup_changes_the_agreement_from_then_on_and_an_invalid_config_is_refu
     assert_eq!((got("c", false), got("c", true)), (0, 50));
     assert_eq!(ids.len(), 150);
 }
+
+/// (cursor, event id) of every event a node stores, via a backfill.
+async fn stored(node: &common::NodeProc, as_: &chainsight::config::TlsFiles) -> Vec<(u64, String)> {
+    let mut client =
+        pb::signals_client::SignalsClient::new(node.channel(as_).await.expect("connect"));
+    let mut stream = client
+        .subscribe(pb::SubscribeRequest {
+            filter: Some(pb::Filter::default()),
+            after_cursor: 0,
+            follow: false,
+            name: String::new(),
+        })
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(s) = stream.message().await.expect("signal") {
+        if let Some(e) = s.event {
+            out.push((s.cursor, e.event_id));
+        }
+    }
+    out
+}
+
+/// The first cursor a named subscription resumes at.
+async fn resumes_at(
+    node: &common::NodeProc,
+    as_: &chainsight::config::TlsFiles,
+    name: &str,
+) -> u64 {
+    let mut client =
+        pb::signals_client::SignalsClient::new(node.channel(as_).await.expect("connect"));
+    let mut stream = client
+        .subscribe(pb::SubscribeRequest {
+            filter: Some(pb::Filter::default()),
+            after_cursor: 0,
+            follow: false,
+            name: name.to_string(),
+        })
+        .await
+        .expect("subscribe")
+        .into_inner();
+    stream
+        .message()
+        .await
+        .expect("signal")
+        .expect("a signal after the cursor")
+        .cursor
+}
+
+async fn dairy_feed(
+    node: &common::NodeProc,
+    as_: &chainsight::config::TlsFiles,
+) -> pb::InsightReport {
+    pb::insights_client::InsightsClient::new(node.channel(as_).await.expect("connect"))
+        .query(pb::InsightQuery {
+            filter: Some(pb::Filter {
+                gtin_prefixes: vec!["4740001".into()],
+                ..Default::default()
+            }),
+            group_by: vec![pb::Dimension::Gtin as i32, pb::Dimension::Region as i32],
+            bucket: pb::TimeBucket::Day as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("query")
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_under_load_restores_the_same_events_cursors_and_query_results() {
+    let env = TestEnv::new();
+    let maker = env.issue("maker-app");
+    let analyst = env.issue("analyst");
+    let eshop = env.issue("retailer-eshop");
+    let node_roles = roles(&[
+        "publishers = [\"retailer-eshop\"]",
+        "subscribers = [\"maker-app\"]",
+        "analysts = [\"analyst\"]",
+    ]);
+    let port = env.reserve_port();
+    let node_extra = format!("{node_roles}[privacy]\nk_min = 3\n");
+    let config = env.node_config_on("origin", port, &node_extra);
+    let origin = env.start("origin");
+
+    // The baseline: 3000 dairy events, two named subscriptions part-way.
+    let baseline: Vec<_> = (0..3000)
+        .map(|i| {
+            event_of(
+                &format!("base-{i}"),
+                if i % 3 == 0 { DAIRY_RARE } else { DAIRY },
+                if i % 5 == 0 {
+                    pb::EventKind::Review
+                } else {
+                    pb::EventKind::Purchase
+                },
+                &format!("c-{}", i % 120),
+            )
+        })
+        .collect();
+    publish_all(&mut origin.ingest(&eshop).await, baseline).await;
+    let mut signals =
+        pb::signals_client::SignalsClient::new(origin.channel(&maker).await.expect("connect"));
+    for (name, cursor) in [("bi-loader", 1234), ("app", 2000)] {
+        signals
+            .ack(pb::AckRequest {
+                name: name.into(),
+                cursor,
+            })
+            .await
+            .expect("ack");
+    }
+
+    // Load: apparel events published without pause while the backup runs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let published = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let load = {
+        let (stop, published) = (stop.clone(), published.clone());
+        let mut ingest = origin.ingest(&eshop).await;
+        tokio::spawn(async move {
+            let mut batch = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let events: Vec<_> = (0..100)
+                    .map(|i| {
+                        let mut e = event_of(
+                            &format!("load-{batch}-{i}"),
+                            WEAR,
+                            pb::EventKind::Purchase,
+                            &format!("l-{i}"),
+                        );
+                        e.product.as_mut().unwrap().category = "apparel".into();
+                        e
+                    })
+                    .collect();
+                publish_all(&mut ingest, events).await;
+                published.fetch_add(100, std::sync::atomic::Ordering::SeqCst);
+                batch += 1;
+            }
+        })
+    };
+    let load_count = |p: &std::sync::atomic::AtomicU64| p.load(std::sync::atomic::Ordering::SeqCst);
+    while load_count(&published) < 500 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let backup = env.path().join("origin.backup");
+    let args = [
+        "admin",
+        "backup",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        backup.to_str().unwrap(),
+        "--include-keys",
+    ]
+    .map(String::from);
+    let started = std::time::Instant::now();
+    let (ok, stdout, stderr) = tokio::task::spawn_blocking(move || {
+        cli(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    })
+    .await
+    .unwrap();
+    let took = started.elapsed();
+    assert!(ok, "{stdout}{stderr}");
+    let during = load_count(&published);
+    while load_count(&published) < during + 500 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    load.await.unwrap();
+    println!(
+        "{stdout}backup took {took:?}; load events published: {during} when it ended, {} in all",
+        load_count(&published)
+    );
+    let last_seq: u64 = stdout
+        .split("events up to seq ")
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|s| s.parse().ok())
+        .expect("the backup names its last seq");
+    assert!(
+        last_seq > 3000,
+        "the snapshot caught some of the load ({last_seq})"
+    );
+
+    // Refusals: a truncated file, and a data directory that holds a store.
+    let truncated = env.path().join("truncated.backup");
+    let bytes = std::fs::read(&backup).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() - 40]).unwrap();
+    let scratch = env.path().join("scratch");
+    let (ok, _, stderr) = cli(&[
+        "admin",
+        "restore",
+        "--in",
+        truncated.to_str().unwrap(),
+        "--data-dir",
+        scratch.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && stderr.contains("not a valid chainsight backup"),
+        "{stderr}"
+    );
+    assert!(
+        !scratch.join("store").exists(),
+        "a refused restore writes no store"
+    );
+
+    // Restore into a new node's data directory and start it.
+    env.node_config_on("restored", 0, &node_extra);
+    let restored_data = env.path().join("restored").join("data");
+    let (ok, stdout, stderr) = cli(&[
+        "admin",
+        "restore",
+        "--in",
+        backup.to_str().unwrap(),
+        "--data-dir",
+        restored_data.to_str().unwrap(),
+    ]);
+    println!("{stdout}{stderr}");
+    assert!(ok, "{stdout}{stderr}");
+    let (ok, _, stderr) = cli(&[
+        "admin",
+        "restore",
+        "--in",
+        backup.to_str().unwrap(),
+        "--data-dir",
+        restored_data.to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("already holds a store"), "{stderr}");
+    assert_eq!(
+        std::fs::read(restored_data.join("pseudonym.key")).unwrap(),
+        std::fs::read(origin.data_dir().join("pseudonym.key")).unwrap(),
+        "--include-keys carries the pseudonym key"
+    );
+    let restored = env.start("restored");
+
+    // The same events (by id and cursor) up to the snapshot.
+    let original: Vec<_> = stored(&origin, &maker)
+        .await
+        .into_iter()
+        .filter(|(c, _)| *c <= last_seq)
+        .collect();
+    let copy = stored(&restored, &maker).await;
+    assert_eq!(copy.len(), original.len());
+    assert!(copy == original, "the restored node serves other events");
+    // The same subscriber cursors.
+    for (name, cursor) in [("bi-loader", 1234), ("app", 2000)] {
+        assert_eq!(resumes_at(&origin, &maker, name).await, cursor + 1);
+        assert_eq!(
+            resumes_at(&restored, &maker, name).await,
+            cursor + 1,
+            "{name}"
+        );
+    }
+    // The same insight feed.
+    let (a, b) = (
+        dairy_feed(&origin, &analyst).await,
+        dairy_feed(&restored, &analyst).await,
+    );
+    assert!(!a.rows.is_empty() && a.rows.iter().map(|r| r.events).sum::<u64>() == 3000);
+    assert_eq!(a, b, "the restored node answers the same query differently");
+    println!(
+        "restored: {} events up to seq {last_seq}, cursors 1234 and 2000, {} feed rows alike",
+        copy.len(),
+        a.rows.len()
+    );
+}
