@@ -399,6 +399,9 @@ pub struct NodeConfig {
     pub log: LogConfig,
     #[serde(default)]
     pub storage: StorageConfig,
+    /// `[[export]]`: streams of the stored signals into NATS JetStream.
+    #[serde(default)]
+    pub export: Vec<crate::export::ExportConfig>,
 }
 
 /// `[storage]`: the sled store's use of memory.
@@ -662,6 +665,7 @@ impl NodeConfig {
                 "batch and check_every must be positive",
             ));
         }
+        crate::export::validate(&mut self.export, path, &base)?;
         self.validate_upstreams(path)
     }
 

@@ -19,6 +19,7 @@ pub mod demo;
 pub mod domain;
 pub mod dp;
 pub mod erasure;
+pub mod export;
 pub mod insights;
 pub mod node;
 pub mod origin;

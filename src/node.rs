@@ -95,6 +95,8 @@ async fn run_inner(
     );
     let retention =
         crate::retention::spawn(parts.store.clone(), config.retention.clone(), token.clone());
+    let exports =
+        crate::export::spawn(&config.id, &config.export, parts.store.clone(), token.clone());
     tracing::info!(
         data_dir = %config.data_dir.display(),
         last_seq = parts.store.last_seq()?,
@@ -104,7 +106,12 @@ async fn run_inner(
 
     let result = serve_until(server, shutdown, &token, &health).await;
     token.cancel();
-    for w in workers.into_iter().chain(erasures).chain(retention) {
+    for w in workers
+        .into_iter()
+        .chain(erasures)
+        .chain(retention)
+        .chain(exports)
+    {
         // Workers watch the token; the bound is a safety net.
         if tokio::time::timeout(Duration::from_secs(5), w)
             .await
