@@ -165,7 +165,11 @@ impl ExportFilter {
 
 /// Validates the `[[export]]` entries of `path` (relative credential paths
 /// are resolved against `base`); errors name the key.
-pub fn validate(exports: &mut [ExportConfig], path: &Path, base: &Path) -> Result<(), config::Error> {
+pub fn validate(
+    exports: &mut [ExportConfig],
+    path: &Path,
+    base: &Path,
+) -> Result<(), config::Error> {
     let mut names = HashSet::new();
     for (i, e) in exports.iter_mut().enumerate() {
         let invalid = |key: &str, message: String| config::Error::Invalid {
@@ -191,7 +195,8 @@ pub fn validate(exports: &mut [ExportConfig], path: &Path, base: &Path) -> Resul
         if !is_stream_name(&e.stream) {
             return Err(invalid(
                 "stream",
-                "must be 1-255 printable ASCII characters without '.', '*', '>', '/' or '\\'".into(),
+                "must be 1-255 printable ASCII characters without '.', '*', '>', '/' or '\\'"
+                    .into(),
             ));
         }
         if !(1..=MAX_BATCH).contains(&e.batch) {
@@ -235,7 +240,9 @@ pub fn validate(exports: &mut [ExportConfig], path: &Path, base: &Path) -> Resul
 fn is_subject_prefix(s: &str) -> bool {
     s.len() <= 200
         && s.split('.').all(|t| {
-            !t.is_empty() && t.bytes().all(|b| b.is_ascii_graphic() && b != b'*' && b != b'>')
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'*' && b != b'>')
         })
 }
 
@@ -243,8 +250,7 @@ fn is_subject_prefix(s: &str) -> bool {
 fn is_stream_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 255
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_graphic() && !matches!(b, b'.' | b'*' | b'>' | b'/' | b'\\'))
 }
 
@@ -368,7 +374,10 @@ impl Export {
             reason,
         };
         let mut opts = async_nats::ConnectOptions::new()
-            .name(format!("chainsight {} export {}", self.node_id, self.cfg.name))
+            .name(format!(
+                "chainsight {} export {}",
+                self.node_id, self.cfg.name
+            ))
             .connection_timeout(Duration::from_secs(5));
         if let Some(Token(token)) = &self.cfg.token {
             opts = opts.token(token.clone());
@@ -432,31 +441,9 @@ impl Export {
         let (mut published, mut duplicates) = (0u64, 0u64);
         loop {
             let upto = *durable.borrow_and_update();
-            let purged = self.store.purged_upto()?;
-            if purged > cursor && purged > purged_seen {
-                tracing::error!(
-                    cursor,
-                    purged_upto = purged,
-                    "retention removed events before they were exported; they are missing downstream"
-                );
-            }
-            purged_seen = purged;
-            let (store, batch) = (self.store.clone(), self.cfg.batch);
-            let mut chunk =
-                tokio::task::spawn_blocking(move || store.scan_signals(cursor, upto, batch))
-                    .await
-                    .map_err(|e| Error::Read(e.to_string()))??;
-            // A shorter chunk holds everything up to `upto`; numbers in it
-            // that hold nothing (purged) move the cursor too. Erasures can
-            // make a chunk longer: no more than `batch` may be in flight.
-            let complete = chunk.len() < batch;
-            chunk.truncate(batch);
-            let Some(&(last, _)) = chunk.last() else {
-                if upto > cursor {
-                    self.store.set_export_cursor(name, upto).await?;
-                    cursor = upto;
-                    continue;
-                }
+            self.check_purged(cursor, &mut purged_seen)?;
+            let (chunk, end) = self.read_chunk(cursor, upto).await?;
+            if chunk.is_empty() && end == cursor {
                 if caught_up_at != Some(cursor) {
                     caught_up_at = Some(cursor);
                     tracing::info!(cursor, published, duplicates, "export caught up");
@@ -465,21 +452,63 @@ impl Export {
                     return Err(Error::Read("the store closed".into()));
                 }
                 continue;
-            };
-            let end = if complete { upto.max(last) } else { last };
+            }
             let acked = self.publish_batch(js, chunk).await;
             published += acked.published;
             duplicates += acked.duplicates;
-            let upto_acked = if acked.error.is_none() { end } else { acked.upto };
-            if upto_acked > cursor {
-                self.store.set_export_cursor(name, upto_acked).await?;
-                cursor = upto_acked;
+            let delivered = if acked.error.is_none() {
+                end
+            } else {
+                acked.upto
+            };
+            if delivered > cursor {
+                self.store.set_export_cursor(name, delivered).await?;
+                cursor = delivered;
                 *backoff = Backoff(BACKOFF_MIN);
             }
             if let Some(e) = acked.error {
                 return Err(e);
             }
         }
+    }
+
+    /// Up to `batch` signals after `cursor` up to `upto`, and the cursor
+    /// reached once all of them are delivered: `upto` when the chunk holds
+    /// everything up to it (numbers that hold nothing, purged, move the
+    /// cursor too), else its last sequence number.
+    async fn read_chunk(
+        &self,
+        cursor: Seq,
+        upto: Seq,
+    ) -> Result<(Vec<(Seq, store::Stored)>, Seq), Error> {
+        let (store, batch) = (self.store.clone(), self.cfg.batch);
+        let mut chunk =
+            tokio::task::spawn_blocking(move || store.scan_signals(cursor, upto, batch))
+                .await
+                .map_err(|e| Error::Read(e.to_string()))??;
+        let complete = chunk.len() < batch;
+        // Erasures can make a chunk longer: no more than `batch` in flight.
+        chunk.truncate(batch);
+        let end = match chunk.last() {
+            Some(&(last, _)) if !complete => last,
+            _ => upto.max(cursor),
+        };
+        Ok((chunk, end))
+    }
+
+    /// Says so (once) when retention removed events this export had not
+    /// delivered yet: they cannot be exported any more.
+    fn check_purged(&self, cursor: Seq, purged_seen: &mut Seq) -> Result<(), Error> {
+        let purged = self.store.purged_upto()?;
+        if purged > cursor && purged > *purged_seen {
+            tracing::error!(
+                cursor,
+                purged_upto = purged,
+                "retention removed events before they were exported; they are missing downstream"
+            );
+        }
+        *purged_seen = purged;
+        Ok(())
     }
 
     /// Publishes a batch without waiting, then awaits the acks in order.
@@ -623,14 +652,46 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let cases = [
-            (r#"url = "nats://127.0.0.1:4222""#, r#"url = "nats://[::1""#, "export[0].url"),
-            (r#"subject = "chainsight.retailer""#, r#"subject = "a.*""#, "export[0].subject"),
-            (r#"subject = "chainsight.retailer""#, r#"subject = "a..b""#, "export[0].subject"),
-            (r#"stream = "CHAINSIGHT""#, r#"stream = "A.B""#, "export[0].stream"),
-            (r#"kinds = ["purchase", "EVENT_KIND_REVIEW"]"#, r#"kinds = ["buy"]"#, "export[0].filter.kinds"),
-            (r#"gtin_prefixes = ["4740001"]"#, r#"gtin_prefixes = ["47x"]"#, "export[0].filter.gtin_prefixes"),
-            (r#"name = "warehouse""#, r#"name = "ware house""#, "export[0].name"),
-            (r#"token = "s3cret""#, "token = \"t\"\nbatch = 0", "export[0].batch"),
+            (
+                r#"url = "nats://127.0.0.1:4222""#,
+                r#"url = "nats://[::1""#,
+                "export[0].url",
+            ),
+            (
+                r#"subject = "chainsight.retailer""#,
+                r#"subject = "a.*""#,
+                "export[0].subject",
+            ),
+            (
+                r#"subject = "chainsight.retailer""#,
+                r#"subject = "a..b""#,
+                "export[0].subject",
+            ),
+            (
+                r#"stream = "CHAINSIGHT""#,
+                r#"stream = "A.B""#,
+                "export[0].stream",
+            ),
+            (
+                r#"kinds = ["purchase", "EVENT_KIND_REVIEW"]"#,
+                r#"kinds = ["buy"]"#,
+                "export[0].filter.kinds",
+            ),
+            (
+                r#"gtin_prefixes = ["4740001"]"#,
+                r#"gtin_prefixes = ["47x"]"#,
+                "export[0].filter.gtin_prefixes",
+            ),
+            (
+                r#"name = "warehouse""#,
+                r#"name = "ware house""#,
+                "export[0].name",
+            ),
+            (
+                r#"token = "s3cret""#,
+                "token = \"t\"\nbatch = 0",
+                "export[0].batch",
+            ),
         ];
         for (from, to, key) in cases {
             let text = GOOD.replace(from, to);
@@ -638,13 +699,22 @@ mod tests {
             assert_eq!(key_of(entries(&text).expect_err(to)), key, "{to}");
         }
         let twice = format!("{GOOD}\n{}", GOOD.replace("[export.filter]", "").replace("gtin_prefixes = [\"4740001\"]\n        kinds = [\"purchase\", \"EVENT_KIND_REVIEW\"]\n        channels = [\"web\"]", ""));
-        assert_eq!(key_of(entries(&twice).expect_err("duplicate name")), "export[1].name");
-        assert!(entries(&GOOD.replace("stream =", "streams =")).is_err(), "unknown key");
+        assert_eq!(
+            key_of(entries(&twice).expect_err("duplicate name")),
+            "export[1].name"
+        );
+        assert!(
+            entries(&GOOD.replace("stream =", "streams =")).is_err(),
+            "unknown key"
+        );
     }
 
     #[test]
     fn subjects_follow_the_event_kind() {
-        assert_eq!(kind_token(EventKind::CartAbandoned.number()), "cart_abandoned");
+        assert_eq!(
+            kind_token(EventKind::CartAbandoned.number()),
+            "cart_abandoned"
+        );
         assert_eq!(kind_token(0), "unspecified");
         assert!(is_subject_prefix("a.b-c_d"));
         assert!(!is_subject_prefix("a b") && !is_subject_prefix("") && !is_subject_prefix("a."));

@@ -95,8 +95,12 @@ async fn run_inner(
     );
     let retention =
         crate::retention::spawn(parts.store.clone(), config.retention.clone(), token.clone());
-    let exports =
-        crate::export::spawn(&config.id, &config.export, parts.store.clone(), token.clone());
+    let exports = crate::export::spawn(
+        &config.id,
+        &config.export,
+        parts.store.clone(),
+        token.clone(),
+    );
     tracing::info!(
         data_dir = %config.data_dir.display(),
         last_seq = parts.store.last_seq()?,

