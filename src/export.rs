@@ -362,6 +362,7 @@ impl Export {
         if let Err(e) = self.ensure_stream(&js).await {
             return e;
         }
+        self.audit_session().await;
         match self.export_loop(&js, backoff).await {
             Ok(never) => match never {},
             Err(e) => e,
@@ -425,6 +426,35 @@ impl Export {
             "export connected"
         );
         Ok(())
+    }
+
+    /// Records in the audit trail that signals flow out through this export
+    /// (identity `export/<name>`, which no certificate identity can be),
+    /// with where to and what, as subscriptions are recorded.
+    async fn audit_session(&self) {
+        let server = self
+            .cfg
+            .url
+            .parse::<async_nats::ServerAddr>()
+            .map(|a| format!("{}://{}:{}", a.scheme(), a.host(), a.port()))
+            .unwrap_or_default();
+        let detail = serde_json::json!({
+            "export": self.cfg.name,
+            "server": server,
+            "stream": self.cfg.stream,
+            "subject": self.cfg.subject,
+            "filter": conversions::filter_to_pb(&self.filter),
+            "after_cursor": self.store.export_cursor(&self.cfg.name).ok(),
+        });
+        let store = self.store.clone();
+        let identity = format!("export/{}", self.cfg.name);
+        let recorded = tokio::task::spawn_blocking(move || {
+            store.audit(crate::audit::Kind::Subscription, &identity, &detail)
+        })
+        .await;
+        if !matches!(recorded, Ok(Ok(_))) {
+            tracing::error!(?recorded, "could not record the export in the audit trail");
+        }
     }
 
     /// Exports batch after batch, following the store; returns only on failure.

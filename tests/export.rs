@@ -238,6 +238,10 @@ async fn every_signal_arrives_exactly_once_across_a_kill9_mid_export() {
     let ids: Vec<String> = (0..N).map(|i| format!("x-{i}")).collect();
     publish_all(&mut client, ids.iter().map(|id| event(id)).collect()).await;
     drop(client);
+    common::wait_for(
+        || node.log().contains("export interrupted; will retry"),
+        "the export to retry while NATS is down",
+    );
 
     let nats = NatsServer::start(&bin, nats_port, &env.path().join("nats"));
     let js = nats.jetstream().await;
@@ -370,6 +374,15 @@ async fn a_filter_exports_only_the_matching_signals() {
         600,
         "events the filter excludes advance the cursor"
     );
+    let audited: Vec<serde_json::Value> = store
+        .audit_records(0)
+        .map(|r| r.expect("audit record"))
+        .filter(|r| r.identity == "export/lake")
+        .map(|r| serde_json::from_str(&r.detail).expect("detail"))
+        .collect();
+    assert_eq!(audited.len(), 1, "one export session audited");
+    assert_eq!(audited[0]["stream"], STREAM);
+    assert_eq!(audited[0]["filter"]["kinds"][0], "EVENT_KIND_REVIEW");
     report(&format!(
         "export filter: {} of 600 events matched and were exported, cursor 600",
         expected.len()
