@@ -264,6 +264,25 @@ async fn every_signal_arrives_exactly_once_across_a_kill9_mid_export() {
         "the export had finished ({at_kill} messages) before it could be killed"
     );
     let after_kill = stream_count(&js).await;
+    // What the node had recorded as delivered when it died; then the crash
+    // window is made wider: the cursor goes back by REWIND, as if the acks
+    // of the last REWIND messages had not been recorded before the kill.
+    // The restart publishes them again, and only their Nats-Msg-Id keeps
+    // them out of the stream a second time.
+    const REWIND: u64 = 100;
+    let persisted = {
+        let store = node.open_store();
+        let persisted = store.export_cursor("lake").expect("cursor");
+        assert!(
+            (REWIND..=after_kill).contains(&persisted),
+            "cursor {persisted} persisted with {after_kill} messages in the stream"
+        );
+        store
+            .set_export_cursor("lake", persisted - REWIND)
+            .await
+            .expect("rewind");
+        persisted
+    };
 
     node.restart();
     let start = Instant::now();
@@ -277,8 +296,10 @@ async fn every_signal_arrives_exactly_once_across_a_kill9_mid_export() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let messages = read_stream(&js, N).await;
-    let got: Vec<&str> = messages.iter().map(|m| m.msg_id.as_str()).collect();
-    let unique: HashSet<&str> = got.iter().copied().collect();
+    let unique: HashSet<&str> = messages
+        .iter()
+        .map(|m| m.signal["event"]["eventId"].as_str().expect("event_id"))
+        .collect();
     assert_eq!(unique.len() as u64, N, "each event_id exactly once");
     assert_eq!(
         unique,
@@ -286,12 +307,26 @@ async fn every_signal_arrives_exactly_once_across_a_kill9_mid_export() {
     );
     check_messages(&messages);
     let caught_up = caught_up_lines(&node.log(), N);
+    let line = caught_up[0].split("export caught up").nth(1).unwrap_or("");
+    let duplicates: u64 = line
+        .split("duplicates=")
+        .nth(1)
+        .and_then(|d| d.split_whitespace().next())
+        .and_then(|d| d.parse().ok())
+        .unwrap_or_else(|| panic!("no duplicates count in {line:?}"));
+    assert!(
+        duplicates >= after_kill - (persisted - REWIND),
+        "JetStream reported {duplicates} duplicates; the restart published {} messages again",
+        after_kill - (persisted - REWIND)
+    );
     report(&format!(
-        "export kill -9: {at_kill} of {N} messages in the stream when killed ({after_kill} once the node was gone); \
-         after restart the stream holds {} messages, {} distinct event ids; node: {}",
+        "export kill -9: {at_kill} of {N} messages in the stream when killed ({after_kill} once the node was gone), \
+         cursor persisted at {persisted} (set back to {}); after restart the stream holds {} messages, \
+         {} distinct event ids; node: {}",
+        persisted - REWIND,
         messages.len(),
         unique.len(),
-        caught_up[0].split("export caught up").nth(1).unwrap_or("").trim()
+        line.trim()
     ));
     node.terminate();
 }
