@@ -215,22 +215,33 @@ pub fn validate(
                 key: err.field,
                 message: err.reason,
             })?;
-        if e.token.is_some() && e.credentials.is_some() {
+        check_credentials(e, &invalid, base)?;
+    }
+    Ok(())
+}
+
+/// Token or credentials file, not both; the file resolved against `base`
+/// and present.
+fn check_credentials(
+    e: &mut ExportConfig,
+    invalid: &impl Fn(&str, String) -> config::Error,
+    base: &Path,
+) -> Result<(), config::Error> {
+    if e.token.is_some() && e.credentials.is_some() {
+        return Err(invalid(
+            "credentials",
+            "set either token or credentials, not both".into(),
+        ));
+    }
+    if let Some(creds) = &mut e.credentials {
+        if creds.is_relative() {
+            *creds = base.join(&*creds);
+        }
+        if !creds.is_file() {
             return Err(invalid(
                 "credentials",
-                "set either token or credentials, not both".into(),
+                format!("file {} does not exist", creds.display()),
             ));
-        }
-        if let Some(creds) = &mut e.credentials {
-            if creds.is_relative() {
-                *creds = base.join(&*creds);
-            }
-            if !creds.is_file() {
-                return Err(invalid(
-                    "credentials",
-                    format!("file {} does not exist", creds.display()),
-                ));
-            }
         }
     }
     Ok(())
@@ -257,8 +268,8 @@ fn is_stream_name(s: &str) -> bool {
 /// Why an export session ended (it is retried).
 #[derive(Debug, thiserror::Error)]
 enum Error {
-    #[error("cannot connect to {url}: {reason}")]
-    Connect { url: String, reason: String },
+    #[error("cannot connect to {server}: {reason}")]
+    Connect { server: String, reason: String },
     #[error("stream {stream}: {reason}")]
     Stream { stream: String, reason: String },
     #[error("publish failed: {0}")]
@@ -292,6 +303,7 @@ pub fn spawn(
                 }
             };
             let export = Export {
+                server: server_of(&cfg.url),
                 cfg: cfg.clone(),
                 filter,
                 node_id: node_id.to_string(),
@@ -314,6 +326,8 @@ pub fn spawn(
 
 /// One running export.
 struct Export {
+    /// `scheme://host:port` of the url, without credentials: for logs.
+    server: String,
     cfg: ExportConfig,
     filter: EventFilter,
     node_id: String,
@@ -347,7 +361,7 @@ impl Export {
         loop {
             let err = self.session(&mut backoff).await;
             let wait = backoff.next();
-            tracing::warn!(error = %err, retry_in = ?wait, url = %self.cfg.url, "export interrupted; will retry");
+            tracing::warn!(error = %err, retry_in = ?wait, "export interrupted; will retry");
             tokio::time::sleep(wait).await;
         }
     }
@@ -371,7 +385,7 @@ impl Export {
 
     async fn connect(&self) -> Result<jetstream::Context, Error> {
         let connect_err = |reason: String| Error::Connect {
-            url: self.cfg.url.clone(),
+            server: self.server.clone(),
             reason,
         };
         let mut opts = async_nats::ConnectOptions::new()
@@ -432,15 +446,9 @@ impl Export {
     /// (identity `export/<name>`, which no certificate identity can be),
     /// with where to and what, as subscriptions are recorded.
     async fn audit_session(&self) {
-        let server = self
-            .cfg
-            .url
-            .parse::<async_nats::ServerAddr>()
-            .map(|a| format!("{}://{}:{}", a.scheme(), a.host(), a.port()))
-            .unwrap_or_default();
         let detail = serde_json::json!({
             "export": self.cfg.name,
-            "server": server,
+            "server": self.server,
             "stream": self.cfg.stream,
             "subject": self.cfg.subject,
             "filter": conversions::filter_to_pb(&self.filter),
@@ -625,6 +633,14 @@ impl Export {
     }
 }
 
+/// `scheme://host:port` of a NATS url: what logs and the audit trail
+/// show, never a user or password it may hold.
+fn server_of(url: &str) -> String {
+    url.parse::<async_nats::ServerAddr>()
+        .map(|a| format!("{}://{}:{}", a.scheme(), a.host(), a.port()))
+        .unwrap_or_else(|_| "(invalid url)".into())
+}
+
 /// The subject token of an event kind (its label).
 fn kind_token(kind: i32) -> &'static str {
     EventKind::from_number(kind).map_or("unspecified", EventKind::label)
@@ -746,6 +762,10 @@ mod tests {
             "cart_abandoned"
         );
         assert_eq!(kind_token(0), "unspecified");
+        assert_eq!(
+            server_of("nats://u:secret@example.net"),
+            "nats://example.net:4222"
+        );
         assert!(is_subject_prefix("a.b-c_d"));
         assert!(!is_subject_prefix("a b") && !is_subject_prefix("") && !is_subject_prefix("a."));
     }
