@@ -401,6 +401,9 @@ pub struct NodeConfig {
     pub storage: StorageConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// `[[export]]`: streams of the stored signals into NATS JetStream.
+    #[serde(default)]
+    pub export: Vec<crate::export::ExportConfig>,
     /// The file this config was read from (for a live reload).
     #[serde(skip)]
     pub source: PathBuf,
@@ -697,6 +700,7 @@ impl NodeConfig {
                 "batch and check_every must be positive",
             ));
         }
+        crate::export::validate(&mut self.export, path, &base)?;
         self.validate_upstreams(path)
     }
 

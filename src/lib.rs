@@ -20,6 +20,7 @@ pub mod demo;
 pub mod domain;
 pub mod dp;
 pub mod erasure;
+pub mod export;
 pub mod insights;
 pub mod metrics;
 pub mod node;

@@ -107,6 +107,12 @@ async fn run_inner(
     };
     let reload =
         crate::reload::spawn_on_sighup(parts.reloader.clone(), parts.store.clone(), token.clone());
+    let exports = crate::export::spawn(
+        &config.id,
+        &config.export,
+        parts.store.clone(),
+        token.clone(),
+    );
     tracing::info!(
         data_dir = %config.data_dir.display(),
         last_seq = parts.store.last_seq()?,
@@ -122,6 +128,7 @@ async fn run_inner(
         .chain(retention)
         .chain(metrics)
         .chain(reload)
+        .chain(exports)
     {
         // Workers watch the token; the bound is a safety net.
         if tokio::time::timeout(Duration::from_secs(5), w)

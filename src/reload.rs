@@ -91,6 +91,7 @@ impl Reloader {
             ("log", differs(&old.log, &new.log)),
             ("storage", differs(&old.storage, &new.storage)),
             ("metrics", differs(&old.metrics, &new.metrics)),
+            ("export", differs(&old.export, &new.export)),
         ] {
             if changed {
                 out.needs_restart.push(section.to_string());

@@ -278,33 +278,8 @@ impl Feed {
             }
             for (seq, stored) in chunk {
                 self.cursor = seq;
-                let signal = match stored {
-                    Stored::Event(ev) if self.filter.matches(&ev) => pb::Signal {
-                        cursor: seq,
-                        event: Some(conversions::preference_event_to_pb(&ev)),
-                        erasure: None,
-                    },
-                    Stored::Event(_) => continue,
-                    Stored::Erasure(erasure) => {
-                        // Only the erased events this subscription matches.
-                        let event_ids: Vec<String> = erasure
-                            .events
-                            .iter()
-                            .filter(|ev| self.filter.matches(ev))
-                            .map(|ev| ev.event_id.clone())
-                            .collect();
-                        if event_ids.is_empty() {
-                            continue;
-                        }
-                        pb::Signal {
-                            cursor: seq,
-                            event: None,
-                            erasure: Some(pb::ErasureSignal {
-                                erasure_id: erasure.erasure_id,
-                                event_ids,
-                            }),
-                        }
-                    }
+                let Some(signal) = to_signal(&self.filter, seq, stored) else {
+                    continue;
                 };
                 tokio::select! {
                     res = self.tx.send(Ok(signal)) => if res.is_err() {
@@ -323,5 +298,39 @@ impl Feed {
             "subscription ended"
         );
         ended
+    }
+}
+
+/// What a subscription with `filter` is sent for what the store holds at
+/// `seq`: the event if it matches, the erased events it matches, or nothing.
+/// The one definition of a signal, shared by subscriptions and exports
+/// (`crate::export`).
+pub fn to_signal(filter: &EventFilter, seq: Seq, stored: Stored) -> Option<pb::Signal> {
+    match stored {
+        Stored::Event(ev) if filter.matches(&ev) => Some(pb::Signal {
+            cursor: seq,
+            event: Some(conversions::preference_event_to_pb(&ev)),
+            erasure: None,
+        }),
+        Stored::Event(_) => None,
+        Stored::Erasure(erasure) => {
+            let event_ids: Vec<String> = erasure
+                .events
+                .iter()
+                .filter(|ev| filter.matches(ev))
+                .map(|ev| ev.event_id.clone())
+                .collect();
+            if event_ids.is_empty() {
+                return None;
+            }
+            Some(pb::Signal {
+                cursor: seq,
+                event: None,
+                erasure: Some(pb::ErasureSignal {
+                    erasure_id: erasure.erasure_id,
+                    event_ids,
+                }),
+            })
+        }
     }
 }

@@ -7,7 +7,8 @@
 //!
 //! - `meta`:    `last_seq`, `purged_upto` → u64 — the sequence high-water
 //!   mark (so numbers are never reused, even after retention removed the
-//!   newest events) and the highest sequence number retention removed
+//!   newest events) and the highest sequence number retention removed;
+//!   `export/<name>` → u64 — how far each export was acknowledged
 //! - `rollups`: family ‖ period ‖ dimensions → aggregates (see
 //!   `crate::rollup`), updated in the same transaction as the events they
 //!   count; `meta` keeps the layout they were built with (`rollup_layout`)
@@ -36,6 +37,7 @@ mod writer;
 
 mod audit;
 mod erasure;
+mod export;
 mod outbox;
 mod rollups;
 
@@ -920,9 +922,14 @@ fn cursor_key(identity: &str, name: &str) -> Vec<u8> {
 }
 
 fn meta_seq(meta: &sled::Tree, key: &'static [u8]) -> Result<Seq> {
+    meta_seq_key(meta, key, std::str::from_utf8(key).unwrap_or("?"))
+}
+
+/// The u64 under `key` in `meta` (0 if unset); `name` is for errors.
+fn meta_seq_key(meta: &sled::Tree, key: &[u8], name: &str) -> Result<Seq> {
     match meta.get(key)? {
         None => Ok(0),
-        Some(v) => seq_from(&v, "meta", std::str::from_utf8(key).unwrap_or("?")),
+        Some(v) => seq_from(&v, "meta", name),
     }
 }
 
