@@ -356,30 +356,6 @@ fn wait_log(node: &common::NodeProc, needle: &str, count: usize) {
     );
 }
 
-/// Event ids stored at a stopped-or-running node's distributor, via a
-/// backfill as `maker-app`.
-async fn stored_ids(node: &common::NodeProc, as_: &chainsight::config::TlsFiles) -> Vec<String> {
-    let mut client =
-        pb::signals_client::SignalsClient::new(node.channel(as_).await.expect("connect"));
-    let mut stream = client
-        .subscribe(pb::SubscribeRequest {
-            filter: Some(pb::Filter::default()),
-            after_cursor: 0,
-            follow: false,
-            name: String::new(),
-        })
-        .await
-        .expect("subscribe")
-        .into_inner();
-    let mut ids = Vec::new();
-    while let Some(s) = stream.message().await.expect("signal") {
-        if let Some(e) = s.event {
-            ids.push(e.event_id);
-        }
-    }
-    ids
-}
-
 fn mixed_events(prefix: &str, n: usize) -> Vec<pb::CustomerEvent> {
     (0..n)
         .map(|i| {
@@ -486,7 +462,11 @@ async fn sighup_changes_the_agreement_from_then_on_and_an_invalid_config_is_refu
         "{stdout}"
     );
 
-    let ids = stored_ids(&d, &maker).await;
+    let ids: Vec<String> = stored(&d, &maker)
+        .await
+        .into_iter()
+        .map(|(_, id)| id)
+        .collect();
     let got = |prefix: &str, wear: bool| {
         ids.iter()
             .filter(|id| {
@@ -510,7 +490,8 @@ async fn sighup_changes_the_agreement_from_then_on_and_an_invalid_config_is_refu
     assert_eq!(ids.len(), 150);
 }
 
-/// (cursor, event id) of every event a node stores, via a backfill.
+/// (cursor, event id) of every event a node stores, via a backfill as
+/// `as_` (a subscriber).
 async fn stored(node: &common::NodeProc, as_: &chainsight::config::TlsFiles) -> Vec<(u64, String)> {
     let mut client =
         pb::signals_client::SignalsClient::new(node.channel(as_).await.expect("connect"));
