@@ -114,6 +114,9 @@ pub async fn reload(config: &NodeConnection) -> anyhow::Result<pb::ReloadRespons
     let mut client = pb::admin_client::AdminClient::new(connect_as_node(config).await?);
     match client.reload(pb::ReloadRequest {}).await {
         Ok(r) => Ok(r.into_inner()),
-        Err(status) => bail!("{}", status.message()),
+        Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+            bail!("the node refused the reload: {}", status.message())
+        }
+        Err(status) => bail!("reload failed: {status}"),
     }
 }

@@ -23,6 +23,8 @@ pub enum Error {
     },
     #[error("{0:?} is not a valid identity (letters, digits, '-', '.', '_'; at most 64)")]
     BadName(String),
+    #[error("{path}: {reason}")]
+    Parse { path: PathBuf, reason: String },
 }
 
 /// A PEM certificate and its PEM private key.
@@ -156,6 +158,99 @@ impl ChainCa {
     pub fn write(&self, dir: &Path) -> Result<(), Error> {
         write_pair(dir, "ca", &self.cert_pem, &self.key_pem)
     }
+}
+
+/// The file `chainsight certs revoke` writes in the certificates directory.
+pub const CRL_FILE: &str = "crl.pem";
+
+impl ChainCa {
+    /// A certificate revocation list signed by this CA, listing `revoked`
+    /// (serial number, revocation time), numbered `number`, valid for 30
+    /// days.
+    pub fn revocation_list(
+        &self,
+        revoked: &[(Vec<u8>, OffsetDateTime)],
+        number: u64,
+    ) -> Result<String, Error> {
+        let now = OffsetDateTime::now_utc();
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now - Duration::minutes(5),
+            next_update: now + Duration::days(30),
+            crl_number: rcgen::SerialNumber::from(number.to_be_bytes().to_vec()),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|(serial, at)| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from(serial.clone()),
+                    revocation_time: *at,
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.pem()?)
+    }
+}
+
+/// `chainsight certs revoke`: adds the certificates `DIR/NAME.pem` of
+/// `names` to `DIR/crl.pem` (keeping the entries it already lists), signed
+/// by the CA in `dir`; returns the CRL's path. Nodes with the CRL in
+/// `[tls] crls` refuse those certificates at the handshake from their next
+/// reload (SIGHUP or `chainsight admin reload`).
+pub fn revoke(dir: &Path, names: &[String]) -> Result<PathBuf, Error> {
+    let ca = ChainCa::load(dir)?;
+    let crl_path = dir.join(CRL_FILE);
+    let parse_err = |path: &Path, reason: String| Error::Parse {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let (mut revoked, number) = if crl_path.exists() {
+        let pem = std::fs::read(&crl_path).map_err(|source| Error::Io {
+            path: crl_path.clone(),
+            source,
+        })?;
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem)
+            .map_err(|e| parse_err(&crl_path, e.to_string()))?;
+        use x509_parser::prelude::FromDer;
+        let (_, crl) =
+            x509_parser::revocation_list::CertificateRevocationList::from_der(&pem.contents)
+                .map_err(|e| parse_err(&crl_path, e.to_string()))?;
+        let listed: Vec<(Vec<u8>, OffsetDateTime)> = crl
+            .iter_revoked_certificates()
+            .map(|r| (r.raw_serial().to_vec(), r.revocation_date.to_datetime()))
+            .collect();
+        let number = crl
+            .crl_number()
+            .and_then(|n| u64::try_from(n).ok())
+            .unwrap_or(0);
+        (listed, number)
+    } else {
+        (Vec::new(), 0)
+    };
+    let now = OffsetDateTime::now_utc();
+    for name in names {
+        let path = dir.join(format!("{name}.pem"));
+        let pem = std::fs::read(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let (_, pem) =
+            x509_parser::pem::parse_x509_pem(&pem).map_err(|e| parse_err(&path, e.to_string()))?;
+        let cert = pem
+            .parse_x509()
+            .map_err(|e| parse_err(&path, e.to_string()))?;
+        let serial = cert.raw_serial().to_vec();
+        if !revoked.iter().any(|(s, _)| *s == serial) {
+            revoked.push((serial, now));
+        }
+    }
+    let pem = ca.revocation_list(&revoked, number + 1)?;
+    std::fs::write(&crl_path, pem).map_err(|source| Error::Io {
+        path: crl_path.clone(),
+        source,
+    })?;
+    Ok(crl_path)
 }
 
 /// Writes `NAME.pem` and `NAME.key` (0600) into `dir`.

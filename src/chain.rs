@@ -149,6 +149,7 @@ impl LocalChain {
             cert: self.certs.join(format!("{identity}.pem")),
             key: self.certs.join(format!("{identity}.key")),
             handshake_timeout_secs: 10,
+            crls: Vec::new(),
         }
     }
 

@@ -42,6 +42,12 @@ pub struct TlsFiles {
     /// Seconds a client has to complete the TLS handshake.
     #[serde(default = "default_handshake_timeout")]
     pub handshake_timeout_secs: u64,
+    /// PEM certificate revocation lists of the chain CA (e.g. the
+    /// `crl.pem` of `chainsight certs revoke`): a node refuses a client
+    /// certificate they list at the handshake. Re-read on reload (SIGHUP,
+    /// `chainsight admin reload`), for new connections.
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
 }
 
 fn default_handshake_timeout() -> u64 {
@@ -580,6 +586,19 @@ impl TlsFiles {
                     key,
                     format!(
                         "file {} does not exist; create certificates with `chainsight certs init --dir DIR NAME...` and point `{key}` at them",
+                        file.display()
+                    ),
+                ));
+            }
+        }
+        for (i, file) in self.crls.iter_mut().enumerate() {
+            resolve(base, file);
+            if !file.is_file() {
+                return Err(invalid(
+                    path,
+                    &format!("tls.crls[{i}]"),
+                    format!(
+                        "file {} does not exist; write one with `chainsight certs revoke --dir DIR NAME...`",
                         file.display()
                     ),
                 ));

@@ -63,14 +63,13 @@ async fn run_inner(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     let parts = open_parts(&config).await?;
-    let tls_config = tls::server_config(&config.tls)?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<IngestServer<IngestService>>().await;
 
     let token = CancellationToken::new();
     let incoming = tls::incoming(
         listener,
-        tls_config,
+        parts.tls.clone(),
         Duration::from_secs(config.tls.handshake_timeout_secs),
         token.clone(),
     );
@@ -154,6 +153,7 @@ struct Parts {
     store: Store,
     policy: Policy,
     limits: FilterLimits,
+    tls: tls::LiveServerConfig,
     reloader: Arc<crate::reload::Reloader>,
     signer: Option<Arc<crate::origin::Signer>>,
     verifier: Arc<crate::origin::Verifier>,
@@ -197,11 +197,13 @@ async fn open_parts(config: &NodeConfig) -> Result<Parts, Error> {
     };
     let policy = Policy::from_roles(&config.roles);
     let limits = FilterLimits::from_config(&config.filter_limit);
+    let tls = tls::LiveServerConfig::new(tls::server_config(&config.tls)?);
     let reloader = Arc::new(crate::reload::Reloader::new(
         config.clone(),
         policy.clone(),
         limits.clone(),
         links.clone(),
+        tls.clone(),
     ));
     crate::service::admin::remove_stale_staging(&config.data_dir);
     Ok(Parts {
@@ -210,6 +212,7 @@ async fn open_parts(config: &NodeConfig) -> Result<Parts, Error> {
         store,
         policy,
         limits,
+        tls,
         reloader,
         signer,
         verifier,

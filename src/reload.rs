@@ -1,6 +1,7 @@
 //! Live reload: SIGHUP or `Admin.Reload` re-reads node.toml and puts in
 //! force what can change under running connections — roles, the link
-//! agreements (`[upstream.share]`) and the filter limits — without
+//! agreements (`[upstream.share]`), the filter limits, and the TLS server
+//! configuration for new connections (CRLs, a rotated certificate) — without
 //! dropping a connection or touching an outbox. A config that does not
 //! load (syntax, validation) is refused with the reason and the one in
 //! force stays; sections that need a restart are reported, not applied.
@@ -28,6 +29,9 @@ pub struct Reloader {
     policy: Policy,
     limits: FilterLimits,
     links: Arc<Links>,
+    tls: crate::tls::LiveServerConfig,
+    /// Digest of the TLS files (CA, certificate, key, CRLs) in force.
+    tls_files: Mutex<Option<[u8; 32]>>,
 }
 
 impl Reloader {
@@ -38,13 +42,17 @@ impl Reloader {
         policy: Policy,
         limits: FilterLimits,
         links: Arc<Links>,
+        tls: crate::tls::LiveServerConfig,
     ) -> Self {
+        let tls_files = Mutex::new(tls_digest(&config.tls).ok());
         Reloader {
             path: config.source.clone(),
             in_force: Mutex::new(config),
             policy,
             limits,
             links,
+            tls,
+            tls_files,
         }
     }
 
@@ -56,6 +64,22 @@ impl Reloader {
         let new = NodeConfig::load(&self.path).map_err(|e| e.to_string())?;
         let mut in_force = self.in_force.lock().unwrap_or_else(PoisonError::into_inner);
         let mut out = Outcome::default();
+        // The TLS files are re-read (a rotated certificate or a new CRL
+        // under the same name counts); a server config that cannot be
+        // built refuses the whole reload, before anything is applied.
+        let digest = tls_digest(&new.tls).map_err(|e| format!("[tls]: {e}"))?;
+        let mut tls_files = self
+            .tls_files
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if *tls_files != Some(digest) {
+            let config = crate::tls::server_config(&new.tls).map_err(|e| format!("[tls]: {e}"))?;
+            self.tls.set(config);
+            *tls_files = Some(digest);
+            out.applied
+                .push("tls (certificate, key and CRLs for new connections)".into());
+        }
+        drop(tls_files);
         if self.policy.replace(&new.roles) {
             out.applied.push("roles".into());
         }
@@ -72,6 +96,7 @@ impl Reloader {
         }
         in_force.roles = new.roles.clone();
         in_force.filter_limit = new.filter_limit.clone();
+        in_force.tls.crls = new.tls.crls.clone();
         // Everything else is read once at start.
         let differs =
             |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
@@ -80,7 +105,13 @@ impl Reloader {
             ("id", differs(&old.id, &new.id)),
             ("listen", differs(&old.listen, &new.listen)),
             ("data_dir", differs(&old.data_dir, &new.data_dir)),
-            ("tls", differs(&old.tls, &new.tls)),
+            (
+                "tls paths and handshake timeout (outgoing links and origin signing keep the files they started with)",
+                differs(&old.tls.ca, &new.tls.ca)
+                    || differs(&old.tls.cert, &new.tls.cert)
+                    || differs(&old.tls.key, &new.tls.key)
+                    || old.tls.handshake_timeout_secs != new.tls.handshake_timeout_secs,
+            ),
             ("privacy", differs(&old.privacy, &new.privacy)),
             ("limits", differs(&old.limits, &new.limits)),
             ("propagation", differs(&old.propagation, &new.propagation)),
@@ -154,4 +185,22 @@ pub async fn log_and_audit(
     if let Err(e) = crate::service::audit(store, crate::audit::Kind::Admin, by, detail).await {
         tracing::warn!(error = %e, "could not record the reload in the audit trail");
     }
+}
+
+/// SHA-256 over the TLS files' names and contents.
+fn tls_digest(files: &crate::config::TlsFiles) -> std::io::Result<[u8; 32]> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for path in [&files.ca, &files.cert, &files.key]
+        .into_iter()
+        .chain(&files.crls)
+    {
+        let content = std::fs::read(path).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("reading {}: {e}", path.display()))
+        })?;
+        h.update(path.as_os_str().as_encoded_bytes());
+        h.update((content.len() as u64).to_be_bytes());
+        h.update(&content);
+    }
+    Ok(h.finalize().into())
 }

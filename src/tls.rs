@@ -15,7 +15,7 @@ use std::time::Duration;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -102,14 +102,34 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Option<String> {
 }
 
 /// The node's server configuration: TLS 1.3 only, ALPN h2, and a client
-/// certificate signed by the chain CA required from every caller.
+/// certificate signed by the chain CA, and not revoked by one of `crls`,
+/// required from every caller.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, Error> {
     let provider = provider();
     let mut roots = RootCertStore::empty();
     for ca in load_certs(&files.ca)? {
         roots.add(ca)?;
     }
+    let mut crls = Vec::new();
+    for path in &files.crls {
+        let list = CertificateRevocationListDer::pem_file_iter(path)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| Error::Pem {
+                what: "certificate revocation list",
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        if list.is_empty() {
+            return Err(Error::Pem {
+                what: "certificate revocation list",
+                path: path.display().to_string(),
+                reason: "no X509 CRL in the file".into(),
+            });
+        }
+        crls.extend(list);
+    }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .with_crls(crls)
         .build()
         .map_err(|e| Error::Verifier(e.to_string()))?;
     let chain = load_certs(&files.cert)?;
@@ -120,6 +140,34 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, Error> {
         .with_single_cert(chain, key)?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(cfg))
+}
+
+/// The server configuration for new connections, replaceable while the
+/// node runs (certificate rotation, new CRLs) without touching the
+/// connections already established.
+#[derive(Clone)]
+pub struct LiveServerConfig(Arc<std::sync::RwLock<Arc<ServerConfig>>>);
+
+impl LiveServerConfig {
+    pub fn new(config: Arc<ServerConfig>) -> Self {
+        LiveServerConfig(Arc::new(std::sync::RwLock::new(config)))
+    }
+
+    /// The configuration in force.
+    pub fn get(&self) -> Arc<ServerConfig> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Puts `config` in force for connections accepted from now on.
+    pub fn set(&self, config: Arc<ServerConfig>) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = config;
+    }
 }
 
 /// An authenticated connection, as handed to tonic.
@@ -182,12 +230,11 @@ impl AsyncWrite for TlsConn {
 /// Failed handshakes are logged and dropped. Stops accepting on `shutdown`.
 pub fn incoming(
     listener: TcpListener,
-    config: Arc<ServerConfig>,
+    config: LiveServerConfig,
     handshake_timeout: Duration,
     shutdown: CancellationToken,
 ) -> ReceiverStream<std::io::Result<TlsConn>> {
     let (tx, rx) = mpsc::channel(64);
-    let acceptor = TlsAcceptor::from(config);
     // Bounds the handshakes in progress, so a flood of idle sockets cannot
     // hold unbounded file descriptors and tasks.
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
@@ -208,7 +255,9 @@ pub fn incoming(
             let Ok(permit) = handshakes.clone().acquire_owned().await else {
                 break;
             };
-            let acceptor = acceptor.clone();
+            // The configuration in force now (a reload swaps it for new
+            // connections; established ones keep theirs).
+            let acceptor = TlsAcceptor::from(config.get());
             let tx = tx.clone();
             tokio::spawn(async move {
                 let _permit = permit;

@@ -756,3 +756,116 @@ async fn a_backup_under_load_restores_the_same_events_cursors_and_query_results(
         a.rows.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crl_reloaded_on_sighup_refuses_the_revoked_certificate_for_new_connections() {
+    let env = TestEnv::new();
+    let maker = env.issue("maker-app");
+    let bi = env.issue("maker-bi");
+    let eshop = env.issue("retailer-eshop");
+    let port = env.reserve_port();
+    let config = env.node_config_on(
+        "node",
+        port,
+        &roles(&[
+            "publishers = [\"retailer-eshop\"]",
+            "subscribers = [\"maker-app\", \"maker-bi\"]",
+        ]),
+    );
+    let node = env.start("node");
+    publish_all(&mut node.ingest(&eshop).await, mixed_events("e", 10)).await;
+    // maker-app's connection, opened before the revocation.
+    let mut before =
+        pb::signals_client::SignalsClient::new(node.channel(&maker).await.expect("connect"));
+    let backfill = |client: &mut pb::signals_client::SignalsClient<tonic::transport::Channel>| {
+        let mut client = client.clone();
+        async move {
+            let mut stream = client
+                .subscribe(pb::SubscribeRequest {
+                    filter: Some(pb::Filter::default()),
+                    after_cursor: 0,
+                    follow: false,
+                    name: String::new(),
+                })
+                .await?
+                .into_inner();
+            let mut n = 0;
+            while stream.message().await?.is_some() {
+                n += 1;
+            }
+            Ok::<usize, tonic::Status>(n)
+        }
+    };
+    assert_eq!(backfill(&mut before).await.expect("before"), 10);
+
+    // Revoke maker-app with the CLI, list the CRL in node.toml, SIGHUP.
+    let (ok, stdout, stderr) = cli(&[
+        "certs",
+        "revoke",
+        "--dir",
+        env.certs_dir().to_str().unwrap(),
+        "maker-app",
+    ]);
+    assert!(ok, "{stdout}{stderr}");
+    let crl = env.certs_dir().join("crl.pem");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace(
+            "handshake_timeout_secs = 3\n",
+            &format!(
+                "handshake_timeout_secs = 3\ncrls = [\"{}\"]\n",
+                crl.display()
+            ),
+        ),
+    )
+    .unwrap();
+    node.send_sighup();
+    wait_log(&node, "config reloaded", 1);
+    assert!(
+        node.log().contains("tls (certificate, key and CRLs"),
+        "{}",
+        node.log()
+    );
+
+    // A new connection as maker-app is refused at the handshake (the node
+    // says why); maker-bi still connects; the connection maker-app opened
+    // before stays up.
+    let refused = match node.channel(&maker).await {
+        Err(e) => e.to_string(),
+        Ok(channel) => {
+            let mut c = pb::signals_client::SignalsClient::new(channel);
+            match backfill(&mut c).await {
+                Err(status) => status.to_string(),
+                Ok(n) => panic!("a revoked certificate got {n} signals on a new connection"),
+            }
+        }
+    };
+    println!("maker-app after revocation, new connection: {refused}");
+    wait_log(&node, "Revoked", 1);
+    let mut other =
+        pb::signals_client::SignalsClient::new(node.channel(&bi).await.expect("maker-bi connects"));
+    assert_eq!(backfill(&mut other).await.expect("maker-bi"), 10);
+    assert_eq!(
+        backfill(&mut before)
+            .await
+            .expect("the established connection"),
+        10
+    );
+    // And a CRL file that is not one refuses the reload; the CRL in force stays.
+    std::fs::write(&crl, "not a CRL").unwrap();
+    let (ok, _, stderr) = cli(&["admin", "reload", "--config", config.to_str().unwrap()]);
+    println!("admin reload with a bad CRL file: {stderr}");
+    assert!(
+        !ok && stderr.contains("certificate revocation list"),
+        "{stderr}"
+    );
+    let still_refused = match node.channel(&maker).await {
+        Err(_) => true,
+        Ok(channel) => backfill(&mut pb::signals_client::SignalsClient::new(channel))
+            .await
+            .is_err(),
+    };
+    assert!(still_refused, "the refused reload dropped the CRL in force");
+    assert_eq!(backfill(&mut other).await.expect("maker-bi"), 10);
+}

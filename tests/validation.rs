@@ -41,6 +41,7 @@ fn publisher_files(env: &TestEnv) -> TlsFiles {
         cert: dir.join(format!("{PUBLISHER}.pem")),
         key: dir.join(format!("{PUBLISHER}.key")),
         handshake_timeout_secs: 5,
+        crls: Vec::new(),
     }
 }
 

@@ -57,6 +57,7 @@ impl TestEnv {
             cert: dir.join(format!("{file_name}.pem")),
             key: dir.join(format!("{file_name}.key")),
             handshake_timeout_secs: 5,
+            crls: Vec::new(),
         }
     }
 
