@@ -57,8 +57,12 @@ pub async fn backup(
     if out.exists() {
         bail!("{} exists: choose a new file for the backup", out.display());
     }
-    let partial = out.with_extension("partial");
-    let file = std::fs::File::create_new(&partial)
+    let mut partial = out.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = std::path::PathBuf::from(partial);
+    // The file holds pseudonymised events, the audit trail and maybe the
+    // pseudonym key: readable by its owner only.
+    let file = crate::secret::create_private(&partial)
         .with_context(|| format!("creating {}", partial.display()))?;
     let result = async {
         let mut writer = RecordWriter::new(BufWriter::with_capacity(1 << 20, file));
@@ -100,6 +104,7 @@ pub async fn backup(
         Ok(summary) => {
             std::fs::rename(&partial, out)
                 .with_context(|| format!("renaming {} to {}", partial.display(), out.display()))?;
+            crate::secret::sync_parent(out);
             Ok(summary)
         }
         Err(e) => {

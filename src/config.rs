@@ -555,7 +555,18 @@ fn read(path: &Path) -> Result<String, Error> {
 fn parse<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, Error> {
     toml::from_str(text).map_err(|e| Error::Parse {
         path: path.to_path_buf(),
-        message: e.to_string(),
+        // The position and the reason, never the offending line: it may
+        // hold a secret (a token) that must not reach logs or the audit
+        // trail of a refused reload.
+        message: match e.span() {
+            Some(span) => {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!("line {line}, column {column}: {}", e.message())
+            }
+            None => e.message().to_string(),
+        },
     })
 }
 

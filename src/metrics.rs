@@ -86,6 +86,63 @@ impl Metrics {
     }
 }
 
+/// The subscription streams open now, with the cursor each has reached.
+#[derive(Default)]
+struct LiveStreams {
+    next: std::sync::atomic::AtomicU64,
+    open: std::sync::Mutex<std::collections::HashMap<u64, OpenStream>>,
+}
+
+struct OpenStream {
+    identity: String,
+    name: String,
+    cursor: Arc<std::sync::atomic::AtomicU64>,
+}
+
+static STREAMS: LazyLock<LiveStreams> = LazyLock::new(LiveStreams::default);
+
+/// An open subscription stream, counted in the metrics until dropped.
+pub struct StreamGuard {
+    id: u64,
+    cursor: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl StreamGuard {
+    /// The stream has reached `cursor`.
+    pub fn at(&self, cursor: u64) {
+        self.cursor
+            .store(cursor, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        lock(&STREAMS.open).remove(&self.id);
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Registers a subscription stream of `identity` (named `name`, or
+/// unnamed when empty) starting after `cursor`.
+pub fn open_stream(identity: &str, name: &str, cursor: u64) -> StreamGuard {
+    let id = STREAMS
+        .next
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let cursor = Arc::new(std::sync::atomic::AtomicU64::new(cursor));
+    lock(&STREAMS.open).insert(
+        id,
+        OpenStream {
+            identity: identity.to_string(),
+            name: name.to_string(),
+            cursor: cursor.clone(),
+        },
+    );
+    StreamGuard { id, cursor }
+}
+
 /// The registry a node serves: the event metrics plus its state, read at
 /// each scrape.
 pub fn registry(store: Store, links: Arc<Links>) -> Registry {
@@ -276,6 +333,58 @@ impl Collector for NodeState {
                 }
             }
             Err(e) => warn("the subscriber cursors", &e),
+        }
+
+        // Open streams: per identity and subscription name, how many and
+        // the largest lag among them.
+        let mut open: std::collections::BTreeMap<(String, String), (u64, u64)> =
+            std::collections::BTreeMap::new();
+        for s in lock(&STREAMS.open).values() {
+            let at = s.cursor.load(std::sync::atomic::Ordering::Relaxed);
+            let entry = open
+                .entry((s.identity.clone(), s.name.clone()))
+                .or_insert((0, 0));
+            entry.0 += 1;
+            entry.1 = entry.1.max(head.saturating_sub(at));
+        }
+        let label = |name: &str| {
+            if name.is_empty() {
+                "(unnamed)".to_string()
+            } else {
+                name.to_string()
+            }
+        };
+        {
+            let mut family = encoder.encode_descriptor(
+                "subscriber_streams",
+                "Subscription streams open now",
+                None,
+                MetricType::Gauge,
+            )?;
+            for ((identity, name), (count, _)) in &open {
+                let name = label(name);
+                let labels = [
+                    ("identity", identity.as_str()),
+                    ("subscription", name.as_str()),
+                ];
+                ConstGauge::new(*count as i64).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "subscriber_stream_lag_events",
+                "Events stored after the cursor an open subscription stream has reached (the largest among a subscription's streams)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for ((identity, name), (_, lag)) in &open {
+                let name = label(name);
+                let labels = [
+                    ("identity", identity.as_str()),
+                    ("subscription", name.as_str()),
+                ];
+                ConstGauge::new(*lag as i64).encode(family.encode_family(&labels)?)?;
+            }
         }
         Ok(())
     }

@@ -268,7 +268,7 @@ fn build_router(
         parts.policy.clone(),
         parts.limits.clone(),
         parts.store.clone(),
-        token,
+        token.clone(),
     ));
     Ok(tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -287,6 +287,7 @@ fn build_router(
                 parts.store.clone(),
                 config.data_dir.clone(),
                 parts.reloader.clone(),
+                token.clone(),
             ),
         ))
         .add_service(pb::audit_server::AuditServer::new(

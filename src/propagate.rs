@@ -104,28 +104,28 @@ impl Links {
     }
 
     /// Puts the agreements of `upstreams` in force from now on (live
-    /// reload): events stored from then on are routed by them, and queued
-    /// events are shaped by them when sent (those no longer covered are
-    /// withheld). The links themselves (ids, addresses) must be unchanged;
-    /// returns the ids of the links whose agreement changed.
+    /// reload), for every link whose id and address are unchanged: events
+    /// stored from then on are routed by them, and queued events are shaped
+    /// by them when sent (those no longer covered are withheld). Returns
+    /// the ids of the links whose agreement changed, and the link changes
+    /// only a restart applies (added, removed or readdressed links).
     pub fn replace_agreements(
         &self,
         upstreams: &[crate::config::Upstream],
-    ) -> Result<Vec<String>, String> {
-        let same = upstreams.len() == self.links.len()
-            && upstreams
-                .iter()
-                .zip(&self.links)
-                .all(|(u, l)| u.id == l.id && u.address == l.address);
-        if !same {
-            return Err(format!(
-                "the upstream links changed (now {:?}, in force {:?}): adding, removing, reordering or readdressing links needs a restart",
-                upstreams.iter().map(|u| format!("{} at {}", u.id, u.address)).collect::<Vec<_>>(),
-                self.links.iter().map(|l| format!("{} at {}", l.id, l.address)).collect::<Vec<_>>(),
-            ));
-        }
-        let mut changed = Vec::new();
-        for (u, l) in upstreams.iter().zip(&self.links) {
+    ) -> (Vec<String>, Vec<String>) {
+        let (mut changed, mut restart) = (Vec::new(), Vec::new());
+        for l in &self.links {
+            let Some(u) = upstreams.iter().find(|u| u.id == l.id) else {
+                restart.push(format!("upstream {}: removed", l.id));
+                continue;
+            };
+            if u.address != l.address {
+                restart.push(format!(
+                    "upstream {}: address {} (in force {})",
+                    l.id, u.address, l.address
+                ));
+                continue;
+            }
             let new = LinkAgreement::from_share(&u.share);
             let mut a = l
                 .agreement
@@ -136,12 +136,17 @@ impl Links {
                 changed.push(l.id.clone());
             }
         }
-        Ok(changed)
+        for u in upstreams {
+            if !self.links.iter().any(|l| l.id == u.id) {
+                restart.push(format!("upstream {}: new link", u.id));
+            }
+        }
+        (changed, restart)
     }
 
-    /// Whether link `idx`'s agreement (in force now) covers `ev`.
-    pub fn covers(&self, idx: usize, ev: &PreferenceEvent) -> bool {
-        self.links[idx].agreement().matches(ev)
+    /// Link `idx`'s agreement in force now.
+    pub fn agreement(&self, idx: usize) -> Arc<LinkAgreement> {
+        self.links[idx].agreement()
     }
 
     /// The link ids, in outbox order.
@@ -184,8 +189,19 @@ impl Links {
     /// `ev` as it is sent on link `idx`: shaped by the agreement, with this
     /// node at the end of its path.
     pub fn outgoing(&self, idx: usize, ev: PreferenceEvent) -> PreferenceEvent {
+        self.outgoing_under(idx, &self.links[idx].agreement(), ev)
+    }
+
+    /// As [`Self::outgoing`], under `agreement` (one read of the agreement
+    /// for a whole batch, so a reload cannot fall between choosing the
+    /// events and shaping them).
+    pub fn outgoing_under(
+        &self,
+        idx: usize,
+        agreement: &LinkAgreement,
+        ev: PreferenceEvent,
+    ) -> PreferenceEvent {
         let link = &self.links[idx];
-        let agreement = link.agreement();
         // Withheld fields keep the rest verifiable: the proof is expanded.
         let before = (ev.proof.is_some() && !agreement.drop_fields.is_empty()).then(|| ev.clone());
         let mut ev = agreement.apply(ev, &link.key);
@@ -377,7 +393,8 @@ impl Worker {
                     self.settings.batch_max_events,
                     self.settings.batch_max_bytes,
                 );
-                let links = self.links.clone();
+                let agreement = self.links.agreement(idx);
+                let batch_agreement = agreement.clone();
                 let queued = tokio::task::spawn_blocking(move || {
                     let mut queued = store.outbox_batch(idx, cursor, max_events, max_bytes)?;
                     let last = queued.last().map(|q| q.seq);
@@ -385,7 +402,7 @@ impl Worker {
                     // longer cover some: they are withheld, not sent.
                     let (kept, withheld): (Vec<_>, Vec<_>) = std::mem::take(&mut queued)
                         .into_iter()
-                        .partition(|q| links.covers(idx, &q.event));
+                        .partition(|q| agreement.matches(&q.event));
                     let queued = kept;
                     if !withheld.is_empty() {
                         let seqs: Vec<Seq> = withheld.iter().map(|q| q.seq).collect();
@@ -423,7 +440,11 @@ impl Worker {
                 let events = queued
                     .into_iter()
                     .map(|q| {
-                        conversions::preference_event_to_pb(&self.links.outgoing(self.idx, q.event))
+                        conversions::preference_event_to_pb(&self.links.outgoing_under(
+                            self.idx,
+                            &batch_agreement,
+                            q.event,
+                        ))
                     })
                     .collect();
                 let batch_id = next_batch;

@@ -61,8 +61,10 @@ impl Reloader {
         if self.path.as_os_str().is_empty() {
             return Err("this node's config was not read from a file".into());
         }
-        let new = NodeConfig::load(&self.path).map_err(|e| e.to_string())?;
+        // Under the lock: of two reloads at once, the later read is the
+        // one left in force.
         let mut in_force = self.in_force.lock().unwrap_or_else(PoisonError::into_inner);
+        let new = NodeConfig::load(&self.path).map_err(|e| e.to_string())?;
         let mut out = Outcome::default();
         // The TLS files are re-read (a rotated certificate or a new CRL
         // under the same name counts); a server config that cannot be
@@ -86,14 +88,10 @@ impl Reloader {
         if self.limits.replace(&new.filter_limit) {
             out.applied.push("filter_limit".into());
         }
-        match self.links.replace_agreements(&new.upstream) {
-            Ok(changed) => {
-                out.applied
-                    .extend(changed.into_iter().map(|id| format!("upstream {id}")));
-                in_force.upstream = new.upstream.clone();
-            }
-            Err(reason) => out.needs_restart.push(format!("upstream: {reason}")),
-        }
+        let (changed, restart) = self.links.replace_agreements(&new.upstream);
+        out.applied
+            .extend(changed.into_iter().map(|id| format!("upstream {id}")));
+        out.needs_restart.extend(restart);
         in_force.roles = new.roles.clone();
         in_force.filter_limit = new.filter_limit.clone();
         in_force.tls.crls = new.tls.crls.clone();

@@ -19,6 +19,7 @@ use crate::policy::{Policy, Role};
 use crate::reload::Reloader;
 use crate::store::Store;
 use crate::tls::Peer;
+use tokio_util::sync::CancellationToken;
 
 /// Bytes of a backup chunk.
 const CHUNK: usize = 256 * 1024;
@@ -34,6 +35,10 @@ pub struct AdminService {
     store: Store,
     data_dir: PathBuf,
     reloader: Arc<Reloader>,
+    /// One backup at a time (each holds writes during its snapshot and a
+    /// copy of the store on disk until streamed).
+    backup: Arc<tokio::sync::Semaphore>,
+    shutdown: CancellationToken,
 }
 
 impl AdminService {
@@ -43,6 +48,7 @@ impl AdminService {
         store: Store,
         data_dir: PathBuf,
         reloader: Arc<Reloader>,
+        shutdown: CancellationToken,
     ) -> Self {
         AdminService {
             node_id,
@@ -50,6 +56,8 @@ impl AdminService {
             store,
             data_dir,
             reloader,
+            backup: Arc::new(tokio::sync::Semaphore::new(1)),
+            shutdown,
         }
     }
 
@@ -133,6 +141,11 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<ChunkStream>, Status> {
         let span = rpc_span(&req, "Admin.Backup");
         let peer = span.in_scope(|| self.authorize(&req))?;
+        let Ok(running) = self.backup.clone().try_acquire_owned() else {
+            return Err(Status::aborted(
+                "a backup of this node is already running; retry when it has finished",
+            ));
+        };
         let staged = Staged(
             self.data_dir
                 .join(format!("{STAGING_PREFIX}{}", uuid::Uuid::now_v7().simple())),
@@ -143,7 +156,7 @@ impl pb::admin_server::Admin for AdminService {
             .instrument(span.clone())
             .await
             .map_err(ApiError::from)?;
-        let size = std::fs::metadata(&staged.0).map_or(0, |m| m.len());
+        let size = tokio::fs::metadata(&staged.0).await.map_or(0, |m| m.len());
         super::audit(
             &self.store,
             crate::audit::Kind::Admin,
@@ -166,9 +179,10 @@ impl pb::admin_server::Admin for AdminService {
             )
         });
         let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let shutdown = self.shutdown.clone();
         tokio::spawn(
             async move {
-                let staged = staged;
+                let (_running, staged) = (running, staged);
                 let mut file = match tokio::fs::File::open(&staged.0).await {
                     Ok(f) => f,
                     Err(e) => {
@@ -191,9 +205,15 @@ impl pb::admin_server::Admin for AdminService {
                         }
                     };
                     data.truncate(n);
-                    if tx.send(Ok(pb::BackupChunk { data })).await.is_err() {
-                        tracing::warn!("the backup client went away; snapshot dropped");
-                        return;
+                    tokio::select! {
+                        sent = tx.send(Ok(pb::BackupChunk { data })) => if sent.is_err() {
+                            tracing::warn!("the backup client went away; snapshot dropped");
+                            return;
+                        },
+                        _ = shutdown.cancelled() => {
+                            let _ = tx.try_send(Err(Status::unavailable("the node is shutting down; take the backup again")));
+                            return;
+                        }
                     }
                 }
             }

@@ -137,6 +137,7 @@ impl pb::signals_server::Signals for SignalsService {
             tx,
             shutdown: self.shutdown.clone(),
             purged_seen: self.store.purged_upto().map_err(ApiError::from)?,
+            live: crate::metrics::open_stream(&peer.identity, &req.name, start),
         };
         tokio::spawn(feed.run().instrument(span));
         let mut resp = Response::new(Box::pin(ReceiverStream::new(rx)) as SignalStream);
@@ -189,6 +190,8 @@ struct Feed {
     shutdown: CancellationToken,
     /// Retention's high-water mark when this feed last checked.
     purged_seen: Seq,
+    /// This stream in the metrics (its lag), while it is open.
+    live: crate::metrics::StreamGuard,
 }
 
 impl Feed {
@@ -278,6 +281,7 @@ impl Feed {
             }
             for (seq, stored) in chunk {
                 self.cursor = seq;
+                self.live.at(seq);
                 let Some(signal) = to_signal(&self.filter, seq, stored) else {
                     continue;
                 };

@@ -97,6 +97,7 @@ pub(super) fn write_trees(
     db: &sled::Db,
     node_id: &str,
     last_seq: Seq,
+    pending: Option<&super::rollups::Pending>,
     out: &mut RecordWriter<impl Write>,
 ) -> Result<Counts> {
     use pb::backup_record::Record;
@@ -118,8 +119,14 @@ pub(super) fn write_trees(
     };
     for name in db.tree_names() {
         let tree = db.open_tree(&name)?;
-        out.record(Record::Tree(String::from_utf8_lossy(&name).into_owned()))
-            .map_err(io)?;
+        // The rollup cells and their watermark as one checkpoint left them
+        // (checkpoints wait, and so do queries behind a waiting one: only
+        // for this tree's copy).
+        let _no_checkpoint = match (&*name, pending) {
+            (b"rollups", Some(p)) => Some(p.hold_checkpoints()),
+            _ => None,
+        };
+        out.record(Record::Tree(name.to_vec())).map_err(io)?;
         counts.trees += 1;
         for entry in tree.iter() {
             let (key, value) = entry?;
@@ -305,7 +312,8 @@ pub fn restore(
     if staging.exists() {
         std::fs::remove_dir_all(&staging).map_err(write_err(&staging))?;
     }
-    {
+    let mut secrets = Vec::new();
+    let written = (|| -> std::result::Result<(), RestoreError> {
         let db = sled::Config::new()
             .path(&staging)
             .create_new(true)
@@ -327,7 +335,7 @@ pub fn restore(
                 Record::Tree(name) => {
                     apply(&tree, &mut batch)?;
                     in_batch = 0;
-                    tree = Some(db.open_tree(name.as_bytes())?);
+                    tree = Some(db.open_tree(name)?);
                 }
                 Record::Entry(e) => {
                     batch.insert(e.key, e.value);
@@ -339,15 +347,7 @@ pub fn restore(
                         progress(done);
                     }
                 }
-                Record::Secret(s) => {
-                    let path = data_dir.join(&s.file);
-                    crate::secret::write_private(&path, &s.content).map_err(|e| {
-                        Error::Sled(sled::Error::Io(std::io::Error::new(
-                            e.kind(),
-                            format!("writing {}: {e}", path.display()),
-                        )))
-                    })?;
-                }
+                Record::Secret(s) => secrets.push(s),
                 Record::Header(_) | Record::Trailer(_) => {}
             }
             Ok(())
@@ -355,8 +355,18 @@ pub fn restore(
         apply(&tree, &mut batch)?;
         progress(done);
         flush(&db)?;
+        Ok(())
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e);
     }
     std::fs::rename(&staging, &store_dir).map_err(write_err(&store_dir))?;
+    crate::secret::sync_parent(&store_dir);
+    for s in secrets {
+        let path = data_dir.join(&s.file);
+        crate::secret::write_private(&path, &s.content).map_err(write_err(&path))?;
+    }
     Ok(summary)
 }
 
@@ -386,9 +396,12 @@ fn replay(
             }
             summary.node_id = h.node_id;
             summary.counts.last_seq = h.last_seq;
-            summary.taken_at = h
-                .taken_at
-                .map(|t| crate::domain::UnixNanos(t.seconds * 1_000_000_000 + i64::from(t.nanos)));
+            summary.taken_at = h.taken_at.and_then(|t| {
+                t.seconds
+                    .checked_mul(1_000_000_000)
+                    .and_then(|n| n.checked_add(i64::from(t.nanos)))
+                    .map(crate::domain::UnixNanos)
+            });
         }
         _ => return Err(reader.invalid("it does not start with a header")),
     }
@@ -410,10 +423,9 @@ fn replay(
                 summary.counts.entries += 1;
             }
             Record::Secret(s) => {
-                let plain = Path::new(&s.file)
-                    .file_name()
-                    .is_some_and(|f| f == s.file.as_str());
-                if !plain {
+                // Only the files a backup may carry, nothing that could
+                // land elsewhere or overwrite another file.
+                if s.file != crate::anonymise::KEY_FILE {
                     return Err(reader.invalid(format!("a key file named {:?}", s.file)));
                 }
                 summary.secrets.push(s.file.clone());
@@ -432,12 +444,13 @@ pub(super) fn write_staging(
     db: &sled::Db,
     node_id: &str,
     last_seq: Seq,
+    pending: Option<&super::rollups::Pending>,
     path: &Path,
 ) -> Result<Counts> {
     let io = |e: std::io::Error| Error::Sled(sled::Error::Io(e));
-    let file = std::fs::File::create_new(path).map_err(io)?;
+    let file = crate::secret::create_private(path).map_err(io)?;
     let mut out = RecordWriter::new(BufWriter::with_capacity(1 << 20, file));
-    let counts = write_trees(db, node_id, last_seq, &mut out)?;
+    let counts = write_trees(db, node_id, last_seq, pending, &mut out)?;
     let mut file = out.out;
     file.flush().map_err(io)?;
     Ok(counts)

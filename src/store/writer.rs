@@ -160,13 +160,18 @@ impl Writer {
         }
     }
 
-    /// Copies every tree to `path` with no write of this thread and no
-    /// rollup checkpoint in between.
+    /// Copies every tree to `path` with no write of this thread in between
+    /// (and no rollup checkpoint during the rollup tree's copy).
     fn snapshot(&mut self, node_id: &str, path: &std::path::Path) -> Result<super::backup::Counts> {
         let started = std::time::Instant::now();
-        let _no_checkpoint = self.trees.pending.as_ref().map(|p| p.hold_checkpoints());
         let last_seq = self.next_seq - 1;
-        let counts = super::backup::write_staging(&self.db, node_id, last_seq, path)?;
+        let counts = super::backup::write_staging(
+            &self.db,
+            node_id,
+            last_seq,
+            self.trees.pending.as_deref(),
+            path,
+        )?;
         tracing::info!(
             trees = counts.trees,
             entries = counts.entries,
