@@ -196,6 +196,7 @@ async fn open_parts(config: &NodeConfig) -> Result<Parts, Error> {
         None
     };
     let policy = Policy::from_roles(&config.roles);
+    policy.set_revoked(tls::revoked_serials(&config.tls)?);
     let limits = FilterLimits::from_config(&config.filter_limit);
     let tls = tls::LiveServerConfig::new(tls::server_config(&config.tls)?);
     let reloader = Arc::new(crate::reload::Reloader::new(

@@ -56,9 +56,14 @@ impl Role {
 
 /// The role grants of one node. Clones share the grants, so a live reload
 /// ([`Policy::replace`]) reaches every service at once.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Policy {
     grants: Arc<RwLock<Grants>>,
+    /// Client certificate serials the CRLs in force list.
+    revoked: Arc<RwLock<HashSet<Vec<u8>>>>,
+    /// Bumped after each reload, so running streams check their grounds
+    /// again even when no new event wakes them.
+    reloads: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 #[derive(Debug, Default, PartialEq)]
@@ -90,7 +95,30 @@ impl Policy {
     pub fn from_roles(roles: &Roles) -> Self {
         Policy {
             grants: Arc::new(RwLock::new(Grants::from_roles(roles))),
+            revoked: Arc::default(),
+            reloads: Arc::new(tokio::sync::watch::Sender::new(0)),
         }
+    }
+
+    /// Says that a reload has happened (roles, limits or CRLs may differ).
+    pub fn reloaded(&self) {
+        self.reloads.send_modify(|n| *n += 1);
+    }
+
+    /// Wakes when [`Self::reloaded`] is called.
+    pub fn watch_reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reloads.subscribe()
+    }
+
+    /// Whether the client certificate with `serial` is revoked.
+    pub fn is_revoked(&self, serial: &[u8]) -> bool {
+        read(&self.revoked).contains(serial)
+    }
+
+    /// Puts the revoked serials of the CRLs in force (at start and on
+    /// reload): every request after is checked against them.
+    pub fn set_revoked(&self, serials: HashSet<Vec<u8>>) {
+        *self.revoked.write().unwrap_or_else(PoisonError::into_inner) = serials;
     }
 
     /// Whether `identity` holds `role`.
@@ -115,6 +143,12 @@ impl Policy {
         let changed = *g != new;
         *g = new;
         changed
+    }
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy::from_roles(&Roles::default())
     }
 }
 

@@ -76,7 +76,10 @@ impl Reloader {
             .unwrap_or_else(PoisonError::into_inner);
         if *tls_files != Some(digest) {
             let config = crate::tls::server_config(&new.tls).map_err(|e| format!("[tls]: {e}"))?;
+            let revoked =
+                crate::tls::revoked_serials(&new.tls).map_err(|e| format!("[tls]: {e}"))?;
             self.tls.set(config);
+            self.policy.set_revoked(revoked);
             *tls_files = Some(digest);
             out.applied
                 .push("tls (certificate, key and CRLs for new connections)".into());
@@ -92,6 +95,8 @@ impl Reloader {
         out.applied
             .extend(changed.into_iter().map(|id| format!("upstream {id}")));
         out.needs_restart.extend(restart);
+        // Running streams check their grounds again now.
+        self.policy.reloaded();
         in_force.roles = new.roles.clone();
         in_force.filter_limit = new.filter_limit.clone();
         in_force.tls.crls = new.tls.crls.clone();

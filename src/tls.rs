@@ -56,6 +56,10 @@ const MAX_CONCURRENT_HANDSHAKES: usize = 256;
 pub struct Peer {
     pub identity: String,
     pub remote: std::net::SocketAddr,
+    /// The client certificate's serial number (checked against the CRLs
+    /// in force on every request, so a revocation reaches established
+    /// connections too).
+    pub serial: Vec<u8>,
 }
 
 /// The crypto provider used everywhere (rcgen and tonic use ring too).
@@ -140,6 +144,33 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, Error> {
         .with_single_cert(chain, key)?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(cfg))
+}
+
+/// The serial numbers the CRLs of `files` list.
+pub fn revoked_serials(files: &TlsFiles) -> Result<std::collections::HashSet<Vec<u8>>, Error> {
+    use x509_parser::prelude::FromDer;
+    let mut out = std::collections::HashSet::new();
+    for path in &files.crls {
+        let pem_err = |reason: String| Error::Pem {
+            what: "certificate revocation list",
+            path: path.display().to_string(),
+            reason,
+        };
+        for crl in
+            CertificateRevocationListDer::pem_file_iter(path).map_err(|e| pem_err(e.to_string()))?
+        {
+            let crl = crl.map_err(|e| pem_err(e.to_string()))?;
+            let (_, parsed) =
+                x509_parser::revocation_list::CertificateRevocationList::from_der(crl.as_ref())
+                    .map_err(|e| pem_err(e.to_string()))?;
+            out.extend(
+                parsed
+                    .iter_revoked_certificates()
+                    .map(|r| r.raw_serial().to_vec()),
+            );
+        }
+    }
+    Ok(out)
 }
 
 /// The server configuration for new connections, replaceable while the
@@ -284,16 +315,24 @@ async fn handshake(
         .await
         .map_err(|_| format!("handshake not completed within {timeout:?}"))?
         .map_err(|e| e.to_string())?;
-    let identity = stream
+    let cert = stream
         .get_ref()
         .1
         .peer_certificates()
         .and_then(|certs| certs.first())
-        .and_then(identity_of)
+        .ok_or_else(|| "no client certificate".to_string())?;
+    let identity = identity_of(cert)
         .ok_or_else(|| "client certificate has no DNS SAN identity".to_string())?;
+    let serial = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map(|(_, c)| c.raw_serial().to_vec())
+        .map_err(|e| format!("client certificate does not parse: {e}"))?;
     Ok(TlsConn {
         stream,
-        peer: Peer { identity, remote },
+        peer: Peer {
+            identity,
+            remote,
+            serial,
+        },
     })
 }
 

@@ -758,10 +758,11 @@ async fn a_backup_under_load_restores_the_same_events_cursors_and_query_results(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crl_reloaded_on_sighup_refuses_the_revoked_certificate_for_new_connections() {
+async fn a_reload_with_a_crl_and_fewer_roles_cuts_off_revoked_and_unlisted_identities() {
     let env = TestEnv::new();
     let maker = env.issue("maker-app");
     let bi = env.issue("maker-bi");
+    let partner = env.issue("partner");
     let eshop = env.issue("retailer-eshop");
     let port = env.reserve_port();
     let config = env.node_config_on(
@@ -769,7 +770,7 @@ async fn a_crl_reloaded_on_sighup_refuses_the_revoked_certificate_for_new_connec
         port,
         &roles(&[
             "publishers = [\"retailer-eshop\"]",
-            "subscribers = [\"maker-app\", \"maker-bi\"]",
+            "subscribers = [\"maker-app\", \"maker-bi\", \"partner\"]",
         ]),
     );
     let node = env.start("node");
@@ -797,6 +798,25 @@ async fn a_crl_reloaded_on_sighup_refuses_the_revoked_certificate_for_new_connec
         }
     };
     assert_eq!(backfill(&mut before).await.expect("before"), 10);
+    // partner follows live, from before the reload that removes its role.
+    let mut follow =
+        pb::signals_client::SignalsClient::new(node.channel(&partner).await.expect("connect"))
+            .subscribe(pb::SubscribeRequest {
+                filter: Some(pb::Filter::default()),
+                after_cursor: 0,
+                follow: true,
+                name: String::new(),
+            })
+            .await
+            .expect("follow")
+            .into_inner();
+    for _ in 0..10 {
+        follow
+            .message()
+            .await
+            .expect("signal")
+            .expect("one of the 10");
+    }
 
     // Revoke maker-app with the CLI, list the CRL in node.toml, SIGHUP.
     let (ok, stdout, stderr) = cli(&[
@@ -817,7 +837,8 @@ async fn a_crl_reloaded_on_sighup_refuses_the_revoked_certificate_for_new_connec
                 "handshake_timeout_secs = 3\ncrls = [\"{}\"]\n",
                 crl.display()
             ),
-        ),
+        )
+        .replace(", \"partner\"]", "]"),
     )
     .unwrap();
     node.send_sighup();
@@ -829,8 +850,7 @@ async fn a_crl_reloaded_on_sighup_refuses_the_revoked_certificate_for_new_connec
     );
 
     // A new connection as maker-app is refused at the handshake (the node
-    // says why); maker-bi still connects; the connection maker-app opened
-    // before stays up.
+    // says why); maker-bi still connects.
     let refused = match node.channel(&maker).await {
         Err(e) => e.to_string(),
         Ok(channel) => {
@@ -846,12 +866,19 @@ async fn a_crl_reloaded_on_sighup_refuses_the_revoked_certificate_for_new_connec
     let mut other =
         pb::signals_client::SignalsClient::new(node.channel(&bi).await.expect("maker-bi connects"));
     assert_eq!(backfill(&mut other).await.expect("maker-bi"), 10);
-    assert_eq!(
-        backfill(&mut before)
-            .await
-            .expect("the established connection"),
-        10
-    );
+    // The connection maker-app opened before is still up, but its
+    // requests are refused now; partner's running stream ended.
+    let status = backfill(&mut before)
+        .await
+        .expect_err("a revoked certificate on an established connection");
+    println!("maker-app after revocation, established connection: {status}");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status}");
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), follow.message())
+        .await
+        .expect("the stream ends without waiting for new events");
+    let status = ended.expect_err("the stream ends with a status");
+    println!("partner's follow stream after its role was removed: {status}");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
     // And a CRL file that is not one refuses the reload; the CRL in force stays.
     std::fs::write(&crl, "not a CRL").unwrap();
     let (ok, _, stderr) = cli(&["admin", "reload", "--config", config.to_str().unwrap()]);

@@ -69,6 +69,9 @@ impl AdminService {
             .filter(|p| p.identity == self.node_id)
             .cloned();
         match own {
+            Some(peer) if self.policy.is_revoked(&peer.serial) => Err(ApiError::Unauthenticated(
+                "this node's own certificate is revoked (listed in a CRL in force)".into(),
+            )),
             Some(peer) => Ok(peer),
             None => super::authorize(req, &self.policy, Role::Operator),
         }

@@ -184,15 +184,22 @@ impl pb::ingest_server::Ingest for IngestService {
         req: Request<Streaming<pb::PublishRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
         let span = rpc_span(&req, "Ingest.PublishStream");
-        span.in_scope(|| authorize(&req, &self.inner.policy, Role::Publisher))?;
+        let peer =
+            Arc::new(span.in_scope(|| authorize(&req, &self.inner.policy, Role::Publisher))?);
         let inner = self.inner.clone();
         let out = req
             .into_inner()
             .map(move |item| {
                 let inner = inner.clone();
+                let peer = peer.clone();
                 async move {
                     match item {
-                        Ok(batch) => inner.publish(batch.events).await.map_err(Status::from),
+                        // Each batch: a reload may have revoked the
+                        // certificate or removed the role since.
+                        Ok(batch) => match super::allowed(&inner.policy, &peer, Role::Publisher) {
+                            Ok(()) => inner.publish(batch.events).await.map_err(Status::from),
+                            Err(e) => Err(Status::from(e)),
+                        },
                         Err(status) => Err(status),
                     }
                 }

@@ -94,8 +94,23 @@ pub fn authorize<T>(
         .get::<Peer>()
         .cloned()
         .ok_or_else(|| ApiError::Unauthenticated("no client certificate identity".into()))?;
+    allowed(policy, &peer, role)?;
+    Ok(peer)
+}
+
+/// Whether `peer` still holds `role` and its certificate is not revoked:
+/// checked per request, and again per message of a long stream, so a
+/// reload that revokes or removes a role reaches established connections.
+pub fn allowed(policy: &Policy, peer: &Peer, role: Role) -> Result<(), ApiError> {
+    if policy.is_revoked(&peer.serial) {
+        tracing::warn!(identity = %peer.identity, "request with a revoked certificate refused");
+        return Err(ApiError::Unauthenticated(format!(
+            "the certificate of {:?} is revoked (listed in a CRL this node has in force)",
+            peer.identity
+        )));
+    }
     if policy.allows(&peer.identity, role) {
-        Ok(peer)
+        Ok(())
     } else {
         tracing::warn!(identity = %peer.identity, %role, "permission denied");
         Err(ApiError::PermissionDenied(format!(

@@ -259,16 +259,24 @@ impl pb::peering_server::Peering for PeeringService {
         let peer = span.in_scope(|| authorize(&req, &self.inner.policy, Role::Downstream))?;
         span.in_scope(|| tracing::info!("downstream connected"));
         let inner = self.inner.clone();
-        let sender: Arc<str> = peer.identity.into();
+        let peer = Arc::new(peer);
         let out = req
             .into_inner()
             .take_until(self.inner.shutdown.clone().cancelled_owned())
             .map(move |item| {
                 let inner = inner.clone();
-                let sender = sender.clone();
+                let peer = peer.clone();
                 async move {
                     match item {
-                        Ok(batch) => inner.receive(&sender, batch).await.map_err(Status::from),
+                        // Each batch: the role may have been removed, or
+                        // the certificate revoked, by a reload since.
+                        Ok(batch) => match super::allowed(&inner.policy, &peer, Role::Downstream) {
+                            Ok(()) => inner
+                                .receive(&peer.identity, batch)
+                                .await
+                                .map_err(Status::from),
+                            Err(e) => Err(Status::from(e)),
+                        },
                         Err(status) => Err(status),
                     }
                 }

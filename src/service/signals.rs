@@ -116,10 +116,11 @@ impl pb::signals_server::Signals for SignalsService {
         let peer = span.in_scope(|| authorize(&req, &self.policy, Role::Subscriber))?;
         let req = req.into_inner();
         check_name(&req.name)?;
-        let filter = conversions::filter_from_pb(req.filter, "filter").map_err(ApiError::from)?;
+        let requested =
+            conversions::filter_from_pb(req.filter, "filter").map_err(ApiError::from)?;
         let filter = self
             .limits
-            .constrain(&peer.identity, filter)
+            .constrain(&peer.identity, requested.clone())
             .map_err(ApiError::PermissionDenied)?;
         let start =
             span.in_scope(|| self.start_cursor(&peer.identity, req.after_cursor, &req.name))?;
@@ -138,6 +139,12 @@ impl pb::signals_server::Signals for SignalsService {
             shutdown: self.shutdown.clone(),
             purged_seen: self.store.purged_upto().map_err(ApiError::from)?,
             live: crate::metrics::open_stream(&peer.identity, &req.name, start),
+            access: Access {
+                policy: self.policy.clone(),
+                limits: self.limits.clone(),
+                peer: peer.clone(),
+                requested,
+            },
         };
         tokio::spawn(feed.run().instrument(span));
         let mut resp = Response::new(Box::pin(ReceiverStream::new(rx)) as SignalStream);
@@ -192,6 +199,19 @@ struct Feed {
     purged_seen: Seq,
     /// This stream in the metrics (its lag), while it is open.
     live: crate::metrics::StreamGuard,
+    /// What the subscription was granted on, checked again as it runs.
+    access: Access,
+}
+
+/// The grounds of a subscription: re-checked before each chunk, so that a
+/// reload revoking the certificate, removing the subscriber role or
+/// changing the identity's filter limit reaches a running stream.
+struct Access {
+    policy: Policy,
+    limits: FilterLimits,
+    peer: crate::tls::Peer,
+    /// The filter as the subscriber asked for it (before the limit).
+    requested: EventFilter,
 }
 
 impl Feed {
@@ -207,6 +227,23 @@ impl Feed {
                  resubscribe with after_cursor {purged}",
                 self.cursor
             )));
+        }
+        Ok(())
+    }
+
+    /// The subscription's grounds still hold: the caller keeps the role,
+    /// its certificate is not revoked, and its filter limit (which may have
+    /// changed) still allows the request; the filter follows the limit.
+    fn check_access(&mut self) -> Result<(), Status> {
+        let a = &self.access;
+        super::allowed(&a.policy, &a.peer, Role::Subscriber)?;
+        let filter = a
+            .limits
+            .constrain(&a.peer.identity, a.requested.clone())
+            .map_err(ApiError::PermissionDenied)?;
+        if filter != self.filter {
+            tracing::info!("the identity's filter limit changed: the subscription follows it");
+            self.filter = filter;
         }
         Ok(())
     }
@@ -242,8 +279,14 @@ impl Feed {
     /// Sends signals until the subscription ends; says how it ended.
     async fn serve(&mut self, sent: &mut u64) -> &'static str {
         let mut durable = self.store.watch_durable();
+        let mut reloads = self.access.policy.watch_reloads();
         let ended = loop {
             let upto = *durable.borrow_and_update();
+            if let Err(status) = self.check_access() {
+                tracing::warn!(%status, "subscription ended: access withdrawn by a reload");
+                let _ = self.tx.send(Err(status)).await;
+                return "access withdrawn";
+            }
             if let Err(status) = self.check_not_purged() {
                 let _ = self.tx.send(Err(status)).await;
                 return "behind retention";
@@ -274,6 +317,7 @@ impl Feed {
                 }
                 tokio::select! {
                     changed = durable.changed() => if changed.is_err() { break "store closed" },
+                    _ = reloads.changed() => {}
                     _ = self.tx.closed() => break "subscriber went away",
                     _ = self.shutdown.cancelled() => break "node shutting down",
                 }
