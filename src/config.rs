@@ -188,7 +188,7 @@ impl Default for Propagation {
 }
 
 /// How a link treats the customer pseudonym.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PseudonymMode {
     /// Re-keyed per link, so two recipients cannot join on a customer.
@@ -212,7 +212,7 @@ pub const DROPPABLE_FIELDS: &[&str] = &[
 ];
 
 /// The sharing agreement of one upstream link.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Share {
     #[serde(default)]
@@ -553,20 +553,25 @@ fn read(path: &Path) -> Result<String, Error> {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, Error> {
-    toml::from_str(text).map_err(|e| Error::Parse {
-        path: path.to_path_buf(),
-        // The position and the reason, never the offending line: it may
-        // hold a secret (a token) that must not reach logs or the audit
-        // trail of a refused reload.
-        message: match e.span() {
-            Some(span) => {
-                let before = &text[..span.start.min(text.len())];
-                let line = before.matches('\n').count() + 1;
-                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-                format!("line {line}, column {column}: {}", e.message())
-            }
-            None => e.message().to_string(),
-        },
+    toml::from_str(text).map_err(|mut e: toml::de::Error| {
+        // The position, the reason and the key, never the offending line:
+        // it may hold a secret (a token) that must not reach logs or the
+        // audit trail of a refused reload.
+        let position = e.span().map(|span| {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: ")
+        });
+        e.set_input(None);
+        Error::Parse {
+            path: path.to_path_buf(),
+            message: format!(
+                "{}{}",
+                position.unwrap_or_default(),
+                e.to_string().trim_end().replace('\n', " ")
+            ),
+        }
     })
 }
 

@@ -99,32 +99,16 @@ const STATUS_TIMEOUT: Duration = Duration::from_secs(3);
 /// Pending erasures are retried at least this often.
 const RETRY_EVERY: Duration = Duration::from_secs(2);
 
-/// Where an erasure goes on: the links an erased event's agreement sent it
-/// on, and every link that carries pseudonyms, each with the customer's
-/// pseudonym in the form that link knows.
+/// Where an erasure goes on: the links any agreement they have had would
+/// have sent an erased event on, and every link that was given
+/// pseudonyms, each with the customer's pseudonym in the form that link
+/// knows (see [`Links::erasure_routes`]).
 pub fn router(links: Arc<Links>) -> Router {
     let per_customer = links.clone();
     Router {
-        event: Box::new(move |ev: &PreferenceEvent| -> Vec<Route> {
-            links
-                .route(ev)
-                .into_iter()
-                .map(|idx| {
-                    let sent = links.outgoing(idx, ev.clone());
-                    (links.ids()[idx].clone(), sent.customer_pseudonym)
-                })
-                .collect()
-        }),
+        event: Box::new(move |ev: &PreferenceEvent| -> Vec<Route> { links.erasure_routes(ev) }),
         customer: Box::new(move |pseudonym: &str| -> Vec<Route> {
-            per_customer
-                .ids()
-                .into_iter()
-                .enumerate()
-                .filter_map(|(idx, id)| {
-                    let p = per_customer.link_pseudonym(idx, pseudonym);
-                    (!p.is_empty()).then_some((id, p))
-                })
-                .collect()
+            per_customer.customer_routes(pseudonym)
         }),
     }
 }

@@ -171,10 +171,12 @@ async fn open_parts(config: &NodeConfig) -> Result<Parts, Error> {
     let layout = config.insights.layout().map_err(Error::Serve)?;
     let cache_bytes = config.insights.cache_mib.saturating_mul(1 << 20);
     let page_cache = config.storage.page_cache_bytes();
+    let history_links = links.clone();
     let store = tokio::task::spawn_blocking(move || {
         let store = Store::open_tuned(&store_dir, &link_ids, layout, page_cache)?;
         store.set_rollup_cache_bytes(cache_bytes);
         store.check_rollups()?;
+        history_links.load_history(&store)?;
         Ok::<_, crate::store::Error>(store)
     })
     .await
@@ -204,6 +206,7 @@ async fn open_parts(config: &NodeConfig) -> Result<Parts, Error> {
         policy.clone(),
         limits.clone(),
         links.clone(),
+        store.clone(),
         tls.clone(),
     ));
     crate::service::admin::remove_stale_staging(&config.data_dir);

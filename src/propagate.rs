@@ -37,6 +37,10 @@ pub struct Link {
     pub address: String,
     /// Replaced by a live reload; read per event.
     agreement: std::sync::RwLock<Arc<LinkAgreement>>,
+    /// Every agreement this link has had (persisted; the one in force
+    /// last), as tables and parsed: an erasure goes wherever any of them
+    /// may have sent the erased events.
+    history: std::sync::RwLock<Vec<(crate::config::Share, Arc<LinkAgreement>)>>,
     key: [u8; 32],
     state: LinkState,
 }
@@ -57,6 +61,39 @@ impl Link {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// Every agreement this link has had, the one in force last.
+    fn history(&self) -> Vec<Arc<LinkAgreement>> {
+        self.history
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(_, a)| a.clone())
+            .collect()
+    }
+
+    /// Adds `agreement` (from `share`) to the history, in memory and in
+    /// `store`, unless it is the last one already.
+    fn remember(
+        &self,
+        share: crate::config::Share,
+        agreement: Arc<LinkAgreement>,
+        store: &Store,
+    ) -> Result<(), String> {
+        let mut h = self
+            .history
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if h.last().is_some_and(|(_, a)| **a == *agreement) {
+            return Ok(());
+        }
+        h.push((share, agreement));
+        let shares: Vec<&crate::config::Share> = h.iter().map(|(s, _)| s).collect();
+        let json = serde_json::to_vec(&shares).map_err(|e| e.to_string())?;
+        store
+            .set_agreement_history(&self.id, &json)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -96,6 +133,10 @@ impl Links {
                     agreement: std::sync::RwLock::new(Arc::new(LinkAgreement::from_share(
                         &u.share,
                     ))),
+                    history: std::sync::RwLock::new(vec![(
+                        u.share.clone(),
+                        Arc::new(LinkAgreement::from_share(&u.share)),
+                    )]),
                     key: anonymiser.link_key(&u.id),
                     state: LinkState::default(),
                 })
@@ -112,6 +153,7 @@ impl Links {
     pub fn replace_agreements(
         &self,
         upstreams: &[crate::config::Upstream],
+        store: &Store,
     ) -> (Vec<String>, Vec<String>) {
         let (mut changed, mut restart) = (Vec::new(), Vec::new());
         for l in &self.links {
@@ -132,8 +174,13 @@ impl Links {
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             if **a != new {
-                *a = Arc::new(new);
+                let new = Arc::new(new);
+                *a = new.clone();
+                drop(a);
                 changed.push(l.id.clone());
+                if let Err(e) = l.remember(u.share.clone(), new, store) {
+                    tracing::error!(link = %l.id, error = %e, "could not record the link's new agreement; erasures route by the agreements this process has seen");
+                }
             }
         }
         for u in upstreams {
@@ -169,6 +216,85 @@ impl Links {
     /// The most entries an event's path may have.
     pub fn max_hops(&self) -> usize {
         self.max_hops
+    }
+
+    /// Loads each link's agreement history from `store` and adds the
+    /// agreement in force if it differs from the last recorded (a config
+    /// changed across a restart). Call once at start, off the runtime.
+    pub fn load_history(&self, store: &Store) -> Result<(), store::Error> {
+        for l in &self.links {
+            let recorded: Vec<crate::config::Share> = match store.agreement_history(&l.id)? {
+                None => Vec::new(),
+                Some(json) => serde_json::from_slice(&json).unwrap_or_else(|e| {
+                    tracing::error!(link = %l.id, error = %e, "the recorded agreement history does not parse; starting it again");
+                    Vec::new()
+                }),
+            };
+            let current = l
+                .history
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)[0]
+                .clone();
+            *l.history
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = recorded
+                .into_iter()
+                .map(|s| {
+                    let a = Arc::new(LinkAgreement::from_share(&s));
+                    (s, a)
+                })
+                .collect();
+            let (share, agreement) = current;
+            if let Err(e) = l.remember(share, agreement, store) {
+                tracing::error!(link = %l.id, error = %e, "could not record the link's agreement");
+            }
+        }
+        Ok(())
+    }
+
+    /// Where an erasure of `ev` goes: every link that any of its
+    /// agreements (past or present) would have sent `ev` on, with the
+    /// customer's pseudonym as that link received it.
+    pub fn erasure_routes(&self, ev: &PreferenceEvent) -> Vec<(String, String)> {
+        let hops_after_send = ev.path.len() + usize::from(ev.path.last() != Some(&self.node_id));
+        if hops_after_send > self.max_hops {
+            return Vec::new();
+        }
+        self.links
+            .iter()
+            .filter(|l| !ev.path.contains(&l.id))
+            .filter_map(|l| {
+                let matching: Vec<_> = l.history().into_iter().filter(|a| a.matches(ev)).collect();
+                if matching.is_empty() {
+                    return None;
+                }
+                // The newest pseudonym the link was given, if any was.
+                let pseudonym = matching
+                    .iter()
+                    .rev()
+                    .map(|a| a.pseudonym_for(&ev.customer_pseudonym, &l.key))
+                    .find(|p| !p.is_empty())
+                    .unwrap_or_default();
+                Some((l.id.clone(), pseudonym))
+            })
+            .collect()
+    }
+
+    /// The links that were ever given customer pseudonyms, each with
+    /// `pseudonym` as it knows it (for erasing a customer's events that
+    /// came through them).
+    pub fn customer_routes(&self, pseudonym: &str) -> Vec<(String, String)> {
+        self.links
+            .iter()
+            .filter_map(|l| {
+                l.history()
+                    .iter()
+                    .rev()
+                    .map(|a| a.pseudonym_for(pseudonym, &l.key))
+                    .find(|p| !p.is_empty())
+                    .map(|p| (l.id.clone(), p))
+            })
+            .collect()
     }
 
     /// The links `ev` must be forwarded on: those whose agreement covers it,

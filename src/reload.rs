@@ -29,6 +29,7 @@ pub struct Reloader {
     policy: Policy,
     limits: FilterLimits,
     links: Arc<Links>,
+    store: crate::store::Store,
     tls: crate::tls::LiveServerConfig,
     /// Digest of the TLS files (CA, certificate, key, CRLs) in force.
     tls_files: Mutex<Option<[u8; 32]>>,
@@ -42,6 +43,7 @@ impl Reloader {
         policy: Policy,
         limits: FilterLimits,
         links: Arc<Links>,
+        store: crate::store::Store,
         tls: crate::tls::LiveServerConfig,
     ) -> Self {
         let tls_files = Mutex::new(tls_digest(&config.tls).ok());
@@ -51,6 +53,7 @@ impl Reloader {
             policy,
             limits,
             links,
+            store,
             tls,
             tls_files,
         }
@@ -91,7 +94,7 @@ impl Reloader {
         if self.limits.replace(&new.filter_limit) {
             out.applied.push("filter_limit".into());
         }
-        let (changed, restart) = self.links.replace_agreements(&new.upstream);
+        let (changed, restart) = self.links.replace_agreements(&new.upstream, &self.store);
         out.applied
             .extend(changed.into_iter().map(|id| format!("upstream {id}")));
         out.needs_restart.extend(restart);

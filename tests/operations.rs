@@ -401,7 +401,9 @@ async fn sighup_changes_the_agreement_from_then_on_and_an_invalid_config_is_refu
     let r_config = env.node_config_on(
         "retailer",
         r_port,
-        &retailer_toml("categories = [\"dairy\"]", ""),
+        // Without pseudonyms upstream: an erasure reaches the distributor
+        // only by the events the link's agreements sent it.
+        &retailer_toml("categories = [\"dairy\"]\npseudonym = \"drop\"", ""),
     );
     let r = env.start("retailer");
     let mut ingest = r.ingest(&eshop).await;
@@ -488,6 +490,43 @@ async fn sighup_changes_the_agreement_from_then_on_and_an_invalid_config_is_refu
     assert_eq!((got("b", false), got("b", true)), (0, 50));
     assert_eq!((got("c", false), got("c", true)), (0, 50));
     assert_eq!(ids.len(), 150);
+
+    // Erasing customer c-2, whose dairy events went upstream under the
+    // agreement before the reload: the erasure still reaches the
+    // distributor (routed by every agreement the link has had).
+    let erased_there = |ids: &[String]| {
+        ["a-2", "a-22", "a-42", "a-62", "a-82"]
+            .iter()
+            .filter(|id| ids.iter().any(|i| i == *id))
+            .count()
+    };
+    assert_eq!(erased_there(&ids), 5);
+    let erased = ingest
+        .erase(pb::EraseRequest {
+            customer_id: "c-2".into(),
+        })
+        .await
+        .expect("erase")
+        .into_inner();
+    println!("erasure of c-2: {erased:?}");
+    assert_eq!(erased.links, ["distributor"], "{erased:?}");
+    let start = std::time::Instant::now();
+    loop {
+        let ids: Vec<String> = stored(&d, &maker)
+            .await
+            .into_iter()
+            .map(|(_, id)| id)
+            .collect();
+        if erased_there(&ids) == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "c-2's dairy events are still at the distributor:\n{}",
+            r.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 /// (cursor, event id) of every event a node stores, via a backfill as

@@ -608,6 +608,26 @@ impl Store {
         Ok(())
     }
 
+    /// Every agreement link `link` has had here (JSON of
+    /// `[upstream.share]` tables, oldest first), for routing erasures to
+    /// whatever a link may have received.
+    pub fn agreement_history(&self, link: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .inner
+            .trees
+            .meta
+            .get(agreement_key(link))?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Records link `link`'s agreement history (see
+    /// [`Self::agreement_history`]), durably.
+    pub fn set_agreement_history(&self, link: &str, json: &[u8]) -> Result<()> {
+        self.inner.trees.meta.insert(agreement_key(link), json)?;
+        flush_blocking(&self.inner.db)?;
+        Ok(())
+    }
+
     /// Writes a consistent snapshot of the store to a new file at `path`
     /// (header and trees; see [`backup`]); returns once it is written.
     /// Publishes wait meanwhile.
@@ -911,6 +931,17 @@ impl Drop for Inner {
             }
         }
     }
+}
+
+fn agreement_key(link: &str) -> Vec<u8> {
+    [b"agreements/".as_slice(), link.as_bytes()].concat()
+}
+
+/// A flush from a blocking context (a reload, or node start).
+#[allow(clippy::disallowed_methods)]
+fn flush_blocking(db: &sled::Db) -> Result<()> {
+    db.flush()?;
+    Ok(())
 }
 
 fn cursor_key(identity: &str, name: &str) -> Vec<u8> {
