@@ -230,6 +230,9 @@ pub fn revoke(dir: &Path, names: &[String]) -> Result<PathBuf, Error> {
     };
     let now = OffsetDateTime::now_utc();
     for name in names {
+        if !crate::config::is_identity(name) {
+            return Err(Error::BadName(name.clone()));
+        }
         let path = dir.join(format!("{name}.pem"));
         let pem = std::fs::read(&path).map_err(|source| Error::Io {
             path: path.clone(),
@@ -246,10 +249,15 @@ pub fn revoke(dir: &Path, names: &[String]) -> Result<PathBuf, Error> {
         }
     }
     let pem = ca.revocation_list(&revoked, number + 1)?;
-    std::fs::write(&crl_path, pem).map_err(|source| Error::Io {
-        path: crl_path.clone(),
-        source,
-    })?;
+    // Whole or not at all: a node reloading meanwhile reads the old list
+    // or the new one.
+    let tmp = dir.join(format!(".{CRL_FILE}.tmp"));
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Io { path, source }
+    };
+    std::fs::write(&tmp, pem).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &crl_path).map_err(io(&crl_path))?;
     Ok(crl_path)
 }
 

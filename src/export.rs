@@ -71,6 +71,11 @@ pub struct ExportConfig {
     /// stream keeps its own).
     #[serde(default = "default_duplicate_window", with = "humantime_serde")]
     pub duplicate_window: Duration,
+    /// Message age limit of a stream this export creates (e.g. "400d", as
+    /// the node's retention): JetStream removes older messages, erased
+    /// events' among them. None: kept until the stream's other limits.
+    #[serde(default, with = "humantime_serde")]
+    pub max_age: Option<Duration>,
     /// Which signals to export; empty lists do not limit.
     #[serde(default)]
     pub filter: ExportFilter,
@@ -201,6 +206,12 @@ pub fn validate(
         }
         if !(1..=MAX_BATCH).contains(&e.batch) {
             return Err(invalid("batch", format!("must be 1-{MAX_BATCH}")));
+        }
+        if e.max_age.is_some_and(|a| a < e.duplicate_window) {
+            return Err(invalid(
+                "max_age",
+                "must be at least the duplicate window (e.g. \"400d\")".into(),
+            ));
         }
         if e.duplicate_window < Duration::from_secs(1) {
             return Err(invalid(
@@ -421,6 +432,7 @@ impl Export {
             name: self.cfg.stream.clone(),
             subjects: vec![format!("{}.>", self.cfg.subject)],
             duplicate_window: self.cfg.duplicate_window,
+            max_age: self.cfg.max_age.unwrap_or_default(),
             storage: jetstream::stream::StorageType::File,
             ..Default::default()
         };

@@ -319,7 +319,7 @@ impl Collector for NodeState {
             Ok(cursors) => {
                 let mut family = encoder.encode_descriptor(
                     "subscriber_lag_events",
-                    "Events stored after a named subscription's acknowledged cursor",
+                    "Events stored after a named subscription's acknowledged cursor (all events, whatever the subscription's filter)",
                     None,
                     MetricType::Gauge,
                 )?;
