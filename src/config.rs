@@ -106,6 +106,19 @@ pub struct Limits {
     /// Most events in one PublishRequest.
     #[serde(default = "default_max_events")]
     pub max_events_per_request: usize,
+    /// Requests per second one identity may make (each message of a
+    /// publish or forward stream counts as one), with bursts up to one
+    /// second's worth; beyond, RESOURCE_EXHAUSTED. 0: no limit.
+    #[serde(default)]
+    pub requests_per_second: u32,
+    /// Most requests (HTTP/2 streams) open at once on one connection; a
+    /// client asking for more waits until one ends. Default 128.
+    #[serde(default = "default_max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
+}
+
+fn default_max_concurrent_streams() -> u32 {
+    128
 }
 
 fn default_max_message_bytes() -> usize {
@@ -121,6 +134,8 @@ impl Default for Limits {
         Limits {
             max_message_bytes: default_max_message_bytes(),
             max_events_per_request: default_max_events(),
+            requests_per_second: 0,
+            max_concurrent_streams: default_max_concurrent_streams(),
         }
     }
 }
@@ -707,6 +722,13 @@ impl NodeConfig {
                 path,
                 "limits.max_message_bytes",
                 "must be at least 1024",
+            ));
+        }
+        if self.limits.max_concurrent_streams == 0 {
+            return Err(invalid(
+                path,
+                "limits.max_concurrent_streams",
+                "must be at least 1 (default 128)",
             ));
         }
         if self.limits.max_events_per_request == 0 {

@@ -197,7 +197,8 @@ async fn open_parts(config: &NodeConfig) -> Result<Parts, Error> {
     } else {
         None
     };
-    let policy = Policy::from_roles(&config.roles);
+    let policy =
+        Policy::from_roles(&config.roles).with_rate_limit(config.limits.requests_per_second);
     policy.set_revoked(tls::revoked_serials(&config.tls)?);
     let limits = FilterLimits::from_config(&config.filter_limit);
     let tls = tls::LiveServerConfig::new(tls::server_config(&config.tls)?);
@@ -279,6 +280,7 @@ fn build_router(
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .initial_stream_window_size(Some(2 << 20))
         .initial_connection_window_size(Some(8 << 20))
+        .max_concurrent_streams(Some(config.limits.max_concurrent_streams))
         .add_service(health)
         .add_service(reflection)
         .add_service(ingest)

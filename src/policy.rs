@@ -64,6 +64,37 @@ pub struct Policy {
     /// Bumped after each reload, so running streams check their grounds
     /// again even when no new event wakes them.
     reloads: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Requests per second per identity (`[limits] requests_per_second`).
+    rate: Arc<RateLimit>,
+}
+
+/// A token bucket per identity: `per_second` tokens a second, at most one
+/// second's worth saved up.
+#[derive(Debug, Default)]
+struct RateLimit {
+    per_second: u32,
+    buckets: std::sync::Mutex<HashMap<String, (f64, std::time::Instant)>>,
+}
+
+impl RateLimit {
+    /// Takes a token for `identity`; false when its bucket is empty.
+    fn take(&self, identity: &str) -> bool {
+        if self.per_second == 0 {
+            return true;
+        }
+        let rate = f64::from(self.per_second);
+        let now = std::time::Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+        let (tokens, last) = buckets.entry(identity.to_string()).or_insert((rate, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(rate);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 #[derive(Debug, Default, PartialEq)]
@@ -97,7 +128,28 @@ impl Policy {
             grants: Arc::new(RwLock::new(Grants::from_roles(roles))),
             revoked: Arc::default(),
             reloads: Arc::new(tokio::sync::watch::Sender::new(0)),
+            rate: Arc::default(),
         }
+    }
+
+    /// The same grants, with at most `per_second` requests a second per
+    /// identity (0: no limit).
+    pub fn with_rate_limit(mut self, per_second: u32) -> Self {
+        self.rate = Arc::new(RateLimit {
+            per_second,
+            buckets: Default::default(),
+        });
+        self
+    }
+
+    /// Counts one request of `identity`; false when it is over its rate.
+    pub fn admit(&self, identity: &str) -> bool {
+        self.rate.take(identity)
+    }
+
+    /// The rate limit in force (requests per second per identity; 0: none).
+    pub fn rate_limit(&self) -> u32 {
+        self.rate.per_second
     }
 
     /// Says that a reload has happened (roles, limits or CRLs may differ).

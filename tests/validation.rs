@@ -673,3 +673,120 @@ async fn publish_stream_answers_each_request_in_order() {
         assert!(store.get_by_event_id(id).unwrap().is_none(), "{id} stored");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_over_its_request_rate_gets_resource_exhausted_and_stores_nothing_more() {
+    let env = TestEnv::new();
+    let mut node = node_with_limits(&env, "rated", "requests_per_second = 5");
+    let mut client = node.ingest(&publisher_files(&env)).await;
+
+    // A burst of 12 single-event requests at once: the bucket holds 5,
+    // and refills at 5 a second while the burst is answered.
+    let started = std::time::Instant::now();
+    let answers = futures::future::join_all((0..12).map(|i| {
+        let mut client = client.clone();
+        async move {
+            let id = format!("burst-{i}");
+            let answer = client
+                .publish(pb::PublishRequest {
+                    events: vec![event(&id)],
+                })
+                .await;
+            (id, answer)
+        }
+    }))
+    .await;
+    let took = started.elapsed();
+    let mut accepted = Vec::new();
+    let mut refused = Vec::new();
+    for (id, answer) in answers {
+        match answer {
+            Ok(_) => accepted.push(id),
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(
+                    status.message().contains("requests per second"),
+                    "{status:?}"
+                );
+                refused.push(id);
+            }
+        }
+    }
+    println!(
+        "12 requests at once with requests_per_second = 5: {} answered, {} RESOURCE_EXHAUSTED, in {took:?}",
+        accepted.len(),
+        refused.len()
+    );
+    let refilled = (took.as_secs_f64() * 5.0).ceil() as usize;
+    assert!(
+        accepted.len() >= 5 && accepted.len() <= 5 + refilled,
+        "{} of 12 answered in {took:?}",
+        accepted.len()
+    );
+    // A second later the bucket has refilled.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let results = publish(&mut client, vec![event("after-a-pause")]).await;
+    assert_eq!(outcome(&results[0]), pb::PublishOutcome::Accepted);
+
+    node.terminate();
+    let store = node.open_store();
+    assert_eq!(store.len(), accepted.len() + 1);
+    for id in &refused {
+        assert!(store.get_by_event_id(id).unwrap().is_none(), "{id} stored");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_gets_no_more_concurrent_streams_than_the_limit() {
+    let env = TestEnv::new();
+    env.node_config(
+        "narrow",
+        &format!(
+            "[roles]\npublishers = [\"{PUBLISHER}\"]\nsubscribers = [\"{PUBLISHER}\"]\n[limits]\nmax_concurrent_streams = 1\n"
+        ),
+    );
+    env.issue(PUBLISHER);
+    let node = env.start("narrow");
+    let files = publisher_files(&env);
+    let channel = node.channel(&files).await.expect("connect");
+    // One stream open (a live subscription) takes the connection's only slot.
+    let mut signals = pb::signals_client::SignalsClient::new(channel.clone());
+    let follow = signals
+        .subscribe(pb::SubscribeRequest {
+            filter: Some(pb::Filter::default()),
+            after_cursor: 0,
+            follow: true,
+            name: String::new(),
+        })
+        .await
+        .expect("subscribe")
+        .into_inner();
+    // A second request on the same connection waits for a free stream.
+    let mut ingest = pb::ingest_client::IngestClient::new(channel);
+    let second = tokio::time::timeout(
+        std::time::Duration::from_millis(1500),
+        ingest.publish(pb::PublishRequest {
+            events: vec![event("waits")],
+        }),
+    )
+    .await;
+    assert!(
+        second.is_err(),
+        "a second stream opened beside the first: {second:?}"
+    );
+    // Once the subscription ends, the connection takes a request again.
+    drop(follow);
+    let third = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        ingest.publish(pb::PublishRequest {
+            events: vec![event("after")],
+        }),
+    )
+    .await
+    .expect("a free stream after the subscription ended")
+    .expect("publish");
+    assert_eq!(
+        outcome(&third.into_inner().results[0]),
+        pb::PublishOutcome::Accepted
+    );
+}

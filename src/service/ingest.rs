@@ -196,7 +196,9 @@ impl pb::ingest_server::Ingest for IngestService {
                     match item {
                         // Each batch: a reload may have revoked the
                         // certificate or removed the role since.
-                        Ok(batch) => match super::allowed(&inner.policy, &peer, Role::Publisher) {
+                        Ok(batch) => match super::allowed(&inner.policy, &peer, Role::Publisher)
+                            .and_then(|()| super::admit(&inner.policy, &peer))
+                        {
                             Ok(()) => inner.publish(batch.events).await.map_err(Status::from),
                             Err(e) => Err(Status::from(e)),
                         },

@@ -95,7 +95,22 @@ pub fn authorize<T>(
         .cloned()
         .ok_or_else(|| ApiError::Unauthenticated("no client certificate identity".into()))?;
     allowed(policy, &peer, role)?;
+    admit(policy, &peer)?;
     Ok(peer)
+}
+
+/// Counts one request of `peer` against `[limits] requests_per_second`.
+pub fn admit(policy: &Policy, peer: &Peer) -> Result<(), ApiError> {
+    if policy.admit(&peer.identity) {
+        Ok(())
+    } else {
+        tracing::warn!(identity = %peer.identity, limit = policy.rate_limit(), "request refused: over the rate limit");
+        Err(ApiError::ResourceExhausted(format!(
+            "identity {:?} exceeds {} requests per second on this node; slow down and retry",
+            peer.identity,
+            policy.rate_limit()
+        )))
+    }
 }
 
 /// Whether `peer` still holds `role` and its certificate is not revoked:

@@ -270,7 +270,9 @@ impl pb::peering_server::Peering for PeeringService {
                     match item {
                         // Each batch: the role may have been removed, or
                         // the certificate revoked, by a reload since.
-                        Ok(batch) => match super::allowed(&inner.policy, &peer, Role::Downstream) {
+                        Ok(batch) => match super::allowed(&inner.policy, &peer, Role::Downstream)
+                            .and_then(|()| super::admit(&inner.policy, &peer))
+                        {
                             Ok(()) => inner
                                 .receive(&peer.identity, batch)
                                 .await
