@@ -1013,3 +1013,97 @@ async fn a_reload_with_a_crl_and_fewer_roles_cuts_off_revoked_and_unlisted_ident
     assert!(still_refused, "the refused reload dropped the CRL in force");
     assert_eq!(backfill(&mut other).await.expect("maker-bi"), 10);
 }
+
+/// The serial of the certificate the node at `addr` presents, read by a
+/// plain rustls client holding `files`.
+async fn served_serial(
+    addr: SocketAddr,
+    server_name: &str,
+    files: &chainsight::config::TlsFiles,
+) -> Vec<u8> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in chainsight::tls::load_certs(&files.ca).unwrap() {
+        roots.add(ca).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(chainsight::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            chainsight::tls::load_certs(&files.cert).unwrap(),
+            chainsight::tls::load_key(&files.key).unwrap(),
+        )
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from(server_name.to_string()).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake");
+    let cert = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).unwrap();
+    parsed.raw_serial().to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_node_certificate_is_served_after_sighup_without_dropping_a_running_stream() {
+    let env = TestEnv::new();
+    let reader = env.issue("maker-app");
+    let eshop = env.issue("retailer-eshop");
+    let port = env.reserve_port();
+    env.node_config_on(
+        "node",
+        port,
+        &roles(&[
+            "publishers = [\"retailer-eshop\"]",
+            "subscribers = [\"maker-app\"]",
+        ]),
+    );
+    let node = env.start("node");
+    let before = served_serial(node.addr, "node", &reader).await;
+    let mut follow =
+        pb::signals_client::SignalsClient::new(node.channel(&reader).await.expect("connect"))
+            .subscribe(pb::SubscribeRequest {
+                filter: Some(pb::Filter::default()),
+                after_cursor: 0,
+                follow: true,
+                name: String::new(),
+            })
+            .await
+            .expect("follow")
+            .into_inner();
+    let mut ingest = node.ingest(&eshop).await;
+    publish_all(&mut ingest, mixed_events("before", 5)).await;
+    for _ in 0..5 {
+        follow.message().await.expect("signal").expect("event");
+    }
+
+    // A new certificate and key for the node, under the same file names.
+    let rotated = env.issue("node");
+    let (_, new_pem) =
+        x509_parser::pem::parse_x509_pem(&std::fs::read(&rotated.cert).unwrap()).unwrap();
+    let new_serial = new_pem.parse_x509().unwrap().raw_serial().to_vec();
+    assert_ne!(new_serial, before);
+    node.send_sighup();
+    wait_log(&node, "config reloaded", 1).await;
+
+    let after = served_serial(node.addr, "node", &reader).await;
+    println!(
+        "served certificate serial before {:02x?}, after SIGHUP {:02x?} (the new file's)",
+        before, after
+    );
+    assert_eq!(
+        after, new_serial,
+        "new connections get the rotated certificate"
+    );
+    // The stream opened before the rotation is still served.
+    publish_all(&mut ingest, mixed_events("after", 5)).await;
+    for i in 0..5 {
+        let signal = tokio::time::timeout(std::time::Duration::from_secs(10), follow.message())
+            .await
+            .expect("the running stream still delivers")
+            .expect("signal")
+            .expect("event");
+        assert_eq!(signal.event.unwrap().event_id, format!("after-{i}"));
+    }
+}
