@@ -325,6 +325,14 @@ enum AdminCommand {
         #[arg(long)]
         data_dir: PathBuf,
     },
+    /// Check a stopped node's data directory: every event record's
+    /// checksum, the indexes, the outboxes and the audit trail (exit 1
+    /// naming each problem).
+    Verify {
+        /// Path to node.toml of the (stopped) node.
+        #[arg(long, default_value = "node.toml")]
+        config: PathBuf,
+    },
     /// Make the running node re-read node.toml (as SIGHUP does): roles,
     /// link agreements and filter limits change without a restart.
     Reload {
@@ -712,6 +720,55 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Admin {
+            command: AdminCommand::Verify { config },
+        } => {
+            let cfg = NodeConfig::load(&config)?;
+            let dir = cfg.data_dir.join("store");
+            if !dir.exists() {
+                anyhow::bail!("{} holds no store", dir.display());
+            }
+            let layout = cfg.insights.layout().map_err(anyhow::Error::msg)?;
+            let store =
+                chainsight::store::Store::open_with(&dir, &[], layout).with_context(|| {
+                    format!(
+                        "opening {} (is the node still running? stop it first)",
+                        dir.display()
+                    )
+                })?;
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} verifying: {pos} events ({per_sec})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            let v = tokio::task::block_in_place(|| store.verify(|n| bar.set_position(n)))?;
+            bar.finish_and_clear();
+            store.close().await?;
+            println!(
+                "checked {}: {} events, {} event-id index entries, {} outbox entries, {} audit records",
+                dir.display(),
+                v.events,
+                v.index_entries,
+                v.outbox_entries,
+                v.audit_records
+            );
+            if v.problem_count == 0 {
+                println!("no problem found");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                for p in &v.problems {
+                    println!("PROBLEM {p}");
+                }
+                println!(
+                    "{} problem(s) found in {}: restore the data directory from a backup (`chainsight admin restore`); if only rollups are affected, `chainsight admin rebuild-rollups` repairs them",
+                    v.problem_count,
+                    dir.display()
+                );
+                Ok(ExitCode::FAILURE)
+            }
         }
         Command::Admin {
             command: AdminCommand::Reload { config },

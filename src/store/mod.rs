@@ -203,6 +203,19 @@ struct Outbox {
     added: Notify,
 }
 
+/// What [`Store::verify`] checked and found.
+#[derive(Debug, Clone, Default)]
+pub struct Verification {
+    pub events: u64,
+    pub index_entries: u64,
+    pub outbox_entries: u64,
+    pub audit_records: u64,
+    /// The first 1,000 problems, one line each.
+    pub problems: Vec<String>,
+    /// All problems found.
+    pub problem_count: u64,
+}
+
 /// sled's own default page cache (1 GiB).
 pub const DEFAULT_PAGE_CACHE_BYTES: u64 = 1 << 30;
 
@@ -626,6 +639,94 @@ impl Store {
         self.inner.trees.meta.insert(agreement_key(link), json)?;
         flush_blocking(&self.inner.db)?;
         Ok(())
+    }
+
+    /// Checks the whole store offline (`chainsight admin verify`): every
+    /// event record's checksum and decoding, the event-id index both ways,
+    /// that every outbox entry names a stored event, and the audit trail's
+    /// hash chain. `progress` is called with the events checked so far.
+    /// Returns the records checked and one line per problem found.
+    pub fn verify(&self, progress: impl Fn(u64)) -> Result<Verification> {
+        let t = &self.inner.trees;
+        let mut v = Verification::default();
+        let problem = |v: &mut Verification, line: String| {
+            if v.problems.len() < 1000 {
+                v.problems.push(line);
+            }
+            v.problem_count += 1;
+        };
+        for entry in t.events.iter() {
+            let (key, value) = entry?;
+            let Ok(arr) = <[u8; 8]>::try_from(key.as_ref()) else {
+                problem(&mut v, format!("tree events: a key of {} bytes", key.len()));
+                continue;
+            };
+            let seq = Seq::from_be_bytes(arr);
+            v.events += 1;
+            match record::decode(&value) {
+                Err(e) => problem(&mut v, format!("tree events, seq {seq}: {e}")),
+                Ok(ev) => match t.by_id.get(ev.event_id.as_bytes())? {
+                    Some(s) if s.as_ref() == seq.to_be_bytes() => {}
+                    Some(_) => problem(
+                        &mut v,
+                        format!(
+                            "tree by_id: event {:?} (seq {seq}) points elsewhere",
+                            ev.event_id
+                        ),
+                    ),
+                    None => problem(
+                        &mut v,
+                        format!("tree by_id: event {:?} (seq {seq}) is missing", ev.event_id),
+                    ),
+                },
+            }
+            if v.events % 10_000 == 0 {
+                progress(v.events);
+            }
+        }
+        progress(v.events);
+        for entry in t.by_id.iter() {
+            let (key, value) = entry?;
+            v.index_entries += 1;
+            let id = String::from_utf8_lossy(&key);
+            match <[u8; 8]>::try_from(value.as_ref()).map(Seq::from_be_bytes) {
+                // An erased or purged id stays as a tombstone.
+                Ok(Seq::MAX) => {}
+                Ok(seq) if t.events.contains_key(seq.to_be_bytes())? => {}
+                Ok(seq) if seq <= self.purged_upto()? => {}
+                Ok(seq) => problem(
+                    &mut v,
+                    format!("tree by_id: {id:?} points to seq {seq}, which holds no event"),
+                ),
+                Err(_) => problem(
+                    &mut v,
+                    format!("tree by_id: {id:?} has a value of {} bytes", value.len()),
+                ),
+            }
+        }
+        for name in self.inner.db.tree_names() {
+            if !name.starts_with(b"outbox/") {
+                continue;
+            }
+            let tree = self.inner.db.open_tree(&name)?;
+            let name = String::from_utf8_lossy(&name).into_owned();
+            for entry in tree.iter() {
+                let (key, _) = entry?;
+                v.outbox_entries += 1;
+                if !t.events.contains_key(&key)? {
+                    let seq = <[u8; 8]>::try_from(key.as_ref()).map(Seq::from_be_bytes);
+                    problem(
+                        &mut v,
+                        format!("tree {name}: entry {seq:?} names no stored event"),
+                    );
+                }
+            }
+        }
+        match self.verify_audit()? {
+            Ok(ok) => v.audit_records = ok.records,
+            Err(broken) => problem(&mut v, format!("tree audit: {broken}")),
+        }
+        Ok(v)
     }
 
     /// Writes a consistent snapshot of the store to a new file at `path`
