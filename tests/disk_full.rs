@@ -1,0 +1,205 @@
+//! Disk full: on a small filesystem (tmpfs with a size limit; skipped,
+//! saying so, where the test cannot mount one) a node whose disk fills up
+//! answers RESOURCE_EXHAUSTED and acknowledges nothing it did not store;
+//! once space is freed and the node restarted it carries on, and nothing
+//! acknowledged is lost.
+//!
+//! Known gap (issue 7, item 3): sled keeps an I/O error as the state of
+//! the whole database, so the running node keeps answering
+//! RESOURCE_EXHAUSTED after space is freed until it is restarted (the test
+//! prints what it sees; it does not yet require recovery in place).
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use chainsight::pb;
+use common::{event_of, roles, TestEnv};
+
+/// A tmpfs of `mib` MiB mounted at `dir`, unmounted when dropped.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &Path, mib: u64) -> Result<SmallDisk, String> {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        Ok(SmallDisk(dir.to_path_buf()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_with_resource_exhausted_and_a_restart_carries_on_with_nothing_lost() {
+    let env = TestEnv::new();
+    let disk_dir = env.path().join("small-disk");
+    let disk = match SmallDisk::mount(&disk_dir, 48) {
+        Ok(d) => d,
+        Err(why) => {
+            eprintln!("SKIPPED: cannot mount a small tmpfs here ({why}); run as root (or with CAP_SYS_ADMIN) to test a full disk");
+            return;
+        }
+    };
+    let reader = env.issue("maker-app");
+    let eshop = env.issue("retailer-eshop");
+    env.node_config(
+        "node",
+        &format!(
+            "{}[storage]\npage_cache_mib = 8\n",
+            roles(&[
+                "publishers = [\"retailer-eshop\"]",
+                "subscribers = [\"maker-app\"]",
+            ])
+        ),
+    );
+    // The node's data directory on the small disk.
+    let toml = env.path().join("node").join("node.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(
+        &toml,
+        text.replace(
+            "data_dir = \"data\"",
+            &format!("data_dir = \"{}\"", disk_dir.join("data").display()),
+        ),
+    )
+    .unwrap();
+    let mut node = env.start("node");
+    let mut ingest = node.ingest(&eshop).await;
+
+    // Fill most of the disk with a file the test can delete later.
+    let filler = disk_dir.join("filler");
+    let free = || {
+        let out = Command::new("df")
+            .args(["-B1", "--output=avail"])
+            .arg(&disk_dir)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .unwrap()
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    std::fs::write(&filler, vec![0u8; (free() - 6 * 1024 * 1024) as usize]).unwrap();
+    println!(
+        "free on the small disk after the filler: {} KiB",
+        free() / 1024
+    );
+
+    let mut acknowledged = HashSet::new();
+    let mut exhausted = None;
+    for batch in 0..2000 {
+        let events: Vec<_> = (0..100)
+            .map(|i| {
+                let mut e = event_of(
+                    &format!("b{batch}-{i}"),
+                    "4740001000017",
+                    pb::EventKind::Review,
+                    &format!("c-{i}"),
+                );
+                e.free_text = "x".repeat(2000);
+                e
+            })
+            .collect();
+        match ingest
+            .publish(pb::PublishRequest {
+                events: events.clone(),
+            })
+            .await
+        {
+            Ok(r) => acknowledged.extend(r.into_inner().results.into_iter().map(|r| r.event_id)),
+            Err(status) => {
+                exhausted = Some((batch, status));
+                break;
+            }
+        }
+    }
+    let (batch, status) = exhausted.expect("the disk never filled");
+    println!(
+        "after {} acknowledged events, batch {batch}: {status}",
+        acknowledged.len()
+    );
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+
+    // Space again. The running node still refuses (sled keeps the error):
+    // print what it answers, then restart it.
+    std::fs::remove_file(&filler).unwrap();
+    let after = ingest
+        .publish(pb::PublishRequest {
+            events: vec![event_of(
+                "after-free",
+                "4740001000017",
+                pb::EventKind::Review,
+                "c-1",
+            )],
+        })
+        .await;
+    match &after {
+        Ok(r) => {
+            acknowledged.extend(r.get_ref().results.iter().map(|r| r.event_id.clone()));
+            println!("after freeing space, without a restart: stored");
+        }
+        Err(status) => println!("after freeing space, without a restart: {status}"),
+    }
+    node.kill9();
+    node.restart();
+    let mut ingest = node.ingest(&eshop).await;
+    let results = common::publish(
+        &mut ingest,
+        vec![event_of(
+            "after-restart",
+            "4740001000017",
+            pb::EventKind::Review,
+            "c-1",
+        )],
+    )
+    .await;
+    assert_eq!(common::outcome(&results[0]), pb::PublishOutcome::Accepted);
+    acknowledged.insert("after-restart".to_string());
+
+    // Nothing acknowledged is lost.
+    let mut client = pb::signals_client::SignalsClient::new(node.channel(&reader).await.unwrap());
+    let mut stream = client
+        .subscribe(pb::SubscribeRequest {
+            filter: Some(pb::Filter::default()),
+            after_cursor: 0,
+            follow: false,
+            name: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stored = HashSet::new();
+    while let Some(s) = stream.message().await.expect("signal") {
+        stored.insert(s.event.unwrap().event_id);
+    }
+    let lost = acknowledged.difference(&stored).count();
+    println!(
+        "acknowledged {}, stored {}, lost {lost}",
+        acknowledged.len(),
+        stored.len()
+    );
+    assert_eq!(lost, 0);
+    assert_eq!(
+        stored.len(),
+        acknowledged.len(),
+        "events stored that were never acknowledged"
+    );
+    node.terminate();
+    drop(disk);
+}
