@@ -104,6 +104,30 @@ async fn run_inner(
         }
         None => None,
     };
+    let store_health = {
+        let (mut failure, health, token) =
+            (parts.store.watch_failure(), health.clone(), token.clone());
+        tokio::spawn(
+            async move {
+                loop {
+                    tokio::select! {
+                        _ = token.cancelled() => return,
+                        changed = failure.changed() => if changed.is_err() { return },
+                    }
+                    let reason = failure.borrow_and_update().clone();
+                    if let Some(reason) = reason {
+                        tracing::error!(%reason, "the store can no longer write; health NOT_SERVING: free space (or fix the disk) and restart the node");
+                        health.set_not_serving::<IngestServer<IngestService>>().await;
+                        health
+                            .set_service_status("", tonic_health::ServingStatus::NotServing)
+                            .await;
+                        return;
+                    }
+                }
+            }
+            .in_current_span(),
+        )
+    };
     let reload =
         crate::reload::spawn_on_sighup(parts.reloader.clone(), parts.store.clone(), token.clone());
     let exports = crate::export::spawn(
@@ -128,6 +152,7 @@ async fn run_inner(
         .chain(metrics)
         .chain(reload)
         .chain(exports)
+        .chain(Some(store_health))
     {
         // Workers watch the token; the bound is a safety net.
         if tokio::time::timeout(Duration::from_secs(5), w)

@@ -7,7 +7,9 @@
 //! Known gap (issue 7, item 3): sled keeps an I/O error as the state of
 //! the whole database, so the running node keeps answering
 //! RESOURCE_EXHAUSTED after space is freed until it is restarted (the test
-//! prints what it sees; it does not yet require recovery in place).
+//! prints what it sees; it does not yet require recovery in place). It
+//! reports the state: health NOT_SERVING and a log line saying to free
+//! space and restart.
 
 mod common;
 
@@ -135,6 +137,37 @@ async fn a_full_disk_refuses_with_resource_exhausted_and_a_restart_carries_on_wi
         acknowledged.len()
     );
     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+
+    // Health says so (for load balancers and supervisors).
+    {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+        let channel = node.channel(&reader).await.unwrap();
+        let start = std::time::Instant::now();
+        loop {
+            let status = HealthClient::new(channel.clone())
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .status();
+            if status == ServingStatus::NotServing {
+                println!("health after the disk filled: NOT_SERVING");
+                break;
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "health stayed {status:?} with a full disk"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    assert!(
+        node.log().contains("restart the node"),
+        "the log says what to do"
+    );
 
     // Space again. The running node still refuses (sled keeps the error):
     // print what it answers, then restart it.

@@ -134,6 +134,8 @@ struct Inner {
     path: PathBuf,
     flushes: Arc<AtomicU64>,
     durable: tokio::sync::watch::Receiver<Seq>,
+    /// The write failure that left the database unusable, if any.
+    failure: tokio::sync::watch::Receiver<Option<String>>,
     audit: audit::AuditLog,
     /// The dimension values of the cells queries decoded.
     symbols: Arc<std::sync::RwLock<crate::rollup::Interner>>,
@@ -299,8 +301,14 @@ impl Store {
         let flushes = Arc::new(AtomicU64::new(0));
         let last = high_water(&trees)?;
         let (durable_tx, durable) = tokio::sync::watch::channel(last);
-        let (writer, writer_thread) =
-            writer::spawn(db.clone(), trees.clone(), flushes.clone(), durable_tx)?;
+        let (failure_tx, failure) = tokio::sync::watch::channel(None);
+        let (writer, writer_thread) = writer::spawn(
+            db.clone(),
+            trees.clone(),
+            flushes.clone(),
+            durable_tx,
+            failure_tx,
+        )?;
         Ok(Store {
             inner: Arc::new(Inner {
                 db,
@@ -310,6 +318,7 @@ impl Store {
                 path: dir.to_path_buf(),
                 flushes,
                 durable,
+                failure,
                 audit,
                 symbols: Default::default(),
             }),
@@ -388,6 +397,13 @@ impl Store {
     /// up to it is readable.
     pub fn durable_seq(&self) -> Seq {
         *self.inner.durable.borrow()
+    }
+
+    /// The write failure that left the database unusable (sled keeps an
+    /// I/O error, a full disk among them, until the node restarts), and
+    /// changes to it.
+    pub fn watch_failure(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.inner.failure.clone()
     }
 
     /// A receiver that changes whenever [`Self::durable_seq`] advances.

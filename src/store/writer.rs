@@ -63,6 +63,7 @@ pub(super) fn spawn(
     trees: Trees,
     flushes: Arc<AtomicU64>,
     durable: tokio::sync::watch::Sender<Seq>,
+    failure: tokio::sync::watch::Sender<Option<String>>,
 ) -> Result<(mpsc::Sender<Command>, std::thread::JoinHandle<()>)> {
     let next_seq = super::high_water(&trees)? + 1;
     let (tx, rx) = mpsc::channel(QUEUE);
@@ -77,6 +78,7 @@ pub(super) fn spawn(
         db,
         trees,
         next_seq,
+        failure,
         flushes,
         durable,
         checkpointer,
@@ -92,6 +94,10 @@ struct Writer {
     db: sled::Db,
     trees: Trees,
     next_seq: Seq,
+    /// Set when a write or flush fails: sled keeps an I/O error as the
+    /// state of the database, so the node reports it (health NOT_SERVING)
+    /// until restarted.
+    failure: tokio::sync::watch::Sender<Option<String>>,
     flushes: Arc<AtomicU64>,
     durable: tokio::sync::watch::Sender<Seq>,
     /// Merges rollup deltas into the tree; stopped (after a last merge)
@@ -472,6 +478,14 @@ impl Writer {
         })
     }
 
+    /// Records the first write failure of an I/O kind (the database is
+    /// unusable from then on) for the node to report.
+    fn failed(&self, e: &Error) {
+        if matches!(e, Error::Sled(sled::Error::Io(_))) && self.failure.borrow().is_none() {
+            self.failure.send_replace(Some(e.to_string()));
+        }
+    }
+
     /// The blocking flush; this thread is where flushes belong.
     #[allow(clippy::disallowed_methods)]
     fn flush_now(&self) -> sled::Result<usize> {
@@ -485,6 +499,7 @@ impl Writer {
             Err(e) => {
                 // The transaction did not apply: its numbers are free again.
                 self.next_seq = start_seq;
+                self.failed(&e);
                 fail(batch, &e, "nothing of it was stored");
                 return;
             }
@@ -503,9 +518,11 @@ impl Writer {
         }
         self.announce(&batch, &outcomes);
         if let Err(e) = flushed {
+            let e = Error::Sled(e);
+            self.failed(&e);
             fail(
                 batch,
-                &Error::Sled(e),
+                &e,
                 "its durability could not be confirmed; retrying is safe",
             );
             return;
