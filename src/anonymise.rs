@@ -94,6 +94,9 @@ impl Anonymiser {
             birth_year,
             free_text,
         } = personal;
+        // The event's own identifiers, wherever the customer repeated them.
+        let customer_id_for_text = customer_id.clone();
+        let postal_for_text = postal_code.clone();
         PreferenceEvent {
             event_id,
             origin: self.origin.clone(),
@@ -102,10 +105,18 @@ impl Anonymiser {
             product,
             channel,
             stage,
-            // Attribute values are free text too.
+            // Attribute values are free text too; under a key that names
+            // personal data ("contact", "email", …) the value is removed.
             attributes: attributes
                 .into_iter()
-                .map(|(k, v)| (k, scrub_text(&v)))
+                .map(|(k, v)| {
+                    let v = if personal_key(&k) {
+                        "[removed]".to_string()
+                    } else {
+                        scrub_text(&v)
+                    };
+                    (k, v)
+                })
                 .collect(),
             score,
             quantity,
@@ -114,7 +125,15 @@ impl Anonymiser {
             customer_pseudonym: customer_id
                 .map(|id| self.pseudonym(&id))
                 .unwrap_or_default(),
-            text: free_text.map(|t| scrub_text(&t)).unwrap_or_default(),
+            text: free_text
+                .map(|t| {
+                    scrub_own(
+                        &scrub_text(&t),
+                        customer_id_for_text.as_deref(),
+                        postal_for_text.as_deref(),
+                    )
+                })
+                .unwrap_or_default(),
             path: vec![self.origin.clone()],
             proof: None,
         }
@@ -259,8 +278,44 @@ static NUMBER_RUN: LazyLock<Regex> =
 
 /// Free text with e-mail addresses, phone numbers and card-like digit runs
 /// replaced by placeholders. Shorter numbers (sizes, years, prices) stay.
+/// Whether an attribute key names personal data, whose value is then not
+/// kept at all (a name there has no cue to find it by).
+fn personal_key(key: &str) -> bool {
+    const PERSONAL: [&str; 14] = [
+        "name", "contact", "mail", "phone", "mobile", "address", "street", "customer", "user",
+        "person", "birth", "zip", "postal", "iban",
+    ];
+    let key = key.to_lowercase();
+    PERSONAL.iter().any(|p| key.contains(p))
+}
+
+/// `text` without the event's own customer id and postal code (any case).
+fn scrub_own(text: &str, customer_id: Option<&str>, postal_code: Option<&str>) -> String {
+    let mut out = text.to_string();
+    for (value, mark) in [(customer_id, "[id]"), (postal_code, "[postal]")] {
+        let Some(value) = value.map(str::trim).filter(|v| v.chars().count() >= 3) else {
+            continue;
+        };
+        if let Ok(re) = Regex::new(&format!("(?i){}", regex::escape(value))) {
+            out = re.replace_all(&out, mark).into_owned();
+        }
+    }
+    out
+}
+
+/// A name after a phrase that introduces or signs with one ("my name is
+/// Margit Tamm", "regards, Jaan"): up to three capitalised words. It
+/// over-scrubs ("I am Happy" loses "Happy") rather than under-scrub.
+static NAME_AFTER_CUE: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"((?i:my name is|my name's|i am|i'm|this is|signed|regards|sincerely|thanks|thank you|cheers|greetings from|yours)[,:]?\s+)\p{Lu}[\p{L}'’\-]+(?:\s+\p{Lu}[\p{L}'’\-]+){0,2}",
+    )
+    .expect("valid regex")
+});
+
 pub fn scrub_text(text: &str) -> String {
-    let no_email = EMAIL.replace_all(text, "[email]");
+    let no_name = NAME_AFTER_CUE.replace_all(text, "${1}[name]");
+    let no_email = EMAIL.replace_all(&no_name, "[email]");
     let scrubbed = NUMBER_RUN.replace_all(&no_email, |caps: &regex::Captures<'_>| {
         let run = &caps[0];
         let digits = run.chars().filter(|c| c.is_numeric()).count();
@@ -320,6 +375,26 @@ mod tests {
         assert!(t.contains("Size 42, 2 pcs"), "{t}");
         let t = scrub_text("kaart ４１１１ １１１１ １１１１ １１１１, mail jüri@tähti.ee");
         assert!(!t.contains("１１１１") && !t.contains("jüri"), "{t}");
+    }
+
+    #[test]
+    fn scrubs_names_after_cues_and_the_events_own_identifiers() {
+        let t = scrub_text("Hi, my name is Margit Tamm. Regards, Jaan");
+        assert!(
+            !t.contains("Margit") && !t.contains("Tamm") && !t.contains("Jaan"),
+            "{t}"
+        );
+        assert_eq!(t, "Hi, my name is [name]. Regards, [name]");
+        let t = scrub_own(
+            "Customer CUST-7781 at 10115 tallinn",
+            Some("cust-7781"),
+            Some("10115"),
+        );
+        assert_eq!(t, "Customer [id] at [postal] tallinn");
+        // Short values are not hunted for (they would blank ordinary words).
+        assert_eq!(scrub_own("size 42", Some("42"), None), "size 42");
+        assert!(personal_key("Contact") && personal_key("e_mail") && personal_key("customer_name"));
+        assert!(!personal_key("size") && !personal_key("colour") && !personal_key("fat_pct"));
     }
 
     #[test]

@@ -49,7 +49,7 @@ async fn no_raw_personal_data_in_any_byte_of_the_data_directory() {
             nanos: 0,
         });
         e.attributes
-            .insert("contact".into(), "reach me: margit.tamm@example.ee".into());
+            .insert("note".into(), "reach me: margit.tamm@example.ee".into());
         e.free_text = "Write to margit.tamm@example.ee or call +372 5550 1234, \
                        card 4111-1111-1111-1111. The cheese was great!"
             .into();
@@ -120,7 +120,7 @@ async fn no_raw_personal_data_in_any_byte_of_the_data_directory() {
     );
     assert!(a.text.contains("The cheese was great!"));
     assert_eq!(
-        a.attributes["contact"], "reach me: [email]",
+        a.attributes["note"], "reach me: [email]",
         "attribute values are scrubbed too"
     );
     assert_eq!(a.origin, "retailer");
@@ -198,5 +198,157 @@ async fn a_node_whose_key_is_lost_refuses_to_start_rather_than_change_pseudonyms
     assert!(
         !node.data_dir().join("pseudonym.key").exists(),
         "no new key was made"
+    );
+}
+
+/// Canary identifiers that must not leave the retailer's edge.
+const CANARIES: [&str; 12] = [
+    "CANARY-CUST-88412",
+    "canary-cust-88412",
+    "kertu.kanaar@example.org",
+    "example.org",
+    "+372 5877 6543",
+    "5877 6543",
+    "44556",
+    "Kertu Kanaar",
+    "Kanaar",
+    "Kertu",
+    "4000 0566 5566 5556",
+    "1958",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_canary_leaves_the_retailer_on_any_hop_or_in_any_data_directory() {
+    use common::{roles, upstream};
+    let env = TestEnv::new();
+    let operator = env.issue("operator");
+    let reader = env.issue("maker-app");
+    let (m_port, d_port) = (env.reserve_port(), env.reserve_port());
+    env.node_config_on(
+        "manufacturer",
+        m_port,
+        &roles(&[
+            "downstream = [\"distributor\"]",
+            "subscribers = [\"maker-app\"]",
+        ]),
+    );
+    let mut m = env.start("manufacturer");
+    env.node_config_on(
+        "distributor",
+        d_port,
+        &format!(
+            "{}{}",
+            roles(&[
+                "downstream = [\"retailer\"]",
+                "subscribers = [\"maker-app\"]"
+            ]),
+            upstream("manufacturer", m_port, "")
+        ),
+    );
+    let mut d = env.start("distributor");
+    env.node_config(
+        "retailer",
+        &format!(
+            "{}{}",
+            roles(&["publishers = [\"retailer-eshop\"]"]),
+            upstream("distributor", d_port, "")
+        ),
+    );
+    let mut r = env.start("retailer");
+    let eshop = env.issue("retailer-eshop");
+
+    let events: Vec<_> = (0..30)
+        .map(|i| {
+            let mut e = event(&format!("canary-{i}"));
+            e.customer_id = "CANARY-CUST-88412".into();
+            e.country = "EE".into();
+            e.postal_code = "44556".into();
+            e.birth_year = 1958;
+            e.kind = pb::EventKind::Complaint as i32;
+            e.free_text = format!(
+                "My name is Kertu Kanaar (customer canary-cust-88412, zip 44556). \
+                 Mail kertu.kanaar@example.org, call +372 5877 6543, \
+                 card 4000 0566 5566 5556. Complaint #{i}: the lid leaks. Regards, Kertu"
+            );
+            e.attributes.insert(
+                "contact".into(),
+                "Kertu Kanaar, kertu.kanaar@example.org".into(),
+            );
+            e
+        })
+        .collect();
+    let results = publish(&mut r.ingest(&eshop).await, events).await;
+    assert!(
+        results
+            .iter()
+            .all(|x| outcome(x) == pb::PublishOutcome::Accepted),
+        "{results:?}"
+    );
+    r.wait_drained(&operator, 30).await;
+    d.wait_drained(&operator, 30).await;
+
+    // What the manufacturer's subscriber receives: the events as stored
+    // there (what came over both Forward hops).
+    let mut client = pb::signals_client::SignalsClient::new(m.channel(&reader).await.unwrap());
+    let mut stream = client
+        .subscribe(pb::SubscribeRequest {
+            filter: Some(pb::Filter::default()),
+            after_cursor: 0,
+            follow: false,
+            name: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut received = 0;
+    while let Some(s) = stream.message().await.unwrap() {
+        let ev = s.event.unwrap();
+        let wire = prost::Message::encode_to_vec(&ev);
+        for canary in CANARIES {
+            assert!(
+                !contains(&wire, canary.as_bytes()),
+                "{canary:?} reached the manufacturer: {ev:?}"
+            );
+        }
+        assert!(
+            ev.text.contains("[name]") && ev.text.contains("[email]"),
+            "{}",
+            ev.text
+        );
+        received += 1;
+    }
+    assert_eq!(received, 30);
+
+    for n in [&mut r, &mut d, &mut m] {
+        n.terminate();
+    }
+    // Every byte of every node's data directory, and every log.
+    let mut scanned = 0usize;
+    for n in [&r, &d, &m] {
+        for file in files(&n.data_dir()) {
+            let bytes = std::fs::read(&file).unwrap();
+            scanned += bytes.len();
+            for canary in CANARIES {
+                assert!(
+                    !contains(&bytes, canary.as_bytes()),
+                    "{canary:?} in {file:?}"
+                );
+            }
+        }
+        let log = n.log();
+        for canary in CANARIES {
+            assert!(!log.contains(canary), "{canary:?} in {}'s log", n.id);
+        }
+    }
+    // The hops' stores hold the events, scrubbed.
+    for n in [&d, &m] {
+        let store = n.open_store();
+        let (_, ev) = store.get_by_event_id("canary-7").unwrap().unwrap();
+        assert!(ev.text.contains("My name is [name]"), "{}", ev.text);
+        assert_eq!(ev.region, "EE-44");
+    }
+    println!(
+        "canaries: 30 events through 3 hops, {} canaries absent from {scanned} bytes of 3 data directories, 3 logs and 30 delivered signals",
+        CANARIES.len()
     );
 }
