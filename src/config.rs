@@ -164,6 +164,21 @@ pub struct Propagation {
     pub backoff_min_ms: u64,
     #[serde(default = "default_backoff_max")]
     pub backoff_max_ms: u64,
+    /// HTTP/2 keepalive pings on a link's connection every this many
+    /// seconds; an unanswered ping (after `keepalive_timeout_secs`) ends
+    /// the connection, so a half-open connection is found within their sum.
+    #[serde(default = "default_keepalive_interval")]
+    pub keepalive_interval_secs: u64,
+    #[serde(default = "default_keepalive_timeout")]
+    pub keepalive_timeout_secs: u64,
+}
+
+fn default_keepalive_interval() -> u64 {
+    20
+}
+
+fn default_keepalive_timeout() -> u64 {
+    10
 }
 
 fn default_max_hops() -> usize {
@@ -198,6 +213,8 @@ impl Default for Propagation {
             stall_after_secs: default_stall_after(),
             backoff_min_ms: default_backoff_min(),
             backoff_max_ms: default_backoff_max(),
+            keepalive_interval_secs: default_keepalive_interval(),
+            keepalive_timeout_secs: default_keepalive_timeout(),
         }
     }
 }
@@ -795,7 +812,17 @@ impl NodeConfig {
 
     fn validate_propagation(&self, path: &Path) -> Result<(), Error> {
         let p = &self.propagation;
-        let checks: [(&str, bool, &str); 6] = [
+        let checks: [(&str, bool, &str); 8] = [
+            (
+                "propagation.keepalive_interval_secs",
+                p.keepalive_interval_secs >= 1,
+                "must be at least 1",
+            ),
+            (
+                "propagation.keepalive_timeout_secs",
+                p.keepalive_timeout_secs >= 1,
+                "must be at least 1",
+            ),
             (
                 "propagation.max_hops",
                 (1..=32).contains(&p.max_hops),

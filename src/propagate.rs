@@ -487,6 +487,8 @@ impl Worker {
     async fn session(&self, progressed: &mut bool) -> Result<(), SessionError> {
         let link = self.link();
         let channel = tls::client_endpoint(&link.address, &link.id, &self.tls)?
+            .http2_keep_alive_interval(Duration::from_secs(self.settings.keepalive_interval_secs))
+            .keep_alive_timeout(Duration::from_secs(self.settings.keepalive_timeout_secs))
             .connect()
             .await
             .map_err(|e| {
