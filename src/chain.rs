@@ -150,6 +150,7 @@ impl LocalChain {
             key: self.certs.join(format!("{identity}.key")),
             handshake_timeout_secs: 10,
             crls: Vec::new(),
+            watch_secs: 10,
         }
     }
 

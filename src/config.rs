@@ -48,6 +48,14 @@ pub struct TlsFiles {
     /// `chainsight admin reload`), for new connections.
     #[serde(default)]
     pub crls: Vec<PathBuf>,
+    /// A node checks its TLS files (CA, certificate, key, CRLs) this often
+    /// and puts changed ones in force without a reload. 0: only on reload.
+    #[serde(default = "default_watch_secs")]
+    pub watch_secs: u64,
+}
+
+fn default_watch_secs() -> u64 {
+    10
 }
 
 fn default_handshake_timeout() -> u64 {

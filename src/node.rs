@@ -128,6 +128,14 @@ async fn run_inner(
             .in_current_span(),
         )
     };
+    let tls_watch = (config.tls.watch_secs > 0).then(|| {
+        crate::reload::spawn_tls_watch(
+            parts.reloader.clone(),
+            parts.store.clone(),
+            Duration::from_secs(config.tls.watch_secs),
+            token.clone(),
+        )
+    });
     let reload =
         crate::reload::spawn_on_sighup(parts.reloader.clone(), parts.store.clone(), token.clone());
     let exports = crate::export::spawn(
@@ -153,6 +161,7 @@ async fn run_inner(
         .chain(reload)
         .chain(exports)
         .chain(Some(store_health))
+        .chain(tls_watch)
     {
         // Workers watch the token; the bound is a safety net.
         if tokio::time::timeout(Duration::from_secs(5), w)

@@ -72,22 +72,10 @@ impl Reloader {
         // The TLS files are re-read (a rotated certificate or a new CRL
         // under the same name counts); a server config that cannot be
         // built refuses the whole reload, before anything is applied.
-        let digest = tls_digest(&new.tls).map_err(|e| format!("[tls]: {e}"))?;
-        let mut tls_files = self
-            .tls_files
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if *tls_files != Some(digest) {
-            let config = crate::tls::server_config(&new.tls).map_err(|e| format!("[tls]: {e}"))?;
-            let revoked =
-                crate::tls::revoked_serials(&new.tls).map_err(|e| format!("[tls]: {e}"))?;
-            self.tls.set(config);
-            self.policy.set_revoked(revoked);
-            *tls_files = Some(digest);
+        if self.apply_tls(&new.tls)? {
             out.applied
                 .push("tls (certificate, key and CRLs for new connections)".into());
         }
-        drop(tls_files);
         if self.policy.replace(&new.roles) {
             out.applied.push("roles".into());
         }
@@ -112,11 +100,12 @@ impl Reloader {
             ("listen", differs(&old.listen, &new.listen)),
             ("data_dir", differs(&old.data_dir, &new.data_dir)),
             (
-                "tls paths and handshake timeout (outgoing links and origin signing keep the files they started with)",
+                "tls paths, handshake timeout, watch_secs (outgoing links and origin signing keep the files they started with)",
                 differs(&old.tls.ca, &new.tls.ca)
                     || differs(&old.tls.cert, &new.tls.cert)
                     || differs(&old.tls.key, &new.tls.key)
-                    || old.tls.handshake_timeout_secs != new.tls.handshake_timeout_secs,
+                    || old.tls.handshake_timeout_secs != new.tls.handshake_timeout_secs
+                    || old.tls.watch_secs != new.tls.watch_secs,
             ),
             ("privacy", differs(&old.privacy, &new.privacy)),
             ("limits", differs(&old.limits, &new.limits)),
@@ -136,6 +125,92 @@ impl Reloader {
         }
         Ok(out)
     }
+}
+
+impl Reloader {
+    /// Re-reads the TLS files of `files` and, if they changed, puts them
+    /// in force (server config for new handshakes, revoked serials for
+    /// every request); whether they changed. Nothing is applied when a
+    /// file does not load.
+    fn apply_tls(&self, files: &crate::config::TlsFiles) -> Result<bool, String> {
+        let digest = tls_digest(files).map_err(|e| format!("[tls]: {e}"))?;
+        let mut tls_files = self
+            .tls_files
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if *tls_files == Some(digest) {
+            return Ok(false);
+        }
+        let config = crate::tls::server_config(files).map_err(|e| format!("[tls]: {e}"))?;
+        let revoked = crate::tls::revoked_serials(files).map_err(|e| format!("[tls]: {e}"))?;
+        self.tls.set(config);
+        self.policy.set_revoked(revoked);
+        *tls_files = Some(digest);
+        Ok(true)
+    }
+
+    /// Re-reads the TLS files of the config in force (not node.toml): for
+    /// a CRL or certificate replaced on disk without a SIGHUP.
+    pub fn reload_tls_files(&self) -> Result<bool, String> {
+        let files = self
+            .in_force
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .tls
+            .clone();
+        let changed = self.apply_tls(&files)?;
+        if changed {
+            self.policy.reloaded();
+        }
+        Ok(changed)
+    }
+}
+
+/// Checks the TLS files every `every` and puts them in force when they
+/// changed (a new CRL, a rotated certificate), until `token` is cancelled.
+pub fn spawn_tls_watch(
+    reloader: Arc<Reloader>,
+    store: crate::store::Store,
+    every: std::time::Duration,
+    token: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    use tracing::Instrument;
+    tokio::spawn(
+        async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            let mut last_error = None;
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let r = reloader.clone();
+                let result = tokio::task::spawn_blocking(move || r.reload_tls_files())
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()));
+                match result {
+                    Ok(false) => last_error = None,
+                    Ok(true) => {
+                        last_error = None;
+                        let outcome = Outcome {
+                            applied: vec!["tls (files changed on disk)".into()],
+                            needs_restart: Vec::new(),
+                        };
+                        log_and_audit(&store, "tls-watch", &Ok(outcome)).await;
+                    }
+                    // Said once per distinct failure (a file mid-write is
+                    // retried at the next tick).
+                    Err(reason) if last_error.as_ref() != Some(&reason) => {
+                        tracing::warn!(%reason, "a TLS file changed but does not load; the files in force stay");
+                        last_error = Some(reason);
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+        .instrument(tracing::info_span!("tls_watch")),
+    )
 }
 
 /// Reloads on every SIGHUP until `token` is cancelled, logging the outcome.

@@ -1107,3 +1107,85 @@ async fn a_rotated_node_certificate_is_served_after_sighup_without_dropping_a_ru
         assert_eq!(signal.event.unwrap().event_id, format!("after-{i}"));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crl_replaced_on_disk_is_put_in_force_without_a_reload() {
+    let env = TestEnv::new();
+    let maker = env.issue("maker-app");
+    let bi = env.issue("maker-bi");
+    env.issue("nobody");
+    // A CRL from the start (revoking an identity nobody uses).
+    let (ok, stdout, stderr) = cli(&[
+        "certs",
+        "revoke",
+        "--dir",
+        env.certs_dir().to_str().unwrap(),
+        "nobody",
+    ]);
+    assert!(ok, "{stdout}{stderr}");
+    let crl = env.certs_dir().join("crl.pem");
+    let config = env.node_config(
+        "node",
+        &roles(&["subscribers = [\"maker-app\", \"maker-bi\"]"]),
+    );
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace(
+            "handshake_timeout_secs = 3\n",
+            &format!(
+                "handshake_timeout_secs = 3\ncrls = [\"{}\"]\nwatch_secs = 1\n",
+                crl.display()
+            ),
+        ),
+    )
+    .unwrap();
+    let node = env.start("node");
+    let channel = node.channel(&maker).await.expect("connect");
+    let ack = |channel: tonic::transport::Channel| async move {
+        pb::signals_client::SignalsClient::new(channel)
+            .ack(pb::AckRequest {
+                name: "n".into(),
+                cursor: 0,
+            })
+            .await
+    };
+    ack(channel.clone()).await.expect("before the revocation");
+
+    // Revoke maker-app: the CRL file changes; no SIGHUP, no admin reload.
+    let (ok, stdout, stderr) = cli(&[
+        "certs",
+        "revoke",
+        "--dir",
+        env.certs_dir().to_str().unwrap(),
+        "maker-app",
+    ]);
+    assert!(ok, "{stdout}{stderr}");
+    let start = std::time::Instant::now();
+    let status = loop {
+        match ack(channel.clone()).await {
+            Err(status) => break status,
+            Ok(_) => {
+                assert!(
+                    start.elapsed() < std::time::Duration::from_secs(10),
+                    "the replaced CRL was not put in force within 10 s:\n{}",
+                    node.log()
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    };
+    println!(
+        "CRL replaced on disk: in force after {:?} (watch_secs = 1): {status}",
+        start.elapsed()
+    );
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status}");
+    assert!(
+        node.log().contains("tls (files changed on disk)"),
+        "{}",
+        node.log()
+    );
+    ack(node.channel(&bi).await.expect("maker-bi connects"))
+        .await
+        .expect("maker-bi is not revoked");
+}

@@ -42,6 +42,7 @@ fn publisher_files(env: &TestEnv) -> TlsFiles {
         key: dir.join(format!("{PUBLISHER}.key")),
         handshake_timeout_secs: 5,
         crls: Vec::new(),
+        watch_secs: 10,
     }
 }
 

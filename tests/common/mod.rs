@@ -58,6 +58,7 @@ impl TestEnv {
             key: dir.join(format!("{file_name}.key")),
             handshake_timeout_secs: 5,
             crls: Vec::new(),
+            watch_secs: 10,
         }
     }
 
