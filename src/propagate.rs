@@ -256,8 +256,7 @@ impl Links {
     /// agreements (past or present) would have sent `ev` on, with the
     /// customer's pseudonym as that link received it.
     pub fn erasure_routes(&self, ev: &PreferenceEvent) -> Vec<(String, String)> {
-        let hops_after_send = ev.path.len() + usize::from(ev.path.last() != Some(&self.node_id));
-        if hops_after_send > self.max_hops {
+        if !self.within_hops(ev) {
             return Vec::new();
         }
         self.links
@@ -297,11 +296,17 @@ impl Links {
             .collect()
     }
 
+    /// Whether `ev` may still be sent on: its path, with this node added,
+    /// stays within the hop limit.
+    fn within_hops(&self, ev: &PreferenceEvent) -> bool {
+        let hops_after_send = ev.path.len() + usize::from(ev.path.last() != Some(&self.node_id));
+        hops_after_send <= self.max_hops
+    }
+
     /// The links `ev` must be forwarded on: those whose agreement covers it,
     /// that it has not passed already, and within the hop limit.
     pub fn route(&self, ev: &PreferenceEvent) -> Vec<usize> {
-        let hops_after_send = ev.path.len() + usize::from(ev.path.last() != Some(&self.node_id));
-        if hops_after_send > self.max_hops {
+        if !self.within_hops(ev) {
             return Vec::new();
         }
         self.links

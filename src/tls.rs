@@ -116,21 +116,7 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, Error> {
     }
     let mut crls = Vec::new();
     for path in &files.crls {
-        let list = CertificateRevocationListDer::pem_file_iter(path)
-            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| Error::Pem {
-                what: "certificate revocation list",
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            })?;
-        if list.is_empty() {
-            return Err(Error::Pem {
-                what: "certificate revocation list",
-                path: path.display().to_string(),
-                reason: "no X509 CRL in the file".into(),
-            });
-        }
-        crls.extend(list);
+        crls.extend(load_crls(path)?);
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .with_crls(crls)
@@ -151,18 +137,10 @@ pub fn revoked_serials(files: &TlsFiles) -> Result<std::collections::HashSet<Vec
     use x509_parser::prelude::FromDer;
     let mut out = std::collections::HashSet::new();
     for path in &files.crls {
-        let pem_err = |reason: String| Error::Pem {
-            what: "certificate revocation list",
-            path: path.display().to_string(),
-            reason,
-        };
-        for crl in
-            CertificateRevocationListDer::pem_file_iter(path).map_err(|e| pem_err(e.to_string()))?
-        {
-            let crl = crl.map_err(|e| pem_err(e.to_string()))?;
+        for crl in load_crls(path)? {
             let (_, parsed) =
                 x509_parser::revocation_list::CertificateRevocationList::from_der(crl.as_ref())
-                    .map_err(|e| pem_err(e.to_string()))?;
+                    .map_err(|e| crl_error(path, e.to_string()))?;
             out.extend(
                 parsed
                     .iter_revoked_certificates()
@@ -171,6 +149,25 @@ pub fn revoked_serials(files: &TlsFiles) -> Result<std::collections::HashSet<Vec
         }
     }
     Ok(out)
+}
+
+/// The CRLs of one PEM file (at least one).
+fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, Error> {
+    let list = CertificateRevocationListDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| crl_error(path, e.to_string()))?;
+    if list.is_empty() {
+        return Err(crl_error(path, "no X509 CRL in the file".into()));
+    }
+    Ok(list)
+}
+
+fn crl_error(path: &Path, reason: String) -> Error {
+    Error::Pem {
+        what: "certificate revocation list",
+        path: path.display().to_string(),
+        reason,
+    }
 }
 
 /// The server configuration for new connections, replaceable while the

@@ -76,17 +76,8 @@ async fn a_flipped_byte_in_an_event_is_reported_offline_and_refused_online() {
     // The running node refuses to serve the damaged record: a backfill
     // ends with DATA_LOSS at it instead of skipping it.
     node.restart();
-    let mut client =
-        pb::signals_client::SignalsClient::new(node.channel(&reader).await.expect("connect"));
-    let mut stream = client
-        .subscribe(pb::SubscribeRequest {
-            filter: Some(pb::Filter::default()),
-            after_cursor: 0,
-            follow: false,
-            name: String::new(),
-        })
+    let mut stream = common::subscribe(&node, &reader, common::subscription(0, false, ""))
         .await
-        .expect("subscribe")
         .into_inner();
     let mut delivered = Vec::new();
     let status = loop {

@@ -16,32 +16,9 @@ use std::time::{Duration, Instant};
 
 use chainsight::config::TlsFiles;
 use chainsight::pb;
-use common::{event_of, roles, upstream, NodeProc, TestEnv};
+use common::{event_of, roles, stored, upstream, NodeProc, TestEnv};
 
 const DAIRY: &str = "4740001000017";
-
-/// (cursor, event id) of every event `node` stores, via a backfill.
-async fn stored(node: &NodeProc, as_: &TlsFiles) -> Vec<(u64, String)> {
-    let mut client =
-        pb::signals_client::SignalsClient::new(node.channel(as_).await.expect("connect"));
-    let mut stream = client
-        .subscribe(pb::SubscribeRequest {
-            filter: Some(pb::Filter::default()),
-            after_cursor: 0,
-            follow: false,
-            name: String::new(),
-        })
-        .await
-        .expect("subscribe")
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(s) = stream.message().await.expect("signal") {
-        if let Some(e) = s.event {
-            out.push((s.cursor, e.event_id));
-        }
-    }
-    out
-}
 
 /// Events in the node's insight feed (read from the rollups only).
 async fn feed_events(node: &NodeProc, as_: &TlsFiles) -> u64 {
@@ -244,17 +221,8 @@ async fn crash_cycles(cycles: usize) {
         );
         // The named cursor acknowledged in the cycle before survived the
         // kill; acknowledge the newest one for the next cycle.
-        let mut signals =
-            pb::signals_client::SignalsClient::new(r.channel(&reader).await.expect("connect"));
-        let resumed = signals
-            .subscribe(pb::SubscribeRequest {
-                filter: Some(pb::Filter::default()),
-                after_cursor: 0,
-                follow: false,
-                name: "reader".into(),
-            })
+        let resumed = common::subscribe(&r, &reader, common::subscription(0, false, "reader"))
             .await
-            .expect("subscribe")
             .metadata()
             .get("x-start-cursor")
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
@@ -266,7 +234,7 @@ async fn crash_cycles(cycles: usize) {
             cycle + 1
         );
         acked_cursor = ids.last().map_or(0, |(c, _)| *c);
-        signals
+        pb::signals_client::SignalsClient::new(r.channel(&reader).await.expect("connect"))
             .ack(pb::AckRequest {
                 name: "reader".into(),
                 cursor: acked_cursor,

@@ -224,20 +224,9 @@ async fn delay_cut_and_stall_between_hops_lose_and_duplicate_nothing() {
     r.wait_drained(&operator, 0).await;
     proxy.cut_all();
 
-    let mut client = pb::signals_client::SignalsClient::new(d.channel(&reader).await.unwrap());
-    let mut stream = client
-        .subscribe(pb::SubscribeRequest {
-            filter: Some(pb::Filter::default()),
-            after_cursor: 0,
-            follow: false,
-            name: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
     let mut seen: HashMap<String, usize> = HashMap::new();
-    while let Some(s) = stream.message().await.unwrap() {
-        *seen.entry(s.event.unwrap().event_id).or_default() += 1;
+    for (_, id) in common::stored(&d, &reader).await {
+        *seen.entry(id).or_default() += 1;
     }
     let lost = acked.iter().filter(|id| !seen.contains_key(*id)).count();
     let duplicated = seen.values().filter(|&&n| n > 1).count();

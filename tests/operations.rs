@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 
 use chainsight::pb;
-use common::{event_of, publish, publish_all, roles, upstream, TestEnv};
+use common::{event_of, publish, publish_all, roles, stored, upstream, TestEnv};
 
 const DAIRY: &str = "4740001000017";
 const DAIRY_RARE: &str = "4740001000024";
@@ -539,49 +539,15 @@ async fn sighup_changes_the_agreement_from_then_on_and_an_invalid_config_is_refu
     }
 }
 
-/// (cursor, event id) of every event a node stores, via a backfill as
-/// `as_` (a subscriber).
-async fn stored(node: &common::NodeProc, as_: &chainsight::config::TlsFiles) -> Vec<(u64, String)> {
-    let mut client =
-        pb::signals_client::SignalsClient::new(node.channel(as_).await.expect("connect"));
-    let mut stream = client
-        .subscribe(pb::SubscribeRequest {
-            filter: Some(pb::Filter::default()),
-            after_cursor: 0,
-            follow: false,
-            name: String::new(),
-        })
-        .await
-        .expect("subscribe")
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(s) = stream.message().await.expect("signal") {
-        if let Some(e) = s.event {
-            out.push((s.cursor, e.event_id));
-        }
-    }
-    out
-}
-
 /// The first cursor a named subscription resumes at.
 async fn resumes_at(
     node: &common::NodeProc,
     as_: &chainsight::config::TlsFiles,
     name: &str,
 ) -> u64 {
-    let mut client =
-        pb::signals_client::SignalsClient::new(node.channel(as_).await.expect("connect"));
-    let mut stream = client
-        .subscribe(pb::SubscribeRequest {
-            filter: Some(pb::Filter::default()),
-            after_cursor: 0,
-            follow: false,
-            name: name.to_string(),
-        })
+    common::subscribe(node, as_, common::subscription(0, false, name))
         .await
-        .expect("subscribe")
-        .into_inner();
-    stream
+        .into_inner()
         .message()
         .await
         .expect("signal")
@@ -916,17 +882,9 @@ async fn a_reload_with_a_crl_and_fewer_roles_cuts_off_revoked_and_unlisted_ident
     };
     assert_eq!(backfill(&mut before).await.expect("before"), 10);
     // partner follows live, from before the reload that removes its role.
-    let mut follow =
-        pb::signals_client::SignalsClient::new(node.channel(&partner).await.expect("connect"))
-            .subscribe(pb::SubscribeRequest {
-                filter: Some(pb::Filter::default()),
-                after_cursor: 0,
-                follow: true,
-                name: String::new(),
-            })
-            .await
-            .expect("follow")
-            .into_inner();
+    let mut follow = common::subscribe(&node, &partner, common::subscription(0, true, ""))
+        .await
+        .into_inner();
     for _ in 0..10 {
         follow
             .message()
@@ -1061,17 +1019,9 @@ async fn a_rotated_node_certificate_is_served_after_sighup_without_dropping_a_ru
     );
     let node = env.start("node");
     let before = served_serial(node.addr, "node", &reader).await;
-    let mut follow =
-        pb::signals_client::SignalsClient::new(node.channel(&reader).await.expect("connect"))
-            .subscribe(pb::SubscribeRequest {
-                filter: Some(pb::Filter::default()),
-                after_cursor: 0,
-                follow: true,
-                name: String::new(),
-            })
-            .await
-            .expect("follow")
-            .into_inner();
+    let mut follow = common::subscribe(&node, &reader, common::subscription(0, true, ""))
+        .await
+        .into_inner();
     let mut ingest = node.ingest(&eshop).await;
     publish_all(&mut ingest, mixed_events("before", 5)).await;
     for _ in 0..5 {

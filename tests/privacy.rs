@@ -289,16 +289,8 @@ async fn no_canary_leaves_the_retailer_on_any_hop_or_in_any_data_directory() {
 
     // What the manufacturer's subscriber receives: the events as stored
     // there (what came over both Forward hops).
-    let mut client = pb::signals_client::SignalsClient::new(m.channel(&reader).await.unwrap());
-    let mut stream = client
-        .subscribe(pb::SubscribeRequest {
-            filter: Some(pb::Filter::default()),
-            after_cursor: 0,
-            follow: false,
-            name: String::new(),
-        })
+    let mut stream = common::subscribe(&m, &reader, common::subscription(0, false, ""))
         .await
-        .unwrap()
         .into_inner();
     let mut received = 0;
     while let Some(s) = stream.message().await.unwrap() {

@@ -203,7 +203,7 @@ struct Feed {
     access: Access,
 }
 
-/// The grounds of a subscription: re-checked before each chunk, so that a
+/// The grounds of a subscription: re-checked after each reload, so that a
 /// reload revoking the certificate, removing the subscriber role or
 /// changing the identity's filter limit reaches a running stream.
 struct Access {
@@ -280,12 +280,19 @@ impl Feed {
     async fn serve(&mut self, sent: &mut u64) -> &'static str {
         let mut durable = self.store.watch_durable();
         let mut reloads = self.access.policy.watch_reloads();
+        // Grounds change only by a reload: checked once here (a reload may
+        // have come since the request was authorised) and after each one.
+        let mut recheck = true;
         let ended = loop {
             let upto = *durable.borrow_and_update();
-            if let Err(status) = self.check_access() {
-                tracing::warn!(%status, "subscription ended: access withdrawn by a reload");
-                let _ = self.tx.send(Err(status)).await;
-                return "access withdrawn";
+            if recheck || reloads.has_changed().unwrap_or(false) {
+                reloads.borrow_and_update();
+                recheck = false;
+                if let Err(status) = self.check_access() {
+                    tracing::warn!(%status, "subscription ended: access withdrawn by a reload");
+                    let _ = self.tx.send(Err(status)).await;
+                    return "access withdrawn";
+                }
             }
             if let Err(status) = self.check_not_purged() {
                 let _ = self.tx.send(Err(status)).await;
@@ -317,7 +324,7 @@ impl Feed {
                 }
                 tokio::select! {
                     changed = durable.changed() => if changed.is_err() { break "store closed" },
-                    _ = reloads.changed() => {}
+                    _ = reloads.changed() => recheck = true,
                     _ = self.tx.closed() => break "subscriber went away",
                     _ = self.shutdown.cancelled() => break "node shutting down",
                 }

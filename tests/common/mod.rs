@@ -435,3 +435,41 @@ pub async fn publish_all(
         );
     }
 }
+
+/// A subscription to every signal after `after`, followed live or not,
+/// under `name` ("" = unnamed).
+pub fn subscription(after: u64, follow: bool, name: &str) -> pb::SubscribeRequest {
+    pb::SubscribeRequest {
+        filter: Some(pb::Filter::default()),
+        after_cursor: after,
+        follow,
+        name: name.to_string(),
+    }
+}
+
+/// Opens `request` on `node` as `as_` (a subscriber).
+pub async fn subscribe(
+    node: &NodeProc,
+    as_: &TlsFiles,
+    request: pb::SubscribeRequest,
+) -> tonic::Response<tonic::Streaming<pb::Signal>> {
+    pb::signals_client::SignalsClient::new(node.channel(as_).await.expect("connect"))
+        .subscribe(request)
+        .await
+        .expect("subscribe")
+}
+
+/// (cursor, event id) of every event `node` stores, via a backfill as
+/// `as_` (a subscriber).
+pub async fn stored(node: &NodeProc, as_: &TlsFiles) -> Vec<(u64, String)> {
+    let mut stream = subscribe(node, as_, subscription(0, false, ""))
+        .await
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(s) = stream.message().await.expect("signal") {
+        if let Some(e) = s.event {
+            out.push((s.cursor, e.event_id));
+        }
+    }
+    out
+}
