@@ -113,7 +113,11 @@ impl Anonymiser {
                     let v = if personal_key(&k) {
                         "[removed]".to_string()
                     } else {
-                        scrub_text(&v)
+                        scrub_own(
+                            &scrub_text(&v),
+                            customer_id_for_text.as_deref(),
+                            postal_for_text.as_deref(),
+                        )
                     };
                     (k, v)
                 })
@@ -267,17 +271,15 @@ pub fn region(country: Option<Country>, postal_code: Option<&str>) -> String {
     }
 }
 
-static EMAIL: LazyLock<Regex> = LazyLock::new(|| {
+pub(crate) static EMAIL: LazyLock<Regex> = LazyLock::new(|| {
     // Unicode-aware: internationalised addresses (jane@tähti.ee) count too.
     Regex::new(r"[\w.%+\-]+@[\w\-]+(\.[\w\-]+)*\.\w{2,}").expect("valid regex")
 });
 // A run of digits (any script: `\d` is Unicode), optionally separated by
 // spaces, dots, dashes, slashes or parentheses, possibly starting with '+'.
-static NUMBER_RUN: LazyLock<Regex> =
+pub(crate) static NUMBER_RUN: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"\+?\(?\d(?:[\s\-./()]*\d)+\)?").expect("valid regex"));
 
-/// Free text with e-mail addresses, phone numbers and card-like digit runs
-/// replaced by placeholders. Shorter numbers (sizes, years, prices) stay.
 /// Whether an attribute key names personal data, whose value is then not
 /// kept at all (a name there has no cue to find it by).
 fn personal_key(key: &str) -> bool {
@@ -289,18 +291,63 @@ fn personal_key(key: &str) -> bool {
     PERSONAL.iter().any(|p| key.contains(p))
 }
 
-/// `text` without the event's own customer id and postal code (any case).
+/// `text` without the event's own customer id and postal code, in any
+/// case; values shorter than 3 characters are not hunted for (they would
+/// blank ordinary words).
 fn scrub_own(text: &str, customer_id: Option<&str>, postal_code: Option<&str>) -> String {
     let mut out = text.to_string();
     for (value, mark) in [(customer_id, "[id]"), (postal_code, "[postal]")] {
-        let Some(value) = value.map(str::trim).filter(|v| v.chars().count() >= 3) else {
+        let Some(value) = value else { continue };
+        let found = find_own(&out, value);
+        if found.is_empty() {
             continue;
-        };
-        if let Ok(re) = Regex::new(&format!("(?i){}", regex::escape(value))) {
-            out = re.replace_all(&out, mark).into_owned();
         }
+        let mut scrubbed = String::with_capacity(out.len());
+        let mut last = 0;
+        for (start, end) in found {
+            scrubbed.push_str(&out[last..start]);
+            scrubbed.push_str(mark);
+            last = end;
+        }
+        scrubbed.push_str(&out[last..]);
+        out = scrubbed;
     }
     out
+}
+
+/// Byte ranges of the non-overlapping occurrences of `value` (trimmed) in
+/// `text`, compared case-insensitively character by character; none when
+/// `value` is shorter than 3 characters. A plain scan rather than a regex
+/// built per event: it runs on every published event's text.
+pub(crate) fn find_own(text: &str, value: &str) -> Vec<(usize, usize)> {
+    fn fold(c: char) -> char {
+        let mut lower = c.to_lowercase();
+        match (lower.next(), lower.next()) {
+            (Some(l), None) => l,
+            _ => c,
+        }
+    }
+    let needle: Vec<char> = value.trim().chars().map(fold).collect();
+    if needle.len() < 3 || text.len() < needle.len() {
+        return Vec::new();
+    }
+    let chars: Vec<(usize, char)> = text.char_indices().map(|(i, c)| (i, fold(c))).collect();
+    let mut found = Vec::new();
+    let mut i = 0;
+    while i + needle.len() <= chars.len() {
+        if chars[i..i + needle.len()]
+            .iter()
+            .zip(&needle)
+            .all(|((_, c), n)| c == n)
+        {
+            let end = chars.get(i + needle.len()).map_or(text.len(), |(b, _)| *b);
+            found.push((chars[i].0, end));
+            i += needle.len();
+        } else {
+            i += 1;
+        }
+    }
+    found
 }
 
 /// A name after a phrase that introduces or signs with one ("my name is

@@ -223,10 +223,10 @@ async fn read_batches(
     let mut bytes = 0;
     while let Some(line) = lines.next_line().await? {
         n += 1;
-        if line.trim().is_empty() {
+        let Some(parsed) = parse_line(&line) else {
             continue;
-        }
-        match serde_json::from_str::<pb::CustomerEvent>(&line) {
+        };
+        match parsed {
             Ok(ev) => {
                 bytes += prost::Message::encoded_len(&ev) + 8;
                 batch.request.events.push(ev);
@@ -236,7 +236,7 @@ async fn read_batches(
                 line: n,
                 event_id: String::new(),
                 field: String::new(),
-                reason: format!("not a CustomerEvent in proto3 JSON: {e}"),
+                reason: e,
             }),
         }
         if batch.lines.len() >= batch_size || bytes >= MAX_BATCH_BYTES {
@@ -257,6 +257,18 @@ async fn read_batches(
         send(batch, &window, &req_tx, &lines_tx).await;
     }
     Ok(malformed)
+}
+
+/// One line of a JSON-lines file of `CustomerEvent`s in proto3 JSON:
+/// `None` for a blank line, otherwise the event or why the line is not one.
+pub fn parse_line(line: &str) -> Option<Result<pb::CustomerEvent, String>> {
+    if line.trim().is_empty() {
+        return None;
+    }
+    Some(
+        serde_json::from_str::<pb::CustomerEvent>(line)
+            .map_err(|e| format!("not a CustomerEvent in proto3 JSON: {e}")),
+    )
 }
 
 async fn send(

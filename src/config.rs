@@ -474,6 +474,15 @@ pub struct StorageConfig {
     /// Default 1024 (sled's own default).
     #[serde(default = "default_page_cache_mib")]
     pub page_cache_mib: u64,
+    /// After the store could not write (a full disk), the node reopens it
+    /// by itself once this much space (MiB) is free in the data directory.
+    /// Default 256.
+    #[serde(default = "default_resume_free_mib")]
+    pub resume_free_mib: u64,
+}
+
+fn default_resume_free_mib() -> u64 {
+    256
 }
 
 fn default_page_cache_mib() -> u64 {
@@ -484,6 +493,7 @@ impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             page_cache_mib: default_page_cache_mib(),
+            resume_free_mib: default_resume_free_mib(),
         }
     }
 }

@@ -21,6 +21,7 @@ pub mod domain;
 pub mod dp;
 pub mod erasure;
 pub mod export;
+pub mod fuzzing;
 pub mod insights;
 pub mod metrics;
 pub mod node;

@@ -48,20 +48,51 @@ pub enum Error {
 }
 
 /// Runs a node on an already-bound listener until `shutdown` resolves.
+///
+/// When the store can no longer write (a full disk), the node keeps serving
+/// what it can (reads; writes answer RESOURCE_EXHAUSTED), reports health
+/// NOT_SERVING, and once `[storage] resume_free_mib` are free again it
+/// restarts its services in place: drains requests, closes and reopens the
+/// store, and serves on the same listener with the config in force
+/// (reloads included). Nothing acknowledged is lost: acknowledgements
+/// follow the flush.
 pub async fn run(
     config: NodeConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     let span = tracing::info_span!("node", id = %config.id);
-    run_inner(config, listener, shutdown).instrument(span).await
+    async move {
+        let listener = Arc::new(listener);
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut config = config;
+        loop {
+            match run_once(config, listener.clone(), shutdown.as_mut()).await? {
+                Ended::Shutdown => return Ok(()),
+                Ended::Recover(in_force) => {
+                    tracing::warn!("space is free again: reopening the store and restarting the node's services in place");
+                    config = *in_force;
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
 }
 
-async fn run_inner(
+/// Why [`run_once`] returned.
+enum Ended {
+    /// The shutdown future resolved (or the server stopped).
+    Shutdown,
+    /// The store failed and space is free again: run again with this config.
+    Recover(Box<NodeConfig>),
+}
+
+async fn run_once(
     config: NodeConfig,
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), Error> {
+) -> Result<Ended, Error> {
     let parts = open_parts(&config).await?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<IngestServer<IngestService>>().await;
@@ -104,30 +135,16 @@ async fn run_inner(
         }
         None => None,
     };
-    let store_health = {
-        let (mut failure, health, token) =
-            (parts.store.watch_failure(), health.clone(), token.clone());
-        tokio::spawn(
-            async move {
-                loop {
-                    tokio::select! {
-                        _ = token.cancelled() => return,
-                        changed = failure.changed() => if changed.is_err() { return },
-                    }
-                    let reason = failure.borrow_and_update().clone();
-                    if let Some(reason) = reason {
-                        tracing::error!(%reason, "the store can no longer write; health NOT_SERVING: free space (or fix the disk) and restart the node");
-                        health.set_not_serving::<IngestServer<IngestService>>().await;
-                        health
-                            .set_service_status("", tonic_health::ServingStatus::NotServing)
-                            .await;
-                        return;
-                    }
-                }
-            }
-            .in_current_span(),
-        )
-    };
+    // Cancelled when the store has failed and space is free again.
+    let recover = CancellationToken::new();
+    let store_health = spawn_store_health(
+        parts.store.watch_failure(),
+        health.clone(),
+        config.data_dir.clone(),
+        config.storage.resume_free_mib,
+        recover.clone(),
+        token.clone(),
+    );
     let tls_watch = (config.tls.watch_secs > 0).then(|| {
         crate::reload::spawn_tls_watch(
             parts.reloader.clone(),
@@ -151,7 +168,7 @@ async fn run_inner(
         "node started"
     );
 
-    let result = serve_until(server, shutdown, &token, &health).await;
+    let result = serve_until(server, shutdown, recover.cancelled(), &token, &health).await;
     token.cancel();
     for w in workers
         .into_iter()
@@ -171,13 +188,86 @@ async fn run_inner(
             tracing::warn!("a background task did not stop within 5 s; leaving it");
         }
     }
+    if recover.is_cancelled() {
+        // The store's writes failed: closing it flushes nothing new (what
+        // was acknowledged is on disk already), and its error is expected.
+        if let Err(e) = parts.store.close().await {
+            tracing::info!(error = %e, "closing the failed store");
+        }
+        let in_force = parts.reloader.in_force();
+        drop(parts);
+        result?;
+        return Ok(Ended::Recover(Box::new(in_force)));
+    }
     parts.store.close().await?;
     tracing::info!(
         last_seq = parts.store.last_seq()?,
         flushes = parts.store.flushes(),
         "store flushed; node stopped"
     );
-    result
+    result.map(|()| Ended::Shutdown)
+}
+
+/// Watches the store: once a write fails for good (sled keeps an I/O error
+/// as the state of the database), health goes NOT_SERVING and the log says
+/// what to do; then, every second, the free space of the data directory is
+/// checked, and `recover` is cancelled when `resume_free_mib` are free.
+fn spawn_store_health(
+    mut failure: tokio::sync::watch::Receiver<Option<String>>,
+    health: tonic_health::server::HealthReporter,
+    data_dir: std::path::PathBuf,
+    resume_free_mib: u64,
+    recover: CancellationToken,
+    token: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(
+        async move {
+            let reason = loop {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    changed = failure.changed() => if changed.is_err() { return },
+                }
+                if let Some(reason) = failure.borrow_and_update().clone() {
+                    break reason;
+                }
+            };
+            tracing::error!(
+                %reason,
+                data_dir = %data_dir.display(),
+                resume_free_mib,
+                "the store can no longer write; health NOT_SERVING: free space (or fix the disk); the node reopens its store by itself once resume_free_mib are free, or restart the node"
+            );
+            health.set_not_serving::<IngestServer<IngestService>>().await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                match free_bytes(&data_dir) {
+                    Ok(free) if free >= resume_free_mib.saturating_mul(1 << 20) => {
+                        tracing::info!(free_mib = free >> 20, "space is free again in the data directory");
+                        recover.cancel();
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot read the free space of the data directory"),
+                }
+            }
+        }
+        .in_current_span(),
+    )
+}
+
+/// Bytes available to this process on the filesystem holding `dir`.
+fn free_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
+    let st = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
+    // The field types differ between platforms (u32 on some).
+    #[allow(clippy::useless_conversion)]
+    Ok(u64::from(st.blocks_available()).saturating_mul(st.fragment_size()))
 }
 
 /// What a node's services share.
@@ -352,6 +442,7 @@ type ServerTask = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
 async fn serve_until(
     mut server: ServerTask,
     shutdown: impl Future<Output = ()> + Send,
+    recover: impl Future<Output = ()> + Send,
     token: &CancellationToken,
     health: &tonic_health::server::HealthReporter,
 ) -> Result<(), Error> {
@@ -360,9 +451,9 @@ async fn serve_until(
         res = &mut server => {
             return res.map_err(|e| Error::Serve(e.to_string()))?.map_err(serve_err);
         }
-        _ = shutdown => {}
+        _ = shutdown => tracing::info!("shutting down: draining in-flight requests"),
+        _ = recover => tracing::info!("restarting in place: draining in-flight requests"),
     }
-    tracing::info!("shutting down: draining in-flight requests");
     health
         .set_not_serving::<IngestServer<IngestService>>()
         .await;

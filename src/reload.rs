@@ -59,6 +59,14 @@ impl Reloader {
         }
     }
 
+    /// The node's config as the reloads so far have left it.
+    pub fn in_force(&self) -> NodeConfig {
+        self.in_force
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// Re-reads the config file; the refusal's reason when it does not load.
     pub fn reload(&self) -> Result<Outcome, String> {
         if self.path.as_os_str().is_empty() {

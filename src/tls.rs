@@ -257,7 +257,7 @@ impl AsyncWrite for TlsConn {
 /// connections whose client certificate verified and carries an identity.
 /// Failed handshakes are logged and dropped. Stops accepting on `shutdown`.
 pub fn incoming(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     config: LiveServerConfig,
     handshake_timeout: Duration,
     shutdown: CancellationToken,

@@ -32,7 +32,7 @@
 //! touches sled.
 
 pub mod backup;
-mod record;
+pub mod record;
 mod writer;
 
 mod audit;
