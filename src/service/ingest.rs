@@ -95,7 +95,11 @@ impl Inner {
                     results.push(result(ce.event_id.clone(), pb::PublishOutcome::Accepted));
                     let event = self.anonymiser.anonymise(ce);
                     let outboxes = self.links.route(&event);
-                    accepted.push(NewEvent { event, outboxes });
+                    accepted.push(NewEvent {
+                        event,
+                        outboxes,
+                        forwarded: false,
+                    });
                     accepted_at.push(i);
                 }
                 Err(Invalid { field, reason }) => {
@@ -234,6 +238,7 @@ impl pb::ingest_server::Ingest for IngestService {
                 requested_by: peer.identity.clone(),
                 pseudonym: inner.anonymiser.pseudonym(customer_id.trim()),
                 event_ids: Vec::new(),
+                spare_origin: None,
             };
             let erased = inner.erasure.apply(&inner.store, request).await?;
             Ok(Response::new(pb::EraseResponse {

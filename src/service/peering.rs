@@ -94,6 +94,7 @@ impl Inner {
                     new.push(NewEvent {
                         event: ev,
                         outboxes,
+                        forwarded: true,
                     });
                 }
                 Err(reason) => {
@@ -323,6 +324,7 @@ impl pb::peering_server::Peering for PeeringService {
                 requested_by: peer.identity.clone(),
                 pseudonym: req.customer_pseudonym,
                 event_ids: req.event_ids,
+                spare_origin: Some(inner.node_id.clone()),
             };
             let erased = inner.erasure.apply(&inner.store, request).await?;
             Ok(Response::new(pb::ErasureAck {

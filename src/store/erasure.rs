@@ -28,6 +28,11 @@ pub struct EraseRequest {
     pub pseudonym: String,
     /// Events to erase by id (those a downstream link carried).
     pub event_ids: Vec<String>,
+    /// For a downstream's erasure, this node's id: events that originated
+    /// here are not erased (no downstream carried them), and ids not stored
+    /// are tombstoned for forwarded events only. `None` for this node's own
+    /// publishers' erasures.
+    pub spare_origin: Option<String>,
 }
 
 /// Where an erased event must be erased further: upstream link id and the

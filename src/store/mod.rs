@@ -64,7 +64,7 @@ pub enum Error {
     Open { path: PathBuf, source: sled::Error },
     #[error("storage error: {0}")]
     Sled(#[from] sled::Error),
-    #[error("corrupt record in tree {tree:?} at key {key}: {source}; the data directory is damaged: stop the node and restore it from a backup")]
+    #[error("corrupt record in tree {tree:?} at key {key}: {source}; the data directory is damaged: stop the node, run `chainsight admin verify --config <its node.toml>` to list every damaged record, and restore the data directory from a backup (`chainsight admin restore`)")]
     Corrupt {
         tree: &'static str,
         key: String,
@@ -107,6 +107,11 @@ pub enum Stored {
 pub struct NewEvent {
     pub event: PreferenceEvent,
     pub outboxes: Vec<usize>,
+    /// Received from a downstream node (not published here). An id a
+    /// downstream's erasure tombstoned before it arrived stays a duplicate
+    /// for forwarded events only: a downstream cannot erase in advance an
+    /// event this node's own publishers have yet to publish.
+    pub forwarded: bool,
 }
 
 impl NewEvent {
@@ -115,6 +120,7 @@ impl NewEvent {
         NewEvent {
             event,
             outboxes: Vec::new(),
+            forwarded: false,
         }
     }
 }
@@ -707,7 +713,7 @@ impl Store {
             let id = String::from_utf8_lossy(&key);
             match <[u8; 8]>::try_from(value.as_ref()).map(Seq::from_be_bytes) {
                 // An erased or purged id stays as a tombstone.
-                Ok(Seq::MAX) => {}
+                Ok(writer::ERASED_TOMBSTONE | writer::PEER_TOMBSTONE) => {}
                 Ok(seq) if t.events.contains_key(seq.to_be_bytes())? => {}
                 Ok(seq) if seq <= self.purged_upto()? => {}
                 Ok(seq) => problem(
@@ -1226,6 +1232,7 @@ mod tests {
                     requested_by: "test".into(),
                     pseudonym: victim,
                     event_ids: Vec::new(),
+                    spare_origin: None,
                 },
                 Router::none(),
             )
@@ -1269,6 +1276,7 @@ mod tests {
                     requested_by: "test".into(),
                     pseudonym: String::new(),
                     event_ids: vec!["e-3".into()],
+                    spare_origin: None,
                 },
                 Router::none(),
             )

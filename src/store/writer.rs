@@ -19,7 +19,10 @@ use crate::domain::UnixNanos;
 
 /// The sequence number a `by_id` tombstone of an erased event that was
 /// never stored here points to (no event has it).
-const ERASED_TOMBSTONE: Seq = Seq::MAX;
+pub(super) const ERASED_TOMBSTONE: Seq = Seq::MAX;
+/// The same, for an id a downstream's erasure named before the event
+/// arrived: it blocks forwarded events only (see [`NewEvent::forwarded`]).
+pub(super) const PEER_TOMBSTONE: Seq = Seq::MAX - 1;
 
 /// Queue depth before appenders wait (backpressure).
 const QUEUE: usize = 1024;
@@ -298,16 +301,27 @@ impl Writer {
             }
         }
         if !tombstones.is_empty() {
+            let mark = if req.spare_origin.is_some() {
+                PEER_TOMBSTONE
+            } else {
+                ERASED_TOMBSTONE
+            };
             let mut batch = sled::Batch::default();
             for id in &tombstones {
-                batch.insert(id.as_bytes(), &ERASED_TOMBSTONE.to_be_bytes());
+                batch.insert(id.as_bytes(), &mark.to_be_bytes());
             }
             t.by_id.apply_batch(batch)?;
         }
         let mut erased: Vec<(Seq, crate::domain::PreferenceEvent)> = Vec::new();
         for seq in seqs {
             if let Some(bytes) = t.events.get(seq.to_be_bytes())? {
-                erased.push((seq, super::decode_event(seq, &bytes)?));
+                let ev = super::decode_event(seq, &bytes)?;
+                // A downstream cannot have carried an event that began here.
+                if req.spare_origin.as_deref() == Some(ev.origin.as_str()) {
+                    tracing::warn!(erasure = %req.id, requested_by = %req.requested_by, event = %ev.event_id, "a downstream's erasure named an event that originated at this node; not erased");
+                    continue;
+                }
+                erased.push((seq, ev));
             }
         }
         // The record: merged with an earlier application of the same erasure.
@@ -555,8 +569,15 @@ impl Writer {
                 let id = ne.event.event_id.as_str();
                 if let Some(seq) = in_batch.get(id) {
                     out.push(Appended::Duplicate(*seq));
-                } else if let Some(seq) = self.trees.by_id.get(id.as_bytes())? {
-                    out.push(Appended::Duplicate(super::seq_from(&seq, "by_id", id)?));
+                } else if let Some(seq) = self
+                    .trees
+                    .by_id
+                    .get(id.as_bytes())?
+                    .map(|seq| super::seq_from(&seq, "by_id", id))
+                    .transpose()?
+                    .filter(|seq| *seq != PEER_TOMBSTONE || ne.forwarded)
+                {
+                    out.push(Appended::Duplicate(seq));
                 } else {
                     let seq = self.next_seq;
                     self.next_seq += 1;
