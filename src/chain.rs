@@ -142,6 +142,17 @@ impl LocalChain {
         }
     }
 
+    /// The process id of running node `id`.
+    pub fn pid(&self, id: &str) -> Option<u32> {
+        self.running.get(id).and_then(|p| p.child.id())
+    }
+
+    /// The chain's certificate directory: `ca.pem`, `ca.key` and a
+    /// `<name>.pem` / `<name>.key` pair per node and client.
+    pub fn certs_dir(&self) -> &Path {
+        &self.certs
+    }
+
     /// TLS files of a client identity made by [`Self::create`].
     pub fn client_files(&self, identity: &str) -> TlsFiles {
         TlsFiles {

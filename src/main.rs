@@ -189,37 +189,52 @@ enum Command {
     },
 }
 
+/// Options every scenario of the suite takes.
+#[derive(clap::Args)]
+struct BenchCommon {
+    /// Tiny sizes (they replace the scenario's own): a quick check that the
+    /// scenario runs and its counts add up, as the tests do.
+    #[arg(long)]
+    quick: bool,
+    /// Also run the scenario against NATS JetStream (ingest, latency and
+    /// propagate) and print both side by side; needs nats-server (see
+    /// bench/compare-nats.sh).
+    #[arg(long)]
+    vs_nats: bool,
+    /// Also write the figures as a JSON list to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum BenchScenario {
-    /// The typical insight feed's latency over 1M (and more) stored events; rollup cost.
-    Query {
-        /// Store sizes, comma-separated (e.g. 1000000,10000000).
-        #[arg(long, value_delimiter = ',', default_value = "1000000")]
-        sizes: Vec<usize>,
-        /// Queries timed per size.
-        #[arg(long, default_value_t = 50)]
-        queries: usize,
-        /// Events published with rollups on and off to compare ingest.
+    /// Durable ingest: concurrent publishing streams, each with a bounded window of unacknowledged batches.
+    Ingest {
+        /// Events to publish.
         #[arg(long, default_value_t = 200_000)]
-        cost_events: usize,
-        /// Also write the figures as JSON to this file.
-        #[arg(long)]
-        json: Option<PathBuf>,
+        events: u64,
+        /// Concurrent publishing streams (one connection each).
+        #[arg(long, default_value_t = 4)]
+        streams: usize,
+        /// Events per batch (publish request).
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+        /// Unacknowledged batches per stream.
+        #[arg(long, default_value_t = 4)]
+        window: usize,
+        #[command(flatten)]
+        common: BenchCommon,
     },
-    /// One node: backfill rate over N stored events, and live delivery latency.
-    Subscribe {
-        /// Events stored before the backfill.
-        #[arg(long, default_value_t = 1_000_000)]
-        events: usize,
-        /// Offered publish rate during the live phase, events per second.
-        #[arg(long, default_value_t = 2000)]
-        rate: u64,
-        /// Seconds of live publishing.
-        #[arg(long, default_value_t = 5)]
-        duration: u64,
-        /// Also write the figures as JSON to this file.
-        #[arg(long)]
-        json: Option<PathBuf>,
+    /// Publish acknowledgement latency with one request (one event) in flight.
+    Latency {
+        /// Timed requests.
+        #[arg(long, default_value_t = 5_000)]
+        events: u64,
+        /// Untimed requests first.
+        #[arg(long, default_value_t = 200)]
+        warmup: u64,
+        #[command(flatten)]
+        common: BenchCommon,
     },
     /// 3-node chain: retailer-ack to manufacturer latency at a fixed rate, and backlog drain rate.
     Propagate {
@@ -238,6 +253,56 @@ enum BenchScenario {
         /// Nodes do not sign events (to measure what origin proofs cost).
         #[arg(long)]
         unsigned: bool,
+        #[command(flatten)]
+        common: BenchCommon,
+    },
+    /// Following subscribers (e.g. 1, 8, 64) while ingesting: delivered events/s, delivery lag, ingest slowdown.
+    Fanout {
+        /// Events published per run.
+        #[arg(long, default_value_t = 100_000)]
+        events: u64,
+        /// Subscriber counts, one run each (0 = the baseline without subscribers).
+        #[arg(long, value_delimiter = ',', default_value = "0,1,8,64")]
+        subscribers: Vec<usize>,
+        #[command(flatten)]
+        common: BenchCommon,
+    },
+    /// Ingest rate, memory, disk per event and reopen time as the store grows.
+    Growth {
+        /// Store sizes to measure at, ascending.
+        #[arg(long, value_delimiter = ',', default_value = "1000000,10000000")]
+        sizes: Vec<u64>,
+        /// Events whose ingest rate is measured just before each size.
+        #[arg(long, default_value_t = 100_000)]
+        window_events: u64,
+        #[command(flatten)]
+        common: BenchCommon,
+    },
+    /// The typical insight feed's latency over 1M (and more) stored events; rollup cost.
+    Query {
+        /// Store sizes, comma-separated (e.g. 1000000,10000000).
+        #[arg(long, value_delimiter = ',', default_value = "1000000")]
+        sizes: Vec<usize>,
+        /// Queries timed per size.
+        #[arg(long, default_value_t = 50)]
+        queries: usize,
+        /// Events published with rollups on and off to compare ingest.
+        #[arg(long, default_value_t = 200_000)]
+        cost_events: usize,
+        #[command(flatten)]
+        common: BenchCommon,
+    },
+    /// One node: backfill rate over N stored events, and live delivery latency.
+    Subscribe {
+        /// Events stored before the backfill.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: usize,
+        /// Offered publish rate during the live phase, events per second.
+        #[arg(long, default_value_t = 2000)]
+        rate: u64,
+        /// Seconds of live publishing.
+        #[arg(long, default_value_t = 5)]
+        duration: u64,
         /// Also write the figures as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -511,28 +576,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Bench {
             scenario:
-                BenchScenario::Propagate {
-                    rate,
-                    duration,
-                    batch,
-                    backlog,
-                    unsigned,
-                    json,
-                },
-        } => {
-            let opts = chainsight::bench::PropagateOptions {
-                rate,
-                duration_secs: duration,
-                batch,
-                backlog,
-                unsigned,
-                json,
-            };
-            chainsight::bench::propagate(opts).await?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Bench {
-            scenario:
                 BenchScenario::Subscribe {
                     events,
                     rate,
@@ -548,6 +591,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ..Default::default()
             };
             chainsight::bench::subscribe(opts).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { scenario } => {
+            let (run, common) = bench_run(scenario);
+            chainsight::bench::run(run, common.vs_nats, common.json.as_deref()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Query {
@@ -787,24 +835,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     r.needs_restart.join("; ")
                 );
             }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Bench {
-            scenario:
-                BenchScenario::Query {
-                    sizes,
-                    queries,
-                    cost_events,
-                    json,
-                },
-        } => {
-            let opts = chainsight::bench::QueryOptions {
-                sizes,
-                queries,
-                cost_events,
-                json,
-            };
-            chainsight::bench::query(opts).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Erase {
@@ -1087,4 +1117,152 @@ fn parse_time(flag: &str, s: &str) -> anyhow::Result<pbjson_types::Timestamp> {
         seconds: t.unix_timestamp(),
         nanos: t.nanosecond() as i32,
     })
+}
+
+/// The suite run a `bench` subcommand asks for (`--quick` replaces the sizes).
+fn bench_run(scenario: BenchScenario) -> (chainsight::bench::Run, BenchCommon) {
+    use chainsight::bench::{scenarios, suite, PropagateOptions, QueryOptions, Run};
+    match scenario {
+        BenchScenario::Ingest {
+            events,
+            streams,
+            batch,
+            window,
+            common,
+        } => {
+            let opts = if common.quick {
+                suite::IngestOptions {
+                    events: 2_000,
+                    streams: 2,
+                    batch: 50,
+                    window: 2,
+                    ..Default::default()
+                }
+            } else {
+                suite::IngestOptions {
+                    events,
+                    streams,
+                    batch,
+                    window,
+                    ..Default::default()
+                }
+            };
+            (Run::Ingest(opts), common)
+        }
+        BenchScenario::Latency {
+            events,
+            warmup,
+            common,
+        } => {
+            let (events, warmup) = if common.quick {
+                (100, 10)
+            } else {
+                (events, warmup)
+            };
+            let opts = suite::LatencyOptions {
+                events,
+                warmup,
+                ..Default::default()
+            };
+            (Run::Latency(opts), common)
+        }
+        BenchScenario::Propagate {
+            rate,
+            duration,
+            batch,
+            backlog,
+            unsigned,
+            common,
+        } => {
+            let opts = if common.quick {
+                PropagateOptions {
+                    rate: 500,
+                    duration_secs: 2,
+                    batch: 50,
+                    backlog: 2_000,
+                    unsigned,
+                    json: None,
+                }
+            } else {
+                PropagateOptions {
+                    rate,
+                    duration_secs: duration,
+                    batch,
+                    backlog,
+                    unsigned,
+                    json: None,
+                }
+            };
+            (Run::Propagate(opts), common)
+        }
+        BenchScenario::Fanout {
+            events,
+            subscribers,
+            common,
+        } => {
+            let opts = if common.quick {
+                scenarios::FanoutOptions {
+                    events: 1_000,
+                    subscribers: vec![0, 1, 4],
+                    streams: 2,
+                    batch: 50,
+                    window: 2,
+                    ..Default::default()
+                }
+            } else {
+                scenarios::FanoutOptions {
+                    events,
+                    subscribers,
+                    ..Default::default()
+                }
+            };
+            (Run::Fanout(opts), common)
+        }
+        BenchScenario::Growth {
+            sizes,
+            window_events,
+            common,
+        } => {
+            let opts = if common.quick {
+                scenarios::GrowthOptions {
+                    sizes: vec![2_000, 5_000],
+                    window_events: 1_000,
+                    batch: 100,
+                    streams: 2,
+                    ..Default::default()
+                }
+            } else {
+                scenarios::GrowthOptions {
+                    sizes,
+                    window_events,
+                    ..Default::default()
+                }
+            };
+            (Run::Growth(opts), common)
+        }
+        BenchScenario::Query {
+            sizes,
+            queries,
+            cost_events,
+            common,
+        } => {
+            let opts = if common.quick {
+                QueryOptions {
+                    sizes: vec![20_000],
+                    queries: 5,
+                    cost_events: 1_000,
+                    json: None,
+                }
+            } else {
+                QueryOptions {
+                    sizes,
+                    queries,
+                    cost_events,
+                    json: None,
+                }
+            };
+            (Run::Query(opts), common)
+        }
+        BenchScenario::Subscribe { .. } => unreachable!("handled before"),
+    }
 }

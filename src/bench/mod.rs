@@ -11,6 +11,10 @@
 //! restarts the distributor and measures how fast the backlog drains to the
 //! manufacturer.
 
+pub mod nats;
+pub mod scenarios;
+pub mod suite;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -55,7 +59,7 @@ impl Default for PropagateOptions {
 }
 
 /// Latency percentiles, microseconds.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Percentiles {
     pub p50_us: u64,
     pub p90_us: u64,
@@ -205,15 +209,19 @@ impl Arrivals {
 }
 
 /// Runs `bench propagate`.
-pub async fn propagate(opts: PropagateOptions) -> Result<PropagateReport, Error> {
+pub async fn propagate(opts: PropagateOptions) -> Result<suite::Figures, Error> {
     let mut chain =
         LocalChain::create("chainsight-bench-", &chain_specs(opts.unsigned), &[CLIENT])?;
     for id in [MANUFACTURER, DISTRIBUTOR, RETAILER] {
         chain.start(id).await?;
     }
     let mut arrivals = Arrivals::follow_from(&chain, MANUFACTURER, 0).await?;
-    let now = crate::domain::UnixNanos::now().0 / 1_000_000_000;
-    let mut workload = Workload::new(7, "bench", 5_000, now);
+    let pids: Vec<u32> = [RETAILER, DISTRIBUTOR, MANUFACTURER]
+        .iter()
+        .filter_map(|id| chain.pid(id))
+        .collect();
+    let meter = suite::CpuMeter::start(&pids);
+    let mut workload = suite::Payloads::new(7);
 
     // Phase 1: latency at a fixed offered rate.
     tracing::info!("propagate: offering {} events/s for {} s at the retailer, measuring until delivery at the manufacturer",
@@ -251,7 +259,7 @@ pub async fn propagate(opts: PropagateOptions) -> Result<PropagateReport, Error>
     );
     chain.stop(DISTRIBUTOR).await?;
     let t = Instant::now();
-    publish_bulk(&chain, RETAILER, &mut workload, opts.backlog).await?;
+    publish_bulk(&chain, RETAILER, workload, opts.backlog).await?;
     let backlog_rate = opts.backlog as f64 / t.elapsed().as_secs_f64();
     let t = Instant::now();
     chain.start(DISTRIBUTOR).await?;
@@ -259,10 +267,23 @@ pub async fn propagate(opts: PropagateOptions) -> Result<PropagateReport, Error>
         .wait_for(sent + opts.backlog, Duration::from_secs(600))
         .await?;
     let drain = t.elapsed().as_secs_f64();
+    // The distributor was restarted: its CPU before the stop is not in
+    // /proc any more, so CPU covers the retailer and manufacturer fully and
+    // the distributor's first run.
+    let (cpu, rss) = meter.stop();
+    let delivered = arrivals
+        .times
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .len();
 
     for id in [RETAILER, DISTRIBUTOR, MANUFACTURER] {
         chain.stop(id).await?;
     }
+    let disk: u64 = [RETAILER, DISTRIBUTOR, MANUFACTURER]
+        .iter()
+        .map(|id| suite::dir_bytes(&chain.data_dir(id)))
+        .sum();
     let report = PropagateReport {
         scenario: "propagate",
         machine: machine(),
@@ -277,14 +298,35 @@ pub async fn propagate(opts: PropagateOptions) -> Result<PropagateReport, Error>
         parameters: opts,
     };
     print_report(&report);
-    if let Some(path) = &report.parameters.json {
-        let json =
-            serde_json::to_string_pretty(&report).map_err(|e| err("write JSON")(e.to_string()))?;
-        std::fs::write(path, json)
-            .map_err(|e| err("write JSON")(format!("{}: {e}", path.display())))?;
-        println!("figures written to {}", path.display());
+    let total = (sent + report.backlog_events) as u64;
+    let mut fig = suite::Figures::new("propagate", "chainsight", &report.parameters);
+    fig.events_sent = total;
+    // Every publish above was answered (an error ends the bench).
+    fig.events_acknowledged = total;
+    fig.events_stored = delivered as u64;
+    fig.seconds = elapsed.as_secs_f64();
+    fig.events_per_s = report.achieved_publish_events_per_s;
+    fig.latency = Some(report.end_to_end_latency.clone());
+    fig.cpu_seconds_per_million_events = cpu * 1e6 / total.max(1) as f64;
+    fig.peak_rss_bytes = rss;
+    fig.disk_bytes = disk;
+    for (k, v) in [
+        ("offered_events_per_s", report.offered_events_per_s),
+        (
+            "achieved_publish_events_per_s",
+            report.achieved_publish_events_per_s,
+        ),
+        (
+            "publish_ack_p99_us",
+            report.publish_ack_latency.p99_us as f64,
+        ),
+        ("backlog_events", report.backlog_events as f64),
+        ("drain_seconds", report.drain_seconds),
+        ("drain_events_per_s", report.drain_events_per_s),
+    ] {
+        fig.extra.insert(k.into(), v);
     }
-    Ok(report)
+    Ok(fig)
 }
 
 /// Settings of `bench subscribe`.
@@ -342,10 +384,10 @@ pub async fn subscribe(opts: SubscribeOptions) -> Result<SubscribeReport, Error>
     let mut chain = LocalChain::create("chainsight-bench-", &[spec], &[CLIENT])?;
     chain.start(RETAILER).await?;
     let now = crate::domain::UnixNanos::now().0 / 1_000_000_000;
-    let mut workload = Workload::new(11, "bench", 20_000, now);
+    let workload = Workload::new(11, "bench", 20_000, now);
     tracing::info!("subscribe: storing {} events", opts.events);
     let t = Instant::now();
-    publish_bulk(&chain, RETAILER, &mut workload, opts.events).await?;
+    let mut workload = publish_bulk(&chain, RETAILER, workload, opts.events).await?;
     let bulk_rate = opts.events as f64 / t.elapsed().as_secs_f64();
 
     tracing::info!("subscribe: one subscriber backfills all of them");
@@ -411,8 +453,45 @@ pub async fn subscribe(opts: SubscribeOptions) -> Result<SubscribeReport, Error>
         "  live delivery, publish ack -> subscriber: {}",
         format_percentiles(&report.live_latency)
     );
-    write_json(&report, report.parameters.json.as_deref())?;
     Ok(report)
+}
+
+impl QueryReport {
+    /// The suite's figures: one entry per store size.
+    pub fn figures(&self) -> Vec<suite::Figures> {
+        self.sizes
+            .iter()
+            .map(|s| {
+                let mut params = serde_json::to_value(&self.parameters).unwrap_or_default();
+                params["size"] = serde_json::json!(s.stored_events);
+                let mut fig = suite::Figures::new("query", "chainsight", &params);
+                let n = s.stored_events as u64;
+                (fig.events_sent, fig.events_acknowledged, fig.events_stored) = (n, n, n);
+                fig.seconds = n as f64 / s.ingest_events_per_s.max(f64::MIN_POSITIVE);
+                fig.events_per_s = s.ingest_events_per_s;
+                fig.latency = Some(s.latency.clone());
+                fig.peak_rss_bytes = s.peak_rss_bytes;
+                fig.disk_bytes = s.disk_bytes;
+                for (k, v) in [
+                    ("rows", s.rows as f64),
+                    ("node_p50_us", s.server.p50_us as f64),
+                    ("node_p99_us", s.server.p99_us as f64),
+                    ("limit_10_p99_us", s.latency_limit_10.p99_us as f64),
+                    (
+                        "ingest_with_rollups_events_per_s",
+                        self.ingest_with_rollups_events_per_s,
+                    ),
+                    (
+                        "ingest_without_rollups_events_per_s",
+                        self.ingest_without_rollups_events_per_s,
+                    ),
+                ] {
+                    fig.extra.insert(k.into(), v);
+                }
+                fig
+            })
+            .collect()
+    }
 }
 
 fn write_json(report: &impl serde::Serialize, path: Option<&std::path::Path>) -> Result<(), Error> {
@@ -474,6 +553,9 @@ pub struct QuerySize {
     /// At the client, the same feed limited to 10 rows: the node does the
     /// same work, little is encoded and sent.
     pub latency_limit_10: Percentiles,
+    /// The node's peak resident set size and data directory at the end.
+    pub peak_rss_bytes: u64,
+    pub disk_bytes: u64,
 }
 
 /// What `bench query` measured.
@@ -536,7 +618,7 @@ pub async fn query(opts: QueryOptions) -> Result<QueryReport, Error> {
             .with_span_days(365)
             .chronological(n as u64);
         let t = Instant::now();
-        publish_bulk(&chain, RETAILER, &mut workload, n).await?;
+        workload = publish_bulk(&chain, RETAILER, workload, n).await?;
         let ingest = n as f64 / t.elapsed().as_secs_f64();
         let mut client = crate::client::InsightsClient::new(chain.channel(RETAILER, CLIENT).await?);
         // Warm-up: let the node merge the last rollup deltas of the
@@ -570,7 +652,11 @@ pub async fn query(opts: QueryOptions) -> Result<QueryReport, Error> {
                 .map_err(|e| err("query")(e.message().to_string()))?;
             small.push(t.elapsed());
         }
+        let peak_rss_bytes = chain
+            .pid(RETAILER)
+            .map_or(0, |p| suite::ProcSample::read(p).peak_rss_bytes);
         chain.stop(RETAILER).await?;
+        let disk_bytes = suite::dir_bytes(&chain.data_dir(RETAILER));
         let server: Vec<Duration> = chain
             .log(RETAILER)
             .lines()
@@ -587,6 +673,8 @@ pub async fn query(opts: QueryOptions) -> Result<QueryReport, Error> {
             latency: Percentiles::of(latencies),
             server: Percentiles::of(server),
             latency_limit_10: Percentiles::of(small),
+            peak_rss_bytes,
+            disk_bytes,
         };
         println!(
             "  {n} events: {} ({} rows); in the node: {}",
@@ -659,11 +747,11 @@ async fn ingest_rate(n: usize, rollups: bool, now: i64) -> Result<f64, Error> {
     };
     let mut chain = LocalChain::create("chainsight-bench-", &[spec], &[CLIENT])?;
     chain.start(RETAILER).await?;
-    let mut workload = Workload::new(17, "bench", 50_000, now)
+    let workload = Workload::new(17, "bench", 50_000, now)
         .with_span_days(365)
         .chronological(n as u64);
     let t = Instant::now();
-    publish_bulk(&chain, RETAILER, &mut workload, n).await?;
+    publish_bulk(&chain, RETAILER, workload, n).await?;
     let rate = n as f64 / t.elapsed().as_secs_f64();
     chain.stop(RETAILER).await?;
     Ok(rate)
@@ -676,7 +764,7 @@ type Acks = Vec<(String, Instant)>;
 async fn offer(
     chain: &LocalChain,
     node: &str,
-    workload: &mut Workload,
+    workload: &mut impl suite::EventSource,
     rate: u64,
     batch: usize,
     duration_secs: u64,
@@ -729,12 +817,12 @@ fn take<T: Default>(m: &Mutex<T>) -> T {
 }
 
 /// Publishes `n` events as fast as the node takes them (streaming, 8 batches in flight).
-async fn publish_bulk(
+async fn publish_bulk<S: suite::EventSource>(
     chain: &LocalChain,
     node: &str,
-    workload: &mut Workload,
+    mut gen: S,
     n: usize,
-) -> Result<(), Error> {
+) -> Result<S, Error> {
     let mut client = pb::ingest_client::IngestClient::new(chain.channel(node, CLIENT).await?);
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     let bar = indicatif::ProgressBar::new(n as u64);
@@ -745,7 +833,6 @@ async fn publish_bulk(
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     // The generator runs on its own thread so publishing never waits for it.
-    let mut gen = std::mem::replace(workload, Workload::new(0, "unused", 1, 0));
     let feeder = tokio::task::spawn_blocking(move || {
         for i in 0..n.div_ceil(1000) {
             let events = (0..1000.min(n - i * 1000))
@@ -770,10 +857,9 @@ async fn publish_bulk(
         bar.inc(resp.results.len() as u64);
     }
     bar.finish_and_clear();
-    *workload = feeder
+    feeder
         .await
-        .map_err(|e| err("publish backlog")(e.to_string()))?;
-    Ok(())
+        .map_err(|e| err("publish backlog")(e.to_string()))
 }
 
 fn machine() -> String {
@@ -819,4 +905,128 @@ fn print_report(r: &PropagateReport) {
         "  drain: {:.2} s from distributor restart to the last event at the manufacturer = {:.0} events/s",
         r.drain_seconds, r.drain_events_per_s
     );
+}
+
+/// A scenario of the suite with its settings (`chainsight bench <scenario>`).
+#[derive(Debug, Clone)]
+pub enum Run {
+    Ingest(suite::IngestOptions),
+    Latency(suite::LatencyOptions),
+    Propagate(PropagateOptions),
+    Fanout(scenarios::FanoutOptions),
+    Growth(scenarios::GrowthOptions),
+    Query(QueryOptions),
+}
+
+impl Run {
+    /// The scenario's name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Run::Ingest(_) => "ingest",
+            Run::Latency(_) => "latency",
+            Run::Propagate(_) => "propagate",
+            Run::Fanout(_) => "fanout",
+            Run::Growth(_) => "growth",
+            Run::Query(_) => "query",
+        }
+    }
+}
+
+/// Runs `run` against chainsight (and, with `vs_nats`, the same scenario
+/// against NATS JetStream, then prints the side-by-side table), prints the
+/// figures, and writes them as a JSON list to `json`.
+pub async fn run(
+    run: Run,
+    vs_nats: bool,
+    json: Option<&std::path::Path>,
+) -> Result<Vec<suite::Figures>, Error> {
+    let ours = match &run {
+        Run::Ingest(o) => vec![scenarios::ingest(o).await?],
+        Run::Latency(o) => vec![scenarios::latency(o).await?],
+        Run::Propagate(o) => vec![propagate(o.clone()).await?],
+        Run::Fanout(o) => scenarios::fanout(o).await?,
+        Run::Growth(o) => scenarios::growth(o).await?,
+        Run::Query(o) => query(o.clone()).await?.figures(),
+    };
+    println!();
+    for f in &ours {
+        print!("{}", f.summary());
+    }
+    let mut all = ours.clone();
+    if vs_nats {
+        let theirs = nats_peer(&run, &ours).await?;
+        for f in &theirs {
+            print!("{}", f.summary());
+        }
+        println!();
+        print!("{}", comparison_table(&ours, &theirs));
+        all.extend(theirs);
+    }
+    if let Some(path) = json {
+        suite::write_json(&all, path)?;
+        println!("figures written to {}", path.display());
+    }
+    Ok(all)
+}
+
+/// The NATS JetStream side of `run`, where the suite has one.
+async fn nats_peer(run: &Run, ours: &[suite::Figures]) -> Result<Vec<suite::Figures>, Error> {
+    let _ = ours;
+    Err(err("--vs-nats")(format!(
+        "the {} scenario has no NATS JetStream side (ingest, latency and propagate have)",
+        run.name()
+    )))
+}
+
+/// Scenario, figure, chainsight, NATS and their ratio, one line per figure.
+pub fn comparison_table(ours: &[suite::Figures], theirs: &[suite::Figures]) -> String {
+    use std::fmt::Write;
+    let mut out = format!(
+        "{:<10} {:<28} {:>14} {:>14} {:>8}\n",
+        "scenario", "figure", "chainsight", "NATS", "ratio"
+    );
+    for (a, b) in ours.iter().zip(theirs) {
+        let mut rows: Vec<(String, f64, f64)> = vec![
+            ("events/s".into(), a.events_per_s, b.events_per_s),
+            (
+                "CPU s per million events".into(),
+                a.cpu_seconds_per_million_events,
+                b.cpu_seconds_per_million_events,
+            ),
+            (
+                "peak RSS MiB".into(),
+                a.peak_rss_bytes as f64 / f64::from(1 << 20),
+                b.peak_rss_bytes as f64 / f64::from(1 << 20),
+            ),
+            (
+                "disk MiB".into(),
+                a.disk_bytes as f64 / f64::from(1 << 20),
+                b.disk_bytes as f64 / f64::from(1 << 20),
+            ),
+        ];
+        if let (Some(x), Some(y)) = (&a.latency, &b.latency) {
+            rows.push(("latency p50 µs".into(), x.p50_us as f64, y.p50_us as f64));
+            rows.push(("latency p90 µs".into(), x.p90_us as f64, y.p90_us as f64));
+            rows.push(("latency p99 µs".into(), x.p99_us as f64, y.p99_us as f64));
+            rows.push(("latency max µs".into(), x.max_us as f64, y.max_us as f64));
+        }
+        for (k, v) in &a.extra {
+            if let Some(w) = b.extra.get(k) {
+                rows.push((k.clone(), *v, *w));
+            }
+        }
+        for (name, x, y) in rows {
+            let ratio = if y == 0.0 {
+                "-".to_string()
+            } else {
+                format!("{:.2}", x / y)
+            };
+            let _ = writeln!(
+                out,
+                "{:<10} {:<28} {:>14.1} {:>14.1} {:>8}",
+                a.scenario, name, x, y, ratio
+            );
+        }
+    }
+    out
 }

@@ -1,0 +1,1 @@
+//! The NATS JetStream side of the benchmark suite (issue 8): being written.

@@ -1,0 +1,115 @@
+//! The benchmark suite (issue 8) in quick mode: every scenario runs the
+//! real `chainsight bench <scenario> --quick --json FILE` against real node
+//! processes, its counts add up (events sent = acknowledged = stored), and
+//! the JSON it writes parses into the suite's figures. No test asserts a
+//! speed: the figures are printed, not judged.
+
+use std::process::Command;
+
+use chainsight::bench::suite::Figures;
+
+fn run_quick(scenario: &str) -> Vec<Figures> {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("figures.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_chainsight"))
+        .args(["bench", scenario, "--quick", "--json"])
+        .arg(&json)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "bench {scenario} --quick failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&json).unwrap();
+    let figures: Vec<Figures> = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{scenario}: the JSON does not parse as figures: {e}\n{text}"));
+    assert!(!figures.is_empty(), "{scenario}: no figures");
+    for f in &figures {
+        assert_eq!(f.scenario, scenario);
+        assert_eq!(f.system, "chainsight");
+        assert!(f.events_sent > 0, "{scenario}: nothing sent: {f:?}");
+        assert!(
+            f.counts_add_up(),
+            "{scenario}: sent {}, acknowledged {}, stored {}",
+            f.events_sent,
+            f.events_acknowledged,
+            f.events_stored
+        );
+        assert!(f.events_per_s > 0.0 && f.seconds > 0.0, "{f:?}");
+        assert!(!f.machine.is_empty());
+        assert!(f.parameters.is_object(), "{f:?}");
+    }
+    assert!(
+        stdout.contains(&format!("{scenario} / chainsight")),
+        "the human summary names the scenario"
+    );
+    figures
+}
+
+#[test]
+fn ingest_counts_add_up_and_reports_cpu_memory_and_disk() {
+    let f = &run_quick("ingest")[0];
+    assert_eq!(f.events_sent, 2_000);
+    let latency = f.latency.as_ref().expect("batch acknowledgement latency");
+    assert_eq!(latency.samples, 40, "2,000 events in batches of 50");
+    assert!(f.peak_rss_bytes > 0 && f.disk_bytes > 0, "{f:?}");
+    assert!(f.cpu_seconds_per_million_events > 0.0, "{f:?}");
+    let mean = f.extra["payload_bytes_mean"];
+    assert!((250.0..=350.0).contains(&mean), "payloads of {mean} bytes");
+}
+
+#[test]
+fn latency_times_every_request() {
+    let f = &run_quick("latency")[0];
+    assert_eq!(f.events_sent, 100);
+    let l = f.latency.as_ref().unwrap();
+    assert_eq!(l.samples, 100);
+    assert!(l.p50_us <= l.p90_us && l.p90_us <= l.p99_us && l.p99_us <= l.max_us);
+}
+
+#[test]
+fn propagate_delivers_every_event_at_the_third_node() {
+    let f = &run_quick("propagate")[0];
+    assert!(f.latency.as_ref().unwrap().samples > 0);
+    assert_eq!(f.extra["backlog_events"], 2_000.0);
+    assert!(f.extra["drain_events_per_s"] > 0.0);
+}
+
+#[test]
+fn fanout_delivers_every_event_to_every_subscriber() {
+    let figures = run_quick("fanout");
+    let ks: Vec<f64> = figures.iter().map(|f| f.extra["subscribers"]).collect();
+    assert_eq!(ks, [0.0, 1.0, 4.0]);
+    for f in &figures {
+        let k = f.extra["subscribers"];
+        assert_eq!(f.extra["delivered_events"], k * f.events_sent as f64, "{f:?}");
+        if k > 0.0 {
+            assert!(f.latency.as_ref().unwrap().samples > 0);
+            assert!(f.extra.contains_key("ingest_vs_no_subscribers"));
+        }
+    }
+}
+
+#[test]
+fn growth_measures_each_size_and_the_reopen() {
+    let figures = run_quick("growth");
+    let sizes: Vec<f64> = figures.iter().map(|f| f.extra["stored_events"]).collect();
+    assert_eq!(sizes, [2_000.0, 5_000.0]);
+    for f in &figures {
+        assert!(f.extra["reopen_s"] > 0.0);
+        assert!(f.extra["disk_bytes_per_event"] > 0.0);
+        assert!(f.extra["payload_bytes_per_event"] > 0.0);
+    }
+}
+
+#[test]
+fn query_reports_the_feed_latency_per_size() {
+    let f = &run_quick("query")[0];
+    assert_eq!(f.events_stored, 20_000);
+    assert_eq!(f.latency.as_ref().unwrap().samples, 5);
+    assert!(f.extra["rows"] > 0.0);
+}
