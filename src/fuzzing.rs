@@ -188,7 +188,13 @@ pub fn report(data: &[u8]) {
     let fast = crate::wire::decode_report(data);
     let prost = pb::InsightReport::decode(data);
     match (fast, prost) {
-        (Ok(a), Ok(b)) => assert_eq!(a, b, "the report reader disagrees with prost"),
+        // Compared as encoded bytes: a NaN is not equal to itself, but both
+        // readers must have read the same bits.
+        (Ok(a), Ok(b)) => assert_eq!(
+            a.encode_to_vec(),
+            b.encode_to_vec(),
+            "the report reader disagrees with prost: {a:?} vs {b:?}"
+        ),
         (Err(_), Err(_)) => {}
         (a, b) => panic!("the report reader gave {a:?}, prost {b:?}"),
     }

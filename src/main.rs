@@ -467,7 +467,7 @@ fn log_format(cli: &Cli) -> LogFormat {
 
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn")
+        tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn,async_nats=warn")
     });
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()

@@ -954,7 +954,7 @@ pub async fn run(
     }
     let mut all = ours.clone();
     if vs_nats {
-        let theirs = nats_peer(&run, &ours).await?;
+        let theirs = nats_peer(&run).await?;
         for f in &theirs {
             print!("{}", f.summary());
         }
@@ -970,22 +970,53 @@ pub async fn run(
 }
 
 /// The NATS JetStream side of `run`, where the suite has one.
-async fn nats_peer(run: &Run, ours: &[suite::Figures]) -> Result<Vec<suite::Figures>, Error> {
-    let _ = ours;
-    Err(err("--vs-nats")(format!(
-        "the {} scenario has no NATS JetStream side (ingest, latency and propagate have)",
-        run.name()
-    )))
+///
+/// Ingest is compared with both ways of publishing to JetStream: one
+/// message per event with its own acknowledgement (`nats`), and the
+/// events of a batch as one atomic batch (`nats-atomic-batch`), the closer
+/// match to chainsight's one acknowledgement per request.
+async fn nats_peer(run: &Run) -> Result<Vec<suite::Figures>, Error> {
+    nats::server_exe()?;
+    Ok(match run {
+        Run::Ingest(o) => vec![
+            nats::ingest(o).await?,
+            nats::ingest_atomic_batches(o).await?,
+        ],
+        Run::Latency(o) => vec![nats::latency(o).await?],
+        Run::Propagate(o) => vec![
+            nats::propagate(&nats::PropagateOptions {
+                rate: o.rate,
+                duration_secs: o.duration_secs,
+                batch: o.batch,
+                backlog: o.backlog,
+                seed: 7,
+            })
+            .await?,
+        ],
+        _ => {
+            return Err(err("--vs-nats")(format!(
+                "the {} scenario has no NATS JetStream side (ingest, latency and propagate have)",
+                run.name()
+            )))
+        }
+    })
 }
 
-/// Scenario, figure, chainsight, NATS and their ratio, one line per figure.
+/// Scenario, figure, chainsight, NATS and their ratio (chainsight / NATS),
+/// one line per figure; one block per NATS run (`theirs[i]` against
+/// `ours[i]`, or against the last of `ours`).
 pub fn comparison_table(ours: &[suite::Figures], theirs: &[suite::Figures]) -> String {
     use std::fmt::Write;
-    let mut out = format!(
-        "{:<10} {:<28} {:>14} {:>14} {:>8}\n",
-        "scenario", "figure", "chainsight", "NATS", "ratio"
-    );
-    for (a, b) in ours.iter().zip(theirs) {
+    let mut out = String::new();
+    for (i, b) in theirs.iter().enumerate() {
+        let Some(a) = ours.get(i).or(ours.last()) else {
+            break;
+        };
+        let _ = writeln!(
+            out,
+            "{:<10} {:<28} {:>14} {:>17} {:>8}",
+            "scenario", "figure", "chainsight", b.system, "ratio"
+        );
         let mut rows: Vec<(String, f64, f64)> = vec![
             ("events/s".into(), a.events_per_s, b.events_per_s),
             (
@@ -1023,10 +1054,11 @@ pub fn comparison_table(ours: &[suite::Figures], theirs: &[suite::Figures]) -> S
             };
             let _ = writeln!(
                 out,
-                "{:<10} {:<28} {:>14.1} {:>14.1} {:>8}",
+                "{:<10} {:<28} {:>14.1} {:>17.1} {:>8}",
                 a.scenario, name, x, y, ratio
             );
         }
+        out.push('\n');
     }
     out
 }

@@ -279,6 +279,9 @@ pub async fn latency(opts: &LatencyOptions) -> Result<Figures, Error> {
     Ok(fig)
 }
 
+/// One subscriber's sampled arrivals: event id and when it came.
+type Arrivals = Vec<(String, Instant)>;
+
 /// Settings of `bench fanout`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FanoutOptions {
@@ -322,7 +325,7 @@ pub async fn fanout(opts: &FanoutOptions) -> Result<Vec<Figures>, Error> {
         chain.start(NODE).await?;
         let meter = CpuMeter::start(&[node_pid(&chain)?]);
         // Subscribers first, each on its own connection, following.
-        let arrivals: Arc<Mutex<Vec<Vec<(String, Instant)>>>> = Arc::default();
+        let arrivals: Arc<Mutex<Vec<Arrivals>>> = Arc::default();
         let mut subs = tokio::task::JoinSet::new();
         // Every `step`-th event's arrival is kept, so 64 subscribers do not
         // hold millions of samples.
@@ -353,7 +356,7 @@ pub async fn fanout(opts: &FanoutOptions) -> Result<Vec<Figures>, Error> {
                         break;
                     };
                     if let Some(ev) = signal.event {
-                        if seen as usize % step == 0 {
+                        if (seen as usize).is_multiple_of(step) {
                             mine.push((ev.event_id, Instant::now()));
                         }
                         seen += 1;
