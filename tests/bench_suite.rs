@@ -86,7 +86,11 @@ fn fanout_delivers_every_event_to_every_subscriber() {
     assert_eq!(ks, [0.0, 1.0, 4.0]);
     for f in &figures {
         let k = f.extra["subscribers"];
-        assert_eq!(f.extra["delivered_events"], k * f.events_sent as f64, "{f:?}");
+        assert_eq!(
+            f.extra["delivered_events"],
+            k * f.events_sent as f64,
+            "{f:?}"
+        );
         if k > 0.0 {
             assert!(f.latency.as_ref().unwrap().samples > 0);
             assert!(f.extra.contains_key("ingest_vs_no_subscribers"));
