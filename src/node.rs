@@ -379,7 +379,8 @@ fn build_router(
         parts.signer.clone(),
         erasure_context(config, parts),
     ))
-    .max_decoding_message_size(max);
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
     let peering = pb::peering_server::PeeringServer::new(PeeringService::new(
         config.id.clone(),
         parts.policy.clone(),
@@ -392,13 +393,19 @@ fn build_router(
         },
         erasure_context(config, parts),
     ))
-    .max_decoding_message_size(max);
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
+    // Every response is bounded too (encode): a signal carries one event,
+    // a backup chunk 256 KiB, an audit record one entry. Insight reports
+    // have their own bound (`service::insights::MAX_REPORT_BYTES`).
     let signals = pb::signals_server::SignalsServer::new(SignalsService::new(
         parts.policy.clone(),
         parts.limits.clone(),
         parts.store.clone(),
         token.clone(),
-    ));
+    ))
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
     Ok(tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -410,19 +417,26 @@ fn build_router(
         .add_service(ingest)
         .add_service(peering)
         .add_service(signals)
-        .add_service(pb::admin_server::AdminServer::new(
-            crate::service::admin::AdminService::new(
+        .add_service(
+            pb::admin_server::AdminServer::new(crate::service::admin::AdminService::new(
                 config.id.clone(),
                 parts.policy.clone(),
                 parts.store.clone(),
                 config.data_dir.clone(),
                 parts.reloader.clone(),
                 token.clone(),
-            ),
-        ))
-        .add_service(pb::audit_server::AuditServer::new(
-            crate::service::audit::AuditService::new(parts.policy.clone(), parts.store.clone()),
-        ))
+            ))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+        )
+        .add_service(
+            pb::audit_server::AuditServer::new(crate::service::audit::AuditService::new(
+                parts.policy.clone(),
+                parts.store.clone(),
+            ))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+        )
         .add_service(
             InsightsService::new(
                 parts.policy.clone(),

@@ -791,3 +791,59 @@ async fn a_connection_gets_no_more_concurrent_streams_than_the_limit() {
         pb::PublishOutcome::Accepted
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_over_the_message_limit_is_refused_not_sent() {
+    // The encode side of the limit: events stored under a generous limit,
+    // then the node restarted with one smaller than a single signal.
+    let env = TestEnv::new();
+    let reader = env.issue("maker-app");
+    env.issue(PUBLISHER);
+    let toml = env.node_config(
+        "encode-limit",
+        &format!(
+            "[roles]\npublishers = [\"{PUBLISHER}\"]\nsubscribers = [\"maker-app\"]\n[limits]\nmax_message_bytes = 65536\n"
+        ),
+    );
+    let mut node = env.start("encode-limit");
+    let events: Vec<_> = (0..3)
+        .map(|i| {
+            let mut e = event(&format!("long-{i}"));
+            e.free_text = "the oat milk was great but the cap leaks ".repeat(60);
+            e
+        })
+        .collect();
+    let results = publish(&mut node.ingest(&publisher_files(&env)).await, events).await;
+    assert!(results
+        .iter()
+        .all(|r| outcome(r) == pb::PublishOutcome::Accepted));
+    node.terminate();
+    let text = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(
+        &toml,
+        text.replace("max_message_bytes = 65536", "max_message_bytes = 1024"),
+    )
+    .unwrap();
+    node.restart();
+
+    let mut client = pb::signals_client::SignalsClient::new(node.channel(&reader).await.unwrap());
+    let status = async {
+        let mut stream = client
+            .subscribe(common::subscription(0, false, ""))
+            .await?
+            .into_inner();
+        while stream.message().await?.is_some() {}
+        Ok::<(), tonic::Status>(())
+    }
+    .await
+    .expect_err("a signal over 1,024 bytes must not be sent");
+    println!(
+        "a signal over max_message_bytes = 1024: {:?}: {}",
+        status.code(),
+        status.message()
+    );
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains("too large"), "{status:?}");
+    node.terminate();
+    assert_eq!(node.open_store().len(), 3, "the events stay stored");
+}

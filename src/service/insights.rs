@@ -21,6 +21,10 @@ use crate::pb;
 use crate::policy::{FilterLimits, Policy, Role};
 use crate::store::Store;
 
+/// The largest report a query may answer with (encode limit): the whole
+/// feed of a year by category × region × week is about 1 MB.
+pub const MAX_REPORT_BYTES: usize = 64 * 1024 * 1024;
+
 /// The Insights service.
 #[derive(Clone)]
 pub struct InsightsService {
@@ -180,6 +184,14 @@ impl InsightsService {
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(ApiError::from)?;
+        if report.bytes.len() > MAX_REPORT_BYTES {
+            return Err(ApiError::ResourceExhausted(format!(
+                "the report is {} bytes ({} rows), more than the {MAX_REPORT_BYTES} a response may carry; ask for fewer rows (limit), fewer dimensions or a narrower filter",
+                report.bytes.len(),
+                report.rows
+            ))
+            .into());
+        }
         span.in_scope(|| {
             tracing::info!(
                 rows = report.rows,
