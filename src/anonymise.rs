@@ -14,6 +14,7 @@ use hmac::{Hmac, Mac};
 use regex::Regex;
 use sha2::Sha256;
 
+use crate::conversions::limits::{ATTRIBUTE_VALUE_LEN, FREE_TEXT_LEN};
 use crate::domain::{Country, CustomerEvent, PersonalData, PreferenceEvent};
 
 /// File name of the pseudonym key inside the data directory.
@@ -113,10 +114,13 @@ impl Anonymiser {
                     let v = if personal_key(&k) {
                         "[removed]".to_string()
                     } else {
-                        scrub_own(
-                            &scrub_text(&v),
-                            customer_id_for_text.as_deref(),
-                            postal_for_text.as_deref(),
+                        bounded(
+                            scrub_own(
+                                &scrub_text(&v),
+                                customer_id_for_text.as_deref(),
+                                postal_for_text.as_deref(),
+                            ),
+                            ATTRIBUTE_VALUE_LEN,
                         )
                     };
                     (k, v)
@@ -131,10 +135,13 @@ impl Anonymiser {
                 .unwrap_or_default(),
             text: free_text
                 .map(|t| {
-                    scrub_own(
-                        &scrub_text(&t),
-                        customer_id_for_text.as_deref(),
-                        postal_for_text.as_deref(),
+                    bounded(
+                        scrub_own(
+                            &scrub_text(&t),
+                            customer_id_for_text.as_deref(),
+                            postal_for_text.as_deref(),
+                        ),
+                        FREE_TEXT_LEN,
                     )
                 })
                 .unwrap_or_default(),
@@ -360,6 +367,24 @@ static NAME_AFTER_CUE: LazyLock<Regex> = LazyLock::new(|| {
     .expect("valid regex")
 });
 
+/// `text` scrubbed by [`scrub_text`] and cut to `max` characters: a
+/// placeholder can be longer than what it replaces ("Ma" → "[name]"), and
+/// the stored event must stay within the limits every reader checks
+/// (found by the `anonymiser` fuzz target). Cutting only removes text.
+pub fn scrub_bounded(text: &str, max: usize) -> String {
+    bounded(scrub_text(text), max)
+}
+
+fn bounded(mut text: String, max: usize) -> String {
+    if let Some((cut, _)) = text.char_indices().nth(max) {
+        text.truncate(cut);
+    }
+    text
+}
+
+/// Free text with names after a cue phrase, e-mail addresses, phone numbers
+/// and card-like digit runs replaced by placeholders. Shorter numbers
+/// (sizes, years, prices) stay.
 pub fn scrub_text(text: &str) -> String {
     let no_name = NAME_AFTER_CUE.replace_all(text, "${1}[name]");
     let no_email = EMAIL.replace_all(&no_name, "[email]");

@@ -296,6 +296,10 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
             b"cust-7781\x0010115\0Mail jane.doe@example.com or call +372 5123 4567, I am Margit Tamm, CUST-7781\0contact\0jaan@tahti.ee".to_vec(),
             b"c-1\0LV-1050\0card 4111 1111 1111 1111; size 42\0size\0M".to_vec(),
             "k\u{fc}lli\0\0\u{ff14}\u{ff11}\u{ff11}\u{ff11} \u{ff11}\u{ff11}\u{ff11}\u{ff11} 1111 1111".as_bytes().to_vec(),
+            // Found by cargo-fuzz: placeholders longer than what they
+            // replace pushed an attribute value past its limit, and the
+            // stored event no longer read back.
+            include_bytes!("../fuzz/regressions/anonymiser-placeholder-growth").to_vec(),
         ],
         "jsonl_import" => {
             let mut lines: Vec<u8> = Vec::new();

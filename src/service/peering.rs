@@ -218,9 +218,10 @@ impl Inner {
     ) -> Result<crate::domain::PreferenceEvent, String> {
         let mut ev = conversions::preference_event_from_pb(ev).map_err(|e| e.to_string())?;
         // Do not trust the sender's scrubbing: free text is scrubbed again.
-        ev.text = crate::anonymise::scrub_text(&ev.text);
+        use crate::conversions::limits::{ATTRIBUTE_VALUE_LEN, FREE_TEXT_LEN};
+        ev.text = crate::anonymise::scrub_bounded(&ev.text, FREE_TEXT_LEN);
         for v in ev.attributes.values_mut() {
-            *v = crate::anonymise::scrub_text(v);
+            *v = crate::anonymise::scrub_bounded(v, ATTRIBUTE_VALUE_LEN);
         }
         if ev.path.iter().any(|p| p == &self.node_id) {
             return Err(format!(
