@@ -695,7 +695,10 @@ fn fold_events(store: &Store, ranges: &[(UnixNanos, UnixNanos)]) -> store::Resul
     }
     Ok(rollup::fold(events.iter(), &Layout::base_only())
         .into_iter()
-        .map(|(k, agg)| (k.into(), agg.encode().into()))
+        .map(|(k, agg)| {
+            let value = rollup::seal_value(&k, &agg);
+            (k.into(), value.into())
+        })
         .collect())
 }
 

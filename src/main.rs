@@ -796,12 +796,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             bar.finish_and_clear();
             store.close().await?;
             println!(
-                "checked {}: {} events, {} event-id index entries, {} outbox entries, {} audit records",
+                "checked {}: {} events, {} event-id index entries, {} outbox entries, {} audit records, {} rollup cells",
                 dir.display(),
                 v.events,
                 v.index_entries,
                 v.outbox_entries,
-                v.audit_records
+                v.audit_records,
+                v.rollup_cells
             );
             if v.problem_count == 0 {
                 println!("no problem found");

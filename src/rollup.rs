@@ -207,7 +207,8 @@ impl Layout {
     /// Identifies the layout the stored cells were built with.
     pub fn signature(&self) -> String {
         let views: Vec<String> = self.views.iter().map(|v| v.describe()).collect();
-        format!("rollups-v2;{}", views.join(";"))
+        // v3: every stored cell value ends with a CRC-32 of key and value.
+        format!("rollups-v3;{}", views.join(";"))
     }
 
     /// The family of view `i`.
@@ -704,6 +705,32 @@ impl Agg {
     }
 }
 
+/// A cell's value as stored: the encoded [`Agg`] followed by a CRC-32 (big
+/// endian) of the cell's key and that encoding, so that a flipped byte in
+/// either is found on read ([`open_value`]) rather than counted.
+pub fn seal_value(key: &[u8], agg: &Agg) -> Vec<u8> {
+    let mut out = agg.encode();
+    let crc = cell_crc(key, &out);
+    out.extend_from_slice(&crc.to_be_bytes());
+    out
+}
+
+/// The encoded [`Agg`] of a stored value written by [`seal_value`]; `None`
+/// when the checksum does not match `key` and the value.
+pub fn open_value<'a>(key: &[u8], value: &'a [u8]) -> Option<&'a [u8]> {
+    let split = value.len().checked_sub(4)?;
+    let (body, crc) = value.split_at(split);
+    let stored = u32::from_be_bytes(crc.try_into().ok()?);
+    (stored == cell_crc(key, body)).then_some(body)
+}
+
+fn cell_crc(key: &[u8], body: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(key);
+    h.update(body);
+    h.finalize()
+}
+
 /// Customer hashes stored as packed varints (an exact cell's list, sorted
 /// and distinct), read in place.
 #[derive(Debug, Clone, Copy, Default)]
@@ -900,7 +927,8 @@ impl QueryCell {
         symbols: &mut Interner,
     ) -> Option<QueryCell> {
         let k = CellKeyRef::parse(key)?;
-        let value = bytes::Bytes::from_owner(value);
+        let body = open_value(key, value.as_ref())?.len();
+        let value = bytes::Bytes::from_owner(value).slice(..body);
         let agg = AggRef::parse(&value)?;
         Some(QueryCell {
             family: k.family,
@@ -1096,7 +1124,8 @@ pub fn project<'a>(
 ) -> Result<BTreeMap<Vec<u8>, Agg>, &'a [u8]> {
     let mut out: BTreeMap<Vec<u8>, Agg> = BTreeMap::new();
     for (k, v) in cells {
-        let (Some(key), Some(agg)) = (CellKey::decode(k), Agg::decode_bytes(v)) else {
+        let agg = open_value(k, v).and_then(Agg::decode_bytes);
+        let (Some(key), Some(agg)) = (CellKey::decode(k), agg) else {
             return Err(k);
         };
         if key.dims.attribute.is_some() != keep.contains(DimSet::ATTRIBUTE) {
@@ -1254,7 +1283,21 @@ mod tests {
                 dims: CellDims::default(),
             };
             let mut symbols = Interner::default();
-            let cell = QueryCell::decode(&key.encode(), bytes.clone(), &mut symbols).expect("cell");
+            let stored = seal_value(&key.encode(), &agg);
+            let cell =
+                QueryCell::decode(&key.encode(), stored.clone(), &mut symbols).expect("cell");
+            // A flipped byte in the value or the key is refused, not read.
+            for i in 0..stored.len() {
+                let mut bad = stored.clone();
+                bad[i] ^= 0x10;
+                assert!(QueryCell::decode(&key.encode(), bad, &mut symbols).is_none());
+            }
+            let mut other = key.encode();
+            *other.last_mut().expect("key bytes") ^= 1;
+            assert!(
+                open_value(&other, &stored).is_none(),
+                "the key is checked too"
+            );
             assert_eq!(cell.exact_n as usize, agg.customers.len());
             let mut acc = GroupAcc::default();
             acc.add(&cell);

@@ -94,3 +94,105 @@ async fn a_flipped_byte_in_an_event_is_reported_offline_and_refused_online() {
     assert!(delivered.iter().all(|&c| c < 7), "{delivered:?}");
     assert!(node.log().contains("corrupt record"), "the node logs it");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_byte_in_a_rollup_cell_is_reported_refused_and_repaired_by_a_rebuild() {
+    let env = TestEnv::new();
+    let analyst = env.issue("maker-bi");
+    let eshop = env.issue("retailer-eshop");
+    let config = env.node_config(
+        "node",
+        &roles(&[
+            "publishers = [\"retailer-eshop\"]",
+            "analysts = [\"maker-bi\"]",
+        ]),
+    );
+    let mut node = env.start("node");
+    let events = (0..20)
+        .map(|i| {
+            event_of(
+                &format!("e-{i}"),
+                "4740001000017",
+                pb::EventKind::Review,
+                &format!("c-{i}"),
+            )
+        })
+        .collect();
+    publish_all(&mut node.ingest(&eshop).await, events).await;
+    node.terminate();
+
+    let chainsight = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_chainsight"))
+            .args(args)
+            .args(["--config", config.to_str().unwrap()])
+            .output()
+            .expect("run chainsight");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = chainsight(&["admin", "verify"]);
+    assert!(ok && out.contains("no problem found"), "{out}");
+
+    // Flip one byte in the counts of every rollup cell (not the
+    // watermark): whichever cells the query reads are damaged.
+    #[allow(clippy::disallowed_methods)]
+    let flipped = {
+        let db = sled::open(node.data_dir().join("store")).expect("open sled");
+        let rollups = db.open_tree("rollups").unwrap();
+        let cells: Vec<_> = rollups
+            .iter()
+            .map(Result::unwrap)
+            .filter(|(k, _)| !k.starts_with(b"\xff"))
+            .collect();
+        for (key, value) in &cells {
+            let mut value = value.to_vec();
+            value[1] ^= 0x01;
+            rollups.insert(key, value).unwrap();
+        }
+        db.flush().unwrap();
+        cells.len()
+    };
+    assert!(flipped > 0, "no rollup cells");
+    let (ok, out) = chainsight(&["admin", "verify"]);
+    println!("after flipping a byte in each of {flipped} rollup cells: {out}");
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("PROBLEM tree rollups")
+            && out.contains("checksum mismatch")
+            && out.contains(&format!("{flipped} problem(s)")),
+        "{out}"
+    );
+
+    // The node refuses to answer from it rather than count it.
+    node.restart();
+    let query = pb::InsightQuery {
+        group_by: vec![pb::Dimension::Category as i32],
+        ..Default::default()
+    };
+    let mut client =
+        pb::insights_client::InsightsClient::new(node.channel(&analyst).await.unwrap());
+    let status = client
+        .query(query.clone())
+        .await
+        .expect_err("a query over a damaged cell must fail");
+    println!("query over the damaged cell: {status}");
+    assert_eq!(status.code(), tonic::Code::DataLoss, "{status}");
+    node.terminate();
+
+    // The repair the message names.
+    let (ok, out) = chainsight(&["admin", "rebuild-rollups"]);
+    assert!(ok, "{out}");
+    let (ok, out) = chainsight(&["admin", "verify"]);
+    assert!(ok && out.contains("no problem found"), "{out}");
+    node.restart();
+    let mut client =
+        pb::insights_client::InsightsClient::new(node.channel(&analyst).await.unwrap());
+    let report = client.query(query).await.expect("query").into_inner();
+    println!("after admin rebuild-rollups: {:?}", report.rows);
+    assert_eq!(report.rows.len(), 1);
+    assert_eq!(report.rows[0].events, 20);
+    node.terminate();
+}

@@ -218,6 +218,7 @@ pub struct Verification {
     pub index_entries: u64,
     pub outbox_entries: u64,
     pub audit_records: u64,
+    pub rollup_cells: u64,
     /// The first 1,000 problems, one line each.
     pub problems: Vec<String>,
     /// All problems found.
@@ -747,6 +748,17 @@ impl Store {
         match self.verify_audit()? {
             Ok(ok) => v.audit_records = ok.records,
             Err(broken) => problem(&mut v, format!("tree audit: {broken}")),
+        }
+        for entry in t.rollups.iter() {
+            let (key, value) = entry?;
+            if let Some(reason) = rollups::check_cell(&key, &value) {
+                problem(
+                    &mut v,
+                    format!("tree rollups: cell {key:?}: {reason} (repair: `chainsight admin rebuild-rollups`)"),
+                );
+            } else if !rollups::is_meta_key(&key) {
+                v.rollup_cells += 1;
+            }
         }
         Ok(v)
     }

@@ -19,7 +19,9 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
 use super::{Error, Result, Seq, Trees};
-use crate::rollup::{parse_period_prefix, Agg, Bucket, DimSet, Interner, Layout, QueryCell};
+use crate::rollup::{
+    open_value, parse_period_prefix, seal_value, Agg, Bucket, DimSet, Interner, Layout, QueryCell,
+};
 
 /// Key of the watermark in the `rollups` tree (sorts after every family).
 const WATERMARK_KEY: &[u8] = b"\xffwatermark";
@@ -188,13 +190,15 @@ pub(super) fn prepare_batch(
     for (key, delta) in cells {
         let mut agg = match tree.get(key)? {
             // Never merged into as if empty: that would lose its counts.
-            Some(old) => Agg::decode_bytes(&old).ok_or_else(|| corrupt(key, "bad cell"))?,
+            Some(old) => open_value(key, &old)
+                .and_then(Agg::decode_bytes)
+                .ok_or_else(|| corrupt(key, "bad cell"))?,
             None => Agg::default(),
         };
         agg.merge(delta);
         agg.compact();
         agg.seal();
-        batch.insert(key.as_slice(), agg.encode());
+        batch.insert(key.as_slice(), seal_value(key, &agg));
     }
     batch.insert(WATERMARK_KEY, &watermark.to_be_bytes());
     Ok(batch)
@@ -544,7 +548,7 @@ impl Pending {
                 for &(family, period, a, b) in pieces {
                     let (start, end) = range(family, period, a, b);
                     for (k, agg) in map.range(start..end) {
-                        waiting.push((k.as_slice().into(), agg.encode().into()));
+                        waiting.push((k.as_slice().into(), seal_value(k, agg).into()));
                     }
                 }
             }
@@ -580,13 +584,16 @@ pub(super) fn erase_corrections(
         let Some(stored) = tree.get(&key)? else {
             continue; // retention took the cell
         };
-        let mut agg = Agg::decode_bytes(&stored).ok_or_else(|| corrupt(&key, "bad cell"))?;
+        let mut agg = open_value(&key, &stored)
+            .and_then(Agg::decode_bytes)
+            .ok_or_else(|| corrupt(&key, "bad cell"))?;
         agg.subtract_counts(&delta);
         if agg.events == 0 {
             writes.push((key, None));
         } else if agg.hll.is_empty() {
             agg.customers.retain(|h| !customers.contains(h));
-            writes.push((key, Some(agg.encode())));
+            let value = seal_value(&key, &agg);
+            writes.push((key, Some(value)));
         } else {
             rebuild.insert(key, agg);
         }
@@ -619,9 +626,32 @@ pub(super) fn erase_corrections(
         agg.hll_estimate = 0;
         agg.compact();
         agg.seal();
-        writes.push((key, Some(agg.encode())));
+        let value = seal_value(&key, &agg);
+        writes.push((key, Some(value)));
     }
     Ok(writes)
+}
+
+/// Whether `key` is the rollup tree's bookkeeping rather than a cell.
+pub(super) fn is_meta_key(key: &[u8]) -> bool {
+    key == WATERMARK_KEY
+}
+
+/// Why a stored rollup entry is not a sound cell (`admin verify`); `None`
+/// when it is one, or is the watermark.
+pub(super) fn check_cell(key: &[u8], value: &[u8]) -> Option<&'static str> {
+    if is_meta_key(key) {
+        return (value.len() != 8).then_some("watermark is not 8 bytes");
+    }
+    if crate::rollup::CellKey::decode(key).is_none() {
+        return Some("key does not decode");
+    }
+    let Some(body) = open_value(key, value) else {
+        return Some("checksum mismatch");
+    };
+    Agg::decode_bytes(body)
+        .is_none()
+        .then_some("value does not decode")
 }
 
 /// Decodes stored cells for a query, interning their dimensions.
@@ -647,7 +677,10 @@ pub(super) fn project(cells: Vec<RawCell>, keep: DimSet) -> Result<Vec<RawCell>>
         .map_err(|k| corrupt(k, "bad cell"))?;
     Ok(projected
         .into_iter()
-        .map(|(k, agg)| (k.into(), agg.encode().into()))
+        .map(|(k, agg)| {
+            let value = seal_value(&k, &agg);
+            (k.into(), value.into())
+        })
         .collect())
 }
 
