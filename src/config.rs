@@ -349,6 +349,14 @@ pub struct InsightsConfig {
     /// entry per week instead of walking the store cell by cell.
     #[serde(default = "default_cache_mib")]
     pub cache_mib: usize,
+    /// The attribute keys whose values the rollups keep (grouping by
+    /// attribute works for these keys only); `["*"]` keeps every key.
+    /// Leave out keys with unbounded values (basket, session or order ids):
+    /// each kept attribute adds cells per event. Changing the list needs
+    /// `chainsight admin rebuild-rollups`. Default:
+    /// [`crate::rollup::DEFAULT_ATTRIBUTE_KEYS`].
+    #[serde(default)]
+    pub attribute_keys: Option<Vec<String>>,
 }
 
 fn default_true() -> bool {
@@ -365,6 +373,7 @@ impl Default for InsightsConfig {
             rollups: true,
             views: None,
             cache_mib: default_cache_mib(),
+            attribute_keys: None,
         }
     }
 }
@@ -376,8 +385,28 @@ impl InsightsConfig {
         if !self.rollups {
             return Ok(None);
         }
+        let attribute_keys = match &self.attribute_keys {
+            None => Layout::default().attribute_keys,
+            Some(keys) if keys.iter().any(|k| k == "*") => None,
+            Some(keys) => {
+                if let Some(k) = keys.iter().find(|k| {
+                    k.is_empty()
+                        || k.len() > 64
+                        || k.chars().any(|c| c.is_whitespace() || c.is_control())
+                }) {
+                    return Err(format!("attribute_keys: {k:?} is not an attribute key"));
+                }
+                let mut keys = keys.clone();
+                keys.sort();
+                keys.dedup();
+                Some(keys)
+            }
+        };
         let Some(views) = &self.views else {
-            return Ok(Some(Layout::default()));
+            return Ok(Some(Layout {
+                attribute_keys,
+                ..Layout::default()
+            }));
         };
         if views.len() > crate::rollup::MAX_VIEWS {
             return Err(format!(
@@ -406,7 +435,10 @@ impl InsightsConfig {
             }
             out.push(dims);
         }
-        Ok(Some(Layout { views: out }))
+        Ok(Some(Layout {
+            views: out,
+            attribute_keys,
+        }))
     }
 }
 

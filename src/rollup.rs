@@ -167,7 +167,27 @@ impl DimSet {
 pub struct Layout {
     /// Each view's dimensions; view `i` is family `FIRST_VIEW_FAMILY + i`.
     pub views: Vec<DimSet>,
+    /// The attribute keys that get attribute cells (sorted); `None`: every
+    /// key. Each kept attribute of an event adds cells to every family
+    /// that keeps the attribute, so a key with unbounded values (a basket
+    /// or session id) would grow the rollups by cells per event.
+    pub attribute_keys: Option<Vec<String>>,
 }
+
+/// The attribute keys kept in rollups unless `[insights] attribute_keys`
+/// says otherwise: the usual product-preference attributes.
+pub const DEFAULT_ATTRIBUTE_KEYS: &[&str] = &[
+    "color",
+    "colour",
+    "fat",
+    "fit",
+    "flavor",
+    "flavour",
+    "material",
+    "pack_size",
+    "size",
+    "variant",
+];
 
 /// Family of the first view.
 pub const FIRST_VIEW_FAMILY: u8 = 2;
@@ -194,6 +214,12 @@ impl Default for Layout {
                 ]),
                 d(&[DimSet::CATEGORY, DimSet::ATTRIBUTE]),
             ],
+            attribute_keys: Some(
+                DEFAULT_ATTRIBUTE_KEYS
+                    .iter()
+                    .map(|k| k.to_string())
+                    .collect(),
+            ),
         }
     }
 }
@@ -201,14 +227,28 @@ impl Default for Layout {
 impl Layout {
     /// No views: only the hourly base families.
     pub fn base_only() -> Layout {
-        Layout { views: Vec::new() }
+        Layout {
+            views: Vec::new(),
+            attribute_keys: None,
+        }
+    }
+
+    /// Whether attribute `key` gets attribute cells.
+    pub fn keeps_attribute(&self, key: &str) -> bool {
+        self.attribute_keys
+            .as_ref()
+            .is_none_or(|keys| keys.binary_search_by(|k| k.as_str().cmp(key)).is_ok())
     }
 
     /// Identifies the layout the stored cells were built with.
     pub fn signature(&self) -> String {
         let views: Vec<String> = self.views.iter().map(|v| v.describe()).collect();
         // v3: every stored cell value ends with a CRC-32 of key and value.
-        format!("rollups-v3;{}", views.join(";"))
+        let attributes = match &self.attribute_keys {
+            None => "*".to_string(),
+            Some(keys) => keys.join(","),
+        };
+        format!("rollups-v3;{};attributes={attributes}", views.join(";"))
     }
 
     /// The family of view `i`.
@@ -1087,6 +1127,7 @@ fn for_each_cell(
     let with_attributes: Vec<CellDims> = ev
         .attributes
         .iter()
+        .filter(|(k, _)| layout.keeps_attribute(k))
         .map(|(k, v)| CellDims {
             attribute: Some((k.clone(), v.clone())),
             ..base.clone()
@@ -1243,6 +1284,16 @@ mod tests {
             assert_eq!(c.hour, bucket_start_hour(hour, c.period));
             assert!(c.hour <= hour && hour < next_bucket_start(c.hour, c.period));
         }
+        // An attribute the layout does not keep adds no cells.
+        ev.attributes
+            .insert("basket".to_string(), "bk-0001".to_string());
+        assert_eq!(cells_of(&ev, &layout).len(), cells.len());
+        let every = Layout {
+            attribute_keys: None,
+            ..Layout::default()
+        };
+        assert_eq!(cells_of(&ev, &every).len(), 1 + 3 + 4 * 3 + 3 * 3);
+        assert!(layout.keeps_attribute("size") && !layout.keeps_attribute("basket"));
     }
 
     /// `AggRef` reads what `Agg` writes, for every kind of cell.

@@ -1388,6 +1388,16 @@ async fn roles_limits_and_invalid_queries() {
             },
         ),
         (
+            // Not among the attribute keys the rollups keep (the default
+            // list): an id-like key would grow the rollups per event.
+            "attribute_key",
+            pb::InsightQuery {
+                group_by: vec![D::Attribute as i32],
+                attribute_key: "basket_id".into(),
+                ..Default::default()
+            },
+        ),
+        (
             "bucket",
             pb::InsightQuery {
                 group_by: vec![D::Time as i32],

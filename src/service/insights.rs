@@ -133,6 +133,18 @@ impl InsightsService {
         let asked = req.into_inner();
         let mut query =
             conversions::insight_query_from_pb(asked.clone()).map_err(ApiError::from)?;
+        if let (Some(key), Some(layout)) = (&query.attribute_key, self.store.rollup_layout()) {
+            if !layout.keeps_attribute(key) {
+                return Err(ApiError::InvalidArgument {
+                    field: "attribute_key".into(),
+                    reason: format!(
+                        "{key:?} is not kept in this node's rollups (it keeps {}); the operator can add it to [insights] attribute_keys and run `chainsight admin rebuild-rollups`",
+                        layout.attribute_keys.as_deref().unwrap_or_default().join(", ")
+                    ),
+                }
+                .into());
+            }
+        }
         query.filter = self
             .limits
             .constrain(&peer.identity, query.filter)

@@ -1355,6 +1355,7 @@ mod tests {
         }
         let other = Layout {
             views: vec![DimSet::BRAND],
+            attribute_keys: None,
         };
         let store = reopen(dir.path(), Some(other.clone()));
         let err = store.check_rollups().expect_err("other layout");
