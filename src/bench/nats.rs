@@ -520,8 +520,14 @@ tls {{
 
 /// A JetStream context that lets `inflight` publishes wait for their
 /// acknowledgement (and waits, rather than fails, beyond that).
+///
+/// An acknowledgement may take long when thousands of fsynced publishes
+/// queue (a backlog into a chain of sourcing streams): 60 s, not the
+/// client's default 5 s, so that the scenario measures the wait instead of
+/// failing on it.
 fn context(client: async_nats::Client, inflight: usize) -> jetstream::Context {
     jetstream::context::ContextBuilder::new()
+        .timeout(Duration::from_secs(60))
         .max_ack_inflight(inflight.max(1))
         .backpressure_on_inflight(true)
         .build(client)

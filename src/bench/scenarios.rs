@@ -12,13 +12,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Semaphore};
 
 use super::suite::{
-    dir_bytes, mean_encoded_len, payloads, CpuMeter, Figures, IngestOptions, LatencyOptions,
-    ProcSample,
+    dir_bytes, mean_encoded_len, payloads, CpuMeter, EventSource, Figures, IngestOptions,
+    LatencyOptions, ProcSample,
 };
 use super::{err, Error, Percentiles};
 use crate::chain::{LocalChain, NodeSpec};
 use crate::pb;
-use crate::workload::Workload;
 
 const NODE: &str = "retailer";
 const PUBLISHER: &str = "bench";
@@ -455,6 +454,29 @@ impl Default for GrowthOptions {
     }
 }
 
+/// Waits until the node answers a health check with SERVING.
+async fn serving(chain: &LocalChain) -> Result<(), Error> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(channel) = chain.channel(NODE, PUBLISHER).await {
+            let asked = HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await;
+            if matches!(asked, Ok(r) if r.get_ref().status() == ServingStatus::Serving) {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(err("reopen")("the node did not serve within 120 s".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// `bench growth`: one node filled to each size in turn; at each, the
 /// ingest rate of the last `window_events`, the node's resident memory
 /// (now and peak), disk bytes per event against the encoded payload, and
@@ -463,8 +485,7 @@ pub async fn growth(opts: &GrowthOptions) -> Result<Vec<Figures>, Error> {
     let mut out = Vec::new();
     let mut chain = one_node("chainsight-bench-growth-", "")?;
     chain.start(NODE).await?;
-    let now = crate::domain::UnixNanos::now().0 / 1_000_000_000;
-    let workload = Arc::new(Mutex::new(Workload::new(opts.seed, "g", 100_000, now)));
+    let workload = Arc::new(Mutex::new(super::suite::Payloads::new(opts.seed)));
     let mut stored = 0u64;
     let mut payload_bytes = 0f64;
     for &size in &opts.sizes {
@@ -487,7 +508,9 @@ pub async fn growth(opts: &GrowthOptions) -> Result<Vec<Figures>, Error> {
                     let take = left.min(batch);
                     let events: Vec<pb::CustomerEvent> = {
                         let mut w = workload.lock().unwrap_or_else(PoisonError::into_inner);
-                        (0..take).map(|_| w.next_event()).collect()
+                        (0..take)
+                            .map(|_| EventSource::next_event(&mut *w))
+                            .collect()
                     };
                     bytes += events
                         .iter()
@@ -530,8 +553,11 @@ pub async fn growth(opts: &GrowthOptions) -> Result<Vec<Figures>, Error> {
         fig.peak_rss_bytes = ProcSample::read(pid).peak_rss_bytes;
         chain.stop(NODE).await?;
         let disk = dir_bytes(&chain.data_dir(NODE));
+        // Reopen: from the process start until the node answers health
+        // SERVING (it prints its address before it opens the store).
         let reopen = Instant::now();
         chain.start(NODE).await?;
+        serving(&chain).await?;
         let reopen_s = reopen.elapsed().as_secs_f64();
         fig.disk_bytes = disk;
         fig.events_stored = fig.events_acknowledged;
