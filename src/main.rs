@@ -1182,7 +1182,6 @@ fn bench_run(scenario: BenchScenario) -> (chainsight::bench::Run, BenchCommon) {
                     batch: 50,
                     backlog: 2_000,
                     unsigned,
-                    json: None,
                 }
             } else {
                 PropagateOptions {
@@ -1191,7 +1190,6 @@ fn bench_run(scenario: BenchScenario) -> (chainsight::bench::Run, BenchCommon) {
                     batch,
                     backlog,
                     unsigned,
-                    json: None,
                 }
             };
             (Run::Propagate(opts), common)
@@ -1252,14 +1250,12 @@ fn bench_run(scenario: BenchScenario) -> (chainsight::bench::Run, BenchCommon) {
                     sizes: vec![20_000],
                     queries: 5,
                     cost_events: 1_000,
-                    json: None,
                 }
             } else {
                 QueryOptions {
                     sizes,
                     queries,
                     cost_events,
-                    json: None,
                 }
             };
             (Run::Query(opts), common)

@@ -8,16 +8,24 @@ mod common;
 use chainsight::pb;
 use common::{event_of, publish_all, roles, TestEnv};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flipped_byte_in_an_event_is_reported_offline_and_refused_online() {
-    let env = TestEnv::new();
-    let reader = env.issue("maker-app");
+/// A stopped node whose store holds 20 reviews from 20 customers, with a
+/// client certificate for `reader` (granted `reader_role`); its node.toml.
+async fn stopped_node_with_20_events(
+    env: &TestEnv,
+    reader: &str,
+    reader_role: &str,
+) -> (
+    common::NodeProc,
+    chainsight::config::TlsFiles,
+    std::path::PathBuf,
+) {
+    let files = env.issue(reader);
     let eshop = env.issue("retailer-eshop");
     let config = env.node_config(
         "node",
         &roles(&[
             "publishers = [\"retailer-eshop\"]",
-            "subscribers = [\"maker-app\"]",
+            &format!("{reader_role} = [\"{reader}\"]"),
         ]),
     );
     let mut node = env.start("node");
@@ -33,18 +41,29 @@ async fn a_flipped_byte_in_an_event_is_reported_offline_and_refused_online() {
         .collect();
     publish_all(&mut node.ingest(&eshop).await, events).await;
     node.terminate();
+    (node, files, config)
+}
 
-    let verify = || {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_chainsight"))
-            .args(["admin", "verify", "--config", config.to_str().unwrap()])
-            .output()
-            .expect("run chainsight");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned()
-                + &String::from_utf8_lossy(&out.stderr),
-        )
-    };
+/// Runs `chainsight <args> --config <config>`: success, and stdout + stderr.
+fn chainsight(config: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chainsight"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("run chainsight");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_byte_in_an_event_is_reported_offline_and_refused_online() {
+    let env = TestEnv::new();
+    let (mut node, reader, config) =
+        stopped_node_with_20_events(&env, "maker-app", "subscribers").await;
+    let verify = || chainsight(&config, &["admin", "verify"]);
     let (ok, out) = verify();
     println!("intact store: {out}");
     assert!(
@@ -98,41 +117,9 @@ async fn a_flipped_byte_in_an_event_is_reported_offline_and_refused_online() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flipped_byte_in_a_rollup_cell_is_reported_refused_and_repaired_by_a_rebuild() {
     let env = TestEnv::new();
-    let analyst = env.issue("maker-bi");
-    let eshop = env.issue("retailer-eshop");
-    let config = env.node_config(
-        "node",
-        &roles(&[
-            "publishers = [\"retailer-eshop\"]",
-            "analysts = [\"maker-bi\"]",
-        ]),
-    );
-    let mut node = env.start("node");
-    let events = (0..20)
-        .map(|i| {
-            event_of(
-                &format!("e-{i}"),
-                "4740001000017",
-                pb::EventKind::Review,
-                &format!("c-{i}"),
-            )
-        })
-        .collect();
-    publish_all(&mut node.ingest(&eshop).await, events).await;
-    node.terminate();
-
-    let chainsight = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_chainsight"))
-            .args(args)
-            .args(["--config", config.to_str().unwrap()])
-            .output()
-            .expect("run chainsight");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned()
-                + &String::from_utf8_lossy(&out.stderr),
-        )
-    };
+    let (mut node, analyst, config) =
+        stopped_node_with_20_events(&env, "maker-bi", "analysts").await;
+    let chainsight = |args: &[&str]| chainsight(&config, args);
     let (ok, out) = chainsight(&["admin", "verify"]);
     assert!(ok && out.contains("no problem found"), "{out}");
 

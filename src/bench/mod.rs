@@ -41,8 +41,6 @@ pub struct PropagateOptions {
     /// Nodes do not sign events (`[trust] sign = false`): the cost of
     /// origin proofs is the difference.
     pub unsigned: bool,
-    #[serde(skip)]
-    pub json: Option<PathBuf>,
 }
 
 impl Default for PropagateOptions {
@@ -53,7 +51,6 @@ impl Default for PropagateOptions {
             batch: 50,
             backlog: 100_000,
             unsigned: false,
-            json: None,
         }
     }
 }
@@ -453,6 +450,7 @@ pub async fn subscribe(opts: SubscribeOptions) -> Result<SubscribeReport, Error>
         "  live delivery, publish ack -> subscriber: {}",
         format_percentiles(&report.live_latency)
     );
+    write_json(&report, report.parameters.json.as_deref())?;
     Ok(report)
 }
 
@@ -524,8 +522,6 @@ pub struct QueryOptions {
     pub queries: usize,
     /// Events published to compare ingest with rollups on and off.
     pub cost_events: usize,
-    #[serde(skip)]
-    pub json: Option<PathBuf>,
 }
 
 impl Default for QueryOptions {
@@ -534,7 +530,6 @@ impl Default for QueryOptions {
             sizes: vec![1_000_000],
             queries: 50,
             cost_events: 200_000,
-            json: None,
         }
     }
 }
@@ -719,7 +714,6 @@ pub async fn query(opts: QueryOptions) -> Result<QueryReport, Error> {
         "  ingest of {} events: {:.0} events/s with rollups, {:.0} events/s without",
         report.parameters.cost_events, with, without
     );
-    write_json(&report, report.parameters.json.as_deref())?;
     Ok(report)
 }
 

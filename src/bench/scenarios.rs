@@ -542,15 +542,9 @@ pub async fn growth(opts: &GrowthOptions) -> Result<Vec<Figures>, Error> {
             }
         }
         let pid = node_pid(&chain)?;
-        let rss_now = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
-                line.split_whitespace().nth(1)?.parse::<u64>().ok()
-            })
-            .unwrap_or(0)
-            * 1024;
-        fig.peak_rss_bytes = ProcSample::read(pid).peak_rss_bytes;
+        let now = ProcSample::read(pid);
+        let rss_now = now.rss_bytes;
+        fig.peak_rss_bytes = now.peak_rss_bytes;
         chain.stop(NODE).await?;
         let disk = dir_bytes(&chain.data_dir(NODE));
         // Reopen: from the process start until the node answers health

@@ -247,6 +247,8 @@ pub struct ProcSample {
     pub cpu_seconds: f64,
     /// Peak resident set size so far (VmHWM), bytes.
     pub peak_rss_bytes: u64,
+    /// Resident set size now (VmRSS), bytes.
+    pub rss_bytes: u64,
 }
 
 impl ProcSample {
@@ -265,17 +267,18 @@ impl ProcSample {
                 Some((utime + stime) / TICKS)
             })
             .unwrap_or(0.0);
-        let peak_rss_bytes = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-                let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-                Some(kib * 1024)
-            })
-            .unwrap_or(0);
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let kib = |field: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .map_or(0, |k| k * 1024)
+        };
         ProcSample {
             cpu_seconds,
-            peak_rss_bytes,
+            peak_rss_bytes: kib("VmHWM:"),
+            rss_bytes: kib("VmRSS:"),
         }
     }
 }
