@@ -292,6 +292,7 @@ impl Store {
             pending: None,
         };
         let mut trees = trees;
+        repair_tail(&trees)?;
         if let Some(layout) = layout {
             let current = rollups_current(&trees, &layout)?;
             trees.pending = Some(Arc::new(rollups::Pending::open(
@@ -1146,6 +1147,49 @@ fn index_customers(trees: &Trees) -> Result<()> {
     Ok(())
 }
 
+/// Removes the events at the end of the store whose `by_id` entry is
+/// missing: the remains of a commit that a crash (or an I/O error)
+/// interrupted before its flush. The writer applies its batches in the
+/// order events, indexes and outboxes, `by_id` (see `Writer::transact`),
+/// and sled recovers a prefix of them, so such events were never
+/// acknowledged: their senders send them again. Their index and outbox
+/// entries go with them. Returns how many were removed.
+fn repair_tail(trees: &Trees) -> Result<usize> {
+    let mut orphans: Vec<(Seq, PreferenceEvent)> = Vec::new();
+    for item in trees.events.iter().rev() {
+        let (k, v) = item?;
+        let seq = seq_from(&k, "events", "last")?;
+        let ev = decode_event(seq, &v)?;
+        if trees.by_id.get(ev.event_id.as_bytes())?.as_deref() == Some(&k[..]) {
+            break;
+        }
+        orphans.push((seq, ev));
+    }
+    for (seq, ev) in &orphans {
+        let key = seq.to_be_bytes();
+        trees.by_time.remove(time_key(ev.occurred_at.0, *seq))?;
+        if !ev.customer_pseudonym.is_empty() {
+            trees
+                .by_customer
+                .remove(erasure::customer_key(&ev.customer_pseudonym, *seq))?;
+        }
+        for outbox in trees.outboxes.iter() {
+            if outbox.tree.remove(key)?.is_some() {
+                outbox.len.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        trees.events.remove(key)?;
+    }
+    if let Some((first, _)) = orphans.last() {
+        tracing::warn!(
+            events = orphans.len(),
+            from_seq = first,
+            "removed the unacknowledged remains of an interrupted write; their senders resend them"
+        );
+    }
+    Ok(orphans.len())
+}
+
 fn high_water(trees: &Trees) -> Result<Seq> {
     let last_event = match trees.events.last()? {
         None => 0,
@@ -1194,6 +1238,76 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(25));
         }
         panic!("store still locked");
+    }
+
+    /// What a commit cut short before its `by_id` batch leaves (events,
+    /// their indexes and outbox entries, no `by_id`) is removed on open:
+    /// nothing of it is counted, queued or found, and the sender's resend
+    /// is stored anew, once.
+    #[tokio::test]
+    async fn the_remains_of_an_interrupted_commit_are_removed_on_open() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let links = ["upstream".to_string()];
+        let event = |i: usize| {
+            let mut ev = PreferenceEvent::example();
+            ev.event_id = format!("e-{i}");
+            ev.customer_pseudonym = format!("{:032x}", i + 1);
+            ev.occurred_at = UnixNanos(ev.occurred_at.0 + i as i64);
+            NewEvent {
+                outboxes: vec![0],
+                ..NewEvent::local(ev)
+            }
+        };
+        {
+            let store = Store::open(dir.path(), &links).expect("open");
+            let stored = store.append((0..3).map(event).collect()).await.expect("append");
+            assert!(stored.iter().all(|a| matches!(a, Appended::Stored(_))));
+            store.close().await.expect("close");
+        }
+        // The first batches of a commit of two more events, as a crash
+        // before its `by_id` batch leaves them.
+        {
+            let db = sled::open(dir.path()).expect("sled");
+            let (events, by_time, by_customer, outbox) = (
+                db.open_tree("events").expect("tree"),
+                db.open_tree("by_time").expect("tree"),
+                db.open_tree("by_customer").expect("tree"),
+                outbox::open(&db, &links[0]).expect("outbox").tree,
+            );
+            for (seq, ne) in [(4u64, event(3)), (5, event(4))] {
+                events
+                    .insert(seq.to_be_bytes(), record::encode(&ne.event))
+                    .expect("insert");
+                by_time
+                    .insert(time_key(ne.event.occurred_at.0, seq), &[])
+                    .expect("insert");
+                by_customer
+                    .insert(erasure::customer_key(&ne.event.customer_pseudonym, seq), &[])
+                    .expect("insert");
+                outbox.insert(seq.to_be_bytes(), &[0u8; 8]).expect("insert");
+            }
+            #[allow(clippy::disallowed_methods)]
+            db.flush().expect("flush");
+        }
+        let store = Store::open(dir.path(), &links).expect("reopen");
+        assert_eq!(store.len(), 3, "the remains are gone");
+        assert_eq!(store.inner.trees.by_time.len(), 3);
+        assert_eq!(store.inner.trees.by_customer.len(), 3);
+        assert_eq!(store.inner.trees.outboxes[0].tree.len(), 3);
+        assert_eq!(
+            store.inner.trees.outboxes[0]
+                .len
+                .load(std::sync::atomic::Ordering::SeqCst),
+            3
+        );
+        assert!(store.get(4).expect("get").is_none());
+        // The resend: stored, with the numbers the remains had, once.
+        let resent = store.append(vec![event(3), event(4)]).await.expect("append");
+        assert_eq!(resent, vec![Appended::Stored(4), Appended::Stored(5)]);
+        let again = store.append(vec![event(3)]).await.expect("append");
+        assert_eq!(again, vec![Appended::Duplicate(4)]);
+        assert_eq!(store.len(), 5);
+        assert_eq!(store.inner.trees.by_time.len(), 5);
     }
 
     #[tokio::test]

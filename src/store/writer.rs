@@ -2,7 +2,7 @@
 //!
 //! Appends arrive on a bounded channel. The writer takes the first waiting
 //! command, drains whatever else is already queued (up to a batch limit),
-//! writes them all in one sled transaction across the trees, flushes once,
+//! writes them all (one sled batch per tree, see `Writer::transact`), flushes once,
 //! and only then answers each caller. One thread owns the sequence counter,
 //! so deduplication and numbering need no locks.
 
@@ -510,11 +510,21 @@ impl Writer {
         let start_seq = self.next_seq;
         let outcomes = match self.write(&batch) {
             Ok(outcomes) => outcomes,
-            Err(e) => {
-                // The transaction did not apply: its numbers are free again.
+            Err((e, false)) => {
+                // Nothing was applied: its numbers are free again.
                 self.next_seq = start_seq;
                 self.failed(&e);
                 fail(batch, &e, "nothing of it was stored");
+                return;
+            }
+            Err((e, true)) => {
+                // Part of it is in the trees: its numbers stay used (a next
+                // commit must not write over those events). sled refuses
+                // every write after such an I/O error until the store is
+                // reopened, and reopening removes the leftovers
+                // (`repair_tail`); the senders resend.
+                self.failed(&e);
+                fail(batch, &e, "it was not stored; retrying is safe");
                 return;
             }
         };
@@ -559,7 +569,10 @@ impl Writer {
 
     /// Decides per event whether it is new, then writes all new events and
     /// their outbox entries in one transaction.
-    fn write(&mut self, batch: &[Append]) -> Result<Vec<Vec<Appended>>> {
+    fn write(
+        &mut self,
+        batch: &[Append],
+    ) -> std::result::Result<Vec<Vec<Appended>>, (Error, bool)> {
         let mut in_batch: HashMap<&str, Seq> = HashMap::new();
         let mut new: Vec<(Seq, &NewEvent)> = Vec::new();
         let mut outcomes = Vec::with_capacity(batch.len());
@@ -572,9 +585,11 @@ impl Writer {
                 } else if let Some(seq) = self
                     .trees
                     .by_id
-                    .get(id.as_bytes())?
+                    .get(id.as_bytes())
+                    .map_err(|e| (e.into(), false))?
                     .map(|seq| super::seq_from(&seq, "by_id", id))
-                    .transpose()?
+                    .transpose()
+                    .map_err(|e| (e, false))?
                     .filter(|seq| *seq != PEER_TOMBSTONE || ne.forwarded)
                 {
                     out.push(Appended::Duplicate(seq));
@@ -595,50 +610,65 @@ impl Writer {
         Ok(outcomes)
     }
 
-    fn transact(&self, new: &[(Seq, &NewEvent)]) -> Result<()> {
-        let encoded: Vec<(Seq, &NewEvent, Vec<u8>)> = new
-            .iter()
-            .map(|(s, ne)| (*s, *ne, record::encode(&ne.event)))
-            .collect();
+    /// Writes the new events as one atomic sled `Batch` per tree, in an
+    /// order that makes a crash harmless: first the events, then their time
+    /// and customer indexes and outbox entries, and last the `by_id`
+    /// entries (which make an event "stored": deduplication finds it) and
+    /// the high-water mark.
+    ///
+    /// sled recovers its log as a prefix in write order (recovery stops at
+    /// the first torn or missing message), so after a crash the trees hold a
+    /// prefix of these batches. A commit cut short before its flush was
+    /// never acknowledged; it can at worst leave events at the end of the
+    /// `events` tree without their `by_id` entries, which
+    /// [`super::repair_tail`] removes on open, and the senders resend them.
+    /// A multi-tree transaction would give the same guarantee at several
+    /// times the CPU per event (it buffers every write in per-tree maps and
+    /// applies them under sled's global write lock). Returns whether
+    /// anything was applied when it fails.
+    fn transact(&self, new: &[(Seq, &NewEvent)]) -> std::result::Result<(), (Error, bool)> {
         let now = UnixNanos::now().0.to_be_bytes();
         let t = &self.trees;
-        let high_water = encoded
-            .iter()
-            .map(|(s, _, _)| *s)
-            .max()
-            .unwrap_or(0)
-            .to_be_bytes();
-        // [events, by_id, by_time, meta, by_customer, outbox 0, outbox 1, ...]
-        let mut trees: Vec<&sled::Tree> =
-            vec![&t.events, &t.by_id, &t.by_time, &t.meta, &t.by_customer];
-        trees.extend(t.outboxes.iter().map(|o| &o.tree));
-        trees
-            .as_slice()
-            .transaction(|tx| {
-                for (seq, ne, bytes) in &encoded {
-                    let key = seq.to_be_bytes();
-                    tx[0].insert(&key, bytes.as_slice())?;
-                    tx[1].insert(ne.event.event_id.as_bytes(), &key)?;
-                    tx[2].insert(&time_key(ne.event.occurred_at.0, *seq), &[])?;
-                    if !ne.event.customer_pseudonym.is_empty() {
-                        tx[4].insert(
-                            super::erasure::customer_key(&ne.event.customer_pseudonym, *seq),
-                            &[],
-                        )?;
-                    }
-                    for &link in &ne.outboxes {
-                        if let Some(outbox) = tx.get(5 + link) {
-                            outbox.insert(&key, &now)?;
-                        }
-                    }
+        let high_water = new.iter().map(|(s, _)| *s).max().unwrap_or(0).to_be_bytes();
+        let mut events = sled::Batch::default();
+        let mut by_time = sled::Batch::default();
+        let mut by_customer = sled::Batch::default();
+        let mut by_id = sled::Batch::default();
+        let mut outboxes: Vec<sled::Batch> =
+            t.outboxes.iter().map(|_| sled::Batch::default()).collect();
+        let mut customers = 0usize;
+        for (seq, ne) in new {
+            let key = seq.to_be_bytes();
+            events.insert(&key, record::encode(&ne.event));
+            by_time.insert(&time_key(ne.event.occurred_at.0, *seq), &[]);
+            if !ne.event.customer_pseudonym.is_empty() {
+                by_customer.insert(
+                    super::erasure::customer_key(&ne.event.customer_pseudonym, *seq),
+                    &[],
+                );
+                customers += 1;
+            }
+            for &link in &ne.outboxes {
+                if let Some(outbox) = outboxes.get_mut(link) {
+                    outbox.insert(&key, &now);
                 }
-                tx[3].insert(super::META_LAST_SEQ, &high_water)?;
-                Ok::<(), ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| match e {
-                TransactionError::Storage(e) => Error::Sled(e),
-                TransactionError::Abort(()) => Error::Closed,
-            })?;
+            }
+            by_id.insert(ne.event.event_id.as_bytes(), &key);
+        }
+        t.events.apply_batch(events).map_err(|e| (e.into(), false))?;
+        let rest = || -> Result<()> {
+            t.by_time.apply_batch(by_time)?;
+            if customers > 0 {
+                t.by_customer.apply_batch(by_customer)?;
+            }
+            for (outbox, batch) in t.outboxes.iter().zip(outboxes) {
+                outbox.tree.apply_batch(batch)?;
+            }
+            t.by_id.apply_batch(by_id)?;
+            t.meta.insert(super::META_LAST_SEQ, &high_water)?;
+            Ok(())
+        };
+        rest().map_err(|e| (e, true))?;
         // The events are in the trees: their rollup deltas wait in memory
         // until the checkpointer merges them (a crash refolds them).
         if let Some(pending) = &t.pending {
