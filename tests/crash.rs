@@ -45,8 +45,10 @@ struct Ledger {
     next: u64,
 }
 
-/// Publishes batches of 50 to `node` until a request fails (the node was
-/// killed); batches sent again first.
+/// Publishes batches to `node` until a request fails (the node was
+/// killed); batches sent again first. Publisher 0 sends batches of 3 (the
+/// store writes small commits key by key), the others batches of 50 (one
+/// sled batch per tree).
 async fn publish_until_failure(
     node_addr: String,
     files: TlsFiles,
@@ -65,9 +67,10 @@ async fn publish_until_failure(
             match l.unanswered.pop() {
                 Some(b) => b,
                 None => {
+                    let size = if who == 0 { 3 } else { 50 };
                     let first = l.next;
-                    l.next += 50;
-                    (first..first + 50)
+                    l.next += size;
+                    (first..first + size)
                         .map(|i| {
                             event_of(
                                 &format!("p{who}-{i}"),

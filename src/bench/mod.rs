@@ -616,9 +616,16 @@ pub async fn query(opts: QueryOptions) -> Result<QueryReport, Error> {
         workload = publish_bulk(&chain, RETAILER, workload, n).await?;
         let ingest = n as f64 / t.elapsed().as_secs_f64();
         let mut client = crate::client::InsightsClient::new(chain.channel(RETAILER, CLIENT).await?);
-        // Warm-up: let the node merge the last rollup deltas of the
-        // publish into its tree, and run the feed a few times untimed.
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // Warm-up: let the node finish the background work of the bulk
+        // load (the last rollup checkpoints, sled's flushes of dirty
+        // pages), so that the timed queries measure the feed on a store of
+        // n events rather than beside its ingest; then run the feed a few
+        // times untimed.
+        let pid = chain
+            .pid(RETAILER)
+            .ok_or_else(|| err("find the node process")("not running".into()))?;
+        let (waited, idle) = suite::wait_idle(pid, Duration::from_secs(120)).await;
+        tracing::info!(?waited, idle, "query: the node is idle after the bulk load");
         for _ in 0..3 {
             client
                 .query(feed_query(now))

@@ -324,6 +324,25 @@ impl CpuMeter {
     }
 }
 
+/// Waits until process `pid` is idle — under 5 % of one CPU over half a
+/// second, i.e. it has finished the background work of what came before
+/// (rollup checkpoints, sled's flushes) — or `max` has passed. Returns how
+/// long it waited and whether it became idle.
+pub async fn wait_idle(pid: u32, max: std::time::Duration) -> (std::time::Duration, bool) {
+    const WINDOW: std::time::Duration = std::time::Duration::from_millis(500);
+    let started = std::time::Instant::now();
+    let mut before = ProcSample::read(pid).cpu_seconds;
+    while started.elapsed() < max {
+        tokio::time::sleep(WINDOW).await;
+        let now = ProcSample::read(pid).cpu_seconds;
+        if now - before < 0.05 * WINDOW.as_secs_f64() {
+            return (started.elapsed(), true);
+        }
+        before = now;
+    }
+    (started.elapsed(), false)
+}
+
 /// Bytes of the files under `dir` (0 where it does not exist).
 pub fn dir_bytes(dir: &Path) -> u64 {
     let mut total = 0;

@@ -1240,12 +1240,19 @@ mod tests {
         panic!("store still locked");
     }
 
-    /// What a commit cut short before its `by_id` batch leaves (events,
-    /// their indexes and outbox entries, no `by_id`) is removed on open:
+    /// What a commit cut short before its `by_id` writes leaves (events,
+    /// their indexes and outbox entries, no `by_id`), or during them (the
+    /// first event's `by_id` landed, the second's not), is removed on open:
     /// nothing of it is counted, queued or found, and the sender's resend
-    /// is stored anew, once.
+    /// stores what was missing, once.
     #[tokio::test]
     async fn the_remains_of_an_interrupted_commit_are_removed_on_open() {
+        for first_by_id_landed in [false, true] {
+            interrupted_commit(first_by_id_landed).await;
+        }
+    }
+
+    async fn interrupted_commit(first_by_id_landed: bool) {
         let dir = tempfile::tempdir().expect("temp dir");
         let links = ["upstream".to_string()];
         let event = |i: usize| {
@@ -1260,18 +1267,21 @@ mod tests {
         };
         {
             let store = Store::open(dir.path(), &links).expect("open");
-            let stored = store.append((0..3).map(event).collect()).await.expect("append");
+            let stored = store
+                .append((0..3).map(event).collect())
+                .await
+                .expect("append");
             assert!(stored.iter().all(|a| matches!(a, Appended::Stored(_))));
             store.close().await.expect("close");
         }
-        // The first batches of a commit of two more events, as a crash
-        // before its `by_id` batch leaves them.
+        // A commit of two more events, cut short as a crash leaves it.
         {
             let db = sled::open(dir.path()).expect("sled");
-            let (events, by_time, by_customer, outbox) = (
+            let (events, by_time, by_customer, by_id, outbox) = (
                 db.open_tree("events").expect("tree"),
                 db.open_tree("by_time").expect("tree"),
                 db.open_tree("by_customer").expect("tree"),
+                db.open_tree("by_id").expect("tree"),
                 outbox::open(&db, &links[0]).expect("outbox").tree,
             );
             for (seq, ne) in [(4u64, event(3)), (5, event(4))] {
@@ -1282,32 +1292,51 @@ mod tests {
                     .insert(time_key(ne.event.occurred_at.0, seq), &[])
                     .expect("insert");
                 by_customer
-                    .insert(erasure::customer_key(&ne.event.customer_pseudonym, seq), &[])
+                    .insert(
+                        erasure::customer_key(&ne.event.customer_pseudonym, seq),
+                        &[],
+                    )
                     .expect("insert");
                 outbox.insert(seq.to_be_bytes(), &[0u8; 8]).expect("insert");
+            }
+            if first_by_id_landed {
+                by_id.insert("e-3", &4u64.to_be_bytes()).expect("insert");
             }
             #[allow(clippy::disallowed_methods)]
             db.flush().expect("flush");
         }
+        let kept = if first_by_id_landed { 4 } else { 3 };
         let store = Store::open(dir.path(), &links).expect("reopen");
-        assert_eq!(store.len(), 3, "the remains are gone");
-        assert_eq!(store.inner.trees.by_time.len(), 3);
-        assert_eq!(store.inner.trees.by_customer.len(), 3);
-        assert_eq!(store.inner.trees.outboxes[0].tree.len(), 3);
+        assert_eq!(store.len(), kept, "the remains are gone");
+        assert_eq!(store.inner.trees.by_time.len(), kept);
+        assert_eq!(store.inner.trees.by_customer.len(), kept);
+        assert_eq!(store.inner.trees.outboxes[0].tree.len(), kept);
         assert_eq!(
             store.inner.trees.outboxes[0]
                 .len
                 .load(std::sync::atomic::Ordering::SeqCst),
-            3
+            kept as u64
         );
-        assert!(store.get(4).expect("get").is_none());
-        // The resend: stored, with the numbers the remains had, once.
-        let resent = store.append(vec![event(3), event(4)]).await.expect("append");
-        assert_eq!(resent, vec![Appended::Stored(4), Appended::Stored(5)]);
-        let again = store.append(vec![event(3)]).await.expect("append");
-        assert_eq!(again, vec![Appended::Duplicate(4)]);
+        assert!(store.get(5).expect("get").is_none());
+        // The resend: what landed is a duplicate, the rest is stored, once.
+        let resent = store
+            .append(vec![event(3), event(4)])
+            .await
+            .expect("append");
+        let expected = if first_by_id_landed {
+            vec![Appended::Duplicate(4), Appended::Stored(5)]
+        } else {
+            vec![Appended::Stored(4), Appended::Stored(5)]
+        };
+        assert_eq!(resent, expected);
+        let again = store
+            .append(vec![event(3), event(4)])
+            .await
+            .expect("append");
+        assert_eq!(again, vec![Appended::Duplicate(4), Appended::Duplicate(5)]);
         assert_eq!(store.len(), 5);
         assert_eq!(store.inner.trees.by_time.len(), 5);
+        store.close().await.expect("close");
     }
 
     #[tokio::test]

@@ -26,7 +26,10 @@ pub(super) const PEER_TOMBSTONE: Seq = Seq::MAX - 1;
 
 /// Queue depth before appenders wait (backpressure).
 const QUEUE: usize = 1024;
-/// Most events written in one transaction and flush.
+/// Commits of at most this many events write key by key rather than one
+/// sled batch per tree (see `Writer::transact`).
+const PLAIN_INSERTS_UP_TO: usize = 16;
+/// Most events written in one group commit and flush.
 const MAX_BATCH_EVENTS: usize = 8192;
 
 pub(super) struct Append {
@@ -610,61 +613,81 @@ impl Writer {
         Ok(outcomes)
     }
 
-    /// Writes the new events as one atomic sled `Batch` per tree, in an
-    /// order that makes a crash harmless: first the events, then their time
-    /// and customer indexes and outbox entries, and last the `by_id`
-    /// entries (which make an event "stored": deduplication finds it) and
-    /// the high-water mark.
+    /// Writes the new events tree by tree, in an order that makes a crash
+    /// harmless: first the events, then their time and customer indexes and
+    /// outbox entries, and last the `by_id` entries (which make an event
+    /// "stored": deduplication finds it) and the high-water mark. Each tree
+    /// gets one atomic sled `Batch`, or, for small commits, plain inserts
+    /// in event order.
     ///
     /// sled recovers its log as a prefix in write order (recovery stops at
     /// the first torn or missing message), so after a crash the trees hold a
-    /// prefix of these batches. A commit cut short before its flush was
+    /// prefix of these writes. A commit cut short before its flush was
     /// never acknowledged; it can at worst leave events at the end of the
-    /// `events` tree without their `by_id` entries, which
-    /// [`super::repair_tail`] removes on open, and the senders resend them.
-    /// A multi-tree transaction would give the same guarantee at several
-    /// times the CPU per event (it buffers every write in per-tree maps and
-    /// applies them under sled's global write lock). Returns whether
-    /// anything was applied when it fails.
+    /// `events` tree without their `by_id` entries (all of them, or those
+    /// after the last `by_id` insert that landed), which
+    /// [`super::repair_tail`] removes on open; the senders resend them, and
+    /// find the others stored. A multi-tree transaction would give the same
+    /// guarantee at several times the CPU per event (it buffers every write
+    /// in per-tree maps and applies them under sled's global write lock).
+    /// On failure, says whether anything was applied.
     fn transact(&self, new: &[(Seq, &NewEvent)]) -> std::result::Result<(), (Error, bool)> {
         let now = UnixNanos::now().0.to_be_bytes();
         let t = &self.trees;
         let high_water = new.iter().map(|(s, _)| *s).max().unwrap_or(0).to_be_bytes();
-        let mut events = sled::Batch::default();
-        let mut by_time = sled::Batch::default();
-        let mut by_customer = sled::Batch::default();
-        let mut by_id = sled::Batch::default();
-        let mut outboxes: Vec<sled::Batch> =
-            t.outboxes.iter().map(|_| sled::Batch::default()).collect();
-        let mut customers = 0usize;
+        type Kv = Vec<(Vec<u8>, Vec<u8>)>;
+        let mut events: Kv = Vec::with_capacity(new.len());
+        let mut by_time: Kv = Vec::with_capacity(new.len());
+        let mut by_customer: Kv = Vec::new();
+        let mut by_id: Kv = Vec::with_capacity(new.len());
+        let mut outboxes: Vec<Kv> = t.outboxes.iter().map(|_| Vec::new()).collect();
         for (seq, ne) in new {
             let key = seq.to_be_bytes();
-            events.insert(&key, record::encode(&ne.event));
-            by_time.insert(&time_key(ne.event.occurred_at.0, *seq), &[]);
+            events.push((key.to_vec(), record::encode(&ne.event)));
+            by_time.push((time_key(ne.event.occurred_at.0, *seq).to_vec(), Vec::new()));
             if !ne.event.customer_pseudonym.is_empty() {
-                by_customer.insert(
+                by_customer.push((
                     super::erasure::customer_key(&ne.event.customer_pseudonym, *seq),
-                    &[],
-                );
-                customers += 1;
+                    Vec::new(),
+                ));
             }
             for &link in &ne.outboxes {
                 if let Some(outbox) = outboxes.get_mut(link) {
-                    outbox.insert(&key, &now);
+                    outbox.push((key.to_vec(), now.to_vec()));
                 }
             }
-            by_id.insert(ne.event.event_id.as_bytes(), &key);
+            by_id.push((ne.event.event_id.as_bytes().to_vec(), key.to_vec()));
         }
-        t.events.apply_batch(events).map_err(|e| (e.into(), false))?;
+        // A sled batch costs tens of µs whatever its size (it takes sled's
+        // global write lock and logs a manifest), a plain insert a few µs:
+        // small commits (one request in flight) write key by key, large
+        // ones tree by tree.
+        let plain = new.len() <= PLAIN_INSERTS_UP_TO;
+        let put = |tree: &sled::Tree, kv: Kv| -> sled::Result<()> {
+            if kv.is_empty() {
+                return Ok(());
+            }
+            if plain {
+                for (k, v) in kv {
+                    tree.insert(k, v)?;
+                }
+                Ok(())
+            } else {
+                let mut batch = sled::Batch::default();
+                for (k, v) in kv {
+                    batch.insert(k, v);
+                }
+                tree.apply_batch(batch)
+            }
+        };
+        put(&t.events, events).map_err(|e| (e.into(), false))?;
         let rest = || -> Result<()> {
-            t.by_time.apply_batch(by_time)?;
-            if customers > 0 {
-                t.by_customer.apply_batch(by_customer)?;
+            put(&t.by_time, by_time)?;
+            put(&t.by_customer, by_customer)?;
+            for (outbox, kv) in t.outboxes.iter().zip(outboxes) {
+                put(&outbox.tree, kv)?;
             }
-            for (outbox, batch) in t.outboxes.iter().zip(outboxes) {
-                outbox.tree.apply_batch(batch)?;
-            }
-            t.by_id.apply_batch(by_id)?;
+            put(&t.by_id, by_id)?;
             t.meta.insert(super::META_LAST_SEQ, &high_water)?;
             Ok(())
         };
