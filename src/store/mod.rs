@@ -21,12 +21,13 @@
 //!   with (see [`crate::origin`])
 //! - `dp_budget`: analyst identity → period start (i64) ‖ ε spent (f64)
 //!
-//! An event and its outbox entries are written in the same transaction, so
-//! an event is never stored without being queued where it must go. Later
-//! keyspaces (subscriber cursors, rollups) follow the same rule.
+//! An event's outbox entries are written in the same commit as the event
+//! and before its `by_id` entry, which is what makes it stored: after a
+//! crash an event is never stored without being queued where it must go
+//! (see `writer::Writer::transact` and `repair_tail`).
 //!
 //! All writes go through one writer thread that batches concurrent appends
-//! into a single sled transaction and a single flush (group commit): an
+//! into one commit and a single flush (group commit): an
 //! append returns only after its events are on disk, and one flush serves
 //! every publisher waiting at that moment. Nothing outside this module
 //! touches sled.
