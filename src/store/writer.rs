@@ -620,9 +620,10 @@ impl Writer {
     /// gets one atomic sled `Batch`, or, for small commits, plain inserts
     /// in event order.
     ///
-    /// sled recovers its log as a prefix in write order (recovery stops at
-    /// the first torn or missing message), so after a crash the trees hold a
-    /// prefix of these writes. A commit cut short before its flush was
+    /// sled recovers its log as a prefix in write order (sled 0.34's
+    /// `pagecache::iterator::LogIter` ends recovery at the first torn
+    /// message, torn batch or missing segment), so after a crash the trees
+    /// hold a prefix of these writes. A commit cut short before its flush was
     /// never acknowledged; it can at worst leave events at the end of the
     /// `events` tree without their `by_id` entries (all of them, or those
     /// after the last `by_id` insert that landed), which
