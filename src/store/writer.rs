@@ -571,7 +571,8 @@ impl Writer {
     }
 
     /// Decides per event whether it is new, then writes all new events and
-    /// their outbox entries in one transaction.
+    /// their index and outbox entries (see [`Self::transact`]). On failure,
+    /// says whether anything was applied.
     fn write(
         &mut self,
         batch: &[Append],
@@ -681,7 +682,9 @@ impl Writer {
                 tree.apply_batch(batch)
             }
         };
-        put(&t.events, events).map_err(|e| (e.into(), false))?;
+        // A batch applies whole or not at all; key by key, a failure after
+        // the first insert leaves some events in the tree.
+        put(&t.events, events).map_err(|e| (e.into(), plain))?;
         let rest = || -> Result<()> {
             put(&t.by_time, by_time)?;
             put(&t.by_customer, by_customer)?;
