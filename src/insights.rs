@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use crate::domain::{Channel, EventFilter, EventKind, JourneyStage, UnixNanos};
 use crate::rollup::{self, CellDims, Counts, DimSet, Interner, Layout, QueryCell, Sym};
-use crate::store::{self, QueryCells, RawCell, Store};
+use crate::store::{self, QueryCells, Store};
 use crate::wire::{ReportWriter, RowFields};
 
 /// A dimension to group by.
@@ -577,7 +577,7 @@ fn rank_keys(
 /// [`matching`].
 fn matching_cells(store: &Store, filter: &EventFilter, plan: Plan) -> store::Result<QueryCells> {
     let (from, to) = hour_window(filter);
-    let (edges, from, to) = edge_cells(store, filter, from, to)?;
+    let (edges, from, to) = edge_ranges(filter, from, to);
     // Retention removed everything before the horizon; cells of periods
     // that started earlier still count removed events.
     let from = match (from, store.rollup_horizon()?) {
@@ -597,7 +597,7 @@ fn matching_cells(store: &Store, filter: &EventFilter, plan: Plan) -> store::Res
             (family, period, a, b)
         })
         .collect();
-    store.read_rollups(&pieces, plan.view, edges)
+    store.read_rollups(&pieces, plan.view, &edges)
 }
 
 /// The cells of `cells` that match the filter (and are about `attribute`,
@@ -646,8 +646,6 @@ fn hour_window(f: &EventFilter) -> (Option<i64>, Option<i64>) {
     (from, to)
 }
 
-type Cells = Vec<RawCell>;
-
 /// Dimensions a query can group by (they are distinct).
 const DIMS: usize = 10;
 
@@ -655,22 +653,21 @@ const DIMS: usize = 10;
 /// number), and its time bucket.
 type GroupKey = ([u32; DIMS], Option<i64>);
 
-/// The cells of the events in the partial hours at the window's edges, and
-/// the whole-hour range left for the rollups (empty when the window lies
-/// within one hour).
-fn edge_cells(
-    store: &Store,
+/// The partial hours at the window's edges (each within one hour; their
+/// events are folded, see [`Store::read_rollups`]), and the whole-hour
+/// range left for the rollups (empty when the window lies within one
+/// hour).
+fn edge_ranges(
     f: &EventFilter,
     from: Option<i64>,
     to: Option<i64>,
-) -> store::Result<(Cells, Option<i64>, Option<i64>)> {
+) -> (Vec<(UnixNanos, UnixNanos)>, Option<i64>, Option<i64>) {
     let mut ranges = Vec::new();
     match (f.since, f.until, from, to) {
         (Some(s), Some(u), Some(fh), Some(th)) if fh > th => {
             // Within one hour: no whole hour, only events.
             ranges.push((s, u));
-            let cells = fold_events(store, &ranges)?;
-            return Ok((cells, Some(fh), Some(fh)));
+            return (ranges, Some(fh), Some(fh));
         }
         _ => {
             if let (Some(s), Some(fh)) = (f.since, from) {
@@ -681,25 +678,7 @@ fn edge_cells(
             }
         }
     }
-    Ok((fold_events(store, &ranges)?, from, to))
-}
-
-fn fold_events(store: &Store, ranges: &[(UnixNanos, UnixNanos)]) -> store::Result<Cells> {
-    let mut events = Vec::new();
-    for (a, b) in ranges {
-        if a < b {
-            for ev in store.scan_time(*a, *b) {
-                events.push(ev?);
-            }
-        }
-    }
-    Ok(rollup::fold(events.iter(), &Layout::base_only())
-        .into_iter()
-        .map(|(k, agg)| {
-            let value = rollup::seal_value(&k, &agg);
-            (k.into(), value.into())
-        })
-        .collect())
+    (ranges, from, to)
 }
 
 /// `categories`: the filter's categories in lower case.
@@ -1058,5 +1037,119 @@ mod tests {
         {}
         assert_eq!(store.rollup_horizon().expect("horizon"), Some(cut));
         compare("after retention");
+    }
+
+    /// The partial hours at a window's edges are folded from their events
+    /// and kept folded between queries: events stored in such an hour
+    /// later, and events removed, show in the next answer.
+    #[tokio::test]
+    async fn folded_window_edges_follow_stored_and_removed_events() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path(), &[]).expect("open");
+        store.check_rollups().expect("fresh store");
+        let hour = 1_767_225_600 / 3600 + 24 * 10;
+        let at = |h: i64, m: i64| UnixNanos((h * 3600 + m * 60) * 1_000_000_000);
+        let mut stored: Vec<UnixNanos> = Vec::new();
+        let mut n = 0;
+        let mut events = |minutes: &[(i64, i64)]| {
+            let mut out = dataset(minutes.len(), hour, 1);
+            for (ev, &(h, m)) in out.iter_mut().zip(minutes) {
+                n += 1;
+                ev.event.event_id = format!("edge-{n}");
+                ev.event.occurred_at = at(h, m);
+            }
+            out
+        };
+        let count = |stored: &[UnixNanos], q: &Query| {
+            stored
+                .iter()
+                .filter(|t| q.filter.since.is_none_or(|s| **t >= s))
+                .filter(|t| q.filter.until.is_none_or(|u| **t < u))
+                .count() as u64
+        };
+        let queries = [
+            // A window from 20 minutes into `hour` (its start edge), ...
+            (Some(at(hour, 20)), None),
+            // ... one ending 40 minutes into `hour + 2` (its end edge), ...
+            (Some(at(hour - 1, 0)), Some(at(hour + 2, 40))),
+            // ... and one within `hour`.
+            (Some(at(hour, 20)), Some(at(hour, 45))),
+        ]
+        .into_iter()
+        // Each window read through two views (two folds of the same edge).
+        .flat_map(|(since, until)| {
+            [vec![], vec![Dim::Gtin, Dim::Kind]].map(|group_by| Query {
+                filter: EventFilter {
+                    since,
+                    until,
+                    ..Default::default()
+                },
+                group_by,
+                attribute_key: None,
+                bucket: None,
+                limit: 0,
+            })
+        })
+        .collect::<Vec<_>>();
+        let check = |stored: &[UnixNanos], label: &str| {
+            for q in &queries {
+                let events: u64 = run(&store, q, 0)
+                    .expect("query")
+                    .rows
+                    .iter()
+                    .map(|r| r.events)
+                    .sum();
+                assert_eq!(events, count(stored, q), "{label}: {:?}", q.filter);
+            }
+        };
+        let first = events(&[
+            (hour, 5),
+            (hour, 25),
+            (hour, 50),
+            (hour + 1, 10),
+            (hour + 2, 30),
+        ]);
+        stored.extend(first.iter().map(|e| e.event.occurred_at));
+        store.append(first).await.expect("append");
+        check(&stored, "first events");
+        // Asked again: answered from the folded edges.
+        check(&stored, "asked again");
+        // More events in the edge hours, and one elsewhere.
+        let more = events(&[(hour, 30), (hour, 59), (hour + 2, 10), (hour + 5, 0)]);
+        stored.extend(more.iter().map(|e| e.event.occurred_at));
+        store.append(more).await.expect("append more");
+        check(&stored, "events stored in the edge hours");
+        check(&stored, "asked again after more events");
+        // Erasure of an event at the start edge (the first one at 25
+        // minutes into `hour`).
+        store
+            .erase(
+                crate::store::EraseRequest {
+                    id: "er-edge".into(),
+                    requested_by: "test".into(),
+                    pseudonym: String::new(),
+                    event_ids: vec!["edge-2".into()],
+                    spare_origin: None,
+                },
+                crate::store::Router::none(),
+            )
+            .await
+            .expect("erase");
+        let erased = stored
+            .iter()
+            .position(|t| *t == at(hour, 25))
+            .expect("edge-2");
+        stored.remove(erased);
+        check(&stored, "after an erasure");
+        // Retention (which cuts at whole hours) removes the events of
+        // `hour`, folded at two windows' edges.
+        while store
+            .purge_before(at(hour + 1, 0), 1000)
+            .await
+            .expect("purge")
+            > 0
+        {}
+        stored.retain(|t| *t >= at(hour + 1, 0));
+        check(&stored, "after retention");
     }
 }

@@ -423,33 +423,60 @@ impl Store {
     /// The rollup cells of `pieces` (each: `family`'s `period` cells
     /// starting in the hours `from..to`, open ends unbounded), including
     /// the deltas not yet checkpointed (a cell may come more than once:
-    /// its parts add up). Hour cells may come merged onto the dimensions
-    /// of `hour_view` (a view's dimensions that cover the query: grouping
-    /// and filtering by them reads the same, from fewer cells), and so
-    /// does `extra` (cells folded from events).
+    /// its parts add up), and the cells of the events in `edges` (the
+    /// partial hours at a window's ends), folded from the events. Hour
+    /// cells and edge cells may come merged onto the dimensions of
+    /// `hour_view` (a view's dimensions that cover the query: grouping and
+    /// filtering by them reads the same, from fewer cells).
     pub fn read_rollups(
         &self,
         pieces: &[rollups::Piece],
         hour_view: Option<crate::rollup::DimSet>,
-        mut extra: Vec<rollups::RawCell>,
+        edges: &[(UnixNanos, UnixNanos)],
     ) -> Result<QueryCells> {
         let tree = &self.inner.trees.rollups;
         let symbols = &self.inner.symbols;
-        if let Some(view) = hour_view.filter(|_| !extra.is_empty()) {
-            extra = rollups::project(extra, view)?;
-        }
-        let mut segments = match &self.inner.trees.pending {
+        let pending = self.inner.trees.pending.as_deref();
+        let mut segments = match pending {
             Some(pending) => pending.read_cells(tree, pieces, hour_view, symbols)?,
             None => vec![Arc::new(rollups::decode_cells(
                 rollups::Pending::read_tree(tree, pieces)?,
                 symbols,
             )?)],
         };
-        segments.push(Arc::new(rollups::decode_cells(extra, symbols)?));
+        let projection = hour_view.unwrap_or_default();
+        let fold = |range: (UnixNanos, UnixNanos)| -> Result<Arc<Vec<crate::rollup::QueryCell>>> {
+            let mut cells = self.fold_events(range)?;
+            if !projection.is_empty() && !cells.is_empty() {
+                cells = rollups::project(cells, projection)?;
+            }
+            Ok(Arc::new(rollups::decode_cells(cells, symbols)?))
+        };
+        for &range in edges.iter().filter(|(a, b)| a < b) {
+            segments.push(match pending {
+                Some(pending) => pending.edge_cells(range, projection, || fold(range))?,
+                None => fold(range)?,
+            });
+        }
         Ok(QueryCells {
             segments,
             symbols: self.inner.symbols.clone(),
         })
+    }
+
+    /// The hourly cells over every dimension of the events that occurred in
+    /// `from..to`, folded from the events.
+    fn fold_events(&self, (from, to): (UnixNanos, UnixNanos)) -> Result<Vec<rollups::RawCell>> {
+        let events = self.scan_time(from, to).collect::<Result<Vec<_>>>()?;
+        Ok(
+            crate::rollup::fold(events.iter(), &crate::rollup::Layout::base_only())
+                .into_iter()
+                .map(|(k, agg)| {
+                    let value = crate::rollup::seal_value(&k, &agg);
+                    (k.into(), value.into())
+                })
+                .collect(),
+        )
     }
 
     /// Whether rollup deltas wait in memory for the next checkpoint.
@@ -1520,7 +1547,7 @@ mod tests {
             .read_rollups(
                 &[(family, crate::rollup::Bucket::Month, None, None)],
                 None,
-                Vec::new(),
+                &[],
             )
             .expect("cells");
         let all: Vec<_> = cells.iter().collect();

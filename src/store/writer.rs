@@ -247,7 +247,10 @@ impl Writer {
         let purged_upto = super::meta_seq(&t.meta, super::META_PURGED_UPTO)?
             .max(victims.iter().map(|v| v.1).max().unwrap_or(0))
             .to_be_bytes();
-        (&t.events, &t.by_time, &t.meta, &t.by_customer)
+        if let Some(pending) = &t.pending {
+            pending.begin_change(None);
+        }
+        let removed = (&t.events, &t.by_time, &t.meta, &t.by_customer)
             .transaction(|(events, by_time, meta, by_customer)| {
                 // `by_id` entries stay, as tombstones: a late resend of a
                 // removed event is still a duplicate, never a new copy.
@@ -264,7 +267,11 @@ impl Writer {
             .map_err(|e| match e {
                 TransactionError::Storage(e) => Error::Sled(e),
                 TransactionError::Abort(()) => Error::Closed,
-            })?;
+            });
+        if let Some(pending) = &t.pending {
+            pending.end_change(None);
+        }
+        removed?;
         self.flush_now()?;
         Ok(victims.len())
     }
@@ -465,7 +472,12 @@ impl Writer {
             })
         };
         let applied = match &t.pending {
-            Some(pending) => pending.exclusive(apply),
+            Some(pending) => {
+                pending.begin_change(None);
+                let applied = pending.exclusive(apply);
+                pending.end_change(None);
+                applied
+            }
             None => apply(),
         }
         .map_err(|e| match e {
@@ -632,8 +644,34 @@ impl Writer {
     /// find the others stored. A multi-tree transaction would give the same
     /// guarantee at several times the CPU per event (it buffers every write
     /// in per-tree maps and applies them under sled's global write lock).
-    /// On failure, says whether anything was applied.
+    /// On failure, says whether anything was applied. Queries' folded
+    /// window edges of the events' hours are dropped before and after
+    /// (see [`super::rollups::Pending::begin_change`]).
     fn transact(&self, new: &[(Seq, &NewEvent)]) -> std::result::Result<(), (Error, bool)> {
+        let Some(pending) = &self.trees.pending else {
+            return self.write_trees(new);
+        };
+        let mut hours: Vec<i64> = new
+            .iter()
+            .map(|(_, ne)| crate::rollup::hour_of(ne.event.occurred_at))
+            .collect();
+        hours.sort_unstable();
+        hours.dedup();
+        pending.begin_change(Some(&hours));
+        if let Err(e) = self.write_trees(new) {
+            pending.end_change(None);
+            return Err(e);
+        }
+        // The events are in the trees: their rollup deltas wait in memory
+        // until the checkpointer merges them (a crash refolds them).
+        let cells = crate::rollup::fold(new.iter().map(|(_, ne)| &ne.event), pending.layout());
+        let upto = new.iter().map(|(s, _)| *s).max().unwrap_or(0);
+        pending.add(cells, new.len() as u64, upto, &hours);
+        Ok(())
+    }
+
+    /// [`Self::transact`]'s writes.
+    fn write_trees(&self, new: &[(Seq, &NewEvent)]) -> std::result::Result<(), (Error, bool)> {
         let now = UnixNanos::now().0.to_be_bytes();
         let t = &self.trees;
         let high_water = new.iter().map(|(s, _)| *s).max().unwrap_or(0).to_be_bytes();
@@ -695,15 +733,7 @@ impl Writer {
             t.meta.insert(super::META_LAST_SEQ, &high_water)?;
             Ok(())
         };
-        rest().map_err(|e| (e, true))?;
-        // The events are in the trees: their rollup deltas wait in memory
-        // until the checkpointer merges them (a crash refolds them).
-        if let Some(pending) = &t.pending {
-            let cells = crate::rollup::fold(new.iter().map(|(_, ne)| &ne.event), pending.layout());
-            let upto = new.iter().map(|(s, _)| *s).max().unwrap_or(0);
-            pending.add(cells, new.len() as u64, upto);
-        }
-        Ok(())
+        rest().map_err(|e| (e, true))
     }
 
     /// After a successful flush: count the new outbox entries and wake the
