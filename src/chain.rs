@@ -221,7 +221,13 @@ impl NodeProcess {
             .arg("node")
             .arg("--config")
             .arg(dir.join("node.toml"))
-            .env("RUST_LOG", "info,h2=warn,hyper=warn,tower=warn")
+            // CHAINSIGHT_NODE_LOG: the nodes' log filter (e.g. add
+            // `chainsight::insights=debug` to see each query's phases).
+            .env(
+                "RUST_LOG",
+                std::env::var("CHAINSIGHT_NODE_LOG")
+                    .unwrap_or_else(|_| "info,h2=warn,hyper=warn,tower=warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .kill_on_drop(true)

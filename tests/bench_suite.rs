@@ -116,4 +116,6 @@ fn query_reports_the_feed_latency_per_size() {
     assert_eq!(f.events_stored, 20_000);
     assert_eq!(f.latency.as_ref().unwrap().samples, 5);
     assert!(f.extra["rows"] > 0.0);
+    // The cold first query is reported apart from the timed ones.
+    assert!(f.extra["first_query_us"] > 0.0, "{f:?}");
 }

@@ -343,6 +343,42 @@ pub async fn wait_idle(pid: u32, max: std::time::Duration) -> (std::time::Durati
     (started.elapsed(), false)
 }
 
+/// Waits until the file system holding `dir` has written back its dirty
+/// pages (`sync -f`), so that timed work after a bulk load does not run
+/// beside the kernel's writeback of it. Logs how long that took; a failure
+/// to run `sync` is logged and otherwise ignored (the figures then include
+/// the writeback).
+pub async fn write_back(dir: &Path) {
+    let dirty = || {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("Dirty:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
+            .map_or(0, |kib| kib / 1024)
+    };
+    let before = dirty();
+    let started = std::time::Instant::now();
+    match tokio::process::Command::new("sync")
+        .arg("-f")
+        .arg(dir)
+        .status()
+        .await
+    {
+        Ok(s) if s.success() => tracing::info!(
+            dirty_mib = before,
+            took = ?started.elapsed(),
+            "written back the load's dirty pages"
+        ),
+        Ok(s) => tracing::warn!(%s, "sync -f failed; timing beside the kernel's writeback"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot run sync; timing beside the kernel's writeback")
+        }
+    }
+}
+
 /// Bytes of the files under `dir` (0 where it does not exist).
 pub fn dir_bytes(dir: &Path) -> u64 {
     let mut total = 0;
