@@ -620,6 +620,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if bucket.is_some() && !dims.contains(&(chainsight::pb::Dimension::Time as i32)) {
                 dims.push(chainsight::pb::Dimension::Time as i32);
             }
+            // Checked before asking the node: a chart plots time buckets.
+            let chart = chart
+                .map(|path| {
+                    dims.iter()
+                        .position(|d| *d == chainsight::pb::Dimension::Time as i32)
+                        .map(|time_index| (path, time_index))
+                        .context("--chart needs --bucket (the chart plots time buckets): add e.g. --bucket week")
+                })
+                .transpose()?;
             let q = chainsight::pb::InsightQuery {
                 filter: Some(chainsight::pb::Filter {
                     gtin_prefixes,
@@ -659,11 +668,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .collect();
                 print!("{}", chainsight::client::format_report(&headers, &report));
             }
-            if let Some(path) = chart {
-                let time_index = dims
-                    .iter()
-                    .position(|d| *d == chainsight::pb::Dimension::Time as i32)
-                    .context("--chart needs --bucket (the chart plots time buckets)")?;
+            if let Some((path, time_index)) = chart {
                 chainsight::chart::draw(&report, time_index, metric, &path)
                     .map_err(anyhow::Error::msg)?;
                 eprintln!("chart written to {}", path.display());

@@ -1522,6 +1522,57 @@ async fn cli_prints_a_table_and_json() {
     // And it reads back as an InsightReport.
     let report: pb::InsightReport = serde_json::from_str(&json).expect("InsightReport JSON");
     assert_report("CLI --json", &report, &exp, k_min, 0);
+
+    // The feed as a picture: a point per returned row, a legend entry per
+    // group; without a time bucket there is nothing to plot, and the
+    // error says what to add.
+    let svg_path = env.path().join("feed.svg");
+    let chart = |bucket: bool| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_chainsight"));
+        cmd.arg("query")
+            .arg("--config")
+            .arg(&client_toml)
+            .args(["--group-by", "category", "--json", "--chart"])
+            .arg(&svg_path);
+        if bucket {
+            cmd.args(["--bucket", "week"]);
+        }
+        async move { cmd.output().await.unwrap() }
+    };
+    let out = chart(true).await;
+    assert!(
+        out.status.success(),
+        "chainsight query --chart: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let weekly: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let weekly = weekly["rows"].as_array().expect("rows");
+    assert!(!weekly.is_empty());
+    let svg = std::fs::read_to_string(&svg_path).expect("the chart was written");
+    assert!(
+        svg.starts_with("<svg"),
+        "an SVG document: {}",
+        &svg[..80.min(svg.len())]
+    );
+    assert_eq!(
+        svg.matches("<circle").count(),
+        weekly.len(),
+        "a point per row"
+    );
+    let categories: std::collections::BTreeSet<&str> =
+        weekly.iter().filter_map(|r| r["key"][0].as_str()).collect();
+    for c in &categories {
+        assert!(svg.contains(c), "the legend names {c}");
+    }
+    assert!(!categories.contains("rare"), "suppressed: {categories:?}");
+    assert!(!svg.contains("rare"), "a suppressed group is not drawn");
+    std::fs::remove_file(&svg_path).unwrap();
+    let out = chart(false).await;
+    assert!(!out.status.success(), "--chart without --bucket must fail");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--bucket week"), "{stderr}");
+    assert!(out.stdout.is_empty(), "refused before querying");
+    assert!(!svg_path.exists(), "no chart written on failure");
 }
 
 /// The views are configurable; a node whose stored rollups were built for
