@@ -109,6 +109,13 @@ impl LocalChain {
                 "[[upstream]]\nid = \"{up}\"\naddress = \"https://127.0.0.1:{port}\"\n[upstream.share]\n{share}\n\n"
             ));
         }
+        // CHAINSIGHT_NODE_TOML: tables appended to every node's config, to
+        // measure a setting (e.g. "[storage]\npage_cache_mib = 256").
+        if let Ok(more) = std::env::var("CHAINSIGHT_NODE_TOML") {
+            toml.push('\n');
+            toml.push_str(&more);
+            toml.push('\n');
+        }
         std::fs::write(dir.join("node.toml"), toml)
             .map_err(|e| err("write node.toml")(e.to_string()))
     }
