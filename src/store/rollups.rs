@@ -463,6 +463,10 @@ impl Pending {
     /// Bounds the period cache to `bytes` (0: no cache).
     pub(super) fn set_cache_budget(&self, bytes: usize) {
         *self.cache() = PeriodCache::new(bytes);
+        if bytes == 0 {
+            // No cache means none of the folded edges either.
+            self.edges().entries.clear();
+        }
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, PeriodCache> {
