@@ -893,6 +893,67 @@ mod tests {
     use super::*;
     use crate::rollup::CellKey;
 
+    /// The folded window edges' protocol with the writer: a fold is served
+    /// again only while no event of its hour was stored or removed, a
+    /// write drops the folds of its hours before it writes, and a fold
+    /// that a write began or ended during is never kept. (Folds are told
+    /// apart by pointer: each call of `fresh` makes a new one.)
+    #[test]
+    fn folded_edges_are_never_kept_across_a_write() {
+        let p = Pending {
+            layout: Arc::new(Layout::base_only()),
+            maps: RwLock::new(Maps::default()),
+            tree_lock: RwLock::new(()),
+            cache: Mutex::new(PeriodCache::new(DEFAULT_CACHE_BYTES)),
+            edges: Mutex::new(EdgeCache::default()),
+            wake: Condvar::new(),
+            wake_lock: Mutex::new(()),
+            stop: AtomicBool::new(false),
+        };
+        let hour = 493_000_i64;
+        let nanos = |h: i64, minutes: i64| UnixNanos((h * 3600 + minutes * 60) * 1_000_000_000);
+        let range = (nanos(hour, 20), nanos(hour + 1, 0));
+        let view = DimSet::default();
+        let fresh = || Ok(Arc::new(Vec::new()));
+        let cached = || -> Result<Arc<Vec<QueryCell>>> { panic!("expected the kept fold") };
+        let write = |hours: Option<&[i64]>| {
+            p.begin_change(hours);
+            p.end_change(hours);
+        };
+        let same = |x: &Arc<Vec<QueryCell>>, y: &Arc<Vec<QueryCell>>| Arc::ptr_eq(x, y);
+
+        let a = p.edge_cells(range, view, fresh).expect("fold");
+        assert!(same(&a, &p.edge_cells(range, view, cached).expect("kept")));
+        // Events of other hours leave it.
+        write(Some(&[hour - 1, hour + 1]));
+        assert!(same(&a, &p.edge_cells(range, view, cached).expect("kept")));
+        // A write of its hour drops it before writing, and nothing folded
+        // while the write runs is kept.
+        p.begin_change(Some(&[hour]));
+        let b = p.edge_cells(range, view, fresh).expect("fold");
+        assert!(!same(&a, &b));
+        let c = p.edge_cells(range, view, fresh).expect("fold");
+        assert!(!same(&b, &c), "folded during a write, not kept");
+        p.end_change(Some(&[hour]));
+        // A fold that a whole write happens during is not kept either.
+        let d = p
+            .edge_cells(range, view, || {
+                write(Some(&[hour + 5]));
+                fresh()
+            })
+            .expect("fold");
+        let e = p.edge_cells(range, view, fresh).expect("fold");
+        assert!(!same(&d, &e), "a write ran during the fold: not kept");
+        assert!(same(&e, &p.edge_cells(range, view, cached).expect("kept")));
+        // Removing events (any hour) drops every fold.
+        write(None);
+        assert!(!same(&e, &p.edge_cells(range, view, fresh).expect("fold")));
+        // No cache: nothing kept.
+        p.set_cache_budget(0);
+        let f = p.edge_cells(range, view, fresh).expect("fold");
+        assert!(!same(&f, &p.edge_cells(range, view, fresh).expect("fold")));
+    }
+
     /// A stored cell that does not decode is reported, never merged into
     /// as if it were empty.
     #[test]
