@@ -261,12 +261,16 @@ impl Store {
             path: dir.to_path_buf(),
             source,
         };
+        // Each phase of opening is timed and logged: at millions of events
+        // reopening takes long, and the operator should see where.
+        let started = std::time::Instant::now();
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
             .cache_capacity(page_cache_bytes)
             .open()
             .map_err(open_err)?;
+        let sled_recovered = started.elapsed();
         let trees = Trees {
             events: db.open_tree("events").map_err(open_err)?,
             by_id: db.open_tree("by_id").map_err(open_err)?,
@@ -293,7 +297,9 @@ impl Store {
             pending: None,
         };
         let mut trees = trees;
+        let trees_opened = started.elapsed();
         repair_tail(&trees)?;
+        let repaired = started.elapsed();
         if let Some(layout) = layout {
             let current = rollups_current(&trees, &layout)?;
             trees.pending = Some(Arc::new(rollups::Pending::open(
@@ -302,7 +308,16 @@ impl Store {
                 current,
             )?));
         }
+        let rollups_folded = started.elapsed();
         index_customers(&trees)?;
+        tracing::info!(
+            ?sled_recovered,
+            ?trees_opened,
+            ?repaired,
+            ?rollups_folded,
+            total = ?started.elapsed(),
+            "store opened (times since the start of opening)"
+        );
         let audit = audit::AuditLog::open(&db).map_err(|e| match e {
             Error::Sled(source) => open_err(source),
             other => other,
