@@ -483,15 +483,10 @@ impl Store {
     /// `from..to`, folded from the events.
     fn fold_events(&self, (from, to): (UnixNanos, UnixNanos)) -> Result<Vec<rollups::RawCell>> {
         let events = self.scan_time(from, to).collect::<Result<Vec<_>>>()?;
-        Ok(
-            crate::rollup::fold(events.iter(), &crate::rollup::Layout::base_only())
-                .into_iter()
-                .map(|(k, agg)| {
-                    let value = crate::rollup::seal_value(&k, &agg);
-                    (k.into(), value.into())
-                })
-                .collect(),
-        )
+        Ok(rollups::sealed(crate::rollup::fold(
+            events.iter(),
+            &crate::rollup::Layout::base_only(),
+        )))
     }
 
     /// Whether rollup deltas wait in memory for the next checkpoint.

@@ -297,7 +297,11 @@ impl Pending {
                 );
             }
         }
-        Ok(Pending {
+        Ok(Pending::with_maps(layout, maps))
+    }
+
+    fn with_maps(layout: Arc<Layout>, maps: Maps) -> Pending {
+        Pending {
             layout,
             maps: RwLock::new(maps),
             tree_lock: RwLock::new(()),
@@ -306,7 +310,7 @@ impl Pending {
             wake: Condvar::new(),
             wake_lock: Mutex::new(()),
             stop: AtomicBool::new(false),
-        })
+        }
     }
 
     pub(super) fn layout(&self) -> &Layout {
@@ -805,13 +809,18 @@ pub(super) fn decode_cells(
 pub(super) fn project(cells: Vec<RawCell>, keep: DimSet) -> Result<Vec<RawCell>> {
     let projected = crate::rollup::project(cells.iter().map(|(k, v)| (&k[..], &v[..])), keep)
         .map_err(|k| corrupt(k, "bad cell"))?;
-    Ok(projected
+    Ok(sealed(projected))
+}
+
+/// Folded cells encoded as stored (value sealed with its checksum).
+pub(super) fn sealed(cells: BTreeMap<Vec<u8>, Agg>) -> Vec<RawCell> {
+    cells
         .into_iter()
         .map(|(k, agg)| {
             let value = seal_value(&k, &agg);
             (k.into(), value.into())
         })
-        .collect())
+        .collect()
 }
 
 fn range(family: u8, period: Bucket, a: Option<i64>, b: Option<i64>) -> (Vec<u8>, Vec<u8>) {
@@ -900,16 +909,7 @@ mod tests {
     /// apart by pointer: each call of `fresh` makes a new one.)
     #[test]
     fn folded_edges_are_never_kept_across_a_write() {
-        let p = Pending {
-            layout: Arc::new(Layout::base_only()),
-            maps: RwLock::new(Maps::default()),
-            tree_lock: RwLock::new(()),
-            cache: Mutex::new(PeriodCache::new(DEFAULT_CACHE_BYTES)),
-            edges: Mutex::new(EdgeCache::default()),
-            wake: Condvar::new(),
-            wake_lock: Mutex::new(()),
-            stop: AtomicBool::new(false),
-        };
+        let p = Pending::with_maps(Arc::new(Layout::base_only()), Maps::default());
         let hour = 493_000_i64;
         let nanos = |h: i64, minutes: i64| UnixNanos((h * 3600 + minutes * 60) * 1_000_000_000);
         let range = (nanos(hour, 20), nanos(hour + 1, 0));
