@@ -53,10 +53,16 @@ pub struct LocalChain {
 impl LocalChain {
     /// Makes certificates for every node and for `clients`, and writes the configs.
     pub fn create(prefix: &str, nodes: &[NodeSpec], clients: &[&str]) -> Result<Self, Error> {
-        let dir = tempfile::Builder::new()
+        let mut dir = tempfile::Builder::new()
             .prefix(prefix)
             .tempdir()
             .map_err(|e| err("create temp dir")(e.to_string()))?;
+        // CHAINSIGHT_KEEP_CHAIN=1: keep the directory (the nodes' logs and
+        // data) after the run, to look inside it.
+        if std::env::var_os("CHAINSIGHT_KEEP_CHAIN").is_some_and(|v| v == "1") {
+            dir.disable_cleanup(true);
+            tracing::info!(dir = %dir.path().display(), "keeping the chain's directory (CHAINSIGHT_KEEP_CHAIN=1)");
+        }
         let certs = dir.path().join("certs");
         let ca = ChainCa::generate("chainsight local chain CA")
             .map_err(|e| err("make CA")(e.to_string()))?;

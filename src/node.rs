@@ -398,14 +398,13 @@ fn build_router(
     // Every response is bounded too (encode): a signal carries one event,
     // a backup chunk 256 KiB, an audit record one entry. Insight reports
     // have their own bound (`service::insights::MAX_REPORT_BYTES`).
-    let signals = pb::signals_server::SignalsServer::new(SignalsService::new(
+    let signals = SignalsService::new(
         parts.policy.clone(),
         parts.limits.clone(),
         parts.store.clone(),
         token.clone(),
-    ))
-    .max_decoding_message_size(max)
-    .max_encoding_message_size(max);
+    )
+    .into_server(max);
     Ok(tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))

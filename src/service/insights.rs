@@ -257,8 +257,11 @@ where
         let method = QueryMethod(self.inner.clone());
         let max = self.max_decoding_message_size;
         Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(ReportCodec)
-                .apply_max_message_size_config(Some(max), None);
+            let mut grpc = tonic::server::Grpc::new(super::PreEncoded::<
+                EncodedReport,
+                pb::InsightQuery,
+            >::default())
+            .apply_max_message_size_config(Some(max), None);
             Ok(grpc.unary(method, req).await)
         })
     }
@@ -273,43 +276,5 @@ impl tonic::server::UnaryService<pb::InsightQuery> for QueryMethod {
     fn call(&mut self, request: Request<pb::InsightQuery>) -> Self::Future {
         let inner = self.0.clone();
         Box::pin(async move { inner.query(request).await })
-    }
-}
-
-/// Decodes an `InsightQuery` as prost does; sends an already encoded report.
-#[derive(Debug, Clone, Copy, Default)]
-struct ReportCodec;
-
-impl tonic::codec::Codec for ReportCodec {
-    type Encode = EncodedReport;
-    type Decode = pb::InsightQuery;
-    type Encoder = ReportEncoder;
-    type Decoder = tonic_prost::ProstDecoder<pb::InsightQuery>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        ReportEncoder
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        tonic_prost::ProstDecoder::default()
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-struct ReportEncoder;
-
-impl tonic::codec::Encoder for ReportEncoder {
-    type Item = EncodedReport;
-    type Error = Status;
-
-    fn encode(
-        &mut self,
-        item: EncodedReport,
-        buf: &mut tonic::codec::EncodeBuf<'_>,
-    ) -> Result<(), Status> {
-        use bytes::BufMut;
-        buf.reserve(item.bytes.len());
-        buf.put_slice(&item.bytes);
-        Ok(())
     }
 }

@@ -160,3 +160,64 @@ pub(crate) fn rpc_span<T>(req: &tonic::Request<T>, method: &'static str) -> trac
         .unwrap_or("?");
     tracing::info_span!("rpc", method, peer = %identity)
 }
+
+/// A message already in protobuf wire form (a response the node built
+/// without prost: see [`PreEncoded`]).
+pub(crate) trait Encoded {
+    fn encoded(&self) -> &[u8];
+}
+
+impl Encoded for crate::insights::EncodedReport {
+    fn encoded(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// A codec that decodes requests of type `D` as prost does and sends
+/// responses of type `E` as the bytes they already are.
+pub(crate) struct PreEncoded<E, D>(std::marker::PhantomData<fn(E) -> D>);
+
+impl<E, D> Default for PreEncoded<E, D> {
+    fn default() -> Self {
+        PreEncoded(std::marker::PhantomData)
+    }
+}
+
+impl<E, D> tonic::codec::Codec for PreEncoded<E, D>
+where
+    E: Encoded + Send + 'static,
+    D: prost::Message + Default + Send + 'static,
+{
+    type Encode = E;
+    type Decode = D;
+    type Encoder = PreEncodedEncoder<E>;
+    type Decoder = tonic_prost::ProstDecoder<D>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        PreEncodedEncoder(std::marker::PhantomData)
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::default()
+    }
+}
+
+/// The encoder of [`PreEncoded`]: copies the bytes into the frame.
+pub(crate) struct PreEncodedEncoder<E>(std::marker::PhantomData<fn(E)>);
+
+impl<E: Encoded> tonic::codec::Encoder for PreEncodedEncoder<E> {
+    type Item = E;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: E,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        let bytes = item.encoded();
+        buf.reserve(bytes.len());
+        buf.put_slice(bytes);
+        Ok(())
+    }
+}

@@ -7,21 +7,21 @@
 //! a slow subscriber only slows itself, and the node never buffers for it
 //! beyond that channel.
 
-use std::pin::Pin;
+use std::sync::Arc;
 
-use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::codegen::{http, Body, BoxFuture, Context, Poll, Service, StdError};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use super::{authorize, rpc_span, ApiError};
+use super::{authorize, rpc_span, ApiError, Encoded, PreEncoded};
 use crate::conversions;
 use crate::domain::EventFilter;
 use crate::pb;
 use crate::policy::{FilterLimits, Policy, Role};
-use crate::store::{Seq, Store, Stored};
+use crate::store::{Seq, Shared, Store, Stored};
 
 /// Signals queued for one subscriber before its reader waits.
 const SUBSCRIBER_BUFFER: usize = 256;
@@ -104,10 +104,29 @@ fn check_name(name: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-type SignalStream = Pin<Box<dyn Stream<Item = Result<pb::Signal, Status>> + Send>>;
+/// A `Signal` in protobuf wire form: an event's is encoded once and
+/// shared by every subscription that sends it (see
+/// [`crate::store::RecentEvent::signal`]).
+pub struct EncodedSignal(bytes::Bytes);
 
-#[tonic::async_trait]
-impl pb::signals_server::Signals for SignalsService {
+impl Encoded for EncodedSignal {
+    fn encoded(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+type SignalStream = ReceiverStream<Result<EncodedSignal, Status>>;
+
+impl SignalsService {
+    /// The service, ready to be added to a tonic server, with requests and
+    /// responses bounded to `max_message_bytes`.
+    pub fn into_server(self, max_message_bytes: usize) -> SignalsServer {
+        SignalsServer {
+            inner: Arc::new(self),
+            max_message_bytes,
+        }
+    }
+
     async fn subscribe(
         &self,
         req: Request<pb::SubscribeRequest>,
@@ -147,7 +166,7 @@ impl pb::signals_server::Signals for SignalsService {
             },
         };
         tokio::spawn(feed.run().instrument(span));
-        let mut resp = Response::new(Box::pin(ReceiverStream::new(rx)) as SignalStream);
+        let mut resp = Response::new(ReceiverStream::new(rx));
         // Where the stream starts (useful for named subscriptions that
         // receive nothing: the client can still report where to resume).
         if let Ok(v) = start.to_string().parse() {
@@ -185,6 +204,79 @@ impl pb::signals_server::Signals for SignalsService {
     }
 }
 
+/// Serves `chainsight.v1.Signals`: the generated server's routing, with
+/// `Subscribe` sending signals as the bytes they already are
+/// ([`EncodedSignal`]) rather than messages for prost to encode once per
+/// subscriber.
+#[derive(Clone)]
+pub struct SignalsServer {
+    inner: Arc<SignalsService>,
+    max_message_bytes: usize,
+}
+
+impl tonic::server::NamedService for SignalsServer {
+    const NAME: &'static str = pb::signals_server::SERVICE_NAME;
+}
+
+impl<B> Service<http::Request<B>> for SignalsServer
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let inner = self.inner.clone();
+        let max = Some(self.max_message_bytes);
+        match req.uri().path() {
+            "/chainsight.v1.Signals/Subscribe" => Box::pin(async move {
+                let codec = PreEncoded::<EncodedSignal, pb::SubscribeRequest>::default();
+                let mut grpc =
+                    tonic::server::Grpc::new(codec).apply_max_message_size_config(max, max);
+                Ok(grpc.server_streaming(SubscribeMethod(inner), req).await)
+            }),
+            "/chainsight.v1.Signals/Ack" => Box::pin(async move {
+                let codec = tonic_prost::ProstCodec::<pb::AckResponse, pb::AckRequest>::default();
+                let mut grpc =
+                    tonic::server::Grpc::new(codec).apply_max_message_size_config(max, max);
+                Ok(grpc.unary(AckMethod(inner), req).await)
+            }),
+            _ => Box::pin(async { Ok(Status::unimplemented("no such method").into_http()) }),
+        }
+    }
+}
+
+struct SubscribeMethod(Arc<SignalsService>);
+
+impl tonic::server::ServerStreamingService<pb::SubscribeRequest> for SubscribeMethod {
+    type Response = EncodedSignal;
+    type ResponseStream = SignalStream;
+    type Future = BoxFuture<Response<SignalStream>, Status>;
+
+    fn call(&mut self, request: Request<pb::SubscribeRequest>) -> Self::Future {
+        let inner = self.0.clone();
+        Box::pin(async move { inner.subscribe(request).await })
+    }
+}
+
+struct AckMethod(Arc<SignalsService>);
+
+impl tonic::server::UnaryService<pb::AckRequest> for AckMethod {
+    type Response = pb::AckResponse;
+    type Future = BoxFuture<Response<pb::AckResponse>, Status>;
+
+    fn call(&mut self, request: Request<pb::AckRequest>) -> Self::Future {
+        let inner = self.0.clone();
+        Box::pin(async move { inner.ack(request).await })
+    }
+}
+
 /// One subscription's reader.
 struct Feed {
     store: Store,
@@ -193,7 +285,7 @@ struct Feed {
     filter: EventFilter,
     cursor: Seq,
     follow: bool,
-    tx: mpsc::Sender<Result<pb::Signal, Status>>,
+    tx: mpsc::Sender<Result<EncodedSignal, Status>>,
     shutdown: CancellationToken,
     /// Retention's high-water mark when this feed last checked.
     purged_seen: Seq,
@@ -302,7 +394,7 @@ impl Feed {
             // must not hold a runtime thread.
             let (store, cursor) = (self.store.clone(), self.cursor);
             let scanned =
-                tokio::task::spawn_blocking(move || store.scan_signals(cursor, upto, SCAN_CHUNK))
+                tokio::task::spawn_blocking(move || store.scan_shared(cursor, upto, SCAN_CHUNK))
                     .await;
             let chunk = match scanned {
                 Ok(Ok(chunk)) => chunk,
@@ -330,11 +422,21 @@ impl Feed {
                 }
                 continue;
             }
-            for (seq, stored) in chunk {
+            for (seq, shared) in chunk {
                 self.cursor = seq;
                 self.live.at(seq);
-                let Some(signal) = to_signal(&self.filter, seq, stored) else {
-                    continue;
+                let signal = match shared {
+                    Shared::Event(e) if self.filter.matches(e.event()) => EncodedSignal(e.signal()),
+                    Shared::Event(_) => continue,
+                    Shared::Erasure(erasure) => {
+                        match to_signal(&self.filter, seq, Stored::Erasure(erasure)) {
+                            Some(signal) => {
+                                use prost::Message;
+                                EncodedSignal(signal.encode_to_vec().into())
+                            }
+                            None => continue,
+                        }
+                    }
                 };
                 tokio::select! {
                     res = self.tx.send(Ok(signal)) => if res.is_err() {

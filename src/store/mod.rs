@@ -40,9 +40,11 @@ mod audit;
 mod erasure;
 mod export;
 mod outbox;
+mod recent;
 mod rollups;
 
 pub use erasure::{EraseRequest, Erased, ErasureRecord, ErasureSignal, LinkErasure, Route, Router};
+pub use recent::RecentEvent;
 pub use rollups::{Piece, RawCell};
 
 use std::path::{Path, PathBuf};
@@ -93,6 +95,14 @@ pub enum Appended {
     Stored(Seq),
     /// An event with the same event_id was already stored at this sequence number.
     Duplicate(Seq),
+}
+
+/// What a sequence number holds, as [`Store::scan_shared`] reads it.
+#[derive(Debug, Clone)]
+pub enum Shared {
+    /// An event, decoded and encoded once for every subscription.
+    Event(Arc<RecentEvent>),
+    Erasure(ErasureSignal),
 }
 
 /// What a sequence number holds, for subscribers.
@@ -188,6 +198,8 @@ struct Trees {
     /// The rollups waiting in memory (and the layout); `None` when rollups
     /// are off.
     pending: Option<Arc<rollups::Pending>>,
+    /// The newest events as subscriptions send them.
+    recent: Arc<recent::Recent>,
 }
 
 /// `meta` key of the sequence high-water mark.
@@ -295,6 +307,7 @@ impl Store {
                     })?,
             ),
             pending: None,
+            recent: Arc::new(recent::Recent::new(recent::DEFAULT_CAPACITY)),
         };
         let mut trees = trees;
         let trees_opened = started.elapsed();
@@ -916,6 +929,52 @@ impl Store {
         Ok(out)
     }
 
+    /// As [`Self::scan_signals`], with each event shared: the newest ones
+    /// come from a cache that every subscription reads (see
+    /// `store::recent`), so a node with many following subscribers reads,
+    /// decodes and encodes each event once.
+    pub fn scan_shared(&self, after: Seq, upto: Seq, limit: usize) -> Result<Vec<(Seq, Shared)>> {
+        let recent = &self.inner.trees.recent;
+        let found = recent.read(after, upto, limit);
+        let mut events = found.events;
+        if !found.complete {
+            let from = found.resume_after;
+            let want = limit - events.len();
+            let range = from.saturating_add(1).to_be_bytes()..=upto.to_be_bytes();
+            let mut read = Vec::new();
+            for item in self.inner.trees.events.range(range).take(want) {
+                let (k, v) = item?;
+                let seq = seq_from(&k, "events", "?")?;
+                let (ev, payload) =
+                    record::decode_with_payload(&v).map_err(|source| Error::Corrupt {
+                        tree: "events",
+                        key: seq.to_string(),
+                        source,
+                    })?;
+                read.push(Arc::new(RecentEvent::new(seq, ev, payload)));
+            }
+            // Every event in (from, end] was read.
+            let end = match read.last() {
+                Some(last) if read.len() == want => last.seq(),
+                _ => upto,
+            };
+            recent.fill(from, end, &read, found.generation);
+            events.extend(read);
+        }
+        let bound = match events.last() {
+            Some(last) if events.len() >= limit => last.seq(),
+            _ => upto,
+        };
+        let erasures = self.erasure_signals(after, bound)?;
+        let mut out: Vec<(Seq, Shared)> = events
+            .into_iter()
+            .map(|e| (e.seq(), Shared::Event(e)))
+            .chain(erasures.into_iter().map(|(s, e)| (s, Shared::Erasure(e))))
+            .collect();
+        out.sort_by_key(|(s, _)| *s);
+        Ok(out)
+    }
+
     /// Erasure signals with `after < seq <= upto`, in order.
     pub fn erasure_signals(&self, after: Seq, upto: Seq) -> Result<Vec<(Seq, ErasureSignal)>> {
         if upto <= after {
@@ -1484,6 +1543,95 @@ mod tests {
                 .erased_events,
             victim_events
         );
+    }
+
+    /// Subscriptions read the newest events through a shared cache
+    /// (`recent`): what they read is what sled holds, and an event erased
+    /// or removed by retention after the cache held it is never served
+    /// from it again.
+    #[tokio::test]
+    async fn shared_reads_match_the_store_before_and_after_erasure_and_retention() {
+        use prost::Message;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = reopen(dir.path(), None);
+        let events: Vec<NewEvent> = (0..40)
+            .map(|i| {
+                let mut ev = PreferenceEvent::example();
+                ev.event_id = format!("e-{i}");
+                ev.occurred_at = UnixNanos(ev.occurred_at.0 + i as i64 * 60_000_000_000);
+                NewEvent::local(ev)
+            })
+            .collect();
+        let first_time = events[0].event.occurred_at;
+        store.append(events).await.expect("append");
+        // Both ways of reading, as the signals subscribers get them.
+        let compare = |store: &Store| {
+            let upto = store.durable_seq();
+            let mut shared = Vec::new();
+            let mut after = 0;
+            // In chunks of 7, as a subscription reads on from its cursor.
+            loop {
+                let chunk = store.scan_shared(after, upto, 7).expect("shared");
+                let Some(last) = chunk.last() else { break };
+                after = last.0;
+                shared.extend(chunk);
+            }
+            let plain = store.scan_signals(0, upto, 1000).expect("plain");
+            assert_eq!(shared.len(), plain.len());
+            for ((s1, a), (s2, b)) in shared.iter().zip(&plain) {
+                assert_eq!(s1, s2);
+                match (a, b) {
+                    (Shared::Event(a), Stored::Event(b)) => {
+                        assert_eq!(a.event(), b.as_ref());
+                        let signal = crate::pb::Signal::decode(a.signal()).expect("signal");
+                        assert_eq!(signal.cursor, *s1);
+                        assert_eq!(
+                            signal.event,
+                            Some(crate::conversions::preference_event_to_pb(b))
+                        );
+                    }
+                    (Shared::Erasure(a), Stored::Erasure(b)) => {
+                        assert_eq!(a.erasure_id, b.erasure_id)
+                    }
+                    other => panic!("different signals at {s1}: {other:?}"),
+                }
+            }
+            shared
+                .iter()
+                .filter_map(|(_, s)| match s {
+                    Shared::Event(e) => Some(e.event().event_id.clone()),
+                    Shared::Erasure(_) => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(compare(&store).len(), 40);
+        // The cache is warm now; an erasure removes two events from it.
+        store
+            .erase(
+                EraseRequest {
+                    id: "er-1".into(),
+                    requested_by: "test".into(),
+                    pseudonym: String::new(),
+                    event_ids: vec!["e-5".into(), "e-39".into()],
+                    spare_origin: None,
+                },
+                Router::none(),
+            )
+            .await
+            .expect("erase");
+        let ids = compare(&store);
+        assert_eq!(ids.len(), 38);
+        assert!(!ids.contains(&"e-5".to_string()) && !ids.contains(&"e-39".to_string()));
+        // Warm again; retention removes the first ten minutes' events.
+        let removed = store
+            .purge_before(UnixNanos(first_time.0 + 10 * 60_000_000_000), 1000)
+            .await
+            .expect("purge");
+        assert_eq!(removed, 9);
+        let ids = compare(&store);
+        assert_eq!(ids.len(), 29);
+        assert!(!ids.contains(&"e-0".to_string()) && ids.contains(&"e-10".to_string()));
+        store.close().await.expect("close");
     }
 
     #[tokio::test]

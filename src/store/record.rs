@@ -36,6 +36,12 @@ pub fn encode(ev: &PreferenceEvent) -> Vec<u8> {
 
 /// Decodes and verifies a stored event.
 pub fn decode(bytes: &[u8]) -> Result<PreferenceEvent, DecodeError> {
+    decode_with_payload(bytes).map(|(ev, _)| ev)
+}
+
+/// Decodes and verifies a stored event; also returns its protobuf encoding
+/// (a `PreferenceEvent`) as stored.
+pub fn decode_with_payload(bytes: &[u8]) -> Result<(PreferenceEvent, &[u8]), DecodeError> {
     if bytes.len() < HEADER {
         return Err(DecodeError::TooShort(bytes.len()));
     }
@@ -50,7 +56,9 @@ pub fn decode(bytes: &[u8]) -> Result<PreferenceEvent, DecodeError> {
     }
     let msg =
         pb::PreferenceEvent::decode(payload).map_err(|e| DecodeError::Payload(e.to_string()))?;
-    conversions::preference_event_from_pb(msg).map_err(|e| DecodeError::Payload(e.to_string()))
+    let ev = conversions::preference_event_from_pb(msg)
+        .map_err(|e| DecodeError::Payload(e.to_string()))?;
+    Ok((ev, payload))
 }
 
 #[cfg(test)]

@@ -493,15 +493,16 @@ impl Pending {
     /// Merges the active map into the tree if anything waits (checkpointer
     /// thread, and once more at shutdown).
     fn checkpoint(&self, tree: &sled::Tree) -> Result<bool> {
-        let (frozen, upto) = {
+        let started = std::time::Instant::now();
+        let (frozen, upto, events) = {
             let mut maps = self.write();
             if maps.active.is_empty() {
                 return Ok(false);
             }
             let frozen = Arc::new(std::mem::take(&mut maps.active));
-            maps.active_events = 0;
+            let events = std::mem::take(&mut maps.active_events);
             maps.frozen = Some(frozen.clone());
-            (frozen, maps.active_upto)
+            (frozen, maps.active_upto, events)
         };
         self.wake.notify_all();
         // Only the checkpointer writes cells (retention removes some, and
@@ -533,6 +534,22 @@ impl Pending {
                 maps.active = Arc::try_unwrap(frozen).unwrap_or_else(|a| (*a).clone());
                 merge_map(&mut maps.active, newer);
             }
+        }
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            // Cells written per family kind: base (hourly, every
+            // dimension), attribute, and the views' together.
+            let mut families = [0usize; 3];
+            for key in frozen.keys() {
+                families[usize::from(key.first().copied().unwrap_or(0)).min(2)] += 1;
+            }
+            tracing::debug!(
+                events,
+                base_cells = families[0],
+                attribute_cells = families[1],
+                view_cells = families[2],
+                took_ms = started.elapsed().as_secs_f64() * 1e3,
+                "rollup checkpoint"
+            );
         }
         applied.map(|()| true)
     }

@@ -271,6 +271,7 @@ impl Writer {
         if let Some(pending) = &t.pending {
             pending.end_change(None);
         }
+        t.recent.clear();
         removed?;
         self.flush_now()?;
         Ok(victims.len())
@@ -479,8 +480,9 @@ impl Writer {
                 applied
             }
             None => apply(),
-        }
-        .map_err(|e| match e {
+        };
+        t.recent.clear();
+        let applied = applied.map_err(|e| match e {
             TransactionError::Storage(e) => Error::Sled(e),
             TransactionError::Abort(()) => Error::Closed,
         })?;

@@ -1,0 +1,298 @@
+//! The newest stored events, decoded once and encoded as a `Signal` once,
+//! shared by every subscription that reads them.
+//!
+//! Following subscribers read the same newest events at about the same
+//! time. Each reading them from sled, decoding, converting and encoding
+//! them again took about two thirds of the node's time with 64 of them
+//! (`bench fanout`, profiled): the work was the same for every one.
+//!
+//! The cache holds one contiguous run of sequence numbers: every event
+//! stored with `after < seq <= upto` is in it (erasure signals are not:
+//! they differ per filter and are read from their own tree). Reads fill
+//! it; it grows at its top and is bounded by count, the oldest entries
+//! going first, so a subscriber far behind reads from sled without
+//! pushing the live run out. Erasure and retention clear it, since they
+//! remove events; a read that began before such a change never fills it
+//! (generation check), so an event removed is never served from it.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::Seq;
+use crate::domain::PreferenceEvent;
+
+/// Events kept by default (about 2 KiB each, decoded and encoded).
+pub const DEFAULT_CAPACITY: usize = 16_384;
+
+/// A stored event as subscriptions send it.
+#[derive(Debug)]
+pub struct RecentEvent {
+    seq: Seq,
+    event: PreferenceEvent,
+    signal: Bytes,
+}
+
+impl RecentEvent {
+    /// `payload`: the event's protobuf encoding as stored (verified).
+    pub(super) fn new(seq: Seq, event: PreferenceEvent, payload: &[u8]) -> RecentEvent {
+        RecentEvent {
+            seq,
+            event,
+            signal: encode_signal(seq, payload),
+        }
+    }
+
+    /// Its sequence number (the signal's cursor).
+    pub fn seq(&self) -> Seq {
+        self.seq
+    }
+
+    /// The event, decoded (for filters).
+    pub fn event(&self) -> &PreferenceEvent {
+        &self.event
+    }
+
+    /// The encoded `Signal { cursor: seq, event }` (shared, not copied).
+    pub fn signal(&self) -> Bytes {
+        self.signal.clone()
+    }
+}
+
+/// `Signal { cursor = 1: seq, event = 2: <payload> }` in protobuf wire
+/// form, from the event's stored encoding: what prost would write for the
+/// decoded event, without decoding and encoding it again.
+fn encode_signal(seq: Seq, payload: &[u8]) -> Bytes {
+    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+    let mut out = BytesMut::with_capacity(
+        2 + encoded_len_varint(seq) + encoded_len_varint(payload.len() as u64) + payload.len(),
+    );
+    if seq != 0 {
+        encode_key(1, WireType::Varint, &mut out);
+        encode_varint(seq, &mut out);
+    }
+    encode_key(2, WireType::LengthDelimited, &mut out);
+    encode_varint(payload.len() as u64, &mut out);
+    out.put_slice(payload);
+    out.freeze()
+}
+
+/// The cache (see the module documentation).
+pub(super) struct Recent {
+    capacity: usize,
+    run: Mutex<Run>,
+}
+
+#[derive(Default)]
+struct Run {
+    events: BTreeMap<Seq, Arc<RecentEvent>>,
+    /// Every event stored with `covered.0 < seq <= covered.1` is in
+    /// `events`; `None`: nothing is known.
+    covered: Option<(Seq, Seq)>,
+    /// Bumped by every change that removes events.
+    generation: u64,
+}
+
+/// What [`Recent::read`] found.
+pub(super) struct Found {
+    /// The cached events from the read's start on, in order.
+    pub events: Vec<Arc<RecentEvent>>,
+    /// The read goes on in sled after this sequence number, unless
+    /// `complete`.
+    pub resume_after: Seq,
+    /// Every event of the read came from the cache.
+    pub complete: bool,
+    /// For [`Recent::fill`].
+    pub generation: u64,
+}
+
+impl Recent {
+    pub(super) fn new(capacity: usize) -> Recent {
+        Recent {
+            capacity,
+            run: Mutex::new(Run::default()),
+        }
+    }
+
+    fn run(&self) -> std::sync::MutexGuard<'_, Run> {
+        self.run
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The cached events with `after < seq <= upto`, at most `limit`, if
+    /// the cached run starts at or before `after + 1`.
+    pub(super) fn read(&self, after: Seq, upto: Seq, limit: usize) -> Found {
+        let run = self.run();
+        let mut found = Found {
+            events: Vec::new(),
+            resume_after: after,
+            complete: false,
+            generation: run.generation,
+        };
+        let Some((from, to)) = run.covered else {
+            return found;
+        };
+        if after < from || after >= to || upto <= after {
+            return found;
+        }
+        let end = upto.min(to);
+        found.events.extend(
+            run.events
+                .range(after + 1..=end)
+                .take(limit)
+                .map(|(_, e)| e.clone()),
+        );
+        if found.events.len() == limit {
+            found.complete = true;
+            found.resume_after = found.events.last().map_or(after, |e| e.seq);
+        } else {
+            found.complete = end == upto;
+            found.resume_after = end;
+        }
+        found
+    }
+
+    /// Keeps `events`: every event stored with `after < seq <= upto`, read
+    /// from sled since [`Self::read`] returned `generation`. Kept only if
+    /// nothing was removed meanwhile, and only if they continue the cached
+    /// run or lie beyond it (older ones are not kept).
+    pub(super) fn fill(&self, after: Seq, upto: Seq, events: &[Arc<RecentEvent>], generation: u64) {
+        if self.capacity == 0 || upto <= after {
+            return;
+        }
+        let mut run = self.run();
+        if run.generation != generation {
+            return;
+        }
+        match run.covered {
+            Some((from, to)) if from <= after && after <= to => {
+                if upto <= to {
+                    return;
+                }
+                for e in events.iter().filter(|e| e.seq > to) {
+                    run.events.insert(e.seq, e.clone());
+                }
+                run.covered = Some((from, upto));
+            }
+            Some((_, to)) if upto <= to => return,
+            _ => {
+                run.events = events.iter().map(|e| (e.seq, e.clone())).collect();
+                run.covered = Some((after, upto));
+            }
+        }
+        while run.events.len() > self.capacity {
+            if let Some((seq, _)) = run.events.pop_first() {
+                if let Some(covered) = &mut run.covered {
+                    covered.0 = covered.0.max(seq);
+                }
+            }
+        }
+    }
+
+    /// Forgets everything: events are being removed (call after they are).
+    pub(super) fn clear(&self) {
+        let mut run = self.run();
+        run.generation += 1;
+        run.events.clear();
+        run.covered = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    fn ev(seq: Seq) -> Arc<RecentEvent> {
+        let mut event = PreferenceEvent::example();
+        event.event_id = format!("ev-{seq}");
+        let payload = crate::conversions::preference_event_to_pb(&event).encode_to_vec();
+        Arc::new(RecentEvent::new(seq, event, &payload))
+    }
+
+    fn seqs(found: &Found) -> Vec<Seq> {
+        found.events.iter().map(|e| e.seq).collect()
+    }
+
+    #[test]
+    fn the_signal_is_what_prost_writes_for_the_event() {
+        let e = ev(300);
+        let expected = crate::pb::Signal {
+            cursor: 300,
+            event: Some(crate::conversions::preference_event_to_pb(e.event())),
+            erasure: None,
+        }
+        .encode_to_vec();
+        assert_eq!(e.signal().as_ref(), expected.as_slice());
+        let decoded = crate::pb::Signal::decode(e.signal()).unwrap();
+        assert_eq!(decoded.cursor, 300);
+        assert_eq!(decoded.event.unwrap().event_id, "ev-300");
+    }
+
+    #[test]
+    fn reads_come_from_the_run_and_go_on_in_sled_where_it_ends() {
+        let r = Recent::new(100);
+        let f = r.read(0, 10, 512);
+        assert!(f.events.is_empty() && !f.complete && f.resume_after == 0);
+        // Events 1..=10 stored, 4 and 7 being erasure signals (no event).
+        let stored: Vec<_> = [1, 2, 3, 5, 6, 8, 9, 10].into_iter().map(ev).collect();
+        r.fill(0, 10, &stored, f.generation);
+        let f = r.read(2, 10, 512);
+        assert_eq!(seqs(&f), vec![3, 5, 6, 8, 9, 10]);
+        assert!(f.complete);
+        // Beyond the run: cached part, then sled after 10.
+        let f = r.read(5, 14, 512);
+        assert_eq!(seqs(&f), vec![6, 8, 9, 10]);
+        assert!(!f.complete);
+        assert_eq!(f.resume_after, 10);
+        // The limit ends a read inside the run.
+        let f = r.read(0, 10, 3);
+        assert_eq!(seqs(&f), vec![1, 2, 3]);
+        assert!(f.complete);
+        assert_eq!(f.resume_after, 3);
+        // Continuing the run extends it.
+        r.fill(10, 12, &[ev(11), ev(12)], f.generation);
+        assert_eq!(seqs(&r.read(8, 12, 512)), vec![9, 10, 11, 12]);
+        // So does a fill from inside the run to beyond its top.
+        r.fill(11, 20, &[ev(12), ev(13), ev(20)], f.generation);
+        let f = r.read(0, 20, 512);
+        assert!(seqs(&f).len() == 12 && f.complete);
+    }
+
+    #[test]
+    fn the_run_is_bounded_and_old_reads_do_not_push_it_out() {
+        let r = Recent::new(4);
+        let g = r.read(0, 0, 1).generation;
+        r.fill(100, 108, &(101..=108).map(ev).collect::<Vec<_>>(), g);
+        // The oldest went: the run now starts after 104.
+        assert_eq!(seqs(&r.read(104, 108, 512)), vec![105, 106, 107, 108]);
+        let f = r.read(100, 108, 512);
+        assert!(f.events.is_empty() && f.resume_after == 100);
+        // A subscriber far behind fills nothing.
+        r.fill(10, 20, &(11..=20).map(ev).collect::<Vec<_>>(), g);
+        assert_eq!(seqs(&r.read(104, 108, 512)), vec![105, 106, 107, 108]);
+        // A read beyond the run (not continuing it) replaces it.
+        r.fill(200, 202, &[ev(201), ev(202)], g);
+        assert!(r.read(104, 108, 512).events.is_empty());
+        assert_eq!(seqs(&r.read(200, 202, 512)), vec![201, 202]);
+    }
+
+    #[test]
+    fn a_read_that_raced_with_a_removal_fills_nothing() {
+        let r = Recent::new(100);
+        let g = r.read(0, 3, 512).generation;
+        r.fill(0, 3, &[ev(1), ev(2), ev(3)], g);
+        // An erasure removes event 2 and clears the run...
+        let before = r.read(0, 3, 512).generation;
+        r.clear();
+        assert!(r.read(0, 3, 512).events.is_empty());
+        // ... and a read that began before it cannot put event 2 back.
+        r.fill(0, 3, &[ev(1), ev(2), ev(3)], before);
+        assert!(r.read(0, 3, 512).events.is_empty());
+        let g = r.read(0, 3, 512).generation;
+        r.fill(0, 3, &[ev(1), ev(3)], g);
+        assert_eq!(seqs(&r.read(0, 3, 512)), vec![1, 3]);
+    }
+}
