@@ -11,9 +11,10 @@
 //! they differ per filter and are read from their own tree). Reads fill
 //! it; it grows at its top and is bounded by count, the oldest entries
 //! going first, so a subscriber far behind reads from sled without
-//! pushing the live run out. Erasure and retention clear it, since they
-//! remove events; a read that began before such a change never fills it
-//! (generation check), so an event removed is never served from it.
+//! pushing the live run out. Erasure and retention empty it, since they
+//! remove events, and while they write nothing is served from it or kept
+//! in it; a read that began before such a change never fills it
+//! (generation check). So an event removed is never served from it.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -92,6 +93,9 @@ struct Run {
     covered: Option<(Seq, Seq)>,
     /// Bumped by every change that removes events.
     generation: u64,
+    /// Events are being removed: nothing is served or kept until the
+    /// removal is written ([`Recent::end_removal`]).
+    removing: bool,
 }
 
 /// What [`Recent::read`] found.
@@ -131,7 +135,7 @@ impl Recent {
             complete: false,
             generation: run.generation,
         };
-        let Some((from, to)) = run.covered else {
+        let Some((from, to)) = run.covered.filter(|_| !run.removing) else {
             return found;
         };
         if after < from || after >= to || upto <= after {
@@ -163,7 +167,7 @@ impl Recent {
             return;
         }
         let mut run = self.run();
-        if run.generation != generation {
+        if run.generation != generation || run.removing {
             return;
         }
         match run.covered {
@@ -191,10 +195,23 @@ impl Recent {
         }
     }
 
-    /// Forgets everything: events are being removed (call after they are).
-    pub(super) fn clear(&self) {
+    /// Events are about to be removed: forgets everything, and serves and
+    /// keeps nothing until [`Self::end_removal`] (between the two, sled may
+    /// or may not hold them still).
+    pub(super) fn begin_removal(&self) {
+        self.forget(true);
+    }
+
+    /// The removal [`Self::begin_removal`] announced is written (or failed).
+    /// Reads that began before it fill nothing.
+    pub(super) fn end_removal(&self) {
+        self.forget(false);
+    }
+
+    fn forget(&self, removing: bool) {
         let mut run = self.run();
         run.generation += 1;
+        run.removing = removing;
         run.events.clear();
         run.covered = None;
     }
@@ -208,6 +225,8 @@ mod tests {
     fn ev(seq: Seq) -> Arc<RecentEvent> {
         let mut event = PreferenceEvent::example();
         event.event_id = format!("ev-{seq}");
+        event.attributes.insert("colour".into(), "red".into());
+        event.attributes.insert("size".into(), "xl".into());
         let payload = crate::conversions::preference_event_to_pb(&event).encode_to_vec();
         Arc::new(RecentEvent::new(seq, event, &payload))
     }
@@ -218,16 +237,16 @@ mod tests {
 
     #[test]
     fn the_signal_is_what_prost_writes_for_the_event() {
+        // (As messages: prost writes map entries in its map's order.)
         let e = ev(300);
         let expected = crate::pb::Signal {
             cursor: 300,
             event: Some(crate::conversions::preference_event_to_pb(e.event())),
             erasure: None,
-        }
-        .encode_to_vec();
-        assert_eq!(e.signal().as_ref(), expected.as_slice());
+        };
         let decoded = crate::pb::Signal::decode(e.signal()).unwrap();
-        assert_eq!(decoded.cursor, 300);
+        assert_eq!(decoded, expected);
+        assert_eq!(e.signal().len(), expected.encoded_len());
         assert_eq!(decoded.event.unwrap().event_id, "ev-300");
     }
 
@@ -280,16 +299,23 @@ mod tests {
     }
 
     #[test]
-    fn a_read_that_raced_with_a_removal_fills_nothing() {
+    fn nothing_is_served_or_kept_across_a_removal() {
         let r = Recent::new(100);
         let g = r.read(0, 3, 512).generation;
         r.fill(0, 3, &[ev(1), ev(2), ev(3)], g);
-        // An erasure removes event 2 and clears the run...
+        // An erasure of event 2 begins: nothing is served from the run...
         let before = r.read(0, 3, 512).generation;
-        r.clear();
-        assert!(r.read(0, 3, 512).events.is_empty());
-        // ... and a read that began before it cannot put event 2 back.
+        r.begin_removal();
+        let during = r.read(0, 3, 512);
+        assert!(during.events.is_empty() && !during.complete);
+        // ... nor kept, by a read that began before or during it...
         r.fill(0, 3, &[ev(1), ev(2), ev(3)], before);
+        r.fill(0, 3, &[ev(1), ev(2), ev(3)], during.generation);
+        assert!(r.read(0, 3, 512).events.is_empty());
+        r.end_removal();
+        // ... nor after it ends.
+        r.fill(0, 3, &[ev(1), ev(2), ev(3)], before);
+        r.fill(0, 3, &[ev(1), ev(2), ev(3)], during.generation);
         assert!(r.read(0, 3, 512).events.is_empty());
         let g = r.read(0, 3, 512).generation;
         r.fill(0, 3, &[ev(1), ev(3)], g);

@@ -250,6 +250,7 @@ impl Writer {
         if let Some(pending) = &t.pending {
             pending.begin_change(None);
         }
+        t.recent.begin_removal();
         let removed = (&t.events, &t.by_time, &t.meta, &t.by_customer)
             .transaction(|(events, by_time, meta, by_customer)| {
                 // `by_id` entries stay, as tombstones: a late resend of a
@@ -271,7 +272,7 @@ impl Writer {
         if let Some(pending) = &t.pending {
             pending.end_change(None);
         }
-        t.recent.clear();
+        t.recent.end_removal();
         removed?;
         self.flush_now()?;
         Ok(victims.len())
@@ -472,6 +473,7 @@ impl Writer {
                 Ok::<_, ConflictableTransactionError<()>>(unqueued)
             })
         };
+        t.recent.begin_removal();
         let applied = match &t.pending {
             Some(pending) => {
                 pending.begin_change(None);
@@ -481,7 +483,7 @@ impl Writer {
             }
             None => apply(),
         };
-        t.recent.clear();
+        t.recent.end_removal();
         let applied = applied.map_err(|e| match e {
             TransactionError::Storage(e) => Error::Sled(e),
             TransactionError::Abort(()) => Error::Closed,
