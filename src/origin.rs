@@ -120,15 +120,27 @@ fn field_digest(salt: &[u8; SALT_LEN], value: &str) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// The salt of field `name` in a compact proof.
-fn derived_salt(seed: &[u8; 32], name: &str) -> [u8; SALT_LEN] {
-    use hmac::{Hmac, Mac};
-    let mut mac = Hmac::<Sha256>::new_from_slice(seed).expect("HMAC accepts keys of any length");
-    mac.update(name.as_bytes());
-    let full = mac.finalize().into_bytes();
-    let mut salt = [0u8; SALT_LEN];
-    salt.copy_from_slice(&full[..SALT_LEN]);
-    salt
+/// The salts of a compact proof's fields, derived from its seed: the
+/// keyed HMAC state is made once per proof, then copied per field.
+struct Salts(hmac::Hmac<Sha256>);
+
+impl Salts {
+    fn new(seed: &[u8; 32]) -> Salts {
+        use hmac::Mac;
+        Salts(hmac::Hmac::<Sha256>::new_from_slice(seed).expect("HMAC accepts keys of any length"))
+    }
+
+    /// The salt of field `name`: HMAC-SHA256(seed, name), cut to its
+    /// first `SALT_LEN` bytes.
+    fn of(&self, name: &str) -> [u8; SALT_LEN] {
+        use hmac::Mac;
+        let mut mac = self.0.clone();
+        mac.update(name.as_bytes());
+        let full = mac.finalize().into_bytes();
+        let mut salt = [0u8; SALT_LEN];
+        salt.copy_from_slice(&full[..SALT_LEN]);
+        salt
+    }
 }
 
 /// The bytes the origin signs: names and digests, sorted by name.
@@ -210,15 +222,13 @@ impl Signer {
         rand::rng().fill_bytes(&mut seed);
         let fields = canonical_fields(ev);
         let signed_at = UnixNanos::now();
+        let salts = Salts::new(&seed);
         let message = signed_message(
             &self.fingerprint,
             signed_at,
-            fields.iter().map(|(name, value)| {
-                (
-                    name.as_str(),
-                    field_digest(&derived_salt(&seed, name), value),
-                )
-            }),
+            fields
+                .iter()
+                .map(|(name, value)| (name.as_str(), field_digest(&salts.of(name), value))),
         );
         let signature = self.signer.sign(&message).map_err(|e| e.to_string())?;
         Ok(OriginProof {
@@ -249,21 +259,23 @@ pub fn withhold(before: &PreferenceEvent, after: &mut PreferenceEvent) {
         return;
     };
     let entries: Vec<FieldEntry> = match &proof.form {
-        ProofForm::Compact { seed } => had
-            .iter()
-            .map(|(name, value)| {
-                let salt = derived_salt(seed, name);
-                let part = if has.contains_key(name) {
-                    FieldPart::Salt(salt)
-                } else {
-                    FieldPart::Withheld(field_digest(&salt, value))
-                };
-                FieldEntry {
-                    name: name.clone(),
-                    part,
-                }
-            })
-            .collect(),
+        ProofForm::Compact { seed } => {
+            let salts = Salts::new(seed);
+            had.iter()
+                .map(|(name, value)| {
+                    let salt = salts.of(name);
+                    let part = if has.contains_key(name) {
+                        FieldPart::Salt(salt)
+                    } else {
+                        FieldPart::Withheld(field_digest(&salt, value))
+                    };
+                    FieldEntry {
+                        name: name.clone(),
+                        part,
+                    }
+                })
+                .collect()
+        }
         ProofForm::Expanded(entries) => entries
             .iter()
             .map(|e| {
@@ -460,15 +472,13 @@ impl Verifier {
         let digests: Vec<(&str, [u8; 32])> = match &proof.form {
             // The signed fields are exactly the present ones: a changed,
             // added or removed field shows as a signature that fails.
-            ProofForm::Compact { seed } => present
-                .iter()
-                .map(|(name, value)| {
-                    (
-                        name.as_str(),
-                        field_digest(&derived_salt(seed, name), value),
-                    )
-                })
-                .collect(),
+            ProofForm::Compact { seed } => {
+                let salts = Salts::new(seed);
+                present
+                    .iter()
+                    .map(|(name, value)| (name.as_str(), field_digest(&salts.of(name), value)))
+                    .collect()
+            }
             ProofForm::Expanded(entries) => {
                 let mut out = Vec::with_capacity(entries.len());
                 for e in entries {
@@ -583,6 +593,30 @@ pub fn check_store(
 mod tests {
     use super::*;
     use crate::certs::{ChainCa, LeafOptions};
+
+    /// The salts are HMAC-SHA256(seed, name) as the contract says, whether
+    /// the keyed state is made per field or copied (as `Salts` does).
+    #[test]
+    fn salts_are_the_hmac_of_the_field_name_under_the_seed() {
+        use hmac::{Hmac, Mac};
+        let seed: [u8; 32] = std::array::from_fn(|i| i as u8 * 7 + 1);
+        let salts = Salts::new(&seed);
+        for name in ["event_id", "product.gtin", "attributes.colour", ""] {
+            let mut mac = Hmac::<Sha256>::new_from_slice(&seed).unwrap();
+            mac.update(name.as_bytes());
+            let full = mac.finalize().into_bytes();
+            assert_eq!(salts.of(name), full[..SALT_LEN], "{name}");
+        }
+        // And a fixed value, so that a change of the derivation shows.
+        assert_eq!(
+            salts
+                .of("event_id")
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>(),
+            "270732551315fc27e26b1c6db1288b09"
+        );
+    }
 
     struct Party {
         signer: Signer,
