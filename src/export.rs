@@ -530,12 +530,11 @@ impl Export {
         &self,
         cursor: Seq,
         upto: Seq,
-    ) -> Result<(Vec<(Seq, store::Stored)>, Seq), Error> {
+    ) -> Result<(Vec<(Seq, store::Shared)>, Seq), Error> {
         let (store, batch) = (self.store.clone(), self.cfg.batch);
-        let mut chunk =
-            tokio::task::spawn_blocking(move || store.scan_signals(cursor, upto, batch))
-                .await
-                .map_err(|e| Error::Read(e.to_string()))??;
+        let mut chunk = tokio::task::spawn_blocking(move || store.scan_shared(cursor, upto, batch))
+            .await
+            .map_err(|e| Error::Read(e.to_string()))??;
         let complete = chunk.len() < batch;
         // Erasures can make a chunk longer: no more than `batch` in flight.
         chunk.truncate(batch);
@@ -565,12 +564,12 @@ impl Export {
     async fn publish_batch(
         &self,
         js: &jetstream::Context,
-        chunk: Vec<(Seq, store::Stored)>,
+        chunk: Vec<(Seq, store::Shared)>,
     ) -> Acked {
         let mut pending: Vec<(Seq, Option<PublishAckFuture>)> = Vec::with_capacity(chunk.len());
         let mut error = None;
-        for (seq, stored) in chunk {
-            let Some(signal) = to_signal(&self.filter, seq, stored) else {
+        for (seq, shared) in chunk {
+            let Some(signal) = to_signal(&self.filter, seq, &shared) else {
                 pending.push((seq, None));
                 continue;
             };

@@ -21,7 +21,7 @@ use crate::conversions;
 use crate::domain::EventFilter;
 use crate::pb;
 use crate::policy::{FilterLimits, Policy, Role};
-use crate::store::{Seq, Shared, Store, Stored};
+use crate::store::{Seq, Shared, Store};
 
 /// Signals queued for one subscriber before its reader waits.
 const SUBSCRIBER_BUFFER: usize = 256;
@@ -425,18 +425,18 @@ impl Feed {
             for (seq, shared) in chunk {
                 self.cursor = seq;
                 self.live.at(seq);
-                let signal = match shared {
+                // An event's signal is already encoded (the same message
+                // `to_signal` makes); an erasure's depends on the filter.
+                let signal = match &shared {
                     Shared::Event(e) if self.filter.matches(e.event()) => EncodedSignal(e.signal()),
                     Shared::Event(_) => continue,
-                    Shared::Erasure(erasure) => {
-                        match to_signal(&self.filter, seq, Stored::Erasure(erasure)) {
-                            Some(signal) => {
-                                use prost::Message;
-                                EncodedSignal(signal.encode_to_vec().into())
-                            }
-                            None => continue,
+                    Shared::Erasure(_) => match to_signal(&self.filter, seq, &shared) {
+                        Some(signal) => {
+                            use prost::Message;
+                            EncodedSignal(signal.encode_to_vec().into())
                         }
-                    }
+                        None => continue,
+                    },
                 };
                 tokio::select! {
                     res = self.tx.send(Ok(signal)) => if res.is_err() {
@@ -462,15 +462,15 @@ impl Feed {
 /// `seq`: the event if it matches, the erased events it matches, or nothing.
 /// The one definition of a signal, shared by subscriptions and exports
 /// (`crate::export`).
-pub fn to_signal(filter: &EventFilter, seq: Seq, stored: Stored) -> Option<pb::Signal> {
-    match stored {
-        Stored::Event(ev) if filter.matches(&ev) => Some(pb::Signal {
+pub fn to_signal(filter: &EventFilter, seq: Seq, shared: &Shared) -> Option<pb::Signal> {
+    match shared {
+        Shared::Event(ev) if filter.matches(ev.event()) => Some(pb::Signal {
             cursor: seq,
-            event: Some(conversions::preference_event_to_pb(&ev)),
+            event: Some(conversions::preference_event_to_pb(ev.event())),
             erasure: None,
         }),
-        Stored::Event(_) => None,
-        Stored::Erasure(erasure) => {
+        Shared::Event(_) => None,
+        Shared::Erasure(erasure) => {
             let event_ids: Vec<String> = erasure
                 .events
                 .iter()
@@ -484,7 +484,7 @@ pub fn to_signal(filter: &EventFilter, seq: Seq, stored: Stored) -> Option<pb::S
                 cursor: seq,
                 event: None,
                 erasure: Some(pb::ErasureSignal {
-                    erasure_id: erasure.erasure_id,
+                    erasure_id: erasure.erasure_id.clone(),
                     event_ids,
                 }),
             })

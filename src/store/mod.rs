@@ -97,18 +97,12 @@ pub enum Appended {
     Duplicate(Seq),
 }
 
-/// What a sequence number holds, as [`Store::scan_shared`] reads it.
+/// What a sequence number holds, for subscribers and exports
+/// ([`Store::scan_shared`]).
 #[derive(Debug, Clone)]
 pub enum Shared {
     /// An event, decoded and encoded once for every subscription.
     Event(Arc<RecentEvent>),
-    Erasure(ErasureSignal),
-}
-
-/// What a sequence number holds, for subscribers.
-#[derive(Debug, Clone)]
-pub enum Stored {
-    Event(Box<PreferenceEvent>),
     Erasure(ErasureSignal),
 }
 
@@ -912,27 +906,10 @@ impl Store {
     }
 
     /// Up to `limit` events with `after < seq <= upto`, and the erasure
-    /// signals among them, in sequence order: what subscribers are sent.
-    pub fn scan_signals(&self, after: Seq, upto: Seq, limit: usize) -> Result<Vec<(Seq, Stored)>> {
-        let events = self.scan_range(after, upto, limit)?;
-        let bound = match events.last() {
-            Some((last, _)) if events.len() >= limit => *last,
-            _ => upto,
-        };
-        let erasures = self.erasure_signals(after, bound)?;
-        let mut out: Vec<(Seq, Stored)> = events
-            .into_iter()
-            .map(|(s, e)| (s, Stored::Event(Box::new(e))))
-            .chain(erasures.into_iter().map(|(s, e)| (s, Stored::Erasure(e))))
-            .collect();
-        out.sort_by_key(|(s, _)| *s);
-        Ok(out)
-    }
-
-    /// As [`Self::scan_signals`], with each event shared: the newest ones
-    /// come from a cache that every subscription reads (see
-    /// `store::recent`), so a node with many following subscribers reads,
-    /// decodes and encodes each event once.
+    /// signals among them, in sequence order: what subscribers and exports
+    /// are sent. Events are shared: the newest come from a cache that every
+    /// reader uses (see `store::recent`), so a node with many following
+    /// subscribers reads, decodes and encodes each event once.
     pub fn scan_shared(&self, after: Seq, upto: Seq, limit: usize) -> Result<Vec<(Seq, Shared)>> {
         let recent = &self.inner.trees.recent;
         let found = recent.read(after, upto, limit);
@@ -945,12 +922,7 @@ impl Store {
             for item in self.inner.trees.events.range(range).take(want) {
                 let (k, v) = item?;
                 let seq = seq_from(&k, "events", "?")?;
-                let (ev, payload) =
-                    record::decode_with_payload(&v).map_err(|source| Error::Corrupt {
-                        tree: "events",
-                        key: seq.to_string(),
-                        source,
-                    })?;
+                let (ev, payload) = decode_event_with_payload(seq, &v)?;
                 read.push(Arc::new(RecentEvent::new(seq, ev, payload)));
             }
             // Every event in (from, end] was read.
@@ -1296,7 +1268,12 @@ fn high_water(trees: &Trees) -> Result<Seq> {
 }
 
 fn decode_event(seq: Seq, bytes: &[u8]) -> Result<PreferenceEvent> {
-    record::decode(bytes).map_err(|source| Error::Corrupt {
+    decode_event_with_payload(seq, bytes).map(|(ev, _)| ev)
+}
+
+/// The event stored at `seq`, and its protobuf encoding as stored.
+fn decode_event_with_payload(seq: Seq, bytes: &[u8]) -> Result<(PreferenceEvent, &[u8])> {
+    record::decode_with_payload(bytes).map_err(|source| Error::Corrupt {
         tree: "events",
         key: seq.to_string(),
         source,
@@ -1576,13 +1553,18 @@ mod tests {
                 after = last.0;
                 shared.extend(chunk);
             }
-            let plain = store.scan_signals(0, upto, 1000).expect("plain");
-            assert_eq!(shared.len(), plain.len());
-            for ((s1, a), (s2, b)) in shared.iter().zip(&plain) {
-                assert_eq!(s1, s2);
-                match (a, b) {
-                    (Shared::Event(a), Stored::Event(b)) => {
-                        assert_eq!(a.event(), b.as_ref());
+            // Plain reads: events and erasure signals straight from sled.
+            let events = store.scan_range(0, upto, 1000).expect("plain events");
+            let erasures = store.erasure_signals(0, upto).expect("plain erasures");
+            assert_eq!(shared.len(), events.len() + erasures.len());
+            assert!(shared.windows(2).all(|w| w[0].0 < w[1].0), "in order");
+            let (mut events, mut erasures) = (events.iter(), erasures.iter());
+            for (s1, a) in &shared {
+                match a {
+                    Shared::Event(a) => {
+                        let (s2, b) = events.next().expect("as many events");
+                        assert_eq!(s1, s2);
+                        assert_eq!(a.event(), b);
                         let signal = crate::pb::Signal::decode(a.signal()).expect("signal");
                         assert_eq!(signal.cursor, *s1);
                         assert_eq!(
@@ -1590,10 +1572,11 @@ mod tests {
                             Some(crate::conversions::preference_event_to_pb(b))
                         );
                     }
-                    (Shared::Erasure(a), Stored::Erasure(b)) => {
+                    Shared::Erasure(a) => {
+                        let (s2, b) = erasures.next().expect("as many erasures");
+                        assert_eq!(s1, s2);
                         assert_eq!(a.erasure_id, b.erasure_id)
                     }
-                    other => panic!("different signals at {s1}: {other:?}"),
                 }
             }
             shared
