@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use tonic::codegen::{http, Body, BoxFuture, Context, Poll, Service, StdError};
+use tonic::codegen::{http, Body, BoxFuture, StdError};
 use tonic::{Request, Response, Status};
 
 use super::{authorize, rpc_span, ApiError};
@@ -219,50 +219,34 @@ impl InsightsService {
     /// The service, ready to be added to a tonic server, accepting queries
     /// of at most `max_decoding_message_size` bytes.
     pub fn into_server(self, max_decoding_message_size: usize) -> InsightsServer {
-        InsightsServer {
-            inner: Arc::new(self),
-            max_decoding_message_size,
-        }
+        super::Routed::new(self, max_decoding_message_size)
     }
 }
 
 /// Serves `chainsight.v1.Insights` (see the module documentation).
-#[derive(Clone)]
-pub struct InsightsServer {
-    inner: Arc<InsightsService>,
-    max_decoding_message_size: usize,
-}
+pub type InsightsServer = super::Routed<InsightsService>;
 
-impl tonic::server::NamedService for InsightsServer {
+impl super::Routes for InsightsService {
     const NAME: &'static str = pb::insights_server::SERVICE_NAME;
-}
 
-impl<B> Service<http::Request<B>> for InsightsServer
-where
-    B: Body + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = std::convert::Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+    fn route<B>(
+        self: Arc<Self>,
+        max_message_bytes: usize,
+        req: http::Request<B>,
+    ) -> BoxFuture<http::Response<tonic::body::Body>, std::convert::Infallible>
+    where
+        B: Body + Send + 'static,
+        B::Error: Into<StdError> + Send + 'static,
+    {
         if req.uri().path() != "/chainsight.v1.Insights/Query" {
-            return Box::pin(async { Ok(Status::unimplemented("no such method").into_http()) });
+            return super::unimplemented();
         }
-        let method = QueryMethod(self.inner.clone());
-        let max = self.max_decoding_message_size;
         Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(super::PreEncoded::<
-                EncodedReport,
-                pb::InsightQuery,
-            >::default())
-            .apply_max_message_size_config(Some(max), None);
-            Ok(grpc.unary(method, req).await)
+            // Reports have their own bound (`MAX_REPORT_BYTES`).
+            let codec = super::PreEncoded::<EncodedReport, pb::InsightQuery>::default();
+            let mut grpc = tonic::server::Grpc::new(codec)
+                .apply_max_message_size_config(Some(max_message_bytes), None);
+            Ok(grpc.unary(QueryMethod(self), req).await)
         })
     }
 }

@@ -9,6 +9,10 @@ pub mod insights;
 pub mod peering;
 pub mod signals;
 
+use std::sync::Arc;
+
+use tonic::codegen::{http, Body, BoxFuture, Context, Poll, Service, StdError};
+
 use crate::conversions::Invalid;
 use crate::policy::{Policy, Role};
 use crate::store;
@@ -220,4 +224,75 @@ impl<E: Encoded> tonic::codec::Encoder for PreEncodedEncoder<E> {
         buf.put_slice(bytes);
         Ok(())
     }
+}
+
+/// A service served by hand rather than by its generated server (so that
+/// it can answer with [`PreEncoded`] bytes): its name and its routing of
+/// requests to methods. Served by [`Routed`].
+pub trait Routes: Send + Sync + 'static {
+    /// The gRPC service name.
+    const NAME: &'static str;
+
+    /// Answers `req` (any path of the service; unknown ones with
+    /// UNIMPLEMENTED), with messages bounded to `max_message_bytes`.
+    fn route<B>(
+        self: Arc<Self>,
+        max_message_bytes: usize,
+        req: http::Request<B>,
+    ) -> BoxFuture<http::Response<tonic::body::Body>, std::convert::Infallible>
+    where
+        B: Body + Send + 'static,
+        B::Error: Into<StdError> + Send + 'static;
+}
+
+/// A [`Routes`] service, ready to be added to a tonic server.
+pub struct Routed<S> {
+    inner: Arc<S>,
+    max_message_bytes: usize,
+}
+
+impl<S> Routed<S> {
+    pub(crate) fn new(service: S, max_message_bytes: usize) -> Routed<S> {
+        Routed {
+            inner: Arc::new(service),
+            max_message_bytes,
+        }
+    }
+}
+
+impl<S> Clone for Routed<S> {
+    fn clone(&self) -> Self {
+        Routed {
+            inner: self.inner.clone(),
+            max_message_bytes: self.max_message_bytes,
+        }
+    }
+}
+
+impl<S: Routes> tonic::server::NamedService for Routed<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S: Routes, B> Service<http::Request<B>> for Routed<S>
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        S::route(self.inner.clone(), self.max_message_bytes, req)
+    }
+}
+
+/// The answer to a method the service does not have.
+pub(crate) fn unimplemented(
+) -> BoxFuture<http::Response<tonic::body::Body>, std::convert::Infallible> {
+    Box::pin(async { Ok(tonic::Status::unimplemented("no such method").into_http()) })
 }

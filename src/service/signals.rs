@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::codegen::{http, Body, BoxFuture, Context, Poll, Service, StdError};
+use tonic::codegen::{http, Body, BoxFuture, StdError};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
@@ -121,10 +121,7 @@ impl SignalsService {
     /// The service, ready to be added to a tonic server, with requests and
     /// responses bounded to `max_message_bytes`.
     pub fn into_server(self, max_message_bytes: usize) -> SignalsServer {
-        SignalsServer {
-            inner: Arc::new(self),
-            max_message_bytes,
-        }
+        super::Routed::new(self, max_message_bytes)
     }
 
     async fn subscribe(
@@ -208,46 +205,35 @@ impl SignalsService {
 /// `Subscribe` sending signals as the bytes they already are
 /// ([`EncodedSignal`]) rather than messages for prost to encode once per
 /// subscriber.
-#[derive(Clone)]
-pub struct SignalsServer {
-    inner: Arc<SignalsService>,
-    max_message_bytes: usize,
-}
+pub type SignalsServer = super::Routed<SignalsService>;
 
-impl tonic::server::NamedService for SignalsServer {
+impl super::Routes for SignalsService {
     const NAME: &'static str = pb::signals_server::SERVICE_NAME;
-}
 
-impl<B> Service<http::Request<B>> for SignalsServer
-where
-    B: Body + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = std::convert::Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let inner = self.inner.clone();
-        let max = Some(self.max_message_bytes);
+    fn route<B>(
+        self: Arc<Self>,
+        max_message_bytes: usize,
+        req: http::Request<B>,
+    ) -> BoxFuture<http::Response<tonic::body::Body>, std::convert::Infallible>
+    where
+        B: Body + Send + 'static,
+        B::Error: Into<StdError> + Send + 'static,
+    {
+        let max = Some(max_message_bytes);
         match req.uri().path() {
             "/chainsight.v1.Signals/Subscribe" => Box::pin(async move {
                 let codec = PreEncoded::<EncodedSignal, pb::SubscribeRequest>::default();
                 let mut grpc =
                     tonic::server::Grpc::new(codec).apply_max_message_size_config(max, max);
-                Ok(grpc.server_streaming(SubscribeMethod(inner), req).await)
+                Ok(grpc.server_streaming(SubscribeMethod(self), req).await)
             }),
             "/chainsight.v1.Signals/Ack" => Box::pin(async move {
                 let codec = tonic_prost::ProstCodec::<pb::AckResponse, pb::AckRequest>::default();
                 let mut grpc =
                     tonic::server::Grpc::new(codec).apply_max_message_size_config(max, max);
-                Ok(grpc.unary(AckMethod(inner), req).await)
+                Ok(grpc.unary(AckMethod(self), req).await)
             }),
-            _ => Box::pin(async { Ok(Status::unimplemented("no such method").into_http()) }),
+            _ => super::unimplemented(),
         }
     }
 }
