@@ -421,12 +421,51 @@ fn origin_proof_from_pb(p: pb::OriginProof) -> Result<crate::origin::OriginProof
             ))
         }
     };
+    let batch = match p.batch {
+        None => None,
+        Some(b) => {
+            if b.size == 0 || b.size > crate::origin::MAX_BATCH {
+                return Err(invalid(
+                    "origin_proof.batch.size",
+                    format!("must be 1-{}, got {}", crate::origin::MAX_BATCH, b.size),
+                ));
+            }
+            let needed = crate::origin::path_len(b.index, b.size).ok_or_else(|| {
+                invalid(
+                    "origin_proof.batch.index",
+                    format!("must be below size {}, got {}", b.size, b.index),
+                )
+            })?;
+            if b.path.len() != needed {
+                return Err(invalid(
+                    "origin_proof.batch.path",
+                    format!(
+                        "leaf {} of {} needs {needed} hashes, got {}",
+                        b.index,
+                        b.size,
+                        b.path.len()
+                    ),
+                ));
+            }
+            let path = b
+                .path
+                .iter()
+                .map(|h| bytes32("origin_proof.batch.path", h))
+                .collect::<Result<Vec<_>>>()?;
+            Some(crate::origin::BatchInclusion {
+                index: b.index,
+                size: b.size,
+                path,
+            })
+        }
+    };
     Ok(OriginProof {
         certificate: bytes32("origin_proof.certificate_sha256", &p.certificate_sha256)?,
         scheme,
         signature: p.signature,
         signed_at: timestamp("origin_proof.signed_at", p.signed_at)?,
         form,
+        batch,
     })
 }
 
@@ -460,6 +499,11 @@ fn origin_proof_to_pb(p: &crate::origin::OriginProof) -> pb::OriginProof {
         signed_at: Some(pbjson_types::Timestamp { seconds, nanos }),
         salt_seed,
         fields,
+        batch: p.batch.as_ref().map(|b| pb::BatchInclusion {
+            index: b.index,
+            size: b.size,
+            path: b.path.iter().map(|h| h.to_vec()).collect(),
+        }),
     }
 }
 
@@ -791,6 +835,62 @@ mod tests {
         let mut e = good();
         e.attributes.insert("bad key".into(), "v".into());
         assert_eq!(field_of(e), "attributes.key");
+    }
+
+    #[test]
+    fn a_batch_inclusion_is_checked_field_by_field_and_round_trips() {
+        let proof = |batch: Option<pb::BatchInclusion>| {
+            let mut ev = preference_event_to_pb(&PreferenceEvent::example());
+            ev.origin_proof = Some(pb::OriginProof {
+                certificate_sha256: vec![1; 32],
+                scheme: 0x0403,
+                signature: vec![2; 64],
+                signed_at: Some(pbjson_types::Timestamp {
+                    seconds: 1_790_000_000,
+                    nanos: 0,
+                }),
+                salt_seed: vec![3; 32],
+                fields: vec![],
+                batch,
+            });
+            preference_event_from_pb(ev)
+        };
+        let at = |index, size, path: Vec<Vec<u8>>| Some(pb::BatchInclusion { index, size, path });
+        // Leaf 4 of 5 moves up twice unchanged: one sibling, the root of 0-3.
+        let good = proof(at(4, 5, vec![vec![7; 32]])).expect("well-formed");
+        let back = preference_event_to_pb(&good).origin_proof.unwrap().batch;
+        assert_eq!(back, at(4, 5, vec![vec![7; 32]]));
+        assert!(proof(None).unwrap().proof.unwrap().batch.is_none());
+        for (batch, field, reason) in [
+            (
+                at(0, 0, vec![]),
+                "origin_proof.batch.size",
+                "must be 1-1048576, got 0",
+            ),
+            (
+                at(0, (1 << 20) + 1, vec![]),
+                "origin_proof.batch.size",
+                "must be 1-1048576, got 1048577",
+            ),
+            (
+                at(5, 5, vec![]),
+                "origin_proof.batch.index",
+                "must be below size 5, got 5",
+            ),
+            (
+                at(0, 5, vec![vec![7; 32]]),
+                "origin_proof.batch.path",
+                "leaf 0 of 5 needs 3 hashes, got 1",
+            ),
+            (
+                at(4, 5, vec![vec![7; 31]]),
+                "origin_proof.batch.path",
+                "must be 32 bytes",
+            ),
+        ] {
+            let err = proof(batch).unwrap_err();
+            assert_eq!((err.field.as_str(), err.reason.as_str()), (field, reason));
+        }
     }
 
     #[test]

@@ -14,6 +14,14 @@
 //! from its digest. By design outside the proof: `customer_pseudonym`
 //! (re-keyed per link) and `path` (appended per hop).
 //!
+//! A request of several events is signed **as a batch**: each event's
+//! signed message (as above) is a leaf of a Merkle tree, the origin signs
+//! the tree's root once, and each event's proof carries the signature and
+//! its path to the root ([`BatchInclusion`]). A relay that forwards part of
+//! a batch forwards proofs that still verify; a verifier that has checked
+//! a root's signature remembers it, so a batch costs one signature to make
+//! and one to check per hop instead of one per event.
+//!
 //! Verification needs the origin's certificate (it travels in forward
 //! batches and is kept in the store) and the chain CA: the certificate must
 //! have been valid, issued by the CA and for the origin's identity when the
@@ -37,6 +45,12 @@ pub const SALT_LEN: usize = 16;
 
 const CONTEXT: &[u8] = b"chainsight-origin-v1";
 
+/// What a batch signature signs first.
+pub const BATCH_CONTEXT: &[u8] = b"chainsight-origin-batch-v1";
+
+/// Most events one batch signature may cover.
+pub const MAX_BATCH: u32 = 1 << 20;
+
 /// Signature schemes a signing key may use, preferred first.
 const SCHEMES: &[rustls::SignatureScheme] = &[
     rustls::SignatureScheme::ECDSA_NISTP256_SHA256,
@@ -54,6 +68,29 @@ pub struct OriginProof {
     pub signature: Vec<u8>,
     pub signed_at: UnixNanos,
     pub form: ProofForm,
+    /// Set when the origin signed a batch: `signature` is over the batch's
+    /// root, and this places the event's signed message in it. Unset: the
+    /// signature is over the event's own signed message.
+    pub batch: Option<BatchInclusion>,
+}
+
+/// Where an event's signed message sits in the Merkle tree of the batch
+/// its origin signed at once.
+///
+/// The leaves are SHA-256(0x00 ‖ message) in the batch's order; a node is
+/// SHA-256(0x01 ‖ left ‖ right); a level's last node without a right
+/// sibling moves up unchanged. The signature is over
+/// [`BATCH_CONTEXT`], the certificate's SHA-256, `signed_at`, `size` and
+/// the root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchInclusion {
+    /// The event's leaf, from 0.
+    pub index: u32,
+    /// Leaves in the batch.
+    pub size: u32,
+    /// The sibling hashes from the leaf up (levels where the node moves up
+    /// unchanged have none): [`path_len`] of them.
+    pub path: Vec<[u8; 32]>,
 }
 
 /// How the salts travel.
@@ -166,6 +203,99 @@ pub fn fingerprint(cert: &[u8]) -> Fingerprint {
     Sha256::digest(cert).into()
 }
 
+fn leaf_hash(message: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update([0u8]);
+    h.update(message);
+    h.finalize().into()
+}
+
+fn node_hash(left: &[u8; 32], right: &[u8; 32]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update([1u8]);
+    h.update(left);
+    h.update(right);
+    h.finalize().into()
+}
+
+/// How many sibling hashes the path of leaf `index` in a batch of `size`
+/// holds; `None` when `index` is not below `size`.
+pub fn path_len(index: u32, size: u32) -> Option<usize> {
+    if index >= size {
+        return None;
+    }
+    let (mut i, mut n, mut len) = (index, size, 0);
+    while n > 1 {
+        if i % 2 == 1 || i + 1 < n {
+            len += 1;
+        }
+        i /= 2;
+        n = n.div_ceil(2);
+    }
+    Some(len)
+}
+
+/// The root that `leaf` and its inclusion lead to; `None` when the path's
+/// length does not fit its place.
+fn root_of(leaf: [u8; 32], at: &BatchInclusion) -> Option<[u8; 32]> {
+    if at.index >= at.size {
+        return None;
+    }
+    let (mut h, mut i, mut n) = (leaf, at.index, at.size);
+    let mut path = at.path.iter();
+    while n > 1 {
+        if i % 2 == 1 {
+            h = node_hash(path.next()?, &h);
+        } else if i + 1 < n {
+            h = node_hash(&h, path.next()?);
+        }
+        i /= 2;
+        n = n.div_ceil(2);
+    }
+    path.next().is_none().then_some(h)
+}
+
+/// The Merkle root over `leaves` and each leaf's path to it.
+fn merkle(leaves: &[[u8; 32]]) -> ([u8; 32], Vec<Vec<[u8; 32]>>) {
+    let mut paths = vec![Vec::new(); leaves.len()];
+    let mut level = leaves.to_vec();
+    let mut shift = 0;
+    while level.len() > 1 {
+        for (leaf, path) in paths.iter_mut().enumerate() {
+            let sibling = (leaf >> shift) ^ 1;
+            if let Some(h) = level.get(sibling) {
+                path.push(*h);
+            }
+        }
+        level = level
+            .chunks(2)
+            .map(|pair| match pair {
+                [left, right] => node_hash(left, right),
+                [alone] => *alone,
+                _ => unreachable!("chunks of two"),
+            })
+            .collect();
+        shift += 1;
+    }
+    (level[0], paths)
+}
+
+/// The bytes a batch signature is over.
+fn batch_message(
+    certificate: &Fingerprint,
+    signed_at: UnixNanos,
+    size: u32,
+    root: &[u8; 32],
+) -> Vec<u8> {
+    let mut m = Vec::with_capacity(BATCH_CONTEXT.len() + 32 + 8 + 4 + 32);
+    m.extend_from_slice(BATCH_CONTEXT);
+    m.extend_from_slice(certificate);
+    m.extend_from_slice(&signed_at.0.to_be_bytes());
+    m.extend_from_slice(&size.to_be_bytes());
+    m.extend_from_slice(root);
+    m
+}
+
 /// Errors of setting up signing or verification.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -216,12 +346,59 @@ impl Signer {
     }
 
     /// The proof for `ev` as it is now (its origin must be this node), in
-    /// compact form.
+    /// compact form, signed on its own.
     pub fn sign(&self, ev: &PreferenceEvent) -> Result<OriginProof, String> {
+        let signed_at = UnixNanos::now();
+        let (seed, message) = self.message(ev, signed_at);
+        let signature = self.signer.sign(&message).map_err(|e| e.to_string())?;
+        Ok(self.proof(signature, signed_at, seed, None))
+    }
+
+    /// Signs `events` (their origin must be this node) with one signature
+    /// over their Merkle root and sets each one's proof, in compact form.
+    /// A single event is signed on its own, as [`Self::sign`] does.
+    pub fn sign_batch(&self, events: &mut [&mut PreferenceEvent]) -> Result<(), String> {
+        let size = u32::try_from(events.len())
+            .ok()
+            .filter(|n| *n <= MAX_BATCH)
+            .ok_or_else(|| format!("a batch signature covers at most {MAX_BATCH} events"))?;
+        match events {
+            [] => return Ok(()),
+            [ev] => {
+                ev.proof = Some(self.sign(ev)?);
+                return Ok(());
+            }
+            _ => {}
+        }
+        let signed_at = UnixNanos::now();
+        let (seeds, leaves): (Vec<[u8; 32]>, Vec<[u8; 32]>) = events
+            .iter()
+            .map(|ev| {
+                let (seed, message) = self.message(ev, signed_at);
+                (seed, leaf_hash(&message))
+            })
+            .unzip();
+        let (root, paths) = merkle(&leaves);
+        let signature = self
+            .signer
+            .sign(&batch_message(&self.fingerprint, signed_at, size, &root))
+            .map_err(|e| e.to_string())?;
+        for (index, ((ev, seed), path)) in events.iter_mut().zip(seeds).zip(paths).enumerate() {
+            let at = BatchInclusion {
+                index: index as u32,
+                size,
+                path,
+            };
+            ev.proof = Some(self.proof(signature.clone(), signed_at, seed, Some(at)));
+        }
+        Ok(())
+    }
+
+    /// A fresh salt seed and the message `ev`'s fields give under it.
+    fn message(&self, ev: &PreferenceEvent, signed_at: UnixNanos) -> ([u8; 32], Vec<u8>) {
         let mut seed = [0u8; 32];
         rand::rng().fill_bytes(&mut seed);
         let fields = canonical_fields(ev);
-        let signed_at = UnixNanos::now();
         let salts = Salts::new(&seed);
         let message = signed_message(
             &self.fingerprint,
@@ -230,14 +407,24 @@ impl Signer {
                 .iter()
                 .map(|(name, value)| (name.as_str(), field_digest(&salts.of(name), value))),
         );
-        let signature = self.signer.sign(&message).map_err(|e| e.to_string())?;
-        Ok(OriginProof {
+        (seed, message)
+    }
+
+    fn proof(
+        &self,
+        signature: Vec<u8>,
+        signed_at: UnixNanos,
+        seed: [u8; 32],
+        batch: Option<BatchInclusion>,
+    ) -> OriginProof {
+        OriginProof {
             certificate: self.fingerprint,
             scheme: u16::from(self.signer.scheme()),
             signature,
             signed_at,
             form: ProofForm::Compact { seed },
-        })
+            batch,
+        }
     }
 }
 
@@ -354,6 +541,10 @@ pub struct Verifier {
     /// seconds), so that the events of one origin do not each verify the
     /// same chain again.
     checked: Arc<std::sync::Mutex<std::collections::HashMap<Fingerprint, CheckedCertificate>>>,
+    /// Batch signatures that verified, by the SHA-256 of scheme, signature
+    /// and signed bytes: the other events of a batch reach the same root,
+    /// so their signature is not checked again.
+    batches: Arc<std::sync::Mutex<std::collections::HashSet<[u8; 32]>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -365,6 +556,9 @@ struct CheckedCertificate {
 
 /// Certificates [`Verifier`] remembers (origins are few; past it, it starts over).
 const CHECKED_CERTIFICATES: usize = 1024;
+
+/// Batch signatures [`Verifier`] remembers (past it, it starts over).
+const CHECKED_BATCHES: usize = 4096;
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -390,6 +584,7 @@ impl Verifier {
             chain,
             algorithms: provider.signature_verification_algorithms,
             checked: Default::default(),
+            batches: Default::default(),
         })
     }
 
@@ -517,6 +712,42 @@ impl Verifier {
                 out
             }
         };
+        let message = signed_message(&proof.certificate, proof.signed_at, digests);
+        let message = match &proof.batch {
+            None => message,
+            Some(at) => {
+                let root = root_of(leaf_hash(&message), at).ok_or_else(|| {
+                    Failure::Signature(format!(
+                        "its batch path holds {} hashes; leaf {} of {} needs {}",
+                        at.path.len(),
+                        at.index,
+                        at.size,
+                        path_len(at.index, at.size).unwrap_or(0)
+                    ))
+                })?;
+                batch_message(&proof.certificate, proof.signed_at, at.size, &root)
+            }
+        };
+        let seen = proof.batch.is_some().then(|| {
+            let mut h = Sha256::new();
+            h.update(proof.scheme.to_be_bytes());
+            h.update(
+                u32::try_from(proof.signature.len())
+                    .unwrap_or(u32::MAX)
+                    .to_be_bytes(),
+            );
+            h.update(&proof.signature);
+            h.update(&message);
+            <[u8; 32]>::from(h.finalize())
+        });
+        let batches = || {
+            self.batches
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if seen.is_some_and(|key| batches().contains(&key)) {
+            return Ok(Verified { withheld });
+        }
         let scheme = rustls::SignatureScheme::from(proof.scheme);
         let algorithms = self
             .algorithms
@@ -528,15 +759,22 @@ impl Verifier {
         let cert_der = CertificateDer::from(der.as_slice());
         let cert = webpki::EndEntityCert::try_from(&cert_der)
             .map_err(|e| Failure::Certificate(e.to_string()))?;
-        let message = signed_message(&proof.certificate, proof.signed_at, digests);
         if !algorithms.iter().any(|alg| {
             cert.verify_signature(*alg, &message, &proof.signature)
                 .is_ok()
         }) {
-            return Err(Failure::Signature(match proof.form {
-                ProofForm::Compact { .. } => "it does not cover the event's fields as they are now: a field was changed, added or removed on the way".into(),
-                ProofForm::Expanded(_) => "it does not cover the listed fields: a field was changed on the way".into(),
+            return Err(Failure::Signature(match (&proof.form, &proof.batch) {
+                (_, Some(_)) => "it does not cover the event's fields as they are now with its batch path: a field was changed, added or removed on the way, or the path was changed".into(),
+                (ProofForm::Compact { .. }, None) => "it does not cover the event's fields as they are now: a field was changed, added or removed on the way".into(),
+                (ProofForm::Expanded(_), None) => "it does not cover the listed fields: a field was changed on the way".into(),
             }));
+        }
+        if let Some(key) = seen {
+            let mut batches = batches();
+            if batches.len() >= CHECKED_BATCHES {
+                batches.clear();
+            }
+            batches.insert(key);
         }
         Ok(Verified { withheld })
     }
@@ -756,6 +994,159 @@ mod tests {
             Err(Failure::Unsigned)
         );
         assert_eq!(v.verify(&ev, |_| None), Err(Failure::UnknownCertificate));
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn batch_paths_lead_to_the_root_for_every_size() {
+        // The contract's tree, against a value computed outside Rust
+        // (Python's hashlib): leaves a, b, c; c moves up unchanged.
+        let abc = [leaf_hash(b"a"), leaf_hash(b"b"), leaf_hash(b"c")];
+        let (root, paths) = merkle(&abc);
+        assert_eq!(
+            hex(&root),
+            "36642e73c2540ab121e3a6bf9545b0a24982cd830eb13d3cd19de3ce6c021ec1"
+        );
+        assert_eq!(paths[2], [node_hash(&abc[0], &abc[1])]);
+
+        for size in 1..=33u32 {
+            let leaves: Vec<[u8; 32]> = (0..size).map(|i| leaf_hash(&i.to_be_bytes())).collect();
+            let (root, paths) = merkle(&leaves);
+            for (index, path) in paths.iter().enumerate() {
+                let at = BatchInclusion {
+                    index: index as u32,
+                    size,
+                    path: path.clone(),
+                };
+                assert_eq!(
+                    path.len(),
+                    path_len(at.index, size).unwrap(),
+                    "{index}/{size}"
+                );
+                assert_eq!(root_of(leaves[index], &at), Some(root), "{index}/{size}");
+                // Another leaf, or this leaf at another place, does not
+                // reach the root.
+                let other = leaf_hash(b"another");
+                assert_ne!(root_of(other, &at), Some(root));
+                if size > 1 {
+                    let moved = BatchInclusion {
+                        index: (at.index + 1) % size,
+                        ..at.clone()
+                    };
+                    assert_ne!(root_of(leaves[index], &moved), Some(root), "{index}/{size}");
+                }
+            }
+            assert_eq!(path_len(size, size), None);
+        }
+    }
+
+    #[test]
+    fn one_signature_covers_a_batch_and_each_event_is_still_checked_on_its_own() {
+        let ca = ChainCa::generate("test chain CA").expect("ca");
+        let retailer = party(&ca, "retailer");
+        let v = verifier(&ca);
+        let der = retailer.der.clone();
+        let certs = move |_: &Fingerprint| Some(der.clone());
+        let mut batch: Vec<PreferenceEvent> = (0..5)
+            .map(|i| {
+                let mut ev = PreferenceEvent::example();
+                ev.event_id = format!("ev-{i}");
+                ev.origin = "retailer".into();
+                ev.text = format!("comment {i}");
+                ev
+            })
+            .collect();
+        let mut refs: Vec<&mut PreferenceEvent> = batch.iter_mut().collect();
+        retailer.signer.sign_batch(&mut refs).expect("sign");
+        let signature = &batch[0].proof.as_ref().unwrap().signature;
+        for (i, ev) in batch.iter().enumerate() {
+            let proof = ev.proof.as_ref().unwrap();
+            assert_eq!(&proof.signature, signature, "one signature for the batch");
+            let at = proof.batch.as_ref().expect("batch inclusion");
+            assert_eq!((at.index, at.size), (i as u32, 5));
+            assert_eq!(v.verify(ev, &certs), Ok(Verified { withheld: vec![] }));
+        }
+        assert_eq!(
+            v.batches.lock().unwrap().len(),
+            1,
+            "the root's signature checked once"
+        );
+
+        // With the root's signature remembered, a changed event of the
+        // batch still fails: it no longer leads to that root.
+        let mut altered = batch[2].clone();
+        altered.product.category = "cheese".into();
+        assert!(matches!(
+            v.verify(&altered, &certs),
+            Err(Failure::Signature(_))
+        ));
+        let mut added = batch[2].clone();
+        added.attributes.insert("colour".into(), "red".into());
+        assert!(matches!(
+            v.verify(&added, &certs),
+            Err(Failure::Signature(_))
+        ));
+        // A changed path, another place, or the batch taken away.
+        let mut forged = batch[2].clone();
+        forged.proof.as_mut().unwrap().batch.as_mut().unwrap().path[0][0] ^= 1;
+        assert!(matches!(
+            v.verify(&forged, &certs),
+            Err(Failure::Signature(_))
+        ));
+        let mut moved = batch[2].clone();
+        moved.proof.as_mut().unwrap().batch.as_mut().unwrap().index = 3;
+        assert!(matches!(
+            v.verify(&moved, &certs),
+            Err(Failure::Signature(_))
+        ));
+        let mut short = batch[4].clone();
+        short
+            .proof
+            .as_mut()
+            .unwrap()
+            .batch
+            .as_mut()
+            .unwrap()
+            .path
+            .pop();
+        assert!(matches!(
+            v.verify(&short, &certs),
+            Err(Failure::Signature(_))
+        ));
+        let mut alone = batch[2].clone();
+        alone.proof.as_mut().unwrap().batch = None;
+        assert!(matches!(
+            v.verify(&alone, &certs),
+            Err(Failure::Signature(_))
+        ));
+        // Another signer's signature over the same root is not the one
+        // remembered.
+        let mut resigned = batch[2].clone();
+        resigned.proof.as_mut().unwrap().signature[8] ^= 1;
+        assert!(matches!(
+            v.verify(&resigned, &certs),
+            Err(Failure::Signature(_))
+        ));
+
+        // A relay withholds a field of one event: it still verifies.
+        let mut relayed = batch[1].clone();
+        relayed.text.clear();
+        withhold(&batch[1], &mut relayed);
+        let verified = v.verify(&relayed, &certs).expect("withheld");
+        assert_eq!(verified.withheld, ["text"]);
+
+        // One event is signed on its own, as before batches.
+        let mut single = batch[0].clone();
+        single.proof = None;
+        retailer
+            .signer
+            .sign_batch(&mut [&mut single])
+            .expect("sign one");
+        assert_eq!(single.proof.as_ref().unwrap().batch, None);
+        assert_eq!(v.verify(&single, &certs), Ok(Verified { withheld: vec![] }));
     }
 
     #[test]

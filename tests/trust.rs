@@ -128,10 +128,17 @@ async fn a_relay_that_alters_a_field_is_refused_where_signatures_are_required() 
     env.node_config("retailer", &roles(&["publishers = [\"eshop\"]"]));
     let mut r = env.start("retailer");
     let eshop = env.issue("eshop");
-    publish_all(&mut r.ingest(&eshop).await, events(3)).await;
+    publish_all(&mut r.ingest(&eshop).await, events(4)).await;
     r.terminate();
     let store = r.open_store();
     let signed: Vec<_> = store.scan_after(0).map(|item| item.unwrap().1).collect();
+    // One request, one signature: each event carries its place in the batch.
+    for (i, ev) in signed.iter().enumerate() {
+        let proof = ev.proof.as_ref().expect("signed");
+        let at = proof.batch.as_ref().expect("signed as a batch");
+        assert_eq!((at.index, at.size), (i as u32, 4));
+        assert_eq!(proof.signature, signed[0].proof.as_ref().unwrap().signature);
+    }
     let certificate = store
         .certificate(&signed[0].proof.as_ref().unwrap().certificate)
         .unwrap()
@@ -154,9 +161,20 @@ async fn a_relay_that_alters_a_field_is_refused_where_signatures_are_required() 
     altered.product.as_mut().unwrap().category = "premium dairy".into();
     let mut stripped = outgoing(&signed[2]);
     stripped.origin_proof = None;
+    // A batch path one hash short: not a well-formed proof, dropped.
+    let mut short = outgoing(&signed[3]);
+    short
+        .origin_proof
+        .as_mut()
+        .unwrap()
+        .batch
+        .as_mut()
+        .unwrap()
+        .path
+        .pop();
     let batch = pb::ForwardBatch {
         batch_id: 1,
-        events: vec![honest, altered, stripped],
+        events: vec![honest, altered, stripped, short],
         certificates: vec![certificate],
     };
     let mut acks = pb::peering_client::PeeringClient::new(m.channel(&relay).await.unwrap())
@@ -165,7 +183,7 @@ async fn a_relay_that_alters_a_field_is_refused_where_signatures_are_required() 
         .expect("forward")
         .into_inner();
     let ack = acks.message().await.expect("ack").expect("one ack");
-    assert_eq!((ack.stored, ack.refused, ack.dropped), (1, 2, 0), "{ack:?}");
+    assert_eq!((ack.stored, ack.refused, ack.dropped), (1, 2, 1), "{ack:?}");
     m.terminate();
     let log = m.log();
     assert!(
@@ -173,6 +191,10 @@ async fn a_relay_that_alters_a_field_is_refused_where_signatures_are_required() 
         "{log}"
     );
     assert!(log.contains("the event carries no origin proof"), "{log}");
+    assert!(
+        log.contains("origin_proof.batch.path: leaf 3 of 4 needs 2 hashes, got 1"),
+        "{log}"
+    );
     let store = m.open_store();
     assert_eq!(store.len(), 1);
     assert!(store

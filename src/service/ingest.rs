@@ -118,24 +118,17 @@ impl Inner {
         let accepted = match &self.signer {
             Some(signer) if !accepted.is_empty() && accepted.len() <= SIGN_INLINE_EVENTS => {
                 let mut accepted = accepted;
-                for new in &mut accepted {
-                    new.event.proof = Some(
-                        signer
-                            .sign(&new.event)
-                            .map_err(|e| ApiError::Internal(format!("signing events: {e}")))?,
-                    );
-                }
+                sign_all(signer, &mut accepted)
+                    .map_err(|e| ApiError::Internal(format!("signing events: {e}")))?;
                 accepted
             }
             Some(signer) if !accepted.is_empty() => {
-                // A signature per event: CPU work, off the runtime threads.
+                // One signature over the batch, but a digest per field of
+                // every event: CPU work, off the runtime threads.
                 let signer = signer.clone();
                 tokio::task::spawn_blocking(move || {
                     let mut accepted = accepted;
-                    for new in &mut accepted {
-                        new.event.proof = Some(signer.sign(&new.event)?);
-                    }
-                    Ok::<_, String>(accepted)
+                    sign_all(&signer, &mut accepted).map(|()| accepted)
                 })
                 .await
                 .map_err(|e| ApiError::Internal(e.to_string()))?
@@ -152,6 +145,13 @@ impl Inner {
         log_outcomes(&results);
         Ok(pb::PublishResponse { results })
     }
+}
+
+/// Signs the accepted events of one request with one batch signature.
+fn sign_all(signer: &crate::origin::Signer, accepted: &mut [NewEvent]) -> Result<(), String> {
+    let mut events: Vec<&mut crate::domain::PreferenceEvent> =
+        accepted.iter_mut().map(|new| &mut new.event).collect();
+    signer.sign_batch(&mut events)
 }
 
 fn result(event_id: String, outcome: pb::PublishOutcome) -> pb::PublishResult {
