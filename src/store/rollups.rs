@@ -1,17 +1,26 @@
 //! Rollup maintenance off the ingest path.
 //!
-//! The writer folds each committed batch into an in-memory map of cell
-//! deltas (`active`). A checkpointer thread regularly freezes that map and
-//! merges it into the `rollups` tree in one atomic sled batch, together with
-//! the sequence number it covers up to (the *watermark*, kept in the same
-//! tree). Queries read the tree plus the frozen and active maps while
-//! holding a read lock that the checkpointer's merge takes for writing, so
-//! a checkpoint landing mid-query is never counted twice (checkpoints are
-//! small, so neither side waits long).
+//! The writer folds each committed batch into in-memory maps of cell
+//! deltas (`active`), one per [`Lane`]. A checkpointer thread regularly
+//! freezes a lane's map and merges it into the `rollups` tree in one atomic
+//! sled batch, together with the sequence number it covers up to (the
+//! lane's *watermark*, kept in the same tree). Queries read the tree plus
+//! the frozen and active maps while holding a read lock that the
+//! checkpointer's merge takes for writing, so a checkpoint landing
+//! mid-query is never counted twice.
+//!
+//! The lanes: the hourly cells (base and attribute families, about one new
+//! cell per event) are merged every 200 ms or 10,000 events, which bounds
+//! the memory they wait in. The views' day, week and month cells are few
+//! and rewritten over and over (each merge reads, adds to and writes back
+//! the same cells, distinct-customer sketches of a kilobyte included), so
+//! they wait longer — up to 5 s or 50,000 events — and a merge writes each
+//! cell once for all the events it covers.
 //!
 //! After a crash the maps are gone; [`Pending::open`] folds the stored
-//! events after the watermark again. sled writes its log in order, so a
-//! durable checkpoint implies the events it covers are durable too.
+//! events after each lane's watermark again, into that lane. sled writes
+//! its log in order, so a durable checkpoint implies the events it covers
+//! are durable too.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,14 +33,79 @@ use crate::rollup::{
     open_value, parse_period_prefix, seal_value, Agg, Bucket, DimSet, Interner, Layout, QueryCell,
 };
 
-/// Key of the watermark in the `rollups` tree (sorts after every family).
+/// Key of the hourly lane's watermark in the `rollups` tree (sorts after
+/// every family). Stores from before the lanes have only this one, which
+/// then covers the views too.
 const WATERMARK_KEY: &[u8] = b"\xffwatermark";
-/// Checkpoint at least this often while deltas wait.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
-/// Checkpoint early once this many events wait.
-const CHECKPOINT_EVENTS: u64 = 10_000;
-/// The writer waits for the checkpointer beyond this many waiting events.
-const MAX_WAITING_EVENTS: u64 = 3 * CHECKPOINT_EVENTS;
+/// Key of the views lane's watermark.
+const VIEWS_WATERMARK_KEY: &[u8] = b"\xffwatermark-views";
+/// Keys of a lane's unfinished checkpoint: the sequence number it merges
+/// up to (8 bytes) and the last cell key merged so far.
+const PARTIAL_KEY: &[u8] = b"\xffpartial";
+const VIEWS_PARTIAL_KEY: &[u8] = b"\xffpartial-views";
+/// Cells a checkpoint merges per sled batch. Applying a batch holds sled's
+/// global write lock, which stalls every other write (the store writer's
+/// commits) meanwhile: a checkpoint of tens of thousands of cells in one
+/// batch stalled publish acknowledgements for a second.
+const CHUNK_CELLS: usize = 512;
+
+/// The two groups of cell families, merged into the tree at their own
+/// cadence, each with its own watermark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Lane {
+    /// Base and attribute families: hourly cells over every dimension.
+    Hours = 0,
+    /// The views' day, week and month cells.
+    Views = 1,
+}
+
+impl Lane {
+    pub(super) const ALL: [Lane; 2] = [Lane::Hours, Lane::Views];
+
+    /// The lane of the cell with key `key`.
+    fn of(key: &[u8]) -> Lane {
+        match key.first() {
+            Some(f) if *f >= crate::rollup::Layout::family(0) => Lane::Views,
+            _ => Lane::Hours,
+        }
+    }
+
+    fn watermark_key(self) -> &'static [u8] {
+        match self {
+            Lane::Hours => WATERMARK_KEY,
+            Lane::Views => VIEWS_WATERMARK_KEY,
+        }
+    }
+
+    fn partial_key(self) -> &'static [u8] {
+        match self {
+            Lane::Hours => PARTIAL_KEY,
+            Lane::Views => VIEWS_PARTIAL_KEY,
+        }
+    }
+
+    /// Merge at least this often while deltas wait.
+    fn every(self) -> Duration {
+        match self {
+            Lane::Hours => Duration::from_millis(200),
+            Lane::Views => Duration::from_secs(5),
+        }
+    }
+
+    /// Merge early once this many events wait.
+    fn events(self) -> u64 {
+        match self {
+            Lane::Hours => 10_000,
+            Lane::Views => 50_000,
+        }
+    }
+
+    /// The writer waits for the checkpointer beyond this many waiting
+    /// events.
+    fn max_waiting(self) -> u64 {
+        3 * self.events()
+    }
+}
 
 /// Cells to read: `family`'s `period` cells starting in the hours
 /// `from..to` (open ends: unbounded).
@@ -191,15 +265,71 @@ struct EdgeEntry {
     cells: Arc<Vec<QueryCell>>,
 }
 
-/// Deltas not yet in the tree.
+/// Deltas not yet in the tree, per [`Lane`].
 #[derive(Default)]
 struct Maps {
+    lanes: [LaneMaps; 2],
+}
+
+impl Maps {
+    fn lane(&mut self, lane: Lane) -> &mut LaneMaps {
+        &mut self.lanes[lane as usize]
+    }
+}
+
+/// One lane's deltas.
+#[derive(Default)]
+struct LaneMaps {
     active: BTreeMap<Vec<u8>, Agg>,
     active_events: u64,
     /// The highest sequence number folded into `active`.
     active_upto: Seq,
-    /// Being merged into the tree by the checkpointer.
+    /// When the oldest delta in `active` was added.
+    since: Option<std::time::Instant>,
+    /// Being merged into the tree by the checkpointer, chunk by chunk.
     frozen: Option<Arc<BTreeMap<Vec<u8>, Agg>>>,
+    /// The last key of `frozen` merged into the tree so far: the cells up
+    /// to it are read from the tree, no longer from `frozen`.
+    frozen_done: Option<Vec<u8>>,
+    /// The sequence number `frozen` covers up to.
+    frozen_upto: Seq,
+    /// The events folded into `frozen`.
+    frozen_events: u64,
+}
+
+impl LaneMaps {
+    fn add(&mut self, cells: BTreeMap<Vec<u8>, Agg>, events: u64, upto: Seq) {
+        if cells.is_empty() && events == 0 {
+            return;
+        }
+        merge_map(&mut self.active, cells);
+        self.active_events += events;
+        self.active_upto = self.active_upto.max(upto);
+        self.since.get_or_insert_with(std::time::Instant::now);
+    }
+
+    /// Whether anything waits: cells, or only events (whose watermark
+    /// moves on even when they add no cell to this lane).
+    fn has_work(&self) -> bool {
+        !self.active.is_empty() || self.active_events > 0
+    }
+
+    /// Whether the checkpointer should merge this lane now.
+    fn due(&self, lane: Lane) -> bool {
+        self.frozen.is_some()
+            || self.has_work()
+                && (self.active_events >= lane.events()
+                    || self.since.is_some_and(|t| t.elapsed() >= lane.every()))
+    }
+}
+
+/// Splits `cells` by lane.
+fn by_lane(cells: BTreeMap<Vec<u8>, Agg>) -> [BTreeMap<Vec<u8>, Agg>; 2] {
+    let mut out: [BTreeMap<Vec<u8>, Agg>; 2] = Default::default();
+    for (key, agg) in cells {
+        out[Lane::of(&key) as usize].insert(key, agg);
+    }
+    out
 }
 
 /// The rollups waiting in memory, shared by the writer (adds), the
@@ -216,21 +346,52 @@ pub(super) struct Pending {
     wake: Condvar,
     wake_lock: Mutex<()>,
     stop: AtomicBool,
+    /// Merge every lane now, due or not ([`Pending::drain`]).
+    draining: AtomicBool,
 }
 
-fn read_watermark(tree: &sled::Tree) -> Result<Option<Seq>> {
+/// A lane's unfinished checkpoint, as stored: the sequence number it
+/// merges up to, and the last cell key it merged. Cells up to that key
+/// hold the events up to that number; the others only those up to the
+/// lane's watermark.
+fn read_partial(tree: &sled::Tree, lane: Lane) -> Result<Option<(Seq, Vec<u8>)>> {
+    let Some(v) = tree.get(lane.partial_key())? else {
+        return Ok(None);
+    };
+    let (upto, key) = v
+        .split_first_chunk::<8>()
+        .ok_or_else(|| corrupt(lane.partial_key(), "partial checkpoint record too short"))?;
+    Ok(Some((Seq::from_be_bytes(*upto), key.to_vec())))
+}
+
+fn read_watermark(tree: &sled::Tree, key: &[u8]) -> Result<Option<Seq>> {
     Ok(tree
-        .get(WATERMARK_KEY)?
+        .get(key)?
         .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
         .map(Seq::from_be_bytes))
 }
 
 /// The batch that writes `cells` (deltas) into `tree` merged with what it
-/// holds, and the watermark (also used by a rebuild, chunk by chunk).
+/// holds, and the watermark of `lanes` (also used by a rebuild, chunk by
+/// chunk, with every lane).
 pub(super) fn prepare_batch(
     tree: &sled::Tree,
     cells: &BTreeMap<Vec<u8>, Agg>,
     watermark: Seq,
+    lanes: &[Lane],
+) -> Result<sled::Batch> {
+    let mut batch = merge_batch(tree, cells)?;
+    for lane in lanes {
+        batch.insert(lane.watermark_key(), &watermark.to_be_bytes());
+    }
+    Ok(batch)
+}
+
+/// The batch that writes `cells` (deltas) into `tree`, merged with what it
+/// holds.
+fn merge_batch<'a>(
+    tree: &sled::Tree,
+    cells: impl IntoIterator<Item = (&'a Vec<u8>, &'a Agg)>,
 ) -> Result<sled::Batch> {
     let mut batch = sled::Batch::default();
     for (key, delta) in cells {
@@ -246,7 +407,6 @@ pub(super) fn prepare_batch(
         agg.seal();
         batch.insert(key.as_slice(), seal_value(key, &agg));
     }
-    batch.insert(WATERMARK_KEY, &watermark.to_be_bytes());
     Ok(batch)
 }
 
@@ -273,27 +433,93 @@ impl Pending {
     pub(super) fn open(trees: &Trees, layout: Arc<Layout>, fold_events: bool) -> Result<Pending> {
         let mut maps = Maps::default();
         if fold_events {
-            let after = read_watermark(&trees.rollups)?.unwrap_or(0);
-            maps.active_upto = after;
-            let start = after.saturating_add(1).to_be_bytes();
+            let hours = read_watermark(&trees.rollups, WATERMARK_KEY)?.unwrap_or(0);
+            // A store from before the lanes: its one watermark covers all.
+            let views = match read_watermark(&trees.rollups, VIEWS_WATERMARK_KEY)? {
+                Some(views) => views,
+                None => {
+                    // Kept from now on, so that an hourly checkpoint landing
+                    // before the views' first one is not mistaken for a
+                    // store from before the lanes.
+                    trees
+                        .rollups
+                        .insert(VIEWS_WATERMARK_KEY, &hours.to_be_bytes())?;
+                    hours
+                }
+            };
+            let after = [hours, views];
+            let partial = [
+                read_partial(&trees.rollups, Lane::Hours)?,
+                read_partial(&trees.rollups, Lane::Views)?,
+            ];
+            for lane in Lane::ALL {
+                let maps = maps.lane(lane);
+                maps.active_upto = after[lane as usize];
+                if let Some((upto, _)) = &partial[lane as usize] {
+                    maps.active_upto = maps.active_upto.max(*upto);
+                }
+            }
+            let start = hours.min(views).saturating_add(1).to_be_bytes();
             let mut chunk = Vec::new();
+            // Per lane: the events after its watermark, except that the
+            // cells an unfinished checkpoint merged already hold the events
+            // up to its number.
+            let fold = |maps: &mut Maps, chunk: &mut Vec<(Seq, crate::domain::PreferenceEvent)>| {
+                for lane in Lane::ALL {
+                    let after = after[lane as usize];
+                    let (merged_upto, merged_key) = match &partial[lane as usize] {
+                        Some((upto, key)) => (*upto, Some(key.as_slice())),
+                        None => (after, None),
+                    };
+                    let part = |from: Seq, to: Seq, keep: &dyn Fn(&[u8]) -> bool| {
+                        let events: Vec<_> = chunk
+                            .iter()
+                            .filter(|(seq, _)| *seq > from && *seq <= to)
+                            .collect();
+                        let cells = if events.is_empty() {
+                            BTreeMap::new()
+                        } else {
+                            let cells =
+                                crate::rollup::fold(events.iter().map(|(_, ev)| ev), &layout);
+                            by_lane(cells)[lane as usize]
+                                .clone()
+                                .into_iter()
+                                .filter(|(k, _)| keep(k))
+                                .collect()
+                        };
+                        (
+                            cells,
+                            events.len() as u64,
+                            events.last().map(|(seq, _)| *seq),
+                        )
+                    };
+                    let older = part(after, merged_upto, &|k: &[u8]| {
+                        merged_key.is_none_or(|m| k > m)
+                    });
+                    let newer = part(after.max(merged_upto), Seq::MAX, &|_: &[u8]| true);
+                    for (cells, events, upto) in [older, newer] {
+                        if let Some(upto) = upto {
+                            maps.lane(lane).add(cells, events, upto);
+                        }
+                    }
+                }
+                chunk.clear();
+            };
             for item in trees.events.range(start..) {
                 let (k, v) = item?;
                 let seq = super::seq_from(&k, "events", "?")?;
-                chunk.push(super::decode_event(seq, &v)?);
-                maps.active_upto = seq;
+                chunk.push((seq, super::decode_event(seq, &v)?));
                 if chunk.len() == 10_000 {
-                    maps.active_events += chunk.len() as u64;
-                    merge_map(&mut maps.active, crate::rollup::fold(chunk.iter(), &layout));
-                    chunk.clear();
+                    fold(&mut maps, &mut chunk);
                 }
             }
-            maps.active_events += chunk.len() as u64;
-            merge_map(&mut maps.active, crate::rollup::fold(chunk.iter(), &layout));
-            if maps.active_events > 0 {
+            fold(&mut maps, &mut chunk);
+            let [h, v] = [&maps.lanes[0], &maps.lanes[1]].map(|l| l.active_events);
+            if h > 0 || v > 0 {
                 tracing::info!(
-                    events = maps.active_events,
-                    "folded the events after the last rollup checkpoint"
+                    hourly_events = h,
+                    view_events = v,
+                    "folded the events after the last rollup checkpoints"
                 );
             }
         }
@@ -310,6 +536,7 @@ impl Pending {
             wake: Condvar::new(),
             wake_lock: Mutex::new(()),
             stop: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
         }
     }
 
@@ -334,25 +561,27 @@ impl Pending {
     /// [`Self::begin_change`] began).
     pub(super) fn add(&self, cells: BTreeMap<Vec<u8>, Agg>, events: u64, upto: Seq, hours: &[i64]) {
         self.end_change(Some(hours));
-        let waiting = {
+        let [hourly, views] = by_lane(cells);
+        let (due, over) = {
             let mut maps = self.write();
-            merge_map(&mut maps.active, cells);
-            maps.active_events += events;
-            maps.active_upto = maps.active_upto.max(upto);
-            maps.active_events
+            maps.lane(Lane::Hours).add(hourly, events, upto);
+            maps.lane(Lane::Views).add(views, events, upto);
+            (
+                maps.lanes[0].active_events >= Lane::Hours.events()
+                    || maps.lanes[1].active_events >= Lane::Views.events(),
+                Self::over(&maps),
+            )
         };
-        if waiting >= CHECKPOINT_EVENTS {
+        if due {
             self.wake.notify_all();
         }
-        if waiting >= MAX_WAITING_EVENTS {
+        if over {
             // Backpressure: let the checkpointer catch up.
             let mut guard = self
                 .wake_lock
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            while self.read().active_events >= MAX_WAITING_EVENTS
-                && !self.stop.load(Ordering::SeqCst)
-            {
+            while Self::over(&self.read()) && !self.stop.load(Ordering::SeqCst) {
                 self.wake.notify_all();
                 guard = self
                     .wake
@@ -363,21 +592,30 @@ impl Pending {
         }
     }
 
+    /// Whether a lane holds more waiting events than it may.
+    fn over(maps: &Maps) -> bool {
+        Lane::ALL
+            .iter()
+            .any(|lane| maps.lanes[*lane as usize].active_events >= lane.max_waiting())
+    }
+
     /// Forgets every waiting delta: a rebuild recomputes the tree from all
     /// events, up to `upto`.
     pub(super) fn reset(&self, upto: Seq) {
         let mut maps = self.write();
-        *maps = Maps {
-            active_upto: upto,
-            ..Maps::default()
-        };
+        *maps = Maps::default();
+        for lane in Lane::ALL {
+            maps.lane(lane).active_upto = upto;
+        }
         self.clear_cache();
     }
 
     /// Whether deltas wait in memory, not yet merged into the tree.
     pub(super) fn waiting(&self) -> bool {
         let maps = self.read();
-        !maps.active.is_empty() || maps.frozen.is_some()
+        maps.lanes
+            .iter()
+            .any(|l| !l.active.is_empty() || l.frozen.is_some())
     }
 
     /// Forgets the cached periods (after writing the tree other than by a
@@ -483,67 +721,107 @@ impl Pending {
     pub(super) fn remove_before(&self, hour: i64) {
         let families = crate::rollup::Layout::family(self.layout.views.len());
         let mut maps = self.write();
-        maps.active.retain(|k, _| {
-            parse_period_prefix(k)
-                .is_none_or(|(family, _, start)| family >= families || start >= hour)
-        });
+        for lane in &mut maps.lanes {
+            lane.active.retain(|k, _| {
+                parse_period_prefix(k)
+                    .is_none_or(|(family, _, start)| family >= families || start >= hour)
+            });
+        }
         self.cache().retain(|&(_, _, start)| start >= hour);
     }
 
-    /// Merges the active map into the tree if anything waits (checkpointer
-    /// thread, and once more at shutdown).
-    fn checkpoint(&self, tree: &sled::Tree) -> Result<bool> {
+    /// Merges `lane`'s waiting deltas into the tree if any wait
+    /// (checkpointer thread, and once more at shutdown): freezes the
+    /// active map and merges it chunk by chunk, each chunk one sled batch
+    /// with a record of the progress; the last one moves the watermark and
+    /// drops the record. A checkpoint a failure cut short is resumed where
+    /// it stopped by the next call.
+    fn checkpoint(&self, tree: &sled::Tree, lane: Lane) -> Result<bool> {
         let started = std::time::Instant::now();
-        let (frozen, upto, events) = {
+        let (frozen, upto, events, done) = {
             let mut maps = self.write();
-            if maps.active.is_empty() {
-                return Ok(false);
+            let maps = maps.lane(lane);
+            if maps.frozen.is_none() {
+                if !maps.has_work() {
+                    return Ok(false);
+                }
+                maps.frozen = Some(Arc::new(std::mem::take(&mut maps.active)));
+                maps.frozen_done = None;
+                maps.frozen_upto = maps.active_upto;
+                maps.frozen_events = std::mem::take(&mut maps.active_events);
+                maps.since = None;
             }
-            let frozen = Arc::new(std::mem::take(&mut maps.active));
-            let events = std::mem::take(&mut maps.active_events);
-            maps.frozen = Some(frozen.clone());
-            (frozen, maps.active_upto, events)
+            (
+                maps.frozen.clone().unwrap_or_default(),
+                maps.frozen_upto,
+                maps.frozen_events,
+                maps.frozen_done.clone(),
+            )
         };
         self.wake.notify_all();
-        // Only the checkpointer writes cells (retention removes some, and
-        // a cell it resurrects lies before the horizon, which queries
-        // ignore), so the batch is prepared without blocking queries.
-        let batch = prepare_batch(tree, &frozen, upto);
-        // Applying and dropping the frozen map happen under one lock hold:
-        // a query sees the deltas either in the map or in the tree.
-        let _merging = self
-            .tree_lock
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let applied = batch.and_then(|batch| Ok(tree.apply_batch(batch)?));
+        let remaining: Vec<(&Vec<u8>, &Agg)> = match &done {
+            Some(done) => frozen
+                .range::<Vec<u8>, _>((std::ops::Bound::Excluded(done), std::ops::Bound::Unbounded))
+                .collect(),
+            None => frozen.iter().collect(),
+        };
+        let chunks = remaining.len().div_ceil(CHUNK_CELLS).max(1);
+        for (i, chunk) in remaining
+            .chunks(CHUNK_CELLS)
+            .chain(std::iter::once(&[][..]))
+            .take(chunks)
+            .enumerate()
         {
+            // Only the checkpointer writes cells (retention removes some,
+            // and a cell it resurrects lies before the horizon, which
+            // queries ignore), so the batch is prepared without blocking
+            // queries.
+            let mut batch = merge_batch(tree, chunk.iter().copied())?;
+            let last_key = chunk.last().map(|(k, _)| (*k).clone());
+            if i + 1 == chunks {
+                batch.insert(lane.watermark_key(), &upto.to_be_bytes());
+                batch.remove(lane.partial_key());
+            } else if let Some(key) = &last_key {
+                let mut record = upto.to_be_bytes().to_vec();
+                record.extend_from_slice(key);
+                batch.insert(lane.partial_key(), record);
+            }
+            // Applying the chunk and marking it merged happen under one
+            // lock hold: a query sees its deltas either in the map or in
+            // the tree.
+            let _merging = self
+                .tree_lock
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            tree.apply_batch(batch)?;
             let mut maps = self.write();
-            if applied.is_ok() {
-                let mut cache = self.cache();
-                let mut last = None;
-                for id in frozen.keys().filter_map(|k| parse_period_prefix(k)) {
-                    if last != Some(id) {
-                        cache.remove(&id);
-                        last = Some(id);
-                    }
+            let maps = maps.lane(lane);
+            let mut cache = self.cache();
+            let mut last = None;
+            for id in chunk.iter().filter_map(|(k, _)| parse_period_prefix(k)) {
+                if last != Some(id) {
+                    cache.remove(&id);
+                    last = Some(id);
                 }
+            }
+            if i + 1 == chunks {
                 maps.frozen = None;
-            } else if let Some(frozen) = maps.frozen.take() {
-                // Put it back; the next checkpoint retries.
-                let newer = std::mem::take(&mut maps.active);
-                maps.active = Arc::try_unwrap(frozen).unwrap_or_else(|a| (*a).clone());
-                merge_map(&mut maps.active, newer);
+                maps.frozen_done = None;
+            } else {
+                maps.frozen_done = last_key;
             }
         }
         if tracing::enabled!(tracing::Level::DEBUG) {
             // Cells written per family kind: base (hourly, every
             // dimension), attribute, and the views' together.
             let mut families = [0usize; 3];
-            for key in frozen.keys() {
+            for (key, _) in &remaining {
                 families[usize::from(key.first().copied().unwrap_or(0)).min(2)] += 1;
             }
             tracing::debug!(
+                ?lane,
                 events,
+                chunks,
                 base_cells = families[0],
                 attribute_cells = families[1],
                 view_cells = families[2],
@@ -551,7 +829,7 @@ impl Pending {
                 "rollup checkpoint"
             );
         }
-        applied.map(|()| true)
+        Ok(true)
     }
 
     /// Holds checkpoints off (and lets queries run) while the guard lives:
@@ -566,17 +844,22 @@ impl Pending {
     /// Call on the writer thread (which alone adds deltas).
     pub(super) fn drain(&self) -> Result<()> {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while self.waiting() {
+        self.draining.store(true, Ordering::SeqCst);
+        let drained = loop {
+            if !self.waiting() {
+                break Ok(());
+            }
             if std::time::Instant::now() > deadline {
-                return Err(Error::Write {
+                break Err(Error::Write {
                     reason: "the rollup checkpoint did not finish within 60 s".into(),
                     disk_full: false,
                 });
             }
             self.wake.notify_all();
             std::thread::sleep(Duration::from_millis(5));
-        }
-        Ok(())
+        };
+        self.draining.store(false, Ordering::SeqCst);
+        drained
     }
 
     /// Runs `f` (which writes the tree) with queries held off, then
@@ -694,12 +977,29 @@ impl Pending {
         let mut waiting: Vec<RawCell> = Vec::new();
         {
             let maps = self.read();
-            let frozen = maps.frozen.as_deref();
-            for map in std::iter::once(&maps.active).chain(frozen) {
-                for &(family, period, a, b) in pieces {
-                    let (start, end) = range(family, period, a, b);
-                    for (k, agg) in map.range(start..end) {
-                        waiting.push((k.as_slice().into(), seal_value(k, agg).into()));
+            for lane in &maps.lanes {
+                // The frozen cells a checkpoint merged so far are in the
+                // tree already.
+                let frozen = lane
+                    .frozen
+                    .as_deref()
+                    .map(|f| (f, lane.frozen_done.as_ref()));
+                let maps = std::iter::once((&lane.active, None)).chain(frozen);
+                for (map, merged) in maps {
+                    for &(family, period, a, b) in pieces {
+                        let (start, end) = range(family, period, a, b);
+                        let start = match merged {
+                            Some(done) if *done >= start => std::ops::Bound::Excluded(done.clone()),
+                            _ => std::ops::Bound::Included(start),
+                        };
+                        if let std::ops::Bound::Excluded(s) = &start {
+                            if *s >= end {
+                                continue;
+                            }
+                        }
+                        for (k, agg) in map.range((start, std::ops::Bound::Excluded(end))) {
+                            waiting.push((k.as_slice().into(), seal_value(k, agg).into()));
+                        }
                     }
                 }
             }
@@ -785,12 +1085,21 @@ pub(super) fn erase_corrections(
 
 /// Whether `key` is the rollup tree's bookkeeping rather than a cell.
 pub(super) fn is_meta_key(key: &[u8]) -> bool {
-    key == WATERMARK_KEY
+    [
+        WATERMARK_KEY,
+        VIEWS_WATERMARK_KEY,
+        PARTIAL_KEY,
+        VIEWS_PARTIAL_KEY,
+    ]
+    .contains(&key)
 }
 
 /// Why a stored rollup entry is not a sound cell (`admin verify`); `None`
 /// when it is one, or is the watermark.
 pub(super) fn check_cell(key: &[u8], value: &[u8]) -> Option<&'static str> {
+    if key == PARTIAL_KEY || key == VIEWS_PARTIAL_KEY {
+        return (value.len() < 8).then_some("partial checkpoint record is shorter than 8 bytes");
+    }
     if is_meta_key(key) {
         return (value.len() != 8).then_some("watermark is not 8 bytes");
     }
@@ -883,9 +1192,15 @@ pub(super) fn spawn_checkpointer(
             let _span = tracing::info_span!("rollup_checkpoint").entered();
             loop {
                 let stopping = pending.stop.load(Ordering::SeqCst);
-                match pending.checkpoint(&tree) {
-                    Ok(_) => {}
-                    Err(e) => tracing::error!(error = %e, "rollup checkpoint failed; will retry (queries still see the waiting deltas)"),
+                let all = stopping || pending.draining.load(Ordering::SeqCst);
+                for lane in Lane::ALL {
+                    let due = all || pending.read().lanes[lane as usize].due(lane);
+                    if !due {
+                        continue;
+                    }
+                    if let Err(e) = pending.checkpoint(&tree, lane) {
+                        tracing::error!(error = %e, ?lane, "rollup checkpoint failed; will retry (queries still see the waiting deltas)");
+                    }
                 }
                 if stopping {
                     break;
@@ -894,8 +1209,14 @@ pub(super) fn spawn_checkpointer(
                     .wake_lock
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if pending.read().active_events < CHECKPOINT_EVENTS {
-                    let _ = pending.wake.wait_timeout(guard, CHECKPOINT_EVERY);
+                let idle = {
+                    let maps = pending.read();
+                    Lane::ALL
+                        .iter()
+                        .all(|lane| maps.lanes[*lane as usize].active_events < lane.events())
+                };
+                if idle && !pending.draining.load(Ordering::SeqCst) {
+                    let _ = pending.wake.wait_timeout(guard, Lane::Hours.every());
                 }
             }
         })
@@ -908,9 +1229,13 @@ pub(super) fn stop(pending: &Pending) {
     pending.wake.notify_all();
 }
 
-/// The watermark, for a rebuild to set.
+/// Every lane's watermark, for a rebuild to set.
 pub(super) fn write_watermark(tree: &sled::Tree, upto: Seq) -> Result<()> {
-    tree.insert(WATERMARK_KEY, &upto.to_be_bytes())?;
+    let mut batch = sled::Batch::default();
+    for lane in Lane::ALL {
+        batch.insert(lane.watermark_key(), &upto.to_be_bytes());
+    }
+    tree.apply_batch(batch)?;
     Ok(())
 }
 
@@ -973,6 +1298,58 @@ mod tests {
 
     /// A stored cell that does not decode is reported, never merged into
     /// as if it were empty.
+    /// While a checkpoint merges a lane chunk by chunk, a query reads the
+    /// cells merged so far from the tree and the rest from the frozen map:
+    /// each once.
+    #[test]
+    fn a_query_during_a_chunked_checkpoint_counts_each_cell_once() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = sled::open(dir.path()).expect("sled");
+        let tree = db.open_tree("rollups").expect("tree");
+        let family = Layout::family(0);
+        let key = |day: i64| {
+            CellKey {
+                family,
+                period: Bucket::Day,
+                hour: 24 * day,
+                dims: Default::default(),
+            }
+            .encode()
+        };
+        let one = || Agg {
+            events: 1,
+            ..Default::default()
+        };
+        let frozen: BTreeMap<Vec<u8>, Agg> = (0..4).map(|d| (key(d), one())).collect();
+        let events = |p: &Pending| -> u64 {
+            p.read_cells(
+                &tree,
+                &[(family, Bucket::Day, None, None)],
+                None,
+                &RwLock::new(Interner::default()),
+            )
+            .expect("read")
+            .iter()
+            .flat_map(|cells| cells.iter())
+            .map(|c| c.counts.events)
+            .sum()
+        };
+        let p = Pending::with_maps(Arc::new(Layout::default()), Maps::default());
+        {
+            let mut maps = p.write();
+            let lane = maps.lane(Lane::Views);
+            lane.frozen = Some(Arc::new(frozen.clone()));
+            lane.active.insert(key(1), one());
+        }
+        assert_eq!(events(&p), 5, "nothing merged yet");
+        // The first two cells merged, as a chunk leaves them.
+        let merged: BTreeMap<Vec<u8>, Agg> = frozen.into_iter().take(2).collect();
+        tree.apply_batch(merge_batch(&tree, &merged).expect("batch"))
+            .expect("apply");
+        p.write().lane(Lane::Views).frozen_done = Some(key(1));
+        assert_eq!(events(&p), 5, "two from the tree, two frozen, one active");
+    }
+
     #[test]
     fn a_corrupt_stored_cell_stops_the_merge_and_names_the_repair() {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -991,7 +1368,7 @@ mod tests {
             ..Default::default()
         };
         let cells = BTreeMap::from([(key.clone(), delta)]);
-        let err = prepare_batch(&tree, &cells, 1).expect_err("corrupt cell");
+        let err = prepare_batch(&tree, &cells, 1, &[Lane::Hours]).expect_err("corrupt cell");
         assert!(err.to_string().contains("rebuild-rollups"), "{err}");
         assert_eq!(
             tree.get(&key).expect("get").as_deref(),

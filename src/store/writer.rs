@@ -145,7 +145,11 @@ impl Writer {
                     continue;
                 }
                 Command::Close { reply } => {
-                    let _ = reply.send(self.finish());
+                    let finished = self.finish();
+                    // The trees go before the answer: once the last store
+                    // handle goes too, the directory can be opened again.
+                    drop(self);
+                    let _ = reply.send(finished);
                     return;
                 }
                 Command::Append(append) => append,
