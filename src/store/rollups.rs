@@ -1181,6 +1181,9 @@ fn corrupt(k: &[u8], what: &str) -> Error {
     }
 }
 
+/// The checkpointer thread's nice value.
+const CHECKPOINTER_NICE: i32 = 10;
+
 /// Runs checkpoints until [`stop`] is called, then a last one.
 pub(super) fn spawn_checkpointer(
     pending: Arc<Pending>,
@@ -1190,6 +1193,13 @@ pub(super) fn spawn_checkpointer(
         .name("rollup-checkpoint".into())
         .spawn(move || {
             let _span = tracing::info_span!("rollup_checkpoint").entered();
+            // Merging is background work: where the CPUs are busy, commits
+            // (acknowledgements) and deliveries go first. (Linux keeps a
+            // nice value per thread; the backpressure on the waiting events
+            // keeps the checkpointer from falling behind for long.)
+            if let Err(e) = rustix::process::setpriority_process(None, CHECKPOINTER_NICE) {
+                tracing::debug!(error = %e, "could not lower the checkpointer's priority");
+            }
             loop {
                 let stopping = pending.stop.load(Ordering::SeqCst);
                 let all = stopping || pending.draining.load(Ordering::SeqCst);
