@@ -1331,6 +1331,25 @@ mod tests {
     /// first event's `by_id` landed, the second's not), is removed on open:
     /// nothing of it is counted, queued or found, and the sender's resend
     /// stores what was missing, once.
+    /// Opens what `open` opens once the directory's lock is free: sled's
+    /// I/O threads may hold it for a moment after a store was closed and
+    /// dropped in this process.
+    fn unlocked<T, E: std::fmt::Display>(open: impl Fn() -> std::result::Result<T, E>) -> T {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match open() {
+                Ok(t) => return t,
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("open: {e}"),
+            }
+        }
+    }
+
     #[tokio::test]
     async fn the_remains_of_an_interrupted_commit_are_removed_on_open() {
         for first_by_id_landed in [false, true] {
@@ -1362,7 +1381,7 @@ mod tests {
         }
         // A commit of two more events, cut short as a crash leaves it.
         {
-            let db = sled::open(dir.path()).expect("sled");
+            let db = unlocked(|| sled::open(dir.path()));
             let (events, by_time, by_customer, by_id, outbox) = (
                 db.open_tree("events").expect("tree"),
                 db.open_tree("by_time").expect("tree"),
@@ -1392,7 +1411,7 @@ mod tests {
             db.flush().expect("flush");
         }
         let kept = if first_by_id_landed { 4 } else { 3 };
-        let store = Store::open(dir.path(), &links).expect("reopen");
+        let store = unlocked(|| Store::open(dir.path(), &links));
         assert_eq!(store.len(), kept, "the remains are gone");
         assert_eq!(store.inner.trees.by_time.len(), kept);
         assert_eq!(store.inner.trees.by_customer.len(), kept);
@@ -1490,7 +1509,7 @@ mod tests {
             // Two more events, stored; the crash came before the views lane
             // merged them (or, legacy, before any merge).
             {
-                let db = sled::open(dir.path()).expect("sled");
+                let db = unlocked(|| sled::open(dir.path()));
                 let (events, by_time, by_id, meta, tree) = (
                     db.open_tree("events").expect("tree"),
                     db.open_tree("by_time").expect("tree"),
@@ -1548,11 +1567,11 @@ mod tests {
                 #[allow(clippy::disallowed_methods)]
                 db.flush().expect("flush");
             }
-            let store = Store::open(dir.path(), &[]).expect("reopen");
+            let store = unlocked(|| Store::open(dir.path(), &[]));
             store.close().await.expect("close");
             let refolded = rollup_cells(&store);
             drop(store);
-            let store = Store::open(dir.path(), &[]).expect("reopen");
+            let store = unlocked(|| Store::open(dir.path(), &[]));
             store.rebuild_rollups(|_| {}).await.expect("rebuild");
             let rebuilt = rollup_cells(&store);
             assert!(refolded.len() > 10, "{}", refolded.len());
