@@ -348,6 +348,22 @@ pub(super) struct Pending {
     stop: AtomicBool,
     /// Merge every lane now, due or not ([`Pending::drain`]).
     draining: AtomicBool,
+    /// The last checkpoint failed: the writer does not wait for the
+    /// checkpointer then (it may fail until an operator repairs the store).
+    failing: AtomicBool,
+    /// No checkpoint starts while set ([`Pending::pause`]).
+    paused: AtomicBool,
+    /// Held by the checkpointer through each checkpoint.
+    checkpointing: Mutex<()>,
+}
+
+/// Keeps checkpoints from starting while it lives ([`Pending::pause`]).
+pub(super) struct Paused<'a>(&'a Pending);
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        self.0.paused.store(false, Ordering::SeqCst);
+    }
 }
 
 /// A lane's unfinished checkpoint, as stored: the sequence number it
@@ -385,6 +401,46 @@ pub(super) fn prepare_batch(
         batch.insert(lane.watermark_key(), &watermark.to_be_bytes());
     }
     Ok(batch)
+}
+
+/// Adds to a checkpoint's chunk its progress: the last chunk moves the
+/// lane's watermark to `upto` and drops the record; any other records
+/// `upto` and the last key of the chunk.
+fn mark_progress(batch: &mut sled::Batch, lane: Lane, upto: Seq, last: bool, key: Option<&[u8]>) {
+    if last {
+        batch.insert(lane.watermark_key(), &upto.to_be_bytes());
+        batch.remove(lane.partial_key());
+    } else if let Some(key) = key {
+        let mut record = upto.to_be_bytes().to_vec();
+        record.extend_from_slice(key);
+        batch.insert(lane.partial_key(), record);
+    }
+}
+
+/// Finishes a checkpoint a crash cut short (at open, before anything else
+/// writes cells): merges `rest`, the cells past its record's key folded
+/// from the events up to its number `upto`, chunk by chunk as the
+/// checkpoint would have. A crash meanwhile leaves a record further on.
+fn finish_partial(
+    tree: &sled::Tree,
+    lane: Lane,
+    rest: &BTreeMap<Vec<u8>, Agg>,
+    upto: Seq,
+) -> Result<()> {
+    let cells: Vec<(&Vec<u8>, &Agg)> = rest.iter().collect();
+    let chunks = cells.len().div_ceil(CHUNK_CELLS).max(1);
+    for (i, chunk) in cells
+        .chunks(CHUNK_CELLS)
+        .chain(std::iter::once(&[][..]))
+        .take(chunks)
+        .enumerate()
+    {
+        let mut batch = merge_batch(tree, chunk.iter().copied())?;
+        let key = chunk.last().map(|(k, _)| k.as_slice());
+        mark_progress(&mut batch, lane, upto, i + 1 == chunks, key);
+        tree.apply_batch(batch)?;
+    }
+    Ok(())
 }
 
 /// The batch that writes `cells` (deltas) into `tree`, merged with what it
@@ -464,47 +520,49 @@ impl Pending {
             // Per lane: the events after its watermark, except that the
             // cells an unfinished checkpoint merged already hold the events
             // up to its number.
-            let fold = |maps: &mut Maps, chunk: &mut Vec<(Seq, crate::domain::PreferenceEvent)>| {
-                for lane in Lane::ALL {
-                    let after = after[lane as usize];
-                    let (merged_upto, merged_key) = match &partial[lane as usize] {
-                        Some((upto, key)) => (*upto, Some(key.as_slice())),
-                        None => (after, None),
-                    };
-                    let part = |from: Seq, to: Seq, keep: &dyn Fn(&[u8]) -> bool| {
-                        let events: Vec<_> = chunk
-                            .iter()
-                            .filter(|(seq, _)| *seq > from && *seq <= to)
-                            .collect();
-                        let cells = if events.is_empty() {
-                            BTreeMap::new()
-                        } else {
-                            let cells =
-                                crate::rollup::fold(events.iter().map(|(_, ev)| ev), &layout);
-                            by_lane(cells)[lane as usize]
-                                .clone()
-                                .into_iter()
-                                .filter(|(k, _)| keep(k))
-                                .collect()
+            let mut finishing: [BTreeMap<Vec<u8>, Agg>; 2] = Default::default();
+            let mut fold =
+                |maps: &mut Maps, chunk: &mut Vec<(Seq, crate::domain::PreferenceEvent)>| {
+                    for lane in Lane::ALL {
+                        let after = after[lane as usize];
+                        let (merged_upto, merged_key) = match &partial[lane as usize] {
+                            Some((upto, key)) => (*upto, Some(key.as_slice())),
+                            None => (after, None),
                         };
-                        (
-                            cells,
-                            events.len() as u64,
-                            events.last().map(|(seq, _)| *seq),
-                        )
-                    };
-                    let older = part(after, merged_upto, &|k: &[u8]| {
-                        merged_key.is_none_or(|m| k > m)
-                    });
-                    let newer = part(after.max(merged_upto), Seq::MAX, &|_: &[u8]| true);
-                    for (cells, events, upto) in [older, newer] {
+                        let part = |from: Seq, to: Seq, keep: &dyn Fn(&[u8]) -> bool| {
+                            let events: Vec<_> = chunk
+                                .iter()
+                                .filter(|(seq, _)| *seq > from && *seq <= to)
+                                .collect();
+                            let cells = if events.is_empty() {
+                                BTreeMap::new()
+                            } else {
+                                let cells =
+                                    crate::rollup::fold(events.iter().map(|(_, ev)| ev), &layout);
+                                by_lane(cells)[lane as usize]
+                                    .clone()
+                                    .into_iter()
+                                    .filter(|(k, _)| keep(k))
+                                    .collect()
+                            };
+                            (
+                                cells,
+                                events.len() as u64,
+                                events.last().map(|(seq, _)| *seq),
+                            )
+                        };
+                        let (older, _, _) = part(after, merged_upto, &|k: &[u8]| {
+                            merged_key.is_none_or(|m| k > m)
+                        });
+                        merge_map(&mut finishing[lane as usize], older);
+                        let (cells, events, upto) =
+                            part(after.max(merged_upto), Seq::MAX, &|_: &[u8]| true);
                         if let Some(upto) = upto {
                             maps.lane(lane).add(cells, events, upto);
                         }
                     }
-                }
-                chunk.clear();
-            };
+                    chunk.clear();
+                };
             for item in trees.events.range(start..) {
                 let (k, v) = item?;
                 let seq = super::seq_from(&k, "events", "?")?;
@@ -514,6 +572,16 @@ impl Pending {
                 }
             }
             fold(&mut maps, &mut chunk);
+            for lane in Lane::ALL {
+                if let Some((upto, _)) = &partial[lane as usize] {
+                    finish_partial(&trees.rollups, lane, &finishing[lane as usize], *upto)?;
+                    tracing::info!(
+                        ?lane,
+                        cells = finishing[lane as usize].len(),
+                        "finished the rollup checkpoint a crash cut short"
+                    );
+                }
+            }
             let [h, v] = [&maps.lanes[0], &maps.lanes[1]].map(|l| l.active_events);
             if h > 0 || v > 0 {
                 tracing::info!(
@@ -537,6 +605,9 @@ impl Pending {
             wake_lock: Mutex::new(()),
             stop: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            failing: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            checkpointing: Mutex::new(()),
         }
     }
 
@@ -581,7 +652,10 @@ impl Pending {
                 .wake_lock
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            while Self::over(&self.read()) && !self.stop.load(Ordering::SeqCst) {
+            while Self::over(&self.read())
+                && !self.stop.load(Ordering::SeqCst)
+                && !self.failing.load(Ordering::SeqCst)
+            {
                 self.wake.notify_all();
                 guard = self
                     .wake
@@ -778,14 +852,7 @@ impl Pending {
             // queries.
             let mut batch = merge_batch(tree, chunk.iter().copied())?;
             let last_key = chunk.last().map(|(k, _)| (*k).clone());
-            if i + 1 == chunks {
-                batch.insert(lane.watermark_key(), &upto.to_be_bytes());
-                batch.remove(lane.partial_key());
-            } else if let Some(key) = &last_key {
-                let mut record = upto.to_be_bytes().to_vec();
-                record.extend_from_slice(key);
-                batch.insert(lane.partial_key(), record);
-            }
+            mark_progress(&mut batch, lane, upto, i + 1 == chunks, last_key.as_deref());
             // Applying the chunk and marking it merged happen under one
             // lock hold: a query sees its deltas either in the map or in
             // the tree.
@@ -860,6 +927,18 @@ impl Pending {
         };
         self.draining.store(false, Ordering::SeqCst);
         drained
+    }
+
+    /// Keeps checkpoints from starting until the guard is dropped, once any
+    /// running one has finished (a rebuild rewrites the tree meanwhile).
+    pub(super) fn pause(&self) -> Paused<'_> {
+        self.paused.store(true, Ordering::SeqCst);
+        drop(
+            self.checkpointing
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        Paused(self)
     }
 
     /// Runs `f` (which writes the tree) with queries held off, then
@@ -1203,14 +1282,36 @@ pub(super) fn spawn_checkpointer(
             loop {
                 let stopping = pending.stop.load(Ordering::SeqCst);
                 let all = stopping || pending.draining.load(Ordering::SeqCst);
-                for lane in Lane::ALL {
-                    let due = all || pending.read().lanes[lane as usize].due(lane);
-                    if !due {
-                        continue;
+                let mut failed = false;
+                if !pending.paused.load(Ordering::SeqCst) {
+                    let _checkpointing = pending
+                        .checkpointing
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    for lane in Lane::ALL {
+                        // When everything is to be merged, a checkpoint an
+                        // earlier failure left unfinished is finished first,
+                        // then what waits behind it.
+                        for _ in 0..if all { 3 } else { 1 } {
+                            if !all && !pending.read().lanes[lane as usize].due(lane) {
+                                break;
+                            }
+                            match pending.checkpoint(&tree, lane) {
+                                Ok(true) => {}
+                                Ok(false) => break,
+                                Err(e) => {
+                                    failed = true;
+                                    tracing::error!(error = %e, ?lane, "rollup checkpoint failed; will retry (queries still see the waiting deltas)");
+                                    break;
+                                }
+                            }
+                        }
                     }
-                    if let Err(e) = pending.checkpoint(&tree, lane) {
-                        tracing::error!(error = %e, ?lane, "rollup checkpoint failed; will retry (queries still see the waiting deltas)");
-                    }
+                }
+                pending.failing.store(failed, Ordering::SeqCst);
+                if failed {
+                    // The writer may be waiting for room.
+                    pending.wake.notify_all();
                 }
                 if stopping {
                     break;
@@ -1225,7 +1326,9 @@ pub(super) fn spawn_checkpointer(
                         .iter()
                         .all(|lane| maps.lanes[*lane as usize].active_events < lane.events())
                 };
-                if idle && !pending.draining.load(Ordering::SeqCst) {
+                let draining = pending.draining.load(Ordering::SeqCst);
+                let paused = pending.paused.load(Ordering::SeqCst);
+                if failed || paused || (idle && !draining) {
                     let _ = pending.wake.wait_timeout(guard, Lane::Hours.every());
                 }
             }
