@@ -428,19 +428,26 @@ fn finish_partial(
     upto: Seq,
 ) -> Result<()> {
     let cells: Vec<(&Vec<u8>, &Agg)> = rest.iter().collect();
-    let chunks = cells.len().div_ceil(CHUNK_CELLS).max(1);
-    for (i, chunk) in cells
-        .chunks(CHUNK_CELLS)
-        .chain(std::iter::once(&[][..]))
-        .take(chunks)
-        .enumerate()
-    {
+    for (last, chunk) in chunked(&cells) {
         let mut batch = merge_batch(tree, chunk.iter().copied())?;
         let key = chunk.last().map(|(k, _)| k.as_slice());
-        mark_progress(&mut batch, lane, upto, i + 1 == chunks, key);
+        mark_progress(&mut batch, lane, upto, last, key);
         tree.apply_batch(batch)?;
     }
     Ok(())
+}
+
+/// A checkpoint's chunks of `cells` in order, each with whether it is the
+/// last; at least one (empty when there are no cells: the watermark still
+/// moves).
+fn chunked<T>(cells: &[T]) -> impl Iterator<Item = (bool, &[T])> {
+    let n = cells.len().div_ceil(CHUNK_CELLS).max(1);
+    cells
+        .chunks(CHUNK_CELLS)
+        .chain(std::iter::once(&[][..]))
+        .take(n)
+        .enumerate()
+        .map(move |(i, chunk)| (i + 1 == n, chunk))
 }
 
 /// The batch that writes `cells` (deltas) into `tree`, merged with what it
@@ -840,19 +847,14 @@ impl Pending {
             None => frozen.iter().collect(),
         };
         let chunks = remaining.len().div_ceil(CHUNK_CELLS).max(1);
-        for (i, chunk) in remaining
-            .chunks(CHUNK_CELLS)
-            .chain(std::iter::once(&[][..]))
-            .take(chunks)
-            .enumerate()
-        {
+        for (final_chunk, chunk) in chunked(&remaining) {
             // Only the checkpointer writes cells (retention removes some,
             // and a cell it resurrects lies before the horizon, which
             // queries ignore), so the batch is prepared without blocking
             // queries.
             let mut batch = merge_batch(tree, chunk.iter().copied())?;
             let last_key = chunk.last().map(|(k, _)| (*k).clone());
-            mark_progress(&mut batch, lane, upto, i + 1 == chunks, last_key.as_deref());
+            mark_progress(&mut batch, lane, upto, final_chunk, last_key.as_deref());
             // Applying the chunk and marking it merged happen under one
             // lock hold: a query sees its deltas either in the map or in
             // the tree.
@@ -871,7 +873,7 @@ impl Pending {
                     last = Some(id);
                 }
             }
-            if i + 1 == chunks {
+            if final_chunk {
                 maps.frozen = None;
                 maps.frozen_done = None;
             } else {
