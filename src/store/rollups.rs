@@ -528,44 +528,60 @@ impl Pending {
             // cells an unfinished checkpoint merged already hold the events
             // up to its number.
             let mut finishing: [BTreeMap<Vec<u8>, Agg>; 2] = Default::default();
+            // Per lane, an event after the watermark is either *older*
+            // (up to an unfinished checkpoint's number: only its cells past
+            // the record's key are missing) or *newer*. Events are grouped
+            // by their pair of classes, and each group is folded once.
+            #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+            enum Class {
+                Merged,
+                Older,
+                Newer,
+            }
+            let class = |lane: Lane, seq: Seq| {
+                let merged_upto = partial[lane as usize]
+                    .as_ref()
+                    .map_or(after[lane as usize], |(upto, _)| *upto);
+                if seq <= after[lane as usize] {
+                    Class::Merged
+                } else if seq <= merged_upto {
+                    Class::Older
+                } else {
+                    Class::Newer
+                }
+            };
             let mut fold =
                 |maps: &mut Maps, chunk: &mut Vec<(Seq, crate::domain::PreferenceEvent)>| {
-                    for lane in Lane::ALL {
-                        let after = after[lane as usize];
-                        let (merged_upto, merged_key) = match &partial[lane as usize] {
-                            Some((upto, key)) => (*upto, Some(key.as_slice())),
-                            None => (after, None),
-                        };
-                        let part = |from: Seq, to: Seq, keep: &dyn Fn(&[u8]) -> bool| {
-                            let events: Vec<_> = chunk
-                                .iter()
-                                .filter(|(seq, _)| *seq > from && *seq <= to)
-                                .collect();
-                            let cells = if events.is_empty() {
-                                BTreeMap::new()
-                            } else {
-                                let cells =
-                                    crate::rollup::fold(events.iter().map(|(_, ev)| ev), &layout);
-                                by_lane(cells)[lane as usize]
-                                    .clone()
-                                    .into_iter()
-                                    .filter(|(k, _)| keep(k))
-                                    .collect()
-                            };
-                            (
-                                cells,
-                                events.len() as u64,
-                                events.last().map(|(seq, _)| *seq),
-                            )
-                        };
-                        let (older, _, _) = part(after, merged_upto, &|k: &[u8]| {
-                            merged_key.is_none_or(|m| k > m)
-                        });
-                        merge_map(&mut finishing[lane as usize], older);
-                        let (cells, events, upto) =
-                            part(after.max(merged_upto), Seq::MAX, &|_: &[u8]| true);
-                        if let Some(upto) = upto {
-                            maps.lane(lane).add(cells, events, upto);
+                    let mut groups: BTreeMap<[Class; 2], Vec<&(Seq, _)>> = BTreeMap::new();
+                    for item in chunk.iter() {
+                        let classes = Lane::ALL.map(|lane| class(lane, item.0));
+                        groups.entry(classes).or_default().push(item);
+                    }
+                    for (classes, events) in groups {
+                        if classes == [Class::Merged; 2] {
+                            continue;
+                        }
+                        let cells = crate::rollup::fold(events.iter().map(|(_, ev)| ev), &layout);
+                        let upto = events.last().map_or(0, |(seq, _)| *seq);
+                        for (lane, cells) in Lane::ALL.into_iter().zip(by_lane(cells)) {
+                            match classes[lane as usize] {
+                                Class::Merged => {}
+                                Class::Older => {
+                                    let merged_key = partial[lane as usize]
+                                        .as_ref()
+                                        .map(|(_, key)| key.as_slice());
+                                    let missing = cells
+                                        .into_iter()
+                                        .filter(|(k, _)| {
+                                            merged_key.is_none_or(|m| k.as_slice() > m)
+                                        })
+                                        .collect();
+                                    merge_map(&mut finishing[lane as usize], missing);
+                                }
+                                Class::Newer => {
+                                    maps.lane(lane).add(cells, events.len() as u64, upto);
+                                }
+                            }
                         }
                     }
                     chunk.clear();
