@@ -71,18 +71,24 @@ async fn a_flipped_byte_in_an_event_is_reported_offline_and_refused_online() {
         "{out}"
     );
 
-    // Flip one byte in the payload of the event at seq 7 (the node is
-    // stopped; a test may block on sled here).
-    #[allow(clippy::disallowed_methods)]
+    // Flip one byte in the payload of the event at seq 7, in the event
+    // log's segment file: the `events` tree holds where its frame is (format
+    // byte 2, segment, offset and length, big-endian). The node is stopped;
+    // a test may block on sled here.
     {
-        let db = sled::open(node.data_dir().join("store")).expect("open sled");
+        let store = node.data_dir().join("store");
+        let db = sled::open(&store).expect("open sled");
         let events = db.open_tree("events").unwrap();
-        let key = 7u64.to_be_bytes();
-        let mut value = events.get(key).unwrap().expect("seq 7").to_vec();
-        let last = value.len() - 1;
-        value[last] ^= 0x40;
-        events.insert(key, value).unwrap();
-        db.flush().unwrap();
+        let at = events.get(7u64.to_be_bytes()).unwrap().expect("seq 7");
+        assert_eq!((at.len(), at[0]), (21, 2), "a location in the log");
+        let segment = u64::from_be_bytes(at[1..9].try_into().unwrap());
+        let offset = u64::from_be_bytes(at[9..17].try_into().unwrap());
+        let len = u32::from_be_bytes(at[17..21].try_into().unwrap());
+        drop((events, db));
+        let path = store.join("log").join(format!("{segment:020}.seg"));
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[(offset + u64::from(len) - 1) as usize] ^= 0x40;
+        std::fs::write(&path, bytes).unwrap();
     }
     let (ok, out) = verify();
     println!("after the flip: {out}");

@@ -95,6 +95,7 @@ impl<W: Write> RecordWriter<W> {
 /// receiver adds key files if asked, then the trailer).
 pub(super) fn write_trees(
     db: &sled::Db,
+    trees: &super::Trees,
     node_id: &str,
     last_seq: Seq,
     pending: Option<&super::rollups::Pending>,
@@ -130,9 +131,20 @@ pub(super) fn write_trees(
         counts.trees += 1;
         for entry in tree.iter() {
             let (key, value) = entry?;
+            let value = match &*name {
+                // A backup holds the records themselves, not where they
+                // are in this store's event log; and a restored store has
+                // no log to replay.
+                b"events" => {
+                    let seq = super::seq_from(&key, "events", "?")?;
+                    trees.record(seq, &value)?.into_owned()
+                }
+                b"meta" if &*key == super::META_LOG_END => continue,
+                _ => value.to_vec(),
+            };
             out.record(Record::Entry(pb::BackupEntry {
                 key: key.to_vec(),
-                value: value.to_vec(),
+                value,
             }))
             .map_err(io)?;
             counts.entries += 1;
@@ -442,6 +454,7 @@ fn replay(
 /// asked and the trailer.
 pub(super) fn write_staging(
     db: &sled::Db,
+    trees: &super::Trees,
     node_id: &str,
     last_seq: Seq,
     pending: Option<&super::rollups::Pending>,
@@ -450,7 +463,7 @@ pub(super) fn write_staging(
     let io = |e: std::io::Error| Error::Sled(sled::Error::Io(e));
     let file = crate::secret::create_private(path).map_err(io)?;
     let mut out = RecordWriter::new(BufWriter::with_capacity(1 << 20, file));
-    let counts = write_trees(db, node_id, last_seq, pending, &mut out)?;
+    let counts = write_trees(db, trees, node_id, last_seq, pending, &mut out)?;
     let mut file = out.out;
     file.flush().map_err(io)?;
     Ok(counts)

@@ -1,11 +1,17 @@
 //! The node's durable store: anonymised events in sled.
 //!
+//! The events' records are in the event log's segment files (see
+//! [`log`]); sled holds everything else.
+//!
 //! Trees (one per keyspace, numeric keys big-endian):
-//! - `events`:  seq (u64) → record (see [`record`])
+//! - `events`:  seq (u64) → where the record is in the event log (stores
+//!   written before the log: the record itself, see [`record`])
 //! - `by_id`:   event_id → seq — deduplication
 //! - `by_time`: occurred_at (i64, sign-flipped) ‖ seq → () — time range scans
 //!
-//! - `meta`:    `last_seq`, `purged_upto` → u64 — the sequence high-water
+//! - `meta`:    `log_end` → the event log's end after the last commit
+//!   sled holds (where replay starts at open);
+//!   `last_seq`, `purged_upto` → u64 — the sequence high-water
 //!   mark (so numbers are never reused, even after retention removed the
 //!   newest events) and the highest sequence number retention removed;
 //!   `export/<name>` → u64 — how far each export was acknowledged
@@ -27,12 +33,14 @@
 //! (see `writer::Writer::transact` and `repair_tail`).
 //!
 //! All writes go through one writer thread that batches concurrent appends
-//! into one commit and a single flush (group commit): an
-//! append returns only after its events are on disk, and one flush serves
-//! every publisher waiting at that moment. Nothing outside this module
-//! touches sled.
+//! into one commit and a single sync of the event log (group commit): an
+//! append returns only after its events are on disk, and one sync serves
+//! every publisher waiting at that moment. sled's part of a commit is
+//! flushed in the background and, if a crash loses it, replayed from the
+//! log at open. Nothing outside this module touches sled or the log.
 
 pub mod backup;
+mod log;
 pub mod record;
 mod writer;
 
@@ -175,6 +183,8 @@ impl QueryCells {
 
 #[derive(Clone)]
 struct Trees {
+    /// seq → the record's [`log::Location`] (or, in stores written before
+    /// the event log, the record itself).
     events: sled::Tree,
     by_id: sled::Tree,
     by_time: sled::Tree,
@@ -194,10 +204,51 @@ struct Trees {
     pending: Option<Arc<rollups::Pending>>,
     /// The newest events as subscriptions send them.
     recent: Arc<recent::Recent>,
+    /// The segment files holding the events' records.
+    log: Arc<log::EventLog>,
+}
+
+impl Trees {
+    /// The record an `events` value holds or points to.
+    fn record<'a>(&self, seq: Seq, value: &'a [u8]) -> Result<std::borrow::Cow<'a, [u8]>> {
+        if value.first() != Some(&log::LOCATION_FORMAT) {
+            return Ok(std::borrow::Cow::Borrowed(value));
+        }
+        let corrupt = |source| Error::Corrupt {
+            tree: "events",
+            key: seq.to_string(),
+            source,
+        };
+        let at = log::Location::decode(value)
+            .ok_or_else(|| corrupt(DecodeError::TooShort(value.len())))?;
+        self.log
+            .read(seq, at)
+            .map(std::borrow::Cow::Owned)
+            .map_err(|e| corrupt(DecodeError::Frame(e.to_string())))
+    }
+
+    /// Whether an `events` value points to a frame a failed commit took
+    /// back out of the log (see `log::EventLog::rollback`).
+    fn rolled_back(&self, seq: Seq, value: &[u8]) -> bool {
+        log::Location::decode(value).is_some_and(|at| {
+            matches!(
+                self.log.read(seq, at),
+                Err(log::FrameError::RolledBack { .. })
+            )
+        })
+    }
+
+    /// The event an `events` value holds or points to.
+    fn event(&self, seq: Seq, value: &[u8]) -> Result<PreferenceEvent> {
+        decode_event(seq, &self.record(seq, value)?)
+    }
 }
 
 /// `meta` key of the sequence high-water mark.
 const META_LAST_SEQ: &[u8] = b"last_seq";
+/// `meta` key of the event log's end after the last commit sled holds
+/// ([`log::End`]): where replay starts at open.
+const META_LOG_END: &[u8] = b"log_end";
 /// `meta` key of the highest sequence number removed by retention.
 const META_PURGED_UPTO: &[u8] = b"purged_upto";
 /// `meta` key of the rollup layout's signature (or a state word).
@@ -211,6 +262,8 @@ const ROLLUPS_OFF: &str = "off";
 
 /// One upstream link's queue.
 struct Outbox {
+    /// The link's id.
+    link: String,
     tree: sled::Tree,
     /// Entries in the tree (kept in memory: sled's len() is a full scan).
     len: AtomicU64,
@@ -302,9 +355,11 @@ impl Store {
             ),
             pending: None,
             recent: Arc::new(recent::Recent::new(recent::DEFAULT_CAPACITY)),
+            log: Arc::new(log::EventLog::open(&dir.join("log")).map_err(|e| open_err(e.into()))?),
         };
         let mut trees = trees;
         let trees_opened = started.elapsed();
+        replay_log(&db, &trees)?;
         repair_tail(&trees)?;
         let repaired = started.elapsed();
         if let Some(layout) = layout {
@@ -377,7 +432,7 @@ impl Store {
         let key = seq.to_be_bytes();
         match self.inner.trees.events.get(key)? {
             None => Ok(None),
-            Some(bytes) => decode_event(seq, &bytes).map(Some),
+            Some(bytes) => self.inner.trees.event(seq, &bytes).map(Some),
         }
     }
 
@@ -393,10 +448,12 @@ impl Store {
     /// Events with a sequence number greater than `after`, in order.
     pub fn scan_after(&self, after: Seq) -> impl Iterator<Item = Result<(Seq, PreferenceEvent)>> {
         let start = after.saturating_add(1).to_be_bytes();
-        self.inner.trees.events.range(start..).map(|item| {
+        let inner = self.inner.clone();
+        inner.trees.events.range(start..).map(move |item| {
+            let trees = &inner.trees;
             let (k, v) = item?;
             let seq = seq_from(&k, "events", "?")?;
-            Ok((seq, decode_event(seq, &v)?))
+            Ok((seq, trees.event(seq, &v)?))
         })
     }
 
@@ -419,7 +476,7 @@ impl Store {
             .map(|item| {
                 let (k, v) = item?;
                 let seq = seq_from(&k, "events", "?")?;
-                Ok((seq, decode_event(seq, &v)?))
+                Ok((seq, self.inner.trees.event(seq, &v)?))
             })
             .collect()
     }
@@ -747,7 +804,12 @@ impl Store {
             };
             let seq = Seq::from_be_bytes(arr);
             v.events += 1;
-            match record::decode(&value) {
+            let decoded = match t.record(seq, &value) {
+                Ok(record) => record::decode(&record),
+                Err(Error::Corrupt { source, .. }) => Err(source),
+                Err(e) => return Err(e),
+            };
+            match decoded {
                 Err(e) => problem(&mut v, format!("tree events, seq {seq}: {e}")),
                 Ok(ev) => match t.by_id.get(ev.event_id.as_bytes())? {
                     Some(s) if s.as_ref() == seq.to_be_bytes() => {}
@@ -937,7 +999,8 @@ impl Store {
             for item in self.inner.trees.events.range(range).take(want) {
                 let (k, v) = item?;
                 let seq = seq_from(&k, "events", "?")?;
-                let (ev, payload) = decode_event_with_payload(seq, &v)?;
+                let record = self.inner.trees.record(seq, &v)?;
+                let (ev, payload) = decode_event_with_payload(seq, &record)?;
                 read.push(Arc::new(RecentEvent::new(seq, ev, payload)));
             }
             // Every event in (from, end] was read.
@@ -1102,7 +1165,7 @@ impl Store {
 
     /// Bytes the store occupies on disk.
     pub fn size_on_disk(&self) -> Result<u64> {
-        Ok(self.inner.db.size_on_disk()?)
+        Ok(self.inner.db.size_on_disk()? + self.inner.trees.log.bytes())
     }
 
     /// The data directory.
@@ -1214,7 +1277,7 @@ fn index_customers(trees: &Trees) -> Result<()> {
     for item in trees.events.iter() {
         let (k, v) = item?;
         let seq = seq_from(&k, "events", "?")?;
-        let ev = decode_event(seq, &v)?;
+        let ev = trees.event(seq, &v)?;
         if !ev.customer_pseudonym.is_empty() {
             batch.insert(erasure::customer_key(&ev.customer_pseudonym, seq), &[]);
             n += 1;
@@ -1240,10 +1303,15 @@ fn index_customers(trees: &Trees) -> Result<()> {
 /// entries go with them. Returns how many were removed.
 fn repair_tail(trees: &Trees) -> Result<usize> {
     let mut orphans: Vec<(Seq, PreferenceEvent)> = Vec::new();
+    let mut rolled_back: std::collections::BTreeSet<Seq> = Default::default();
     for item in trees.events.iter().rev() {
         let (k, v) = item?;
         let seq = seq_from(&k, "events", "last")?;
-        let ev = decode_event(seq, &v)?;
+        if trees.rolled_back(seq, &v) {
+            rolled_back.insert(seq);
+            continue;
+        }
+        let ev = trees.event(seq, &v)?;
         if trees.by_id.get(ev.event_id.as_bytes())?.as_deref() == Some(&k[..]) {
             break;
         }
@@ -1271,7 +1339,94 @@ fn repair_tail(trees: &Trees) -> Result<usize> {
             "removed the unacknowledged remains of an interrupted write; their senders resend them"
         );
     }
-    Ok(orphans.len())
+    if let Some(first) = rolled_back.first() {
+        // Their records are gone from the log, so their index keys are
+        // found by their sequence number (the last 8 bytes of each key).
+        for tree in [&trees.by_time, &trees.by_customer] {
+            for item in tree.iter() {
+                let (k, _) = item?;
+                let seq = k.len().checked_sub(8).map(|at| &k[at..]);
+                if seq.is_some_and(|s| {
+                    rolled_back.contains(&Seq::from_be_bytes(s.try_into().expect("8 bytes")))
+                }) {
+                    tree.remove(k)?;
+                }
+            }
+        }
+        for seq in &rolled_back {
+            let key = seq.to_be_bytes();
+            for outbox in trees.outboxes.iter() {
+                if outbox.tree.remove(key)?.is_some() {
+                    outbox.len.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+            trees.events.remove(key)?;
+        }
+        tracing::warn!(
+            events = rolled_back.len(),
+            from_seq = first,
+            "removed the remains of a commit that failed (its events were refused and never stored); their senders resend them"
+        );
+    }
+    Ok(orphans.len() + rolled_back.len())
+}
+
+/// Indexes again the events of the event log's frames after the end sled
+/// recorded: commits that were synced to the log (and acknowledged) but
+/// whose sled writes a crash lost before sled's background flush. Their
+/// writes are put again in full (a commit sled kept in part is completed),
+/// then flushed. Returns how many frames were replayed.
+fn replay_log(db: &sled::Db, trees: &Trees) -> Result<usize> {
+    let from = trees
+        .meta
+        .get(META_LOG_END)?
+        .and_then(|v| log::End::decode(&v));
+    if from.is_none() && trees.log.is_empty() {
+        return Ok(0);
+    }
+    let frames = trees.log.replay(from).map_err(|e| Error::Sled(e.into()))?;
+    let Some(last) = frames.last() else {
+        return Ok(0);
+    };
+    let end = log::End {
+        segment: last.location.segment,
+        offset: last.location.offset + u64::from(last.location.len),
+    };
+    let now = UnixNanos::now().0.to_be_bytes();
+    let mut high = meta_seq(&trees.meta, META_LAST_SEQ)?;
+    for f in &frames {
+        let ev = decode_event(f.seq, &f.record)?;
+        let key = f.seq.to_be_bytes();
+        trees.events.insert(key, &f.location.encode())?;
+        trees
+            .by_time
+            .insert(time_key(ev.occurred_at.0, f.seq), &[])?;
+        if !ev.customer_pseudonym.is_empty() {
+            trees
+                .by_customer
+                .insert(erasure::customer_key(&ev.customer_pseudonym, f.seq), &[])?;
+        }
+        for link in &f.links {
+            // A link no longer configured has no outbox to queue in.
+            if let Some(outbox) = trees.outboxes.iter().find(|o| &o.link == link) {
+                if outbox.tree.insert(key, &now)?.is_none() {
+                    outbox.len.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        }
+        trees.by_id.insert(ev.event_id.as_bytes(), &key)?;
+        high = high.max(f.seq);
+    }
+    trees.meta.insert(META_LAST_SEQ, &high.to_be_bytes())?;
+    trees.meta.insert(META_LOG_END, &end.encode())?;
+    flush_blocking(db)?;
+    tracing::info!(
+        events = frames.len(),
+        from_seq = frames[0].seq,
+        to_seq = last.seq,
+        "indexed again the events of the log's last commits (sled had not flushed them before the node stopped)"
+    );
+    Ok(frames.len())
 }
 
 fn high_water(trees: &Trees) -> Result<Seq> {
@@ -1444,6 +1599,188 @@ mod tests {
         assert_eq!(again, vec![Appended::Duplicate(4), Appended::Duplicate(5)]);
         assert_eq!(store.len(), 5);
         assert_eq!(store.inner.trees.by_time.len(), 5);
+        store.close().await.expect("close");
+    }
+
+    fn linked_event(i: usize) -> NewEvent {
+        let mut ev = PreferenceEvent::example();
+        ev.event_id = format!("e-{i}");
+        ev.customer_pseudonym = format!("{:032x}", i + 1);
+        ev.occurred_at = UnixNanos(ev.occurred_at.0 + i as i64);
+        NewEvent {
+            outboxes: vec![0],
+            ..NewEvent::local(ev)
+        }
+    }
+
+    /// Counts of every place an event is indexed in.
+    fn index_counts(store: &Store) -> [usize; 5] {
+        let t = &store.inner.trees;
+        [
+            t.events.len(),
+            t.by_id.len(),
+            t.by_time.len(),
+            t.by_customer.len(),
+            t.outboxes[0].tree.len(),
+        ]
+    }
+
+    #[tokio::test]
+    async fn commits_sled_had_not_flushed_are_indexed_again_from_the_event_log() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let links = ["upstream".to_string()];
+        let first_end = {
+            let store = Store::open(dir.path(), &links).expect("open");
+            store
+                .append((0..3).map(linked_event).collect())
+                .await
+                .expect("append");
+            let end = store.inner.trees.meta.get(META_LOG_END).unwrap().unwrap();
+            store
+                .append((3..5).map(linked_event).collect())
+                .await
+                .expect("append");
+            store.close().await.expect("close");
+            end
+        };
+        // sled lost the second commit (a crash before its background
+        // flush): its writes are gone, the log's frames are not.
+        {
+            let db = unlocked(|| sled::open(dir.path()));
+            for seq in [4u64, 5] {
+                let ne = linked_event(seq as usize - 1);
+                let ev = &ne.event;
+                db.open_tree("events")
+                    .unwrap()
+                    .remove(seq.to_be_bytes())
+                    .unwrap();
+                db.open_tree("by_id")
+                    .unwrap()
+                    .remove(ev.event_id.as_bytes())
+                    .unwrap();
+                db.open_tree("by_time")
+                    .unwrap()
+                    .remove(time_key(ev.occurred_at.0, seq))
+                    .unwrap();
+                db.open_tree("by_customer")
+                    .unwrap()
+                    .remove(erasure::customer_key(&ev.customer_pseudonym, seq))
+                    .unwrap();
+                outbox::open(&db, &links[0])
+                    .unwrap()
+                    .tree
+                    .remove(seq.to_be_bytes())
+                    .unwrap();
+            }
+            let meta = db.open_tree("meta").unwrap();
+            meta.insert(META_LAST_SEQ, &3u64.to_be_bytes()).unwrap();
+            meta.insert(META_LOG_END, first_end).unwrap();
+            #[allow(clippy::disallowed_methods)]
+            db.flush().expect("flush");
+        }
+        let store = unlocked(|| Store::open(dir.path(), &links));
+        assert_eq!(index_counts(&store), [5, 5, 5, 5, 5], "indexed again");
+        assert_eq!(
+            store.inner.trees.outboxes[0]
+                .len
+                .load(std::sync::atomic::Ordering::SeqCst),
+            5
+        );
+        assert_eq!(store.get(5).unwrap().unwrap().event_id, "e-4");
+        assert_eq!(store.last_seq().unwrap(), 5);
+        let v = store.verify(|_| {}).unwrap();
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        // The resend finds them stored; the next event follows them.
+        let resent = store
+            .append((3..6).map(linked_event).collect())
+            .await
+            .expect("append");
+        assert_eq!(
+            resent,
+            [
+                Appended::Duplicate(4),
+                Appended::Duplicate(5),
+                Appended::Stored(6)
+            ]
+        );
+        store.close().await.expect("close");
+        drop(store);
+        // Nothing is replayed twice.
+        let store = unlocked(|| Store::open(dir.path(), &links));
+        assert_eq!(index_counts(&store), [6, 6, 6, 6, 6]);
+        store.close().await.expect("close");
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_is_taken_out_of_the_log_and_its_remains_out_of_sled() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let links = ["upstream".to_string()];
+        {
+            let store = Store::open(dir.path(), &links).expect("open");
+            store
+                .append((0..3).map(linked_event).collect())
+                .await
+                .expect("append");
+            // A commit of two more fails after its frames were synced and
+            // part of its sled writes landed (as the writer does on an I/O
+            // error before the `by_id` entries): the frames go back out.
+            let t = &store.inner.trees;
+            let news: Vec<NewEvent> = (3..5).map(linked_event).collect();
+            let frames: Vec<log::NewFrame> = news
+                .iter()
+                .zip([4u64, 5])
+                .map(|(ne, seq)| log::NewFrame {
+                    seq,
+                    links: vec![links[0].as_str()],
+                    record: record::encode(&ne.event),
+                })
+                .collect();
+            let (locations, _) = t.log.append(&frames).unwrap();
+            t.log.sync().unwrap();
+            for ((ne, seq), at) in news.iter().zip([4u64, 5]).zip(&locations) {
+                t.events.insert(seq.to_be_bytes(), &at.encode()).unwrap();
+                t.by_time
+                    .insert(time_key(ne.event.occurred_at.0, seq), &[])
+                    .unwrap();
+                t.by_customer
+                    .insert(
+                        erasure::customer_key(&ne.event.customer_pseudonym, seq),
+                        &[],
+                    )
+                    .unwrap();
+                t.outboxes[0]
+                    .tree
+                    .insert(seq.to_be_bytes(), &[0u8; 8])
+                    .unwrap();
+            }
+            t.log.rollback(&locations).unwrap();
+            assert!(t.rolled_back(4, &locations[0].encode()));
+            assert!(store.get(4).is_err(), "a rolled back frame is never served");
+            store.close().await.expect("close");
+        }
+        let store = unlocked(|| Store::open(dir.path(), &links));
+        assert_eq!(
+            index_counts(&store),
+            [3, 3, 3, 3, 3],
+            "the remains are gone"
+        );
+        let v = store.verify(|_| {}).unwrap();
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        // The resend stores them, once, and the log goes on where the
+        // rolled back frames were.
+        let resent = store
+            .append((3..5).map(linked_event).collect())
+            .await
+            .expect("append");
+        assert!(resent.iter().all(|a| matches!(a, Appended::Stored(_))));
+        assert_eq!(index_counts(&store), [5, 5, 5, 5, 5]);
+        store.close().await.expect("close");
+        drop(store);
+        let store = unlocked(|| Store::open(dir.path(), &links));
+        assert_eq!(index_counts(&store), [5, 5, 5, 5, 5]);
+        for seq in 1..=5 {
+            assert!(store.get(seq).unwrap().is_some(), "seq {seq}");
+        }
         store.close().await.expect("close");
     }
 

@@ -13,6 +13,7 @@ pub(super) fn open(db: &sled::Db, link: &str) -> Result<Outbox> {
     let tree = db.open_tree(format!("outbox/{link}"))?;
     let len = tree.len() as u64;
     Ok(Outbox {
+        link: link.to_string(),
         tree,
         len: len.into(),
         added: Default::default(),
@@ -53,7 +54,7 @@ impl Store {
             if seq > durable {
                 break;
             }
-            let Some(raw) = self.inner.trees.events.get(k)? else {
+            let Some(value) = self.inner.trees.events.get(k)? else {
                 // The event is gone (removed by retention before it could be
                 // forwarded): nothing to send, but say so.
                 tracing::warn!(
@@ -64,6 +65,7 @@ impl Store {
                 self.outbox_ack(link, &[seq])?;
                 continue;
             };
+            let raw = self.inner.trees.record(seq, &value)?;
             if !out.is_empty() && (out.len() >= max_events || bytes + raw.len() > max_bytes) {
                 break;
             }

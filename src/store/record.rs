@@ -22,6 +22,8 @@ pub enum DecodeError {
     Checksum { stored: u32, computed: u32 },
     #[error("undecodable payload: {0}")]
     Payload(String),
+    #[error("{0}")]
+    Frame(String),
 }
 
 /// Encodes an event for storage.

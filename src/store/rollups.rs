@@ -589,7 +589,7 @@ impl Pending {
             for item in trees.events.range(start..) {
                 let (k, v) = item?;
                 let seq = super::seq_from(&k, "events", "?")?;
-                chunk.push((seq, super::decode_event(seq, &v)?));
+                chunk.push((seq, trees.event(seq, &v)?));
                 if chunk.len() == 10_000 {
                     fold(&mut maps, &mut chunk);
                 }

@@ -2,8 +2,9 @@
 //!
 //! Appends arrive on a bounded channel. The writer takes the first waiting
 //! command, drains whatever else is already queued (up to a batch limit),
-//! writes them all (one sled batch per tree, see `Writer::transact`), flushes once,
-//! and only then answers each caller. One thread owns the sequence counter,
+//! appends their records to the event log and syncs it once, writes their
+//! sled entries (one sled batch per tree, see `Writer::transact`) without a
+//! flush, and only then answers each caller. One thread owns the sequence counter,
 //! so deduplication and numbering need no locks.
 
 use std::collections::HashMap;
@@ -14,6 +15,7 @@ use prost::Message;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use tokio::sync::{mpsc, oneshot};
 
+use super::log::Location;
 use super::{record, time_key, Appended, Error, NewEvent, Result, Seq, Trees};
 use crate::domain::UnixNanos;
 
@@ -183,6 +185,7 @@ impl Writer {
         let last_seq = self.next_seq - 1;
         let counts = super::backup::write_staging(
             &self.db,
+            &self.trees,
             node_id,
             last_seq,
             self.trees.pending.as_deref(),
@@ -217,11 +220,13 @@ impl Writer {
         let end = time_key(before.0, 0);
         let mut victims: Vec<(Vec<u8>, Seq)> = Vec::new();
         let mut customer_keys: Vec<Vec<u8>> = Vec::new();
+        let mut frames: Vec<Location> = Vec::new();
         for item in t.by_time.range(..end).take(limit) {
             let (k, _) = item?;
             let seq = super::seq_from(&k[8..], "by_time", "?")?;
             if let Some(bytes) = t.events.get(seq.to_be_bytes())? {
-                let ev = super::decode_event(seq, &bytes)?;
+                frames.extend(Location::decode(&bytes));
+                let ev = t.event(seq, &bytes)?;
                 if !ev.customer_pseudonym.is_empty() {
                     customer_keys.push(super::erasure::customer_key(&ev.customer_pseudonym, seq));
                 }
@@ -279,6 +284,20 @@ impl Writer {
         t.recent.end_removal();
         removed?;
         self.flush_now()?;
+        // Their records go from the log too: zeroed, and a segment with no
+        // stored event left is deleted.
+        let events = &t.events;
+        t.log
+            .zero(&frames)
+            .and_then(|()| {
+                t.log.remove_dead(|from, to| {
+                    Ok(events
+                        .range(from.to_be_bytes()..to.to_be_bytes())
+                        .next()
+                        .is_some())
+                })
+            })
+            .map_err(|e| Error::Sled(e.into()))?;
         Ok(victims.len())
     }
 
@@ -329,14 +348,16 @@ impl Writer {
             t.by_id.apply_batch(batch)?;
         }
         let mut erased: Vec<(Seq, crate::domain::PreferenceEvent)> = Vec::new();
+        let mut frames: Vec<Location> = Vec::new();
         for seq in seqs {
             if let Some(bytes) = t.events.get(seq.to_be_bytes())? {
-                let ev = super::decode_event(seq, &bytes)?;
+                let ev = t.event(seq, &bytes)?;
                 // A downstream cannot have carried an event that began here.
                 if req.spare_origin.as_deref() == Some(ev.origin.as_str()) {
                     tracing::warn!(erasure = %req.id, requested_by = %req.requested_by, event = %ev.event_id, "a downstream's erasure named an event that originated at this node; not erased");
                     continue;
                 }
+                frames.extend(Location::decode(&bytes));
                 erased.push((seq, ev));
             }
         }
@@ -419,7 +440,7 @@ impl Writer {
                             continue;
                         }
                         if let Some(bytes) = t.events.get(seq.to_be_bytes())? {
-                            out.push(super::decode_event(seq, &bytes)?);
+                            out.push(t.event(seq, &bytes)?);
                         }
                     }
                     Ok(out)
@@ -494,6 +515,8 @@ impl Writer {
         })?;
         self.next_seq += 1;
         self.flush_now()?;
+        // The records leave the disk: the log's frames are zeroed.
+        t.log.zero(&frames).map_err(|e| Error::Sled(e.into()))?;
         self.durable.send_replace(self.next_seq - 1);
         for (outbox, n) in self.trees.outboxes.iter().zip(applied) {
             outbox
@@ -551,39 +574,21 @@ impl Writer {
                 return;
             }
         };
-        // From here on the events are in the trees (and their sequence
-        // numbers used), even if the flush fails: they are only not
-        // acknowledged, and a retry finds them as duplicates. Links learn of
-        // new outbox entries after the flush, so they forward what is durable.
-        let started = std::time::Instant::now();
-        let flushed = self.flush_now();
-        if flushed.is_ok() {
-            self.flushes.fetch_add(1, Ordering::Relaxed);
-            // Readers (subscribers, link workers) may now see everything up
-            // to here; set before links are woken so they find it.
-            self.durable.send_replace(self.next_seq - 1);
-        }
+        // The new events' frames were synced to the event log before their
+        // sled writes (see `Self::write_trees`): they are durable, and sled
+        // flushes its part in the background (a crash's loss of it is
+        // replayed from the log at open). Readers (subscribers, link
+        // workers) may now see everything up to here; set before links are
+        // woken so they find it.
+        self.durable.send_replace(self.next_seq - 1);
         self.announce(&batch, &outcomes);
-        if let Err(e) = flushed {
-            let e = Error::Sled(e);
-            self.failed(&e);
-            fail(
-                batch,
-                &e,
-                "its durability could not be confirmed; retrying is safe",
-            );
-            return;
-        }
-        let elapsed = started.elapsed();
         let m = crate::metrics::get();
-        m.flush_seconds.observe(elapsed.as_secs_f64());
         let stored = outcomes
             .iter()
             .flatten()
             .filter(|o| matches!(o, Appended::Stored(_)))
             .count();
         m.stored.inc_by(stored as u64);
-        tracing::trace!(?elapsed, "flushed");
         for (cmd, outcome) in batch.into_iter().zip(outcomes) {
             let Append { reply, .. } = cmd;
             let _ = reply.send(Ok(outcome));
@@ -634,22 +639,23 @@ impl Writer {
         Ok(outcomes)
     }
 
-    /// Writes the new events tree by tree, in an order that makes a crash
-    /// harmless: first the events, then their time and customer indexes and
-    /// outbox entries, and last the `by_id` entries (which make an event
-    /// "stored": deduplication finds it) and the high-water mark. Each tree
-    /// gets one atomic sled `Batch`, or, for small commits, plain inserts
-    /// in event order.
+    /// Appends the new events' records to the event log and syncs it (what
+    /// makes them durable), then writes their sled entries tree by tree:
+    /// first the events' locations, then their time and customer indexes
+    /// and outbox entries, then the `by_id` entries (which make an event
+    /// "stored": deduplication finds it), and last the high-water mark and
+    /// the log's end. Each tree gets one atomic sled `Batch`, or, for small
+    /// commits, plain inserts in event order.
     ///
     /// sled recovers its log as a prefix in write order (sled 0.34's
     /// `pagecache::iterator::LogIter` ends recovery at the first torn
     /// message, torn batch or missing segment), so after a crash the trees
-    /// hold a prefix of these writes. A commit cut short before its flush was
-    /// never acknowledged; it can at worst leave events at the end of the
-    /// `events` tree without their `by_id` entries (all of them, or those
-    /// after the last `by_id` insert that landed), which
-    /// [`super::repair_tail`] removes on open; the senders resend them, and
-    /// find the others stored. A multi-tree transaction would give the same
+    /// hold a prefix of these writes, and the open replays every frame
+    /// after the log end sled kept ([`super::replay_log`]): synced commits
+    /// are never lost to sled's background flush. A commit that fails
+    /// before its `by_id` entries takes its frames back out of the log;
+    /// what it left in sled is removed on open ([`super::repair_tail`]),
+    /// and the senders resend. A multi-tree transaction would give the same
     /// guarantee at several times the CPU per event (it buffers every write
     /// in per-tree maps and applies them under sled's global write lock).
     /// On failure, says whether anything was applied. Queries' folded
@@ -678,20 +684,54 @@ impl Writer {
         Ok(())
     }
 
-    /// [`Self::transact`]'s writes.
+    /// [`Self::transact`]'s writes: the records to the event log, synced
+    /// (the commit's one wait for the disk), then sled's trees.
     fn write_trees(&self, new: &[(Seq, &NewEvent)]) -> std::result::Result<(), (Error, bool)> {
         let now = UnixNanos::now().0.to_be_bytes();
         let t = &self.trees;
         let high_water = new.iter().map(|(s, _)| *s).max().unwrap_or(0).to_be_bytes();
+        let frames: Vec<super::log::NewFrame> = new
+            .iter()
+            .map(|(seq, ne)| super::log::NewFrame {
+                seq: *seq,
+                links: ne
+                    .outboxes
+                    .iter()
+                    .filter_map(|&i| t.outboxes.get(i).map(|o| o.link.as_str()))
+                    .collect(),
+                record: record::encode(&ne.event),
+            })
+            .collect();
+        let io = |e: std::io::Error| (Error::Sled(sled::Error::Io(e)), false);
+        let (locations, end) = t.log.append(&frames).map_err(io)?;
+        let started = std::time::Instant::now();
+        // A commit that fails from here on takes its frames back out of the
+        // log (see `EventLog::rollback`), so that no replay stores what was
+        // refused; if even that fails, they may be found at the next open,
+        // so their sequence numbers stay used.
+        let rollback_from = |first: usize, e: Error| {
+            if let Err(undo) = t.log.rollback(&locations[first..]) {
+                tracing::error!(error = %undo, "could not take a failed commit's events back out of the event log; they may be stored at the next open, and their senders find them there as duplicates");
+            }
+            (e, true)
+        };
+        let rollback = |e: Error| rollback_from(0, e);
+        t.log
+            .sync()
+            .map_err(|e| rollback(Error::Sled(sled::Error::Io(e))))?;
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::get()
+            .flush_seconds
+            .observe(started.elapsed().as_secs_f64());
         type Kv = Vec<(Vec<u8>, Vec<u8>)>;
         let mut events: Kv = Vec::with_capacity(new.len());
         let mut by_time: Kv = Vec::with_capacity(new.len());
         let mut by_customer: Kv = Vec::new();
         let mut by_id: Kv = Vec::with_capacity(new.len());
         let mut outboxes: Vec<Kv> = t.outboxes.iter().map(|_| Vec::new()).collect();
-        for (seq, ne) in new {
+        for ((seq, ne), at) in new.iter().zip(&locations) {
             let key = seq.to_be_bytes();
-            events.push((key.to_vec(), record::encode(&ne.event)));
+            events.push((key.to_vec(), at.encode().to_vec()));
             by_time.push((time_key(ne.event.occurred_at.0, *seq).to_vec(), Vec::new()));
             if !ne.event.customer_pseudonym.is_empty() {
                 by_customer.push((
@@ -730,18 +770,38 @@ impl Writer {
         };
         // A batch applies whole or not at all; key by key, a failure after
         // the first insert leaves some events in the tree.
-        put(&t.events, events).map_err(|e| (e.into(), plain))?;
-        let rest = || -> Result<()> {
+        // Until the `by_id` entries are in, the events are not stored:
+        // a failure takes them out of the log again, and the next open
+        // removes what reached sled (`super::repair_tail`). Once they are
+        // in, the events are stored, and the next open completes the rest
+        // from the log (`super::replay_log`).
+        put(&t.events, events).map_err(|e| rollback(e.into()))?;
+        let indexes = || -> Result<()> {
             put(&t.by_time, by_time)?;
             put(&t.by_customer, by_customer)?;
             for (outbox, kv) in t.outboxes.iter().zip(outboxes) {
                 put(&outbox.tree, kv)?;
             }
-            put(&t.by_id, by_id)?;
-            t.meta.insert(super::META_LAST_SEQ, &high_water)?;
             Ok(())
         };
-        rest().map_err(|e| (e, true))
+        indexes().map_err(rollback)?;
+        // Key by key, the events whose `by_id` entry landed before a
+        // failure are stored, and keep their frames.
+        if plain {
+            for (i, (k, v)) in by_id.into_iter().enumerate() {
+                t.by_id
+                    .insert(k, v)
+                    .map_err(|e| rollback_from(i, e.into()))?;
+            }
+        } else {
+            put(&t.by_id, by_id).map_err(|e| rollback(e.into()))?;
+        }
+        let marks = || -> Result<()> {
+            t.meta.insert(super::META_LAST_SEQ, &high_water)?;
+            t.meta.insert(super::META_LOG_END, &end.encode())?;
+            Ok(())
+        };
+        marks().map_err(|e| (e, true))
     }
 
     /// After a successful flush: count the new outbox entries and wake the
