@@ -547,6 +547,36 @@ impl EventLog {
     }
 }
 
+#[cfg(test)]
+impl EventLog {
+    /// Tests only: the active segment counts as full at its current
+    /// length, so that the next append starts a new segment (without
+    /// writing [`SEGMENT_BYTES`] first).
+    pub(super) fn end_active_segment(&self) {
+        if let Some(a) = self.active.lock().expect("active lock").as_mut() {
+            a.capacity = a.len;
+        }
+    }
+
+    /// Tests only: the ids of the segments, in order, and the active one.
+    pub(super) fn segment_ids(&self) -> (Vec<u64>, Option<u64>) {
+        let ids = self
+            .segments
+            .read()
+            .expect("segments lock")
+            .keys()
+            .copied()
+            .collect();
+        let active = self
+            .active
+            .lock()
+            .expect("active lock")
+            .as_ref()
+            .map(|a| a.segment);
+        (ids, active)
+    }
+}
+
 /// Parses one whole frame.
 fn parse(bytes: &[u8], at: Location) -> Result<Frame, String> {
     let (seq, links, record) = check(bytes)?;

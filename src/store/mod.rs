@@ -1784,6 +1784,190 @@ mod tests {
         store.close().await.expect("close");
     }
 
+    /// The bytes of every segment file of the store in `dir` (each cut
+    /// after its last byte that is not zero: the rest was allocated ahead
+    /// of time), by segment id.
+    fn segment_files(dir: &Path) -> std::collections::BTreeMap<u64, Vec<u8>> {
+        let mut out = std::collections::BTreeMap::new();
+        for entry in std::fs::read_dir(dir.join("log")).expect("log dir") {
+            let path = entry.expect("entry").path();
+            let Some(id) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".seg"))
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let mut bytes = std::fs::read(&path).expect("segment");
+            let used = bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+            bytes.truncate(used);
+            out.insert(id, bytes);
+        }
+        out
+    }
+
+    fn holds(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[tokio::test]
+    async fn an_erasure_leaves_none_of_the_erased_events_bytes_in_the_event_log() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let links = ["upstream".to_string()];
+        let victim = "f00dfeedf00dfeedf00dfeedf00dfeed";
+        let victim_ids = ["erase-me-first", "erase-me-second"];
+        // The victim's two events among others, in two commits (one of
+        // them in the middle of its commit, one at the end of the log).
+        let event = |i: usize| {
+            let mut ne = linked_event(i);
+            if let Some(n) = [2, 5].iter().position(|v| *v == i) {
+                ne.event.event_id = victim_ids[n].to_string();
+                ne.event.customer_pseudonym = victim.to_string();
+            }
+            ne
+        };
+        let kept: Vec<(Seq, String)> = [1, 2, 4, 5]
+            .into_iter()
+            .map(|seq| (seq, linked_event(seq as usize - 1).event.event_id))
+            .collect();
+        let check = |store: &Store, when: &str| {
+            let files = segment_files(dir.path());
+            assert!(!files.is_empty(), "{when}: the log has segments");
+            for (id, bytes) in &files {
+                for needle in victim_ids.iter().chain([&victim]) {
+                    assert!(
+                        !holds(bytes, needle.as_bytes()),
+                        "{when}: segment {id} still holds {needle:?}"
+                    );
+                }
+            }
+            for (seq, id) in &kept {
+                let ev = store.get(*seq).expect("read").expect("kept");
+                assert_eq!(&ev.event_id, id, "{when}: seq {seq}");
+            }
+            for seq in [3, 6] {
+                assert!(store.get(seq).expect("read").is_none(), "{when}: seq {seq}");
+            }
+            for id in victim_ids {
+                assert!(
+                    store.get_by_event_id(id).expect("read").is_none(),
+                    "{when}: {id}"
+                );
+            }
+            assert_eq!(index_counts(store), [4, 6, 4, 4, 4], "{when}");
+        };
+        {
+            let store = Store::open(dir.path(), &links).expect("open");
+            store
+                .append((0..4).map(event).collect())
+                .await
+                .expect("append");
+            store
+                .append((4..6).map(event).collect())
+                .await
+                .expect("append");
+            // The test sees the bytes it looks for while they are stored.
+            let before = segment_files(dir.path());
+            for needle in victim_ids.iter().chain([&victim]) {
+                assert!(
+                    before.values().any(|b| holds(b, needle.as_bytes())),
+                    "{needle:?} is in the log before the erasure"
+                );
+            }
+            let erased = store
+                .erase(
+                    EraseRequest {
+                        id: "er-1".into(),
+                        requested_by: "test".into(),
+                        pseudonym: victim.into(),
+                        event_ids: Vec::new(),
+                        spare_origin: None,
+                    },
+                    Router::none(),
+                )
+                .await
+                .expect("erase");
+            assert_eq!(erased.events, 2);
+            check(&store, "after the erasure");
+            store.close().await.expect("close");
+        }
+        let store = unlocked(|| Store::open(dir.path(), &links));
+        check(&store, "after a reopen");
+        // The log goes on after the zeroed frame at its end.
+        let stored = store.append(vec![linked_event(6)]).await.expect("append");
+        assert_eq!(stored, [Appended::Stored(8)]);
+        assert_eq!(store.get(8).unwrap().unwrap().event_id, "e-6");
+        store.close().await.expect("close");
+    }
+
+    #[tokio::test]
+    async fn retention_deletes_a_segment_it_emptied_but_never_the_active_one() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let links = ["upstream".to_string()];
+        let base = PreferenceEvent::example().occurred_at.0;
+        let hour = 3_600_000_000_000i64;
+        // Seqs 1-3 old (segment 1), 4 old and 5-6 new (segment 4), 7-8 old
+        // (segment 7, the active one).
+        let event = |i: usize| {
+            let mut ne = linked_event(i);
+            let old = ![4, 5].contains(&i);
+            ne.event.occurred_at = UnixNanos(base + i as i64 + if old { 0 } else { hour });
+            ne
+        };
+        let segment = |id: u64| dir.path().join("log").join(format!("{id:020}.seg"));
+        {
+            let store = Store::open(dir.path(), &links).expect("open");
+            for (n, range) in [0..3, 3..6, 6..8].into_iter().enumerate() {
+                if n > 0 {
+                    store.inner.trees.log.end_active_segment();
+                }
+                store
+                    .append(range.map(event).collect())
+                    .await
+                    .expect("append");
+            }
+            assert_eq!(
+                store.inner.trees.log.segment_ids(),
+                (vec![1, 4, 7], Some(7))
+            );
+            let removed = store
+                .purge_before(UnixNanos(base + hour / 2), 1000)
+                .await
+                .expect("purge");
+            assert_eq!(removed, 6);
+            // Segment 1 held only removed events: gone. Segment 4 holds
+            // two stored events; segment 7 none, but it is the active one.
+            assert_eq!(store.inner.trees.log.segment_ids(), (vec![4, 7], Some(7)));
+            assert!(!segment(1).exists());
+            assert!(segment(4).exists() && segment(7).exists());
+            for seq in [5, 6] {
+                assert!(store.get(seq).unwrap().is_some(), "seq {seq}");
+            }
+            store.close().await.expect("close");
+        }
+        let store = unlocked(|| Store::open(dir.path(), &links));
+        assert_eq!(store.inner.trees.log.segment_ids(), (vec![4, 7], Some(7)));
+        assert_eq!(&index_counts(&store)[..4], [2, 8, 2, 2]);
+        for (seq, id) in [(5, "e-4"), (6, "e-5")] {
+            assert_eq!(store.get(seq).unwrap().unwrap().event_id, id);
+        }
+        for seq in [1, 2, 3, 4, 7, 8] {
+            assert!(store.get(seq).unwrap().is_none(), "seq {seq}");
+        }
+        // Appends go on in the active segment, and survive a reopen.
+        let stored = store.append(vec![event(8)]).await.expect("append");
+        assert_eq!(stored, [Appended::Stored(9)]);
+        store.close().await.expect("close");
+        drop(store);
+        let store = unlocked(|| Store::open(dir.path(), &links));
+        assert_eq!(store.inner.trees.log.segment_ids(), (vec![4, 7], Some(7)));
+        for (seq, id) in [(5, "e-4"), (6, "e-5"), (9, "e-8")] {
+            assert_eq!(store.get(seq).unwrap().unwrap().event_id, id);
+        }
+        store.close().await.expect("close");
+    }
+
     /// Every rollup cell, decoded, customer sets sorted: what two ways of
     /// computing the rollups must agree on.
     fn rollup_cells(store: &Store) -> Vec<(Vec<u8>, crate::rollup::Agg)> {
