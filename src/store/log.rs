@@ -61,6 +61,14 @@ impl Location {
         out
     }
 
+    /// Locations encoded one after the other.
+    pub fn decode_all(bytes: &[u8]) -> Vec<Location> {
+        bytes
+            .chunks_exact(21)
+            .filter_map(Location::decode)
+            .collect()
+    }
+
     pub fn decode(bytes: &[u8]) -> Option<Location> {
         if bytes.len() != 21 || bytes[0] != LOCATION_FORMAT {
             return None;
@@ -150,6 +158,10 @@ pub(super) struct EventLog {
     segments: RwLock<BTreeMap<u64, Arc<File>>>,
     /// The segment appended to (only the writer appends).
     active: Mutex<Option<Active>>,
+    /// Set by an I/O error of an append, sync or rollback: what is on disk
+    /// after the last good commit is then unknown, so nothing more is
+    /// appended until the store is reopened (whose replay sorts it out).
+    poisoned: std::sync::atomic::AtomicBool,
 }
 
 fn segment_name(segment: u64) -> String {
@@ -159,7 +171,13 @@ fn segment_name(segment: u64) -> String {
 impl EventLog {
     /// Opens (creating) the log directory `dir` and every segment in it.
     pub fn open(dir: &Path) -> std::io::Result<EventLog> {
-        std::fs::create_dir_all(dir)?;
+        if !dir.exists() {
+            std::fs::create_dir_all(dir)?;
+            // The directory's own entry, durable before anything in it is.
+            if let Some(parent) = dir.parent() {
+                File::open(parent)?.sync_all()?;
+            }
+        }
         let mut segments = BTreeMap::new();
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
@@ -182,6 +200,7 @@ impl EventLog {
             segments: RwLock::new(segments),
             // Where appends go is known once [`Self::replay`] found the end.
             active: Mutex::new(None),
+            poisoned: Default::default(),
         })
     }
 
@@ -204,6 +223,30 @@ impl EventLog {
     /// their locations and the log's new end. On error nothing counts as
     /// appended: the next append writes over whatever was written.
     pub fn append(&self, frames: &[NewFrame<'_>]) -> std::io::Result<(Vec<Location>, End)> {
+        self.usable()?;
+        let appended = self.append_unchecked(frames);
+        self.poison_on(appended)
+    }
+
+    /// Refuses once poisoned.
+    fn usable(&self) -> std::io::Result<()> {
+        if self.poisoned.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::other(
+                "the event log refuses writes after an I/O error; the store must be reopened",
+            ));
+        }
+        Ok(())
+    }
+
+    fn poison_on<T>(&self, result: std::io::Result<T>) -> std::io::Result<T> {
+        if result.is_err() {
+            self.poisoned
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        result
+    }
+
+    fn append_unchecked(&self, frames: &[NewFrame<'_>]) -> std::io::Result<(Vec<Location>, End)> {
         let mut active = self.active.lock().expect("active lock");
         let rotate = active.as_ref().is_none_or(|a| a.len >= a.capacity);
         if rotate {
@@ -273,6 +316,8 @@ impl EventLog {
     /// a commit that failed: its frames are zeroed and synced, so that
     /// neither a replay nor a read finds them, and the next append writes
     /// over them.
+    /// If zeroing fails, the log refuses further appends (see
+    /// `poisoned`).
     pub fn rollback(&self, locations: &[Location]) -> std::io::Result<()> {
         let Some(first) = locations.first() else {
             return Ok(());
@@ -282,20 +327,23 @@ impl EventLog {
             return Ok(());
         };
         let end = a.len;
-        let zeros = vec![0u8; (end - first.offset) as usize];
-        a.file.write_all_at(&zeros, first.offset)?;
-        a.file.sync_data()?;
         a.len = first.offset;
-        Ok(())
+        let zeros = vec![0u8; (end - first.offset) as usize];
+        let zeroed = a
+            .file
+            .write_all_at(&zeros, first.offset)
+            .and_then(|()| a.file.sync_data());
+        self.poison_on(zeroed)
     }
 
     /// Makes everything appended durable.
     pub fn sync(&self) -> std::io::Result<()> {
+        self.usable()?;
         let file = match self.active.lock().expect("active lock").as_ref() {
             Some(a) => a.file.clone(),
             None => return Ok(()),
         };
-        file.sync_data()
+        self.poison_on(file.sync_data())
     }
 
     /// Starts segment `id`: its file, allocated ahead of time (so that a
@@ -375,7 +423,13 @@ impl EventLog {
     /// acknowledged. Those remains are zeroed, so that nothing after the
     /// next appends can ever read as a frame. Appends continue after the
     /// last whole frame. Call once, at open, before any append.
-    pub fn replay(&self, from: Option<End>) -> std::io::Result<Vec<Frame>> {
+    /// A frame `accept` refuses ends the log as a damaged one does (the
+    /// store refuses frames it cannot have written after `from`).
+    pub fn replay(
+        &self,
+        from: Option<End>,
+        mut accept: impl FnMut(&Frame) -> bool,
+    ) -> std::io::Result<Vec<Frame>> {
         let segments: Vec<(u64, Arc<File>)> = self
             .segments
             .read()
@@ -414,7 +468,10 @@ impl EventLog {
                     .and_then(|b| parse(b, at));
                 match parsed {
                     // Sequence numbers only grow along the log.
-                    Ok(frame) if frames.last().is_none_or(|l: &Frame| l.seq < frame.seq) => {
+                    Ok(frame)
+                        if frames.last().is_none_or(|l: &Frame| l.seq < frame.seq)
+                            && accept(&frame) =>
+                    {
                         frames.push(frame)
                     }
                     _ => {
@@ -424,8 +481,10 @@ impl EventLog {
                 }
                 pos += total;
             }
-            torn |=
-                pos < bytes.len() && pos + 4 > bytes.len() && bytes[pos..].iter().any(|b| *b != 0);
+            // After the last whole frame only zeros may follow: anything
+            // else is the remains of an unsynced commit (pages of it may
+            // have reached the disk without its first header).
+            torn |= bytes[pos..].iter().any(|b| *b != 0);
             let at = start + pos as u64;
             if torn {
                 let rest = &bytes[pos..];
@@ -651,12 +710,12 @@ mod tests {
         let (more, _) = log.append(&[frame(3, &["a", "b"], 9)]).unwrap();
         drop(log);
         let log = EventLog::open(dir.path()).unwrap();
-        let all = log.replay(None).unwrap();
+        let all = log.replay(None, |_| true).unwrap();
         assert_eq!(all.iter().map(|f| f.seq).collect::<Vec<_>>(), [1, 2, 3]);
         assert_eq!(all[0].links, ["up"]);
         assert_eq!(all[2].links, ["a", "b"]);
         assert_eq!(all[2].location, more[0]);
-        let after = log.replay(Some(end)).unwrap();
+        let after = log.replay(Some(end), |_| true).unwrap();
         assert_eq!(after.iter().map(|f| f.seq).collect::<Vec<_>>(), [3]);
         assert_eq!(Location::decode(&more[0].encode()), Some(more[0]));
         assert_eq!(End::decode(&end.encode()), Some(end));
@@ -679,7 +738,7 @@ mod tests {
         // And a flipped byte in the middle one is caught by its checksum.
         let log = EventLog::open(dir.path()).unwrap();
         assert_eq!(
-            log.replay(None)
+            log.replay(None, |_| true)
                 .unwrap()
                 .iter()
                 .map(|f| f.seq)
@@ -696,6 +755,40 @@ mod tests {
 
         f.write_all_at(&[0xff], locs[1].offset + 20).unwrap();
         assert!(matches!(log.read(2, locs[1]), Err(FrameError::Bad { .. })));
+    }
+
+    #[test]
+    fn replay_ends_at_what_the_store_refuses_or_at_bytes_behind_a_zero_header() {
+        // Frames 1, 2, 3; `refuse`: frame 2 is refused by the store, or
+        // its header is zeros with its body and frame 3 still on disk (an
+        // unsynced commit's later pages). Either way the log ends after
+        // frame 1, the rest is zeroed, and appends go on there.
+        for refuse in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let log = EventLog::open(dir.path()).unwrap();
+            let (locs, _) = log
+                .append(&[frame(1, &[], 1), frame(2, &[], 2), frame(3, &[], 3)])
+                .unwrap();
+            log.sync().unwrap();
+            drop(log);
+            let path = dir.path().join(segment_name(1));
+            if !refuse {
+                let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+                f.write_all_at(&[0u8; HEADER], locs[1].offset).unwrap();
+            }
+            let log = EventLog::open(dir.path()).unwrap();
+            let seqs: Vec<Seq> = log
+                .replay(None, |f| !(refuse && f.seq == 2))
+                .unwrap()
+                .iter()
+                .map(|f| f.seq)
+                .collect();
+            assert_eq!(seqs, [1], "refuse: {refuse}");
+            let raw = std::fs::read(&path).unwrap();
+            assert!(raw[locs[1].offset as usize..].iter().all(|b| *b == 0));
+            let (again, _) = log.append(&[frame(2, &[], 9)]).unwrap();
+            assert_eq!(again[0].offset, locs[1].offset);
+        }
     }
 
     #[test]

@@ -227,6 +227,31 @@ impl Trees {
             .map_err(|e| corrupt(DecodeError::Frame(e.to_string())))
     }
 
+    /// As [`Self::record`], for reads that race the writer: `None` when
+    /// the event was removed (erasure, retention) between reading `value`
+    /// and reading its frame, which may be zeroed or deleted by then.
+    fn record_live<'a>(
+        &self,
+        seq: Seq,
+        value: &'a [u8],
+    ) -> Result<Option<std::borrow::Cow<'a, [u8]>>> {
+        match self.record(seq, value) {
+            Ok(record) => Ok(Some(record)),
+            Err(e) => match self.events.get(seq.to_be_bytes())? {
+                Some(now) if now.as_ref() == value => Err(e),
+                _ => Ok(None),
+            },
+        }
+    }
+
+    /// As [`Self::event`], for reads that race the writer (see
+    /// [`Self::record_live`]).
+    fn event_live(&self, seq: Seq, value: &[u8]) -> Result<Option<PreferenceEvent>> {
+        self.record_live(seq, value)?
+            .map(|record| decode_event(seq, &record))
+            .transpose()
+    }
+
     /// Whether an `events` value points to a frame a failed commit took
     /// back out of the log (see `log::EventLog::rollback`).
     fn rolled_back(&self, seq: Seq, value: &[u8]) -> bool {
@@ -249,6 +274,9 @@ const META_LAST_SEQ: &[u8] = b"last_seq";
 /// `meta` key of the event log's end after the last commit sled holds
 /// ([`log::End`]): where replay starts at open.
 const META_LOG_END: &[u8] = b"log_end";
+/// `meta` key of the event log frames of removed events still to be
+/// zeroed ([`log::Location`]s, one after the other).
+const META_TO_ZERO: &[u8] = b"log_to_zero";
 /// `meta` key of the highest sequence number removed by retention.
 const META_PURGED_UPTO: &[u8] = b"purged_upto";
 /// `meta` key of the rollup layout's signature (or a state word).
@@ -360,6 +388,7 @@ impl Store {
         let mut trees = trees;
         let trees_opened = started.elapsed();
         replay_log(&db, &trees)?;
+        finish_zeroing(&db, &trees)?;
         repair_tail(&trees)?;
         let repaired = started.elapsed();
         if let Some(layout) = layout {
@@ -432,7 +461,7 @@ impl Store {
         let key = seq.to_be_bytes();
         match self.inner.trees.events.get(key)? {
             None => Ok(None),
-            Some(bytes) => self.inner.trees.event(seq, &bytes).map(Some),
+            Some(bytes) => self.inner.trees.event_live(seq, &bytes),
         }
     }
 
@@ -449,11 +478,14 @@ impl Store {
     pub fn scan_after(&self, after: Seq) -> impl Iterator<Item = Result<(Seq, PreferenceEvent)>> {
         let start = after.saturating_add(1).to_be_bytes();
         let inner = self.inner.clone();
-        inner.trees.events.range(start..).map(move |item| {
+        inner.trees.events.range(start..).filter_map(move |item| {
             let trees = &inner.trees;
-            let (k, v) = item?;
-            let seq = seq_from(&k, "events", "?")?;
-            Ok((seq, trees.event(seq, &v)?))
+            let read = || -> Result<Option<(Seq, PreferenceEvent)>> {
+                let (k, v) = item?;
+                let seq = seq_from(&k, "events", "?")?;
+                Ok(trees.event_live(seq, &v)?.map(|ev| (seq, ev)))
+            };
+            read().transpose()
         })
     }
 
@@ -473,10 +505,13 @@ impl Store {
             .events
             .range(range)
             .take(limit)
-            .map(|item| {
-                let (k, v) = item?;
-                let seq = seq_from(&k, "events", "?")?;
-                Ok((seq, self.inner.trees.event(seq, &v)?))
+            .filter_map(|item| {
+                let read = || -> Result<Option<(Seq, PreferenceEvent)>> {
+                    let (k, v) = item?;
+                    let seq = seq_from(&k, "events", "?")?;
+                    Ok(self.inner.trees.event_live(seq, &v)?.map(|ev| (seq, ev)))
+                };
+                read().transpose()
             })
             .collect()
     }
@@ -996,12 +1031,20 @@ impl Store {
             let want = limit - events.len();
             let range = from.saturating_add(1).to_be_bytes()..=upto.to_be_bytes();
             let mut read = Vec::new();
-            for item in self.inner.trees.events.range(range).take(want) {
-                let (k, v) = item?;
-                let seq = seq_from(&k, "events", "?")?;
-                let record = self.inner.trees.record(seq, &v)?;
-                let (ev, payload) = decode_event_with_payload(seq, &record)?;
-                read.push(Arc::new(RecentEvent::new(seq, ev, payload)));
+            // An event removed (erasure, retention) while this read ran:
+            // read again, past it (a gap here would end a backfill early).
+            'read: loop {
+                read.clear();
+                for item in self.inner.trees.events.range(range.clone()).take(want) {
+                    let (k, v) = item?;
+                    let seq = seq_from(&k, "events", "?")?;
+                    let Some(record) = self.inner.trees.record_live(seq, &v)? else {
+                        continue 'read;
+                    };
+                    let (ev, payload) = decode_event_with_payload(seq, &record)?;
+                    read.push(Arc::new(RecentEvent::new(seq, ev, payload)));
+                }
+                break;
             }
             // Every event in (from, end] was read.
             let end = match read.last() {
@@ -1384,7 +1427,37 @@ fn replay_log(db: &sled::Db, trees: &Trees) -> Result<usize> {
     if from.is_none() && trees.log.is_empty() {
         return Ok(0);
     }
-    let frames = trees.log.replay(from).map_err(|e| Error::Sled(e.into()))?;
+    // Only frames this store can have written after `from`: above the
+    // high-water mark sled kept, and of ids sled has not stored elsewhere
+    // (or erased). Anything else is old bytes, never acknowledged, and ends
+    // the log like a torn frame.
+    let last_seq = meta_seq(&trees.meta, META_LAST_SEQ)?;
+    let mut failed: Option<Error> = None;
+    let frames = trees
+        .log
+        .replay(from, |f| {
+            let fits = || -> Result<bool> {
+                if f.seq <= last_seq {
+                    return Ok(false);
+                }
+                let ev = decode_event(f.seq, &f.record)?;
+                Ok(match trees.by_id.get(ev.event_id.as_bytes())? {
+                    None => true,
+                    Some(seq) => seq.as_ref() == f.seq.to_be_bytes(),
+                })
+            };
+            match fits() {
+                Ok(fits) => fits,
+                Err(e) => {
+                    failed.get_or_insert(e);
+                    false
+                }
+            }
+        })
+        .map_err(|e| Error::Sled(e.into()))?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
     let Some(last) = frames.last() else {
         return Ok(0);
     };
@@ -1427,6 +1500,27 @@ fn replay_log(db: &sled::Db, trees: &Trees) -> Result<usize> {
         "indexed again the events of the log's last commits (sled had not flushed them before the node stopped)"
     );
     Ok(frames.len())
+}
+
+/// Zeroes the frames an erasure or retention removed whose zeroing was cut
+/// short (they are recorded under [`META_TO_ZERO`] in the same transaction
+/// that removed them).
+fn finish_zeroing(db: &sled::Db, trees: &Trees) -> Result<()> {
+    let Some(owed) = trees.meta.get(META_TO_ZERO)? else {
+        return Ok(());
+    };
+    let locations = log::Location::decode_all(&owed);
+    trees
+        .log
+        .zero(&locations)
+        .map_err(|e| Error::Sled(e.into()))?;
+    trees.meta.remove(META_TO_ZERO)?;
+    flush_blocking(db)?;
+    tracing::info!(
+        frames = locations.len(),
+        "zeroed the event log's frames of removed events that a stop had left"
+    );
+    Ok(())
 }
 
 fn high_water(trees: &Trees) -> Result<Seq> {
@@ -1965,6 +2059,98 @@ mod tests {
         for (seq, id) in [(5, "e-4"), (6, "e-5"), (9, "e-8")] {
             assert_eq!(store.get(seq).unwrap().unwrap().event_id, id);
         }
+        store.close().await.expect("close");
+    }
+
+    #[tokio::test]
+    async fn a_read_that_races_an_erasure_finds_the_event_gone_not_damaged() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path(), &[]).expect("open");
+        let events: Vec<NewEvent> = (0..3)
+            .map(|i| NewEvent::local(linked_event(i).event))
+            .collect();
+        let victim = events[1].event.customer_pseudonym.clone();
+        store.append(events).await.expect("append");
+        // A reader took seq 2's location from sled, then the writer erased
+        // the event and zeroed its frame before the reader read it.
+        let t = &store.inner.trees;
+        let stale = t.events.get(2u64.to_be_bytes()).unwrap().unwrap();
+        store
+            .erase(
+                EraseRequest {
+                    id: "er-race".into(),
+                    requested_by: "test".into(),
+                    pseudonym: victim,
+                    event_ids: Vec::new(),
+                    spare_origin: None,
+                },
+                Router::none(),
+            )
+            .await
+            .expect("erase");
+        assert!(t.record(2, &stale).is_err(), "its frame is zeroed");
+        assert!(
+            t.record_live(2, &stale).unwrap().is_none(),
+            "gone, not corrupt"
+        );
+        assert!(t.event_live(2, &stale).unwrap().is_none());
+        // A damaged frame of an event still stored stays an error.
+        let kept = t.events.get(3u64.to_be_bytes()).unwrap().unwrap();
+        let at = log::Location::decode(&kept).unwrap();
+        t.log.zero(&[at]).unwrap();
+        assert!(t.record_live(3, &kept).is_err());
+        store.close().await.expect("close");
+    }
+
+    #[tokio::test]
+    async fn frames_a_stop_left_unzeroed_are_zeroed_at_open() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let links = ["upstream".to_string()];
+        let at = {
+            let store = Store::open(dir.path(), &links).expect("open");
+            store
+                .append((0..3).map(linked_event).collect())
+                .await
+                .expect("append");
+            let value = store
+                .inner
+                .trees
+                .events
+                .get(2u64.to_be_bytes())
+                .unwrap()
+                .unwrap();
+            store.close().await.expect("close");
+            log::Location::decode(&value).unwrap()
+        };
+        // An erasure removed seq 2 and recorded its frame as owed, then the
+        // node stopped before zeroing it.
+        {
+            let db = unlocked(|| sled::open(dir.path()));
+            db.open_tree("events")
+                .unwrap()
+                .remove(2u64.to_be_bytes())
+                .unwrap();
+            db.open_tree("meta")
+                .unwrap()
+                .insert(META_TO_ZERO, at.encode().to_vec())
+                .unwrap();
+            #[allow(clippy::disallowed_methods)]
+            db.flush().expect("flush");
+        }
+        let segment = dir
+            .path()
+            .join("log")
+            .join(format!("{:020}.seg", at.segment));
+        let frame = |bytes: &[u8]| bytes[at.offset as usize..][..at.len as usize].to_vec();
+        assert!(frame(&std::fs::read(&segment).unwrap())
+            .iter()
+            .any(|b| *b != 0));
+        let store = unlocked(|| Store::open(dir.path(), &links));
+        assert!(frame(&std::fs::read(&segment).unwrap())
+            .iter()
+            .all(|b| *b == 0));
+        assert!(store.inner.trees.meta.get(META_TO_ZERO).unwrap().is_none());
+        assert_eq!(store.get(3).unwrap().unwrap().event_id, "e-2");
         store.close().await.expect("close");
     }
 

@@ -54,7 +54,15 @@ impl Store {
             if seq > durable {
                 break;
             }
-            let Some(value) = self.inner.trees.events.get(k)? else {
+            let raw = match self.inner.trees.events.get(k)? {
+                Some(value) => self
+                    .inner
+                    .trees
+                    .record_live(seq, &value)?
+                    .map(|r| r.into_owned()),
+                None => None,
+            };
+            let Some(raw) = raw else {
                 // The event is gone (removed by retention before it could be
                 // forwarded): nothing to send, but say so.
                 tracing::warn!(
@@ -65,7 +73,6 @@ impl Store {
                 self.outbox_ack(link, &[seq])?;
                 continue;
             };
-            let raw = self.inner.trees.record(seq, &value)?;
             if !out.is_empty() && (out.len() >= max_events || bytes + raw.len() > max_bytes) {
                 break;
             }

@@ -256,6 +256,7 @@ impl Writer {
         let purged_upto = super::meta_seq(&t.meta, super::META_PURGED_UPTO)?
             .max(victims.iter().map(|v| v.1).max().unwrap_or(0))
             .to_be_bytes();
+        let owed = owed_zeroing(&t.meta, &frames)?;
         if let Some(pending) = &t.pending {
             pending.begin_change(None);
         }
@@ -272,6 +273,7 @@ impl Writer {
                     by_customer.remove(k.as_slice())?;
                 }
                 meta.insert(super::META_PURGED_UPTO, &purged_upto)?;
+                meta.insert(super::META_TO_ZERO, owed.as_slice())?;
                 Ok::<(), ConflictableTransactionError<()>>(())
             })
             .map_err(|e| match e {
@@ -286,16 +288,14 @@ impl Writer {
         self.flush_now()?;
         // Their records go from the log too: zeroed, and a segment with no
         // stored event left is deleted.
+        self.zero_owed(&owed);
         let events = &t.events;
         t.log
-            .zero(&frames)
-            .and_then(|()| {
-                t.log.remove_dead(|from, to| {
-                    Ok(events
-                        .range(from.to_be_bytes()..to.to_be_bytes())
-                        .next()
-                        .is_some())
-                })
+            .remove_dead(|from, to| {
+                Ok(events
+                    .range(from.to_be_bytes()..to.to_be_bytes())
+                    .next()
+                    .is_some())
             })
             .map_err(|e| Error::Sled(e.into()))?;
         Ok(victims.len())
@@ -458,6 +458,7 @@ impl Writer {
         }
         .encode_to_vec();
         let record_bytes = prost::Message::encode_to_vec(&record);
+        let owed = owed_zeroing(&t.meta, &frames)?;
         // [events, by_time, by_customer, meta, erasures, erasure_signals,
         //  rollups, outbox 0, outbox 1, ...]
         let mut trees: Vec<&sled::Tree> = vec![
@@ -487,6 +488,7 @@ impl Writer {
                     }
                 }
                 tx[3].insert(super::META_LAST_SEQ, &signal_seq.to_be_bytes())?;
+                tx[3].insert(super::META_TO_ZERO, owed.as_slice())?;
                 tx[4].insert(req.id.as_bytes(), record_bytes.as_slice())?;
                 tx[5].insert(&signal_seq.to_be_bytes(), signal.as_slice())?;
                 for (key, value) in &corrections {
@@ -516,7 +518,7 @@ impl Writer {
         self.next_seq += 1;
         self.flush_now()?;
         // The records leave the disk: the log's frames are zeroed.
-        t.log.zero(&frames).map_err(|e| Error::Sled(e.into()))?;
+        self.zero_owed(&owed);
         self.durable.send_replace(self.next_seq - 1);
         for (outbox, n) in self.trees.outboxes.iter().zip(applied) {
             outbox
@@ -536,6 +538,21 @@ impl Writer {
             total: record.erased_events,
             links,
         })
+    }
+
+    /// Zeroes the frames recorded as owed (under `META_TO_ZERO`, in the
+    /// transaction that removed their events), then forgets them. If that
+    /// fails they stay recorded, and the next open zeroes them.
+    fn zero_owed(&self, owed: &[u8]) {
+        let t = &self.trees;
+        let zeroed = t
+            .log
+            .zero(&super::log::Location::decode_all(owed))
+            .map_err(|e| Error::Sled(e.into()))
+            .and_then(|()| Ok(t.meta.remove(super::META_TO_ZERO).map(|_| ())?));
+        if let Err(e) = zeroed {
+            tracing::error!(error = %e, "could not zero the removed events' records in the event log; the next start of the node does");
+        }
     }
 
     /// Records the first write failure of an I/O kind (the database is
@@ -849,6 +866,18 @@ pub(super) fn remove_cells_before(
     }
     rollups.apply_batch(batch)?;
     Ok(())
+}
+
+/// The frames to zero: `frames` and any a stop left owed before.
+fn owed_zeroing(meta: &sled::Tree, frames: &[Location]) -> Result<Vec<u8>> {
+    let mut owed = meta
+        .get(super::META_TO_ZERO)?
+        .map(|v| v.to_vec())
+        .unwrap_or_default();
+    for at in frames {
+        owed.extend_from_slice(&at.encode());
+    }
+    Ok(owed)
 }
 
 /// Answers every command of a batch with the error.
