@@ -570,7 +570,22 @@ impl EventLog {
         &self,
         mut live: impl FnMut(Seq, Seq) -> std::io::Result<bool>,
     ) -> std::io::Result<usize> {
-        let ids: Vec<u64> = self
+        let (ids, active) = self.ids_and_active();
+        let mut removed = 0;
+        for pair in ids.windows(2) {
+            let (id, next) = (pair[0], pair[1]);
+            if Some(id) == active || live(id, next)? {
+                continue;
+            }
+            self.remove_segment(id)?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// The segments' ids, in order, and the active one's.
+    fn ids_and_active(&self) -> (Vec<u64>, Option<u64>) {
+        let ids = self
             .segments
             .read()
             .expect("segments lock")
@@ -583,16 +598,7 @@ impl EventLog {
             .expect("active lock")
             .as_ref()
             .map(|a| a.segment);
-        let mut removed = 0;
-        for pair in ids.windows(2) {
-            let (id, next) = (pair[0], pair[1]);
-            if Some(id) == active || live(id, next)? {
-                continue;
-            }
-            self.remove_segment(id)?;
-            removed += 1;
-        }
-        Ok(removed)
+        (ids, active)
     }
 
     /// Bytes in segment files.
@@ -619,20 +625,7 @@ impl EventLog {
 
     /// Tests only: the ids of the segments, in order, and the active one.
     pub(super) fn segment_ids(&self) -> (Vec<u64>, Option<u64>) {
-        let ids = self
-            .segments
-            .read()
-            .expect("segments lock")
-            .keys()
-            .copied()
-            .collect();
-        let active = self
-            .active
-            .lock()
-            .expect("active lock")
-            .as_ref()
-            .map(|a| a.segment);
-        (ids, active)
+        self.ids_and_active()
     }
 }
 
