@@ -688,6 +688,17 @@ mod tests {
         }
     }
 
+    /// A log of frames 1, 2 and 3, synced and closed; their locations.
+    fn three_synced_frames() -> (tempfile::TempDir, Vec<Location>) {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open(dir.path()).unwrap();
+        let (locs, _) = log
+            .append(&[frame(1, &[], 1), frame(2, &[], 2), frame(3, &[], 3)])
+            .unwrap();
+        log.sync().unwrap();
+        (dir, locs)
+    }
+
     #[test]
     fn frames_read_back_by_location_and_by_replay() {
         let dir = tempfile::tempdir().unwrap();
@@ -716,13 +727,7 @@ mod tests {
 
     #[test]
     fn a_torn_tail_is_cut_off_and_the_next_append_follows_the_last_whole_frame() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = EventLog::open(dir.path()).unwrap();
-        let (locs, _) = log
-            .append(&[frame(1, &[], 1), frame(2, &[], 2), frame(3, &[], 3)])
-            .unwrap();
-        log.sync().unwrap();
-        drop(log);
+        let (dir, locs) = three_synced_frames();
         // A crash tore the last frame: its second half never reached disk.
         let path = dir.path().join(segment_name(1));
         let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
@@ -757,13 +762,7 @@ mod tests {
         // unsynced commit's later pages). Either way the log ends after
         // frame 1, the rest is zeroed, and appends go on there.
         for refuse in [true, false] {
-            let dir = tempfile::tempdir().unwrap();
-            let log = EventLog::open(dir.path()).unwrap();
-            let (locs, _) = log
-                .append(&[frame(1, &[], 1), frame(2, &[], 2), frame(3, &[], 3)])
-                .unwrap();
-            log.sync().unwrap();
-            drop(log);
+            let (dir, locs) = three_synced_frames();
             let path = dir.path().join(segment_name(1));
             if !refuse {
                 let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();

@@ -1433,18 +1433,24 @@ fn replay_log(db: &sled::Db, trees: &Trees) -> Result<usize> {
     // the log like a torn frame.
     let last_seq = meta_seq(&trees.meta, META_LAST_SEQ)?;
     let mut failed: Option<Error> = None;
+    // The events of the accepted frames, in order (decoded once).
+    let mut accepted: Vec<PreferenceEvent> = Vec::new();
     let frames = trees
         .log
         .replay(from, |f| {
-            let fits = || -> Result<bool> {
+            let mut fits = || -> Result<bool> {
                 if f.seq <= last_seq {
                     return Ok(false);
                 }
                 let ev = decode_event(f.seq, &f.record)?;
-                Ok(match trees.by_id.get(ev.event_id.as_bytes())? {
+                let fits = match trees.by_id.get(ev.event_id.as_bytes())? {
                     None => true,
                     Some(seq) => seq.as_ref() == f.seq.to_be_bytes(),
-                })
+                };
+                if fits {
+                    accepted.push(ev);
+                }
+                Ok(fits)
             };
             match fits() {
                 Ok(fits) => fits,
@@ -1467,8 +1473,7 @@ fn replay_log(db: &sled::Db, trees: &Trees) -> Result<usize> {
     };
     let now = UnixNanos::now().0.to_be_bytes();
     let mut high = meta_seq(&trees.meta, META_LAST_SEQ)?;
-    for f in &frames {
-        let ev = decode_event(f.seq, &f.record)?;
+    for (f, ev) in frames.iter().zip(&accepted) {
         let key = f.seq.to_be_bytes();
         trees.events.insert(key, &f.location.encode())?;
         trees
