@@ -15,6 +15,18 @@ use chainsight::config::{ClientConfig, NodeConfig};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Turns transparent huge pages off for this process (and the nodes it
+/// starts). mimalloc returns freed memory to the OS after a second and
+/// faults it back in when it needs it again; with huge pages each fault
+/// zeroed 2 MiB: a tenth of a node's CPU under ingest and two thirds of the
+/// rollup checkpointer's, and twice the resident memory (`bench ingest`,
+/// `bench latency`; README, session 14). Failing to is harmless: the
+/// process only runs slower.
+fn no_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    let _ = nix::sys::prctl::set_thp_disable(true);
+}
+
 /// chainsight: a customer-insight exchange for the companies of one supply chain.
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
@@ -432,6 +444,7 @@ enum CertsCommand {
 }
 
 fn main() -> ExitCode {
+    no_transparent_huge_pages();
     let cli = Cli::parse();
     init_tracing(log_format(&cli));
     let runtime = match tokio::runtime::Runtime::new() {
