@@ -10,11 +10,12 @@
 //! mid-query is never counted twice.
 //!
 //! The lanes: the hourly cells (base and attribute families, about one new
-//! cell per event) are merged every 200 ms or 10,000 events, which bounds
-//! the memory they wait in. The views' day, week and month cells are few
-//! and rewritten over and over (each merge reads, adds to and writes back
-//! the same cells, distinct-customer sketches of a kilobyte included), so
-//! they wait longer — up to 5 s or 50,000 events — and a merge writes each
+//! cell per event) are merged every second or 50,000 events, which bounds
+//! the memory they wait in (every 200 ms or 10,000 events until session
+//! 14: 5 % less ingest and a longer latency tail, for about 25 MiB less).
+//! The views' day, week and month cells are few and rewritten over and
+//! over (each merge reads, adds to and writes back the same cells,
+//! distinct-customer sketches of a kilobyte included), so they wait longer — up to 5 s or 50,000 events — and a merge writes each
 //! cell once for all the events it covers.
 //!
 //! After a crash the maps are gone; [`Pending::open`] folds the stored
@@ -87,7 +88,7 @@ impl Lane {
     /// Merge at least this often while deltas wait.
     fn every(self) -> Duration {
         match self {
-            Lane::Hours => Duration::from_millis(200),
+            Lane::Hours => Duration::from_secs(1),
             Lane::Views => Duration::from_secs(5),
         }
     }
@@ -95,7 +96,7 @@ impl Lane {
     /// Merge early once this many events wait.
     fn events(self) -> u64 {
         match self {
-            Lane::Hours => 10_000,
+            Lane::Hours => 50_000,
             Lane::Views => 50_000,
         }
     }
