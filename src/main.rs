@@ -239,8 +239,9 @@ enum BenchScenario {
     },
     /// Publish acknowledgement latency with one request (one event) in flight.
     Latency {
-        /// Timed requests.
-        #[arg(long, default_value_t = 5_000)]
+        /// Timed requests. The default (about 10 s) spans the rollup
+        /// checkpoints (every second and every 5 s), which set the tail.
+        #[arg(long, default_value_t = 15_000)]
         events: u64,
         /// Untimed requests first.
         #[arg(long, default_value_t = 200)]

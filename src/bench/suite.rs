@@ -141,7 +141,8 @@ pub struct LatencyOptions {
 impl Default for LatencyOptions {
     fn default() -> Self {
         LatencyOptions {
-            events: 5_000,
+            // About 10 s: spans the rollup checkpoints, which set the tail.
+            events: 15_000,
             warmup: 200,
             seed: 2,
         }

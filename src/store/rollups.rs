@@ -15,8 +15,9 @@
 //! 14: 5 % less ingest and a longer latency tail, for about 25 MiB less).
 //! The views' day, week and month cells are few and rewritten over and
 //! over (each merge reads, adds to and writes back the same cells,
-//! distinct-customer sketches of a kilobyte included), so they wait longer — up to 5 s or 50,000 events — and a merge writes each
-//! cell once for all the events it covers.
+//! distinct-customer sketches of a kilobyte included), so they wait longer
+//! — up to 5 s or 50,000 events — and a merge writes each cell once for all
+//! the events it covers.
 //!
 //! After a crash the maps are gone; [`Pending::open`] folds the stored
 //! events after each lane's watermark again, into that lane. sled writes
