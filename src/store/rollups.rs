@@ -325,13 +325,14 @@ impl LaneMaps {
     }
 }
 
-/// Splits `cells` by lane.
-fn by_lane(cells: BTreeMap<Vec<u8>, Agg>) -> [BTreeMap<Vec<u8>, Agg>; 2] {
-    let mut out: [BTreeMap<Vec<u8>, Agg>; 2] = Default::default();
-    for (key, agg) in cells {
-        out[Lane::of(&key) as usize].insert(key, agg);
-    }
-    out
+/// Splits `cells` by lane. A cell's lane is its key's first byte (see
+/// [`Lane::of`]), so the views' cells are the keys from the first views
+/// family on: one split of the map, not a new map cell by cell.
+fn by_lane(mut cells: BTreeMap<Vec<u8>, Agg>) -> [BTreeMap<Vec<u8>, Agg>; 2] {
+    let views = cells.split_off([crate::rollup::Layout::family(0)].as_slice());
+    debug_assert!(cells.keys().all(|k| Lane::of(k) == Lane::Hours));
+    debug_assert!(views.keys().all(|k| Lane::of(k) == Lane::Views));
+    [cells, views]
 }
 
 /// The rollups waiting in memory, shared by the writer (adds), the
