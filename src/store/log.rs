@@ -584,7 +584,7 @@ impl EventLog {
     }
 
     /// The segments' ids, in order, and the active one's.
-    fn ids_and_active(&self) -> (Vec<u64>, Option<u64>) {
+    pub(super) fn ids_and_active(&self) -> (Vec<u64>, Option<u64>) {
         let ids = self
             .segments
             .read()
@@ -621,11 +621,6 @@ impl EventLog {
         if let Some(a) = self.active.lock().expect("active lock").as_mut() {
             a.capacity = a.len;
         }
-    }
-
-    /// Tests only: the ids of the segments, in order, and the active one.
-    pub(super) fn segment_ids(&self) -> (Vec<u64>, Option<u64>) {
-        self.ids_and_active()
     }
 }
 

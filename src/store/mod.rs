@@ -252,6 +252,17 @@ impl Trees {
             .transpose()
     }
 
+    /// An entry of the `events` tree read as its event (see
+    /// [`Self::event_live`]): `None` when it was removed meanwhile.
+    fn entry_live(
+        &self,
+        item: sled::Result<(sled::IVec, sled::IVec)>,
+    ) -> Result<Option<(Seq, PreferenceEvent)>> {
+        let (k, v) = item?;
+        let seq = seq_from(&k, "events", "?")?;
+        Ok(self.event_live(seq, &v)?.map(|ev| (seq, ev)))
+    }
+
     /// Whether an `events` value points to a frame a failed commit took
     /// back out of the log (see `log::EventLog::rollback`).
     fn rolled_back(&self, seq: Seq, value: &[u8]) -> bool {
@@ -478,15 +489,11 @@ impl Store {
     pub fn scan_after(&self, after: Seq) -> impl Iterator<Item = Result<(Seq, PreferenceEvent)>> {
         let start = after.saturating_add(1).to_be_bytes();
         let inner = self.inner.clone();
-        inner.trees.events.range(start..).filter_map(move |item| {
-            let trees = &inner.trees;
-            let read = || -> Result<Option<(Seq, PreferenceEvent)>> {
-                let (k, v) = item?;
-                let seq = seq_from(&k, "events", "?")?;
-                Ok(trees.event_live(seq, &v)?.map(|ev| (seq, ev)))
-            };
-            read().transpose()
-        })
+        inner
+            .trees
+            .events
+            .range(start..)
+            .filter_map(move |item| inner.trees.entry_live(item).transpose())
     }
 
     /// Up to `limit` events with `after < seq <= upto`, in order.
@@ -505,14 +512,7 @@ impl Store {
             .events
             .range(range)
             .take(limit)
-            .filter_map(|item| {
-                let read = || -> Result<Option<(Seq, PreferenceEvent)>> {
-                    let (k, v) = item?;
-                    let seq = seq_from(&k, "events", "?")?;
-                    Ok(self.inner.trees.event_live(seq, &v)?.map(|ev| (seq, ev)))
-                };
-                read().transpose()
-            })
+            .filter_map(|item| self.inner.trees.entry_live(item).transpose())
             .collect()
     }
 
@@ -1472,7 +1472,7 @@ fn replay_log(db: &sled::Db, trees: &Trees) -> Result<usize> {
         offset: last.location.offset + u64::from(last.location.len),
     };
     let now = UnixNanos::now().0.to_be_bytes();
-    let mut high = meta_seq(&trees.meta, META_LAST_SEQ)?;
+    let mut high = last_seq;
     for (f, ev) in frames.iter().zip(&accepted) {
         let key = f.seq.to_be_bytes();
         trees.events.insert(key, &f.location.encode())?;
@@ -1712,6 +1712,17 @@ mod tests {
         }
     }
 
+    /// A store with `links` holding `linked_event(i)` for each `i` in
+    /// `events`, in one commit.
+    async fn linked_store(dir: &Path, links: &[String], events: std::ops::Range<usize>) -> Store {
+        let store = Store::open(dir, links).expect("open");
+        store
+            .append(events.map(linked_event).collect())
+            .await
+            .expect("append");
+        store
+    }
+
     /// Counts of every place an event is indexed in.
     fn index_counts(store: &Store) -> [usize; 5] {
         let t = &store.inner.trees;
@@ -1729,11 +1740,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let links = ["upstream".to_string()];
         let first_end = {
-            let store = Store::open(dir.path(), &links).expect("open");
-            store
-                .append((0..3).map(linked_event).collect())
-                .await
-                .expect("append");
+            let store = linked_store(dir.path(), &links, 0..3).await;
             let end = store.inner.trees.meta.get(META_LOG_END).unwrap().unwrap();
             store
                 .append((3..5).map(linked_event).collect())
@@ -1815,11 +1822,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let links = ["upstream".to_string()];
         {
-            let store = Store::open(dir.path(), &links).expect("open");
-            store
-                .append((0..3).map(linked_event).collect())
-                .await
-                .expect("append");
+            let store = linked_store(dir.path(), &links, 0..3).await;
             // A commit of two more fails after its frames were synced and
             // part of its sled writes landed (as the writer does on an I/O
             // error before the `by_id` entries): the frames go back out.
@@ -2027,7 +2030,7 @@ mod tests {
                     .expect("append");
             }
             assert_eq!(
-                store.inner.trees.log.segment_ids(),
+                store.inner.trees.log.ids_and_active(),
                 (vec![1, 4, 7], Some(7))
             );
             let removed = store
@@ -2037,7 +2040,10 @@ mod tests {
             assert_eq!(removed, 6);
             // Segment 1 held only removed events: gone. Segment 4 holds
             // two stored events; segment 7 none, but it is the active one.
-            assert_eq!(store.inner.trees.log.segment_ids(), (vec![4, 7], Some(7)));
+            assert_eq!(
+                store.inner.trees.log.ids_and_active(),
+                (vec![4, 7], Some(7))
+            );
             assert!(!segment(1).exists());
             assert!(segment(4).exists() && segment(7).exists());
             for seq in [5, 6] {
@@ -2046,7 +2052,10 @@ mod tests {
             store.close().await.expect("close");
         }
         let store = unlocked(|| Store::open(dir.path(), &links));
-        assert_eq!(store.inner.trees.log.segment_ids(), (vec![4, 7], Some(7)));
+        assert_eq!(
+            store.inner.trees.log.ids_and_active(),
+            (vec![4, 7], Some(7))
+        );
         assert_eq!(&index_counts(&store)[..4], [2, 8, 2, 2]);
         for (seq, id) in [(5, "e-4"), (6, "e-5")] {
             assert_eq!(store.get(seq).unwrap().unwrap().event_id, id);
@@ -2060,7 +2069,10 @@ mod tests {
         store.close().await.expect("close");
         drop(store);
         let store = unlocked(|| Store::open(dir.path(), &links));
-        assert_eq!(store.inner.trees.log.segment_ids(), (vec![4, 7], Some(7)));
+        assert_eq!(
+            store.inner.trees.log.ids_and_active(),
+            (vec![4, 7], Some(7))
+        );
         for (seq, id) in [(5, "e-4"), (6, "e-5"), (9, "e-8")] {
             assert_eq!(store.get(seq).unwrap().unwrap().event_id, id);
         }
@@ -2112,11 +2124,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let links = ["upstream".to_string()];
         let at = {
-            let store = Store::open(dir.path(), &links).expect("open");
-            store
-                .append((0..3).map(linked_event).collect())
-                .await
-                .expect("append");
+            let store = linked_store(dir.path(), &links, 0..3).await;
             let value = store
                 .inner
                 .trees
