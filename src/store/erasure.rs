@@ -149,20 +149,6 @@ pub(super) fn trimmed(ev: &PreferenceEvent) -> PreferenceEvent {
     }
 }
 
-pub(super) fn customer_key(pseudonym: &str, seq: Seq) -> Vec<u8> {
-    let mut k = Vec::with_capacity(pseudonym.len() + 9);
-    k.extend_from_slice(pseudonym.as_bytes());
-    k.push(0);
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
-}
-
-pub(super) fn customer_prefix(pseudonym: &str) -> Vec<u8> {
-    let mut k = pseudonym.as_bytes().to_vec();
-    k.push(0);
-    k
-}
-
 pub(super) fn decode_record(id: &str, bytes: &[u8]) -> Result<ErasureRecord> {
     ErasureRecord::decode(bytes).map_err(|e| Error::Corrupt {
         tree: "erasures",

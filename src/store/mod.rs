@@ -8,6 +8,10 @@
 //!   written before the log: the record itself, see [`record`])
 //! - `by_id`:   event_id → seq — deduplication
 //! - `by_time`: occurred_at (i64, sign-flipped) ‖ seq → () — time range scans
+//! - `customer_runs`: first seq of a commit's new events → a fingerprint
+//!   of each one's customer pseudonym — finding a customer's events for
+//!   erasure (see [`customers`]; it replaced `by_customer`,
+//!   pseudonym ‖ seq → (), one key per event)
 //!
 //! - `meta`:    `log_end` → the event log's end after the last commit
 //!   sled holds (where replay starts at open);
@@ -45,6 +49,7 @@ pub mod record;
 mod writer;
 
 mod audit;
+mod customers;
 mod erasure;
 mod export;
 mod outbox;
@@ -191,7 +196,9 @@ struct Trees {
     meta: sled::Tree,
     cursors: sled::Tree,
     certs: sled::Tree,
-    by_customer: sled::Tree,
+    /// Fingerprints of the events' customers, one run per commit (see
+    /// [`customers`]).
+    customer_runs: sled::Tree,
     dp_budget: sled::Tree,
     erasures: sled::Tree,
     erasure_signals: sled::Tree,
@@ -376,7 +383,7 @@ impl Store {
             meta: db.open_tree("meta").map_err(open_err)?,
             cursors: db.open_tree("cursors").map_err(open_err)?,
             certs: db.open_tree("certs").map_err(open_err)?,
-            by_customer: db.open_tree("by_customer").map_err(open_err)?,
+            customer_runs: db.open_tree("customer_runs").map_err(open_err)?,
             dp_budget: db.open_tree("dp_budget").map_err(open_err)?,
             erasures: db.open_tree("erasures").map_err(open_err)?,
             erasure_signals: db.open_tree("erasure_signals").map_err(open_err)?,
@@ -411,7 +418,7 @@ impl Store {
             )?));
         }
         let rollups_folded = started.elapsed();
-        index_customers(&trees)?;
+        index_customers(&db, &trees)?;
         tracing::info!(
             ?sled_recovered,
             ?trees_opened,
@@ -942,12 +949,25 @@ impl Store {
     /// the erasure for the upstream links `router` names; returns once it
     /// is durable.
     pub async fn erase(&self, request: EraseRequest, router: Router) -> Result<Erased> {
+        // The customer's runs are read here, beside the writer: at millions
+        // of events that takes a while, and the writer then reads only the
+        // runs written since.
+        let scanned = if request.pseudonym.is_empty() {
+            customers::Scan::default()
+        } else {
+            let runs = self.inner.trees.customer_runs.clone();
+            let pseudonym = request.pseudonym.clone();
+            tokio::task::spawn_blocking(move || customers::scan(&runs, &pseudonym, None))
+                .await
+                .map_err(|_| Error::Closed)??
+        };
         let (reply, rx) = oneshot::channel();
         self.inner
             .writer
             .send(writer::Command::Erase {
                 request,
                 router,
+                scanned,
                 reply,
             })
             .await
@@ -1307,33 +1327,54 @@ fn rollups_current(trees: &Trees, layout: &crate::rollup::Layout) -> Result<bool
 
 /// The highest sequence number ever used: the recorded high-water mark, or
 /// the last event (stores written before the mark existed).
-/// `meta` key set once `by_customer` indexes every stored event.
+/// `meta` key set once `customer_runs` covers every stored event.
+const META_CUSTOMER_RUNS: &[u8] = b"customer_runs";
+/// `meta` key of the per-event customer index `customer_runs` replaced.
 const META_CUSTOMER_INDEX: &[u8] = b"customer_index";
 
-/// Builds the customer index of a store written before it existed.
-fn index_customers(trees: &Trees) -> Result<()> {
-    if trees.meta.contains_key(META_CUSTOMER_INDEX)? {
+/// Builds the customer runs of a store written before they existed (from
+/// its events; the `by_customer` tree of the per-event index goes).
+fn index_customers(db: &sled::Db, trees: &Trees) -> Result<()> {
+    if trees.meta.contains_key(META_CUSTOMER_RUNS)? {
         return Ok(());
     }
-    let mut batch = sled::Batch::default();
-    let mut n = 0usize;
+    let started = std::time::Instant::now();
+    // Runs the event log's replay wrote before this are built again here.
+    trees.customer_runs.clear()?;
+    let mut pending: Vec<(Seq, u32)> = Vec::new();
+    let mut n = 0u64;
+    let write = |pending: &mut Vec<(Seq, u32)>| -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for (first, value) in customers::runs(pending, customers::REBUILT_RUN) {
+            batch.insert(&first.to_be_bytes(), value);
+        }
+        pending.clear();
+        Ok(trees.customer_runs.apply_batch(batch)?)
+    };
     for item in trees.events.iter() {
         let (k, v) = item?;
         let seq = seq_from(&k, "events", "?")?;
         let ev = trees.event(seq, &v)?;
-        if !ev.customer_pseudonym.is_empty() {
-            batch.insert(erasure::customer_key(&ev.customer_pseudonym, seq), &[]);
-            n += 1;
-        }
-        if n % 100_000 == 99_999 {
-            trees.by_customer.apply_batch(std::mem::take(&mut batch))?;
+        pending.push((seq, customers::fingerprint(&ev.customer_pseudonym)));
+        n += 1;
+        if pending.len() >= 64 * customers::REBUILT_RUN {
+            write(&mut pending)?;
         }
     }
-    trees.by_customer.apply_batch(batch)?;
+    write(&mut pending)?;
+    if db.tree_names().iter().any(|name| name == b"by_customer") {
+        db.drop_tree("by_customer")?;
+    }
+    trees.meta.remove(META_CUSTOMER_INDEX)?;
+    trees.meta.insert(META_CUSTOMER_RUNS, &[1])?;
+    flush_blocking(db)?;
     if n > 0 {
-        tracing::info!(events = n, "indexed the stored events by customer");
+        tracing::info!(
+            events = n,
+            elapsed = ?started.elapsed(),
+            "indexed the stored events by customer (one run of fingerprints per commit)"
+        );
     }
-    trees.meta.insert(META_CUSTOMER_INDEX, &[1])?;
     Ok(())
 }
 
@@ -1360,14 +1401,20 @@ fn repair_tail(trees: &Trees) -> Result<usize> {
         }
         orphans.push((seq, ev));
     }
+    let gone = orphans
+        .iter()
+        .map(|(seq, _)| *seq)
+        .chain(rolled_back.iter().copied());
+    customers::apply(
+        &trees.customer_runs,
+        &customers::cleared(
+            &trees.customer_runs,
+            gone.collect::<std::collections::BTreeSet<_>>(),
+        )?,
+    )?;
     for (seq, ev) in &orphans {
         let key = seq.to_be_bytes();
         trees.by_time.remove(time_key(ev.occurred_at.0, *seq))?;
-        if !ev.customer_pseudonym.is_empty() {
-            trees
-                .by_customer
-                .remove(erasure::customer_key(&ev.customer_pseudonym, *seq))?;
-        }
         for outbox in trees.outboxes.iter() {
             if outbox.tree.remove(key)?.is_some() {
                 outbox.len.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
@@ -1385,7 +1432,7 @@ fn repair_tail(trees: &Trees) -> Result<usize> {
     if let Some(first) = rolled_back.first() {
         // Their records are gone from the log, so their index keys are
         // found by their sequence number (the last 8 bytes of each key).
-        for tree in [&trees.by_time, &trees.by_customer] {
+        for tree in [&trees.by_time] {
             for item in tree.iter() {
                 let (k, _) = item?;
                 let seq = k.len().checked_sub(8).map(|at| &k[at..]);
@@ -1473,17 +1520,24 @@ fn replay_log(db: &sled::Db, trees: &Trees) -> Result<usize> {
     };
     let now = UnixNanos::now().0.to_be_bytes();
     let mut high = last_seq;
+    // The customer runs of the commits sled lost: after the last run it
+    // kept (a commit's run is one write, so it is there whole or not).
+    let covered = customers::end(&trees.customer_runs)?;
+    let fingerprints: Vec<(Seq, u32)> = frames
+        .iter()
+        .zip(&accepted)
+        .filter(|(f, _)| f.seq >= covered)
+        .map(|(f, ev)| (f.seq, customers::fingerprint(&ev.customer_pseudonym)))
+        .collect();
+    for (first, value) in customers::runs(&fingerprints, customers::REBUILT_RUN) {
+        trees.customer_runs.insert(first.to_be_bytes(), value)?;
+    }
     for (f, ev) in frames.iter().zip(&accepted) {
         let key = f.seq.to_be_bytes();
         trees.events.insert(key, &f.location.encode())?;
         trees
             .by_time
             .insert(time_key(ev.occurred_at.0, f.seq), &[])?;
-        if !ev.customer_pseudonym.is_empty() {
-            trees
-                .by_customer
-                .insert(erasure::customer_key(&ev.customer_pseudonym, f.seq), &[])?;
-        }
         for link in &f.links {
             // A link no longer configured has no outbox to queue in.
             if let Some(outbox) = trees.outboxes.iter().find(|o| &o.link == link) {
@@ -1639,25 +1693,28 @@ mod tests {
         // A commit of two more events, cut short as a crash leaves it.
         {
             let db = unlocked(|| sled::open(dir.path()));
-            let (events, by_time, by_customer, by_id, outbox) = (
+            let (events, by_time, customer_runs, by_id, outbox) = (
                 db.open_tree("events").expect("tree"),
                 db.open_tree("by_time").expect("tree"),
-                db.open_tree("by_customer").expect("tree"),
+                db.open_tree("customer_runs").expect("tree"),
                 db.open_tree("by_id").expect("tree"),
                 outbox::open(&db, &links[0]).expect("outbox").tree,
             );
+            let fingerprints: Vec<(Seq, u32)> = [(4u64, event(3)), (5, event(4))]
+                .iter()
+                .map(|(seq, ne)| (*seq, customers::fingerprint(&ne.event.customer_pseudonym)))
+                .collect();
+            for (first, value) in customers::runs(&fingerprints, usize::MAX) {
+                customer_runs
+                    .insert(first.to_be_bytes(), value)
+                    .expect("insert");
+            }
             for (seq, ne) in [(4u64, event(3)), (5, event(4))] {
                 events
                     .insert(seq.to_be_bytes(), record::encode(&ne.event))
                     .expect("insert");
                 by_time
                     .insert(time_key(ne.event.occurred_at.0, seq), &[])
-                    .expect("insert");
-                by_customer
-                    .insert(
-                        erasure::customer_key(&ne.event.customer_pseudonym, seq),
-                        &[],
-                    )
                     .expect("insert");
                 outbox.insert(seq.to_be_bytes(), &[0u8; 8]).expect("insert");
             }
@@ -1671,7 +1728,7 @@ mod tests {
         let store = unlocked(|| Store::open(dir.path(), &links));
         assert_eq!(store.len(), kept, "the remains are gone");
         assert_eq!(store.inner.trees.by_time.len(), kept);
-        assert_eq!(store.inner.trees.by_customer.len(), kept);
+        assert_eq!(customer_fingerprints(&store), kept);
         assert_eq!(store.inner.trees.outboxes[0].tree.len(), kept);
         assert_eq!(
             store.inner.trees.outboxes[0]
@@ -1730,9 +1787,24 @@ mod tests {
             t.events.len(),
             t.by_id.len(),
             t.by_time.len(),
-            t.by_customer.len(),
+            customer_fingerprints(store),
             t.outboxes[0].tree.len(),
         ]
+    }
+
+    /// How many events the customer runs hold a fingerprint of.
+    fn customer_fingerprints(store: &Store) -> usize {
+        store
+            .inner
+            .trees
+            .customer_runs
+            .iter()
+            .map(|item| {
+                let (k, v) = item.expect("read");
+                let (_, fps) = customers::decode(&k, &v).expect("a run");
+                fps.iter().filter(|f| **f != 0).count()
+            })
+            .sum()
     }
 
     #[tokio::test]
@@ -1768,16 +1840,18 @@ mod tests {
                     .unwrap()
                     .remove(time_key(ev.occurred_at.0, seq))
                     .unwrap();
-                db.open_tree("by_customer")
-                    .unwrap()
-                    .remove(erasure::customer_key(&ev.customer_pseudonym, seq))
-                    .unwrap();
                 outbox::open(&db, &links[0])
                     .unwrap()
                     .tree
                     .remove(seq.to_be_bytes())
                     .unwrap();
             }
+            // The commit's customer run: one key, at its first number.
+            db.open_tree("customer_runs")
+                .unwrap()
+                .remove(4u64.to_be_bytes())
+                .unwrap()
+                .expect("the second commit's run");
             let meta = db.open_tree("meta").unwrap();
             meta.insert(META_LAST_SEQ, &3u64.to_be_bytes()).unwrap();
             meta.insert(META_LOG_END, first_end).unwrap();
@@ -1844,16 +1918,18 @@ mod tests {
                 t.by_time
                     .insert(time_key(ne.event.occurred_at.0, seq), &[])
                     .unwrap();
-                t.by_customer
-                    .insert(
-                        erasure::customer_key(&ne.event.customer_pseudonym, seq),
-                        &[],
-                    )
-                    .unwrap();
                 t.outboxes[0]
                     .tree
                     .insert(seq.to_be_bytes(), &[0u8; 8])
                     .unwrap();
+            }
+            let fingerprints: Vec<(Seq, u32)> = news
+                .iter()
+                .zip([4u64, 5])
+                .map(|(ne, seq)| (seq, customers::fingerprint(&ne.event.customer_pseudonym)))
+                .collect();
+            for (first, value) in customers::runs(&fingerprints, usize::MAX) {
+                t.customer_runs.insert(first.to_be_bytes(), value).unwrap();
             }
             t.log.rollback(&locations).unwrap();
             assert!(t.rolled_back(4, &locations[0].encode()));
@@ -2000,6 +2076,108 @@ mod tests {
         let stored = store.append(vec![linked_event(6)]).await.expect("append");
         assert_eq!(stored, [Appended::Stored(8)]);
         assert_eq!(store.get(8).unwrap().unwrap().event_id, "e-6");
+        store.close().await.expect("close");
+    }
+
+    fn erase_customer(id: &str, pseudonym: &str) -> EraseRequest {
+        EraseRequest {
+            id: id.into(),
+            requested_by: "test".into(),
+            pseudonym: pseudonym.into(),
+            event_ids: Vec::new(),
+            spare_origin: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_store_indexed_by_customer_per_event_is_migrated_to_runs_that_erasure_reads() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let links = ["upstream".to_string()];
+        let victim = "0123456789abcdef0123456789abcdef";
+        // Seqs 1, 4 and 7 are the victim's, in three commits.
+        let event = |i: usize| {
+            let mut ne = linked_event(i);
+            if i.is_multiple_of(3) {
+                ne.event.customer_pseudonym = victim.to_string();
+            }
+            ne
+        };
+        {
+            let store = Store::open(dir.path(), &links).expect("open");
+            for commit in [0..4, 4..5, 5..9] {
+                store
+                    .append(commit.map(event).collect())
+                    .await
+                    .expect("append");
+            }
+            store.close().await.expect("close");
+        }
+        // As a store written before the runs: a `by_customer` tree instead.
+        {
+            let db = unlocked(|| sled::open(dir.path()));
+            db.drop_tree("customer_runs").expect("drop");
+            let old = db.open_tree("by_customer").expect("tree");
+            let mut key = victim.as_bytes().to_vec();
+            key.push(0);
+            key.extend_from_slice(&1u64.to_be_bytes());
+            old.insert(key, &[]).expect("insert");
+            let meta = db.open_tree("meta").expect("tree");
+            meta.remove(META_CUSTOMER_RUNS).expect("remove");
+            meta.insert(META_CUSTOMER_INDEX, &[1]).expect("insert");
+            #[allow(clippy::disallowed_methods)]
+            db.flush().expect("flush");
+        }
+        let store = unlocked(|| Store::open(dir.path(), &links));
+        assert_eq!(customer_fingerprints(&store), 9, "every event is indexed");
+        let names = store.inner.db.tree_names();
+        assert!(
+            !names.iter().any(|n| n == b"by_customer"),
+            "the old index went"
+        );
+        let erased = store
+            .erase(erase_customer("er-1", victim), Router::none())
+            .await
+            .expect("erase");
+        assert_eq!(erased.events, 3);
+        for seq in 1..=9u64 {
+            let gone = store.get(seq).expect("read").is_none();
+            assert_eq!(gone, seq % 3 == 1, "seq {seq}");
+        }
+        assert_eq!(customer_fingerprints(&store), 6, "the victim's are zeroed");
+        store.close().await.expect("close");
+        drop(store);
+        let store = unlocked(|| Store::open(dir.path(), &links));
+        assert_eq!(customer_fingerprints(&store), 6, "not indexed again");
+        let v = store.verify(|_| {}).expect("verify");
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        store.close().await.expect("close");
+    }
+
+    #[tokio::test]
+    async fn an_event_that_only_shares_the_customers_fingerprint_is_not_erased() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let links = ["upstream".to_string()];
+        let store = linked_store(dir.path(), &links, 0..3).await;
+        let victim = linked_event(0).event.customer_pseudonym;
+        let other = linked_event(1).event.customer_pseudonym;
+        assert_ne!(victim, other);
+        // As a collision would have it: seq 2's fingerprint is the victim's.
+        let t = &store.inner.trees;
+        let (first, _) = t.customer_runs.first().expect("read").expect("a run");
+        assert_eq!(first.as_ref(), 1u64.to_be_bytes());
+        let victims = customers::fingerprint(&victim);
+        let third = customers::fingerprint(&linked_event(2).event.customer_pseudonym);
+        t.customer_runs
+            .insert(first, customers::encode(&[victims, victims, third]))
+            .expect("insert");
+        let erased = store
+            .erase(erase_customer("er-2", &victim), Router::none())
+            .await
+            .expect("erase");
+        assert_eq!(erased.events, 1);
+        assert!(store.get(1).expect("read").is_none());
+        let kept = store.get(2).expect("read").expect("seq 2 stays");
+        assert_eq!(kept.customer_pseudonym, other);
         store.close().await.expect("close");
     }
 

@@ -51,6 +51,9 @@ pub(super) enum Command {
     Erase {
         request: super::EraseRequest,
         router: super::Router,
+        /// The customer runs read before the command was sent (the writer
+        /// reads only those written since).
+        scanned: super::customers::Scan,
         reply: oneshot::Sender<Result<super::Erased>>,
     },
     /// Write a consistent snapshot of every tree to a new file (see
@@ -133,9 +136,10 @@ impl Writer {
                 Command::Erase {
                     request,
                     router,
+                    scanned,
                     reply,
                 } => {
-                    let _ = reply.send(self.erase(&request, &router));
+                    let _ = reply.send(self.erase(&request, &router, &scanned));
                     continue;
                 }
                 Command::Snapshot {
@@ -219,7 +223,7 @@ impl Writer {
         let t = &self.trees;
         let end = time_key(before.0, 0);
         let mut victims: Vec<(Vec<u8>, Seq)> = Vec::new();
-        let mut customer_keys: Vec<Vec<u8>> = Vec::new();
+        let mut customer_seqs: Vec<Seq> = Vec::new();
         let mut frames: Vec<Location> = Vec::new();
         for item in t.by_time.range(..end).take(limit) {
             let (k, _) = item?;
@@ -228,7 +232,7 @@ impl Writer {
                 frames.extend(Location::decode(&bytes));
                 let ev = t.event(seq, &bytes)?;
                 if !ev.customer_pseudonym.is_empty() {
-                    customer_keys.push(super::erasure::customer_key(&ev.customer_pseudonym, seq));
+                    customer_seqs.push(seq);
                 }
             }
             victims.push((k.to_vec(), seq));
@@ -257,20 +261,25 @@ impl Writer {
             .max(victims.iter().map(|v| v.1).max().unwrap_or(0))
             .to_be_bytes();
         let owed = owed_zeroing(&t.meta, &frames)?;
+        customer_seqs.sort_unstable();
+        let runs = super::customers::cleared(&t.customer_runs, customer_seqs)?;
         if let Some(pending) = &t.pending {
             pending.begin_change(None);
         }
         t.recent.begin_removal();
-        let removed = (&t.events, &t.by_time, &t.meta, &t.by_customer)
-            .transaction(|(events, by_time, meta, by_customer)| {
+        let removed = (&t.events, &t.by_time, &t.meta, &t.customer_runs)
+            .transaction(|(events, by_time, meta, customer_runs)| {
                 // `by_id` entries stay, as tombstones: a late resend of a
                 // removed event is still a duplicate, never a new copy.
                 for (time_key, seq) in &victims {
                     events.remove(&seq.to_be_bytes())?;
                     by_time.remove(time_key.as_slice())?;
                 }
-                for k in &customer_keys {
-                    by_customer.remove(k.as_slice())?;
+                for (first, value) in &runs {
+                    match value {
+                        Some(v) => customer_runs.insert(&first.to_be_bytes(), v.as_slice())?,
+                        None => customer_runs.remove(&first.to_be_bytes())?,
+                    };
                 }
                 meta.insert(super::META_PURGED_UPTO, &purged_upto)?;
                 meta.insert(super::META_TO_ZERO, owed.as_slice())?;
@@ -310,27 +319,28 @@ impl Writer {
         &mut self,
         req: &super::EraseRequest,
         router: &super::Router,
+        scanned: &super::customers::Scan,
     ) -> Result<super::Erased> {
         use super::erasure;
         let t = &self.trees;
-        // The events: by the customer index, and by id.
-        let mut seqs: std::collections::BTreeSet<Seq> = Default::default();
+        // The events: by the customer runs (the runs scanned before this
+        // command, then those written since), and by id.
+        let mut by_customer = scanned.candidates.clone();
         if !req.pseudonym.is_empty() {
-            for item in t
-                .by_customer
-                .scan_prefix(erasure::customer_prefix(&req.pseudonym))
-            {
-                let (k, _) = item?;
-                seqs.insert(super::seq_from(&k[k.len() - 8..], "by_customer", "?")?);
-            }
+            let since = super::customers::scan(&t.customer_runs, &req.pseudonym, scanned.last_run)?;
+            by_customer.extend(since.candidates);
         }
+        let mut seqs = by_customer.clone();
         // Ids not stored (yet): tombstones, so that a batch still on its
         // way here is a duplicate when it arrives, never stored.
         let mut tombstones: Vec<&str> = Vec::new();
+        let mut by_id: std::collections::BTreeSet<Seq> = Default::default();
         for id in &req.event_ids {
             match t.by_id.get(id.as_bytes())? {
                 Some(seq) => {
-                    seqs.insert(super::seq_from(&seq, "by_id", id)?);
+                    let seq = super::seq_from(&seq, "by_id", id)?;
+                    by_id.insert(seq);
+                    seqs.insert(seq);
                 }
                 None => tombstones.push(id),
             }
@@ -352,6 +362,14 @@ impl Writer {
         for seq in seqs {
             if let Some(bytes) = t.events.get(seq.to_be_bytes())? {
                 let ev = t.event(seq, &bytes)?;
+                // A fingerprint is a filter: another customer's event may
+                // share it.
+                if by_customer.contains(&seq)
+                    && ev.customer_pseudonym != req.pseudonym
+                    && !by_id.contains(&seq)
+                {
+                    continue;
+                }
                 // A downstream cannot have carried an event that began here.
                 if req.spare_origin.as_deref() == Some(ev.origin.as_str()) {
                     tracing::warn!(erasure = %req.id, requested_by = %req.requested_by, event = %ev.event_id, "a downstream's erasure named an event that originated at this node; not erased");
@@ -459,16 +477,18 @@ impl Writer {
         .encode_to_vec();
         let record_bytes = prost::Message::encode_to_vec(&record);
         let owed = owed_zeroing(&t.meta, &frames)?;
-        // [events, by_time, by_customer, meta, erasures, erasure_signals,
-        //  rollups, outbox 0, outbox 1, ...]
+        let runs = super::customers::cleared(&t.customer_runs, erased.iter().map(|(s, _)| *s))?;
+        // [events, by_time, customer_runs, meta, erasures, erasure_signals,
+        //  rollups, by_id, outbox 0, outbox 1, ...]
         let mut trees: Vec<&sled::Tree> = vec![
             &t.events,
             &t.by_time,
-            &t.by_customer,
+            &t.customer_runs,
             &t.meta,
             &t.erasures,
             &t.erasure_signals,
             &t.rollups,
+            &t.by_id,
         ];
         trees.extend(t.outboxes.iter().map(|o| &o.tree));
         let apply = || {
@@ -478,14 +498,20 @@ impl Writer {
                     let key = seq.to_be_bytes();
                     tx[0].remove(&key)?;
                     tx[1].remove(&time_key(ev.occurred_at.0, *seq))?;
-                    if !ev.customer_pseudonym.is_empty() {
-                        tx[2].remove(erasure::customer_key(&ev.customer_pseudonym, *seq))?;
-                    }
+                    // The id stays taken (a resend is a duplicate), by a
+                    // tombstone: no event holds its number any more.
+                    tx[7].insert(ev.event_id.as_bytes(), &ERASED_TOMBSTONE.to_be_bytes())?;
                     for (i, n) in unqueued.iter_mut().enumerate() {
-                        if tx[7 + i].remove(&key)?.is_some() {
+                        if tx[8 + i].remove(&key)?.is_some() {
                             *n += 1;
                         }
                     }
+                }
+                for (first, value) in &runs {
+                    match value {
+                        Some(v) => tx[2].insert(&first.to_be_bytes(), v.as_slice())?,
+                        None => tx[2].remove(&first.to_be_bytes())?,
+                    };
                 }
                 tx[3].insert(super::META_LAST_SEQ, &signal_seq.to_be_bytes())?;
                 tx[3].insert(super::META_TO_ZERO, owed.as_slice())?;
@@ -743,19 +769,17 @@ impl Writer {
         type Kv = Vec<(Vec<u8>, Vec<u8>)>;
         let mut events: Kv = Vec::with_capacity(new.len());
         let mut by_time: Kv = Vec::with_capacity(new.len());
-        let mut by_customer: Kv = Vec::new();
+        let mut fingerprints: Vec<(Seq, u32)> = Vec::with_capacity(new.len());
         let mut by_id: Kv = Vec::with_capacity(new.len());
         let mut outboxes: Vec<Kv> = t.outboxes.iter().map(|_| Vec::new()).collect();
         for ((seq, ne), at) in new.iter().zip(&locations) {
             let key = seq.to_be_bytes();
             events.push((key.to_vec(), at.encode().to_vec()));
             by_time.push((time_key(ne.event.occurred_at.0, *seq).to_vec(), Vec::new()));
-            if !ne.event.customer_pseudonym.is_empty() {
-                by_customer.push((
-                    super::erasure::customer_key(&ne.event.customer_pseudonym, *seq),
-                    Vec::new(),
-                ));
-            }
+            fingerprints.push((
+                *seq,
+                super::customers::fingerprint(&ne.event.customer_pseudonym),
+            ));
             for &link in &ne.outboxes {
                 if let Some(outbox) = outboxes.get_mut(link) {
                     outbox.push((key.to_vec(), now.to_vec()));
@@ -795,7 +819,10 @@ impl Writer {
         put(&t.events, events).map_err(|e| rollback(e.into()))?;
         let indexes = || -> Result<()> {
             put(&t.by_time, by_time)?;
-            put(&t.by_customer, by_customer)?;
+            // A commit's new events have consecutive numbers: one run.
+            for (first, value) in super::customers::runs(&fingerprints, usize::MAX) {
+                t.customer_runs.insert(first.to_be_bytes(), value)?;
+            }
             for (outbox, kv) in t.outboxes.iter().zip(outboxes) {
                 put(&outbox.tree, kv)?;
             }
