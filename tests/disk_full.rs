@@ -193,7 +193,8 @@ async fn a_full_disk_refuses_with_resource_exhausted_and_the_node_carries_on_onc
                             | tonic::Code::Unavailable
                             | tonic::Code::Unknown
                     ),
-                    "while recovering: {status}"
+                    "while recovering: {status}; the node's log:\n{}",
+                    node.log()
                 );
                 assert!(
                     freed.elapsed() < std::time::Duration::from_secs(30),

@@ -167,6 +167,28 @@ pub(super) fn cleared(
         .collect())
 }
 
+/// The rewrites that cut every run at `from`: numbers from `from` on are
+/// covered by none (a run reaching past it is shortened, runs after it
+/// go). For the end of the store, where nothing from `from` on is stored
+/// (see `super::repair_tail` and `super::replay_log`).
+pub(super) fn truncated(tree: &sled::Tree, from: Seq) -> Result<Vec<(Seq, Option<Vec<u8>>)>> {
+    let mut out = Vec::new();
+    if let Some(item) = tree.range(..from.to_be_bytes()).next_back() {
+        let (k, v) = item?;
+        let (first, mut fps) = decode(&k, &v)?;
+        if first + fps.len() as u64 > from {
+            fps.truncate((from - first) as usize);
+            let value = fps.iter().any(|f| *f != 0).then(|| encode(&fps));
+            out.push((first, value));
+        }
+    }
+    for item in tree.range(from.to_be_bytes()..) {
+        let (k, _) = item?;
+        out.push((super::seq_from(&k, "customer_runs", "?")?, None));
+    }
+    Ok(out)
+}
+
 /// Writes [`cleared`]'s rewrites outside a transaction.
 pub(super) fn apply(tree: &sled::Tree, rewrites: &[(Seq, Option<Vec<u8>>)]) -> Result<()> {
     for (first, value) in rewrites {
@@ -262,6 +284,29 @@ mod tests {
         let bob = scan(&t, "bob", None).expect("scan");
         assert_eq!(bob.candidates.into_iter().collect::<Vec<_>>(), vec![2]);
         assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn truncating_leaves_no_run_reaching_past_the_cut() {
+        let (_dir, t) = tree();
+        let (a, b) = (fingerprint("alice"), fingerprint("bob"));
+        for (first, value) in runs(&[(1, a), (2, b), (3, a), (4, a), (7, b), (9, a)], 64) {
+            t.insert(first.to_be_bytes(), value).expect("insert");
+        }
+        apply(&t, &truncated(&t, 3).expect("truncated")).expect("apply");
+        assert_eq!(end(&t).expect("end"), 3);
+        let bob = scan(&t, "bob", None).expect("scan");
+        assert_eq!(bob.candidates.into_iter().collect::<Vec<_>>(), vec![2]);
+        // A run left with nothing but zeros goes, as does one cut to nothing.
+        apply(&t, &cleared(&t, [1]).expect("cleared")).expect("apply");
+        apply(&t, &truncated(&t, 2).expect("truncated")).expect("apply");
+        assert!(t.is_empty());
+        for (first, value) in runs(&[(1, a), (2, b)], 64) {
+            t.insert(first.to_be_bytes(), value).expect("insert");
+        }
+        apply(&t, &truncated(&t, 1).expect("truncated")).expect("apply");
+        assert!(t.is_empty());
+        assert!(truncated(&t, 1).expect("truncated").is_empty());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Erasure of one end customer's events.
 //!
 //! Trees:
-//! - `by_customer`: pseudonym ‖ seq → () — the events of a customer
+//! - `customer_runs`: per commit, a fingerprint of each event's customer
+//!   — where a customer's events are (see `super::customers`)
 //! - `erasures`: erasure id → [`ErasureRecord`] — what was erased here and
 //!   the state of passing it on along each upstream link
 //! - `erasure_signals`: seq → [`SignalRecord`] — an erasure's place in the

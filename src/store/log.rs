@@ -161,7 +161,8 @@ pub(super) struct EventLog {
     /// Set by an I/O error of an append, sync or rollback: what is on disk
     /// after the last good commit is then unknown, so nothing more is
     /// appended until the store is reopened (whose replay sorts it out).
-    poisoned: std::sync::atomic::AtomicBool,
+    /// Holds the kind of that error.
+    poisoned: Mutex<Option<std::io::ErrorKind>>,
 }
 
 fn segment_name(segment: u64) -> String {
@@ -230,18 +231,23 @@ impl EventLog {
 
     /// Refuses once poisoned.
     fn usable(&self) -> std::io::Result<()> {
-        if self.poisoned.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(std::io::Error::other(
+        match *self.poisoned.lock().expect("poison lock") {
+            // Of the error's kind: a full disk stays a full disk to the
+            // callers (RESOURCE_EXHAUSTED, not an internal error).
+            Some(kind) => Err(std::io::Error::new(
+                kind,
                 "the event log refuses writes after an I/O error; the store must be reopened",
-            ));
+            )),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn poison_on<T>(&self, result: std::io::Result<T>) -> std::io::Result<T> {
-        if result.is_err() {
+        if let Err(e) = &result {
             self.poisoned
-                .store(true, std::sync::atomic::Ordering::SeqCst);
+                .lock()
+                .expect("poison lock")
+                .get_or_insert(e.kind());
         }
         result
     }

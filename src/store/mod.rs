@@ -838,6 +838,8 @@ impl Store {
             }
             v.problem_count += 1;
         };
+        // The customer run covering the event (events come in order).
+        let mut run: Option<(Seq, Vec<u32>)> = None;
         for entry in t.events.iter() {
             let (key, value) = entry?;
             let Ok(arr) = <[u8; 8]>::try_from(key.as_ref()) else {
@@ -851,6 +853,37 @@ impl Store {
                 Err(Error::Corrupt { source, .. }) => Err(source),
                 Err(e) => return Err(e),
             };
+            if let Ok(ev) = &decoded {
+                if run
+                    .as_ref()
+                    .is_none_or(|(first, fps)| seq >= first + fps.len() as u64)
+                {
+                    run = match t.customer_runs.range(..=seq.to_be_bytes()).next_back() {
+                        None => None,
+                        Some(item) => {
+                            let (k, value) = item?;
+                            match customers::decode(&k, &value) {
+                                Ok(run) => Some(run),
+                                Err(e) => {
+                                    problem(&mut v, format!("tree customer_runs: {e}"));
+                                    None
+                                }
+                            }
+                        }
+                    };
+                }
+                let fingerprint = run
+                    .as_ref()
+                    .and_then(|(first, fps)| fps.get(usize::try_from(seq - first).ok()?))
+                    .copied()
+                    .unwrap_or(0);
+                if fingerprint != customers::fingerprint(&ev.customer_pseudonym) {
+                    problem(
+                        &mut v,
+                        format!("tree customer_runs: seq {seq} has fingerprint {fingerprint:#x}, not its customer's"),
+                    );
+                }
+            }
             match decoded {
                 Err(e) => problem(&mut v, format!("tree events, seq {seq}: {e}")),
                 Ok(ev) => match t.by_id.get(ev.event_id.as_bytes())? {
@@ -1335,34 +1368,61 @@ const META_CUSTOMER_INDEX: &[u8] = b"customer_index";
 /// Builds the customer runs of a store written before they existed (from
 /// its events; the `by_customer` tree of the per-event index goes).
 fn index_customers(db: &sled::Db, trees: &Trees) -> Result<()> {
-    if trees.meta.contains_key(META_CUSTOMER_RUNS)? {
+    // A `by_customer` tree is there in a store written before the runs, or
+    // opened by such a version since (which did not keep them up to date).
+    let old_index = db.tree_names().iter().any(|name| name == b"by_customer");
+    if trees.meta.contains_key(META_CUSTOMER_RUNS)? && !old_index {
         return Ok(());
     }
     let started = std::time::Instant::now();
     // Runs the event log's replay wrote before this are built again here.
     trees.customer_runs.clear()?;
-    let mut pending: Vec<(Seq, u32)> = Vec::new();
-    let mut n = 0u64;
-    let write = |pending: &mut Vec<(Seq, u32)>| -> Result<()> {
+    let write = |pending: &[(Seq, u32)]| -> Result<()> {
         let mut batch = sled::Batch::default();
         for (first, value) in customers::runs(pending, customers::REBUILT_RUN) {
             batch.insert(&first.to_be_bytes(), value);
         }
-        pending.clear();
         Ok(trees.customer_runs.apply_batch(batch)?)
     };
-    for item in trees.events.iter() {
-        let (k, v) = item?;
-        let seq = seq_from(&k, "events", "?")?;
-        let ev = trees.event(seq, &v)?;
-        pending.push((seq, customers::fingerprint(&ev.customer_pseudonym)));
-        n += 1;
-        if pending.len() >= 64 * customers::REBUILT_RUN {
-            write(&mut pending)?;
+    let mut n = 0u64;
+    if old_index && trees.meta.contains_key(META_CUSTOMER_INDEX)? {
+        // From the old index (pseudonym ‖ 0 ‖ seq), which names every
+        // stored event that has a customer: no event is read.
+        let old = db.open_tree("by_customer")?;
+        let mut found: Vec<(Seq, u32)> = Vec::with_capacity(old.len());
+        for item in old.iter() {
+            let (k, _) = item?;
+            let Some(at) = k.len().checked_sub(9).filter(|at| k[*at] == 0) else {
+                continue;
+            };
+            let seq = seq_from(&k[at + 1..], "by_customer", "?")?;
+            if trees.events.contains_key(seq.to_be_bytes())? {
+                let pseudonym = String::from_utf8_lossy(&k[..at]);
+                found.push((seq, customers::fingerprint(&pseudonym)));
+            }
         }
+        found.sort_unstable();
+        found.dedup_by_key(|(seq, _)| *seq);
+        n = found.len() as u64;
+        for chunk in found.chunks(64 * customers::REBUILT_RUN) {
+            write(chunk)?;
+        }
+    } else {
+        let mut pending: Vec<(Seq, u32)> = Vec::new();
+        for item in trees.events.iter() {
+            let (k, v) = item?;
+            let seq = seq_from(&k, "events", "?")?;
+            let ev = trees.event(seq, &v)?;
+            pending.push((seq, customers::fingerprint(&ev.customer_pseudonym)));
+            n += 1;
+            if pending.len() >= 64 * customers::REBUILT_RUN {
+                write(&pending)?;
+                pending.clear();
+            }
+        }
+        write(&pending)?;
     }
-    write(&mut pending)?;
-    if db.tree_names().iter().any(|name| name == b"by_customer") {
+    if old_index {
         db.drop_tree("by_customer")?;
     }
     trees.meta.remove(META_CUSTOMER_INDEX)?;
@@ -1401,17 +1461,20 @@ fn repair_tail(trees: &Trees) -> Result<usize> {
         }
         orphans.push((seq, ev));
     }
-    let gone = orphans
+    // Nothing from the first of them on is stored any more: no customer
+    // run may reach there (a later commit's run starts there, and the
+    // event log's replay writes runs from the end of the last one).
+    let first_gone = orphans
         .iter()
         .map(|(seq, _)| *seq)
-        .chain(rolled_back.iter().copied());
-    customers::apply(
-        &trees.customer_runs,
-        &customers::cleared(
+        .chain(rolled_back.first().copied())
+        .min();
+    if let Some(first) = first_gone {
+        customers::apply(
             &trees.customer_runs,
-            gone.collect::<std::collections::BTreeSet<_>>(),
-        )?,
-    )?;
+            &customers::truncated(&trees.customer_runs, first)?,
+        )?;
+    }
     for (seq, ev) in &orphans {
         let key = seq.to_be_bytes();
         trees.by_time.remove(time_key(ev.occurred_at.0, *seq))?;
@@ -1520,8 +1583,14 @@ fn replay_log(db: &sled::Db, trees: &Trees) -> Result<usize> {
     };
     let now = UnixNanos::now().0.to_be_bytes();
     let mut high = last_seq;
-    // The customer runs of the commits sled lost: after the last run it
-    // kept (a commit's run is one write, so it is there whole or not).
+    // The customer runs of the commits sled lost, written again from their
+    // frames: nothing above the high-water mark sled kept is stored, so no
+    // run may reach there first (a commit's run is one write: a run sled
+    // kept is whole, and one of a replayed commit is written again here).
+    customers::apply(
+        &trees.customer_runs,
+        &customers::truncated(&trees.customer_runs, last_seq + 1)?,
+    )?;
     let covered = customers::end(&trees.customer_runs)?;
     let fingerprints: Vec<(Seq, u32)> = frames
         .iter()
@@ -1737,6 +1806,12 @@ mod tests {
             kept as u64
         );
         assert!(store.get(5).expect("get").is_none());
+        assert_eq!(
+            customers::end(&store.inner.trees.customer_runs).expect("end"),
+            kept as u64 + 1,
+            "no customer run reaches past the stored events"
+        );
+        let log_end = store.inner.trees.meta.get(META_LOG_END).expect("read");
         // The resend: what landed is a duplicate, the rest is stored, once.
         let resent = store
             .append(vec![event(3), event(4)])
@@ -1755,6 +1830,47 @@ mod tests {
         assert_eq!(again, vec![Appended::Duplicate(4), Appended::Duplicate(5)]);
         assert_eq!(store.len(), 5);
         assert_eq!(store.inner.trees.by_time.len(), 5);
+        assert_eq!(customer_fingerprints(&store), 5);
+        store.close().await.expect("close");
+        drop(store);
+        // A crash then loses the resend's sled writes (not its synced
+        // frames): the open indexes it again, its customers too.
+        {
+            let db = unlocked(|| sled::open(dir.path()));
+            let new_seqs = (kept as u64 + 1)..=5;
+            for seq in new_seqs.clone() {
+                let ev = event(seq as usize - 1).event;
+                db.open_tree("events")
+                    .unwrap()
+                    .remove(seq.to_be_bytes())
+                    .unwrap();
+                db.open_tree("by_id")
+                    .unwrap()
+                    .remove(ev.event_id.as_bytes())
+                    .unwrap();
+                db.open_tree("by_time")
+                    .unwrap()
+                    .remove(time_key(ev.occurred_at.0, seq))
+                    .unwrap();
+            }
+            db.open_tree("customer_runs")
+                .unwrap()
+                .remove(new_seqs.start().to_be_bytes())
+                .unwrap()
+                .expect("the resend's run");
+            let meta = db.open_tree("meta").unwrap();
+            meta.insert(META_LAST_SEQ, &(kept as u64).to_be_bytes())
+                .unwrap();
+            meta.insert(META_LOG_END, log_end.expect("a log end"))
+                .unwrap();
+            #[allow(clippy::disallowed_methods)]
+            db.flush().expect("flush");
+        }
+        let store = unlocked(|| Store::open(dir.path(), &links));
+        assert_eq!(store.len(), 5);
+        assert_eq!(customer_fingerprints(&store), 5, "indexed again");
+        let v = store.verify(|_| {}).expect("verify");
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
         store.close().await.expect("close");
     }
 
@@ -2089,8 +2205,29 @@ mod tests {
         }
     }
 
+    /// How a store came to lack (up-to-date) customer runs.
+    #[derive(Debug, Clone, Copy)]
+    enum OldCustomerIndex {
+        /// Written by a version with the per-event `by_customer` index.
+        PerEvent,
+        /// Written before any customer index.
+        None,
+        /// Runs, then opened by a version that kept `by_customer` instead.
+        OpenedByAnOlderVersion,
+    }
+
     #[tokio::test]
-    async fn a_store_indexed_by_customer_per_event_is_migrated_to_runs_that_erasure_reads() {
+    async fn stores_without_up_to_date_customer_runs_are_indexed_at_open_and_erasure_reads_them() {
+        for old in [
+            OldCustomerIndex::PerEvent,
+            OldCustomerIndex::None,
+            OldCustomerIndex::OpenedByAnOlderVersion,
+        ] {
+            migrated_customer_index(old).await;
+        }
+    }
+
+    async fn migrated_customer_index(old: OldCustomerIndex) {
         let dir = tempfile::tempdir().expect("temp dir");
         let links = ["upstream".to_string()];
         let victim = "0123456789abcdef0123456789abcdef";
@@ -2112,44 +2249,73 @@ mod tests {
             }
             store.close().await.expect("close");
         }
-        // As a store written before the runs: a `by_customer` tree instead.
         {
             let db = unlocked(|| sled::open(dir.path()));
-            db.drop_tree("customer_runs").expect("drop");
-            let old = db.open_tree("by_customer").expect("tree");
-            let mut key = victim.as_bytes().to_vec();
-            key.push(0);
-            key.extend_from_slice(&1u64.to_be_bytes());
-            old.insert(key, &[]).expect("insert");
+            let runs = db.open_tree("customer_runs").expect("tree");
             let meta = db.open_tree("meta").expect("tree");
-            meta.remove(META_CUSTOMER_RUNS).expect("remove");
-            meta.insert(META_CUSTOMER_INDEX, &[1]).expect("insert");
+            match old {
+                OldCustomerIndex::PerEvent | OldCustomerIndex::None => {
+                    db.drop_tree("customer_runs").expect("drop");
+                    meta.remove(META_CUSTOMER_RUNS).expect("remove");
+                }
+                // The older version stored the third commit without a run.
+                OldCustomerIndex::OpenedByAnOlderVersion => {
+                    runs.remove(6u64.to_be_bytes())
+                        .expect("remove")
+                        .expect("run");
+                }
+            }
+            if !matches!(old, OldCustomerIndex::None) {
+                let by_customer = db.open_tree("by_customer").expect("tree");
+                for seq in 1..=9u64 {
+                    let mut key = event(seq as usize - 1)
+                        .event
+                        .customer_pseudonym
+                        .into_bytes();
+                    key.push(0);
+                    key.extend_from_slice(&seq.to_be_bytes());
+                    by_customer.insert(key, &[]).expect("insert");
+                }
+                meta.insert(META_CUSTOMER_INDEX, &[1]).expect("insert");
+            }
             #[allow(clippy::disallowed_methods)]
             db.flush().expect("flush");
         }
         let store = unlocked(|| Store::open(dir.path(), &links));
-        assert_eq!(customer_fingerprints(&store), 9, "every event is indexed");
+        assert_eq!(
+            customer_fingerprints(&store),
+            9,
+            "{old:?}: every event is indexed"
+        );
         let names = store.inner.db.tree_names();
         assert!(
             !names.iter().any(|n| n == b"by_customer"),
-            "the old index went"
+            "{old:?}: the old index went"
         );
         let erased = store
             .erase(erase_customer("er-1", victim), Router::none())
             .await
             .expect("erase");
-        assert_eq!(erased.events, 3);
+        assert_eq!(erased.events, 3, "{old:?}");
         for seq in 1..=9u64 {
             let gone = store.get(seq).expect("read").is_none();
-            assert_eq!(gone, seq % 3 == 1, "seq {seq}");
+            assert_eq!(gone, seq % 3 == 1, "{old:?}: seq {seq}");
         }
-        assert_eq!(customer_fingerprints(&store), 6, "the victim's are zeroed");
+        assert_eq!(
+            customer_fingerprints(&store),
+            6,
+            "{old:?}: the victim's are zeroed"
+        );
         store.close().await.expect("close");
         drop(store);
         let store = unlocked(|| Store::open(dir.path(), &links));
-        assert_eq!(customer_fingerprints(&store), 6, "not indexed again");
+        assert_eq!(
+            customer_fingerprints(&store),
+            6,
+            "{old:?}: not indexed again"
+        );
         let v = store.verify(|_| {}).expect("verify");
-        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        assert!(v.problems.is_empty(), "{old:?}: {:?}", v.problems);
         store.close().await.expect("close");
     }
 
