@@ -1837,27 +1837,10 @@ mod tests {
         // frames): the open indexes it again, its customers too.
         {
             let db = unlocked(|| sled::open(dir.path()));
-            let new_seqs = (kept as u64 + 1)..=5;
-            for seq in new_seqs.clone() {
-                let ev = event(seq as usize - 1).event;
-                db.open_tree("events")
-                    .unwrap()
-                    .remove(seq.to_be_bytes())
-                    .unwrap();
-                db.open_tree("by_id")
-                    .unwrap()
-                    .remove(ev.event_id.as_bytes())
-                    .unwrap();
-                db.open_tree("by_time")
-                    .unwrap()
-                    .remove(time_key(ev.occurred_at.0, seq))
-                    .unwrap();
-            }
-            db.open_tree("customer_runs")
-                .unwrap()
-                .remove(new_seqs.start().to_be_bytes())
-                .unwrap()
-                .expect("the resend's run");
+            let lost: Vec<(Seq, PreferenceEvent)> = ((kept as u64 + 1)..=5)
+                .map(|seq| (seq, event(seq as usize - 1).event))
+                .collect();
+            lose_commit(&db, &links[0], &lost);
             let meta = db.open_tree("meta").unwrap();
             meta.insert(META_LAST_SEQ, &(kept as u64).to_be_bytes())
                 .unwrap();
@@ -1894,6 +1877,36 @@ mod tests {
             .await
             .expect("append");
         store
+    }
+
+    /// Takes a commit's sled writes out, as a crash before sled's
+    /// background flush loses them (the event log keeps its frames).
+    fn lose_commit(db: &sled::Db, link: &str, events: &[(Seq, PreferenceEvent)]) {
+        for (seq, ev) in events {
+            db.open_tree("events")
+                .unwrap()
+                .remove(seq.to_be_bytes())
+                .unwrap();
+            db.open_tree("by_id")
+                .unwrap()
+                .remove(ev.event_id.as_bytes())
+                .unwrap();
+            db.open_tree("by_time")
+                .unwrap()
+                .remove(time_key(ev.occurred_at.0, *seq))
+                .unwrap();
+            outbox::open(db, link)
+                .unwrap()
+                .tree
+                .remove(seq.to_be_bytes())
+                .unwrap();
+        }
+        // The commit's customer run: one key, at its first number.
+        db.open_tree("customer_runs")
+            .unwrap()
+            .remove(events[0].0.to_be_bytes())
+            .unwrap()
+            .expect("the commit's run");
     }
 
     /// Counts of every place an event is indexed in.
@@ -1941,33 +1954,11 @@ mod tests {
         // flush): its writes are gone, the log's frames are not.
         {
             let db = unlocked(|| sled::open(dir.path()));
-            for seq in [4u64, 5] {
-                let ne = linked_event(seq as usize - 1);
-                let ev = &ne.event;
-                db.open_tree("events")
-                    .unwrap()
-                    .remove(seq.to_be_bytes())
-                    .unwrap();
-                db.open_tree("by_id")
-                    .unwrap()
-                    .remove(ev.event_id.as_bytes())
-                    .unwrap();
-                db.open_tree("by_time")
-                    .unwrap()
-                    .remove(time_key(ev.occurred_at.0, seq))
-                    .unwrap();
-                outbox::open(&db, &links[0])
-                    .unwrap()
-                    .tree
-                    .remove(seq.to_be_bytes())
-                    .unwrap();
-            }
-            // The commit's customer run: one key, at its first number.
-            db.open_tree("customer_runs")
-                .unwrap()
-                .remove(4u64.to_be_bytes())
-                .unwrap()
-                .expect("the second commit's run");
+            let lost: Vec<(Seq, PreferenceEvent)> = [4u64, 5]
+                .into_iter()
+                .map(|seq| (seq, linked_event(seq as usize - 1).event))
+                .collect();
+            lose_commit(&db, &links[0], &lost);
             let meta = db.open_tree("meta").unwrap();
             meta.insert(META_LAST_SEQ, &3u64.to_be_bytes()).unwrap();
             meta.insert(META_LOG_END, first_end).unwrap();
