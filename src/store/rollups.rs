@@ -1154,12 +1154,32 @@ pub(super) fn erase_corrections(
         .keys()
         .filter_map(|k| parse_period_prefix(k).map(|(_, period, hour)| (period, hour)))
         .collect();
+    // Each remaining event is read and folded once, over the union of the
+    // periods (in hours): its cells land in every sketch being rebuilt
+    // that it belongs to, whatever period brought it in. (Reading the
+    // events period by period read an hour's events again for its day,
+    // week and month: at 1M events over 30 days, 3.5M reads for one
+    // customer's erasure.)
+    let mut spans: Vec<(i64, i64)> = periods
+        .into_iter()
+        .map(|(period, start)| {
+            let end = match period {
+                Bucket::Hour => start + 1,
+                _ => crate::rollup::next_bucket_start(start, period),
+            };
+            (start, end)
+        })
+        .collect();
+    spans.sort_unstable();
+    let mut union: Vec<(i64, i64)> = Vec::with_capacity(spans.len());
+    for (start, end) in spans {
+        match union.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => union.push((start, end)),
+        }
+    }
     let mut customers_of: BTreeMap<Vec<u8>, Agg> = BTreeMap::new();
-    for (period, start) in periods {
-        let end = match period {
-            Bucket::Hour => start + 1,
-            _ => crate::rollup::next_bucket_start(start, period),
-        };
+    for (start, end) in union {
         for ev in remaining(start, end)? {
             for (key, agg) in crate::rollup::fold(std::iter::once(&ev), layout) {
                 if rebuild.contains_key(&key) {
