@@ -189,7 +189,7 @@ pub(super) fn truncated(tree: &sled::Tree, from: Seq) -> Result<Vec<(Seq, Option
     Ok(out)
 }
 
-/// Writes [`cleared`]'s rewrites outside a transaction.
+/// Writes [`cleared`]'s or [`truncated`]'s rewrites outside a transaction.
 pub(super) fn apply(tree: &sled::Tree, rewrites: &[(Seq, Option<Vec<u8>>)]) -> Result<()> {
     for (first, value) in rewrites {
         match value {
@@ -200,7 +200,23 @@ pub(super) fn apply(tree: &sled::Tree, rewrites: &[(Seq, Option<Vec<u8>>)]) -> R
     Ok(())
 }
 
+/// Writes [`cleared`]'s rewrites in a transaction (the one that removes
+/// the events).
+pub(super) fn apply_in(
+    tx: &sled::transaction::TransactionalTree,
+    rewrites: &[(Seq, Option<Vec<u8>>)],
+) -> std::result::Result<(), sled::transaction::UnabortableTransactionError> {
+    for (first, value) in rewrites {
+        match value {
+            Some(v) => tx.insert(&first.to_be_bytes(), v.as_slice())?,
+            None => tx.remove(&first.to_be_bytes())?,
+        };
+    }
+    Ok(())
+}
+
 /// The sequence number after the last one the runs cover (1 if none).
+#[cfg(test)]
 pub(super) fn end(tree: &sled::Tree) -> Result<Seq> {
     match tree.last()? {
         None => Ok(1),

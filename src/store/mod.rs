@@ -1591,11 +1591,10 @@ fn replay_log(db: &sled::Db, trees: &Trees) -> Result<usize> {
         &trees.customer_runs,
         &customers::truncated(&trees.customer_runs, last_seq + 1)?,
     )?;
-    let covered = customers::end(&trees.customer_runs)?;
+    // (Every replayed frame is above that mark.)
     let fingerprints: Vec<(Seq, u32)> = frames
         .iter()
         .zip(&accepted)
-        .filter(|(f, _)| f.seq >= covered)
         .map(|(f, ev)| (f.seq, customers::fingerprint(&ev.customer_pseudonym)))
         .collect();
     for (first, value) in customers::runs(&fingerprints, customers::REBUILT_RUN) {

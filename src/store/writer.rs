@@ -275,12 +275,7 @@ impl Writer {
                     events.remove(&seq.to_be_bytes())?;
                     by_time.remove(time_key.as_slice())?;
                 }
-                for (first, value) in &runs {
-                    match value {
-                        Some(v) => customer_runs.insert(&first.to_be_bytes(), v.as_slice())?,
-                        None => customer_runs.remove(&first.to_be_bytes())?,
-                    };
-                }
+                super::customers::apply_in(customer_runs, &runs)?;
                 meta.insert(super::META_PURGED_UPTO, &purged_upto)?;
                 meta.insert(super::META_TO_ZERO, owed.as_slice())?;
                 Ok::<(), ConflictableTransactionError<()>>(())
@@ -325,12 +320,12 @@ impl Writer {
         let t = &self.trees;
         // The events: by the customer runs (the runs scanned before this
         // command, then those written since), and by id.
-        let mut by_customer = scanned.candidates.clone();
+        let mut by_fingerprint = scanned.candidates.clone();
         if !req.pseudonym.is_empty() {
             let since = super::customers::scan(&t.customer_runs, &req.pseudonym, scanned.last_run)?;
-            by_customer.extend(since.candidates);
+            by_fingerprint.extend(since.candidates);
         }
-        let mut seqs = by_customer.clone();
+        let mut seqs = by_fingerprint.clone();
         // Ids not stored (yet): tombstones, so that a batch still on its
         // way here is a duplicate when it arrives, never stored.
         let mut tombstones: Vec<&str> = Vec::new();
@@ -364,7 +359,7 @@ impl Writer {
                 let ev = t.event(seq, &bytes)?;
                 // A fingerprint is a filter: another customer's event may
                 // share it.
-                if by_customer.contains(&seq)
+                if by_fingerprint.contains(&seq)
                     && ev.customer_pseudonym != req.pseudonym
                     && !by_id.contains(&seq)
                 {
@@ -507,12 +502,7 @@ impl Writer {
                         }
                     }
                 }
-                for (first, value) in &runs {
-                    match value {
-                        Some(v) => tx[2].insert(&first.to_be_bytes(), v.as_slice())?,
-                        None => tx[2].remove(&first.to_be_bytes())?,
-                    };
-                }
+                super::customers::apply_in(&tx[2], &runs)?;
                 tx[3].insert(super::META_LAST_SEQ, &signal_seq.to_be_bytes())?;
                 tx[3].insert(super::META_TO_ZERO, owed.as_slice())?;
                 tx[4].insert(req.id.as_bytes(), record_bytes.as_slice())?;
