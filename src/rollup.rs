@@ -292,31 +292,33 @@ impl CellDims<&str> {
     }
 }
 
-impl CellDims {
+impl<S: AsRef<str>> CellDims<S> {
     /// Appends the key bytes of the dimensions (after the period prefix).
     fn encode_into(&self, out: &mut Vec<u8>) {
         for s in [&self.gtin, &self.category, &self.brand, &self.region] {
-            put_str(out, s);
+            put_str(out, s.as_ref());
         }
         out.extend_from_slice(&[self.channel, self.stage, self.kind]);
-        put_str(out, &self.age_band);
+        put_str(out, self.age_band.as_ref());
         match &self.attribute {
             Some((k, v)) => {
                 out.push(1);
-                put_str(out, k);
-                put_str(out, v);
+                put_str(out, k.as_ref());
+                put_str(out, v.as_ref());
             }
             None => out.push(0),
         }
     }
+}
 
+impl<S: Clone + Default> CellDims<S> {
     /// Only the dimensions in `keep`.
-    fn masked(&self, keep: DimSet) -> CellDims {
-        let s = |d: DimSet, v: &String| {
+    fn masked(&self, keep: DimSet) -> CellDims<S> {
+        let s = |d: DimSet, v: &S| {
             if keep.contains(d) {
                 v.clone()
             } else {
-                String::new()
+                S::default()
             }
         };
         let n = |d: DimSet, v: u8| if keep.contains(d) { v } else { 0 };
@@ -1099,38 +1101,39 @@ pub fn cells_of(ev: &PreferenceEvent, layout: &Layout) -> Vec<CellKey> {
             family,
             period,
             hour,
-            dims: dims.clone(),
+            dims: dims.to_owned(),
         })
     });
     out
 }
 
-/// Calls `f` with every cell of `ev` (see [`cells_of`]).
+/// Calls `f` with every cell of `ev` (see [`cells_of`]), its dimensions
+/// borrowed from the event.
 fn for_each_cell(
     ev: &PreferenceEvent,
     layout: &Layout,
-    mut f: impl FnMut(u8, Bucket, i64, &CellDims),
+    mut f: impl FnMut(u8, Bucket, i64, &CellDims<&str>),
 ) {
     let base = CellDims {
-        gtin: ev.product.gtin.as_str().to_string(),
-        category: ev.product.category.clone(),
-        brand: ev.product.brand.clone(),
-        region: ev.region.clone(),
+        gtin: ev.product.gtin.as_str(),
+        category: ev.product.category.as_str(),
+        brand: ev.product.brand.as_str(),
+        region: ev.region.as_str(),
         channel: ev.channel.number() as u8,
         stage: ev.stage.number() as u8,
         kind: ev.kind.number() as u8,
-        age_band: ev.age_band.clone(),
+        age_band: ev.age_band.as_str(),
         attribute: None,
     };
     let hour = hour_of(ev.occurred_at);
     let starts = Bucket::VIEW_PERIODS.map(|p| (p, bucket_start_hour(hour, p)));
-    let with_attributes: Vec<CellDims> = ev
+    let with_attributes: Vec<CellDims<&str>> = ev
         .attributes
         .iter()
         .filter(|(k, _)| layout.keeps_attribute(k))
         .map(|(k, v)| CellDims {
-            attribute: Some((k.clone(), v.clone())),
-            ..base.clone()
+            attribute: Some((k.as_str(), v.as_str())),
+            ..base
         })
         .collect();
     for (i, view) in layout.views.iter().enumerate() {
@@ -1199,19 +1202,23 @@ pub fn fold<'a>(
     layout: &Layout,
 ) -> BTreeMap<Vec<u8>, Agg> {
     let mut cells: BTreeMap<Vec<u8>, Agg> = BTreeMap::new();
+    // One key buffer for every cell: most cells of a commit are already in
+    // the map (a view's day cell gets many events), and looking one up by a
+    // borrowed key allocates nothing.
+    let mut key = Vec::with_capacity(128);
     for ev in events {
         let contribution = Agg::of_event(ev);
         for_each_cell(ev, layout, |family, period, hour, dims| {
-            let mut key = Vec::with_capacity(96);
+            key.clear();
             key.extend_from_slice(&period_prefix(family, period, hour));
             dims.encode_into(&mut key);
-            match cells.get_mut(&key) {
+            match cells.get_mut(key.as_slice()) {
                 Some(agg) => {
                     agg.merge(&contribution);
                     agg.compact();
                 }
                 None => {
-                    cells.insert(key, contribution.clone());
+                    cells.insert(key.clone(), contribution.clone());
                 }
             }
         });
@@ -1294,6 +1301,33 @@ mod tests {
         };
         assert_eq!(cells_of(&ev, &every).len(), 1 + 3 + 4 * 3 + 3 * 3);
         assert!(layout.keeps_attribute("size") && !layout.keeps_attribute("basket"));
+    }
+
+    /// `fold` builds its keys in place from the event's borrowed
+    /// dimensions; they must be the keys of `cells_of`, which queries,
+    /// erasure and rebuilds decode and re-encode.
+    #[test]
+    fn fold_keys_are_the_encoded_cells_of_each_event() {
+        let layout = Layout::default();
+        let mut a = crate::domain::PreferenceEvent::example();
+        a.attributes = [("size", "M"), ("colour", "red")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut b = a.clone();
+        b.region = "LV-RIX".into();
+        b.occurred_at = UnixNanos(a.occurred_at.0 + 40 * 24 * NANOS_PER_HOUR);
+        let folded = fold([&a, &b, &a], &layout);
+        let mut expected: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+        for ev in [&a, &b, &a] {
+            for cell in cells_of(ev, &layout) {
+                *expected.entry(cell.encode()).or_default() += 1;
+            }
+        }
+        let got: BTreeMap<Vec<u8>, u64> =
+            folded.iter().map(|(k, v)| (k.clone(), v.events)).collect();
+        assert_eq!(got, expected);
+        assert!(folded.values().any(|agg| agg.events == 2));
     }
 
     /// `AggRef` reads what `Agg` writes, for every kind of cell.

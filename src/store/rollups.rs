@@ -478,14 +478,15 @@ fn merge_batch<'a>(
 
 /// Adds `cells` into `map`.
 fn merge_map(map: &mut BTreeMap<Vec<u8>, Agg>, cells: BTreeMap<Vec<u8>, Agg>) {
+    // One search per cell: most of a commit's hourly cells are new keys.
     for (key, delta) in cells {
-        match map.get_mut(&key) {
-            Some(agg) => {
-                agg.merge(&delta);
-                agg.compact();
+        match map.entry(key) {
+            std::collections::btree_map::Entry::Occupied(mut cell) => {
+                cell.get_mut().merge(&delta);
+                cell.get_mut().compact();
             }
-            None => {
-                map.insert(key, delta);
+            std::collections::btree_map::Entry::Vacant(cell) => {
+                cell.insert(delta);
             }
         }
     }
