@@ -706,7 +706,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     )
                 },
             )?;
-            let bar = indicatif::ProgressBar::new(store.len() as u64);
+            let bar = indicatif::ProgressBar::new(
+                store
+                    .len()
+                    .with_context(|| format!("counting the events in {}", dir.display()))?
+                    as u64,
+            );
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
                     "{spinner} rebuilding rollups [{bar:40}] {pos}/{len} events ({per_sec})",
@@ -931,7 +936,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         dir.display()
                     )
                 })?;
-            let bar = indicatif::ProgressBar::new(store.len() as u64);
+            let bar = indicatif::ProgressBar::new(
+                store
+                    .len()
+                    .with_context(|| format!("counting the events in {}", dir.display()))?
+                    as u64,
+            );
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
                     "{spinner} verifying origin proofs [{bar:40}] {pos}/{len} events ({per_sec})",

@@ -72,15 +72,25 @@ async fn a_flipped_byte_in_an_event_is_reported_offline_and_refused_online() {
     );
 
     // Flip one byte in the payload of the event at seq 7, in the event
-    // log's segment file: the `events` tree holds where its frame is (format
-    // byte 2, segment, offset and length, big-endian). The node is stopped;
-    // a test may block on sled here.
+    // log's segment file: the `events` tree holds where its frame is, in
+    // the run of its commit (key: the commit's first seq; value: format
+    // byte 3, then per seq a 21-byte location: format byte 2, segment,
+    // offset and length, big-endian). The node is stopped; a test may
+    // block on sled here.
     {
         let store = node.data_dir().join("store");
         let db = sled::open(&store).expect("open sled");
         let events = db.open_tree("events").unwrap();
-        let at = events.get(7u64.to_be_bytes()).unwrap().expect("seq 7");
-        assert_eq!((at.len(), at[0]), (21, 2), "a location in the log");
+        let (first, run) = events
+            .range(..=7u64.to_be_bytes())
+            .next_back()
+            .expect("a run with seq 7")
+            .unwrap();
+        let first = u64::from_be_bytes(first.as_ref().try_into().unwrap());
+        assert_eq!(run[0], 3, "a run of locations");
+        let slot = 1 + 21 * (7 - first) as usize;
+        let at = &run[slot..slot + 21];
+        assert_eq!(at[0], 2, "a location in the log");
         let segment = u64::from_be_bytes(at[1..9].try_into().unwrap());
         let offset = u64::from_be_bytes(at[9..17].try_into().unwrap());
         let len = u32::from_be_bytes(at[17..21].try_into().unwrap());

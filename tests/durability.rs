@@ -45,7 +45,7 @@ async fn same_event_id_is_stored_once_also_across_a_restart() {
 
     node.terminate();
     let store = node.open_store();
-    assert_eq!(store.len(), 4);
+    assert_eq!(store.len().unwrap(), 4);
     let seqs: Vec<u64> = store.scan_after(0).map(|r| r.unwrap().0).collect();
     assert_eq!(
         seqs,
@@ -112,7 +112,7 @@ async fn every_acknowledged_event_survives_kill_9() {
     println!(
         "acknowledged {}, stored {}, lost {}",
         acked.len(),
-        store.len(),
+        store.len().unwrap(),
         lost.len()
     );
     assert!(
@@ -212,5 +212,5 @@ async fn one_flush_serves_many_concurrent_publishers() {
         flushes < requests,
         "group commit: {flushes} flushes for {requests} requests"
     );
-    assert_eq!(node.open_store().len() as u64, requests);
+    assert_eq!(node.open_store().len().unwrap() as u64, requests);
 }

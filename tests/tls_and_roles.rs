@@ -140,7 +140,11 @@ async fn handshake_refuses_bad_certificates_and_roles_are_enforced() {
 
     node.terminate();
     let store = node.open_store();
-    assert_eq!(store.len(), 1, "only the authorised publish is stored");
+    assert_eq!(
+        store.len().unwrap(),
+        1,
+        "only the authorised publish is stored"
+    );
     assert!(store.get_by_event_id("allowed").unwrap().is_some());
     // The node says why it refused each handshake.
     let log = node.log();

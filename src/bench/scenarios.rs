@@ -49,7 +49,10 @@ fn node_pid(chain: &LocalChain) -> Result<u32, Error> {
 fn stored_events(chain: &LocalChain) -> Result<u64, Error> {
     let store = crate::store::Store::open(&chain.data_dir(NODE).join("store"), &[])
         .map_err(|e| err("count stored events")(e.to_string()))?;
-    Ok(store.len() as u64)
+    let n = store
+        .len()
+        .map_err(|e| err("count stored events")(e.to_string()))?;
+    Ok(n as u64)
 }
 
 /// What [`publish`] measured.

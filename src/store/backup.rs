@@ -129,16 +129,24 @@ pub(super) fn write_trees(
         };
         out.record(Record::Tree(name.to_vec())).map_err(io)?;
         counts.trees += 1;
+        if &*name == b"events" {
+            // A backup holds the records themselves, one entry per event,
+            // not where they are in this store's event log (nor its runs
+            // of locations); and a restored store has no log to replay.
+            for item in super::slots::range(&tree, 0, super::Seq::MAX) {
+                let (seq, value) = item?;
+                out.record(Record::Entry(pb::BackupEntry {
+                    key: seq.to_be_bytes().to_vec(),
+                    value: trees.record(seq, &value)?.into_owned(),
+                }))
+                .map_err(io)?;
+                counts.entries += 1;
+            }
+            continue;
+        }
         for entry in tree.iter() {
             let (key, value) = entry?;
             let value = match &*name {
-                // A backup holds the records themselves, not where they
-                // are in this store's event log; and a restored store has
-                // no log to replay.
-                b"events" => {
-                    let seq = super::seq_from(&key, "events", "?")?;
-                    trees.record(seq, &value)?.into_owned()
-                }
                 b"meta" if &*key == super::META_LOG_END => continue,
                 _ => value.to_vec(),
             };

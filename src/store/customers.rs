@@ -128,7 +128,8 @@ pub(super) fn scan(tree: &sled::Tree, pseudonym: &str, after: Option<Seq>) -> Re
 
 /// The rewrites that zero the fingerprints of `seqs`: per run touched, its
 /// new value, or `None` when nothing is left in it. Apply them (in the
-/// transaction that removes the events) with [`apply`] or by hand.
+/// transaction that removes the events) with `slots::apply` or
+/// `slots::apply_in`.
 pub(super) fn cleared(
     tree: &sled::Tree,
     seqs: impl IntoIterator<Item = Seq>,
@@ -189,32 +190,6 @@ pub(super) fn truncated(tree: &sled::Tree, from: Seq) -> Result<Vec<(Seq, Option
     Ok(out)
 }
 
-/// Writes [`cleared`]'s or [`truncated`]'s rewrites outside a transaction.
-pub(super) fn apply(tree: &sled::Tree, rewrites: &[(Seq, Option<Vec<u8>>)]) -> Result<()> {
-    for (first, value) in rewrites {
-        match value {
-            Some(v) => tree.insert(first.to_be_bytes(), v.as_slice())?,
-            None => tree.remove(first.to_be_bytes())?,
-        };
-    }
-    Ok(())
-}
-
-/// Writes [`cleared`]'s rewrites in a transaction (the one that removes
-/// the events).
-pub(super) fn apply_in(
-    tx: &sled::transaction::TransactionalTree,
-    rewrites: &[(Seq, Option<Vec<u8>>)],
-) -> std::result::Result<(), sled::transaction::UnabortableTransactionError> {
-    for (first, value) in rewrites {
-        match value {
-            Some(v) => tx.insert(&first.to_be_bytes(), v.as_slice())?,
-            None => tx.remove(&first.to_be_bytes())?,
-        };
-    }
-    Ok(())
-}
-
 /// The sequence number after the last one the runs cover (1 if none).
 #[cfg(test)]
 pub(super) fn end(tree: &sled::Tree) -> Result<Seq> {
@@ -230,6 +205,7 @@ pub(super) fn end(tree: &sled::Tree) -> Result<Seq> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::slots::apply;
 
     fn tree() -> (tempfile::TempDir, sled::Tree) {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -2,8 +2,9 @@
 //! files (`<store>/log/<first seq>.seg`), outside sled.
 //!
 //! The `events` tree maps a sequence number to the record's [`Location`]
-//! (21 bytes) instead of the record itself (stores written before the log
-//! keep their records inline; both forms are read). A group commit appends
+//! (21 bytes; one key per commit holds its events' locations, see
+//! `super::slots`) instead of the record itself (stores written before the
+//! log keep their records inline; every form is read). A group commit appends
 //! its frames to the active segment and syncs it once: that sync is what
 //! makes the commit durable. The sled writes of the commit (the location,
 //! indexes, outbox entries, high-water mark and [`super::META_LOG_END`])

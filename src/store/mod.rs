@@ -4,8 +4,10 @@
 //! [`log`]); sled holds everything else.
 //!
 //! Trees (one per keyspace, numeric keys big-endian):
-//! - `events`:  seq (u64) → where the record is in the event log (stores
-//!   written before the log: the record itself, see [`record`])
+//! - `events`:  first seq (u64) of a commit's new events → where each
+//!   one's record is in the event log, one slot per seq (see [`slots`];
+//!   stores written before: seq → where its record is, or before the log
+//!   the record itself, see [`record`])
 //! - `by_id`:   event_id → seq — deduplication
 //! - `by_time`: occurred_at (i64, sign-flipped) ‖ seq → () — time range scans
 //! - `customer_runs`: first seq of a commit's new events → a fingerprint
@@ -55,6 +57,7 @@ mod export;
 mod outbox;
 mod recent;
 mod rollups;
+mod slots;
 
 pub use erasure::{EraseRequest, Erased, ErasureRecord, ErasureSignal, LinkErasure, Route, Router};
 pub use recent::RecentEvent;
@@ -244,8 +247,8 @@ impl Trees {
     ) -> Result<Option<std::borrow::Cow<'a, [u8]>>> {
         match self.record(seq, value) {
             Ok(record) => Ok(Some(record)),
-            Err(e) => match self.events.get(seq.to_be_bytes())? {
-                Some(now) if now.as_ref() == value => Err(e),
+            Err(e) => match slots::get(&self.events, seq)? {
+                Some(now) if &*now == value => Err(e),
                 _ => Ok(None),
             },
         }
@@ -259,14 +262,13 @@ impl Trees {
             .transpose()
     }
 
-    /// An entry of the `events` tree read as its event (see
+    /// A stored event's entry read as its event (see
     /// [`Self::event_live`]): `None` when it was removed meanwhile.
     fn entry_live(
         &self,
-        item: sled::Result<(sled::IVec, sled::IVec)>,
+        item: Result<(Seq, slots::Stored)>,
     ) -> Result<Option<(Seq, PreferenceEvent)>> {
-        let (k, v) = item?;
-        let seq = seq_from(&k, "events", "?")?;
+        let (seq, v) = item?;
         Ok(self.event_live(seq, &v)?.map(|ev| (seq, ev)))
     }
 
@@ -476,8 +478,7 @@ impl Store {
 
     /// The event at `seq`.
     pub fn get(&self, seq: Seq) -> Result<Option<PreferenceEvent>> {
-        let key = seq.to_be_bytes();
-        match self.inner.trees.events.get(key)? {
+        match slots::get(&self.inner.trees.events, seq)? {
             None => Ok(None),
             Some(bytes) => self.inner.trees.event_live(seq, &bytes),
         }
@@ -494,12 +495,8 @@ impl Store {
 
     /// Events with a sequence number greater than `after`, in order.
     pub fn scan_after(&self, after: Seq) -> impl Iterator<Item = Result<(Seq, PreferenceEvent)>> {
-        let start = after.saturating_add(1).to_be_bytes();
         let inner = self.inner.clone();
-        inner
-            .trees
-            .events
-            .range(start..)
+        slots::range(&inner.trees.events, after.saturating_add(1), Seq::MAX)
             .filter_map(move |item| inner.trees.entry_live(item).transpose())
     }
 
@@ -513,11 +510,7 @@ impl Store {
         if upto <= after {
             return Ok(Vec::new());
         }
-        let range = after.saturating_add(1).to_be_bytes()..=upto.to_be_bytes();
-        self.inner
-            .trees
-            .events
-            .range(range)
+        slots::range(&self.inner.trees.events, after.saturating_add(1), upto)
             .take(limit)
             .filter_map(|item| self.inner.trees.entry_live(item).transpose())
             .collect()
@@ -743,8 +736,8 @@ impl Store {
     }
 
     /// Number of stored events.
-    pub fn len(&self) -> usize {
-        self.inner.trees.events.len()
+    pub fn len(&self) -> Result<usize> {
+        slots::count(&self.inner.trees.events)
     }
 
     /// Whether no event is stored.
@@ -759,10 +752,7 @@ impl Store {
 
     /// The sequence number of the oldest stored event.
     pub fn first_seq(&self) -> Result<Option<Seq>> {
-        match self.inner.trees.events.first()? {
-            None => Ok(None),
-            Some((k, _)) => seq_from(&k, "events", "first").map(Some),
-        }
+        slots::first(&self.inner.trees.events)
     }
 
     /// The highest sequence number retention has removed (0 if none).
@@ -840,13 +830,48 @@ impl Store {
         };
         // The customer run covering the event (events come in order).
         let mut run: Option<(Seq, Vec<u32>)> = None;
-        for entry in t.events.iter() {
-            let (key, value) = entry?;
-            let Ok(arr) = <[u8; 8]>::try_from(key.as_ref()) else {
-                problem(&mut v, format!("tree events: a key of {} bytes", key.len()));
-                continue;
+        // Every entry's events, or the line that says why it has none; an
+        // entry must begin after the numbers of the one before (reads
+        // look only at the nearest entry at or below a number).
+        let mut spanned: Option<Seq> = None;
+        let stored = t.events.iter().flat_map(|entry| {
+            let expanded = entry.map_err(Error::from).and_then(|(key, value)| {
+                if key.len() != 8 {
+                    return Ok(Err(format!("tree events: a key of {} bytes", key.len())));
+                }
+                match slots::span(&key, &value).and_then(|(first, len)| {
+                    Ok((first, len, slots::expand(&key, &value)?))
+                }) {
+                    Ok((first, _, _)) if spanned.is_some_and(|end| first <= end) => Ok(Err(format!(
+                        "tree events: the entry at seq {first} overlaps the one before it (up to seq {})",
+                        spanned.unwrap_or_default()
+                    ))),
+                    Ok((first, len, events)) => {
+                        spanned = Some(first + len - 1);
+                        Ok(Ok(events))
+                    }
+                    Err(Error::Corrupt { key, source, .. }) => {
+                        Ok(Err(format!("tree events, key {key}: {source}")))
+                    }
+                    Err(e) => Err(e),
+                }
+            });
+            let out: Vec<Result<std::result::Result<(Seq, slots::Stored), String>>> = match expanded
+            {
+                Ok(Ok(events)) => events.into_iter().map(|e| Ok(Ok(e))).collect(),
+                Ok(Err(line)) => vec![Ok(Err(line))],
+                Err(e) => vec![Err(e)],
             };
-            let seq = Seq::from_be_bytes(arr);
+            out
+        });
+        for entry in stored {
+            let (seq, value) = match entry? {
+                Ok(event) => event,
+                Err(line) => {
+                    problem(&mut v, line);
+                    continue;
+                }
+            };
             v.events += 1;
             let decoded = match t.record(seq, &value) {
                 Ok(record) => record::decode(&record),
@@ -913,7 +938,7 @@ impl Store {
             match <[u8; 8]>::try_from(value.as_ref()).map(Seq::from_be_bytes) {
                 // An erased or purged id stays as a tombstone.
                 Ok(writer::ERASED_TOMBSTONE | writer::PEER_TOMBSTONE) => {}
-                Ok(seq) if t.events.contains_key(seq.to_be_bytes())? => {}
+                Ok(seq) if slots::contains(&t.events, seq)? => {}
                 Ok(seq) if seq <= self.purged_upto()? => {}
                 Ok(seq) => problem(
                     &mut v,
@@ -934,8 +959,11 @@ impl Store {
             for entry in tree.iter() {
                 let (key, _) = entry?;
                 v.outbox_entries += 1;
-                if !t.events.contains_key(&key)? {
-                    let seq = <[u8; 8]>::try_from(key.as_ref()).map(Seq::from_be_bytes);
+                let seq = <[u8; 8]>::try_from(key.as_ref()).map(Seq::from_be_bytes);
+                if !seq
+                    .as_ref()
+                    .map_or(Ok(false), |s| slots::contains(&t.events, *s))?
+                {
                     problem(
                         &mut v,
                         format!("tree {name}: entry {seq:?} names no stored event"),
@@ -1082,15 +1110,15 @@ impl Store {
         if !found.complete {
             let from = found.resume_after;
             let want = limit - events.len();
-            let range = from.saturating_add(1).to_be_bytes()..=upto.to_be_bytes();
             let mut read = Vec::new();
             // An event removed (erasure, retention) while this read ran:
             // read again, past it (a gap here would end a backfill early).
             'read: loop {
                 read.clear();
-                for item in self.inner.trees.events.range(range.clone()).take(want) {
-                    let (k, v) = item?;
-                    let seq = seq_from(&k, "events", "?")?;
+                for item in
+                    slots::range(&self.inner.trees.events, from.saturating_add(1), upto).take(want)
+                {
+                    let (seq, v) = item?;
                     let Some(record) = self.inner.trees.record_live(seq, &v)? else {
                         continue 'read;
                     };
@@ -1396,7 +1424,7 @@ fn index_customers(db: &sled::Db, trees: &Trees) -> Result<()> {
                 continue;
             };
             let seq = seq_from(&k[at + 1..], "by_customer", "?")?;
-            if trees.events.contains_key(seq.to_be_bytes())? {
+            if slots::contains(&trees.events, seq)? {
                 let pseudonym = String::from_utf8_lossy(&k[..at]);
                 found.push((seq, customers::fingerprint(&pseudonym)));
             }
@@ -1409,9 +1437,8 @@ fn index_customers(db: &sled::Db, trees: &Trees) -> Result<()> {
         }
     } else {
         let mut pending: Vec<(Seq, u32)> = Vec::new();
-        for item in trees.events.iter() {
-            let (k, v) = item?;
-            let seq = seq_from(&k, "events", "?")?;
+        for item in slots::range(&trees.events, 0, Seq::MAX) {
+            let (seq, v) = item?;
             let ev = trees.event(seq, &v)?;
             pending.push((seq, customers::fingerprint(&ev.customer_pseudonym)));
             n += 1;
@@ -1448,15 +1475,14 @@ fn index_customers(db: &sled::Db, trees: &Trees) -> Result<()> {
 fn repair_tail(trees: &Trees) -> Result<usize> {
     let mut orphans: Vec<(Seq, PreferenceEvent)> = Vec::new();
     let mut rolled_back: std::collections::BTreeSet<Seq> = Default::default();
-    for item in trees.events.iter().rev() {
-        let (k, v) = item?;
-        let seq = seq_from(&k, "events", "last")?;
+    for item in slots::rev(&trees.events) {
+        let (seq, v) = item?;
         if trees.rolled_back(seq, &v) {
             rolled_back.insert(seq);
             continue;
         }
         let ev = trees.event(seq, &v)?;
-        if trees.by_id.get(ev.event_id.as_bytes())?.as_deref() == Some(&k[..]) {
+        if trees.by_id.get(ev.event_id.as_bytes())?.as_deref() == Some(&seq.to_be_bytes()[..]) {
             break;
         }
         orphans.push((seq, ev));
@@ -1470,7 +1496,7 @@ fn repair_tail(trees: &Trees) -> Result<usize> {
         .chain(rolled_back.first().copied())
         .min();
     if let Some(first) = first_gone {
-        customers::apply(
+        slots::apply(
             &trees.customer_runs,
             &customers::truncated(&trees.customer_runs, first)?,
         )?;
@@ -1483,8 +1509,11 @@ fn repair_tail(trees: &Trees) -> Result<usize> {
                 outbox.len.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             }
         }
-        trees.events.remove(key)?;
     }
+    slots::apply(
+        &trees.events,
+        &slots::removals(&trees.events, orphans.iter().map(|(seq, _)| *seq))?,
+    )?;
     if let Some((first, _)) = orphans.last() {
         tracing::warn!(
             events = orphans.len(),
@@ -1513,8 +1542,11 @@ fn repair_tail(trees: &Trees) -> Result<usize> {
                     outbox.len.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                 }
             }
-            trees.events.remove(key)?;
         }
+        slots::apply(
+            &trees.events,
+            &slots::removals(&trees.events, rolled_back.iter().copied())?,
+        )?;
         tracing::warn!(
             events = rolled_back.len(),
             from_seq = first,
@@ -1587,7 +1619,7 @@ fn replay_log(db: &sled::Db, trees: &Trees) -> Result<usize> {
     // frames: nothing above the high-water mark sled kept is stored, so no
     // run may reach there first (a commit's run is one write: a run sled
     // kept is whole, and one of a replayed commit is written again here).
-    customers::apply(
+    slots::apply(
         &trees.customer_runs,
         &customers::truncated(&trees.customer_runs, last_seq + 1)?,
     )?;
@@ -1600,9 +1632,35 @@ fn replay_log(db: &sled::Db, trees: &Trees) -> Result<usize> {
     for (first, value) in customers::runs(&fingerprints, customers::REBUILT_RUN) {
         trees.customer_runs.insert(first.to_be_bytes(), value)?;
     }
+    // Likewise the events' entries: one run per stretch of consecutive
+    // numbers, rewritten from the first number above that mark. Entries
+    // sled kept there are merged in, not dropped: a commit that failed
+    // after its sled writes left slots of rolled-back frames (not
+    // replayed), which `repair_tail` must find to remove their index and
+    // outbox entries; replayed frames take their own slots.
+    let mut above: std::collections::BTreeMap<Seq, log::Location> = Default::default();
+    for item in slots::range(&trees.events, last_seq + 1, Seq::MAX) {
+        let (seq, value) = item?;
+        let at = log::Location::decode(&value).ok_or_else(|| Error::Corrupt {
+            tree: "events",
+            key: seq.to_string(),
+            source: DecodeError::Payload(
+                "an entry above the high-water mark that is not a location in the event log".into(),
+            ),
+        })?;
+        above.insert(seq, at);
+    }
+    above.extend(frames.iter().map(|f| (f.seq, f.location)));
+    slots::apply(
+        &trees.events,
+        &slots::truncated(&trees.events, last_seq + 1)?,
+    )?;
+    let locations: Vec<(Seq, log::Location)> = above.into_iter().collect();
+    for (first, value) in slots::runs(&locations) {
+        trees.events.insert(first.to_be_bytes(), value)?;
+    }
     for (f, ev) in frames.iter().zip(&accepted) {
         let key = f.seq.to_be_bytes();
-        trees.events.insert(key, &f.location.encode())?;
         trees
             .by_time
             .insert(time_key(ev.occurred_at.0, f.seq), &[])?;
@@ -1617,8 +1675,9 @@ fn replay_log(db: &sled::Db, trees: &Trees) -> Result<usize> {
         trees.by_id.insert(ev.event_id.as_bytes(), &key)?;
         high = high.max(f.seq);
     }
-    trees.meta.insert(META_LAST_SEQ, &high.to_be_bytes())?;
+    // The log's end first, as in a commit (see `Writer::write_trees`).
     trees.meta.insert(META_LOG_END, &end.encode())?;
+    trees.meta.insert(META_LAST_SEQ, &high.to_be_bytes())?;
     flush_blocking(db)?;
     tracing::info!(
         events = frames.len(),
@@ -1651,10 +1710,7 @@ fn finish_zeroing(db: &sled::Db, trees: &Trees) -> Result<()> {
 }
 
 fn high_water(trees: &Trees) -> Result<Seq> {
-    let last_event = match trees.events.last()? {
-        None => 0,
-        Some((k, _)) => seq_from(&k, "events", "last")?,
-    };
+    let last_event = slots::end(&trees.events)?;
     Ok(last_event.max(meta_seq(&trees.meta, META_LAST_SEQ)?))
 }
 
@@ -1794,7 +1850,7 @@ mod tests {
         }
         let kept = if first_by_id_landed { 4 } else { 3 };
         let store = unlocked(|| Store::open(dir.path(), &links));
-        assert_eq!(store.len(), kept, "the remains are gone");
+        assert_eq!(store.len().unwrap(), kept, "the remains are gone");
         assert_eq!(store.inner.trees.by_time.len(), kept);
         assert_eq!(customer_fingerprints(&store), kept);
         assert_eq!(store.inner.trees.outboxes[0].tree.len(), kept);
@@ -1827,7 +1883,7 @@ mod tests {
             .await
             .expect("append");
         assert_eq!(again, vec![Appended::Duplicate(4), Appended::Duplicate(5)]);
-        assert_eq!(store.len(), 5);
+        assert_eq!(store.len().unwrap(), 5);
         assert_eq!(store.inner.trees.by_time.len(), 5);
         assert_eq!(customer_fingerprints(&store), 5);
         store.close().await.expect("close");
@@ -1849,7 +1905,7 @@ mod tests {
             db.flush().expect("flush");
         }
         let store = unlocked(|| Store::open(dir.path(), &links));
-        assert_eq!(store.len(), 5);
+        assert_eq!(store.len().unwrap(), 5);
         assert_eq!(customer_fingerprints(&store), 5, "indexed again");
         let v = store.verify(|_| {}).expect("verify");
         assert!(v.problems.is_empty(), "{:?}", v.problems);
@@ -1882,10 +1938,6 @@ mod tests {
     /// background flush loses them (the event log keeps its frames).
     fn lose_commit(db: &sled::Db, link: &str, events: &[(Seq, PreferenceEvent)]) {
         for (seq, ev) in events {
-            db.open_tree("events")
-                .unwrap()
-                .remove(seq.to_be_bytes())
-                .unwrap();
             db.open_tree("by_id")
                 .unwrap()
                 .remove(ev.event_id.as_bytes())
@@ -1900,7 +1952,13 @@ mod tests {
                 .remove(seq.to_be_bytes())
                 .unwrap();
         }
-        // The commit's customer run: one key, at its first number.
+        // The commit's run of locations and its customer run: one key
+        // each, at its first number.
+        db.open_tree("events")
+            .unwrap()
+            .remove(events[0].0.to_be_bytes())
+            .unwrap()
+            .expect("the commit's run of locations");
         db.open_tree("customer_runs")
             .unwrap()
             .remove(events[0].0.to_be_bytes())
@@ -1912,7 +1970,7 @@ mod tests {
     fn index_counts(store: &Store) -> [usize; 5] {
         let t = &store.inner.trees;
         [
-            t.events.len(),
+            slots::count(&t.events).unwrap(),
             t.by_id.len(),
             t.by_time.len(),
             customer_fingerprints(store),
@@ -1999,18 +2057,35 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_commit_is_taken_out_of_the_log_and_its_remains_out_of_sled() {
+        failed_commit(0).await;
+    }
+
+    /// The writer's key-by-key `by_id` writes failed after the first: the
+    /// first event is stored, the others' frames are rolled back. The
+    /// event log's replay must leave their slots to the repair (which
+    /// removes their index and outbox entries), not drop them unseen.
+    #[tokio::test]
+    async fn a_commit_that_failed_after_its_first_id_keeps_only_that_event() {
+        failed_commit(1).await;
+    }
+
+    /// A commit of three more events (seqs 4 to 6) fails after its frames
+    /// were synced and its sled writes landed up to the `by_id` entries of
+    /// the first `kept` (as the writer does on an I/O error): the other
+    /// frames go back out of the log. Reopened, the store holds the three
+    /// earlier events and the `kept`, each once in every index; the
+    /// resend stores the rest.
+    async fn failed_commit(kept: usize) {
         let dir = tempfile::tempdir().expect("temp dir");
         let links = ["upstream".to_string()];
+        let seqs = [4u64, 5, 6];
         {
             let store = linked_store(dir.path(), &links, 0..3).await;
-            // A commit of two more fails after its frames were synced and
-            // part of its sled writes landed (as the writer does on an I/O
-            // error before the `by_id` entries): the frames go back out.
             let t = &store.inner.trees;
-            let news: Vec<NewEvent> = (3..5).map(linked_event).collect();
+            let news: Vec<NewEvent> = (3..6).map(linked_event).collect();
             let frames: Vec<log::NewFrame> = news
                 .iter()
-                .zip([4u64, 5])
+                .zip(seqs)
                 .map(|(ne, seq)| log::NewFrame {
                     seq,
                     links: vec![links[0].as_str()],
@@ -2019,8 +2094,11 @@ mod tests {
                 .collect();
             let (locations, _) = t.log.append(&frames).unwrap();
             t.log.sync().unwrap();
-            for ((ne, seq), at) in news.iter().zip([4u64, 5]).zip(&locations) {
-                t.events.insert(seq.to_be_bytes(), &at.encode()).unwrap();
+            let at: Vec<(Seq, log::Location)> = seqs.into_iter().zip(locations.clone()).collect();
+            for (first, value) in slots::runs(&at) {
+                t.events.insert(first.to_be_bytes(), value).unwrap();
+            }
+            for (ne, seq) in news.iter().zip(seqs) {
                 t.by_time
                     .insert(time_key(ne.event.occurred_at.0, seq), &[])
                     .unwrap();
@@ -2031,40 +2109,109 @@ mod tests {
             }
             let fingerprints: Vec<(Seq, u32)> = news
                 .iter()
-                .zip([4u64, 5])
+                .zip(seqs)
                 .map(|(ne, seq)| (seq, customers::fingerprint(&ne.event.customer_pseudonym)))
                 .collect();
             for (first, value) in customers::runs(&fingerprints, usize::MAX) {
                 t.customer_runs.insert(first.to_be_bytes(), value).unwrap();
             }
-            t.log.rollback(&locations).unwrap();
-            assert!(t.rolled_back(4, &locations[0].encode()));
-            assert!(store.get(4).is_err(), "a rolled back frame is never served");
+            for (ne, seq) in news.iter().zip(seqs).take(kept) {
+                t.by_id
+                    .insert(ne.event.event_id.as_bytes(), &seq.to_be_bytes())
+                    .unwrap();
+            }
+            t.log.rollback(&locations[kept..]).unwrap();
+            assert!(t.rolled_back(6, &locations[2].encode()));
+            assert!(store.get(6).is_err(), "a rolled back frame is never served");
             store.close().await.expect("close");
         }
         let store = unlocked(|| Store::open(dir.path(), &links));
-        assert_eq!(
-            index_counts(&store),
-            [3, 3, 3, 3, 3],
-            "the remains are gone"
-        );
+        let n = 3 + kept;
+        assert_eq!(index_counts(&store), [n; 5], "the remains are gone");
         let v = store.verify(|_| {}).unwrap();
         assert!(v.problems.is_empty(), "{:?}", v.problems);
-        // The resend stores them, once, and the log goes on where the
-        // rolled back frames were.
+        // The resend stores the others, once, and the log goes on where
+        // the rolled back frames were.
         let resent = store
-            .append((3..5).map(linked_event).collect())
+            .append((3..6).map(linked_event).collect())
             .await
             .expect("append");
-        assert!(resent.iter().all(|a| matches!(a, Appended::Stored(_))));
-        assert_eq!(index_counts(&store), [5, 5, 5, 5, 5]);
+        for (i, outcome) in resent.iter().enumerate() {
+            assert_eq!(
+                matches!(outcome, Appended::Duplicate(_)),
+                i < kept,
+                "{resent:?}"
+            );
+        }
+        assert_eq!(index_counts(&store), [6; 5]);
         store.close().await.expect("close");
         drop(store);
         let store = unlocked(|| Store::open(dir.path(), &links));
-        assert_eq!(index_counts(&store), [5, 5, 5, 5, 5]);
-        for seq in 1..=5 {
-            assert!(store.get(seq).unwrap().is_some(), "seq {seq}");
+        assert_eq!(index_counts(&store), [6; 5]);
+        let ids: Vec<String> = store
+            .scan_after(0)
+            .map(|e| e.expect("read").1.event_id)
+            .collect();
+        assert_eq!(ids, (0..6).map(|i| format!("e-{i}")).collect::<Vec<_>>());
+        let v = store.verify(|_| {}).unwrap();
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        store.close().await.expect("close");
+    }
+
+    /// The writer records the log's end before the high-water mark, so a
+    /// crash between the two can leave the end without the mark (never
+    /// the mark without the end, which would make the open refuse the
+    /// commit's frames as older than the mark and zero them): the commit
+    /// is whole in sled then, and its numbers stay used.
+    #[tokio::test]
+    async fn a_log_end_kept_without_its_high_water_mark_loses_nothing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let links = ["upstream".to_string()];
+        {
+            let store = linked_store(dir.path(), &links, 0..3).await;
+            store
+                .append((3..5).map(linked_event).collect())
+                .await
+                .expect("append");
+            store.close().await.expect("close");
         }
+        {
+            let db = unlocked(|| sled::open(dir.path()));
+            db.open_tree("meta")
+                .unwrap()
+                .insert(META_LAST_SEQ, &3u64.to_be_bytes())
+                .unwrap();
+            #[allow(clippy::disallowed_methods)]
+            db.flush().expect("flush");
+        }
+        let store = unlocked(|| Store::open(dir.path(), &links));
+        assert_eq!(index_counts(&store), [5; 5]);
+        assert_eq!(store.get(5).unwrap().unwrap().event_id, "e-4");
+        let next = store.append(vec![linked_event(5)]).await.expect("append");
+        assert!(matches!(next[..], [Appended::Stored(6)]), "{next:?}");
+        let v = store.verify(|_| {}).unwrap();
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        store.close().await.expect("close");
+    }
+
+    #[tokio::test]
+    async fn verify_reports_an_entry_inside_the_run_before_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = linked_store(dir.path(), &["upstream".to_string()], 0..3).await;
+        let t = &store.inner.trees;
+        let v = store.verify(|_| {}).unwrap();
+        assert!(v.problems.is_empty() && v.events == 3, "{v:?}");
+        // Seq 2 again, as a key of its own inside the commit's run 1..=3.
+        let at = slots::get(&t.events, 2).unwrap().unwrap();
+        t.events.insert(2u64.to_be_bytes(), &*at).unwrap();
+        let v = store.verify(|_| {}).unwrap();
+        assert!(
+            v.problems
+                .iter()
+                .any(|p| p.contains("entry at seq 2 overlaps the one before it (up to seq 3)")),
+            "{:?}",
+            v.problems
+        );
         store.close().await.expect("close");
     }
 
@@ -2425,7 +2572,7 @@ mod tests {
         // A reader took seq 2's location from sled, then the writer erased
         // the event and zeroed its frame before the reader read it.
         let t = &store.inner.trees;
-        let stale = t.events.get(2u64.to_be_bytes()).unwrap().unwrap();
+        let stale = slots::get(&t.events, 2).unwrap().unwrap();
         store
             .erase(
                 EraseRequest {
@@ -2446,7 +2593,7 @@ mod tests {
         );
         assert!(t.event_live(2, &stale).unwrap().is_none());
         // A damaged frame of an event still stored stays an error.
-        let kept = t.events.get(3u64.to_be_bytes()).unwrap().unwrap();
+        let kept = slots::get(&t.events, 3).unwrap().unwrap();
         let at = log::Location::decode(&kept).unwrap();
         t.log.zero(&[at]).unwrap();
         assert!(t.record_live(3, &kept).is_err());
@@ -2459,13 +2606,7 @@ mod tests {
         let links = ["upstream".to_string()];
         let at = {
             let store = linked_store(dir.path(), &links, 0..3).await;
-            let value = store
-                .inner
-                .trees
-                .events
-                .get(2u64.to_be_bytes())
-                .unwrap()
-                .unwrap();
+            let value = slots::get(&store.inner.trees.events, 2).unwrap().unwrap();
             store.close().await.expect("close");
             log::Location::decode(&value).unwrap()
         };
@@ -2473,10 +2614,8 @@ mod tests {
         // node stopped before zeroing it.
         {
             let db = unlocked(|| sled::open(dir.path()));
-            db.open_tree("events")
-                .unwrap()
-                .remove(2u64.to_be_bytes())
-                .unwrap();
+            let events = db.open_tree("events").unwrap();
+            slots::apply(&events, &slots::removals(&events, [2]).unwrap()).unwrap();
             db.open_tree("meta")
                 .unwrap()
                 .insert(META_TO_ZERO, at.encode().to_vec())
@@ -2690,7 +2829,7 @@ mod tests {
             appended.is_ok(),
             "ingest stalled behind a failing checkpoint"
         );
-        assert_eq!(store.len(), 35_001);
+        assert_eq!(store.len().unwrap(), 35_001);
         let closed = tokio::time::timeout(std::time::Duration::from_secs(60), store.close()).await;
         assert!(closed.is_ok(), "close stalled behind a failing checkpoint");
     }

@@ -54,7 +54,7 @@ impl Store {
             if seq > durable {
                 break;
             }
-            let raw = match self.inner.trees.events.get(k)? {
+            let raw = match super::slots::get(&self.inner.trees.events, seq)? {
                 Some(value) => self
                     .inner
                     .trees

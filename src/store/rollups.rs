@@ -526,7 +526,7 @@ impl Pending {
                     maps.active_upto = maps.active_upto.max(*upto);
                 }
             }
-            let start = hours.min(views).saturating_add(1).to_be_bytes();
+            let start = hours.min(views).saturating_add(1);
             let mut chunk = Vec::new();
             // Per lane: the events after its watermark, except that the
             // cells an unfinished checkpoint merged already hold the events
@@ -590,9 +590,8 @@ impl Pending {
                     }
                     chunk.clear();
                 };
-            for item in trees.events.range(start..) {
-                let (k, v) = item?;
-                let seq = super::seq_from(&k, "events", "?")?;
+            for item in super::slots::range(&trees.events, start, Seq::MAX) {
+                let (seq, v) = item?;
                 chunk.push((seq, trees.event(seq, &v)?));
                 if chunk.len() == 10_000 {
                     fold(&mut maps, &mut chunk);

@@ -228,7 +228,7 @@ impl Writer {
         for item in t.by_time.range(..end).take(limit) {
             let (k, _) = item?;
             let seq = super::seq_from(&k[8..], "by_time", "?")?;
-            if let Some(bytes) = t.events.get(seq.to_be_bytes())? {
+            if let Some(bytes) = super::slots::get(&t.events, seq)? {
                 frames.extend(Location::decode(&bytes));
                 let ev = t.event(seq, &bytes)?;
                 if !ev.customer_pseudonym.is_empty() {
@@ -263,6 +263,7 @@ impl Writer {
         let owed = owed_zeroing(&t.meta, &frames)?;
         customer_seqs.sort_unstable();
         let runs = super::customers::cleared(&t.customer_runs, customer_seqs)?;
+        let slots = super::slots::removals(&t.events, victims.iter().map(|v| v.1))?;
         if let Some(pending) = &t.pending {
             pending.begin_change(None);
         }
@@ -271,11 +272,11 @@ impl Writer {
             .transaction(|(events, by_time, meta, customer_runs)| {
                 // `by_id` entries stay, as tombstones: a late resend of a
                 // removed event is still a duplicate, never a new copy.
-                for (time_key, seq) in &victims {
-                    events.remove(&seq.to_be_bytes())?;
+                for (time_key, _) in &victims {
                     by_time.remove(time_key.as_slice())?;
                 }
-                super::customers::apply_in(customer_runs, &runs)?;
+                super::slots::apply_in(events, &slots)?;
+                super::slots::apply_in(customer_runs, &runs)?;
                 meta.insert(super::META_PURGED_UPTO, &purged_upto)?;
                 meta.insert(super::META_TO_ZERO, owed.as_slice())?;
                 Ok::<(), ConflictableTransactionError<()>>(())
@@ -296,10 +297,14 @@ impl Writer {
         let events = &t.events;
         t.log
             .remove_dead(|from, to| {
-                Ok(events
-                    .range(from.to_be_bytes()..to.to_be_bytes())
+                if to <= from {
+                    return Ok(false);
+                }
+                super::slots::range(events, from, to - 1)
                     .next()
-                    .is_some())
+                    .transpose()
+                    .map(|e| e.is_some())
+                    .map_err(|e| std::io::Error::other(e.to_string()))
             })
             .map_err(|e| Error::Sled(e.into()))?;
         Ok(victims.len())
@@ -355,7 +360,7 @@ impl Writer {
         let mut erased: Vec<(Seq, crate::domain::PreferenceEvent)> = Vec::new();
         let mut frames: Vec<Location> = Vec::new();
         for seq in seqs {
-            if let Some(bytes) = t.events.get(seq.to_be_bytes())? {
+            if let Some(bytes) = super::slots::get(&t.events, seq)? {
                 let ev = t.event(seq, &bytes)?;
                 // A fingerprint is a filter: another customer's event may
                 // share it.
@@ -452,7 +457,7 @@ impl Writer {
                         if erased_seqs.contains(&seq) {
                             continue;
                         }
-                        if let Some(bytes) = t.events.get(seq.to_be_bytes())? {
+                        if let Some(bytes) = super::slots::get(&t.events, seq)? {
                             out.push(t.event(seq, &bytes)?);
                         }
                     }
@@ -473,6 +478,7 @@ impl Writer {
         let record_bytes = prost::Message::encode_to_vec(&record);
         let owed = owed_zeroing(&t.meta, &frames)?;
         let runs = super::customers::cleared(&t.customer_runs, erased.iter().map(|(s, _)| *s))?;
+        let slots = super::slots::removals(&t.events, erased.iter().map(|(s, _)| *s))?;
         // [events, by_time, customer_runs, meta, erasures, erasure_signals,
         //  rollups, by_id, outbox 0, outbox 1, ...]
         let mut trees: Vec<&sled::Tree> = vec![
@@ -491,7 +497,6 @@ impl Writer {
                 let mut unqueued = vec![0u64; t.outboxes.len()];
                 for (seq, ev) in &erased {
                     let key = seq.to_be_bytes();
-                    tx[0].remove(&key)?;
                     tx[1].remove(&time_key(ev.occurred_at.0, *seq))?;
                     // The id stays taken (a resend is a duplicate), by a
                     // tombstone: no event holds its number any more.
@@ -502,7 +507,8 @@ impl Writer {
                         }
                     }
                 }
-                super::customers::apply_in(&tx[2], &runs)?;
+                super::slots::apply_in(&tx[0], &slots)?;
+                super::slots::apply_in(&tx[2], &runs)?;
                 tx[3].insert(super::META_LAST_SEQ, &signal_seq.to_be_bytes())?;
                 tx[3].insert(super::META_TO_ZERO, owed.as_slice())?;
                 tx[4].insert(req.id.as_bytes(), record_bytes.as_slice())?;
@@ -757,14 +763,14 @@ impl Writer {
             .flush_seconds
             .observe(started.elapsed().as_secs_f64());
         type Kv = Vec<(Vec<u8>, Vec<u8>)>;
-        let mut events: Kv = Vec::with_capacity(new.len());
+        let mut events: Vec<(Seq, Location)> = Vec::with_capacity(new.len());
         let mut by_time: Kv = Vec::with_capacity(new.len());
         let mut fingerprints: Vec<(Seq, u32)> = Vec::with_capacity(new.len());
         let mut by_id: Kv = Vec::with_capacity(new.len());
         let mut outboxes: Vec<Kv> = t.outboxes.iter().map(|_| Vec::new()).collect();
         for ((seq, ne), at) in new.iter().zip(&locations) {
             let key = seq.to_be_bytes();
-            events.push((key.to_vec(), at.encode().to_vec()));
+            events.push((*seq, *at));
             by_time.push((time_key(ne.event.occurred_at.0, *seq).to_vec(), Vec::new()));
             fingerprints.push((
                 *seq,
@@ -806,7 +812,13 @@ impl Writer {
         // removes what reached sled (`super::repair_tail`). Once they are
         // in, the events are stored, and the next open completes the rest
         // from the log (`super::replay_log`).
-        put(&t.events, events).map_err(|e| rollback(e.into()))?;
+        // One key per stretch of consecutive numbers: a commit's new events
+        // are numbered consecutively, so one key (per `slots::MAX_RUN`).
+        for (first, value) in super::slots::runs(&events) {
+            t.events
+                .insert(first.to_be_bytes(), value)
+                .map_err(|e| rollback(e.into()))?;
+        }
         let indexes = || -> Result<()> {
             put(&t.by_time, by_time)?;
             // A commit's new events have consecutive numbers: one run.
@@ -830,9 +842,15 @@ impl Writer {
         } else {
             put(&t.by_id, by_id).map_err(|e| rollback(e.into()))?;
         }
+        // The log's end before the high-water mark: sled may keep the
+        // first write without the second. A log end ahead of the mark only
+        // skips frames sled holds whole (everything before it is in); a
+        // mark ahead of the log end would make the open refuse this
+        // commit's frames as older than the mark, end the log there and
+        // zero them.
         let marks = || -> Result<()> {
-            t.meta.insert(super::META_LAST_SEQ, &high_water)?;
             t.meta.insert(super::META_LOG_END, &end.encode())?;
+            t.meta.insert(super::META_LAST_SEQ, &high_water)?;
             Ok(())
         };
         marks().map_err(|e| (e, true))
