@@ -384,6 +384,13 @@ mod tests {
         db.open_tree("events").expect("tree")
     }
 
+    /// Writes the runs of `events` as a commit does.
+    fn write_runs(tree: &sled::Tree, events: &[(Seq, Location)]) {
+        for (first, value) in runs(events) {
+            tree.insert(first.to_be_bytes(), value).expect("insert");
+        }
+    }
+
     fn seqs(tree: &sled::Tree, from: Seq, to: Seq) -> Vec<Seq> {
         range(tree, from, to).map(|e| e.expect("read").0).collect()
     }
@@ -408,14 +415,7 @@ mod tests {
         t.insert(2u64.to_be_bytes(), b"\x01inline record".as_slice())
             .unwrap();
         let events: Vec<(Seq, Location)> = (3..=6).chain(9..=10).map(|s| (s, at(s))).collect();
-        apply(
-            &t,
-            &runs(&events)
-                .into_iter()
-                .map(|(s, v)| (s, Some(v)))
-                .collect::<Vec<_>>(),
-        )
-        .unwrap();
+        write_runs(&t, &events);
         assert_eq!(seqs(&t, 0, Seq::MAX), vec![1, 2, 3, 4, 5, 6, 9, 10]);
         assert_eq!(seqs(&t, 4, 9), vec![4, 5, 6, 9]);
         assert_eq!(seqs(&t, 5, 5), vec![5]);
@@ -435,14 +435,7 @@ mod tests {
         let t = tree();
         t.insert(1u64.to_be_bytes(), &at(1).encode()).unwrap();
         let events: Vec<(Seq, Location)> = (2..=4).chain(6..=7).map(|s| (s, at(s))).collect();
-        apply(
-            &t,
-            &runs(&events)
-                .into_iter()
-                .map(|(s, v)| (s, Some(v)))
-                .collect::<Vec<_>>(),
-        )
-        .unwrap();
+        write_runs(&t, &events);
         // 5 and 8 are not stored: skipped.
         let r = removals(&t, [1, 3, 5, 6, 7, 8]).unwrap();
         assert_eq!(
@@ -463,14 +456,7 @@ mod tests {
     fn truncation_leaves_nothing_from_its_number_on() {
         let t = tree();
         let events: Vec<(Seq, Location)> = (1..=5).chain(7..=8).map(|s| (s, at(s))).collect();
-        apply(
-            &t,
-            &runs(&events)
-                .into_iter()
-                .map(|(s, v)| (s, Some(v)))
-                .collect::<Vec<_>>(),
-        )
-        .unwrap();
+        write_runs(&t, &events);
         apply(&t, &truncated(&t, 4).unwrap()).unwrap();
         assert_eq!(seqs(&t, 0, Seq::MAX), vec![1, 2, 3]);
         assert_eq!(end(&t).unwrap(), 3);
