@@ -286,10 +286,12 @@ const PREFIX: usize = 10;
 /// period, hashed by key: merging a commit's cells costs a hash per cell,
 /// not a search of one large ordered map (the writer spent 13 % of the
 /// node's time there, `memcmp` of long keys with shared prefixes).
-/// A checkpoint sorts them once.
+/// A checkpoint sorts them once. The hasher is seeded at random per map:
+/// keys are made of what publishers send, so colliding ones cannot be
+/// prepared in advance to slow the writer down.
 #[derive(Default)]
 struct Cells {
-    periods: BTreeMap<[u8; PREFIX], HashMap<Vec<u8>, Agg, foldhash::fast::FixedState>>,
+    periods: BTreeMap<[u8; PREFIX], HashMap<Vec<u8>, Agg, foldhash::fast::RandomState>>,
     len: usize,
 }
 
