@@ -282,16 +282,20 @@ impl Maps {
 /// Bytes of a cell key's period prefix (family, period kind, start hour).
 const PREFIX: usize = 10;
 
+/// The seed of the waiting cells' hashers (see [`Cells`]).
+static CELL_SEED: std::sync::LazyLock<u64> = std::sync::LazyLock::new(rand::random);
+
 /// Waiting cells, by period (the prefix every read ranges over) and, in a
 /// period, hashed by key: merging a commit's cells costs a hash per cell,
 /// not a search of one large ordered map (the writer spent 13 % of the
 /// node's time there, `memcmp` of long keys with shared prefixes).
-/// A checkpoint sorts them once. The hasher is seeded at random per map:
-/// keys are made of what publishers send, so colliding ones cannot be
-/// prepared in advance to slow the writer down.
+/// A checkpoint sorts them once. The hasher's seed is drawn at random
+/// once per process ([`CELL_SEED`]): keys are made of what publishers
+/// send, so colliding ones cannot be prepared in advance to slow the
+/// writer down.
 #[derive(Default)]
 struct Cells {
-    periods: BTreeMap<[u8; PREFIX], HashMap<Vec<u8>, Agg, foldhash::fast::RandomState>>,
+    periods: BTreeMap<[u8; PREFIX], HashMap<Vec<u8>, Agg, foldhash::fast::FixedState>>,
     len: usize,
 }
 
@@ -311,7 +315,9 @@ impl Cells {
 
     /// Adds `delta` into the cell `key`.
     fn merge(&mut self, key: Vec<u8>, delta: Agg) {
-        let period = self.periods.entry(Self::prefix(&key)).or_default();
+        let period = self.periods.entry(Self::prefix(&key)).or_insert_with(|| {
+            HashMap::with_hasher(foldhash::fast::FixedState::with_seed(*CELL_SEED))
+        });
         match period.entry(key) {
             std::collections::hash_map::Entry::Occupied(mut cell) => {
                 cell.get_mut().merge(&delta);
