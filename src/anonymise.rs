@@ -173,7 +173,13 @@ pub fn keyed_digest(key: &[u8], data: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts keys of any length");
     mac.update(data);
     let out = mac.finalize().into_bytes();
-    out[..16].iter().map(|b| format!("{b:02x}")).collect()
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = String::with_capacity(32);
+    for b in &out[..16] {
+        hex.push(char::from(HEX[usize::from(b >> 4)]));
+        hex.push(char::from(HEX[usize::from(b & 0x0f)]));
+    }
+    hex
 }
 
 fn load_or_create_key(data_dir: &Path, store_exists: bool) -> Result<[u8; KEY_LEN], Error> {
@@ -294,6 +300,14 @@ fn personal_key(key: &str) -> bool {
         "name", "contact", "mail", "phone", "mobile", "address", "street", "customer", "user",
         "person", "birth", "zip", "postal", "iban",
     ];
+    // The words are ASCII: an ASCII-only key needs no lowercased copy.
+    if key.is_ascii() {
+        let key = key.as_bytes();
+        return PERSONAL.iter().any(|p| {
+            key.windows(p.len())
+                .any(|w| w.eq_ignore_ascii_case(p.as_bytes()))
+        });
+    }
     let key = key.to_lowercase();
     PERSONAL.iter().any(|p| key.contains(p))
 }
@@ -327,6 +341,34 @@ fn scrub_own(text: &str, customer_id: Option<&str>, postal_code: Option<&str>) -
 /// `value` is shorter than 3 characters. A plain scan rather than a regex
 /// built per event: it runs on every published event's text.
 pub(crate) fn find_own(text: &str, value: &str) -> Vec<(usize, usize)> {
+    let value = value.trim();
+    // ASCII on both sides (what publishers send nearly always): characters
+    // are bytes and folding one is `to_ascii_lowercase`, so compare bytes
+    // without collecting the text's characters first. Only both-ASCII: a
+    // non-ASCII character can fold onto an ASCII one (KELVIN SIGN → 'k').
+    if text.is_ascii() && value.is_ascii() {
+        let (text, needle) = (text.as_bytes(), value.as_bytes());
+        let mut found = Vec::new();
+        if needle.len() < 3 || text.len() < needle.len() {
+            return found;
+        }
+        let mut i = 0;
+        while i + needle.len() <= text.len() {
+            if text[i..i + needle.len()].eq_ignore_ascii_case(needle) {
+                found.push((i, i + needle.len()));
+                i += needle.len();
+            } else {
+                i += 1;
+            }
+        }
+        return found;
+    }
+    find_own_folding(text, value)
+}
+
+/// [`find_own`] for any text: each character folded by `to_lowercase`
+/// where that gives one character.
+fn find_own_folding(text: &str, value: &str) -> Vec<(usize, usize)> {
     fn fold(c: char) -> char {
         let mut lower = c.to_lowercase();
         match (lower.next(), lower.next()) {
@@ -387,7 +429,17 @@ fn bounded(mut text: String, max: usize) -> String {
 /// (sizes, years, prices) stay.
 pub fn scrub_text(text: &str) -> String {
     let no_name = NAME_AFTER_CUE.replace_all(text, "${1}[name]");
-    let no_email = EMAIL.replace_all(&no_name, "[email]");
+    // Each pass only where it can change something: an address has an '@';
+    // a number run is replaced only with 7 digits or more, and `\d`
+    // (Unicode decimal digits) is within `char::is_numeric`.
+    let no_email = if no_name.contains('@') {
+        EMAIL.replace_all(&no_name, "[email]")
+    } else {
+        std::borrow::Cow::Borrowed(no_name.as_ref())
+    };
+    if no_email.chars().filter(|c| c.is_numeric()).nth(6).is_none() {
+        return no_email.into_owned();
+    }
     let scrubbed = NUMBER_RUN.replace_all(&no_email, |caps: &regex::Captures<'_>| {
         let run = &caps[0];
         let digits = run.chars().filter(|c| c.is_numeric()).count();
@@ -467,6 +519,57 @@ mod tests {
         assert_eq!(scrub_own("size 42", Some("42"), None), "size 42");
         assert!(personal_key("Contact") && personal_key("e_mail") && personal_key("customer_name"));
         assert!(!personal_key("size") && !personal_key("colour") && !personal_key("fat_pct"));
+    }
+
+    #[test]
+    fn number_runs_are_scrubbed_only_from_seven_digits() {
+        // Six digits in runs stay (the pass is skipped); seven in one run
+        // go, in any script; seven spread over short runs stay.
+        assert_eq!(scrub_text("pack 12 x 3, 456 g"), "pack 12 x 3, 456 g");
+        assert_eq!(scrub_text("call 5123 456"), "call [phone]");
+        assert_eq!(scrub_text("٥١٢٣ ٤٥٦٧"), "[phone]");
+        assert_eq!(scrub_text("1 x 22, 333 g, 4"), "1 x 22, 333 g, 4");
+        assert_eq!(
+            scrub_text("no at sign: jane.doe.example.com"),
+            "no at sign: jane.doe.example.com"
+        );
+    }
+
+    #[test]
+    fn the_ascii_search_for_own_values_finds_what_the_folding_one_finds() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let alphabet = b"aAbBcC-1 ";
+        let mut word = |len: std::ops::Range<usize>| -> String {
+            let len = rng.random_range(len);
+            (0..len)
+                .map(|_| char::from(alphabet[rng.random_range(0..alphabet.len())]))
+                .collect()
+        };
+        for _ in 0..20_000 {
+            let (text, value) = (word(0..30), word(1..7));
+            assert_eq!(
+                find_own(&text, &value),
+                find_own_folding(&text, &value),
+                "{text:?} / {value:?}"
+            );
+        }
+        assert_eq!(
+            find_own("xABCabcAbc", " abc "),
+            vec![(1, 4), (4, 7), (7, 10)]
+        );
+        assert_eq!(find_own("aaaa", "aa "), Vec::<(usize, usize)>::new());
+        // KELVIN SIGN folds onto 'k': the folding search takes it.
+        assert_eq!(find_own("\u{212a}ey-77", "key-77"), vec![(0, 8)]);
+        assert!(!personal_key("Size") && personal_key("E_MAIL") && personal_key("Ünder_name"));
+    }
+
+    #[test]
+    fn keyed_digests_are_the_first_half_of_hmac_sha256_in_hex() {
+        assert_eq!(
+            keyed_digest(b"key", b"The quick brown fox jumps over the lazy dog"),
+            "f7bc83f430538424b13298e6aa6fb143"
+        );
     }
 
     #[test]
