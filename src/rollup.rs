@@ -1202,9 +1202,32 @@ pub fn fold<'a>(
     layout: &Layout,
 ) -> BTreeMap<Vec<u8>, Agg> {
     let mut cells: BTreeMap<Vec<u8>, Agg> = BTreeMap::new();
-    // One key buffer for every cell: most cells of a commit are already in
-    // the map (a view's day cell gets many events), and looking one up by a
-    // borrowed key allocates nothing.
+    // Most cells of a commit are already in the map (a view's day cell
+    // gets many events), and looking one up by a borrowed key allocates
+    // nothing.
+    fold_with(events, layout, |key, contribution| {
+        match cells.get_mut(key) {
+            Some(agg) => {
+                agg.merge(contribution);
+                agg.compact();
+            }
+            None => {
+                cells.insert(key.to_vec(), contribution.clone());
+            }
+        }
+    });
+    cells
+}
+
+/// Hands each cell that `events` add to, one event at a time, to `sink`:
+/// the cell's encoded key and the event's contribution. [`fold`] collects
+/// them; the store's writer adds them to the waiting cells directly.
+pub fn fold_with<'a>(
+    events: impl IntoIterator<Item = &'a PreferenceEvent>,
+    layout: &Layout,
+    mut sink: impl FnMut(&[u8], &Agg),
+) {
+    // One key buffer for every cell.
     let mut key = Vec::with_capacity(128);
     for ev in events {
         let contribution = Agg::of_event(ev);
@@ -1212,18 +1235,9 @@ pub fn fold<'a>(
             key.clear();
             key.extend_from_slice(&period_prefix(family, period, hour));
             dims.encode_into(&mut key);
-            match cells.get_mut(key.as_slice()) {
-                Some(agg) => {
-                    agg.merge(&contribution);
-                    agg.compact();
-                }
-                None => {
-                    cells.insert(key.clone(), contribution.clone());
-                }
-            }
+            sink(&key, &contribution);
         });
     }
-    cells
 }
 
 #[cfg(test)]

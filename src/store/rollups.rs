@@ -330,6 +330,24 @@ impl Cells {
         }
     }
 
+    /// Adds `delta` into the cell `key`, copying the key and the delta
+    /// only for a new cell.
+    fn merge_ref(&mut self, key: &[u8], delta: &Agg) {
+        let period = self.periods.entry(Self::prefix(key)).or_insert_with(|| {
+            HashMap::with_hasher(foldhash::fast::FixedState::with_seed(*CELL_SEED))
+        });
+        match period.get_mut(key) {
+            Some(cell) => {
+                cell.merge(delta);
+                cell.compact();
+            }
+            None => {
+                period.insert(key.to_vec(), delta.clone());
+                self.len += 1;
+            }
+        }
+    }
+
     /// Adds every cell of `cells`.
     fn merge_all(&mut self, cells: BTreeMap<Vec<u8>, Agg>) {
         for (key, delta) in cells {
@@ -402,6 +420,11 @@ impl LaneMaps {
             return;
         }
         self.active.merge_all(cells);
+        self.counted(events, upto);
+    }
+
+    /// Counts `events` up to `upto` as added (their cells are in `active`).
+    fn counted(&mut self, events: u64, upto: Seq) {
         self.active_events += events;
         self.active_upto = self.active_upto.max(upto);
         self.since.get_or_insert_with(std::time::Instant::now);
@@ -753,13 +776,28 @@ impl Pending {
     /// Adds the cells of committed events up to `upto` (writer thread);
     /// `hours`: the hours the events occurred in, sorted (ends the change
     /// [`Self::begin_change`] began).
-    pub(super) fn add(&self, cells: BTreeMap<Vec<u8>, Agg>, events: u64, upto: Seq, hours: &[i64]) {
+    ///
+    /// The events are folded straight into the waiting cells, under the
+    /// lock: a map of the commit's own cells first would cost a second
+    /// search and insert per cell (most hourly cells are new).
+    pub(super) fn add<'a>(
+        &self,
+        new: impl IntoIterator<Item = &'a crate::domain::PreferenceEvent>,
+        events: u64,
+        upto: Seq,
+        hours: &[i64],
+    ) {
         self.end_change(Some(hours));
-        let [hourly, views] = by_lane(cells);
         let (due, over) = {
             let mut maps = self.write();
-            maps.lane(Lane::Hours).add(hourly, events, upto);
-            maps.lane(Lane::Views).add(views, events, upto);
+            let [hourly, views] = &mut maps.lanes;
+            crate::rollup::fold_with(new, &self.layout, |key, delta| match Lane::of(key) {
+                Lane::Hours => hourly.active.merge_ref(key, delta),
+                Lane::Views => views.active.merge_ref(key, delta),
+            });
+            for lane in Lane::ALL {
+                maps.lane(lane).counted(events, upto);
+            }
             (
                 maps.lanes[0].active_events >= Lane::Hours.events()
                     || maps.lanes[1].active_events >= Lane::Views.events(),
@@ -1594,6 +1632,54 @@ mod tests {
     /// While a checkpoint merges a lane chunk by chunk, a query reads the
     /// cells merged so far from the tree and the rest from the frozen map:
     /// each once.
+    /// The writer folds each commit straight into the waiting cells: what
+    /// waits is what `fold` gives for all the commits together, split by
+    /// lane, and each lane counts every event.
+    #[test]
+    fn commits_fold_into_the_waiting_cells_as_one_fold_of_all_their_events() {
+        use crate::domain::UnixNanos;
+        let now = 1_790_000_000;
+        let mut work = crate::workload::Workload::new(3, "w", 40, now);
+        let events: Vec<crate::domain::PreferenceEvent> = (0..600)
+            .map(|_| {
+                crate::conversions::customer_event_from_pb(
+                    work.next_event(),
+                    UnixNanos(now * 1_000_000_000),
+                )
+                .expect("valid")
+            })
+            .map(|ev| crate::anonymise::Anonymiser::new("r", [7; 32]).anonymise(ev))
+            .collect();
+        let layout = Arc::new(Layout::default());
+        let p = Pending::with_maps(layout.clone(), Maps::default());
+        for (i, commit) in events.chunks(150).enumerate() {
+            p.add(commit, commit.len() as u64, 150 * (i as u64 + 1), &[]);
+        }
+        let expected = by_lane(crate::rollup::fold(&events, &layout));
+        let maps = p.read();
+        for lane in Lane::ALL {
+            let waiting = &maps.lanes[lane as usize];
+            let got: Vec<(Vec<u8>, Vec<u8>)> = waiting
+                .active
+                .sorted()
+                .into_iter()
+                .map(|(k, a)| (k.clone(), a.encode()))
+                .collect();
+            let want: Vec<(Vec<u8>, Vec<u8>)> = expected[lane as usize]
+                .iter()
+                .map(|(k, a)| (k.clone(), a.encode()))
+                .collect();
+            assert!(!want.is_empty());
+            assert_eq!(got.len(), want.len(), "{lane:?}");
+            assert!(
+                got == want,
+                "{lane:?}: the waiting cells differ from the fold"
+            );
+            assert_eq!(waiting.active_events, 600);
+            assert_eq!(waiting.active_upto, 600);
+        }
+    }
+
     #[test]
     fn a_query_during_a_chunked_checkpoint_counts_each_cell_once() {
         let dir = tempfile::tempdir().expect("temp dir");

@@ -717,9 +717,13 @@ impl Writer {
         }
         // The events are in the trees: their rollup deltas wait in memory
         // until the checkpointer merges them (a crash refolds them).
-        let cells = crate::rollup::fold(new.iter().map(|(_, ne)| &ne.event), pending.layout());
         let upto = new.iter().map(|(s, _)| *s).max().unwrap_or(0);
-        pending.add(cells, new.len() as u64, upto, &hours);
+        pending.add(
+            new.iter().map(|(_, ne)| &ne.event),
+            new.len() as u64,
+            upto,
+            &hours,
+        );
         Ok(())
     }
 
