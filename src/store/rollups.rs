@@ -972,6 +972,17 @@ impl Pending {
     /// drops the record. A checkpoint a failure cut short is resumed where
     /// it stopped by the next call.
     fn checkpoint(&self, tree: &sled::Tree, lane: Lane) -> Result<bool> {
+        // A panic while the maps were held for writing (the writer folds a
+        // commit in under that lock) may have left the commit's cells half
+        // added, without its events counted: merging them would count them
+        // again when the next open folds that commit's events from the
+        // watermark. Nothing is merged until a restart does that.
+        if self.maps.is_poisoned() {
+            return Err(Error::Write {
+                reason: "the waiting rollups were left half updated by a panic in the store's writer; restart the node (it folds the rollups of the events after the last checkpoint again)".into(),
+                disk_full: false,
+            });
+        }
         let started = std::time::Instant::now();
         let (frozen, upto, events, done) = {
             let mut maps = self.write();
@@ -1627,11 +1638,46 @@ mod tests {
         assert!(cells.is_empty());
     }
 
-    /// A stored cell that does not decode is reported, never merged into
-    /// as if it were empty.
-    /// While a checkpoint merges a lane chunk by chunk, a query reads the
-    /// cells merged so far from the tree and the rest from the frozen map:
-    /// each once.
+    /// A panic while the waiting cells are held for writing stops every
+    /// checkpoint: what it left half added never reaches the tree.
+    #[test]
+    fn no_checkpoint_merges_what_a_panic_left_half_added() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = sled::open(dir.path()).expect("sled");
+        let tree = db.open_tree("rollups").expect("tree");
+        let key = CellKey {
+            family: Layout::family(0),
+            period: Bucket::Day,
+            hour: 48,
+            dims: Default::default(),
+        }
+        .encode();
+        let p = Pending::with_maps(Arc::new(Layout::default()), Maps::default());
+        let one = Agg {
+            events: 1,
+            ..Default::default()
+        };
+        p.write().lane(Lane::Views).active.merge_ref(&key, &one);
+        p.write().lane(Lane::Views).counted(1, 1);
+        assert!(p.checkpoint(&tree, Lane::Views).expect("checkpoint"));
+        assert_eq!(tree.len(), 1 + 1, "the cell and the lane's watermark");
+        let half = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut maps = p.write();
+            maps.lane(Lane::Views).active.merge_ref(&key, &one);
+            panic!("a fold that fails half way");
+        }));
+        assert!(half.is_err());
+        let e = p.checkpoint(&tree, Lane::Views).expect_err("refused");
+        assert!(e.to_string().contains("restart the node"), "{e}");
+        let stored = tree.get(&key).expect("read").expect("cell");
+        let stored = Agg::decode_bytes(crate::rollup::open_value(&key, &stored).expect("sealed"));
+        assert_eq!(
+            stored.map(|a| a.events),
+            Some(1),
+            "the half-added event is not merged"
+        );
+    }
+
     /// The writer folds each commit straight into the waiting cells: what
     /// waits is what `fold` gives for all the commits together, split by
     /// lane, and each lane counts every event.
@@ -1680,6 +1726,9 @@ mod tests {
         }
     }
 
+    /// While a checkpoint merges a lane chunk by chunk, a query reads the
+    /// cells merged so far from the tree and the rest from the frozen map:
+    /// each once.
     #[test]
     fn a_query_during_a_chunked_checkpoint_counts_each_cell_once() {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -1731,6 +1780,8 @@ mod tests {
         assert_eq!(events(&p), 5, "two from the tree, two frozen, one active");
     }
 
+    /// A stored cell that does not decode is reported, never merged into
+    /// as if it were empty.
     #[test]
     fn a_corrupt_stored_cell_stops_the_merge_and_names_the_repair() {
         let dir = tempfile::tempdir().expect("temp dir");
