@@ -27,6 +27,7 @@
 //! have been valid, issued by the CA and for the origin's identity when the
 //! event was signed.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -122,31 +123,54 @@ pub enum FieldPart {
 /// The fields of `ev` the proof covers, by name, in canonical form: only
 /// those set (an empty string, a zero quantity, no score: not set).
 pub fn canonical_fields(ev: &PreferenceEvent) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut put = |name: &str, value: String| {
+    canonical_pairs(ev)
+        .into_iter()
+        .map(|(name, value)| (name.into_owned(), value.into_owned()))
+        .collect()
+}
+
+/// [`canonical_fields`] without copies where the event holds the value,
+/// sorted by name: what signing each published event needs.
+fn canonical_pairs<'a>(ev: &'a PreferenceEvent) -> Vec<(Cow<'a, str>, Cow<'a, str>)> {
+    let mut out: Vec<(Cow<'a, str>, Cow<'a, str>)> = Vec::with_capacity(16 + ev.attributes.len());
+    let mut put = |name: Cow<'a, str>, value: Cow<'a, str>| {
         if !value.is_empty() {
-            out.insert(name.to_string(), value);
+            out.push((name, value));
         }
     };
-    put("event_id", ev.event_id.clone());
-    put("origin", ev.origin.clone());
-    put("kind", ev.kind.number().to_string());
-    put("occurred_at", ev.occurred_at.0.to_string());
-    put("product.gtin", ev.product.gtin.as_str().to_string());
-    put("product.category", ev.product.category.clone());
-    put("product.brand", ev.product.brand.clone());
-    put("channel", ev.channel.number().to_string());
-    put("stage", ev.stage.number().to_string());
-    put("score", ev.score.map(|s| s.to_string()).unwrap_or_default());
+    put("event_id".into(), ev.event_id.as_str().into());
+    put("origin".into(), ev.origin.as_str().into());
+    put("kind".into(), Cow::Owned(ev.kind.number().to_string()));
+    put(
+        "occurred_at".into(),
+        Cow::Owned(ev.occurred_at.0.to_string()),
+    );
+    put("product.gtin".into(), ev.product.gtin.as_str().into());
+    put(
+        "product.category".into(),
+        ev.product.category.as_str().into(),
+    );
+    put("product.brand".into(), ev.product.brand.as_str().into());
+    put(
+        "channel".into(),
+        Cow::Owned(ev.channel.number().to_string()),
+    );
+    put("stage".into(), Cow::Owned(ev.stage.number().to_string()));
+    put(
+        "score".into(),
+        Cow::Owned(ev.score.map(|s| s.to_string()).unwrap_or_default()),
+    );
     if ev.quantity != 0 {
-        put("quantity", ev.quantity.to_string());
+        put("quantity".into(), Cow::Owned(ev.quantity.to_string()));
     }
-    put("region", ev.region.clone());
-    put("age_band", ev.age_band.clone());
-    put("text", ev.text.clone());
+    put("region".into(), ev.region.as_str().into());
+    put("age_band".into(), ev.age_band.as_str().into());
+    put("text".into(), ev.text.as_str().into());
     for (k, v) in &ev.attributes {
-        put(&format!("attributes.{k}"), v.clone());
+        put(Cow::Owned(format!("attributes.{k}")), v.as_str().into());
     }
+    // Names are unique (attribute keys are, and carry their prefix).
+    out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     out
 }
 
@@ -398,14 +422,14 @@ impl Signer {
     fn message(&self, ev: &PreferenceEvent, signed_at: UnixNanos) -> ([u8; 32], Vec<u8>) {
         let mut seed = [0u8; 32];
         rand::rng().fill_bytes(&mut seed);
-        let fields = canonical_fields(ev);
+        let fields = canonical_pairs(ev);
         let salts = Salts::new(&seed);
         let message = signed_message(
             &self.fingerprint,
             signed_at,
             fields
                 .iter()
-                .map(|(name, value)| (name.as_str(), field_digest(&salts.of(name), value))),
+                .map(|(name, value)| (name.as_ref(), field_digest(&salts.of(name), value))),
         );
         (seed, message)
     }
