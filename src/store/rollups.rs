@@ -348,6 +348,28 @@ impl Cells {
         }
     }
 
+    /// Adds every cell of `other`: a period this map lacks is moved over
+    /// whole.
+    fn absorb(&mut self, other: Cells) {
+        if self.is_empty() {
+            *self = other;
+            return;
+        }
+        for (prefix, cells) in other.periods {
+            match self.periods.entry(prefix) {
+                std::collections::btree_map::Entry::Vacant(period) => {
+                    self.len += cells.len();
+                    period.insert(cells);
+                }
+                std::collections::btree_map::Entry::Occupied(_) => {
+                    for (key, delta) in cells {
+                        self.merge(key, delta);
+                    }
+                }
+            }
+        }
+    }
+
     /// Adds every cell of `cells`.
     fn merge_all(&mut self, cells: BTreeMap<Vec<u8>, Agg>) {
         for (key, delta) in cells {
@@ -777,9 +799,11 @@ impl Pending {
     /// `hours`: the hours the events occurred in, sorted (ends the change
     /// [`Self::begin_change`] began).
     ///
-    /// The events are folded straight into the waiting cells, under the
-    /// lock: a map of the commit's own cells first would cost a second
-    /// search and insert per cell (most hourly cells are new).
+    /// The events are folded into hash maps like the waiting cells' before
+    /// the lock is taken, then moved in: a new period whole, a cell of a
+    /// period that waits already with one search. (Folding under the lock
+    /// made the checkpointer wait for every commit's fold at each chunk it
+    /// merges, and stalled ingest at a million stored events.)
     pub(super) fn add<'a>(
         &self,
         new: impl IntoIterator<Item = &'a crate::domain::PreferenceEvent>,
@@ -787,16 +811,17 @@ impl Pending {
         upto: Seq,
         hours: &[i64],
     ) {
+        let mut own: [Cells; 2] = Default::default();
+        crate::rollup::fold_with(new, &self.layout, |key, delta| {
+            own[Lane::of(key) as usize].merge_ref(key, delta);
+        });
         self.end_change(Some(hours));
         let (due, over) = {
             let mut maps = self.write();
-            let [hourly, views] = &mut maps.lanes;
-            crate::rollup::fold_with(new, &self.layout, |key, delta| match Lane::of(key) {
-                Lane::Hours => hourly.active.merge_ref(key, delta),
-                Lane::Views => views.active.merge_ref(key, delta),
-            });
-            for lane in Lane::ALL {
-                maps.lane(lane).counted(events, upto);
+            for (lane, cells) in Lane::ALL.into_iter().zip(own) {
+                let waiting = maps.lane(lane);
+                waiting.active.absorb(cells);
+                waiting.counted(events, upto);
             }
             (
                 maps.lanes[0].active_events >= Lane::Hours.events()
@@ -972,9 +997,9 @@ impl Pending {
     /// drops the record. A checkpoint a failure cut short is resumed where
     /// it stopped by the next call.
     fn checkpoint(&self, tree: &sled::Tree, lane: Lane) -> Result<bool> {
-        // A panic while the maps were held for writing (the writer folds a
-        // commit in under that lock) may have left the commit's cells half
-        // added, without its events counted: merging them would count them
+        // A panic while the maps were held for writing (the writer moves a
+        // commit's cells in under that lock) may have left them half
+        // added, without the commit's events counted: merging them would count them
         // again when the next open folds that commit's events from the
         // watermark. Nothing is merged until a restart does that.
         if self.maps.is_poisoned() {
