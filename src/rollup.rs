@@ -634,6 +634,14 @@ impl Agg {
         a
     }
 
+    /// Adds `delta` into this kept cell: [`Self::merge`], then
+    /// [`Self::compact`] (a cell switches to a sketch past
+    /// [`EXACT_LIMIT`] customers; a query's group does not).
+    pub fn merge_cell(&mut self, delta: &Agg) {
+        self.merge(delta);
+        self.compact();
+    }
+
     /// Adds `other` into `self`. A sketch's stored estimate goes stale
     /// (0) until [`Self::seal`].
     pub fn merge(&mut self, other: &Agg) {
@@ -1182,8 +1190,7 @@ pub fn project<'a>(
         .encode();
         match out.entry(key) {
             std::collections::btree_map::Entry::Occupied(mut cell) => {
-                cell.get_mut().merge(&agg);
-                cell.get_mut().compact();
+                cell.get_mut().merge_cell(&agg);
             }
             std::collections::btree_map::Entry::Vacant(cell) => {
                 cell.insert(agg);
@@ -1207,10 +1214,7 @@ pub fn fold<'a>(
     // nothing.
     fold_with(events, layout, |key, contribution| {
         match cells.get_mut(key) {
-            Some(agg) => {
-                agg.merge(contribution);
-                agg.compact();
-            }
+            Some(agg) => agg.merge_cell(contribution),
             None => {
                 cells.insert(key.to_vec(), contribution.clone());
             }

@@ -313,15 +313,18 @@ impl Cells {
         p
     }
 
+    /// The map of the period `key` belongs to, made when missing.
+    fn period(&mut self, key: &[u8]) -> &mut HashMap<Vec<u8>, Agg, foldhash::fast::FixedState> {
+        self.periods.entry(Self::prefix(key)).or_insert_with(|| {
+            HashMap::with_hasher(foldhash::fast::FixedState::with_seed(*CELL_SEED))
+        })
+    }
+
     /// Adds `delta` into the cell `key`.
     fn merge(&mut self, key: Vec<u8>, delta: Agg) {
-        let period = self.periods.entry(Self::prefix(&key)).or_insert_with(|| {
-            HashMap::with_hasher(foldhash::fast::FixedState::with_seed(*CELL_SEED))
-        });
-        match period.entry(key) {
+        match self.period(&key).entry(key) {
             std::collections::hash_map::Entry::Occupied(mut cell) => {
-                cell.get_mut().merge(&delta);
-                cell.get_mut().compact();
+                cell.get_mut().merge_cell(&delta)
             }
             std::collections::hash_map::Entry::Vacant(cell) => {
                 cell.insert(delta);
@@ -333,14 +336,9 @@ impl Cells {
     /// Adds `delta` into the cell `key`, copying the key and the delta
     /// only for a new cell.
     fn merge_ref(&mut self, key: &[u8], delta: &Agg) {
-        let period = self.periods.entry(Self::prefix(key)).or_insert_with(|| {
-            HashMap::with_hasher(foldhash::fast::FixedState::with_seed(*CELL_SEED))
-        });
+        let period = self.period(key);
         match period.get_mut(key) {
-            Some(cell) => {
-                cell.merge(delta);
-                cell.compact();
-            }
+            Some(cell) => cell.merge_cell(delta),
             None => {
                 period.insert(key.to_vec(), delta.clone());
                 self.len += 1;
@@ -610,8 +608,7 @@ fn merge_batch<'a>(
                 .ok_or_else(|| corrupt(key, "bad cell"))?,
             None => Agg::default(),
         };
-        agg.merge(delta);
-        agg.compact();
+        agg.merge_cell(delta);
         agg.seal();
         batch.insert(key.as_slice(), seal_value(key, &agg));
     }
@@ -624,8 +621,7 @@ fn merge_map(map: &mut BTreeMap<Vec<u8>, Agg>, cells: BTreeMap<Vec<u8>, Agg>) {
     for (key, delta) in cells {
         match map.entry(key) {
             std::collections::btree_map::Entry::Occupied(mut cell) => {
-                cell.get_mut().merge(&delta);
-                cell.get_mut().compact();
+                cell.get_mut().merge_cell(&delta);
             }
             std::collections::btree_map::Entry::Vacant(cell) => {
                 cell.insert(delta);
@@ -1352,8 +1348,7 @@ pub(super) fn erase_corrections(
             for (key, agg) in crate::rollup::fold(std::iter::once(&ev), layout) {
                 if rebuild.contains_key(&key) {
                     let acc = customers_of.entry(key).or_default();
-                    acc.merge(&agg);
-                    acc.compact();
+                    acc.merge_cell(&agg);
                 }
             }
         }
