@@ -9,7 +9,10 @@
 //!   stores written before: seq → where its record is, or before the log
 //!   the record itself, see [`record`])
 //! - `by_id`:   event_id → seq — deduplication
-//! - `by_time`: occurred_at (i64, sign-flipped) ‖ seq → () — time range scans
+//! - `time_blocks`: day ‖ first seq of a bucket of 256 → the occurred_at
+//!   of each of its events that occurred that day — time range scans (see
+//!   [`times`]; it replaced `by_time`, occurred_at ‖ seq → (), one key per
+//!   event)
 //! - `customer_runs`: first seq of a commit's new events → a fingerprint
 //!   of each one's customer pseudonym — finding a customer's events for
 //!   erasure (see [`customers`]; it replaced `by_customer`,
@@ -58,6 +61,7 @@ mod outbox;
 mod recent;
 mod rollups;
 mod slots;
+mod times;
 
 pub use erasure::{EraseRequest, Erased, ErasureRecord, ErasureSignal, LinkErasure, Route, Router};
 pub use recent::RecentEvent;
@@ -381,7 +385,7 @@ impl Store {
         let trees = Trees {
             events: db.open_tree("events").map_err(open_err)?,
             by_id: db.open_tree("by_id").map_err(open_err)?,
-            by_time: db.open_tree("by_time").map_err(open_err)?,
+            by_time: db.open_tree(times::TREE).map_err(open_err)?,
             meta: db.open_tree("meta").map_err(open_err)?,
             cursors: db.open_tree("cursors").map_err(open_err)?,
             certs: db.open_tree("certs").map_err(open_err)?,
@@ -407,6 +411,7 @@ impl Store {
         };
         let mut trees = trees;
         let trees_opened = started.elapsed();
+        times::convert(&db, &trees.by_time)?;
         replay_log(&db, &trees)?;
         finish_zeroing(&db, &trees)?;
         repair_tail(&trees)?;
@@ -719,20 +724,8 @@ impl Store {
         from: UnixNanos,
         to: UnixNanos,
     ) -> impl Iterator<Item = Result<PreferenceEvent>> + '_ {
-        let start = time_key(from.0, 0);
-        let end = time_key(to.0, 0);
-        self.inner
-            .trees
-            .by_time
-            .range(start..end)
-            .filter_map(move |item| {
-                let read = || -> Result<Option<PreferenceEvent>> {
-                    let (k, _) = item?;
-                    let seq = seq_from(&k[8..], "by_time", "?")?;
-                    self.get(seq)
-                };
-                read().transpose()
-            })
+        times::scan(&self.inner.trees.by_time, from.0, to.0)
+            .filter_map(move |entry| entry.and_then(|e| self.get(e.seq)).transpose())
     }
 
     /// Number of stored events.
@@ -949,6 +942,38 @@ impl Store {
                     format!("tree by_id: {id:?} has a value of {} bytes", value.len()),
                 ),
             }
+        }
+        // One time entry per stored event, each naming one.
+        let mut time_entries = 0u64;
+        for item in t.by_time.iter() {
+            let (key, value) = item?;
+            match times::decode(&key, &value) {
+                Err(e) => problem(&mut v, format!("tree {}: {e}", times::TREE)),
+                Ok(entries) => {
+                    for e in entries {
+                        time_entries += 1;
+                        if !slots::contains(&t.events, e.seq)? {
+                            problem(
+                                &mut v,
+                                format!(
+                                    "tree {}: entry of seq {} names no stored event",
+                                    times::TREE,
+                                    e.seq
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        v.index_entries += time_entries;
+        if time_entries != v.events {
+            let line = format!(
+                "tree {}: {time_entries} entries for {} stored events",
+                times::TREE,
+                v.events
+            );
+            problem(&mut v, line);
         }
         for name in self.inner.db.tree_names() {
             if !name.starts_with(b"outbox/") {
@@ -1264,8 +1289,10 @@ impl Store {
         audit::verify_db(&db)
     }
 
-    /// Removes up to `limit` events that occurred before `before` (retention),
-    /// with their index entries. Returns how many were removed.
+    /// Removes about `limit` events that occurred before `before`
+    /// (retention), with their index entries: the oldest whole blocks of the
+    /// time index, so up to 255 more. Returns how many were removed; 0 once
+    /// none is left (that step also drops the rollup cells before it).
     pub async fn purge_before(&self, before: UnixNanos, limit: usize) -> Result<usize> {
         let (reply, rx) = oneshot::channel();
         self.inner
@@ -1501,9 +1528,17 @@ fn repair_tail(trees: &Trees) -> Result<usize> {
             &customers::truncated(&trees.customer_runs, first)?,
         )?;
     }
-    for (seq, ev) in &orphans {
+    times::apply(
+        &trees.by_time,
+        &times::removed(
+            &trees.by_time,
+            orphans
+                .iter()
+                .map(|(seq, ev)| times::Entry::new(ev.occurred_at.0, *seq)),
+        )?,
+    )?;
+    for (seq, _) in &orphans {
         let key = seq.to_be_bytes();
-        trees.by_time.remove(time_key(ev.occurred_at.0, *seq))?;
         for outbox in trees.outboxes.iter() {
             if outbox.tree.remove(key)?.is_some() {
                 outbox.len.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
@@ -1522,19 +1557,12 @@ fn repair_tail(trees: &Trees) -> Result<usize> {
         );
     }
     if let Some(first) = rolled_back.first() {
-        // Their records are gone from the log, so their index keys are
-        // found by their sequence number (the last 8 bytes of each key).
-        for tree in [&trees.by_time] {
-            for item in tree.iter() {
-                let (k, _) = item?;
-                let seq = k.len().checked_sub(8).map(|at| &k[at..]);
-                if seq.is_some_and(|s| {
-                    rolled_back.contains(&Seq::from_be_bytes(s.try_into().expect("8 bytes")))
-                }) {
-                    tree.remove(k)?;
-                }
-            }
-        }
+        // Their records are gone from the log, so their time entries are
+        // found by their sequence number.
+        times::apply(
+            &trees.by_time,
+            &times::removed_seqs(&trees.by_time, &rolled_back)?,
+        )?;
         for seq in &rolled_back {
             let key = seq.to_be_bytes();
             for outbox in trees.outboxes.iter() {
@@ -1616,12 +1644,14 @@ fn replay_log(db: &sled::Db, trees: &Trees) -> Result<usize> {
     let now = UnixNanos::now().0.to_be_bytes();
     let mut high = last_seq;
     // The customer runs of the commits sled lost, written again from their
-    // frames: nothing above the high-water mark sled kept is stored, so no
-    // run may reach there first (a commit's run is one write: a run sled
-    // kept is whole, and one of a replayed commit is written again here).
+    // frames. Replay starts at a commit, and a commit's run is one write: a
+    // run sled kept from there on is whole, and written again here. Runs
+    // before it stay, above the high-water mark too: the log's end is
+    // written before the mark, so commits up to it may be kept whole
+    // without it (truncating from the mark dropped their runs).
     slots::apply(
         &trees.customer_runs,
-        &customers::truncated(&trees.customer_runs, last_seq + 1)?,
+        &customers::truncated(&trees.customer_runs, frames[0].seq)?,
     )?;
     // (Every replayed frame is above that mark.)
     let fingerprints: Vec<(Seq, u32)> = frames
@@ -1659,11 +1689,18 @@ fn replay_log(db: &sled::Db, trees: &Trees) -> Result<usize> {
     for (first, value) in slots::runs(&locations) {
         trees.events.insert(first.to_be_bytes(), value)?;
     }
+    // A replayed entry replaces one sled kept of the same number.
+    for (k, v) in times::added(
+        &trees.by_time,
+        frames
+            .iter()
+            .zip(&accepted)
+            .map(|(f, ev)| times::Entry::new(ev.occurred_at.0, f.seq)),
+    )? {
+        trees.by_time.insert(k, v)?;
+    }
     for (f, ev) in frames.iter().zip(&accepted) {
         let key = f.seq.to_be_bytes();
-        trees
-            .by_time
-            .insert(time_key(ev.occurred_at.0, f.seq), &[])?;
         for link in &f.links {
             // A link no longer configured has no outbox to queue in.
             if let Some(outbox) = trees.outboxes.iter().find(|o| &o.link == link) {
@@ -1734,15 +1771,6 @@ fn seq_from(bytes: &[u8], tree: &'static str, key: &str) -> Result<Seq> {
         source: DecodeError::TooShort(bytes.len()),
     })?;
     Ok(Seq::from_be_bytes(arr))
-}
-
-/// The `by_time` key: occurred_at with the sign bit flipped (so negative
-/// times sort first) followed by the sequence number, both big-endian.
-fn time_key(occurred_at: i64, seq: Seq) -> [u8; 16] {
-    let mut key = [0u8; 16];
-    key[..8].copy_from_slice(&((occurred_at as u64) ^ (1 << 63)).to_be_bytes());
-    key[8..].copy_from_slice(&seq.to_be_bytes());
-    key
 }
 
 #[cfg(test)]
@@ -1819,7 +1847,7 @@ mod tests {
             let db = unlocked(|| sled::open(dir.path()));
             let (events, by_time, customer_runs, by_id, outbox) = (
                 db.open_tree("events").expect("tree"),
-                db.open_tree("by_time").expect("tree"),
+                db.open_tree(times::TREE).expect("tree"),
                 db.open_tree("customer_runs").expect("tree"),
                 db.open_tree("by_id").expect("tree"),
                 outbox::open(&db, &links[0]).expect("outbox").tree,
@@ -1837,9 +1865,7 @@ mod tests {
                 events
                     .insert(seq.to_be_bytes(), record::encode(&ne.event))
                     .expect("insert");
-                by_time
-                    .insert(time_key(ne.event.occurred_at.0, seq), &[])
-                    .expect("insert");
+                times::insert(&by_time, ne.event.occurred_at.0, seq).expect("insert");
                 outbox.insert(seq.to_be_bytes(), &[0u8; 8]).expect("insert");
             }
             if first_by_id_landed {
@@ -1851,7 +1877,7 @@ mod tests {
         let kept = if first_by_id_landed { 4 } else { 3 };
         let store = unlocked(|| Store::open(dir.path(), &links));
         assert_eq!(store.len().unwrap(), kept, "the remains are gone");
-        assert_eq!(store.inner.trees.by_time.len(), kept);
+        assert_eq!(times::count(&store.inner.trees.by_time).unwrap(), kept);
         assert_eq!(customer_fingerprints(&store), kept);
         assert_eq!(store.inner.trees.outboxes[0].tree.len(), kept);
         assert_eq!(
@@ -1884,7 +1910,7 @@ mod tests {
             .expect("append");
         assert_eq!(again, vec![Appended::Duplicate(4), Appended::Duplicate(5)]);
         assert_eq!(store.len().unwrap(), 5);
-        assert_eq!(store.inner.trees.by_time.len(), 5);
+        assert_eq!(times::count(&store.inner.trees.by_time).unwrap(), 5);
         assert_eq!(customer_fingerprints(&store), 5);
         store.close().await.expect("close");
         drop(store);
@@ -1907,6 +1933,112 @@ mod tests {
         let store = unlocked(|| Store::open(dir.path(), &links));
         assert_eq!(store.len().unwrap(), 5);
         assert_eq!(customer_fingerprints(&store), 5, "indexed again");
+        let v = store.verify(|_| {}).expect("verify");
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        store.close().await.expect("close");
+    }
+
+    /// A store written before the time blocks (one `by_time` key per
+    /// event) is converted at open: the same scans, retention and erasure
+    /// find the same events, and verify finds nothing wrong.
+    #[tokio::test]
+    async fn a_store_with_the_old_time_index_is_converted_at_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        const DAY: i64 = 86_400 * 1_000_000_000;
+        let event = |i: usize| {
+            let mut ev = PreferenceEvent::example();
+            ev.event_id = format!("e-{i}");
+            ev.customer_pseudonym = format!("{:032x}", i % 7 + 1);
+            ev.occurred_at = UnixNanos(ev.occurred_at.0 - (i as i64 % 9) * DAY + i as i64 * 1_000);
+            NewEvent::local(ev)
+        };
+        let base = PreferenceEvent::example().occurred_at.0;
+        let everything = || (UnixNanos(i64::MIN), UnixNanos(i64::MAX));
+        let ids = |events: Vec<PreferenceEvent>| -> Vec<String> {
+            events.into_iter().map(|e| e.event_id).collect()
+        };
+        let before = {
+            let store = Store::open(dir.path(), &[]).expect("open");
+            for chunk in (0..600).collect::<Vec<_>>().chunks(70) {
+                store
+                    .append(chunk.iter().map(|&i| event(i)).collect())
+                    .await
+                    .expect("append");
+            }
+            let (from, to) = everything();
+            let all = ids(store.scan_time(from, to).collect::<Result<_>>().unwrap());
+            store.close().await.expect("close");
+            all
+        };
+        assert_eq!(before.len(), 600);
+        // Write the index as the old format had it, and drop the blocks.
+        {
+            let db = unlocked(|| sled::open(dir.path()));
+            let blocks = db.open_tree(times::TREE).unwrap();
+            let old = db.open_tree(times::OLD_TREE).unwrap();
+            for item in blocks.iter() {
+                let (k, v) = item.unwrap();
+                for e in times::decode(&k, &v).unwrap() {
+                    let mut key = [0u8; 16];
+                    key[..8].copy_from_slice(&((e.at as u64) ^ (1 << 63)).to_be_bytes());
+                    key[8..].copy_from_slice(&e.seq.to_be_bytes());
+                    old.insert(key, &[]).unwrap();
+                }
+            }
+            assert_eq!(old.len(), 600);
+            db.drop_tree(times::TREE).unwrap();
+            #[allow(clippy::disallowed_methods)]
+            db.flush().expect("flush");
+        }
+        let store = unlocked(|| Store::open(dir.path(), &[]));
+        assert!(!store
+            .inner
+            .db
+            .tree_names()
+            .iter()
+            .any(|n| n == times::OLD_TREE.as_bytes()));
+        let (from, to) = everything();
+        let after = ids(store.scan_time(from, to).collect::<Result<_>>().unwrap());
+        assert_eq!(after, before, "the same events in the same order");
+        let v = store.verify(|_| {}).expect("verify");
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        // A day's range, then retention of the three oldest days.
+        let day: Vec<String> = ids(store
+            .scan_time(UnixNanos(base - 2 * DAY), UnixNanos(base - DAY))
+            .collect::<Result<_>>()
+            .unwrap());
+        let want: Vec<String> = (0..600)
+            .map(event)
+            .filter(|ne| (base - 2 * DAY..base - DAY).contains(&ne.event.occurred_at.0))
+            .map(|ne| ne.event.event_id)
+            .collect();
+        let mut sorted = day.clone();
+        sorted.sort();
+        let mut want_sorted = want.clone();
+        want_sorted.sort();
+        assert_eq!(sorted, want_sorted);
+        assert!(!day.is_empty());
+        let cut = UnixNanos(base - 5 * DAY - DAY / 2);
+        let mut removed = 0;
+        loop {
+            // Small steps: each removes whole blocks, at least 50 events.
+            let n = store.purge_before(cut, 50).await.expect("purge");
+            if n == 0 {
+                break;
+            }
+            assert!(n >= 50 || store.purge_before(cut, 50).await.expect("purge") == 0);
+            removed += n;
+        }
+        let expected_gone = (0..600)
+            .map(event)
+            .filter(|ne| ne.event.occurred_at < cut)
+            .count();
+        assert_eq!(removed, expected_gone);
+        assert_eq!(store.len().unwrap(), 600 - expected_gone);
+        let (from, to) = everything();
+        assert!(store
+            .scan_time(from, to)
+            .all(|e| e.unwrap().occurred_at >= cut));
         let v = store.verify(|_| {}).expect("verify");
         assert!(v.problems.is_empty(), "{:?}", v.problems);
         store.close().await.expect("close");
@@ -1942,10 +2074,7 @@ mod tests {
                 .unwrap()
                 .remove(ev.event_id.as_bytes())
                 .unwrap();
-            db.open_tree("by_time")
-                .unwrap()
-                .remove(time_key(ev.occurred_at.0, *seq))
-                .unwrap();
+            times::remove(&db.open_tree(times::TREE).unwrap(), ev.occurred_at.0, *seq).unwrap();
             outbox::open(db, link)
                 .unwrap()
                 .tree
@@ -1972,7 +2101,7 @@ mod tests {
         [
             slots::count(&t.events).unwrap(),
             t.by_id.len(),
-            t.by_time.len(),
+            times::count(&t.by_time).unwrap(),
             customer_fingerprints(store),
             t.outboxes[0].tree.len(),
         ]
@@ -2099,9 +2228,7 @@ mod tests {
                 t.events.insert(first.to_be_bytes(), value).unwrap();
             }
             for (ne, seq) in news.iter().zip(seqs) {
-                t.by_time
-                    .insert(time_key(ne.event.occurred_at.0, seq), &[])
-                    .unwrap();
+                times::insert(&t.by_time, ne.event.occurred_at.0, seq).unwrap();
                 t.outboxes[0]
                     .tree
                     .insert(seq.to_be_bytes(), &[0u8; 8])
@@ -2189,6 +2316,47 @@ mod tests {
         assert_eq!(store.get(5).unwrap().unwrap().event_id, "e-4");
         let next = store.append(vec![linked_event(5)]).await.expect("append");
         assert!(matches!(next[..], [Appended::Stored(6)]), "{next:?}");
+        let v = store.verify(|_| {}).unwrap();
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        store.close().await.expect("close");
+    }
+
+    /// A kill -9 can leave a commit whole in sled but the high-water mark
+    /// before it (the log's end is written first), and lose the next commit
+    /// to the event log. Its replay must keep the kept commit's customer
+    /// run (the crash suite found one truncated away).
+    #[tokio::test]
+    async fn a_replay_keeps_the_customer_run_of_a_commit_kept_above_the_mark() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let links = ["upstream".to_string()];
+        let log_end = {
+            let store = linked_store(dir.path(), &links, 0..3).await;
+            store
+                .append((3..5).map(linked_event).collect())
+                .await
+                .expect("append");
+            let log_end = store.inner.trees.meta.get(META_LOG_END).unwrap();
+            store
+                .append((5..7).map(linked_event).collect())
+                .await
+                .expect("append");
+            store.close().await.expect("close");
+            log_end.expect("a log end")
+        };
+        {
+            let db = unlocked(|| sled::open(dir.path()));
+            let lost: Vec<(Seq, PreferenceEvent)> = (6..=7)
+                .map(|seq| (seq, linked_event(seq as usize - 1).event))
+                .collect();
+            lose_commit(&db, &links[0], &lost);
+            let meta = db.open_tree("meta").unwrap();
+            meta.insert(META_LOG_END, log_end).unwrap();
+            meta.insert(META_LAST_SEQ, &3u64.to_be_bytes()).unwrap();
+            #[allow(clippy::disallowed_methods)]
+            db.flush().expect("flush");
+        }
+        let store = unlocked(|| Store::open(dir.path(), &links));
+        assert_eq!(index_counts(&store), [7; 5]);
         let v = store.verify(|_| {}).unwrap();
         assert!(v.problems.is_empty(), "{:?}", v.problems);
         store.close().await.expect("close");
@@ -2709,7 +2877,7 @@ mod tests {
                 let db = unlocked(|| sled::open(dir.path()));
                 let (events, by_time, by_id, meta, tree) = (
                     db.open_tree("events").expect("tree"),
-                    db.open_tree("by_time").expect("tree"),
+                    db.open_tree(times::TREE).expect("tree"),
                     db.open_tree("by_id").expect("tree"),
                     db.open_tree("meta").expect("tree"),
                     db.open_tree("rollups").expect("tree"),
@@ -2721,9 +2889,7 @@ mod tests {
                     events
                         .insert(seq.to_be_bytes(), record::encode(&ne.event))
                         .expect("insert");
-                    by_time
-                        .insert(time_key(ne.event.occurred_at.0, *seq), &[])
-                        .expect("insert");
+                    times::insert(&by_time, ne.event.occurred_at.0, *seq).expect("insert");
                     by_id
                         .insert(ne.event.event_id.as_bytes(), &seq.to_be_bytes())
                         .expect("insert");

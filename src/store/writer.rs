@@ -16,7 +16,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use tokio::sync::{mpsc, oneshot};
 
 use super::log::Location;
-use super::{record, time_key, Appended, Error, NewEvent, Result, Seq, Trees};
+use super::{record, times, Appended, Error, NewEvent, Result, Seq, Trees};
 use crate::domain::UnixNanos;
 
 /// The sequence number a `by_id` tombstone of an erased event that was
@@ -215,19 +215,17 @@ impl Writer {
         Ok(())
     }
 
-    /// Removes up to `limit` events that occurred before `before`, with
-    /// their `by_id` and `by_time` entries, in one transaction; records the
-    /// highest removed sequence number. Outbox entries of removed events are
+    /// Removes about `limit` events that occurred before `before` (whole
+    /// blocks of the time index), with their time entries, in one
+    /// transaction; records the highest removed sequence number. Outbox entries of removed events are
     /// dropped when a link next reads them.
     fn purge(&mut self, before: UnixNanos, limit: usize) -> Result<usize> {
         let t = &self.trees;
-        let end = time_key(before.0, 0);
-        let mut victims: Vec<(Vec<u8>, Seq)> = Vec::new();
+        let (victims, time_changes) = times::oldest(&t.by_time, before.0, limit)?;
         let mut customer_seqs: Vec<Seq> = Vec::new();
         let mut frames: Vec<Location> = Vec::new();
-        for item in t.by_time.range(..end).take(limit) {
-            let (k, _) = item?;
-            let seq = super::seq_from(&k[8..], "by_time", "?")?;
+        for victim in &victims {
+            let seq = victim.seq;
             if let Some(bytes) = super::slots::get(&t.events, seq)? {
                 frames.extend(Location::decode(&bytes));
                 let ev = t.event(seq, &bytes)?;
@@ -235,7 +233,6 @@ impl Writer {
                     customer_seqs.push(seq);
                 }
             }
-            victims.push((k.to_vec(), seq));
         }
         if victims.is_empty() {
             // Everything before `before` is gone: so go the rollup cells of
@@ -258,12 +255,12 @@ impl Writer {
             return Ok(0);
         }
         let purged_upto = super::meta_seq(&t.meta, super::META_PURGED_UPTO)?
-            .max(victims.iter().map(|v| v.1).max().unwrap_or(0))
+            .max(victims.iter().map(|v| v.seq).max().unwrap_or(0))
             .to_be_bytes();
         let owed = owed_zeroing(&t.meta, &frames)?;
         customer_seqs.sort_unstable();
         let runs = super::customers::cleared(&t.customer_runs, customer_seqs)?;
-        let slots = super::slots::removals(&t.events, victims.iter().map(|v| v.1))?;
+        let slots = super::slots::removals(&t.events, victims.iter().map(|v| v.seq))?;
         if let Some(pending) = &t.pending {
             pending.begin_change(None);
         }
@@ -272,9 +269,7 @@ impl Writer {
             .transaction(|(events, by_time, meta, customer_runs)| {
                 // `by_id` entries stay, as tombstones: a late resend of a
                 // removed event is still a duplicate, never a new copy.
-                for (time_key, _) in &victims {
-                    by_time.remove(time_key.as_slice())?;
-                }
+                times::apply_in(by_time, &time_changes)?;
                 super::slots::apply_in(events, &slots)?;
                 super::slots::apply_in(customer_runs, &runs)?;
                 meta.insert(super::META_PURGED_UPTO, &purged_upto)?;
@@ -448,12 +443,11 @@ impl Writer {
                 pending.drain()?;
                 let events: Vec<_> = erased.iter().map(|(_, ev)| ev.clone()).collect();
                 super::rollups::erase_corrections(&t.rollups, pending.layout(), &events, |a, b| {
-                    let start = time_key(crate::rollup::hour_start(a).0, 0);
-                    let end = time_key(crate::rollup::hour_start(b).0, 0);
+                    let start = crate::rollup::hour_start(a).0;
+                    let end = crate::rollup::hour_start(b).0;
                     let mut out = Vec::new();
-                    for item in t.by_time.range(start..end) {
-                        let (k, _) = item?;
-                        let seq = super::seq_from(&k[8..], "by_time", "?")?;
+                    for entry in times::scan(&t.by_time, start, end) {
+                        let seq = entry?.seq;
                         if erased_seqs.contains(&seq) {
                             continue;
                         }
@@ -479,6 +473,12 @@ impl Writer {
         let owed = owed_zeroing(&t.meta, &frames)?;
         let runs = super::customers::cleared(&t.customer_runs, erased.iter().map(|(s, _)| *s))?;
         let slots = super::slots::removals(&t.events, erased.iter().map(|(s, _)| *s))?;
+        let time_changes = times::removed(
+            &t.by_time,
+            erased
+                .iter()
+                .map(|(seq, ev)| times::Entry::new(ev.occurred_at.0, *seq)),
+        )?;
         // [events, by_time, customer_runs, meta, erasures, erasure_signals,
         //  rollups, by_id, outbox 0, outbox 1, ...]
         let mut trees: Vec<&sled::Tree> = vec![
@@ -497,7 +497,6 @@ impl Writer {
                 let mut unqueued = vec![0u64; t.outboxes.len()];
                 for (seq, ev) in &erased {
                     let key = seq.to_be_bytes();
-                    tx[1].remove(&time_key(ev.occurred_at.0, *seq))?;
                     // The id stays taken (a resend is a duplicate), by a
                     // tombstone: no event holds its number any more.
                     tx[7].insert(ev.event_id.as_bytes(), &ERASED_TOMBSTONE.to_be_bytes())?;
@@ -508,6 +507,7 @@ impl Writer {
                     }
                 }
                 super::slots::apply_in(&tx[0], &slots)?;
+                times::apply_in(&tx[1], &time_changes)?;
                 super::slots::apply_in(&tx[2], &runs)?;
                 tx[3].insert(super::META_LAST_SEQ, &signal_seq.to_be_bytes())?;
                 tx[3].insert(super::META_TO_ZERO, owed.as_slice())?;
@@ -768,14 +768,14 @@ impl Writer {
             .observe(started.elapsed().as_secs_f64());
         type Kv = Vec<(Vec<u8>, Vec<u8>)>;
         let mut events: Vec<(Seq, Location)> = Vec::with_capacity(new.len());
-        let mut by_time: Kv = Vec::with_capacity(new.len());
+        let mut entries: Vec<times::Entry> = Vec::with_capacity(new.len());
         let mut fingerprints: Vec<(Seq, u32)> = Vec::with_capacity(new.len());
         let mut by_id: Kv = Vec::with_capacity(new.len());
         let mut outboxes: Vec<Kv> = t.outboxes.iter().map(|_| Vec::new()).collect();
         for ((seq, ne), at) in new.iter().zip(&locations) {
             let key = seq.to_be_bytes();
             events.push((*seq, *at));
-            by_time.push((time_key(ne.event.occurred_at.0, *seq).to_vec(), Vec::new()));
+            entries.push(times::Entry::new(ne.event.occurred_at.0, *seq));
             fingerprints.push((
                 *seq,
                 super::customers::fingerprint(&ne.event.customer_pseudonym),
@@ -824,7 +824,13 @@ impl Writer {
                 .map_err(|e| rollback(e.into()))?;
         }
         let indexes = || -> Result<()> {
-            put(&t.by_time, by_time)?;
+            // The blocks of the days and buckets the events fall in, each
+            // read and written whole (only this thread writes them).
+            let blocks = times::added(&t.by_time, entries)?;
+            put(
+                &t.by_time,
+                blocks.into_iter().map(|(k, v)| (k.to_vec(), v)).collect(),
+            )?;
             // A commit's new events have consecutive numbers: one run.
             for (first, value) in super::customers::runs(&fingerprints, usize::MAX) {
                 t.customer_runs.insert(first.to_be_bytes(), value)?;
