@@ -820,10 +820,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             bar.finish_and_clear();
             store.close().await?;
             println!(
-                "checked {}: {} events, {} event-id index entries, {} outbox entries, {} audit records, {} rollup cells",
+                "checked {}: {} events, {} event-id index entries, {} time index entries, {} outbox entries, {} audit records, {} rollup cells",
                 dir.display(),
                 v.events,
                 v.index_entries,
+                v.time_entries,
                 v.outbox_entries,
                 v.audit_records,
                 v.rollup_cells

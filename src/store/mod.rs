@@ -327,7 +327,10 @@ struct Outbox {
 #[derive(Debug, Clone, Default)]
 pub struct Verification {
     pub events: u64,
+    /// Entries of the event-id index (tombstones of removed events too).
     pub index_entries: u64,
+    /// Entries of the time index.
+    pub time_entries: u64,
     pub outbox_entries: u64,
     pub audit_records: u64,
     pub rollup_cells: u64,
@@ -966,7 +969,7 @@ impl Store {
                 }
             }
         }
-        v.index_entries += time_entries;
+        v.time_entries = time_entries;
         if time_entries != v.events {
             let line = format!(
                 "tree {}: {time_entries} entries for {} stored events",
@@ -1681,14 +1684,21 @@ fn replay_log(db: &sled::Db, trees: &Trees) -> Result<usize> {
         above.insert(seq, at);
     }
     above.extend(frames.iter().map(|f| (f.seq, f.location)));
-    slots::apply(
-        &trees.events,
-        &slots::truncated(&trees.events, last_seq + 1)?,
-    )?;
+    // One batch: a crash between the removal and the rewrite would lose
+    // the slots of rolled-back frames, and with them what `repair_tail`
+    // removes by them (their numbers would then be given out again).
+    let mut batch = sled::Batch::default();
+    for (first, value) in slots::truncated(&trees.events, last_seq + 1)? {
+        match value {
+            Some(v) => batch.insert(&first.to_be_bytes(), v),
+            None => batch.remove(&first.to_be_bytes()),
+        }
+    }
     let locations: Vec<(Seq, log::Location)> = above.into_iter().collect();
     for (first, value) in slots::runs(&locations) {
-        trees.events.insert(first.to_be_bytes(), value)?;
+        batch.insert(&first.to_be_bytes(), value);
     }
+    trees.events.apply_batch(batch)?;
     // A replayed entry replaces one sled kept of the same number.
     for (k, v) in times::added(
         &trees.by_time,
@@ -2359,6 +2369,58 @@ mod tests {
         assert_eq!(index_counts(&store), [7; 5]);
         let v = store.verify(|_| {}).unwrap();
         assert!(v.problems.is_empty(), "{:?}", v.problems);
+        store.close().await.expect("close");
+    }
+
+    /// A damaged time block fails the commits whose events fall in it, with
+    /// nothing of them in sled; other commits go on, and verify names it.
+    #[tokio::test]
+    async fn a_damaged_time_block_fails_only_the_commits_that_touch_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let links = ["upstream".to_string()];
+        let store = linked_store(dir.path(), &links, 0..3).await;
+        const DAY: i64 = 86_400 * 1_000_000_000;
+        let in_day = |i: usize, days: i64| {
+            let mut ne = linked_event(i);
+            ne.event.occurred_at = UnixNanos(ne.event.occurred_at.0 + days * DAY);
+            ne
+        };
+        let damaged = times::Entry::new(in_day(3, 2).event.occurred_at.0, 4).key();
+        store
+            .inner
+            .trees
+            .by_time
+            .insert(damaged, &[7u8; 10])
+            .unwrap();
+        let failed = store.append(vec![in_day(3, 2)]).await;
+        assert!(
+            matches!(&failed, Err(Error::Write { reason, .. })
+                if reason.contains("tree \"time_blocks\"") && reason.contains("not stored")),
+            "{failed:?}"
+        );
+        let t = &store.inner.trees;
+        assert_eq!(
+            [
+                store.len().unwrap(),
+                t.by_id.len(),
+                t.outboxes[0].tree.len()
+            ],
+            [3; 3],
+            "nothing of it stored"
+        );
+        assert_eq!(customer_fingerprints(&store), 3);
+        let next = store.append(vec![in_day(4, 3)]).await.expect("append");
+        let Appended::Stored(seq) = next[0] else {
+            panic!("{next:?}")
+        };
+        assert_eq!(store.get(seq).unwrap().unwrap().event_id, "e-4");
+        let v = store.verify(|_| {}).unwrap();
+        assert_eq!(v.events, 4);
+        assert!(
+            !v.problems.is_empty() && v.problems.iter().all(|p| p.starts_with("tree time_blocks")),
+            "{:?}",
+            v.problems
+        );
         store.close().await.expect("close");
     }
 

@@ -51,7 +51,7 @@ impl Entry {
         Entry { at, seq }
     }
 
-    fn key(self) -> Key {
+    pub(super) fn key(self) -> Key {
         key(day_of(self.at), self.seq & !BUCKET_MASK)
     }
 }

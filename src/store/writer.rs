@@ -818,15 +818,17 @@ impl Writer {
         // from the log (`super::replay_log`).
         // One key per stretch of consecutive numbers: a commit's new events
         // are numbered consecutively, so one key (per `slots::MAX_RUN`).
+        // The blocks of the days and buckets the events fall in, each read
+        // and written whole (only this thread writes them); read before
+        // anything is written, so that a damaged block fails the commit
+        // with nothing of it in sled.
+        let blocks = times::added(&t.by_time, entries).map_err(rollback)?;
         for (first, value) in super::slots::runs(&events) {
             t.events
                 .insert(first.to_be_bytes(), value)
                 .map_err(|e| rollback(e.into()))?;
         }
         let indexes = || -> Result<()> {
-            // The blocks of the days and buckets the events fall in, each
-            // read and written whole (only this thread writes them).
-            let blocks = times::added(&t.by_time, entries)?;
             put(
                 &t.by_time,
                 blocks.into_iter().map(|(k, v)| (k.to_vec(), v)).collect(),
