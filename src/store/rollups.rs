@@ -1487,11 +1487,14 @@ pub(super) fn spawn_checkpointer(
                 let stopping = pending.stop.load(Ordering::SeqCst);
                 let all = stopping || pending.draining.load(Ordering::SeqCst);
                 let mut failed = false;
+                // The pause is read under the lock `pause` takes after
+                // setting it: read before, a pause could begin between the
+                // read and the lock, and a checkpoint run into a rebuild.
+                let checkpointing = pending
+                    .checkpointing
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 if !pending.paused.load(Ordering::SeqCst) {
-                    let _checkpointing = pending
-                        .checkpointing
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                     for lane in Lane::ALL {
                         // When everything is to be merged, a checkpoint an
                         // earlier failure left unfinished is finished first,
@@ -1512,6 +1515,7 @@ pub(super) fn spawn_checkpointer(
                         }
                     }
                 }
+                drop(checkpointing);
                 pending.failing.store(failed, Ordering::SeqCst);
                 if failed {
                     // The writer may be waiting for room.
