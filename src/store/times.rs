@@ -162,17 +162,17 @@ pub(super) fn removed(
     let mut out = Vec::new();
     for (k, gone) in grouped(entries) {
         let gone: BTreeSet<Seq> = gone.iter().map(|e| e.seq).collect();
-        let all = stored(tree, &k)?;
-        let kept: Vec<Entry> = all
-            .iter()
-            .copied()
-            .filter(|e| !gone.contains(&e.seq))
-            .collect();
-        if kept.len() < all.len() {
-            out.push((k, (!kept.is_empty()).then(|| encode(&kept))));
-        }
+        out.extend(without(k, stored(tree, &k)?, |e| gone.contains(&e.seq)));
     }
     Ok(out)
+}
+
+/// The change that takes the entries `gone` accepts out of block `k`
+/// holding `all`; `None` if it takes none.
+fn without(k: Key, all: Vec<Entry>, gone: impl Fn(&Entry) -> bool) -> Option<Change> {
+    let before = all.len();
+    let kept: Vec<Entry> = all.into_iter().filter(|e| !gone(e)).collect();
+    (kept.len() < before).then(|| (k, (!kept.is_empty()).then(|| encode(&kept))))
 }
 
 /// The changes that take the entries of `seqs` out of `tree`, whenever they
@@ -188,15 +188,8 @@ pub(super) fn removed_seqs(tree: &sled::Tree, seqs: &BTreeSet<Seq>) -> Result<Ve
             continue;
         }
         let all = decode(&k, &v)?;
-        let kept: Vec<Entry> = all
-            .iter()
-            .copied()
-            .filter(|e| !seqs.contains(&e.seq))
-            .collect();
-        if kept.len() < all.len() {
-            let k: Key = k.as_ref().try_into().expect("checked by split");
-            out.push((k, (!kept.is_empty()).then(|| encode(&kept))));
-        }
+        let k: Key = k.as_ref().try_into().expect("checked by split");
+        out.extend(without(k, all, |e| seqs.contains(&e.seq)));
     }
     Ok(out)
 }
