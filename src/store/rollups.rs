@@ -322,13 +322,25 @@ impl Cells {
 
     /// Adds `delta` into the cell `key`.
     fn merge(&mut self, key: Vec<u8>, delta: Agg) {
-        match self.period(&key).entry(key) {
+        if Self::merge_in(self.period(&key), key, delta) {
+            self.len += 1;
+        }
+    }
+
+    /// Adds `delta` into the cell `key` of `period`; true if the cell is new.
+    fn merge_in(
+        period: &mut HashMap<Vec<u8>, Agg, foldhash::fast::FixedState>,
+        key: Vec<u8>,
+        delta: Agg,
+    ) -> bool {
+        match period.entry(key) {
             std::collections::hash_map::Entry::Occupied(mut cell) => {
-                cell.get_mut().merge_cell(&delta)
+                cell.get_mut().merge_cell(&delta);
+                false
             }
             std::collections::hash_map::Entry::Vacant(cell) => {
                 cell.insert(delta);
-                self.len += 1;
+                true
             }
         }
     }
@@ -359,9 +371,13 @@ impl Cells {
                     self.len += cells.len();
                     period.insert(cells);
                 }
-                std::collections::btree_map::Entry::Occupied(_) => {
+                std::collections::btree_map::Entry::Occupied(mut period) => {
+                    // The period is found once, not again per cell.
+                    let period = period.get_mut();
                     for (key, delta) in cells {
-                        self.merge(key, delta);
+                        if Self::merge_in(period, key, delta) {
+                            self.len += 1;
+                        }
                     }
                 }
             }
