@@ -1989,10 +1989,7 @@ mod tests {
             for item in blocks.iter() {
                 let (k, v) = item.unwrap();
                 for e in times::decode(&k, &v).unwrap() {
-                    let mut key = [0u8; 16];
-                    key[..8].copy_from_slice(&((e.at as u64) ^ (1 << 63)).to_be_bytes());
-                    key[8..].copy_from_slice(&e.seq.to_be_bytes());
-                    old.insert(key, &[]).unwrap();
+                    old.insert(times::old_key(e), &[]).unwrap();
                 }
             }
             assert_eq!(old.len(), 600);

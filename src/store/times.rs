@@ -63,11 +63,29 @@ fn day_of(at: i64) -> i64 {
     at.div_euclid(NANOS_PER_DAY)
 }
 
-fn key(day: i64, first: Seq) -> Key {
+/// A signed and an unsigned number as one key that sorts as the pair: the
+/// sign bit flipped, both big-endian. A block's key is (day, first number);
+/// the old tree's was (occurred_at, seq) in the same form.
+fn key(signed: i64, unsigned: Seq) -> Key {
     let mut k = [0u8; 16];
-    k[..8].copy_from_slice(&((day as u64) ^ (1 << 63)).to_be_bytes());
-    k[8..].copy_from_slice(&first.to_be_bytes());
+    k[..8].copy_from_slice(&((signed as u64) ^ (1 << 63)).to_be_bytes());
+    k[8..].copy_from_slice(&unsigned.to_be_bytes());
     k
+}
+
+/// The pair of [`key`].
+fn unkey(k: &Key) -> (i64, Seq) {
+    let signed = (u64::from_be_bytes(k[..8].try_into().expect("8 bytes")) ^ (1 << 63)) as i64;
+    (
+        signed,
+        Seq::from_be_bytes(k[8..].try_into().expect("8 bytes")),
+    )
+}
+
+/// An entry's key in the old tree ([`OLD_TREE`]).
+#[cfg(test)]
+pub(super) fn old_key(e: Entry) -> Key {
+    key(e.at, e.seq)
 }
 
 fn corrupt(key: &[u8], source: DecodeError) -> Error {
@@ -83,9 +101,7 @@ fn split(k: &[u8]) -> Result<(i64, Seq)> {
     let k: &Key = k
         .try_into()
         .map_err(|_| corrupt(k, DecodeError::TooShort(k.len())))?;
-    let day = (u64::from_be_bytes(k[..8].try_into().expect("8 bytes")) ^ (1 << 63)) as i64;
-    let first = Seq::from_be_bytes(k[8..].try_into().expect("8 bytes"));
-    Ok((day, first))
+    Ok(unkey(k))
 }
 
 /// The entries of a block, in the order stored (by number).
@@ -374,8 +390,7 @@ pub(super) fn convert(db: &sled::Db, tree: &sled::Tree) -> Result<usize> {
             key: format!("{k:02x?}"),
             source: DecodeError::TooShort(k.len()),
         })?;
-        let at = (u64::from_be_bytes(k[..8].try_into().expect("8 bytes")) ^ (1 << 63)) as i64;
-        let seq = Seq::from_be_bytes(k[8..].try_into().expect("8 bytes"));
+        let (at, seq) = unkey(&k);
         chunk.push(Entry { at, seq });
         n += 1;
         if chunk.len() >= 65_536 {
@@ -567,10 +582,7 @@ mod tests {
         let entries = sample();
         let old = db.open_tree(OLD_TREE).unwrap();
         for e in &entries {
-            let mut k = [0u8; 16];
-            k[..8].copy_from_slice(&((e.at as u64) ^ (1 << 63)).to_be_bytes());
-            k[8..].copy_from_slice(&e.seq.to_be_bytes());
-            old.insert(k, &[]).unwrap();
+            old.insert(old_key(*e), &[]).unwrap();
         }
         // As if a conversion was cut short after its first blocks.
         put(&tree, &entries[..300]);
