@@ -244,11 +244,12 @@ impl Layout {
     pub fn signature(&self) -> String {
         let views: Vec<String> = self.views.iter().map(|v| v.describe()).collect();
         // v3: every stored cell value ends with a CRC-32 of key and value.
+        // v4: the hourly cells are kept in blocks (`store::blocks`).
         let attributes = match &self.attribute_keys {
             None => "*".to_string(),
             Some(keys) => keys.join(","),
         };
-        format!("rollups-v3;{};attributes={attributes}", views.join(";"))
+        format!("rollups-v4;{};attributes={attributes}", views.join(";"))
     }
 
     /// The family of view `i`.

@@ -25,8 +25,10 @@
 //!   newest events) and the highest sequence number retention removed;
 //!   `export/<name>` → u64 — how far each export was acknowledged
 //! - `rollups`: family ‖ period ‖ dimensions → aggregates (see
-//!   `crate::rollup`), updated in the same transaction as the events they
-//!   count; `meta` keeps the layout they were built with (`rollup_layout`)
+//!   `crate::rollup`) for the views' days, weeks and months; the hourly
+//!   cells over every dimension in blocks per hour, family ‖ period ‖ hour
+//!   (‖ id ‖ part) (see [`blocks`]); merged in by a checkpointer behind
+//!   the commits (see [`rollups`]); `meta` keeps the layout they were built with (`rollup_layout`)
 //!   and the hour before which retention removed them (`rollup_horizon`)
 //! - `cursors`: identity ‖ 0 ‖ subscription name → acknowledged cursor
 //! - `outbox/<link>`: seq → enqueue time (UnixNanos, i64) — events waiting
@@ -54,6 +56,7 @@ pub mod record;
 mod writer;
 
 mod audit;
+mod blocks;
 mod customers;
 mod erasure;
 mod export;
@@ -1003,16 +1006,34 @@ impl Store {
             Ok(ok) => v.audit_records = ok.records,
             Err(broken) => problem(&mut v, format!("tree audit: {broken}")),
         }
+        // The hours' blocks and the manifests that list them must match.
+        let mut listed = std::collections::BTreeSet::new();
+        let mut stored_blocks = std::collections::BTreeSet::new();
+        let rebuild = "(repair: `chainsight admin rebuild-rollups`)";
         for entry in t.rollups.iter() {
             let (key, value) = entry?;
-            if let Some(reason) = rollups::check_cell(&key, &value) {
-                problem(
+            match rollups::check_cell(&key, &value) {
+                Err(reason) => problem(
                     &mut v,
-                    format!("tree rollups: cell {key:?}: {reason} (repair: `chainsight admin rebuild-rollups`)"),
-                );
-            } else if !rollups::is_meta_key(&key) {
-                v.rollup_cells += 1;
+                    format!("tree rollups: cell {key:?}: {reason} {rebuild}"),
+                ),
+                Ok(cells) => {
+                    v.rollup_cells += cells as u64;
+                    if blocks::is_block(&key) {
+                        stored_blocks.insert(key.to_vec());
+                    } else if blocks::in_blocks(&key) {
+                        listed.extend(blocks::listed(&key, &value));
+                    }
+                }
             }
+        }
+        for key in listed.symmetric_difference(&stored_blocks) {
+            let what = if listed.contains(key) {
+                "a block its hour's manifest lists is missing"
+            } else {
+                "a block no manifest lists"
+            };
+            problem(&mut v, format!("tree rollups: {key:?}: {what} {rebuild}"));
         }
         Ok(v)
     }
@@ -2869,19 +2890,33 @@ mod tests {
 
     /// Every rollup cell, decoded, customer sets sorted: what two ways of
     /// computing the rollups must agree on.
+    /// (The hours' cells merged over their blocks.)
     fn rollup_cells(store: &Store) -> Vec<(Vec<u8>, crate::rollup::Agg)> {
-        store
-            .inner
-            .trees
-            .rollups
-            .iter()
-            .map(|item| item.expect("cell"))
-            .filter(|(k, _)| !rollups::is_meta_key(k))
-            .map(|(k, v)| {
+        let mut cells: std::collections::BTreeMap<Vec<u8>, crate::rollup::Agg> =
+            std::collections::BTreeMap::new();
+        for item in store.inner.trees.rollups.iter() {
+            let (k, v) = item.expect("cell");
+            if rollups::is_meta_key(&k) {
+                continue;
+            }
+            let mut raw = Vec::new();
+            if blocks::in_blocks(&k) {
+                blocks::expand(&k, &v, &mut raw).expect("block");
+            } else {
+                raw.push((k, v));
+            }
+            for (k, v) in raw {
                 let body = crate::rollup::open_value(&k, &v).expect("sealed");
-                let mut agg = crate::rollup::Agg::decode_bytes(body).expect("agg");
+                let agg = crate::rollup::Agg::decode_bytes(body).expect("agg");
+                cells.entry(k.to_vec()).or_default().merge_cell(&agg);
+            }
+        }
+        cells
+            .into_iter()
+            .map(|(k, mut agg)| {
+                agg.seal();
                 agg.customers.sort_unstable();
-                (k.to_vec(), agg)
+                (k, agg)
             })
             .collect()
     }

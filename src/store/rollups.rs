@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
-use super::{Error, Result, Seq, Trees};
+use super::{blocks, Error, Result, Seq, Trees};
 use crate::domain::UnixNanos;
 use crate::rollup::{
     open_value, parse_period_prefix, seal_value, Agg, Bucket, DimSet, Interner, Layout, QueryCell,
@@ -555,7 +555,7 @@ pub(super) fn prepare_batch(
     watermark: Seq,
     lanes: &[Lane],
 ) -> Result<sled::Batch> {
-    let mut batch = merge_batch(tree, cells)?;
+    let mut batch = merge_batch(tree, cells, watermark)?;
     for lane in lanes {
         batch.insert(lane.watermark_key(), &watermark.to_be_bytes());
     }
@@ -588,7 +588,7 @@ fn finish_partial(
 ) -> Result<()> {
     let cells: Vec<(&Vec<u8>, &Agg)> = rest.iter().collect();
     for (last, chunk) in chunked(&cells) {
-        let mut batch = merge_batch(tree, chunk.iter().copied())?;
+        let mut batch = merge_batch(tree, chunk.iter().copied(), upto)?;
         let key = chunk.last().map(|(k, _)| k.as_slice());
         mark_progress(&mut batch, lane, upto, last, key);
         tree.apply_batch(batch)?;
@@ -596,27 +596,57 @@ fn finish_partial(
     Ok(())
 }
 
-/// A checkpoint's chunks of `cells` in order, each with whether it is the
-/// last; at least one (empty when there are no cells: the watermark still
-/// moves).
-fn chunked<T>(cells: &[T]) -> impl Iterator<Item = (bool, &[T])> {
-    let n = cells.len().div_ceil(CHUNK_CELLS).max(1);
-    cells
-        .chunks(CHUNK_CELLS)
-        .chain(std::iter::once(&[][..]))
-        .take(n)
+/// A checkpoint's chunks of `cells` (sorted by key) in order, each with
+/// whether it is the last; at least one (empty when there are no cells:
+/// the watermark still moves). A chunk takes about [`CHUNK_CELLS`] cells,
+/// and never parts the cells of one period: an hour's go into one block.
+fn chunked<'c, 'a>(
+    cells: &'c [(&'a Vec<u8>, &'a Agg)],
+) -> impl Iterator<Item = (bool, &'c [(&'a Vec<u8>, &'a Agg)])> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    while start < cells.len() {
+        let mut end = (start + CHUNK_CELLS).min(cells.len());
+        let hour = |i: usize| {
+            let key = cells[i].0;
+            blocks::in_blocks(key).then(|| &key[..blocks::PREFIX])
+        };
+        while end < cells.len() && hour(end).is_some() && hour(end) == hour(end - 1) {
+            end += 1;
+        }
+        chunks.push(&cells[start..end]);
+        start = end;
+    }
+    if chunks.is_empty() {
+        chunks.push(&cells[..0]);
+    }
+    let n = chunks.len();
+    chunks
+        .into_iter()
         .enumerate()
         .map(move |(i, chunk)| (i + 1 == n, chunk))
 }
 
-/// The batch that writes `cells` (deltas) into `tree`, merged with what it
-/// holds.
+/// The batch that writes `cells` (deltas of the events up to `upto`,
+/// sorted by key) into `tree`: the hours' as a new block of each hour
+/// (see [`super::blocks`]), the others merged with what it holds.
 fn merge_batch<'a>(
     tree: &sled::Tree,
     cells: impl IntoIterator<Item = (&'a Vec<u8>, &'a Agg)>,
+    upto: Seq,
 ) -> Result<sled::Batch> {
     let mut batch = sled::Batch::default();
-    for (key, delta) in cells {
+    let mut cells = cells.into_iter().peekable();
+    while let Some((key, delta)) = cells.next() {
+        if blocks::in_blocks(key) {
+            let prefix = &key[..blocks::PREFIX];
+            let mut hour = vec![(key, delta)];
+            while let Some(next) = cells.next_if(|(k, _)| k.starts_with(prefix)) {
+                hour.push(next);
+            }
+            blocks::add_block(tree, &mut batch, prefix, hour, upto)?;
+            continue;
+        }
         let mut agg = match tree.get(key)? {
             // Never merged into as if empty: that would lose its counts.
             Some(old) => open_value(key, &old)
@@ -1054,7 +1084,7 @@ impl Pending {
             // and a cell it resurrects lies before the horizon, which
             // queries ignore), so the batch is prepared without blocking
             // queries.
-            let mut batch = merge_batch(tree, chunk.iter().copied())?;
+            let mut batch = merge_batch(tree, chunk.iter().copied(), upto)?;
             let last_key = chunk.last().map(|(k, _)| (*k).clone());
             mark_progress(&mut batch, lane, upto, final_chunk, last_key.as_deref());
             // Applying the chunk and marking it merged happen under one
@@ -1163,7 +1193,12 @@ impl Pending {
         for &(family, period, a, b) in pieces {
             let (start, end) = range(family, period, a, b);
             for item in tree.range(start..end) {
-                out.push(item?);
+                let (key, value) = item?;
+                if period == Bucket::Hour {
+                    blocks::expand(&key, &value, &mut out)?;
+                } else {
+                    out.push((key, value));
+                }
             }
         }
         Ok(out)
@@ -1309,22 +1344,39 @@ pub(super) fn erase_corrections(
         .iter()
         .filter_map(|ev| crate::rollup::customer_hash(&ev.customer_pseudonym))
         .collect();
-    let mut writes = Vec::new();
+    // Each cell's new value (`None`: removed). The hours' cells are read
+    // and rewritten an hour (all its blocks) at a time.
+    let mut outcome: Vec<(Vec<u8>, Option<Agg>)> = Vec::new();
+    let mut hours: BTreeMap<Vec<u8>, blocks::Hour> = BTreeMap::new();
     let mut rebuild: BTreeMap<Vec<u8>, Agg> = BTreeMap::new();
     for (key, delta) in crate::rollup::fold(erased.iter(), layout) {
-        let Some(stored) = tree.get(&key)? else {
+        let stored = if blocks::in_blocks(&key) {
+            let hour = match hours.entry(key[..blocks::PREFIX].to_vec()) {
+                std::collections::btree_map::Entry::Occupied(hour) => hour.into_mut(),
+                std::collections::btree_map::Entry::Vacant(hour) => {
+                    hour.insert(blocks::read_hour(tree, &key)?)
+                }
+            };
+            hour.cells.get(&key).cloned()
+        } else {
+            match tree.get(&key)? {
+                Some(stored) => Some(
+                    open_value(&key, &stored)
+                        .and_then(Agg::decode_bytes)
+                        .ok_or_else(|| corrupt(&key, "bad cell"))?,
+                ),
+                None => None,
+            }
+        };
+        let Some(mut agg) = stored else {
             continue; // retention took the cell
         };
-        let mut agg = open_value(&key, &stored)
-            .and_then(Agg::decode_bytes)
-            .ok_or_else(|| corrupt(&key, "bad cell"))?;
         agg.subtract_counts(&delta);
         if agg.events == 0 {
-            writes.push((key, None));
+            outcome.push((key, None));
         } else if agg.hll.is_empty() {
             agg.customers.retain(|h| !customers.contains(h));
-            let value = seal_value(&key, &agg);
-            writes.push((key, Some(value)));
+            outcome.push((key, Some(agg)));
         } else {
             rebuild.insert(key, agg);
         }
@@ -1375,9 +1427,31 @@ pub(super) fn erase_corrections(
         agg.hll = acc.hll;
         agg.hll_estimate = 0;
         agg.compact();
-        agg.seal();
-        let value = seal_value(&key, &agg);
-        writes.push((key, Some(value)));
+        outcome.push((key, Some(agg)));
+    }
+    let mut writes = Vec::new();
+    for (key, agg) in outcome {
+        let hour = blocks::in_blocks(&key)
+            .then(|| hours.get_mut(&key[..blocks::PREFIX]))
+            .flatten();
+        if let Some(hour) = hour {
+            match agg {
+                Some(agg) => hour.cells.insert(key, agg),
+                None => hour.cells.remove(&key),
+            };
+            continue;
+        }
+        writes.push(match agg {
+            Some(mut agg) => {
+                agg.seal();
+                let value = seal_value(&key, &agg);
+                (key, Some(value))
+            }
+            None => (key, None),
+        });
+    }
+    for hour in hours.into_values() {
+        writes.extend(hour.rewrite());
     }
     Ok(writes)
 }
@@ -1393,24 +1467,33 @@ pub(super) fn is_meta_key(key: &[u8]) -> bool {
     .contains(&key)
 }
 
-/// Why a stored rollup entry is not a sound cell (`admin verify`); `None`
-/// when it is one, or is the watermark.
-pub(super) fn check_cell(key: &[u8], value: &[u8]) -> Option<&'static str> {
+/// Checks a stored rollup entry (`admin verify`): the number of cells it
+/// holds (none for the bookkeeping, one for a cell, a block's), or why it
+/// is not sound.
+pub(super) fn check_cell(key: &[u8], value: &[u8]) -> std::result::Result<usize, &'static str> {
     if key == PARTIAL_KEY || key == VIEWS_PARTIAL_KEY {
-        return (value.len() < 8).then_some("partial checkpoint record is shorter than 8 bytes");
+        return if value.len() < 8 {
+            Err("partial checkpoint record is shorter than 8 bytes")
+        } else {
+            Ok(0)
+        };
     }
     if is_meta_key(key) {
-        return (value.len() != 8).then_some("watermark is not 8 bytes");
+        return if value.len() != 8 {
+            Err("watermark is not 8 bytes")
+        } else {
+            Ok(0)
+        };
+    }
+    if blocks::in_blocks(key) {
+        return blocks::check(key, value);
     }
     if crate::rollup::CellKey::decode(key).is_none() {
-        return Some("key does not decode");
+        return Err("key does not decode");
     }
-    let Some(body) = open_value(key, value) else {
-        return Some("checksum mismatch");
-    };
-    Agg::decode_bytes(body)
-        .is_none()
-        .then_some("value does not decode")
+    let body = open_value(key, value).ok_or("checksum mismatch")?;
+    Agg::decode_bytes(body).ok_or("value does not decode")?;
+    Ok(1)
 }
 
 /// Decodes stored cells for a query, interning their dimensions.
@@ -1469,7 +1552,7 @@ fn first_hour(item: Option<sled::Result<RawCell>>) -> Result<Option<i64>> {
     }
 }
 
-fn corrupt(k: &[u8], what: &str) -> Error {
+pub(super) fn corrupt(k: &[u8], what: &str) -> Error {
     Error::Corrupt {
         tree: "rollups",
         key: format!("{k:?}"),
@@ -1814,37 +1897,39 @@ mod tests {
         assert_eq!(events(&p), 5, "nothing merged yet");
         // The first two cells merged, as a chunk leaves them.
         let merged: BTreeMap<Vec<u8>, Agg> = frozen.into_iter().take(2).collect();
-        tree.apply_batch(merge_batch(&tree, &merged).expect("batch"))
+        tree.apply_batch(merge_batch(&tree, &merged, 1).expect("batch"))
             .expect("apply");
         p.write().lane(Lane::Views).frozen_done = Some(key(1));
         assert_eq!(events(&p), 5, "two from the tree, two frozen, one active");
     }
 
-    /// A stored cell that does not decode is reported, never merged into
-    /// as if it were empty.
+    /// A stored cell (a view's) or an hour's block manifest that does not
+    /// decode is reported, never merged into as if it were empty.
     #[test]
     fn a_corrupt_stored_cell_stops_the_merge_and_names_the_repair() {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = sled::open(dir.path()).expect("sled");
         let tree = db.open_tree("rollups").expect("tree");
-        let key = CellKey {
-            family: crate::rollup::FAMILY_BASE,
-            period: Bucket::Hour,
-            hour: 7,
+        let cell = |family, period, hour| CellKey {
+            family,
+            period,
+            hour,
             dims: Default::default(),
-        }
-        .encode();
-        tree.insert(&key, &[0xff, 0xff, 0xff][..]).expect("garbage");
-        let delta = Agg {
-            events: 1,
-            ..Default::default()
         };
-        let cells = BTreeMap::from([(key.clone(), delta)]);
-        let err = prepare_batch(&tree, &cells, 1, &[Lane::Hours]).expect_err("corrupt cell");
-        assert!(err.to_string().contains("rebuild-rollups"), "{err}");
-        assert_eq!(
-            tree.get(&key).expect("get").as_deref(),
-            Some(&[0xff, 0xff, 0xff][..])
-        );
+        let hour = cell(crate::rollup::FAMILY_BASE, Bucket::Hour, 7).encode();
+        let day = cell(Layout::family(0), Bucket::Day, 24).encode();
+        let garbage = &[0xff, 0xff, 0xff][..];
+        for (cell, damaged) in [(&hour, &hour[..blocks::PREFIX]), (&day, &day[..])] {
+            tree.insert(damaged, garbage).expect("garbage");
+            let delta = Agg {
+                events: 1,
+                ..Default::default()
+            };
+            let cells = BTreeMap::from([(cell.clone(), delta)]);
+            let err = prepare_batch(&tree, &cells, 1, &[Lane::Hours]).expect_err("corrupt cell");
+            assert!(err.to_string().contains("rebuild-rollups"), "{err}");
+            assert_eq!(tree.get(damaged).expect("get").as_deref(), Some(garbage));
+            assert_eq!(tree.len(), 1 + usize::from(damaged == &day[..]));
+        }
     }
 }

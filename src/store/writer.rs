@@ -249,6 +249,10 @@ impl Writer {
                         .insert(super::META_ROLLUP_HORIZON, &hour.to_be_bytes())?;
                     self.flush_now()?;
                 }
+                // No checkpoint runs meanwhile: one that read an hour's
+                // block manifest before the removal would write it back
+                // after, listing the blocks removed.
+                let _paused = pending.pause();
                 remove_cells_before(&t.rollups, layout, hour)?;
                 pending.remove_before(hour);
             }
