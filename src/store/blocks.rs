@@ -15,7 +15,8 @@
 //!   rewritten about log_FANOUT(blocks) times);
 //! - a merge that would pass [`MAX_BLOCK_BYTES`] is not done: its blocks
 //!   are marked full and never merged again (sled keeps larger values as
-//!   files of their own).
+//!   files of their own); a checkpoint's deltas of a busy hour that pass
+//!   it are stored in full parts at once.
 //!
 //! Keys, in the `rollups` tree, under the cells' period prefix (family,
 //! period kind `Hour`, start hour; [`crate::rollup::period_prefix`]):
@@ -273,6 +274,15 @@ pub(super) fn add_block<'a>(
         newest.insert(k.clone(), delta.clone());
     }
     let mut encoded = encode(prefix, id, &mut newest);
+    if encoded.len() > MAX_BLOCK_BYTES {
+        // Deltas of a busy hour: stored in full parts as they are.
+        for (entry, block) in parts(prefix, id, &mut newest) {
+            batch.insert(entry.key(prefix), block);
+            entries.push(entry);
+        }
+        batch.insert(prefix, encode_manifest(prefix, &entries));
+        return Ok(());
+    }
     let mut level = 0u8;
     let mut removed = Vec::new();
     loop {
@@ -320,6 +330,43 @@ fn encode(prefix: &[u8], id: Seq, cells: &mut BTreeMap<Vec<u8>, Agg>) -> Vec<u8>
     encode_block(&key, sealed.iter().map(|(k, v)| (*k, v.as_slice())))
 }
 
+/// `cells` as full blocks under `id` (parts 0, 1, …) of at most
+/// [`MAX_BLOCK_BYTES`] each (or one cell).
+fn parts(prefix: &[u8], id: Seq, cells: &mut BTreeMap<Vec<u8>, Agg>) -> Vec<(Entry, Vec<u8>)> {
+    let sealed = sealed_cells(cells);
+    let cost = |(k, v): &(&[u8], Vec<u8>)| k.len() + v.len() + 6;
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < sealed.len() {
+        let mut end = start;
+        let mut bytes = 0;
+        while end < sealed.len() && (end == start || bytes + cost(&sealed[end]) <= MAX_BLOCK_BYTES)
+        {
+            bytes += cost(&sealed[end]);
+            end += 1;
+        }
+        let entry = Entry {
+            id,
+            part: out.len() as u16,
+            level: FULL,
+            bytes: 0,
+        };
+        let block = encode_block(
+            &entry.key(prefix),
+            sealed[start..end].iter().map(|(k, v)| (*k, v.as_slice())),
+        );
+        out.push((
+            Entry {
+                bytes: block.len() as u32,
+                ..entry
+            },
+            block,
+        ));
+        start = end;
+    }
+    out
+}
+
 /// An hour's cells, read whole (all its blocks merged), for a rewrite.
 pub(super) struct Hour {
     prefix: Vec<u8>,
@@ -357,37 +404,10 @@ impl Hour {
             writes.push((self.prefix.clone(), None));
             return writes;
         }
-        let sealed = sealed_cells(&mut self.cells);
         let mut entries = Vec::new();
-        let mut start = 0;
-        while start < sealed.len() {
-            // A part takes cells up to the size (at least one).
-            let cost = |(k, v): &(&[u8], Vec<u8>)| k.len() + v.len() + 6;
-            let mut end = start;
-            let mut bytes = 0;
-            while end < sealed.len()
-                && (end == start || bytes + cost(&sealed[end]) <= MAX_BLOCK_BYTES)
-            {
-                bytes += cost(&sealed[end]);
-                end += 1;
-            }
-            let entry = Entry {
-                id,
-                part: entries.len() as u16,
-                level: FULL,
-                bytes: 0,
-            };
-            let key = entry.key(&self.prefix);
-            let block = encode_block(
-                &key,
-                sealed[start..end].iter().map(|(k, v)| (*k, v.as_slice())),
-            );
-            entries.push(Entry {
-                bytes: block.len() as u32,
-                ..entry
-            });
-            writes.push((key, Some(block)));
-            start = end;
+        for (entry, block) in parts(&self.prefix, id, &mut self.cells) {
+            writes.push((entry.key(&self.prefix), Some(block)));
+            entries.push(entry);
         }
         writes.push((
             self.prefix.clone(),
@@ -437,6 +457,13 @@ pub(super) fn listed(key: &[u8], value: &[u8]) -> Vec<Vec<u8>> {
 /// Whether a stored key is a block (not a manifest).
 pub(super) fn is_block(key: &[u8]) -> bool {
     in_blocks(key) && matches!(kind(key), Some(Kind::Block))
+}
+
+/// A block's value sealed for another key of the same hour (tests that
+/// make a stray block).
+#[cfg(test)]
+pub(super) fn moved(key: &[u8], to: &[u8], value: &[u8]) -> Vec<u8> {
+    seal(to, open(key, value).expect("a sealed block").to_vec())
 }
 
 fn corrupt(k: &[u8], what: &str) -> Error {
@@ -570,6 +597,19 @@ mod tests {
         assert!(manifest[4..].iter().all(|e| e.level == 0), "{manifest:?}");
         let (_, read) = hour_cells(&tree, 9);
         assert_eq!(read.len(), 6 * per as usize);
+        // A checkpoint's deltas past the limit (a busy hour): full parts.
+        let busy: BTreeMap<Vec<u8>, Agg> = (0..4_000)
+            .map(|g| (key(9, 900_000 + g), agg(1, u64::from(g))))
+            .collect();
+        checkpoint(&tree, 7, &busy);
+        let manifest = read_manifest(&tree, &key(9, 0)).expect("manifest");
+        let added: Vec<&Entry> = manifest.iter().filter(|e| e.id == 7).collect();
+        assert!(added.len() > 1, "{manifest:?}");
+        assert!(added
+            .iter()
+            .all(|e| e.level == FULL && e.bytes as usize <= MAX_BLOCK_BYTES));
+        let (_, read) = hour_cells(&tree, 9);
+        assert_eq!(read.len(), 6 * per as usize + 4_000);
     }
 
     /// A rewrite (an erasure's) replaces all of an hour's blocks with its

@@ -25,7 +25,7 @@
 //! are durable too.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
@@ -511,7 +511,8 @@ pub(super) struct Pending {
     /// checkpointer then (it may fail until an operator repairs the store).
     failing: AtomicBool,
     /// No checkpoint starts while set ([`Pending::pause`]).
-    paused: AtomicBool,
+    /// Pauses under way ([`Pending::pause`]); checkpoints wait for none.
+    paused: AtomicUsize,
     /// Held by the checkpointer through each checkpoint.
     checkpointing: Mutex<()>,
 }
@@ -521,7 +522,7 @@ pub(super) struct Paused<'a>(&'a Pending);
 
 impl Drop for Paused<'_> {
     fn drop(&mut self) {
-        self.0.paused.store(false, Ordering::SeqCst);
+        self.0.paused.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -816,7 +817,7 @@ impl Pending {
             stop: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             failing: AtomicBool::new(false),
-            paused: AtomicBool::new(false),
+            paused: AtomicUsize::new(0),
             checkpointing: Mutex::new(()),
         }
     }
@@ -1078,12 +1079,12 @@ impl Pending {
         if let Some(done) = &done {
             remaining.retain(|(k, _)| *k > done);
         }
-        let chunks = remaining.len().div_ceil(CHUNK_CELLS).max(1);
+        let mut chunks = 0;
         for (final_chunk, chunk) in chunked(&remaining) {
-            // Only the checkpointer writes cells (retention removes some,
-            // and a cell it resurrects lies before the horizon, which
-            // queries ignore), so the batch is prepared without blocking
-            // queries.
+            chunks += 1;
+            // Only the checkpointer writes cells while it runs (retention
+            // pauses it, an erasure lets it finish first), so the batch is
+            // prepared without blocking queries.
             let mut batch = merge_batch(tree, chunk.iter().copied(), upto)?;
             let last_key = chunk.last().map(|(k, _)| (*k).clone());
             mark_progress(&mut batch, lane, upto, final_chunk, last_key.as_deref());
@@ -1166,7 +1167,7 @@ impl Pending {
     /// Keeps checkpoints from starting until the guard is dropped, once any
     /// running one has finished (a rebuild rewrites the tree meanwhile).
     pub(super) fn pause(&self) -> Paused<'_> {
-        self.paused.store(true, Ordering::SeqCst);
+        self.paused.fetch_add(1, Ordering::SeqCst);
         drop(
             self.checkpointing
                 .lock()
@@ -1593,7 +1594,7 @@ pub(super) fn spawn_checkpointer(
                     .checkpointing
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if !pending.paused.load(Ordering::SeqCst) {
+                if pending.paused.load(Ordering::SeqCst) == 0 {
                     for lane in Lane::ALL {
                         // When everything is to be merged, a checkpoint an
                         // earlier failure left unfinished is finished first,
@@ -1634,7 +1635,7 @@ pub(super) fn spawn_checkpointer(
                         .all(|lane| maps.lanes[*lane as usize].active_events < lane.events())
                 };
                 let draining = pending.draining.load(Ordering::SeqCst);
-                let paused = pending.paused.load(Ordering::SeqCst);
+                let paused = pending.paused.load(Ordering::SeqCst) > 0;
                 if failed || paused || (idle && !draining) {
                     let _ = pending.wake.wait_timeout(guard, Lane::Hours.every());
                 }
