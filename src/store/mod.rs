@@ -2477,7 +2477,7 @@ mod tests {
             store.append(events).await.expect("append");
             store.close().await.expect("close");
         }
-        let store = Store::open(dir.path(), &[]).expect("open");
+        let store = unlocked(|| Store::open(dir.path(), &[]));
         let v = store.verify(|_| {}).expect("verify");
         assert!(v.problems.is_empty() && v.rollup_cells > 0, "{v:?}");
         let tree = &store.inner.trees.rollups;
