@@ -325,19 +325,30 @@ impl CpuMeter {
     }
 }
 
-/// Waits until process `pid` is idle — under 5 % of one CPU over half a
-/// second, i.e. it has finished the background work of what came before
-/// (rollup checkpoints, sled's flushes) — or `max` has passed. Returns how
-/// long it waited and whether it became idle.
+/// Waits until process `pid` is idle — under 5 % of one CPU in every half
+/// second for 6 s on end, i.e. it has finished the background work of what
+/// came before (rollup checkpoints, sled's flushes) — or `max` has passed.
+/// Returns how long it waited and whether it became idle. (6 s: longer
+/// than the rollups' slowest checkpoint timer, the views lane's 5 s, so
+/// deltas still waiting for it are merged first. Half a second alone let
+/// `bench query` time its queries beside the last checkpoints of the load
+/// once these got fast.)
 pub async fn wait_idle(pid: u32, max: std::time::Duration) -> (std::time::Duration, bool) {
     const WINDOW: std::time::Duration = std::time::Duration::from_millis(500);
+    const QUIET: std::time::Duration = std::time::Duration::from_secs(6);
     let started = std::time::Instant::now();
     let mut before = ProcSample::read(pid).cpu_seconds;
+    let mut quiet = std::time::Duration::ZERO;
     while started.elapsed() < max {
         tokio::time::sleep(WINDOW).await;
         let now = ProcSample::read(pid).cpu_seconds;
         if now - before < 0.05 * WINDOW.as_secs_f64() {
-            return (started.elapsed(), true);
+            quiet += WINDOW;
+            if quiet >= QUIET {
+                return (started.elapsed(), true);
+            }
+        } else {
+            quiet = std::time::Duration::ZERO;
         }
         before = now;
     }
