@@ -503,7 +503,9 @@ pub struct MetricsConfig {
 pub struct StorageConfig {
     /// sled's page cache (MiB): pages read or written recently stay in
     /// memory up to this size, which bounds most of the node's memory.
-    /// Default 1024 (sled's own default).
+    /// Default 256 (sled's own is 1024: at 10M stored events that took
+    /// the node's peak RSS to 3.7 GiB, against 1.9 GiB at 256, with the
+    /// same ingest rate and insight query latency; README, session 19).
     #[serde(default = "default_page_cache_mib")]
     pub page_cache_mib: u64,
     /// After the store could not write (a full disk), the node reopens it
@@ -518,7 +520,7 @@ fn default_resume_free_mib() -> u64 {
 }
 
 fn default_page_cache_mib() -> u64 {
-    1024
+    crate::store::DEFAULT_PAGE_CACHE_BYTES >> 20
 }
 
 impl Default for StorageConfig {

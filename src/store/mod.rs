@@ -345,8 +345,9 @@ pub struct Verification {
     pub problem_count: u64,
 }
 
-/// sled's own default page cache (1 GiB).
-pub const DEFAULT_PAGE_CACHE_BYTES: u64 = 1 << 30;
+/// The page cache of a store opened without a size: the node's default
+/// (`[storage] page_cache_mib`, 256 MiB; sled's own is 1 GiB).
+pub const DEFAULT_PAGE_CACHE_BYTES: u64 = 256 << 20;
 
 impl Store {
     /// Opens (creating if needed) the store in `dir`, with an outbox per
