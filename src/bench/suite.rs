@@ -328,11 +328,11 @@ impl CpuMeter {
 /// Waits until process `pid` is idle — under 5 % of one CPU in every half
 /// second for 6 s on end, i.e. it has finished the background work of what
 /// came before (rollup checkpoints, sled's flushes) — or `max` has passed.
-/// Returns how long it waited and whether it became idle. (6 s: longer
-/// than the rollups' slowest checkpoint timer, the views lane's 5 s, so
-/// deltas still waiting for it are merged first. Half a second alone let
-/// `bench query` time its queries beside the last checkpoints of the load
-/// once these got fast.)
+/// Returns how long it waited and whether it became idle. (6 s: well past
+/// the second after the last event when the rollup lanes settle, so the
+/// deltas still waiting are merged first. Half a second alone let `bench
+/// query` time its queries beside the last checkpoints of the load once
+/// these got fast.)
 pub async fn wait_idle(pid: u32, max: std::time::Duration) -> (std::time::Duration, bool) {
     const WINDOW: std::time::Duration = std::time::Duration::from_millis(500);
     const QUIET: std::time::Duration = std::time::Duration::from_secs(6);
