@@ -760,10 +760,16 @@ impl Agg {
 /// endian) of the cell's key and that encoding, so that a flipped byte in
 /// either is found on read ([`open_value`]) rather than counted.
 pub fn seal_value(key: &[u8], agg: &Agg) -> Vec<u8> {
-    let mut out = agg.encode();
-    let crc = cell_crc(key, &out);
-    out.extend_from_slice(&crc.to_be_bytes());
-    out
+    seal_bytes(key, agg.encode())
+}
+
+/// `body` followed by the CRC-32 of `key` and `body`, as [`seal_value`]
+/// stores a cell (and `store::blocks` a block); read back by
+/// [`open_value`].
+pub fn seal_bytes(key: &[u8], mut body: Vec<u8>) -> Vec<u8> {
+    let crc = cell_crc(key, &body);
+    body.extend_from_slice(&crc.to_be_bytes());
+    body
 }
 
 /// The encoded [`Agg`] of a stored value written by [`seal_value`]; `None`

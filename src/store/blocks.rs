@@ -39,10 +39,10 @@ use prost::encoding::{decode_varint, encode_varint};
 
 use super::rollups::{CellWrite, RawCell};
 use super::{Error, Result, Seq};
-use crate::rollup::{open_value, seal_value, Agg};
+use crate::rollup::{open_value, seal_bytes, seal_value, Agg};
 
 /// Bytes of the period prefix (family, period kind, start hour).
-pub(super) const PREFIX: usize = 10;
+pub(super) use super::rollups::PREFIX;
 /// Bytes of a block's key: prefix, id, part.
 const BLOCK_KEY: usize = PREFIX + 8 + 2;
 /// Blocks of one level merged into one of the next.
@@ -80,25 +80,6 @@ impl Entry {
     }
 }
 
-fn seal(key: &[u8], mut body: Vec<u8>) -> Vec<u8> {
-    let crc = crc(key, &body);
-    body.extend_from_slice(&crc.to_be_bytes());
-    body
-}
-
-fn open<'a>(key: &[u8], value: &'a [u8]) -> Option<&'a [u8]> {
-    let split = value.len().checked_sub(4)?;
-    let (body, stored) = value.split_at(split);
-    (u32::from_be_bytes(stored.try_into().ok()?) == crc(key, body)).then_some(body)
-}
-
-fn crc(key: &[u8], body: &[u8]) -> u32 {
-    let mut h = crc32fast::Hasher::new();
-    h.update(key);
-    h.update(body);
-    h.finalize()
-}
-
 fn encode_manifest(prefix: &[u8], entries: &[Entry]) -> Vec<u8> {
     let mut body = Vec::with_capacity(entries.len() * ENTRY + 4);
     for e in entries {
@@ -107,11 +88,11 @@ fn encode_manifest(prefix: &[u8], entries: &[Entry]) -> Vec<u8> {
         body.push(e.level);
         body.extend_from_slice(&e.bytes.to_be_bytes());
     }
-    seal(&prefix[..PREFIX], body)
+    seal_bytes(&prefix[..PREFIX], body)
 }
 
 fn decode_manifest(key: &[u8], value: &[u8]) -> Option<Vec<Entry>> {
-    let body = open(key, value)?;
+    let body = open_value(key, value)?;
     if body.len() % ENTRY != 0 {
         return None;
     }
@@ -149,13 +130,13 @@ fn encode_block<'a>(key: &[u8], cells: impl IntoIterator<Item = (&'a [u8], &'a [
         encode_varint(v.len() as u64, &mut body);
         body.extend_from_slice(v);
     }
-    seal(key, body)
+    seal_bytes(key, body)
 }
 
 /// The cells of a block (key after the prefix, sealed value), checked
 /// against the block's checksum; `None` when the bytes are not a block.
 fn block_cells<'a>(key: &[u8], value: &'a [u8]) -> Option<Vec<(&'a [u8], &'a [u8])>> {
-    let mut body = open(key, value)?;
+    let mut body = open_value(key, value)?;
     let mut out = Vec::new();
     let take = |body: &mut &'a [u8]| -> Option<&'a [u8]> {
         let n = usize::try_from(decode_varint(body).ok()?).ok()?;
@@ -169,6 +150,15 @@ fn block_cells<'a>(key: &[u8], value: &'a [u8]) -> Option<Vec<(&'a [u8], &'a [u8
         out.push((suffix, value));
     }
     Some(out)
+}
+
+/// A cell's whole key: the prefix of the block key `block` and the
+/// cell's `suffix` as the block holds it.
+fn full_key(block: &[u8], suffix: &[u8]) -> Vec<u8> {
+    let mut full = Vec::with_capacity(PREFIX + suffix.len());
+    full.extend_from_slice(&block[..PREFIX]);
+    full.extend_from_slice(suffix);
+    full
 }
 
 /// What a stored entry under a block period is: its manifest or a block.
@@ -194,9 +184,7 @@ pub(super) fn expand(key: &[u8], value: &[u8], out: &mut Vec<RawCell>) -> Result
             let cells = block_cells(key, value).ok_or_else(|| corrupt(key, "bad cell block"))?;
             out.reserve(cells.len());
             for (suffix, v) in cells {
-                let mut full = Vec::with_capacity(PREFIX + suffix.len());
-                full.extend_from_slice(&key[..PREFIX]);
-                full.extend_from_slice(suffix);
+                let full = full_key(key, suffix);
                 out.push((full.into(), v.into()));
             }
             Ok(())
@@ -219,9 +207,7 @@ fn read_cells(
             .ok_or_else(|| corrupt(&key, "block listed in the manifest is missing"))?;
         let cells = block_cells(&key, &value).ok_or_else(|| corrupt(&key, "bad cell block"))?;
         for (suffix, v) in cells {
-            let mut full = Vec::with_capacity(PREFIX + suffix.len());
-            full.extend_from_slice(&key[..PREFIX]);
-            full.extend_from_slice(suffix);
+            let full = full_key(&key, suffix);
             let agg = open_value(&full, v)
                 .and_then(Agg::decode_bytes)
                 .ok_or_else(|| corrupt(&full, "bad cell"))?;
@@ -422,16 +408,15 @@ impl Hour {
 pub(super) fn check(key: &[u8], value: &[u8]) -> std::result::Result<usize, &'static str> {
     match kind(key) {
         Some(Kind::Manifest) => {
-            open(key, value).ok_or("checksum mismatch")?;
+            open_value(key, value).ok_or("checksum mismatch")?;
             decode_manifest(key, value).ok_or("manifest does not decode")?;
             Ok(0)
         }
         Some(Kind::Block) => {
-            open(key, value).ok_or("checksum mismatch")?;
+            open_value(key, value).ok_or("checksum mismatch")?;
             let cells = block_cells(key, value).ok_or("block does not decode")?;
             for (suffix, v) in &cells {
-                let mut full = key[..PREFIX].to_vec();
-                full.extend_from_slice(suffix);
+                let full = full_key(key, suffix);
                 if crate::rollup::CellKey::decode(&full).is_none() {
                     return Err("a cell's key does not decode");
                 }
@@ -463,7 +448,7 @@ pub(super) fn is_block(key: &[u8]) -> bool {
 /// make a stray block).
 #[cfg(test)]
 pub(super) fn moved(key: &[u8], to: &[u8], value: &[u8]) -> Vec<u8> {
-    seal(to, open(key, value).expect("a sealed block").to_vec())
+    seal_bytes(to, open_value(key, value).expect("a sealed block").to_vec())
 }
 
 fn corrupt(k: &[u8], what: &str) -> Error {

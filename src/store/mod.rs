@@ -28,7 +28,8 @@
 //!   `crate::rollup`) for the views' days, weeks and months; the hourly
 //!   cells over every dimension in blocks per hour, family ‖ period ‖ hour
 //!   (‖ id ‖ part) (see [`blocks`]); merged in by a checkpointer behind
-//!   the commits (see [`rollups`]); `meta` keeps the layout they were built with (`rollup_layout`)
+//!   the commits (see [`rollups`]); `meta` keeps the layout they were
+//!   built with (`rollup_layout`)
 //!   and the hour before which retention removed them (`rollup_horizon`)
 //! - `cursors`: identity ‖ 0 ‖ subscription name → acknowledged cursor
 //! - `outbox/<link>`: seq → enqueue time (UnixNanos, i64) — events waiting

@@ -289,7 +289,7 @@ impl Maps {
 }
 
 /// Bytes of a cell key's period prefix (family, period kind, start hour).
-const PREFIX: usize = 10;
+pub(super) const PREFIX: usize = 10;
 
 /// The seed of the waiting cells' hashers (see [`Cells`]).
 static CELL_SEED: std::sync::LazyLock<u64> = std::sync::LazyLock::new(rand::random);
