@@ -234,13 +234,28 @@ impl NodeProc {
         self.dir.join("data")
     }
 
-    /// Opens the node's store; the node must be stopped.
+    /// Opens the node's store; the node must be stopped. A store this
+    /// test opened and dropped just before may still be locked for a
+    /// moment (sled's background threads close the file after the drop):
+    /// the lock is waited for, up to 10 s.
     pub fn open_store(&self) -> chainsight::store::Store {
         assert!(
             self.child.is_none(),
             "stop the node before opening its store"
         );
-        chainsight::store::Store::open(&self.data_dir().join("store"), &[]).expect("open store")
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match chainsight::store::Store::open(&self.data_dir().join("store"), &[]) {
+                Ok(store) => return store,
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("open store: {e:?}"),
+            }
+        }
     }
 
     /// A channel to this node as the holder of `files`.
