@@ -400,6 +400,37 @@ pub fn parse_period_prefix(key: &[u8]) -> Option<(u8, Bucket, i64)> {
     Some((family, period, hour))
 }
 
+/// The periods of a view's cells that are sums of its day cells: a day
+/// falls in exactly one week and one month.
+pub const DERIVED_PERIODS: [Bucket; 2] = [Bucket::Week, Bucket::Month];
+
+/// Whether `key` is a view's week or month cell (see [`derived`]).
+pub fn is_derived(key: &[u8]) -> bool {
+    key.first().is_some_and(|&f| f >= Layout::family(0))
+        && key
+            .get(1)
+            .and_then(|&c| Bucket::from_code(c))
+            .is_some_and(|p| DERIVED_PERIODS.contains(&p))
+}
+
+/// For a view's day cell `key`, the key of the cell of `period` (a week
+/// or a month) that holds that day: the same family and dimensions, under
+/// the period's start. `None` for any other key.
+pub fn derived(key: &[u8], period: Bucket) -> Option<Vec<u8>> {
+    let (family, from, hour) = parse_period_prefix(key)?;
+    if family < Layout::family(0) || from != Bucket::Day || !DERIVED_PERIODS.contains(&period) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(key.len());
+    out.extend_from_slice(&period_prefix(
+        family,
+        period,
+        bucket_start_hour(hour, period),
+    ));
+    out.extend_from_slice(&key[10..]);
+    Some(out)
+}
+
 impl CellKey {
     /// Encodes the key: family, period kind, start hour (sign-flipped,
     /// big-endian), dimensions.
@@ -1111,22 +1142,29 @@ fn max_into(sketch: &mut [u8], other: &[u8]) {
 /// period kind (one per attribute for views that keep the attribute).
 pub fn cells_of(ev: &PreferenceEvent, layout: &Layout) -> Vec<CellKey> {
     let mut out = Vec::new();
-    for_each_cell(ev, layout, |family, period, hour, dims| {
-        out.push(CellKey {
-            family,
-            period,
-            hour,
-            dims: dims.to_owned(),
-        })
-    });
+    for_each_cell(
+        ev,
+        layout,
+        &Bucket::VIEW_PERIODS,
+        |family, period, hour, dims| {
+            out.push(CellKey {
+                family,
+                period,
+                hour,
+                dims: dims.to_owned(),
+            })
+        },
+    );
     out
 }
 
-/// Calls `f` with every cell of `ev` (see [`cells_of`]), its dimensions
-/// borrowed from the event.
+/// Calls `f` with every cell of `ev` (see [`cells_of`]) whose period is
+/// an hour or one of `view_periods`, its dimensions borrowed from the
+/// event.
 fn for_each_cell(
     ev: &PreferenceEvent,
     layout: &Layout,
+    view_periods: &[Bucket],
     mut f: impl FnMut(u8, Bucket, i64, &CellDims<&str>),
 ) {
     let base = CellDims {
@@ -1141,7 +1179,18 @@ fn for_each_cell(
         attribute: None,
     };
     let hour = hour_of(ev.occurred_at);
-    let starts = Bucket::VIEW_PERIODS.map(|p| (p, bucket_start_hour(hour, p)));
+    let mut starts = [(Bucket::Day, 0); 3];
+    let mut n = 0;
+    for &p in view_periods
+        .iter()
+        .filter(|p| Bucket::VIEW_PERIODS.contains(p))
+    {
+        if n < starts.len() {
+            starts[n] = (p, bucket_start_hour(hour, p));
+            n += 1;
+        }
+    }
+    let starts = &starts[..n];
     let with_attributes: Vec<CellDims<&str>> = ev
         .attributes
         .iter()
@@ -1159,7 +1208,7 @@ fn for_each_cell(
         };
         for dims in sources {
             let dims = dims.masked(*view);
-            for (period, start) in starts {
+            for &(period, start) in starts {
                 f(Layout::family(i), period, start, &dims);
             }
         }
@@ -1219,30 +1268,36 @@ pub fn fold<'a>(
     // Most cells of a commit are already in the map (a view's day cell
     // gets many events), and looking one up by a borrowed key allocates
     // nothing.
-    fold_with(events, layout, |key, contribution| {
-        match cells.get_mut(key) {
+    fold_with(
+        events,
+        layout,
+        &Bucket::VIEW_PERIODS,
+        |key, contribution| match cells.get_mut(key) {
             Some(agg) => agg.merge_cell(contribution),
             None => {
                 cells.insert(key.to_vec(), contribution.clone());
             }
-        }
-    });
+        },
+    );
     cells
 }
 
 /// Hands each cell that `events` add to, one event at a time, to `sink`:
-/// the cell's encoded key and the event's contribution. [`fold`] collects
-/// them; the store's writer adds them to the waiting cells directly.
+/// the cell's encoded key and the event's contribution; of the views'
+/// cells only those of `view_periods`. [`fold`] collects them all; the
+/// store's writer adds the views' day cells to the waiting cells directly
+/// (their weeks and months are [`derived`] from them).
 pub fn fold_with<'a>(
     events: impl IntoIterator<Item = &'a PreferenceEvent>,
     layout: &Layout,
+    view_periods: &[Bucket],
     mut sink: impl FnMut(&[u8], &Agg),
 ) {
     // One key buffer for every cell.
     let mut key = Vec::with_capacity(128);
     for ev in events {
         let contribution = Agg::of_event(ev);
-        for_each_cell(ev, layout, |family, period, hour, dims| {
+        for_each_cell(ev, layout, view_periods, |family, period, hour, dims| {
             key.clear();
             key.extend_from_slice(&period_prefix(family, period, hour));
             dims.encode_into(&mut key);

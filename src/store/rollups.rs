@@ -20,6 +20,12 @@
 //! merge writes each cell once for all the events it covers. Either lane is
 //! merged once no event came for a second.
 //!
+//! Of the views, only the day cells wait (since session 20): the writer
+//! folds an event into its views' day cells, and a view's week and month
+//! cells, sums of its day cells, are derived from the waiting days when a
+//! checkpoint merges them ([`derive`]) or a query reads them. That takes
+//! about half of the cells an event adds off the writer.
+//!
 //! After a crash the maps are gone; [`Pending::open`] folds the stored
 //! events after each lane's watermark again, into that lane. sled writes
 //! its log in order, so a durable checkpoint implies the events it covers
@@ -288,6 +294,9 @@ impl Maps {
     }
 }
 
+/// Longest a query waits for the fold of acknowledged commits.
+const FOLD_WAIT: Duration = Duration::from_secs(5);
+
 /// Bytes of a cell key's period prefix (family, period kind, start hour).
 pub(super) const PREFIX: usize = 10;
 
@@ -462,7 +471,10 @@ struct LaneMaps {
 }
 
 impl LaneMaps {
-    fn add(&mut self, cells: BTreeMap<Vec<u8>, Agg>, events: u64, upto: Seq) {
+    /// Adds a fold's cells but the views' week and month cells (the
+    /// waiting cells hold the views' days only; see [`derive`]).
+    fn add(&mut self, mut cells: BTreeMap<Vec<u8>, Agg>, events: u64, upto: Seq) {
+        cells.retain(|key, _| !crate::rollup::is_derived(key));
         if cells.is_empty() && events == 0 {
             return;
         }
@@ -529,6 +541,17 @@ pub(super) struct Pending {
     paused: AtomicUsize,
     /// Held by the checkpointer through each checkpoint.
     checkpointing: Mutex<()>,
+    /// Commits whose callers were answered before their fold, and folds
+    /// done since ([`Pending::fold_owed`], [`Pending::add`]).
+    folds: Mutex<FoldCount>,
+    folded: Condvar,
+}
+
+/// Folds owed (commits acknowledged) and done, counted from the open.
+#[derive(Default)]
+struct FoldCount {
+    owed: u64,
+    done: u64,
 }
 
 /// Keeps checkpoints from starting while it lives ([`Pending::pause`]).
@@ -691,6 +714,69 @@ fn merge_map(map: &mut BTreeMap<Vec<u8>, Agg>, cells: BTreeMap<Vec<u8>, Agg>) {
     }
 }
 
+/// The views' week and month cells that `cells`' view day cells add up to
+/// ([`crate::rollup::derived`]). The writer folds only the views' day
+/// cells into the waiting ones; a checkpoint merges these with them, and
+/// queries derive them the same way from what waits.
+fn derive(cells: &Cells) -> Cells {
+    let mut out = Cells::default();
+    let first_view = crate::rollup::period_prefix(Layout::family(0), Bucket::Hour, i64::MIN);
+    for (prefix, days) in cells.periods.range(first_view..) {
+        let Some((family, Bucket::Day, day)) = parse_period_prefix(prefix) else {
+            continue;
+        };
+        for period in crate::rollup::DERIVED_PERIODS {
+            // Every cell of a day goes to the same week (month): that
+            // period's map is found once.
+            let start = crate::rollup::bucket_start_hour(day, period);
+            let target = out
+                .periods
+                .entry(crate::rollup::period_prefix(family, period, start))
+                .or_insert_with(|| {
+                    HashMap::with_hasher(foldhash::fast::FixedState::with_seed(*CELL_SEED))
+                });
+            for (key, delta) in days {
+                let Some(key) = crate::rollup::derived(key, period) else {
+                    continue;
+                };
+                match target.get_mut(&key) {
+                    Some(cell) => cell.merge_cell(delta),
+                    None => {
+                        target.insert(key, delta.clone());
+                        out.len += 1;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Two key-ordered lists of cells with no key in common, as one.
+fn merge_sorted<'a>(
+    a: Vec<(&'a Vec<u8>, &'a Agg)>,
+    b: Vec<(&'a Vec<u8>, &'a Agg)>,
+) -> Vec<(&'a Vec<u8>, &'a Agg)> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut a, mut b) = (a.into_iter().peekable(), b.into_iter().peekable());
+    loop {
+        let next = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) => {
+                if x.0 <= y.0 {
+                    a.next()
+                } else {
+                    b.next()
+                }
+            }
+            (Some(_), None) => a.next(),
+            (None, Some(_)) => b.next(),
+            (None, None) => break,
+        };
+        out.extend(next);
+    }
+    out
+}
+
 impl Pending {
     /// Starts from the tree's watermark, folding the events stored after
     /// it (lost from memory by a crash) into the active map. `fold_events`
@@ -833,6 +919,8 @@ impl Pending {
             failing: AtomicBool::new(false),
             paused: AtomicUsize::new(0),
             checkpointing: Mutex::new(()),
+            folds: Mutex::new(FoldCount::default()),
+            folded: Condvar::new(),
         }
     }
 
@@ -852,9 +940,48 @@ impl Pending {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// A commit's callers are about to be answered, its fold to follow
+    /// (writer thread): queries from now on wait for that fold
+    /// ([`Self::wait_folds`]).
+    pub(super) fn fold_owed(&self) {
+        self.fold_count().owed += 1;
+    }
+
+    fn fold_count(&self) -> std::sync::MutexGuard<'_, FoldCount> {
+        self.folds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Returns once every commit acknowledged before the call is folded
+    /// into the waiting cells, so that a query counts every event its
+    /// caller saw acknowledged (a fold takes milliseconds; after
+    /// [`FOLD_WAIT`] the query goes on, with a warning).
+    fn wait_folds(&self) {
+        let mut count = self.fold_count();
+        let target = count.owed;
+        let deadline = std::time::Instant::now() + FOLD_WAIT;
+        while count.done < target {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                tracing::warn!(
+                    owed = target - count.done,
+                    "a query did not wait any longer for the rollup fold of acknowledged commits; it may miss their events"
+                );
+                return;
+            }
+            count = self
+                .folded
+                .wait_timeout(count, deadline - now)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+    }
+
     /// Adds the cells of committed events up to `upto` (writer thread);
     /// `hours`: the hours the events occurred in, sorted (ends the change
-    /// [`Self::begin_change`] began).
+    /// [`Self::begin_change`] began). Counts as the fold a
+    /// [`Self::fold_owed`] announced.
     ///
     /// The events are folded into hash maps like the waiting cells' before
     /// the lock is taken, then moved in: a new period whole, a cell of a
@@ -868,8 +995,21 @@ impl Pending {
         upto: Seq,
         hours: &[i64],
     ) {
+        // Counted done however this ends (a panic included: queries must
+        // not wait for a fold that will never come).
+        struct Done<'p>(&'p Pending);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.fold_count().done += 1;
+                self.0.folded.notify_all();
+            }
+        }
+        let done = Done(self);
         let mut own: [Cells; 2] = Default::default();
-        crate::rollup::fold_with(new, &self.layout, |key, delta| {
+        // The views' week and month cells are derived from their day
+        // cells when they are read or merged (see [`derive`]): a third of
+        // the cells an event adds.
+        crate::rollup::fold_with(new, &self.layout, &[Bucket::Day], |key, delta| {
             own[Lane::of(key) as usize].merge_ref(key, delta);
         });
         self.end_change(Some(hours));
@@ -886,6 +1026,7 @@ impl Pending {
                 Self::over(&maps),
             )
         };
+        drop(done);
         if due {
             self.wake.notify_all();
         }
@@ -1088,9 +1229,11 @@ impl Pending {
             )
         };
         self.wake.notify_all();
+        // The views' weeks and months, from their days.
+        let derived = derive(&frozen);
         // In key order (sorted here, outside the lock), from after the
         // last key a cut-short run of this checkpoint merged.
-        let mut remaining: Vec<(&Vec<u8>, &Agg)> = frozen.sorted();
+        let mut remaining: Vec<(&Vec<u8>, &Agg)> = merge_sorted(frozen.sorted(), derived.sorted());
         if let Some(done) = &done {
             remaining.retain(|(k, _)| *k > done);
         }
@@ -1304,6 +1447,7 @@ impl Pending {
         hour_view: Option<DimSet>,
         symbols: &RwLock<Interner>,
     ) -> Result<Vec<Arc<Vec<QueryCell>>>> {
+        self.wait_folds();
         let _stable = self
             .tree_lock
             .read()
@@ -1323,6 +1467,32 @@ impl Pending {
                     for &(family, period, a, b) in pieces {
                         let (start, end) = range(family, period, a, b);
                         if merged.is_some_and(|done| *done >= end) {
+                            continue;
+                        }
+                        if family >= Layout::family(0)
+                            && crate::rollup::DERIVED_PERIODS.contains(&period)
+                        {
+                            // A view's weeks and months wait as its days:
+                            // each day's cell is read under the key of its
+                            // week or month, and cells of one key add up.
+                            // A period an end falls inside counts whole,
+                            // as the tree keeps it: its days after the end
+                            // too.
+                            let b_days = b.map(|b| {
+                                let last = crate::rollup::bucket_start_hour(b - 1, period);
+                                crate::rollup::next_bucket_start(last, period)
+                            });
+                            let (day_start, day_end) = range(family, Bucket::Day, a, b_days);
+                            for (day, agg) in map.range(&day_start, &day_end) {
+                                let Some(k) = crate::rollup::derived(day, period) else {
+                                    continue;
+                                };
+                                if k < start || k >= end || merged.is_some_and(|done| k <= *done) {
+                                    continue;
+                                }
+                                let value = seal_value(&k, agg);
+                                waiting.push((k.into(), value.into()));
+                            }
                             continue;
                         }
                         for (k, agg) in map.range(&start, &end) {
@@ -1799,7 +1969,11 @@ mod tests {
         p.write().lane(Lane::Views).active.merge_ref(&key, &one);
         p.write().lane(Lane::Views).counted(1, 1);
         assert!(p.checkpoint(&tree, Lane::Views).expect("checkpoint"));
-        assert_eq!(tree.len(), 1 + 1, "the cell and the lane's watermark");
+        assert_eq!(
+            tree.len(),
+            3 + 1,
+            "the day cell, its week's and month's, and the lane's watermark"
+        );
         let half = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let mut maps = p.write();
             maps.lane(Lane::Views).active.merge_ref(&key, &one);
@@ -1819,7 +1993,9 @@ mod tests {
 
     /// The writer folds each commit straight into the waiting cells: what
     /// waits is what `fold` gives for all the commits together, split by
-    /// lane, and each lane counts every event.
+    /// lane, but the views' weeks and months; and each lane counts every
+    /// event. Those weeks and months, as a query reads them while they
+    /// wait and as a checkpoint writes them, are the fold's.
     #[test]
     fn commits_fold_into_the_waiting_cells_as_one_fold_of_all_their_events() {
         use crate::domain::UnixNanos;
@@ -1852,6 +2028,7 @@ mod tests {
                 .collect();
             let want: Vec<(Vec<u8>, Vec<u8>)> = expected[lane as usize]
                 .iter()
+                .filter(|(k, _)| !crate::rollup::is_derived(k))
                 .map(|(k, a)| (k.clone(), a.encode()))
                 .collect();
             assert!(!want.is_empty());
@@ -1863,6 +2040,120 @@ mod tests {
             assert_eq!(waiting.active_events, 600);
             assert_eq!(waiting.active_upto, 600);
         }
+        let weeks_and_months: BTreeMap<Vec<u8>, Agg> = expected[Lane::Views as usize]
+            .iter()
+            .filter(|(k, _)| crate::rollup::is_derived(k))
+            .map(|(k, a)| (k.clone(), a.clone()))
+            .collect();
+        let derived = derive(&maps.lanes[Lane::Views as usize].active);
+        let derived: Vec<(Vec<u8>, Vec<u8>)> = derived
+            .sorted()
+            .into_iter()
+            .map(|(k, a)| (k.clone(), a.encode()))
+            .collect();
+        let want: Vec<(Vec<u8>, Vec<u8>)> = weeks_and_months
+            .iter()
+            .map(|(k, a)| (k.clone(), a.encode()))
+            .collect();
+        assert!(want.len() > layout.views.len() * 2, "{}", want.len());
+        assert!(
+            derived == want,
+            "derived weeks and months differ from the fold"
+        );
+        drop(maps);
+
+        // Read while waiting, then merged: the same events and customers
+        // per week and month of every view.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = sled::open(dir.path()).expect("sled");
+        let tree = db.open_tree("rollups").expect("tree");
+        let per_cell = |p: &Pending| -> BTreeMap<(u8, u8, i64), (u64, u64)> {
+            let mut pieces = Vec::new();
+            for view in 0..layout.views.len() {
+                for period in crate::rollup::DERIVED_PERIODS {
+                    pieces.push((Layout::family(view), period, None, None));
+                }
+            }
+            let symbols = RwLock::new(Interner::default());
+            let mut out = BTreeMap::new();
+            for cells in p.read_cells(&tree, &pieces, None, &symbols).expect("read") {
+                for c in cells.iter() {
+                    let e = out
+                        .entry((c.family, c.period as u8, c.hour))
+                        .or_insert((0, 0));
+                    e.0 += c.counts.events;
+                    e.1 += c.counts.purchases;
+                }
+            }
+            out
+        };
+        let mut want = BTreeMap::new();
+        for (k, a) in &weeks_and_months {
+            let (family, period, hour) = parse_period_prefix(k).expect("prefix");
+            let e = want.entry((family, period as u8, hour)).or_insert((0, 0));
+            e.0 += a.events;
+            e.1 += a.purchases;
+        }
+        assert_eq!(per_cell(&p), want, "waiting weeks and months as read");
+        assert!(p.checkpoint(&tree, Lane::Views).expect("checkpoint"));
+        assert!(!p.read().lanes[Lane::Views as usize].has_work());
+        assert_eq!(per_cell(&p), want, "merged weeks and months as read");
+        for (k, a) in &weeks_and_months {
+            let mut sealed = Agg::default();
+            sealed.merge_cell(a);
+            sealed.seal();
+            let stored = tree.get(k).expect("get").expect("merged cell");
+            assert_eq!(stored.as_ref(), seal_value(k, &sealed).as_slice());
+        }
+    }
+
+    /// A commit's callers are answered before its fold: a query that
+    /// starts after the answer waits for the fold, and counts the events.
+    #[test]
+    fn a_query_waits_for_the_fold_of_acknowledged_commits() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = sled::open(dir.path()).expect("sled");
+        let tree = db.open_tree("rollups").expect("tree");
+        let layout = Arc::new(Layout::default());
+        let p = Arc::new(Pending::with_maps(layout.clone(), Maps::default()));
+        let events: Vec<crate::domain::PreferenceEvent> = (0..5)
+            .map(|i| {
+                let mut ev = crate::domain::PreferenceEvent::example();
+                ev.event_id = format!("e-{i}");
+                ev
+            })
+            .collect();
+        let hour = crate::rollup::hour_of(events[0].occurred_at);
+        let count = |p: &Pending| -> u64 {
+            p.read_cells(
+                &tree,
+                &[(
+                    crate::rollup::FAMILY_BASE,
+                    Bucket::Hour,
+                    Some(hour),
+                    Some(hour + 1),
+                )],
+                None,
+                &RwLock::new(Interner::default()),
+            )
+            .expect("read")
+            .iter()
+            .flat_map(|cells| cells.iter())
+            .map(|c| c.counts.events)
+            .sum()
+        };
+        assert_eq!(count(&p), 0);
+        // The writer: the commit is acknowledged, and folded 200 ms later.
+        p.fold_owed();
+        let writer = {
+            let (p, events) = (p.clone(), events.clone());
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(200));
+                p.add(&events, 5, 5, &[hour]);
+            })
+        };
+        assert_eq!(count(&p), 5, "the query waited for the fold");
+        writer.join().expect("writer");
     }
 
     /// While a checkpoint merges a lane chunk by chunk, a query reads the
@@ -1917,6 +2208,98 @@ mod tests {
             .expect("apply");
         p.write().lane(Lane::Views).frozen_done = Some(key(1));
         assert_eq!(events(&p), 5, "two from the tree, two frozen, one active");
+    }
+
+    /// The same for the views' weeks and months, which wait as days: at
+    /// every point of a checkpoint's progress (its last merged key a day's
+    /// or a derived week's or month's), each day counts once in its week
+    /// and its month, and a period read up to an end inside it counts its
+    /// days before that end.
+    #[test]
+    fn weeks_and_months_read_during_a_chunked_checkpoint_count_each_day_once() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = sled::open(dir.path()).expect("sled");
+        let tree = db.open_tree("rollups").expect("tree");
+        let family = Layout::family(0);
+        // 2026-01-26 (a Monday) and the 40 days after: three months, six
+        // weeks; one event a day, two on odd days, one more waiting.
+        let first = 1_769_385_600 / 3600;
+        let day_key = |day: i64| {
+            CellKey {
+                family,
+                period: Bucket::Day,
+                hour: first + 24 * day,
+                dims: Default::default(),
+            }
+            .encode()
+        };
+        let n = |events| Agg {
+            events,
+            ..Default::default()
+        };
+        let mut cells = Cells::default();
+        for day in 0..40 {
+            cells.merge(day_key(day), n(1 + (day as u64 % 2)));
+        }
+        let frozen = Arc::new(cells);
+        let p = Pending::with_maps(Arc::new(Layout::default()), Maps::default());
+        {
+            let mut maps = p.write();
+            let lane = maps.lane(Lane::Views);
+            lane.frozen = Some(frozen.clone());
+            lane.active.merge(day_key(3), n(1));
+        }
+        // Per period start: its events, for the periods starting before
+        // `end` (a period a read's end falls inside counts whole, as the
+        // tree keeps it).
+        let expected = |period: Bucket, end: Option<i64>| -> BTreeMap<i64, u64> {
+            let mut out = BTreeMap::new();
+            for day in 0..40 {
+                let start = crate::rollup::bucket_start_hour(first + 24 * day, period);
+                if end.is_some_and(|end| start >= end) {
+                    continue;
+                }
+                *out.entry(start).or_insert(0) += 1 + (day as u64 % 2) + u64::from(day == 3);
+            }
+            out
+        };
+        let read = |p: &Pending, period: Bucket, end: Option<i64>| -> BTreeMap<i64, u64> {
+            let mut out = BTreeMap::new();
+            let pieces = [(family, period, None, end)];
+            let symbols = RwLock::new(Interner::default());
+            for cells in p.read_cells(&tree, &pieces, None, &symbols).expect("read") {
+                for c in cells.iter() {
+                    assert_eq!(c.period, period);
+                    *out.entry(c.hour).or_insert(0) += c.counts.events;
+                }
+            }
+            out
+        };
+        let derived = derive(&frozen);
+        let all = merge_sorted(frozen.sorted(), derived.sorted());
+        assert_eq!(all.len(), 40 + 6 + 3, "40 days, 6 weeks, 3 months");
+        // An end inside a week and a month: 2026-02-04, a Wednesday.
+        let inside = Some(first + 24 * 9);
+        for merged in 0..=all.len() {
+            if merged > 0 {
+                let (key, delta) = all[merged - 1];
+                let batch = merge_batch(&tree, [(key, delta)], 1).expect("batch");
+                tree.apply_batch(batch).expect("apply");
+                p.write().lane(Lane::Views).frozen_done = Some(key.clone());
+                // As a checkpoint's chunk does: its periods leave the cache.
+                p.cache().remove(&parse_period_prefix(key).expect("prefix"));
+            }
+            for period in crate::rollup::DERIVED_PERIODS {
+                for end in [None, inside] {
+                    assert_eq!(
+                        read(&p, period, end),
+                        expected(period, end),
+                        "{period:?} up to {end:?}, {merged} of {} merged",
+                        all.len()
+                    );
+                }
+            }
+        }
     }
 
     /// A lane is due at its count or its cadence, or once no event came

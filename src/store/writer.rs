@@ -36,7 +36,23 @@ const MAX_BATCH_EVENTS: usize = 8192;
 
 pub(super) struct Append {
     pub events: Vec<NewEvent>,
-    pub reply: oneshot::Sender<Result<Vec<Appended>>>,
+    pub reply: Reply,
+}
+
+/// Where an append's outcome goes.
+pub(super) type Reply = oneshot::Sender<Result<Vec<Appended>>>;
+
+/// A commit's outcomes (per append, per event) and the fold it owes.
+type Written = (Vec<Vec<Appended>>, Option<Fold>);
+
+/// A commit's new events to fold into the waiting rollups (see
+/// [`Writer::commit`]).
+struct Fold {
+    events: u64,
+    /// The highest sequence number among them.
+    upto: Seq,
+    /// The hours they occurred in, sorted.
+    hours: Vec<i64>,
 }
 
 pub(super) enum Command {
@@ -597,13 +613,15 @@ impl Writer {
 
     fn commit(&mut self, batch: Vec<Append>) {
         let start_seq = self.next_seq;
-        let outcomes = match self.write(&batch) {
-            Ok(outcomes) => outcomes,
+        let (batch, replies): (Vec<Vec<NewEvent>>, Vec<Reply>) =
+            batch.into_iter().map(|a| (a.events, a.reply)).unzip();
+        let (outcomes, fold) = match self.write(&batch) {
+            Ok(written) => written,
             Err((e, false)) => {
                 // Nothing was applied: its numbers are free again.
                 self.next_seq = start_seq;
                 self.failed(&e);
-                fail(batch, &e, "nothing of it was stored");
+                fail(replies, &e, "nothing of it was stored");
                 return;
             }
             Err((e, true)) => {
@@ -613,7 +631,7 @@ impl Writer {
                 // reopened, and reopening removes the leftovers
                 // (`repair_tail`); the senders resend.
                 self.failed(&e);
-                fail(batch, &e, "it was not stored; retrying is safe");
+                fail(replies, &e, "it was not stored; retrying is safe");
                 return;
             }
         };
@@ -623,6 +641,13 @@ impl Writer {
         // replayed from the log at open). Readers (subscribers, link
         // workers) may now see everything up to here; set before links are
         // woken so they find it.
+        // Queries from here on wait for this commit's fold (below): whoever
+        // saw its events, by an answer or by the durable mark, finds them
+        // counted.
+        let folding = fold.as_ref().zip(self.trees.pending.as_ref());
+        if let Some((_, pending)) = folding {
+            pending.fold_owed();
+        }
         self.durable.send_replace(self.next_seq - 1);
         self.announce(&batch, &outcomes);
         let m = crate::metrics::get();
@@ -632,23 +657,43 @@ impl Writer {
             .filter(|o| matches!(o, Appended::Stored(_)))
             .count();
         m.stored.inc_by(stored as u64);
-        for (cmd, outcome) in batch.into_iter().zip(outcomes) {
-            let Append { reply, .. } = cmd;
+        // The callers are answered before the new events are folded into
+        // the waiting rollups: the fold is a third of a commit's time, and
+        // no longer delays the acknowledgement, nor the links and
+        // subscribers that follow the durable mark. A query waits for the
+        // fold of every commit acknowledged before it started
+        // (`rollups::Pending::read_cells`); a crash refolds from the
+        // stored events.
+        let new: Vec<&crate::domain::PreferenceEvent> = match folding {
+            Some(_) => batch
+                .iter()
+                .zip(&outcomes)
+                .flat_map(|(events, out)| events.iter().zip(out))
+                .filter(|(_, outcome)| matches!(outcome, Appended::Stored(_)))
+                .map(|(ne, _)| &ne.event)
+                .collect(),
+            None => Vec::new(),
+        };
+        for (reply, outcome) in replies.into_iter().zip(outcomes) {
             let _ = reply.send(Ok(outcome));
+        }
+        if let Some((fold, pending)) = folding {
+            pending.add(new, fold.events, fold.upto, &fold.hours);
         }
     }
 
     /// Decides per event whether it is new, then writes all new events and
     /// their index and outbox entries (see [`Self::transact`]). On failure,
-    /// says whether anything was applied.
+    /// says whether anything was applied. With the outcomes, the fold of
+    /// the new events into the waiting rollups that is owed.
     fn write(
         &mut self,
-        batch: &[Append],
-    ) -> std::result::Result<Vec<Vec<Appended>>, (Error, bool)> {
+        batch: &[Vec<NewEvent>],
+    ) -> std::result::Result<Written, (Error, bool)> {
         let mut in_batch: HashMap<&str, Seq> = HashMap::new();
         let mut new: Vec<(Seq, &NewEvent)> = Vec::new();
         let mut outcomes = Vec::with_capacity(batch.len());
-        for Append { events, .. } in batch {
+        for events in batch {
             let mut out = Vec::with_capacity(events.len());
             for ne in events {
                 let id = ne.event.event_id.as_str();
@@ -676,10 +721,10 @@ impl Writer {
             outcomes.push(out);
         }
         if new.is_empty() {
-            return Ok(outcomes);
+            return Ok((outcomes, None));
         }
-        self.transact(&new)?;
-        Ok(outcomes)
+        let fold = self.transact(&new)?;
+        Ok((outcomes, fold))
     }
 
     /// Appends the new events' records to the event log and syncs it (what
@@ -704,9 +749,12 @@ impl Writer {
     /// On failure, says whether anything was applied. Queries' folded
     /// window edges of the events' hours are dropped before and after
     /// (see [`super::rollups::Pending::begin_change`]).
-    fn transact(&self, new: &[(Seq, &NewEvent)]) -> std::result::Result<(), (Error, bool)> {
+    fn transact(
+        &self,
+        new: &[(Seq, &NewEvent)],
+    ) -> std::result::Result<Option<Fold>, (Error, bool)> {
         let Some(pending) = &self.trees.pending else {
-            return self.write_trees(new);
+            return self.write_trees(new).map(|()| None);
         };
         let mut hours: Vec<i64> = new
             .iter()
@@ -719,16 +767,14 @@ impl Writer {
             pending.end_change(None);
             return Err(e);
         }
-        // The events are in the trees: their rollup deltas wait in memory
-        // until the checkpointer merges them (a crash refolds them).
-        let upto = new.iter().map(|(s, _)| *s).max().unwrap_or(0);
-        pending.add(
-            new.iter().map(|(_, ne)| &ne.event),
-            new.len() as u64,
-            upto,
-            &hours,
-        );
-        Ok(())
+        // The events are in the trees: once their callers are answered,
+        // their rollup deltas are folded into the waiting ones, merged into
+        // the tree by the checkpointer (a crash refolds them).
+        Ok(Some(Fold {
+            events: new.len() as u64,
+            upto: new.iter().map(|(s, _)| *s).max().unwrap_or(0),
+            hours,
+        }))
     }
 
     /// [`Self::transact`]'s writes: the records to the event log, synced
@@ -874,9 +920,9 @@ impl Writer {
 
     /// After a successful flush: count the new outbox entries and wake the
     /// links that have work.
-    fn announce(&self, batch: &[Append], outcomes: &[Vec<Appended>]) {
+    fn announce(&self, batch: &[Vec<NewEvent>], outcomes: &[Vec<Appended>]) {
         let mut added = vec![0u64; self.trees.outboxes.len()];
-        for (Append { events, .. }, out) in batch.iter().zip(outcomes) {
+        for (events, out) in batch.iter().zip(outcomes) {
             for (ne, outcome) in events.iter().zip(out) {
                 if let Appended::Stored(_) = outcome {
                     for &link in &ne.outboxes {
@@ -932,12 +978,11 @@ fn owed_zeroing(meta: &sled::Tree, frames: &[Location]) -> Result<Vec<u8>> {
 }
 
 /// Answers every command of a batch with the error.
-fn fail(batch: Vec<Append>, e: &Error, consequence: &str) {
+fn fail(replies: Vec<Reply>, e: &Error, consequence: &str) {
     tracing::error!(error = %e, "store write failed; {consequence}");
     let reason = format!("{e}; {consequence}");
     let disk_full = is_disk_full(e);
-    for cmd in batch {
-        let Append { reply, .. } = cmd;
+    for reply in replies {
         let _ = reply.send(Err(Error::Write {
             reason: reason.clone(),
             disk_full,
