@@ -1,5 +1,6 @@
-//! Signals.Subscribe: backfill with filters, resume by cursor, live follow
-//! with no gap and no duplicate while events arrive, roles and bad filters.
+//! Signals.Subscribe and SubscribeBatches: backfill with filters, resume
+//! by cursor, live follow with no gap and no duplicate while events
+//! arrive, roles and bad filters.
 
 mod common;
 
@@ -52,6 +53,31 @@ async fn collect(
     out
 }
 
+/// As [`collect`], by `SubscribeBatches`: the signals and the batches.
+async fn collect_batches(
+    client: &mut pb::signals_client::SignalsClient<Channel>,
+    filter: pb::Filter,
+    after: u64,
+) -> (Vec<pb::Signal>, usize) {
+    let mut stream = client
+        .subscribe_batches(pb::SubscribeRequest {
+            filter: Some(filter),
+            after_cursor: after,
+            follow: false,
+            name: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut out, mut batches) = (Vec::new(), 0);
+    while let Some(batch) = stream.message().await.unwrap() {
+        assert!(!batch.signals.is_empty(), "a batch is never empty");
+        batches += 1;
+        out.extend(batch.signals);
+    }
+    (out, batches)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backfill_returns_exactly_the_matching_events_in_order_and_resumes() {
     let env = TestEnv::new();
@@ -101,6 +127,7 @@ async fn backfill_returns_exactly_the_matching_events_in_order_and_resumes() {
 
     // Resuming after a cursor gives exactly the signals after it.
     let mid = got[got.len() / 2].cursor;
+    let filter_again = filter.clone();
     let rest = collect(&mut client, filter, mid).await;
     assert_eq!(rest.len(), got.len() - got.len() / 2 - 1);
     assert_eq!(rest[0].cursor, got[got.len() / 2 + 1].cursor);
@@ -111,10 +138,55 @@ async fn backfill_returns_exactly_the_matching_events_in_order_and_resumes() {
         all.iter().map(|s| s.cursor).collect::<Vec<_>>(),
         (1..=300).collect::<Vec<u64>>()
     );
+
+    // In batches: the same signals, several to a message.
+    let (batched, batches) = collect_batches(&mut client, pb::Filter::default(), 0).await;
+    assert_eq!(batched, all, "SubscribeBatches sends what Subscribe sends");
+    assert!(
+        batches < all.len() / 10,
+        "{batches} batches for {}",
+        all.len()
+    );
+    let (batched, _) = collect_batches(&mut client, filter_again, mid).await;
+    assert_eq!(batched, rest, "filtered and resumed alike");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follow_hands_over_from_backfill_to_live_without_gap_or_duplicate() {
+    follow_without_gap_or_duplicate(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_in_batches_hands_over_without_gap_or_duplicate() {
+    follow_without_gap_or_duplicate(true).await;
+}
+
+/// Signals of `Subscribe`, or of `SubscribeBatches` one by one.
+enum Signals {
+    One(tonic::Streaming<pb::Signal>),
+    Batches(
+        tonic::Streaming<pb::SignalBatch>,
+        std::collections::VecDeque<pb::Signal>,
+    ),
+}
+
+impl Signals {
+    async fn next(&mut self) -> Option<pb::Signal> {
+        match self {
+            Signals::One(stream) => stream.message().await.unwrap(),
+            Signals::Batches(stream, ready) => loop {
+                if let Some(s) = ready.pop_front() {
+                    return Some(s);
+                }
+                let batch = stream.message().await.unwrap()?;
+                assert!(!batch.signals.is_empty(), "a batch is never empty");
+                ready.extend(batch.signals);
+            },
+        }
+    }
+}
+
+async fn follow_without_gap_or_duplicate(batched: bool) {
     let env = TestEnv::new();
     let node = node(&env);
     let eshop = env.issue("retailer-eshop");
@@ -146,24 +218,25 @@ async fn follow_hands_over_from_backfill_to_live_without_gap_or_duplicate() {
         }));
     }
     let total = 500 + 3 * 20 * 25;
-    let mut stream = signals(&node, &app)
-        .await
-        .subscribe(pb::SubscribeRequest {
-            filter: None,
-            after_cursor: 0,
-            follow: true,
-            name: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let request = pb::SubscribeRequest {
+        filter: None,
+        after_cursor: 0,
+        follow: true,
+        name: String::new(),
+    };
+    let mut client = signals(&node, &app).await;
+    let mut stream = if batched {
+        let stream = client.subscribe_batches(request).await.unwrap();
+        Signals::Batches(stream.into_inner(), Default::default())
+    } else {
+        Signals::One(client.subscribe(request).await.unwrap().into_inner())
+    };
     let mut seen = HashSet::new();
     let mut last = 0;
     while seen.len() < total {
-        let s = tokio::time::timeout(std::time::Duration::from_secs(30), stream.message())
+        let s = tokio::time::timeout(std::time::Duration::from_secs(30), stream.next())
             .await
             .expect("signals keep coming")
-            .unwrap()
             .expect("stream stays open with follow");
         assert_eq!(
             s.cursor,
@@ -221,4 +294,28 @@ async fn subscribing_needs_the_role_and_a_valid_filter() {
         .await
         .expect_err("unknown kind");
     assert!(status.message().contains("filter.kinds"), "{status:?}");
+
+    // SubscribeBatches: the same checks.
+    let status = signals(&node, &eshop)
+        .await
+        .subscribe_batches(pb::SubscribeRequest::default())
+        .await
+        .expect_err("a publisher is not a subscriber");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    let status = signals(&node, &app)
+        .await
+        .subscribe_batches(pb::SubscribeRequest {
+            filter: Some(pb::Filter {
+                gtin_prefixes: vec!["47x".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("bad prefix");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("filter.gtin_prefixes"),
+        "{status:?}"
+    );
 }

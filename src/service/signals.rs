@@ -27,6 +27,16 @@ use crate::store::{Seq, Shared, Store};
 const SUBSCRIBER_BUFFER: usize = 256;
 /// Events read from the store per step.
 const SCAN_CHUNK: usize = 512;
+/// Largest `SignalBatch` (`SubscribeBatches`) a subscription sends, in
+/// bytes (less where the node's message limit is lower): a couple of
+/// hundred signals, enough to make the cost per message small.
+const BATCH_BYTES: usize = 64 * 1024;
+/// Batches queued for one subscriber before its reader waits (each a copy
+/// of its signals: at most 1 MiB per subscriber). Measured with 64
+/// following subscribers (`bench fanout`, one run): with 4, readers fell
+/// behind the store's recent events and read them back from the log, and
+/// delivery fell from about 720,000 to 450,000 signals a second.
+const SUBSCRIBER_BATCHES: usize = 16;
 
 /// The Signals service.
 #[derive(Clone)]
@@ -124,11 +134,18 @@ impl SignalsService {
         super::Routed::new(self, max_message_bytes)
     }
 
+    /// `Subscribe`, or with `batch` (the most bytes of a message)
+    /// `SubscribeBatches`.
     async fn subscribe(
         &self,
         req: Request<pb::SubscribeRequest>,
+        batch: Option<usize>,
     ) -> Result<Response<SignalStream>, Status> {
-        let span = rpc_span(&req, "Signals.Subscribe");
+        let method = match batch {
+            None => "Signals.Subscribe",
+            Some(_) => "Signals.SubscribeBatches",
+        };
+        let span = rpc_span(&req, method);
         let peer = span.in_scope(|| authorize(&req, &self.policy, Role::Subscriber))?;
         let req = req.into_inner();
         check_name(&req.name)?;
@@ -141,9 +158,12 @@ impl SignalsService {
         let start =
             span.in_scope(|| self.start_cursor(&peer.identity, req.after_cursor, &req.name))?;
         span.in_scope(|| {
-            tracing::info!(after = start, follow = req.follow, name = %req.name, "subscription started");
+            tracing::info!(after = start, follow = req.follow, name = %req.name, batches = batch.is_some(), "subscription started");
         });
-        let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
+        let (tx, rx) = mpsc::channel(match batch {
+            None => SUBSCRIBER_BUFFER,
+            Some(_) => SUBSCRIBER_BATCHES,
+        });
         let feed = Feed {
             store: self.store.clone(),
             identity: peer.identity.clone(),
@@ -151,6 +171,7 @@ impl SignalsService {
             filter,
             cursor: start,
             follow: req.follow,
+            batch,
             tx,
             shutdown: self.shutdown.clone(),
             purged_seen: self.store.purged_upto().map_err(ApiError::from)?,
@@ -225,7 +246,18 @@ impl super::Routes for SignalsService {
                 let codec = PreEncoded::<EncodedSignal, pb::SubscribeRequest>::default();
                 let mut grpc =
                     tonic::server::Grpc::new(codec).apply_max_message_size_config(max, max);
-                Ok(grpc.server_streaming(SubscribeMethod(self), req).await)
+                Ok(grpc
+                    .server_streaming(SubscribeMethod(self, None), req)
+                    .await)
+            }),
+            "/chainsight.v1.Signals/SubscribeBatches" => Box::pin(async move {
+                let codec = PreEncoded::<EncodedSignal, pb::SubscribeRequest>::default();
+                let mut grpc =
+                    tonic::server::Grpc::new(codec).apply_max_message_size_config(max, max);
+                let limit = BATCH_BYTES.min(max_message_bytes.saturating_sub(1024).max(1));
+                Ok(grpc
+                    .server_streaming(SubscribeMethod(self, Some(limit)), req)
+                    .await)
             }),
             "/chainsight.v1.Signals/Ack" => Box::pin(async move {
                 let codec = tonic_prost::ProstCodec::<pb::AckResponse, pb::AckRequest>::default();
@@ -238,7 +270,9 @@ impl super::Routes for SignalsService {
     }
 }
 
-struct SubscribeMethod(Arc<SignalsService>);
+/// The service, and the bytes of a batch (`None`: one signal per
+/// message).
+struct SubscribeMethod(Arc<SignalsService>, Option<usize>);
 
 impl tonic::server::ServerStreamingService<pb::SubscribeRequest> for SubscribeMethod {
     type Response = EncodedSignal;
@@ -246,8 +280,8 @@ impl tonic::server::ServerStreamingService<pb::SubscribeRequest> for SubscribeMe
     type Future = BoxFuture<Response<SignalStream>, Status>;
 
     fn call(&mut self, request: Request<pb::SubscribeRequest>) -> Self::Future {
-        let inner = self.0.clone();
-        Box::pin(async move { inner.subscribe(request).await })
+        let (inner, batch) = (self.0.clone(), self.1);
+        Box::pin(async move { inner.subscribe(request, batch).await })
     }
 }
 
@@ -271,6 +305,9 @@ struct Feed {
     filter: EventFilter,
     cursor: Seq,
     follow: bool,
+    /// `SubscribeBatches`: the signals of a step go out as `SignalBatch`
+    /// messages of at most this many bytes.
+    batch: Option<usize>,
     tx: mpsc::Sender<Result<EncodedSignal, Status>>,
     shutdown: CancellationToken,
     /// Retention's high-water mark when this feed last checked.
@@ -335,6 +372,7 @@ impl Feed {
             "name": self.name,
             "filter": conversions::filter_to_pb(&self.filter),
             "follow": self.follow,
+            "batches": self.batch.is_some(),
             "after_cursor": first,
             "served_upto_cursor": self.cursor,
             "signals_sent": sent,
@@ -408,30 +446,51 @@ impl Feed {
                 }
                 continue;
             }
+            // `SubscribeBatches`: the signals that go together, as a
+            // `SignalBatch` in wire form (each signal a field 1).
+            let mut batch = bytes::BytesMut::new();
+            let mut batched = 0u64;
             for (seq, shared) in chunk {
                 self.cursor = seq;
                 self.live.at(seq);
                 // An event's signal is already encoded (the same message
                 // `to_signal` makes); an erasure's depends on the filter.
                 let signal = match &shared {
-                    Shared::Event(e) if self.filter.matches(e.event()) => EncodedSignal(e.signal()),
+                    Shared::Event(e) if self.filter.matches(e.event()) => e.signal(),
                     Shared::Event(_) => continue,
                     Shared::Erasure(_) => match to_signal(&self.filter, seq, &shared) {
                         Some(signal) => {
                             use prost::Message;
-                            EncodedSignal(signal.encode_to_vec().into())
+                            signal.encode_to_vec().into()
                         }
                         None => continue,
                     },
                 };
-                tokio::select! {
-                    res = self.tx.send(Ok(signal)) => if res.is_err() {
-                        tracing::info!(cursor = self.cursor, sent = *sent, "subscriber went away");
-                        return "subscriber went away";
-                    },
-                    _ = self.shutdown.cancelled() => return "node shutting down",
+                let Some(limit) = self.batch else {
+                    if let Err(ended) = self.send(EncodedSignal(signal), *sent).await {
+                        return ended;
+                    }
+                    *sent += 1;
+                    continue;
+                };
+                if !batch.is_empty() && batch.len() + signal.len() + 11 > limit {
+                    let full = EncodedSignal(batch.split().freeze());
+                    if let Err(ended) = self.send(full, *sent).await {
+                        return ended;
+                    }
+                    *sent += std::mem::take(&mut batched);
                 }
-                *sent += 1;
+                use prost::encoding::{encode_key, encode_varint, WireType};
+                encode_key(1, WireType::LengthDelimited, &mut batch);
+                encode_varint(signal.len() as u64, &mut batch);
+                batch.extend_from_slice(&signal);
+                batched += 1;
+            }
+            if !batch.is_empty() {
+                if let Err(ended) = self.send(EncodedSignal(batch.freeze()), *sent).await {
+                    return ended;
+                }
+                *sent += batched;
             }
         };
         tracing::info!(
@@ -441,6 +500,21 @@ impl Feed {
             "subscription ended"
         );
         ended
+    }
+}
+
+impl Feed {
+    /// Sends one message (a signal or a batch); says why the subscription
+    /// ended if it did.
+    async fn send(&self, message: EncodedSignal, sent: u64) -> Result<(), &'static str> {
+        tokio::select! {
+            res = self.tx.send(Ok(message)) => if res.is_err() {
+                tracing::info!(cursor = self.cursor, sent, "subscriber went away");
+                return Err("subscriber went away");
+            },
+            _ = self.shutdown.cancelled() => return Err("node shutting down"),
+        }
+        Ok(())
     }
 }
 

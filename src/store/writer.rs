@@ -686,10 +686,7 @@ impl Writer {
     /// their index and outbox entries (see [`Self::transact`]). On failure,
     /// says whether anything was applied. With the outcomes, the fold of
     /// the new events into the waiting rollups that is owed.
-    fn write(
-        &mut self,
-        batch: &[Vec<NewEvent>],
-    ) -> std::result::Result<Written, (Error, bool)> {
+    fn write(&mut self, batch: &[Vec<NewEvent>]) -> std::result::Result<Written, (Error, bool)> {
         let mut in_batch: HashMap<&str, Seq> = HashMap::new();
         let mut new: Vec<(Seq, &NewEvent)> = Vec::new();
         let mut outcomes = Vec::with_capacity(batch.len());
