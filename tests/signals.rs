@@ -258,64 +258,47 @@ async fn subscribing_needs_the_role_and_a_valid_filter() {
     let env = TestEnv::new();
     let node = node(&env);
     let eshop = env.issue("retailer-eshop");
-    let status = signals(&node, &eshop)
-        .await
-        .subscribe(pb::SubscribeRequest::default())
-        .await
-        .expect_err("a publisher is not a subscriber");
-    assert_eq!(status.code(), tonic::Code::PermissionDenied);
-
     let app = env.issue("maker-app");
-    let status = signals(&node, &app)
-        .await
-        .subscribe(pb::SubscribeRequest {
-            filter: Some(pb::Filter {
-                gtin_prefixes: vec!["47x".into()],
+    // What `Subscribe` (or `SubscribeBatches`) answers `files` with `filter`.
+    let refusal = |files, filter: Option<pb::Filter>, batched: bool| {
+        let node = &node;
+        async move {
+            let mut client = signals(node, files).await;
+            let request = pb::SubscribeRequest {
+                filter,
                 ..Default::default()
-            }),
+            };
+            if batched {
+                client.subscribe_batches(request).await.map(|_| ())
+            } else {
+                client.subscribe(request).await.map(|_| ())
+            }
+            .expect_err("refused")
+        }
+    };
+    for batched in [false, true] {
+        let status = refusal(&eshop, None, batched).await;
+        assert_eq!(
+            status.code(),
+            tonic::Code::PermissionDenied,
+            "a publisher is not a subscriber"
+        );
+        let prefix = pb::Filter {
+            gtin_prefixes: vec!["47x".into()],
             ..Default::default()
-        })
-        .await
-        .expect_err("bad prefix");
-    assert_eq!(status.code(), tonic::Code::InvalidArgument);
-    assert!(
-        status.message().contains("filter.gtin_prefixes"),
-        "{status:?}"
-    );
-    let status = signals(&node, &app)
-        .await
-        .subscribe(pb::SubscribeRequest {
-            filter: Some(pb::Filter {
-                kinds: vec![42],
-                ..Default::default()
-            }),
+        };
+        let status = refusal(&app, Some(prefix), batched).await;
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status.message().contains("filter.gtin_prefixes"),
+            "{status:?}"
+        );
+        let kind = pb::Filter {
+            kinds: vec![42],
             ..Default::default()
-        })
-        .await
-        .expect_err("unknown kind");
-    assert!(status.message().contains("filter.kinds"), "{status:?}");
-
-    // SubscribeBatches: the same checks.
-    let status = signals(&node, &eshop)
-        .await
-        .subscribe_batches(pb::SubscribeRequest::default())
-        .await
-        .expect_err("a publisher is not a subscriber");
-    assert_eq!(status.code(), tonic::Code::PermissionDenied);
-    let status = signals(&node, &app)
-        .await
-        .subscribe_batches(pb::SubscribeRequest {
-            filter: Some(pb::Filter {
-                gtin_prefixes: vec!["47x".into()],
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .expect_err("bad prefix");
-    assert_eq!(status.code(), tonic::Code::InvalidArgument);
-    assert!(
-        status.message().contains("filter.gtin_prefixes"),
-        "{status:?}"
-    );
+        };
+        let status = refusal(&app, Some(kind), batched).await;
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains("filter.kinds"), "{status:?}");
+    }
 }

@@ -2107,6 +2107,16 @@ mod tests {
         }
     }
 
+    /// The events a query of `piece` counts (tree and waiting cells).
+    fn events_read(p: &Pending, tree: &sled::Tree, piece: Piece) -> u64 {
+        p.read_cells(tree, &[piece], None, &RwLock::new(Interner::default()))
+            .expect("read")
+            .iter()
+            .flat_map(|cells| cells.iter())
+            .map(|c| c.counts.events)
+            .sum()
+    }
+
     /// A commit's callers are answered before its fold: a query that
     /// starts after the answer waits for the fold, and counts the events.
     #[test]
@@ -2124,24 +2134,13 @@ mod tests {
             })
             .collect();
         let hour = crate::rollup::hour_of(events[0].occurred_at);
-        let count = |p: &Pending| -> u64 {
-            p.read_cells(
-                &tree,
-                &[(
-                    crate::rollup::FAMILY_BASE,
-                    Bucket::Hour,
-                    Some(hour),
-                    Some(hour + 1),
-                )],
-                None,
-                &RwLock::new(Interner::default()),
-            )
-            .expect("read")
-            .iter()
-            .flat_map(|cells| cells.iter())
-            .map(|c| c.counts.events)
-            .sum()
-        };
+        let piece = (
+            crate::rollup::FAMILY_BASE,
+            Bucket::Hour,
+            Some(hour),
+            Some(hour + 1),
+        );
+        let count = |p: &Pending| events_read(p, &tree, piece);
         assert_eq!(count(&p), 0);
         // The writer: the commit is acknowledged, and folded 200 ms later.
         p.fold_owed();
@@ -2179,19 +2178,7 @@ mod tests {
             ..Default::default()
         };
         let frozen: BTreeMap<Vec<u8>, Agg> = (0..4).map(|d| (key(d), one())).collect();
-        let events = |p: &Pending| -> u64 {
-            p.read_cells(
-                &tree,
-                &[(family, Bucket::Day, None, None)],
-                None,
-                &RwLock::new(Interner::default()),
-            )
-            .expect("read")
-            .iter()
-            .flat_map(|cells| cells.iter())
-            .map(|c| c.counts.events)
-            .sum()
-        };
+        let events = |p: &Pending| events_read(p, &tree, (family, Bucket::Day, None, None));
         let p = Pending::with_maps(Arc::new(Layout::default()), Maps::default());
         {
             let mut maps = p.write();
