@@ -468,8 +468,10 @@ pub async fn subscribe(
     let mut client =
         pb::signals_client::SignalsClient::new(channel).max_decoding_message_size(16 * 1024 * 1024);
     let name = opts.name.clone().unwrap_or_default();
+    // In batches: the same signals, fewer messages (a backfill of millions
+    // of signals is bound by the messages, not by the bytes).
     let stream = client
-        .subscribe(pb::SubscribeRequest {
+        .subscribe_batches(pb::SubscribeRequest {
             filter: Some(opts.filter.clone()),
             after_cursor: opts.after,
             follow: opts.follow,
@@ -489,7 +491,7 @@ pub async fn subscribe(
     let mut ack_tick = tokio::time::interval(ACK_EVERY);
     tokio::pin!(stop);
     loop {
-        let signal = tokio::select! {
+        let batch = tokio::select! {
             _ = &mut stop => break,
             _ = ack_tick.tick(), if !name.is_empty() && last != acked => {
                 let _ = out.flush();
@@ -498,13 +500,15 @@ pub async fn subscribe(
                 continue;
             }
             msg = stream.message() => match msg? {
-                Some(s) => s,
+                Some(b) => b,
                 None => break,
             },
         };
-        last = signal.cursor;
-        let line = serde_json::to_string(&signal).map_err(|e| Error::Other(e.to_string()))?;
-        writeln!(out, "{line}").map_err(|e| Error::Other(format!("writing output: {e}")))?;
+        for signal in batch.signals {
+            last = signal.cursor;
+            let line = serde_json::to_string(&signal).map_err(|e| Error::Other(e.to_string()))?;
+            writeln!(out, "{line}").map_err(|e| Error::Other(format!("writing output: {e}")))?;
+        }
     }
     let _ = out.flush();
     if !name.is_empty() && last != acked {
