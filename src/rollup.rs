@@ -404,7 +404,7 @@ pub fn parse_period_prefix(key: &[u8]) -> Option<(u8, Bucket, i64)> {
 /// falls in exactly one week and one month.
 pub const DERIVED_PERIODS: [Bucket; 2] = [Bucket::Week, Bucket::Month];
 
-/// Whether `key` is a view's week or month cell (see [`derived`]).
+/// Whether `key` is a view's week or month cell (see [`derived_prefix`]).
 pub fn is_derived(key: &[u8]) -> bool {
     key.first().is_some_and(|&f| f >= Layout::family(0))
         && key
@@ -413,22 +413,20 @@ pub fn is_derived(key: &[u8]) -> bool {
             .is_some_and(|p| DERIVED_PERIODS.contains(&p))
 }
 
-/// For a view's day cell `key`, the key of the cell of `period` (a week
-/// or a month) that holds that day: the same family and dimensions, under
-/// the period's start. `None` for any other key.
-pub fn derived(key: &[u8], period: Bucket) -> Option<Vec<u8>> {
-    let (family, from, hour) = parse_period_prefix(key)?;
+/// For the period prefix of a view's day (a cell key's first 10 bytes),
+/// the prefix of the `period` (a week or a month) that holds that day:
+/// its cells are the day's cells under this prefix, the same family and
+/// dimensions. `None` for any other prefix.
+pub fn derived_prefix(day: &[u8], period: Bucket) -> Option<[u8; 10]> {
+    let (family, from, hour) = parse_period_prefix(day)?;
     if family < Layout::family(0) || from != Bucket::Day || !DERIVED_PERIODS.contains(&period) {
         return None;
     }
-    let mut out = Vec::with_capacity(key.len());
-    out.extend_from_slice(&period_prefix(
+    Some(period_prefix(
         family,
         period,
         bucket_start_hour(hour, period),
-    ));
-    out.extend_from_slice(&key[10..]);
-    Some(out)
+    ))
 }
 
 impl CellKey {
@@ -1179,18 +1177,15 @@ fn for_each_cell(
         attribute: None,
     };
     let hour = hour_of(ev.occurred_at);
-    let mut starts = [(Bucket::Day, 0); 3];
-    let mut n = 0;
-    for &p in view_periods
-        .iter()
-        .filter(|p| Bucket::VIEW_PERIODS.contains(p))
-    {
-        if n < starts.len() {
-            starts[n] = (p, bucket_start_hour(hour, p));
-            n += 1;
-        }
-    }
-    let starts = &starts[..n];
+    // The start of each view period asked for (`None`: not asked for).
+    let starts = Bucket::VIEW_PERIODS.map(|p| {
+        (
+            p,
+            view_periods
+                .contains(&p)
+                .then(|| bucket_start_hour(hour, p)),
+        )
+    });
     let with_attributes: Vec<CellDims<&str>> = ev
         .attributes
         .iter()
@@ -1208,7 +1203,8 @@ fn for_each_cell(
         };
         for dims in sources {
             let dims = dims.masked(*view);
-            for &(period, start) in starts {
+            for (period, start) in starts {
+                let Some(start) = start else { continue };
                 f(Layout::family(i), period, start, &dims);
             }
         }

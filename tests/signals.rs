@@ -31,18 +31,23 @@ async fn signals(
     pb::signals_client::SignalsClient::new(node.channel(files).await.unwrap())
 }
 
+/// A backfill request: `filter`'s signals after `after`, not following.
+fn backfill(filter: pb::Filter, after: u64) -> pb::SubscribeRequest {
+    pb::SubscribeRequest {
+        filter: Some(filter),
+        after_cursor: after,
+        follow: false,
+        name: String::new(),
+    }
+}
+
 async fn collect(
     client: &mut pb::signals_client::SignalsClient<Channel>,
     filter: pb::Filter,
     after: u64,
 ) -> Vec<pb::Signal> {
     let mut stream = client
-        .subscribe(pb::SubscribeRequest {
-            filter: Some(filter),
-            after_cursor: after,
-            follow: false,
-            name: String::new(),
-        })
+        .subscribe(backfill(filter, after))
         .await
         .unwrap()
         .into_inner();
@@ -60,12 +65,7 @@ async fn collect_batches(
     after: u64,
 ) -> (Vec<pb::Signal>, usize) {
     let mut stream = client
-        .subscribe_batches(pb::SubscribeRequest {
-            filter: Some(filter),
-            after_cursor: after,
-            follow: false,
-            name: String::new(),
-        })
+        .subscribe_batches(backfill(filter, after))
         .await
         .unwrap()
         .into_inner();

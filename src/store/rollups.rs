@@ -313,9 +313,12 @@ static CELL_SEED: std::sync::LazyLock<u64> = std::sync::LazyLock::new(rand::rand
 /// writer down.
 #[derive(Default)]
 struct Cells {
-    periods: BTreeMap<[u8; PREFIX], HashMap<Vec<u8>, Agg, foldhash::fast::FixedState>>,
+    periods: BTreeMap<[u8; PREFIX], PeriodCells>,
     len: usize,
 }
+
+/// The waiting cells of one period, by key.
+type PeriodCells = HashMap<Vec<u8>, Agg, foldhash::fast::FixedState>;
 
 impl Cells {
     fn is_empty(&self) -> bool {
@@ -332,7 +335,7 @@ impl Cells {
     }
 
     /// The map of the period `key` belongs to, made when missing.
-    fn period(&mut self, key: &[u8]) -> &mut HashMap<Vec<u8>, Agg, foldhash::fast::FixedState> {
+    fn period(&mut self, key: &[u8]) -> &mut PeriodCells {
         self.periods.entry(Self::prefix(key)).or_insert_with(|| {
             HashMap::with_hasher(foldhash::fast::FixedState::with_seed(*CELL_SEED))
         })
@@ -346,11 +349,7 @@ impl Cells {
     }
 
     /// Adds `delta` into the cell `key` of `period`; true if the cell is new.
-    fn merge_in(
-        period: &mut HashMap<Vec<u8>, Agg, foldhash::fast::FixedState>,
-        key: Vec<u8>,
-        delta: Agg,
-    ) -> bool {
+    fn merge_in(period: &mut PeriodCells, key: Vec<u8>, delta: Agg) -> bool {
         match period.entry(key) {
             std::collections::hash_map::Entry::Occupied(mut cell) => {
                 cell.get_mut().merge_cell(&delta);
@@ -416,12 +415,21 @@ impl Cells {
         start: &[u8],
         end: &[u8],
     ) -> impl Iterator<Item = (&'a Vec<u8>, &'a Agg)> {
+        self.periods_in(start, end)
+            .flat_map(|(_, cells)| cells.iter())
+    }
+
+    /// The periods whose prefix is in `[start, end)`, each with its cells.
+    fn periods_in<'a>(
+        &'a self,
+        start: &[u8],
+        end: &[u8],
+    ) -> impl Iterator<Item = (&'a [u8; PREFIX], &'a PeriodCells)> {
         let (start, end) = (Self::prefix(start), Self::prefix(end));
         (start < end)
             .then(|| self.periods.range(start..end))
             .into_iter()
             .flatten()
-            .flat_map(|(_, cells)| cells.iter())
     }
 
     /// Keeps the periods whose prefix `keep` accepts.
@@ -722,27 +730,21 @@ fn derive(cells: &Cells) -> Cells {
     let mut out = Cells::default();
     let first_view = crate::rollup::period_prefix(Layout::family(0), Bucket::Hour, i64::MIN);
     for (prefix, days) in cells.periods.range(first_view..) {
-        let Some((family, Bucket::Day, day)) = parse_period_prefix(prefix) else {
-            continue;
-        };
         for period in crate::rollup::DERIVED_PERIODS {
             // Every cell of a day goes to the same week (month): that
-            // period's map is found once.
-            let start = crate::rollup::bucket_start_hour(day, period);
-            let target = out
-                .periods
-                .entry(crate::rollup::period_prefix(family, period, start))
-                .or_insert_with(|| {
-                    HashMap::with_hasher(foldhash::fast::FixedState::with_seed(*CELL_SEED))
-                });
+            // period's prefix and map are found once.
+            let Some(target) = crate::rollup::derived_prefix(prefix, period) else {
+                continue;
+            };
+            let map = out.periods.entry(target).or_insert_with(|| {
+                HashMap::with_hasher(foldhash::fast::FixedState::with_seed(*CELL_SEED))
+            });
             for (key, delta) in days {
-                let Some(key) = crate::rollup::derived(key, period) else {
-                    continue;
-                };
-                match target.get_mut(&key) {
+                let key = [&target[..], &key[PREFIX..]].concat();
+                match map.get_mut(&key) {
                     Some(cell) => cell.merge_cell(delta),
                     None => {
-                        target.insert(key, delta.clone());
+                        map.insert(key, delta.clone());
                         out.len += 1;
                     }
                 }
@@ -1483,15 +1485,22 @@ impl Pending {
                                 crate::rollup::next_bucket_start(last, period)
                             });
                             let (day_start, day_end) = range(family, Bucket::Day, a, b_days);
-                            for (day, agg) in map.range(&day_start, &day_end) {
-                                let Some(k) = crate::rollup::derived(day, period) else {
+                            for (day, cells) in map.periods_in(&day_start, &day_end) {
+                                let Some(target) = crate::rollup::derived_prefix(day, period)
+                                else {
                                     continue;
                                 };
-                                if k < start || k >= end || merged.is_some_and(|done| k <= *done) {
+                                if target[..] < start[..] || target[..] >= end[..] {
                                     continue;
                                 }
-                                let value = seal_value(&k, agg);
-                                waiting.push((k.into(), value.into()));
+                                for (key, agg) in cells {
+                                    let k = [&target[..], &key[PREFIX..]].concat();
+                                    if merged.is_some_and(|done| k <= *done) {
+                                        continue;
+                                    }
+                                    let value = seal_value(&k, agg);
+                                    waiting.push((k.into(), value.into()));
+                                }
                             }
                             continue;
                         }

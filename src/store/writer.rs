@@ -43,12 +43,12 @@ pub(super) struct Append {
 pub(super) type Reply = oneshot::Sender<Result<Vec<Appended>>>;
 
 /// A commit's outcomes (per append, per event) and the fold it owes.
-type Written = (Vec<Vec<Appended>>, Option<Fold>);
+type Written<'b> = (Vec<Vec<Appended>>, Option<Fold<'b>>);
 
 /// A commit's new events to fold into the waiting rollups (see
 /// [`Writer::commit`]).
-struct Fold {
-    events: u64,
+struct Fold<'b> {
+    events: Vec<&'b crate::domain::PreferenceEvent>,
     /// The highest sequence number among them.
     upto: Seq,
     /// The hours they occurred in, sorted.
@@ -658,27 +658,18 @@ impl Writer {
             .count();
         m.stored.inc_by(stored as u64);
         // The callers are answered before the new events are folded into
-        // the waiting rollups: the fold is a third of a commit's time, and
-        // no longer delays the acknowledgement, nor the links and
-        // subscribers that follow the durable mark. A query waits for the
-        // fold of every commit acknowledged before it started
-        // (`rollups::Pending::read_cells`); a crash refolds from the
-        // stored events.
-        let new: Vec<&crate::domain::PreferenceEvent> = match folding {
-            Some(_) => batch
-                .iter()
-                .zip(&outcomes)
-                .flat_map(|(events, out)| events.iter().zip(out))
-                .filter(|(_, outcome)| matches!(outcome, Appended::Stored(_)))
-                .map(|(ne, _)| &ne.event)
-                .collect(),
-            None => Vec::new(),
-        };
+        // the waiting rollups: the fold was about half of the writer's time
+        // per commit (perf, `bench propagate`), and no longer delays the
+        // acknowledgement, nor the links and subscribers that follow the
+        // durable mark. A query waits for the fold of every commit
+        // acknowledged before it started (`rollups::Pending::read_cells`);
+        // a crash refolds from the stored events.
         for (reply, outcome) in replies.into_iter().zip(outcomes) {
             let _ = reply.send(Ok(outcome));
         }
         if let Some((fold, pending)) = folding {
-            pending.add(new, fold.events, fold.upto, &fold.hours);
+            let n = fold.events.len() as u64;
+            pending.add(fold.events.iter().copied(), n, fold.upto, &fold.hours);
         }
     }
 
@@ -686,9 +677,12 @@ impl Writer {
     /// their index and outbox entries (see [`Self::transact`]). On failure,
     /// says whether anything was applied. With the outcomes, the fold of
     /// the new events into the waiting rollups that is owed.
-    fn write(&mut self, batch: &[Vec<NewEvent>]) -> std::result::Result<Written, (Error, bool)> {
+    fn write<'b>(
+        &mut self,
+        batch: &'b [Vec<NewEvent>],
+    ) -> std::result::Result<Written<'b>, (Error, bool)> {
         let mut in_batch: HashMap<&str, Seq> = HashMap::new();
-        let mut new: Vec<(Seq, &NewEvent)> = Vec::new();
+        let mut new: Vec<(Seq, &'b NewEvent)> = Vec::new();
         let mut outcomes = Vec::with_capacity(batch.len());
         for events in batch {
             let mut out = Vec::with_capacity(events.len());
@@ -746,10 +740,10 @@ impl Writer {
     /// On failure, says whether anything was applied. Queries' folded
     /// window edges of the events' hours are dropped before and after
     /// (see [`super::rollups::Pending::begin_change`]).
-    fn transact(
+    fn transact<'b>(
         &self,
-        new: &[(Seq, &NewEvent)],
-    ) -> std::result::Result<Option<Fold>, (Error, bool)> {
+        new: &[(Seq, &'b NewEvent)],
+    ) -> std::result::Result<Option<Fold<'b>>, (Error, bool)> {
         let Some(pending) = &self.trees.pending else {
             return self.write_trees(new).map(|()| None);
         };
@@ -768,7 +762,7 @@ impl Writer {
         // their rollup deltas are folded into the waiting ones, merged into
         // the tree by the checkpointer (a crash refolds them).
         Ok(Some(Fold {
-            events: new.len() as u64,
+            events: new.iter().map(|(_, ne)| &ne.event).collect(),
             upto: new.iter().map(|(s, _)| *s).max().unwrap_or(0),
             hours,
         }))
