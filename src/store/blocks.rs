@@ -47,9 +47,15 @@ pub(super) use super::rollups::PREFIX;
 const BLOCK_KEY: usize = PREFIX + 8 + 2;
 /// Blocks of one level merged into one of the next.
 pub(super) const FANOUT: usize = 4;
-/// Blocks are not merged past this size. sled stores values above a
-/// quarter of its 512 KiB segments as files of their own.
-pub(super) const MAX_BLOCK_BYTES: usize = 96 << 10;
+/// Blocks are not merged past this size. sled writes a *node* (a leaf
+/// holds up to 16 keys before it splits) larger than a quarter of its
+/// 512 KiB segments to a file of its own, again at each consolidation,
+/// split and segment cleaning of that leaf; 16 blocks of 7 KiB stay under
+/// it. With 96 KiB blocks, a store grown to 10M events held 1.8 GB of
+/// such files, and writing them took a fifth of the checkpointer's time
+/// (creating the files included) and, through sled's segment cleaning,
+/// of the writer's.
+pub(super) const MAX_BLOCK_BYTES: usize = 7 << 10;
 /// The level of a block that is never merged again.
 const FULL: u8 = u8::MAX;
 /// Bytes of a manifest entry.
@@ -563,9 +569,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = sled::open(dir.path()).expect("sled");
         let tree = db.open_tree("rollups").expect("tree");
-        // About 40 KB per checkpoint (cells of about 34 bytes): four
-        // merge into more than 96 KB.
-        let per = 1_200;
+        // Two fifths of the limit per checkpoint (cells of about 34
+        // bytes): four merge into more than it.
+        let per = (MAX_BLOCK_BYTES * 2 / 5 / 34) as u32;
         for id in 1..=6u64 {
             let cells: BTreeMap<Vec<u8>, Agg> = (0..per)
                 .map(|g| (key(9, (id as u32) * 10_000 + g), agg(1, u64::from(g))))

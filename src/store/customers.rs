@@ -24,9 +24,11 @@ use super::{Error, Result, Seq};
 
 /// The first byte of a run's value.
 pub(super) const RUN_FORMAT: u8 = 1;
-/// Most sequence numbers in a run built from events already stored
-/// (migration from `by_customer`, replay of the event log).
-pub(super) const REBUILT_RUN: usize = 1024;
+/// Most sequence numbers in one run (4 KB): a commit's new events, or
+/// events already stored (migration from `by_customer`, replay of the
+/// event log). Small enough for sled's leaves to stay under its blob
+/// threshold (see `slots::MAX_RUN`).
+pub(super) const MAX_RUN: usize = 1024;
 
 /// The fingerprint of a pseudonym (never 0); 0 for none.
 pub(super) fn fingerprint(pseudonym: &str) -> u32 {

@@ -1475,7 +1475,7 @@ fn index_customers(db: &sled::Db, trees: &Trees) -> Result<()> {
     trees.customer_runs.clear()?;
     let write = |pending: &[(Seq, u32)]| -> Result<()> {
         let mut batch = sled::Batch::default();
-        for (first, value) in customers::runs(pending, customers::REBUILT_RUN) {
+        for (first, value) in customers::runs(pending, customers::MAX_RUN) {
             batch.insert(&first.to_be_bytes(), value);
         }
         Ok(trees.customer_runs.apply_batch(batch)?)
@@ -1500,7 +1500,7 @@ fn index_customers(db: &sled::Db, trees: &Trees) -> Result<()> {
         found.sort_unstable();
         found.dedup_by_key(|(seq, _)| *seq);
         n = found.len() as u64;
-        for chunk in found.chunks(64 * customers::REBUILT_RUN) {
+        for chunk in found.chunks(64 * customers::MAX_RUN) {
             write(chunk)?;
         }
     } else {
@@ -1510,7 +1510,7 @@ fn index_customers(db: &sled::Db, trees: &Trees) -> Result<()> {
             let ev = trees.event(seq, &v)?;
             pending.push((seq, customers::fingerprint(&ev.customer_pseudonym)));
             n += 1;
-            if pending.len() >= 64 * customers::REBUILT_RUN {
+            if pending.len() >= 64 * customers::MAX_RUN {
                 write(&pending)?;
                 pending.clear();
             }
@@ -1700,7 +1700,7 @@ fn replay_log(db: &sled::Db, trees: &Trees) -> Result<usize> {
         .zip(&accepted)
         .map(|(f, ev)| (f.seq, customers::fingerprint(&ev.customer_pseudonym)))
         .collect();
-    for (first, value) in customers::runs(&fingerprints, customers::REBUILT_RUN) {
+    for (first, value) in customers::runs(&fingerprints, customers::MAX_RUN) {
         trees.customer_runs.insert(first.to_be_bytes(), value)?;
     }
     // Likewise the events' entries: one run per stretch of consecutive

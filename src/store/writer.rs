@@ -874,8 +874,10 @@ impl Writer {
                 &t.by_time,
                 blocks.into_iter().map(|(k, v)| (k.to_vec(), v)).collect(),
             )?;
-            // A commit's new events have consecutive numbers: one run.
-            for (first, value) in super::customers::runs(&fingerprints, usize::MAX) {
+            // A commit's new events have consecutive numbers: one run
+            // (per 1024 events: 4 KB, like `slots::MAX_RUN`'s runs small
+            // enough for sled's leaves to stay out of blob files).
+            for (first, value) in super::customers::runs(&fingerprints, super::customers::MAX_RUN) {
                 t.customer_runs.insert(first.to_be_bytes(), value)?;
             }
             for (outbox, kv) in t.outboxes.iter().zip(outboxes) {
