@@ -14,9 +14,11 @@
 //!   share a level, they are merged into one block a level up (each cell is
 //!   rewritten about log_FANOUT(blocks) times);
 //! - a merge that would pass [`MAX_BLOCK_BYTES`] is not done: its blocks
-//!   are marked full and never merged again (sled keeps larger values as
-//!   files of their own); a checkpoint's deltas of a busy hour that pass
-//!   it are stored in full parts at once.
+//!   are marked full and never merged again (sled writes a leaf of 16
+//!   larger blocks to a file of its own, see [`MAX_BLOCK_BYTES`]); a
+//!   checkpoint's deltas of a busy hour that pass it are stored in full
+//!   parts at once. The manifest lists full blocks too, so it grows with
+//!   the checkpoints that touched the hour (a known limit).
 //!
 //! Keys, in the `rollups` tree, under the cells' period prefix (family,
 //! period kind `Hour`, start hour; [`crate::rollup::period_prefix`]):
