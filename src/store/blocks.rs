@@ -88,8 +88,43 @@ impl Entry {
     }
 }
 
-fn encode_manifest(prefix: &[u8], entries: &[Entry]) -> Vec<u8> {
-    let mut body = Vec::with_capacity(entries.len() * ENTRY + 4);
+/// First byte of a manifest's body in format 2 (since session 21): then
+/// the number of the hour's full blocks (u32), the newest id of any of
+/// its blocks (u64), and the entries of its blocks that may still merge.
+/// A format 1 body (a multiple of [`ENTRY`] bytes, never this long plus
+/// [`V2_HEAD`]) lists every block, full ones included; it is read as
+/// format 2 and written as such at the hour's next block.
+const MANIFEST_V2: u8 = 2;
+/// Bytes before a format 2 manifest's entries.
+const V2_HEAD: usize = 1 + 4 + 8;
+
+/// An hour's manifest: the blocks that may still merge, listed, and the
+/// full ones, counted. Full blocks are never merged or read by the
+/// manifest again, so they are not listed: a manifest that listed them
+/// grew with every checkpoint that touched the hour (about 200 entries
+/// near 10M events) and was rewritten with each new block.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct Manifest {
+    /// The blocks that may still merge, oldest first.
+    pub open: Vec<Entry>,
+    /// How many full blocks the hour holds.
+    pub full: u32,
+    /// The newest id of any block of the hour (0: no block yet).
+    pub newest: Seq,
+}
+
+impl Manifest {
+    fn has_blocks(&self) -> bool {
+        self.full > 0 || !self.open.is_empty()
+    }
+}
+
+fn encode_manifest(prefix: &[u8], manifest: &Manifest) -> Vec<u8> {
+    let entries = &manifest.open;
+    let mut body = Vec::with_capacity(V2_HEAD + entries.len() * ENTRY + 4);
+    body.push(MANIFEST_V2);
+    body.extend_from_slice(&manifest.full.to_be_bytes());
+    body.extend_from_slice(&manifest.newest.to_be_bytes());
     for e in entries {
         body.extend_from_slice(&e.id.to_be_bytes());
         body.extend_from_slice(&e.part.to_be_bytes());
@@ -99,12 +134,18 @@ fn encode_manifest(prefix: &[u8], entries: &[Entry]) -> Vec<u8> {
     seal_bytes(&prefix[..PREFIX], body)
 }
 
-fn decode_manifest(key: &[u8], value: &[u8]) -> Option<Vec<Entry>> {
+fn decode_manifest(key: &[u8], value: &[u8]) -> Option<Manifest> {
     let body = open_value(key, value)?;
-    if body.len() % ENTRY != 0 {
+    let (head, list) = if body.len() % ENTRY == 0 {
+        (None, body)
+    } else if body.len() % ENTRY == V2_HEAD && body[0] == MANIFEST_V2 {
+        let full = u32::from_be_bytes(body[1..5].try_into().expect("4 bytes"));
+        let newest = Seq::from_be_bytes(body[5..V2_HEAD].try_into().expect("8 bytes"));
+        (Some((full, newest)), &body[V2_HEAD..])
+    } else {
         return None;
-    }
-    let entries: Vec<Entry> = body
+    };
+    let entries: Vec<Entry> = list
         .chunks_exact(ENTRY)
         .map(|e| Entry {
             id: Seq::from_be_bytes(e[..8].try_into().expect("8 bytes")),
@@ -113,16 +154,38 @@ fn decode_manifest(key: &[u8], value: &[u8]) -> Option<Vec<Entry>> {
             bytes: u32::from_be_bytes(e[11..15].try_into().expect("4 bytes")),
         })
         .collect();
-    entries
+    if !entries
         .windows(2)
         .all(|w| (w[0].id, w[0].part) < (w[1].id, w[1].part))
-        .then_some(entries)
+    {
+        return None;
+    }
+    let newest_listed = entries.last().map_or(0, |e| e.id);
+    match head {
+        None => {
+            // Format 1: every block listed; the full ones become a count.
+            let full = entries.iter().filter(|e| e.level == FULL).count();
+            Some(Manifest {
+                open: entries.into_iter().filter(|e| e.level != FULL).collect(),
+                full: u32::try_from(full).ok()?,
+                newest: newest_listed,
+            })
+        }
+        Some((full, newest)) => (entries.iter().all(|e| e.level != FULL)
+            && newest >= newest_listed
+            && (newest > 0 || (full == 0 && entries.is_empty())))
+        .then_some(Manifest {
+            open: entries,
+            full,
+            newest,
+        }),
+    }
 }
 
 /// The manifest of the hour `prefix`, empty when none is stored.
-fn read_manifest(tree: &sled::Tree, prefix: &[u8]) -> Result<Vec<Entry>> {
+fn read_manifest(tree: &sled::Tree, prefix: &[u8]) -> Result<Manifest> {
     match tree.get(&prefix[..PREFIX])? {
-        None => Ok(Vec::new()),
+        None => Ok(Manifest::default()),
         Some(v) => decode_manifest(&prefix[..PREFIX], &v)
             .ok_or_else(|| corrupt(&prefix[..PREFIX], "bad block manifest")),
     }
@@ -213,19 +276,25 @@ fn read_cells(
         let value = tree
             .get(&key)?
             .ok_or_else(|| corrupt(&key, "block listed in the manifest is missing"))?;
-        let cells = block_cells(&key, &value).ok_or_else(|| corrupt(&key, "bad cell block"))?;
-        for (suffix, v) in cells {
-            let full = full_key(&key, suffix);
-            let agg = open_value(&full, v)
-                .and_then(Agg::decode_bytes)
-                .ok_or_else(|| corrupt(&full, "bad cell"))?;
-            match into.entry(full) {
-                std::collections::btree_map::Entry::Occupied(mut cell) => {
-                    cell.get_mut().merge_cell(&agg)
-                }
-                std::collections::btree_map::Entry::Vacant(cell) => {
-                    cell.insert(agg);
-                }
+        merge_block(&key, &value, into)?;
+    }
+    Ok(())
+}
+
+/// Adds the cells of the block `key` holding `value` into `into`.
+fn merge_block(key: &[u8], value: &[u8], into: &mut BTreeMap<Vec<u8>, Agg>) -> Result<()> {
+    let cells = block_cells(key, value).ok_or_else(|| corrupt(key, "bad cell block"))?;
+    for (suffix, v) in cells {
+        let full = full_key(key, suffix);
+        let agg = open_value(&full, v)
+            .and_then(Agg::decode_bytes)
+            .ok_or_else(|| corrupt(&full, "bad cell"))?;
+        match into.entry(full) {
+            std::collections::btree_map::Entry::Occupied(mut cell) => {
+                cell.get_mut().merge_cell(&agg)
+            }
+            std::collections::btree_map::Entry::Vacant(cell) => {
+                cell.insert(agg);
             }
         }
     }
@@ -254,8 +323,8 @@ pub(super) fn add_block<'a>(
     id: Seq,
 ) -> Result<()> {
     let prefix = &prefix[..PREFIX];
-    let mut entries = read_manifest(tree, prefix)?;
-    if entries.iter().any(|e| e.id >= id) {
+    let mut manifest = read_manifest(tree, prefix)?;
+    if manifest.has_blocks() && manifest.newest >= id {
         return Err(corrupt(
             prefix,
             "a block of this hour covers events this checkpoint adds",
@@ -272,11 +341,13 @@ pub(super) fn add_block<'a>(
         // Deltas of a busy hour: stored in full parts as they are.
         for (entry, block) in parts(prefix, id, &mut newest) {
             batch.insert(entry.key(prefix), block);
-            entries.push(entry);
+            manifest.full += 1;
         }
-        batch.insert(prefix, encode_manifest(prefix, &entries));
+        manifest.newest = id;
+        batch.insert(prefix, encode_manifest(prefix, &manifest));
         return Ok(());
     }
+    let entries = &mut manifest.open;
     let mut level = 0u8;
     let mut removed = Vec::new();
     loop {
@@ -287,8 +358,9 @@ pub(super) fn add_block<'a>(
         let merging = entries.split_off(entries.len() + 1 - FANOUT);
         let bytes: usize = merging.iter().map(|e| e.bytes as usize).sum::<usize>() + encoded.len();
         if bytes > MAX_BLOCK_BYTES {
-            // Too large to merge: these stay as they are, for good.
-            entries.extend(merging.into_iter().map(|e| Entry { level: FULL, ..e }));
+            // Too large to merge: these stay as they are, for good,
+            // counted, no longer listed.
+            manifest.full += merging.len() as u32;
             level = FULL;
             break;
         }
@@ -307,8 +379,13 @@ pub(super) fn add_block<'a>(
         batch.remove(key);
     }
     batch.insert(entry.key(prefix), encoded);
-    entries.push(entry);
-    batch.insert(prefix, encode_manifest(prefix, &entries));
+    if level == FULL {
+        manifest.full += 1;
+    } else {
+        manifest.open.push(entry);
+    }
+    manifest.newest = id;
+    batch.insert(prefix, encode_manifest(prefix, &manifest));
     Ok(())
 }
 
@@ -364,19 +441,71 @@ fn parts(prefix: &[u8], id: Seq, cells: &mut BTreeMap<Vec<u8>, Agg>) -> Vec<(Ent
 /// An hour's cells, read whole (all its blocks merged), for a rewrite.
 pub(super) struct Hour {
     prefix: Vec<u8>,
-    entries: Vec<Entry>,
+    /// The keys of all its blocks.
+    blocks: Vec<Vec<u8>>,
+    /// The newest id of its blocks.
+    newest: Seq,
     pub cells: BTreeMap<Vec<u8>, Agg>,
 }
 
-/// Reads the hour of `key` whole.
+/// The id of the block under `key`.
+fn block_id(key: &[u8]) -> Option<Seq> {
+    Some(Seq::from_be_bytes(
+        key.get(PREFIX..PREFIX + 8)?.try_into().ok()?,
+    ))
+}
+
+/// The stored blocks of the hour `prefix` (every key under it but the
+/// manifest), in key order.
+fn stored_blocks(
+    tree: &sled::Tree,
+    prefix: &[u8],
+) -> impl Iterator<Item = Result<(sled::IVec, sled::IVec)>> {
+    let prefix = &prefix[..PREFIX];
+    let mut start = prefix.to_vec();
+    start.push(0);
+    let mut end = prefix.to_vec();
+    end.extend_from_slice(&[0xff; BLOCK_KEY - PREFIX + 1]);
+    tree.range(start..end).map(|item| item.map_err(Error::from))
+}
+
+/// Reads the hour of `key` whole: every stored block (the listed ones
+/// must be there, and as many others as the manifest counts full).
 pub(super) fn read_hour(tree: &sled::Tree, key: &[u8]) -> Result<Hour> {
     let prefix = key[..PREFIX].to_vec();
-    let entries = read_manifest(tree, &prefix)?;
+    let manifest = read_manifest(tree, &prefix)?;
+    let mut listed: std::collections::BTreeSet<Vec<u8>> =
+        manifest.open.iter().map(|e| e.key(&prefix)).collect();
     let mut cells = BTreeMap::new();
-    read_cells(tree, &prefix, &entries, &mut cells)?;
+    let mut blocks = Vec::new();
+    let mut unlisted = 0u64;
+    for item in stored_blocks(tree, &prefix) {
+        let (key, value) = item?;
+        if !listed.remove(key.as_ref()) {
+            unlisted += 1;
+        }
+        merge_block(&key, &value, &mut cells)?;
+        blocks.push(key.to_vec());
+    }
+    if let Some(missing) = listed.into_iter().next() {
+        return Err(corrupt(&missing, "block listed in the manifest is missing"));
+    }
+    if unlisted != u64::from(manifest.full) {
+        return Err(corrupt(
+            &prefix,
+            "the hour's blocks are not the ones its manifest lists and counts",
+        ));
+    }
+    let newest = blocks
+        .iter()
+        .filter_map(|k| block_id(k))
+        .chain([manifest.newest])
+        .max()
+        .unwrap_or(0);
     Ok(Hour {
         prefix,
-        entries,
+        blocks,
+        newest,
         cells,
     })
 }
@@ -386,26 +515,30 @@ impl Hour {
     /// are now, in parts of at most [`MAX_BLOCK_BYTES`] (marked full), under
     /// the newest id so far. Nothing when the hour had no block.
     pub(super) fn rewrite(mut self) -> Vec<CellWrite> {
-        let Some(id) = self.entries.iter().map(|e| e.id).max() else {
+        if self.blocks.is_empty() {
             return Vec::new();
-        };
-        let mut writes: Vec<CellWrite> = self
-            .entries
-            .iter()
-            .map(|e| (e.key(&self.prefix), None))
+        }
+        let id = self.newest;
+        let mut writes: Vec<CellWrite> = std::mem::take(&mut self.blocks)
+            .into_iter()
+            .map(|key| (key, None))
             .collect();
         if self.cells.is_empty() {
             writes.push((self.prefix.clone(), None));
             return writes;
         }
-        let mut entries = Vec::new();
+        let mut manifest = Manifest {
+            open: Vec::new(),
+            full: 0,
+            newest: id,
+        };
         for (entry, block) in parts(&self.prefix, id, &mut self.cells) {
             writes.push((entry.key(&self.prefix), Some(block)));
-            entries.push(entry);
+            manifest.full += 1;
         }
         writes.push((
             self.prefix.clone(),
-            Some(encode_manifest(&self.prefix, &entries)),
+            Some(encode_manifest(&self.prefix, &manifest)),
         ));
         writes
     }
@@ -437,14 +570,12 @@ pub(super) fn check(key: &[u8], value: &[u8]) -> std::result::Result<usize, &'st
     }
 }
 
-/// The block keys an hour's manifest lists (`admin verify` checks that
-/// they and the stored blocks are the same).
-pub(super) fn listed(key: &[u8], value: &[u8]) -> Vec<Vec<u8>> {
-    decode_manifest(key, value)
-        .unwrap_or_default()
-        .iter()
-        .map(|e| e.key(key))
-        .collect()
+/// The block keys an hour's manifest lists, and how many full blocks it
+/// counts besides (`admin verify` checks them against the stored blocks).
+pub(super) fn listed(key: &[u8], value: &[u8]) -> (Vec<Vec<u8>>, u32) {
+    let manifest = decode_manifest(key, value).unwrap_or_default();
+    let keys = manifest.open.iter().map(|e| e.key(key)).collect();
+    (keys, manifest.full)
 }
 
 /// Whether a stored key is a block (not a manifest).
@@ -551,8 +682,9 @@ mod tests {
         }
         // 40 = 2·16 + 2·4 blocks' worth: two of level 2, two of level 1.
         let manifest = read_manifest(&tree, &key(5, 0)).expect("manifest");
-        let levels: Vec<u8> = manifest.iter().map(|e| e.level).collect();
+        let levels: Vec<u8> = manifest.open.iter().map(|e| e.level).collect();
         assert_eq!(levels, [2, 2, 1, 1]);
+        assert_eq!((manifest.full, manifest.newest), (0, 40));
         assert!(
             most_blocks <= 3 * (FANOUT - 1),
             "{most_blocks} blocks at most"
@@ -580,29 +712,93 @@ mod tests {
                 .collect();
             checkpoint(&tree, id, &cells);
         }
+        // The first four full (counted, no longer listed), the last two
+        // listed, still to merge.
         let manifest = read_manifest(&tree, &key(9, 0)).expect("manifest");
-        assert!(manifest.iter().all(|e| e.bytes as usize <= MAX_BLOCK_BYTES));
-        assert_eq!(manifest.len(), 6, "{manifest:?}");
-        assert!(
-            manifest[..4].iter().all(|e| e.level == FULL),
-            "{manifest:?}"
-        );
-        assert!(manifest[4..].iter().all(|e| e.level == 0), "{manifest:?}");
-        let (_, read) = hour_cells(&tree, 9);
+        assert_eq!(manifest.full, 4, "{manifest:?}");
+        assert_eq!(manifest.newest, 6, "{manifest:?}");
+        let open: Vec<(Seq, u8)> = manifest.open.iter().map(|e| (e.id, e.level)).collect();
+        assert_eq!(open, [(5, 0), (6, 0)], "{manifest:?}");
+        let (blocks, read) = hour_cells(&tree, 9);
+        assert_eq!(blocks, 6);
         assert_eq!(read.len(), 6 * per as usize);
+        let stored: Vec<usize> = stored_blocks(&tree, &key(9, 0))
+            .map(|item| item.expect("block").1.len())
+            .collect();
+        assert!(stored.iter().all(|b| *b <= MAX_BLOCK_BYTES), "{stored:?}");
         // A checkpoint's deltas past the limit (a busy hour): full parts.
         let busy: BTreeMap<Vec<u8>, Agg> = (0..4_000)
             .map(|g| (key(9, 900_000 + g), agg(1, u64::from(g))))
             .collect();
         checkpoint(&tree, 7, &busy);
         let manifest = read_manifest(&tree, &key(9, 0)).expect("manifest");
-        let added: Vec<&Entry> = manifest.iter().filter(|e| e.id == 7).collect();
-        assert!(added.len() > 1, "{manifest:?}");
-        assert!(added
-            .iter()
-            .all(|e| e.level == FULL && e.bytes as usize <= MAX_BLOCK_BYTES));
-        let (_, read) = hour_cells(&tree, 9);
+        let (blocks, read) = hour_cells(&tree, 9);
+        assert!(blocks > 7, "{blocks}");
+        assert_eq!(manifest.full as usize, blocks - 2, "{manifest:?}");
+        assert_eq!(manifest.open.len(), 2, "{manifest:?}");
+        assert_eq!(manifest.newest, 7, "{manifest:?}");
         assert_eq!(read.len(), 6 * per as usize + 4_000);
+        // The hour reads whole, the full blocks included.
+        assert_eq!(
+            read_hour(&tree, &key(9, 0)).expect("hour").cells.len(),
+            6 * per as usize + 4_000
+        );
+    }
+
+    /// A manifest of format 1 (every block listed, the full ones with
+    /// their level) reads as the blocks still to merge and a count of the
+    /// full ones; the hour's next block writes format 2. An hour whose
+    /// stored blocks are not the ones its manifest lists and counts does
+    /// not read.
+    #[test]
+    fn a_format_1_manifest_reads_and_a_missing_full_block_is_found() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = sled::open(dir.path()).expect("sled");
+        let tree = db.open_tree("rollups").expect("tree");
+        let per = (MAX_BLOCK_BYTES * 2 / 5 / 34) as u32;
+        for id in 1..=6u64 {
+            let cells: BTreeMap<Vec<u8>, Agg> = (0..per)
+                .map(|g| (key(4, (id as u32) * 10_000 + g), agg(1, u64::from(g))))
+                .collect();
+            checkpoint(&tree, id, &cells);
+        }
+        let prefix = key(4, 0)[..PREFIX].to_vec();
+        let now = read_manifest(&tree, &prefix).expect("manifest");
+        assert_eq!((now.full, now.open.len()), (4, 2));
+        // The same hour's manifest as format 1 wrote it.
+        let mut body = Vec::new();
+        for item in stored_blocks(&tree, &prefix) {
+            let (k, v) = item.expect("block");
+            let open = now.open.iter().find(|e| e.key(&prefix) == k.as_ref());
+            body.extend_from_slice(&k[PREFIX..]);
+            body.push(open.map_or(FULL, |e| e.level));
+            body.extend_from_slice(&(v.len() as u32).to_be_bytes());
+        }
+        tree.insert(&prefix, seal_bytes(&prefix, body))
+            .expect("format 1");
+        let old = read_manifest(&tree, &prefix).expect("format 1 reads");
+        assert_eq!((old.full, old.newest), (4, 6));
+        assert_eq!(
+            old.open.iter().map(|e| (e.id, e.level)).collect::<Vec<_>>(),
+            [(5, 0), (6, 0)]
+        );
+        checkpoint(&tree, 7, &BTreeMap::from([(key(4, 1), agg(1, 7))]));
+        let raw = tree.get(&prefix).expect("get").expect("manifest");
+        let body = open_value(&prefix, &raw).expect("sealed");
+        assert_eq!((body[0], body.len() % ENTRY), (MANIFEST_V2, V2_HEAD));
+        let hour = read_hour(&tree, &prefix).expect("hour");
+        assert_eq!(hour.cells.len(), 6 * per as usize + 1);
+        // A full block gone: the hour does not read.
+        let full = stored_blocks(&tree, &prefix)
+            .map(|item| item.expect("block").0)
+            .find(|k| block_id(k) == Some(1))
+            .expect("block 1");
+        tree.remove(&full).expect("remove");
+        let err = read_hour(&tree, &prefix).err().expect("a block is missing");
+        assert!(
+            err.to_string().contains("manifest lists and counts"),
+            "{err}"
+        );
     }
 
     /// A rewrite (an erasure's) replaces all of an hour's blocks with its
@@ -650,8 +846,10 @@ mod tests {
             .values()
             .all(|(events, customers)| *events == 2 && customers == &[1, 3]));
         let manifest = read_manifest(&tree, &key(2, 0)).expect("manifest");
-        assert!(manifest.iter().all(|e| e.id == 3 && e.level == FULL));
-        assert_eq!(manifest.len(), blocks);
+        assert!(manifest.open.is_empty(), "{manifest:?}");
+        assert_eq!((manifest.full as usize, manifest.newest), (blocks, 3));
+        assert!(stored_blocks(&tree, &key(2, 0))
+            .all(|item| block_id(&item.expect("block").0) == Some(3)));
         // Later checkpoints add blocks beside the parts.
         checkpoint(&tree, 4, &BTreeMap::from([(key(2, 0), agg(1, 4))]));
         assert_eq!(hour_cells(&tree, 2).1.len(), 4_000);

@@ -1016,6 +1016,8 @@ impl Store {
         let _stable = t.pending.as_deref().map(rollups::Pending::hold_checkpoints);
         let mut listed = std::collections::BTreeSet::new();
         let mut stored_blocks = std::collections::BTreeSet::new();
+        // Per hour: the full blocks its manifest counts.
+        let mut counted_full: std::collections::BTreeMap<Vec<u8>, u32> = Default::default();
         let mut damaged_hours = std::collections::BTreeSet::new();
         let rebuild = "(repair: `chainsight admin rebuild-rollups`)";
         for entry in t.rollups.iter() {
@@ -1035,22 +1037,58 @@ impl Store {
                     if blocks::is_block(&key) {
                         stored_blocks.insert(key.to_vec());
                     } else if blocks::in_blocks(&key) {
-                        listed.extend(blocks::listed(&key, &value));
+                        let (keys, full) = blocks::listed(&key, &value);
+                        listed.extend(keys);
+                        counted_full.insert(key.to_vec(), full);
                     }
                 }
             }
         }
         let damaged = |key: &Vec<u8>| damaged_hours.contains(&key[..blocks::PREFIX]);
-        for key in listed
-            .symmetric_difference(&stored_blocks)
-            .filter(|k| !damaged(k))
-        {
-            let what = if listed.contains(key) {
-                "a block its hour's manifest lists is missing"
+        for key in listed.difference(&stored_blocks).filter(|k| !damaged(k)) {
+            problem(
+                &mut v,
+                format!(
+                    "tree rollups: {key:?}: a block its hour's manifest lists is missing {rebuild}"
+                ),
+            );
+        }
+        // The blocks a manifest does not list are its full ones: as many
+        // as it counts.
+        let mut unlisted: std::collections::BTreeMap<Vec<u8>, Vec<&Vec<u8>>> = Default::default();
+        for key in stored_blocks.difference(&listed).filter(|k| !damaged(k)) {
+            unlisted
+                .entry(key[..blocks::PREFIX].to_vec())
+                .or_default()
+                .push(key);
+        }
+        for hour in counted_full.keys() {
+            unlisted.entry(hour.clone()).or_default();
+        }
+        for (hour, keys) in &unlisted {
+            let counted = counted_full.get(hour).copied().unwrap_or(0);
+            if damaged(hour) || keys.len() == counted as usize {
+                continue;
+            }
+            if keys.len() > counted as usize {
+                for key in keys {
+                    problem(
+                        &mut v,
+                        format!(
+                            "tree rollups: {key:?}: a block no manifest lists (its hour holds {} unlisted blocks, its manifest counts {counted} full ones) {rebuild}",
+                            keys.len()
+                        ),
+                    );
+                }
             } else {
-                "a block no manifest lists"
-            };
-            problem(&mut v, format!("tree rollups: {key:?}: {what} {rebuild}"));
+                problem(
+                    &mut v,
+                    format!(
+                        "tree rollups: hour {hour:?}: its manifest counts {counted} full blocks, {} are stored: a block is missing {rebuild}",
+                        keys.len()
+                    ),
+                );
+            }
         }
         Ok(v)
     }
