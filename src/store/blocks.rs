@@ -17,13 +17,13 @@
 //!   are marked full and never merged again (sled writes a leaf of 16
 //!   larger blocks to a file of its own, see [`MAX_BLOCK_BYTES`]); a
 //!   checkpoint's deltas of a busy hour that pass it are stored in full
-//!   parts at once. The manifest lists full blocks too, so it grows with
-//!   the checkpoints that touched the hour (a known limit).
+//!   parts at once.
 //!
 //! Keys, in the `rollups` tree, under the cells' period prefix (family,
 //! period kind `Hour`, start hour; [`crate::rollup::period_prefix`]):
-//! - the prefix alone: the hour's *manifest*, its blocks in key order
-//!   (id, part, level, bytes);
+//! - the prefix alone: the hour's *manifest* ([`Manifest`]): the blocks
+//!   that may still merge, in key order (id, part, level, bytes), and the
+//!   number and a digest of the full ones, which it does not list;
 //! - prefix ‖ id (u64 BE) ‖ part (u16 BE): a block. `id` is the sequence
 //!   number the checkpoint that wrote it covers up to (a merge keeps the
 //!   newest), so a checkpoint resumed after a crash writes the same keys
@@ -90,13 +90,15 @@ impl Entry {
 
 /// First byte of a manifest's body in format 2 (since session 21): then
 /// the number of the hour's full blocks (u32), the newest id of any of
-/// its blocks (u64), and the entries of its blocks that may still merge.
-/// A format 1 body (a multiple of [`ENTRY`] bytes, never this long plus
-/// [`V2_HEAD`]) lists every block, full ones included; it is read as
+/// its blocks (u64), the digest of the full blocks' keys (u64, see
+/// [`full_digest`]), and the entries of its blocks that may still merge.
+/// (A binary from before cannot read it: no downgrade.)
+/// A format 1 body (a multiple of [`ENTRY`] bytes; a format 2 body is
+/// [`V2_HEAD`] bytes more, never one) lists every block, full ones included; it is read as
 /// format 2 and written as such at the hour's next block.
 const MANIFEST_V2: u8 = 2;
 /// Bytes before a format 2 manifest's entries.
-const V2_HEAD: usize = 1 + 4 + 8;
+const V2_HEAD: usize = 1 + 4 + 8 + 8;
 
 /// An hour's manifest: the blocks that may still merge, listed, and the
 /// full ones, counted. Full blocks are never merged or read by the
@@ -111,12 +113,51 @@ pub(super) struct Manifest {
     pub full: u32,
     /// The newest id of any block of the hour (0: no block yet).
     pub newest: Seq,
+    /// The sum of [`full_digest`] over the full blocks' (id, part): with
+    /// the count, what the hour's unlisted blocks are checked against.
+    pub digest: u64,
 }
 
 impl Manifest {
     fn has_blocks(&self) -> bool {
         self.full > 0 || !self.open.is_empty()
     }
+
+    /// Counts the block `(id, part)` as full.
+    fn add_full(&mut self, id: Seq, part: u16) {
+        self.full += 1;
+        self.digest = self.digest.wrapping_add(full_digest(id, part));
+    }
+
+    /// Whether `keys`, an hour's stored blocks this manifest does not
+    /// list, are the full blocks it counts.
+    pub(super) fn are_full(&self, keys: &[&[u8]]) -> bool {
+        let digest = keys.iter().try_fold(0u64, |sum, k| {
+            let (id, part) = block_id_part(k)?;
+            Some(sum.wrapping_add(full_digest(id, part)))
+        });
+        keys.len() == self.full as usize && digest == Some(self.digest)
+    }
+}
+
+/// A full block's share of a manifest's digest: a mix of its id and part
+/// (splitmix64), so that a missing block and a stray one do not cancel
+/// out as they would in a count.
+fn full_digest(id: Seq, part: u16) -> u64 {
+    let mut z = id ^ (u64::from(part) << 48) ^ 0x9e37_79b9_7f4a_7c15;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The id and part of the block under `key`.
+fn block_id_part(key: &[u8]) -> Option<(Seq, u16)> {
+    (key.len() == BLOCK_KEY).then(|| {
+        (
+            Seq::from_be_bytes(key[PREFIX..PREFIX + 8].try_into().expect("8 bytes")),
+            u16::from_be_bytes(key[PREFIX + 8..].try_into().expect("2 bytes")),
+        )
+    })
 }
 
 fn encode_manifest(prefix: &[u8], manifest: &Manifest) -> Vec<u8> {
@@ -125,6 +166,7 @@ fn encode_manifest(prefix: &[u8], manifest: &Manifest) -> Vec<u8> {
     body.push(MANIFEST_V2);
     body.extend_from_slice(&manifest.full.to_be_bytes());
     body.extend_from_slice(&manifest.newest.to_be_bytes());
+    body.extend_from_slice(&manifest.digest.to_be_bytes());
     for e in entries {
         body.extend_from_slice(&e.id.to_be_bytes());
         body.extend_from_slice(&e.part.to_be_bytes());
@@ -138,10 +180,14 @@ fn decode_manifest(key: &[u8], value: &[u8]) -> Option<Manifest> {
     let body = open_value(key, value)?;
     let (head, list) = if body.len() % ENTRY == 0 {
         (None, body)
-    } else if body.len() % ENTRY == V2_HEAD && body[0] == MANIFEST_V2 {
+    } else if body.len() >= V2_HEAD
+        && body.len() % ENTRY == V2_HEAD % ENTRY
+        && body[0] == MANIFEST_V2
+    {
         let full = u32::from_be_bytes(body[1..5].try_into().expect("4 bytes"));
-        let newest = Seq::from_be_bytes(body[5..V2_HEAD].try_into().expect("8 bytes"));
-        (Some((full, newest)), &body[V2_HEAD..])
+        let newest = Seq::from_be_bytes(body[5..13].try_into().expect("8 bytes"));
+        let digest = u64::from_be_bytes(body[13..V2_HEAD].try_into().expect("8 bytes"));
+        (Some((full, newest, digest)), &body[V2_HEAD..])
     } else {
         return None;
     };
@@ -164,20 +210,27 @@ fn decode_manifest(key: &[u8], value: &[u8]) -> Option<Manifest> {
     match head {
         None => {
             // Format 1: every block listed; the full ones become a count.
-            let full = entries.iter().filter(|e| e.level == FULL).count();
-            Some(Manifest {
-                open: entries.into_iter().filter(|e| e.level != FULL).collect(),
-                full: u32::try_from(full).ok()?,
+            let mut manifest = Manifest {
                 newest: newest_listed,
-            })
+                ..Manifest::default()
+            };
+            for e in entries {
+                if e.level == FULL {
+                    manifest.add_full(e.id, e.part);
+                } else {
+                    manifest.open.push(e);
+                }
+            }
+            Some(manifest)
         }
-        Some((full, newest)) => (entries.iter().all(|e| e.level != FULL)
+        Some((full, newest, digest)) => (entries.iter().all(|e| e.level != FULL)
             && newest >= newest_listed
             && (newest > 0 || (full == 0 && entries.is_empty())))
         .then_some(Manifest {
             open: entries,
             full,
             newest,
+            digest,
         }),
     }
 }
@@ -341,16 +394,16 @@ pub(super) fn add_block<'a>(
         // Deltas of a busy hour: stored in full parts as they are.
         for (entry, block) in parts(prefix, id, &mut newest) {
             batch.insert(entry.key(prefix), block);
-            manifest.full += 1;
+            manifest.add_full(entry.id, entry.part);
         }
         manifest.newest = id;
         batch.insert(prefix, encode_manifest(prefix, &manifest));
         return Ok(());
     }
-    let entries = &mut manifest.open;
     let mut level = 0u8;
     let mut removed = Vec::new();
     loop {
+        let entries = &mut manifest.open;
         let tail = entries.iter().rev().take_while(|e| e.level == level);
         if level == FULL || tail.count() + 1 < FANOUT {
             break;
@@ -360,7 +413,9 @@ pub(super) fn add_block<'a>(
         if bytes > MAX_BLOCK_BYTES {
             // Too large to merge: these stay as they are, for good,
             // counted, no longer listed.
-            manifest.full += merging.len() as u32;
+            for e in &merging {
+                manifest.add_full(e.id, e.part);
+            }
             level = FULL;
             break;
         }
@@ -380,7 +435,7 @@ pub(super) fn add_block<'a>(
     }
     batch.insert(entry.key(prefix), encoded);
     if level == FULL {
-        manifest.full += 1;
+        manifest.add_full(entry.id, entry.part);
     } else {
         manifest.open.push(entry);
     }
@@ -470,7 +525,8 @@ fn stored_blocks(
 }
 
 /// Reads the hour of `key` whole: every stored block (the listed ones
-/// must be there, and as many others as the manifest counts full).
+/// must be there, and the others must be the full ones the manifest
+/// counts: their number and digest).
 pub(super) fn read_hour(tree: &sled::Tree, key: &[u8]) -> Result<Hour> {
     let prefix = key[..PREFIX].to_vec();
     let manifest = read_manifest(tree, &prefix)?;
@@ -478,11 +534,11 @@ pub(super) fn read_hour(tree: &sled::Tree, key: &[u8]) -> Result<Hour> {
         manifest.open.iter().map(|e| e.key(&prefix)).collect();
     let mut cells = BTreeMap::new();
     let mut blocks = Vec::new();
-    let mut unlisted = 0u64;
+    let mut unlisted = Vec::new();
     for item in stored_blocks(tree, &prefix) {
         let (key, value) = item?;
         if !listed.remove(key.as_ref()) {
-            unlisted += 1;
+            unlisted.push(key.clone());
         }
         merge_block(&key, &value, &mut cells)?;
         blocks.push(key.to_vec());
@@ -490,7 +546,8 @@ pub(super) fn read_hour(tree: &sled::Tree, key: &[u8]) -> Result<Hour> {
     if let Some(missing) = listed.into_iter().next() {
         return Err(corrupt(&missing, "block listed in the manifest is missing"));
     }
-    if unlisted != u64::from(manifest.full) {
+    let unlisted: Vec<&[u8]> = unlisted.iter().map(|k| k.as_ref()).collect();
+    if !manifest.are_full(&unlisted) {
         return Err(corrupt(
             &prefix,
             "the hour's blocks are not the ones its manifest lists and counts",
@@ -528,13 +585,12 @@ impl Hour {
             return writes;
         }
         let mut manifest = Manifest {
-            open: Vec::new(),
-            full: 0,
             newest: id,
+            ..Manifest::default()
         };
         for (entry, block) in parts(&self.prefix, id, &mut self.cells) {
             writes.push((entry.key(&self.prefix), Some(block)));
-            manifest.full += 1;
+            manifest.add_full(entry.id, entry.part);
         }
         writes.push((
             self.prefix.clone(),
@@ -570,12 +626,12 @@ pub(super) fn check(key: &[u8], value: &[u8]) -> std::result::Result<usize, &'st
     }
 }
 
-/// The block keys an hour's manifest lists, and how many full blocks it
-/// counts besides (`admin verify` checks them against the stored blocks).
-pub(super) fn listed(key: &[u8], value: &[u8]) -> (Vec<Vec<u8>>, u32) {
+/// The block keys an hour's manifest lists, and the manifest (`admin
+/// verify` checks the stored blocks against both).
+pub(super) fn listed(key: &[u8], value: &[u8]) -> (Vec<Vec<u8>>, Manifest) {
     let manifest = decode_manifest(key, value).unwrap_or_default();
     let keys = manifest.open.iter().map(|e| e.key(key)).collect();
-    (keys, manifest.full)
+    (keys, manifest)
 }
 
 /// Whether a stored key is a block (not a manifest).
@@ -785,7 +841,10 @@ mod tests {
         checkpoint(&tree, 7, &BTreeMap::from([(key(4, 1), agg(1, 7))]));
         let raw = tree.get(&prefix).expect("get").expect("manifest");
         let body = open_value(&prefix, &raw).expect("sealed");
-        assert_eq!((body[0], body.len() % ENTRY), (MANIFEST_V2, V2_HEAD));
+        assert_eq!(
+            (body[0], body.len() % ENTRY),
+            (MANIFEST_V2, V2_HEAD % ENTRY)
+        );
         let hour = read_hour(&tree, &prefix).expect("hour");
         assert_eq!(hour.cells.len(), 6 * per as usize + 1);
         // A full block gone: the hour does not read.
@@ -793,12 +852,26 @@ mod tests {
             .map(|item| item.expect("block").0)
             .find(|k| block_id(k) == Some(1))
             .expect("block 1");
-        tree.remove(&full).expect("remove");
+        let value = tree.remove(&full).expect("remove").expect("block 1");
         let err = read_hour(&tree, &prefix).err().expect("a block is missing");
         assert!(
             err.to_string().contains("manifest lists and counts"),
             "{err}"
         );
+        // And a stray block in its stead, as many blocks as counted: the
+        // digest tells them apart.
+        let mut stray = full.to_vec();
+        stray[BLOCK_KEY - 1] ^= 1;
+        tree.insert(&stray, moved(&full, &stray, &value))
+            .expect("stray");
+        let err = read_hour(&tree, &prefix).err().expect("a stray block");
+        assert!(
+            err.to_string().contains("manifest lists and counts"),
+            "{err}"
+        );
+        tree.remove(&stray).expect("remove");
+        tree.insert(&full, value).expect("back");
+        assert!(read_hour(&tree, &prefix).is_ok());
     }
 
     /// A rewrite (an erasure's) replaces all of an hour's blocks with its

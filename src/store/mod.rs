@@ -1016,8 +1016,9 @@ impl Store {
         let _stable = t.pending.as_deref().map(rollups::Pending::hold_checkpoints);
         let mut listed = std::collections::BTreeSet::new();
         let mut stored_blocks = std::collections::BTreeSet::new();
-        // Per hour: the full blocks its manifest counts.
-        let mut counted_full: std::collections::BTreeMap<Vec<u8>, u32> = Default::default();
+        // Per hour: its manifest (the full blocks it counts).
+        let mut manifests: std::collections::BTreeMap<Vec<u8>, blocks::Manifest> =
+            Default::default();
         let mut damaged_hours = std::collections::BTreeSet::new();
         let rebuild = "(repair: `chainsight admin rebuild-rollups`)";
         for entry in t.rollups.iter() {
@@ -1037,9 +1038,9 @@ impl Store {
                     if blocks::is_block(&key) {
                         stored_blocks.insert(key.to_vec());
                     } else if blocks::in_blocks(&key) {
-                        let (keys, full) = blocks::listed(&key, &value);
+                        let (keys, manifest) = blocks::listed(&key, &value);
                         listed.extend(keys);
-                        counted_full.insert(key.to_vec(), full);
+                        manifests.insert(key.to_vec(), manifest);
                     }
                 }
             }
@@ -1053,42 +1054,31 @@ impl Store {
                 ),
             );
         }
-        // The blocks a manifest does not list are its full ones: as many
-        // as it counts.
-        let mut unlisted: std::collections::BTreeMap<Vec<u8>, Vec<&Vec<u8>>> = Default::default();
+        // The blocks a manifest does not list must be the full ones it
+        // counts (their number and digest).
+        let mut unlisted: std::collections::BTreeMap<Vec<u8>, Vec<&[u8]>> = Default::default();
         for key in stored_blocks.difference(&listed).filter(|k| !damaged(k)) {
             unlisted
                 .entry(key[..blocks::PREFIX].to_vec())
                 .or_default()
                 .push(key);
         }
-        for hour in counted_full.keys() {
+        for hour in manifests.keys() {
             unlisted.entry(hour.clone()).or_default();
         }
+        let none = blocks::Manifest::default();
         for (hour, keys) in &unlisted {
-            let counted = counted_full.get(hour).copied().unwrap_or(0);
-            if damaged(hour) || keys.len() == counted as usize {
+            let manifest = manifests.get(hour).unwrap_or(&none);
+            if damaged(hour) || manifest.are_full(keys) {
                 continue;
             }
-            if keys.len() > counted as usize {
-                for key in keys {
-                    problem(
-                        &mut v,
-                        format!(
-                            "tree rollups: {key:?}: a block no manifest lists (its hour holds {} unlisted blocks, its manifest counts {counted} full ones) {rebuild}",
-                            keys.len()
-                        ),
-                    );
-                }
-            } else {
-                problem(
-                    &mut v,
-                    format!(
-                        "tree rollups: hour {hour:?}: its manifest counts {counted} full blocks, {} are stored: a block is missing {rebuild}",
-                        keys.len()
-                    ),
-                );
-            }
+            problem(
+                &mut v,
+                format!(
+                    "tree rollups: hour {hour:?}: the blocks no manifest lists ({keys:?}) are not the {} full ones its manifest counts: a block is missing or stray {rebuild}",
+                    manifest.full
+                ),
+            );
         }
         Ok(v)
     }
