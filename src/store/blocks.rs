@@ -752,6 +752,20 @@ mod tests {
         assert!(err.to_string().contains("rebuild-rollups"), "{err}");
     }
 
+    /// Six checkpoints of `hour` of two fifths of the size limit each
+    /// (cells of about 34 bytes), so that four would merge into more than
+    /// it; returns the cells per checkpoint.
+    fn too_large_to_merge(tree: &sled::Tree, hour: i64) -> u32 {
+        let per = (MAX_BLOCK_BYTES * 2 / 5 / 34) as u32;
+        for id in 1..=6u64 {
+            let cells: BTreeMap<Vec<u8>, Agg> = (0..per)
+                .map(|g| (key(hour, (id as u32) * 10_000 + g), agg(1, u64::from(g))))
+                .collect();
+            checkpoint(tree, id, &cells);
+        }
+        per
+    }
+
     /// Blocks that would merge past the size limit stay as they are, and
     /// are never merged again.
     #[test]
@@ -759,15 +773,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = sled::open(dir.path()).expect("sled");
         let tree = db.open_tree("rollups").expect("tree");
-        // Two fifths of the limit per checkpoint (cells of about 34
-        // bytes): four merge into more than it.
-        let per = (MAX_BLOCK_BYTES * 2 / 5 / 34) as u32;
-        for id in 1..=6u64 {
-            let cells: BTreeMap<Vec<u8>, Agg> = (0..per)
-                .map(|g| (key(9, (id as u32) * 10_000 + g), agg(1, u64::from(g))))
-                .collect();
-            checkpoint(&tree, id, &cells);
-        }
+        let per = too_large_to_merge(&tree, 9);
         // The first four full (counted, no longer listed), the last two
         // listed, still to merge.
         let manifest = read_manifest(&tree, &key(9, 0)).expect("manifest");
@@ -811,13 +817,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = sled::open(dir.path()).expect("sled");
         let tree = db.open_tree("rollups").expect("tree");
-        let per = (MAX_BLOCK_BYTES * 2 / 5 / 34) as u32;
-        for id in 1..=6u64 {
-            let cells: BTreeMap<Vec<u8>, Agg> = (0..per)
-                .map(|g| (key(4, (id as u32) * 10_000 + g), agg(1, u64::from(g))))
-                .collect();
-            checkpoint(&tree, id, &cells);
-        }
+        let per = too_large_to_merge(&tree, 4);
         let prefix = key(4, 0)[..PREFIX].to_vec();
         let now = read_manifest(&tree, &prefix).expect("manifest");
         assert_eq!((now.full, now.open.len()), (4, 2));
