@@ -503,11 +503,30 @@ pub(super) struct Hour {
     pub cells: BTreeMap<Vec<u8>, Agg>,
 }
 
-/// The id of the block under `key`.
-fn block_id(key: &[u8]) -> Option<Seq> {
-    Some(Seq::from_be_bytes(
-        key.get(PREFIX..PREFIX + 8)?.try_into().ok()?,
-    ))
+/// How an hour's stored blocks (`stored`, their keys) differ from its
+/// manifest: the listed blocks that are missing, and the unlisted ones
+/// when they are not the full ones it counts (their number and digest).
+/// Used by a whole-hour read and by `admin verify`.
+pub(super) fn mismatch<'a>(
+    manifest: &Manifest,
+    prefix: &[u8],
+    stored: &[&'a [u8]],
+) -> (Vec<Vec<u8>>, Option<Vec<&'a [u8]>>) {
+    let listed: std::collections::BTreeSet<Vec<u8>> =
+        manifest.open.iter().map(|e| e.key(prefix)).collect();
+    let found: std::collections::BTreeSet<&[u8]> = stored.iter().copied().collect();
+    let missing = listed
+        .iter()
+        .filter(|k| !found.contains(k.as_slice()))
+        .cloned()
+        .collect();
+    let unlisted: Vec<&[u8]> = stored
+        .iter()
+        .copied()
+        .filter(|k| !listed.contains(*k))
+        .collect();
+    let stray = (!manifest.are_full(&unlisted)).then_some(unlisted);
+    (missing, stray)
 }
 
 /// The stored blocks of the hour `prefix` (every key under it but the
@@ -530,39 +549,30 @@ fn stored_blocks(
 pub(super) fn read_hour(tree: &sled::Tree, key: &[u8]) -> Result<Hour> {
     let prefix = key[..PREFIX].to_vec();
     let manifest = read_manifest(tree, &prefix)?;
-    let mut listed: std::collections::BTreeSet<Vec<u8>> =
-        manifest.open.iter().map(|e| e.key(&prefix)).collect();
     let mut cells = BTreeMap::new();
     let mut blocks = Vec::new();
-    let mut unlisted = Vec::new();
     for item in stored_blocks(tree, &prefix) {
         let (key, value) = item?;
-        if !listed.remove(key.as_ref()) {
-            unlisted.push(key.clone());
-        }
         merge_block(&key, &value, &mut cells)?;
         blocks.push(key.to_vec());
     }
-    if let Some(missing) = listed.into_iter().next() {
-        return Err(corrupt(&missing, "block listed in the manifest is missing"));
+    let keys: Vec<&[u8]> = blocks.iter().map(Vec::as_slice).collect();
+    let (missing, stray) = mismatch(&manifest, &prefix, &keys);
+    if let Some(missing) = missing.first() {
+        return Err(corrupt(missing, "block listed in the manifest is missing"));
     }
-    let unlisted: Vec<&[u8]> = unlisted.iter().map(|k| k.as_ref()).collect();
-    if !manifest.are_full(&unlisted) {
+    if stray.is_some() {
         return Err(corrupt(
             &prefix,
             "the hour's blocks are not the ones its manifest lists and counts",
         ));
     }
-    let newest = blocks
-        .iter()
-        .filter_map(|k| block_id(k))
-        .chain([manifest.newest])
-        .max()
-        .unwrap_or(0);
+    // Every block's id is at most the manifest's newest (the listed ones
+    // by its decoding, the full ones by their digest).
     Ok(Hour {
         prefix,
         blocks,
-        newest,
+        newest: manifest.newest,
         cells,
     })
 }
@@ -626,12 +636,10 @@ pub(super) fn check(key: &[u8], value: &[u8]) -> std::result::Result<usize, &'st
     }
 }
 
-/// The block keys an hour's manifest lists, and the manifest (`admin
-/// verify` checks the stored blocks against both).
-pub(super) fn listed(key: &[u8], value: &[u8]) -> (Vec<Vec<u8>>, Manifest) {
-    let manifest = decode_manifest(key, value).unwrap_or_default();
-    let keys = manifest.open.iter().map(|e| e.key(key)).collect();
-    (keys, manifest)
+/// The manifest stored under `key` (`admin verify`, after [`check`]
+/// passed; empty if it does not decode).
+pub(super) fn manifest(key: &[u8], value: &[u8]) -> Manifest {
+    decode_manifest(key, value).unwrap_or_default()
 }
 
 /// Whether a stored key is a block (not a manifest).
@@ -850,7 +858,7 @@ mod tests {
         // A full block gone: the hour does not read.
         let full = stored_blocks(&tree, &prefix)
             .map(|item| item.expect("block").0)
-            .find(|k| block_id(k) == Some(1))
+            .find(|k| block_id_part(k).map(|(id, _)| id) == Some(1))
             .expect("block 1");
         let value = tree.remove(&full).expect("remove").expect("block 1");
         let err = read_hour(&tree, &prefix).err().expect("a block is missing");
@@ -921,8 +929,11 @@ mod tests {
         let manifest = read_manifest(&tree, &key(2, 0)).expect("manifest");
         assert!(manifest.open.is_empty(), "{manifest:?}");
         assert_eq!((manifest.full as usize, manifest.newest), (blocks, 3));
-        assert!(stored_blocks(&tree, &key(2, 0))
-            .all(|item| block_id(&item.expect("block").0) == Some(3)));
+        assert!(stored_blocks(&tree, &key(2, 0)).all(|item| block_id_part(
+            &item.expect("block").0
+        )
+        .map(|(id, _)| id)
+            == Some(3)));
         // Later checkpoints add blocks beside the parts.
         checkpoint(&tree, 4, &BTreeMap::from([(key(2, 0), agg(1, 4))]));
         assert_eq!(hour_cells(&tree, 2).1.len(), 4_000);

@@ -1014,11 +1014,9 @@ impl Store {
         // (hours with a damaged entry aside: that entry is the problem).
         // No checkpoint lands meanwhile.
         let _stable = t.pending.as_deref().map(rollups::Pending::hold_checkpoints);
-        let mut listed = std::collections::BTreeSet::new();
-        let mut stored_blocks = std::collections::BTreeSet::new();
-        // Per hour: its manifest (the full blocks it counts).
-        let mut manifests: std::collections::BTreeMap<Vec<u8>, blocks::Manifest> =
-            Default::default();
+        // Per hour: its manifest and its stored blocks.
+        type HourBlocks = (blocks::Manifest, Vec<Vec<u8>>);
+        let mut hours: std::collections::BTreeMap<Vec<u8>, HourBlocks> = Default::default();
         let mut damaged_hours = std::collections::BTreeSet::new();
         let rebuild = "(repair: `chainsight admin rebuild-rollups`)";
         for entry in t.rollups.iter() {
@@ -1035,50 +1033,40 @@ impl Store {
                 }
                 Ok(cells) => {
                     v.rollup_cells += cells as u64;
-                    if blocks::is_block(&key) {
-                        stored_blocks.insert(key.to_vec());
-                    } else if blocks::in_blocks(&key) {
-                        let (keys, manifest) = blocks::listed(&key, &value);
-                        listed.extend(keys);
-                        manifests.insert(key.to_vec(), manifest);
+                    if blocks::in_blocks(&key) {
+                        let hour = hours.entry(key[..blocks::PREFIX].to_vec()).or_default();
+                        if blocks::is_block(&key) {
+                            hour.1.push(key.to_vec());
+                        } else {
+                            hour.0 = blocks::manifest(&key, &value);
+                        }
                     }
                 }
             }
         }
-        let damaged = |key: &Vec<u8>| damaged_hours.contains(&key[..blocks::PREFIX]);
-        for key in listed.difference(&stored_blocks).filter(|k| !damaged(k)) {
-            problem(
-                &mut v,
-                format!(
-                    "tree rollups: {key:?}: a block its hour's manifest lists is missing {rebuild}"
-                ),
-            );
-        }
-        // The blocks a manifest does not list must be the full ones it
-        // counts (their number and digest).
-        let mut unlisted: std::collections::BTreeMap<Vec<u8>, Vec<&[u8]>> = Default::default();
-        for key in stored_blocks.difference(&listed).filter(|k| !damaged(k)) {
-            unlisted
-                .entry(key[..blocks::PREFIX].to_vec())
-                .or_default()
-                .push(key);
-        }
-        for hour in manifests.keys() {
-            unlisted.entry(hour.clone()).or_default();
-        }
-        let none = blocks::Manifest::default();
-        for (hour, keys) in &unlisted {
-            let manifest = manifests.get(hour).unwrap_or(&none);
-            if damaged(hour) || manifest.are_full(keys) {
+        for (hour, (manifest, stored)) in &hours {
+            if damaged_hours.contains(hour) {
                 continue;
             }
-            problem(
-                &mut v,
-                format!(
-                    "tree rollups: hour {hour:?}: the blocks no manifest lists ({keys:?}) are not the {} full ones its manifest counts: a block is missing or stray {rebuild}",
-                    manifest.full
-                ),
-            );
+            let keys: Vec<&[u8]> = stored.iter().map(Vec::as_slice).collect();
+            let (missing, stray) = blocks::mismatch(manifest, hour, &keys);
+            for key in missing {
+                problem(
+                    &mut v,
+                    format!(
+                        "tree rollups: {key:?}: a block its hour's manifest lists is missing {rebuild}"
+                    ),
+                );
+            }
+            if let Some(keys) = stray {
+                problem(
+                    &mut v,
+                    format!(
+                        "tree rollups: hour {hour:?}: the blocks no manifest lists ({keys:?}) are not the {} full ones its manifest counts: a block is missing or stray {rebuild}",
+                        manifest.full
+                    ),
+                );
+            }
         }
         Ok(v)
     }
