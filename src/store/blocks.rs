@@ -822,11 +822,29 @@ mod tests {
         assert!(err.to_string().contains("rebuild-rollups"), "{err}");
     }
 
-    /// Six checkpoints of `hour` of two fifths of the size limit each
-    /// (cells of about 34 bytes), so that four would merge into more than
-    /// it; returns the cells per checkpoint.
+    /// The sizes of the stored blocks of the hour of `key` written under
+    /// `id`, in part order; checks that each is within the size limit and
+    /// that every part but the last is filled up to it.
+    fn parts_within_the_limit(tree: &sled::Tree, key: &[u8], id: Seq) -> Vec<usize> {
+        let sizes: Vec<usize> = stored_blocks(tree, key)
+            .map(|item| item.expect("block"))
+            .filter(|(k, _)| block_id_part(k).map(|(i, _)| i) == Some(id))
+            .map(|(_, v)| v.len())
+            .collect();
+        assert!(sizes.iter().all(|b| *b <= MAX_BLOCK_BYTES), "{sizes:?}");
+        let filled = &sizes[..sizes.len().saturating_sub(1)];
+        assert!(
+            filled.iter().all(|b| *b > MAX_BLOCK_BYTES - 64),
+            "{sizes:?}"
+        );
+        sizes
+    }
+
+    /// Six checkpoints of `hour` of about two fifths of the size limit
+    /// each (cells of about 27 bytes, their keys shared), so that four
+    /// would merge into more than it; returns the cells per checkpoint.
     fn too_large_to_merge(tree: &sled::Tree, hour: i64) -> u32 {
-        let per = (MAX_BLOCK_BYTES * 2 / 5 / 34) as u32;
+        let per = (MAX_BLOCK_BYTES * 2 / 5 / 27) as u32;
         for id in 1..=6u64 {
             let cells: BTreeMap<Vec<u8>, Agg> = (0..per)
                 .map(|g| (key(hour, (id as u32) * 10_000 + g), agg(1, u64::from(g))))
@@ -863,6 +881,7 @@ mod tests {
             .map(|g| (key(9, 900_000 + g), agg(1, u64::from(g))))
             .collect();
         checkpoint(&tree, 7, &busy);
+        assert!(parts_within_the_limit(&tree, &key(9, 0), 7).len() > 1);
         let manifest = read_manifest(&tree, &key(9, 0)).expect("manifest");
         let (blocks, read) = hour_cells(&tree, 9);
         assert!(blocks > 7, "{blocks}");
@@ -982,8 +1001,9 @@ mod tests {
         let (blocks, read) = hour_cells(&tree, 2);
         assert!(
             blocks > 1,
-            "3,999 cells of about 34 bytes take more than one part"
+            "3,999 cells of about 27 bytes take more than one part"
         );
+        assert_eq!(parts_within_the_limit(&tree, &key(2, 0), 3).len(), blocks);
         assert_eq!(read.len(), 3_999);
         assert!(read
             .values()
@@ -1048,7 +1068,7 @@ mod tests {
         let whole: Vec<(Vec<u8>, &[u8])> = pairs().map(|(k, v)| (k.to_vec(), v)).collect();
         assert_eq!(block_cells(&block_key, &v1).expect("format 1"), whole);
         assert_eq!(block_cells(&block_key, &v2).expect("format 2"), whole);
-        // GTINs 04000000..04000199 share 7 of their 8 digits and every
+        // GTINs 04000000..04000199 share 5 or 6 of their 8 digits and every
         // dimension before them.
         assert!(v2.len() * 10 < v1.len() * 8, "{} vs {}", v2.len(), v1.len());
         assert_eq!(check(&block_key, &v1), Ok(200));
@@ -1078,6 +1098,10 @@ mod tests {
         }
         let manifest = read_manifest(&tree, &key(6, 0)).expect("manifest");
         assert_eq!(manifest.open.len(), 1, "four blocks merged: {manifest:?}");
+        for item in stored_blocks(&tree, &key(6, 0)) {
+            let (k, v) = item.expect("block");
+            assert_eq!(open_value(&k, &v).expect("sealed")[0], BLOCK_V2, "merged");
+        }
         let (blocks, read) = hour_cells(&tree, 6);
         assert_eq!((blocks, read.len()), (1, 200));
         assert_eq!(read[&key(6, 4_000_000)], (4, vec![0, 7]));
