@@ -516,22 +516,24 @@ fn encode(prefix: &[u8], id: Seq, cells: &mut BTreeMap<Vec<u8>, Agg>) -> Vec<u8>
 /// [`MAX_BLOCK_BYTES`] each (or one cell).
 fn parts(prefix: &[u8], id: Seq, cells: &mut BTreeMap<Vec<u8>, Agg>) -> Vec<(Entry, Vec<u8>)> {
     let sealed = sealed_cells(cells);
-    // Cell `i`'s bytes in a part where cell `i - 1` is before it.
-    let cost = |i: usize, first: bool| {
-        let prev: &[u8] = if first {
-            &[]
-        } else {
-            &sealed[i - 1].0[PREFIX..]
-        };
-        cell_len(prev, &sealed[i].0[PREFIX..], &sealed[i].1)
-    };
     let mut out = Vec::new();
     let mut start = 0;
     while start < sealed.len() {
+        // Cells join the part while it stays within the limit (the first
+        // always), each costed after the one before it in the part.
         let mut end = start;
         let mut bytes = BLOCK_OVERHEAD;
-        while end < sealed.len() && (end == start || bytes + cost(end, false) <= MAX_BLOCK_BYTES) {
-            bytes += cost(end, end == start);
+        while end < sealed.len() {
+            let prev: &[u8] = if end == start {
+                &[]
+            } else {
+                &sealed[end - 1].0[PREFIX..]
+            };
+            let cost = cell_len(prev, &sealed[end].0[PREFIX..], &sealed[end].1);
+            if end > start && bytes + cost > MAX_BLOCK_BYTES {
+                break;
+            }
+            bytes += cost;
             end += 1;
         }
         let entry = Entry {
