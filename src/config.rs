@@ -513,6 +513,18 @@ pub struct StorageConfig {
     /// Default 256.
     #[serde(default = "default_resume_free_mib")]
     pub resume_free_mib: u64,
+    /// New event ids the store takes one key each (`by_id`) before a
+    /// background pass moves them into packs of a few KB (`id_packs`);
+    /// once more are packed, an eighth of those. sled keeps a few hundred
+    /// bytes of memory per 10 keys whatever its cache size, so the ids'
+    /// keys once were the largest part of the node's memory at millions of
+    /// events. Default 100000; at least 1.
+    #[serde(default = "default_id_pack_min")]
+    pub id_pack_min: u64,
+}
+
+fn default_id_pack_min() -> u64 {
+    crate::store::DEFAULT_ID_PACK_MIN
 }
 
 fn default_resume_free_mib() -> u64 {
@@ -528,6 +540,7 @@ impl Default for StorageConfig {
         StorageConfig {
             page_cache_mib: default_page_cache_mib(),
             resume_free_mib: default_resume_free_mib(),
+            id_pack_min: default_id_pack_min(),
         }
     }
 }

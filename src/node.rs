@@ -295,10 +295,12 @@ async fn open_parts(config: &NodeConfig) -> Result<Parts, Error> {
     let layout = config.insights.layout().map_err(Error::Serve)?;
     let cache_bytes = config.insights.cache_mib.saturating_mul(1 << 20);
     let page_cache = config.storage.page_cache_bytes();
+    let id_pack_min = config.storage.id_pack_min;
     let history_links = links.clone();
     let store = tokio::task::spawn_blocking(move || {
         let store = Store::open_tuned(&store_dir, &link_ids, layout, page_cache)?;
         store.set_rollup_cache_bytes(cache_bytes);
+        store.set_id_pack_min(id_pack_min);
         store.check_rollups()?;
         history_links.load_history(&store)?;
         Ok::<_, crate::store::Error>(store)

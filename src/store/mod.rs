@@ -8,7 +8,9 @@
 //!   one's record is in the event log, one slot per seq (see [`slots`];
 //!   stores written before: seq → where its record is, or before the log
 //!   the record itself, see [`record`])
-//! - `by_id`:   event_id → seq — deduplication
+//! - `by_id`, `id_packs`: event_id → seq — deduplication; new ids one
+//!   key each, moved by a background pass into packs of a few KB (see
+//!   [`ids`])
 //! - `time_blocks`: day ‖ first seq of a bucket of 256 → the occurred_at
 //!   of each of its events that occurred that day — time range scans (see
 //!   [`times`]; it replaced `by_time`, occurred_at ‖ seq → (), one key per
@@ -60,6 +62,7 @@ mod audit;
 mod blocks;
 mod customers;
 mod erasure;
+mod ids;
 mod export;
 mod outbox;
 mod recent;
@@ -202,7 +205,9 @@ struct Trees {
     /// seq → the record's [`log::Location`] (or, in stores written before
     /// the event log, the record itself).
     events: sled::Tree,
-    by_id: sled::Tree,
+    /// The event-id index: generations of one key per id (`by_id`, …,
+    /// written by the writer) and packs.
+    ids: Arc<ids::Ids>,
     by_time: sled::Tree,
     meta: sled::Tree,
     cursors: sled::Tree,
@@ -346,6 +351,10 @@ pub struct Verification {
     pub problem_count: u64,
 }
 
+/// New event ids kept one key each before a pass packs them (see
+/// [`ids`]; `[storage] id_pack_min`).
+pub const DEFAULT_ID_PACK_MIN: u64 = ids::MIN_PASS;
+
 /// The page cache of a store opened without a size: the node's default
 /// (`[storage] page_cache_mib`, 256 MiB; sled's own is 1 GiB).
 pub const DEFAULT_PAGE_CACHE_BYTES: u64 = 256 << 20;
@@ -392,11 +401,14 @@ impl Store {
             .open()
             .map_err(open_err)?;
         let sled_recovered = started.elapsed();
+        let meta = db.open_tree("meta").map_err(open_err)?;
         let trees = Trees {
             events: db.open_tree("events").map_err(open_err)?,
-            by_id: db.open_tree("by_id").map_err(open_err)?,
+            ids: Arc::new(
+                ids::Ids::open(&db, meta.clone()).map_err(open_err)?,
+            ),
             by_time: db.open_tree(times::TREE).map_err(open_err)?,
-            meta: db.open_tree("meta").map_err(open_err)?,
+            meta,
             cursors: db.open_tree("cursors").map_err(open_err)?,
             certs: db.open_tree("certs").map_err(open_err)?,
             customer_runs: db.open_tree("customer_runs").map_err(open_err)?,
@@ -501,10 +513,9 @@ impl Store {
 
     /// The sequence number and event stored under `event_id`.
     pub fn get_by_event_id(&self, event_id: &str) -> Result<Option<(Seq, PreferenceEvent)>> {
-        let Some(seq) = self.inner.trees.by_id.get(event_id.as_bytes())? else {
+        let Some(seq) = self.inner.trees.ids.get(event_id.as_bytes())? else {
             return Ok(None);
         };
-        let seq = seq_from(&seq, "by_id", event_id)?;
         Ok(self.get(seq)?.map(|ev| (seq, ev)))
     }
 
@@ -618,6 +629,18 @@ impl Store {
         if let Some(pending) = &self.inner.trees.pending {
             pending.set_cache_budget(bytes);
         }
+    }
+
+    /// Sets how many new event ids wait, one key each, before a pass
+    /// packs them (`[storage] id_pack_min`, see [`ids`]).
+    pub fn set_id_pack_min(&self, ids: u64) {
+        self.inner.trees.ids.set_min_pass(ids);
+    }
+
+    /// Runs a pass of the event-id packer now (tests).
+    #[cfg(test)]
+    fn pack_ids(&self) -> ids::PassStats {
+        self.inner.trees.ids.pass().expect("pass")
     }
 
     /// The rollup layout kept, `None` when rollups are off.
@@ -914,8 +937,8 @@ impl Store {
             }
             match decoded {
                 Err(e) => problem(&mut v, format!("tree events, seq {seq}: {e}")),
-                Ok(ev) => match t.by_id.get(ev.event_id.as_bytes())? {
-                    Some(s) if s.as_ref() == seq.to_be_bytes() => {}
+                Ok(ev) => match t.ids.get(ev.event_id.as_bytes())? {
+                    Some(s) if s == seq => {}
                     Some(_) => problem(
                         &mut v,
                         format!(
@@ -934,11 +957,11 @@ impl Store {
             }
         }
         progress(v.events);
-        for entry in t.by_id.iter() {
-            let (key, value) = entry?;
+        for entry in t.ids.entries() {
+            let entry = entry?;
             v.index_entries += 1;
-            let id = String::from_utf8_lossy(&key);
-            match <[u8; 8]>::try_from(value.as_ref()).map(Seq::from_be_bytes) {
+            let id = String::from_utf8_lossy(&entry.id);
+            match entry.seq {
                 // An erased or purged id stays as a tombstone.
                 Ok(writer::ERASED_TOMBSTONE | writer::PEER_TOMBSTONE) => {}
                 Ok(seq) if slots::contains(&t.events, seq)? => {}
@@ -947,10 +970,7 @@ impl Store {
                     &mut v,
                     format!("tree by_id: {id:?} points to seq {seq}, which holds no event"),
                 ),
-                Err(_) => problem(
-                    &mut v,
-                    format!("tree by_id: {id:?} has a value of {} bytes", value.len()),
-                ),
+                Err(e) => problem(&mut v, format!("the event-id index at {id:?}: {e}")),
             }
         }
         // One time entry per stored event, each naming one.
@@ -1566,7 +1586,7 @@ fn repair_tail(trees: &Trees) -> Result<usize> {
             continue;
         }
         let ev = trees.event(seq, &v)?;
-        if trees.by_id.get(ev.event_id.as_bytes())?.as_deref() == Some(&seq.to_be_bytes()[..]) {
+        if trees.ids.get(ev.event_id.as_bytes())? == Some(seq) {
             break;
         }
         orphans.push((seq, ev));
@@ -1670,9 +1690,9 @@ fn replay_log(db: &sled::Db, trees: &Trees) -> Result<usize> {
                     return Ok(false);
                 }
                 let ev = decode_event(f.seq, &f.record)?;
-                let fits = match trees.by_id.get(ev.event_id.as_bytes())? {
+                let fits = match trees.ids.get(ev.event_id.as_bytes())? {
                     None => true,
-                    Some(seq) => seq.as_ref() == f.seq.to_be_bytes(),
+                    Some(seq) => seq == f.seq,
                 };
                 if fits {
                     accepted.push(ev);
@@ -1773,7 +1793,11 @@ fn replay_log(db: &sled::Db, trees: &Trees) -> Result<usize> {
                 }
             }
         }
-        trees.by_id.insert(ev.event_id.as_bytes(), &key)?;
+        trees
+            .ids
+            .generations()
+            .current
+            .insert(ev.event_id.as_bytes(), &key)?;
         high = high.max(f.seq);
     }
     // The log's end first, as in a commit (see `Writer::write_trees`).
@@ -2161,7 +2185,7 @@ mod tests {
         let t = &store.inner.trees;
         [
             slots::count(&t.events).unwrap(),
-            t.by_id.len(),
+            t.ids.generations().current.len(),
             times::count(&t.by_time).unwrap(),
             customer_fingerprints(store),
             t.outboxes[0].tree.len(),
@@ -2304,7 +2328,9 @@ mod tests {
                 t.customer_runs.insert(first.to_be_bytes(), value).unwrap();
             }
             for (ne, seq) in news.iter().zip(seqs).take(kept) {
-                t.by_id
+                t.ids
+                    .generations()
+                    .current
                     .insert(ne.event.event_id.as_bytes(), &seq.to_be_bytes())
                     .unwrap();
             }
@@ -2453,7 +2479,7 @@ mod tests {
         assert_eq!(
             [
                 store.len().unwrap(),
-                t.by_id.len(),
+                t.ids.generations().current.len(),
                 t.outboxes[0].tree.len()
             ],
             [3; 3],
@@ -2672,6 +2698,80 @@ mod tests {
         let stored = store.append(vec![linked_event(6)]).await.expect("append");
         assert_eq!(stored, [Appended::Stored(8)]);
         assert_eq!(store.get(8).unwrap().unwrap().event_id, "e-6");
+        store.close().await.expect("close");
+    }
+
+    /// Event ids a pass moved into packs: resends are still duplicates,
+    /// lookups by id find them, an erasure by id tombstones a packed id
+    /// (the tombstone in `by_id` shadows the pack until the next pass
+    /// merges it) and an id not yet seen, and verify finds nothing wrong,
+    /// before and after a reopen.
+    #[tokio::test]
+    async fn packed_event_ids_still_deduplicate_erase_and_verify() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let links = vec!["up".to_string()];
+        let is_dup = |a: &Appended| matches!(a, Appended::Duplicate(_));
+        let check = |store: &Store, packed_erased: bool| {
+            let v = store.verify(|_| {}).expect("verify");
+            assert!(v.problems.is_empty(), "{:?}", v.problems);
+            // 350 events' ids and the tombstone of an id never stored.
+            assert_eq!(v.index_entries, if packed_erased { 351 } else { 300 });
+            let (seq, ev) = store.get_by_event_id("e-123").expect("get").expect("found");
+            assert_eq!(ev.event_id, "e-123");
+            assert_eq!(store.get(seq).expect("get").expect("event").event_id, "e-123");
+        };
+        {
+            let store = Store::open(dir.path(), &links).expect("open");
+            store
+                .append((0..300).map(linked_event).collect())
+                .await
+                .expect("append");
+            let stats = store.pack_ids();
+            assert_eq!(stats.moved, 300);
+            assert_eq!(store.inner.trees.ids.counts().expect("counts"), (0, 300));
+            check(&store, false);
+            let again = store
+                .append((250..350).map(linked_event).collect())
+                .await
+                .expect("append");
+            assert!(again[..50].iter().all(is_dup), "{again:?}");
+            assert!(!again[50..].iter().any(is_dup), "{again:?}");
+            let erased = store
+                .erase(
+                    EraseRequest {
+                        id: "er-ids".into(),
+                        requested_by: "test".into(),
+                        pseudonym: String::new(),
+                        event_ids: vec!["e-7".into(), "e-never".into()],
+                        spare_origin: None,
+                    },
+                    Router::none(),
+                )
+                .await
+                .expect("erase");
+            assert_eq!(erased.events, 1);
+            assert!(store.get_by_event_id("e-7").expect("get").is_none());
+            check(&store, true);
+            let resent = store
+                .append(vec![linked_event(7), linked_event(123)])
+                .await
+                .expect("append");
+            assert!(resent.iter().all(is_dup), "{resent:?}");
+            let stats = store.pack_ids();
+            assert_eq!(stats.moved, 52, "50 new ids and the two tombstones");
+            assert_eq!(store.inner.trees.ids.counts().expect("counts"), (0, 351));
+            check(&store, true);
+            store.close().await.expect("close");
+        }
+        let store = unlocked(|| Store::open(dir.path(), &links));
+        check(&store, true);
+        let mut never = linked_event(999);
+        never.event.event_id = "e-never".into();
+        let resent = store
+            .append(vec![linked_event(7), linked_event(349), never, linked_event(350)])
+            .await
+            .expect("append");
+        assert_eq!(resent.iter().filter(|a| is_dup(a)).count(), 3, "{resent:?}");
         store.close().await.expect("close");
     }
 

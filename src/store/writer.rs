@@ -101,6 +101,7 @@ pub(super) fn spawn(
         )?),
         None => None,
     };
+    let packer = Some(super::ids::spawn_packer(trees.ids.clone())?);
     let writer = Writer {
         db,
         trees,
@@ -109,6 +110,7 @@ pub(super) fn spawn(
         flushes,
         durable,
         checkpointer,
+        packer,
     };
     let handle = std::thread::Builder::new()
         .name("store-writer".into())
@@ -130,6 +132,9 @@ struct Writer {
     /// Merges rollup deltas into the tree; stopped (after a last merge)
     /// before the final flush.
     checkpointer: Option<std::thread::JoinHandle<()>>,
+    /// Moves event ids into packs (see [`super::ids`]); stopped before
+    /// the final flush.
+    packer: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Writer {
@@ -203,6 +208,9 @@ impl Writer {
     fn snapshot(&mut self, node_id: &str, path: &std::path::Path) -> Result<super::backup::Counts> {
         let started = std::time::Instant::now();
         let last_seq = self.next_seq - 1;
+        // No ids move between `by_id` and the packs while both are copied.
+        let ids = self.trees.ids.clone();
+        let _paused = ids.pause();
         let counts = super::backup::write_staging(
             &self.db,
             &self.trees,
@@ -225,6 +233,10 @@ impl Writer {
     fn finish(&mut self) -> Result<()> {
         if let (Some(pending), Some(handle)) = (&self.trees.pending, self.checkpointer.take()) {
             super::rollups::stop(pending);
+            let _ = handle.join();
+        }
+        if let Some(handle) = self.packer.take() {
+            super::ids::stop(&self.trees.ids);
             let _ = handle.join();
         }
         self.flush_now()?;
@@ -338,6 +350,10 @@ impl Writer {
     ) -> Result<super::Erased> {
         use super::erasure;
         let t = &self.trees;
+        // The erased events' tombstones go into the current generation of
+        // the id index, which a pass does not freeze meanwhile.
+        let ids = t.ids.clone();
+        let generations = ids.generations();
         // The events: by the customer runs (the runs scanned before this
         // command, then those written since), and by id.
         let mut by_fingerprint = scanned.candidates.clone();
@@ -351,9 +367,8 @@ impl Writer {
         let mut tombstones: Vec<&str> = Vec::new();
         let mut by_id: std::collections::BTreeSet<Seq> = Default::default();
         for id in &req.event_ids {
-            match t.by_id.get(id.as_bytes())? {
+            match t.ids.get(id.as_bytes())? {
                 Some(seq) => {
-                    let seq = super::seq_from(&seq, "by_id", id)?;
                     by_id.insert(seq);
                     seqs.insert(seq);
                 }
@@ -370,7 +385,8 @@ impl Writer {
             for id in &tombstones {
                 batch.insert(id.as_bytes(), &mark.to_be_bytes());
             }
-            t.by_id.apply_batch(batch)?;
+            generations.current.apply_batch(batch)?;
+            t.ids.written(tombstones.len() as u64);
         }
         let mut erased: Vec<(Seq, crate::domain::PreferenceEvent)> = Vec::new();
         let mut frames: Vec<Location> = Vec::new();
@@ -509,7 +525,7 @@ impl Writer {
             &t.erasures,
             &t.erasure_signals,
             &t.rollups,
-            &t.by_id,
+            &generations.current,
         ];
         trees.extend(t.outboxes.iter().map(|o| &o.tree));
         let apply = || {
@@ -692,11 +708,8 @@ impl Writer {
                     out.push(Appended::Duplicate(*seq));
                 } else if let Some(seq) = self
                     .trees
-                    .by_id
+                    .ids
                     .get(id.as_bytes())
-                    .map_err(|e| (e.into(), false))?
-                    .map(|seq| super::seq_from(&seq, "by_id", id))
-                    .transpose()
                     .map_err(|e| (e, false))?
                     .filter(|seq| *seq != PEER_TOMBSTONE || ne.forwarded)
                 {
@@ -888,15 +901,21 @@ impl Writer {
         indexes().map_err(rollback)?;
         // Key by key, the events whose `by_id` entry landed before a
         // failure are stored, and keep their frames.
-        if plain {
-            for (i, (k, v)) in by_id.into_iter().enumerate() {
-                t.by_id
-                    .insert(k, v)
-                    .map_err(|e| rollback_from(i, e.into()))?;
+        let ids = by_id.len() as u64;
+        {
+            let generations = t.ids.generations();
+            if plain {
+                for (i, (k, v)) in by_id.into_iter().enumerate() {
+                    generations
+                        .current
+                        .insert(k, v)
+                        .map_err(|e| rollback_from(i, e.into()))?;
+                }
+            } else {
+                put(&generations.current, by_id).map_err(|e| rollback(e.into()))?;
             }
-        } else {
-            put(&t.by_id, by_id).map_err(|e| rollback(e.into()))?;
         }
+        t.ids.written(ids);
         // The log's end before the high-water mark: sled may keep the
         // first write without the second. A log end ahead of the mark only
         // skips frames sled holds whole (everything before it is in); a
