@@ -130,8 +130,10 @@ async fn crash_cycles(cycles: usize) {
     env.node_config_on(
         "retailer",
         r_port,
+        // Event ids are packed every 200 new ones (default 100,000), so
+        // that kills land in passes of the id packer too.
         &format!(
-            "{}[privacy]\nk_min = 1\n{}",
+            "{}[privacy]\nk_min = 1\n[storage]\nid_pack_min = 200\n{}",
             roles(&[
                 "publishers = [\"retailer-eshop\"]",
                 "subscribers = [\"maker-app\"]",
@@ -301,6 +303,12 @@ async fn crash_cycles(cycles: usize) {
     // After every kill -9 and repair at open, the retailer's indexes (ids,
     // customer runs, outboxes) agree with its events.
     r.terminate();
+    // The id packer ran between and across the kills (`id_pack_min`).
+    let log = std::fs::read_to_string(env.path().join("retailer").join("node.log"))
+        .expect("the retailer's log");
+    let passes = log.matches("event ids packed").count();
+    println!("event-id packer passes: {passes}");
+    assert!(passes > 0, "the id packer never ran");
     let config = env.path().join("retailer").join("node.toml");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_chainsight"))
         .args(["admin", "verify", "--config"])

@@ -24,12 +24,14 @@
 //! at open).
 //!
 //! A pass runs when the ids written since the last one reach an eighth of
-//! those packed (at least [`MIN_PASS`]): whatever the ids' order, each
-//! packed id is then rewritten about eight times over its life, and the
-//! generations stay below an eighth of the index. Ids that arrive in
-//! order (the node's UUIDv7s, a retailer's running numbers) mostly land
-//! after every pack or at one pack's end: a pass then writes new packs and
-//! rewrites few.
+//! those packed (at least [`MIN_PASS`], at most [`MAX_PASS`]): up to 2M
+//! packed ids, whatever their order, each is then rewritten about eight
+//! times over its life; beyond, random ids are rewritten more often (a
+//! pass touches most packs), which keeps the generations' trees, and the
+//! memory sled holds for them, small. Ids that arrive in order (the
+//! node's UUIDv7s, a retailer's running numbers) mostly land after every
+//! pack or at one pack's end: a pass then writes new packs and rewrites
+//! few.
 
 use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -58,6 +60,14 @@ pub(super) const MAX_PACK_BYTES: usize = 4 << 10;
 const RESTART_EVERY: usize = 16;
 /// Fewest ids written since the last pass that start one (default).
 pub(crate) const MIN_PASS: u64 = 100_000;
+/// Most ids written since the last pass before the next is due (unless
+/// the minimum is set higher): a generation's tree costs sled memory per
+/// leaf like the old one-key-per-id index did, and reading and dropping
+/// it whole adds that again for a moment (about 180 MB at 1M ids; at
+/// 250,000 about a quarter). Past 2M packed ids a pass then comes more
+/// often than an eighth of them: ids in order still cost a pass little,
+/// random ids rewrite more packs per id.
+const MAX_PASS: u64 = 250_000;
 /// Ids a round of a pass moves, about (see [`Ids::round`]).
 const SLICE: usize = 32_768;
 /// Bytes of packs a round writes, about.
@@ -80,8 +90,14 @@ fn generation_of(name: &[u8]) -> Option<u64> {
     if name == FIRST_GENERATION.as_bytes() {
         return Some(0);
     }
-    let rest = name.strip_prefix(FIRST_GENERATION.as_bytes())?.strip_prefix(b".")?;
-    std::str::from_utf8(rest).ok()?.parse().ok().filter(|n| *n > 0)
+    let rest = name
+        .strip_prefix(FIRST_GENERATION.as_bytes())?
+        .strip_prefix(b".")?;
+    std::str::from_utf8(rest)
+        .ok()?
+        .parse()
+        .ok()
+        .filter(|n| *n > 0)
 }
 
 /// The generations: the one written into, and those frozen, newest first.
@@ -183,7 +199,8 @@ impl RoundOut {
             upto = key;
         }
         let moved = group.partition_point(|(id, _)| id.as_ref() <= upto);
-        self.moved.extend(group.drain(..).take(moved).map(|(id, _)| id));
+        self.moved
+            .extend(group.drain(..).take(moved).map(|(id, _)| id));
         Ok(())
     }
 }
@@ -204,7 +221,7 @@ impl Ids {
                 _ => {}
             }
         }
-        frozen.sort_by(|a, b| b.0.cmp(&a.0));
+        frozen.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
         let current = db.open_tree(generation_name(number))?;
         Ok(Ids {
             db: db.clone(),
@@ -277,10 +294,12 @@ impl Ids {
         }
     }
 
+    /// Ids written since the last pass that make the next one due: an
+    /// eighth of those packed, at most [`MAX_PASS`], at least the minimum.
     fn due_at(&self) -> u64 {
         self.min_pass
             .load(Ordering::Relaxed)
-            .max(self.packed.load(Ordering::Relaxed) / 8)
+            .max((self.packed.load(Ordering::Relaxed) / 8).min(MAX_PASS))
     }
 
     /// Whether a pass is due: enough new ids, or a frozen generation
@@ -299,6 +318,7 @@ impl Ids {
         let mut stats = PassStats::default();
         self.unpacked.store(0, Ordering::Relaxed);
         if self.generations().frozen.is_empty() {
+            let _moving = self.pause();
             let mut g = self
                 .generations
                 .write()
@@ -433,16 +453,19 @@ impl Ids {
             }
         };
         let kept2 = kept.clone();
-        let generations = trees.into_iter().enumerate().flat_map(move |(layer, tree)| {
-            let kept = kept.clone();
-            tree.iter().filter_map(move |item| {
-                let entry = item.map_err(Error::from).map(|(key, value)| Entry {
-                    seq: seq_of(&value, &key),
-                    id: key.to_vec(),
-                });
-                kept(layer, entry)
-            })
-        });
+        let generations = trees
+            .into_iter()
+            .enumerate()
+            .flat_map(move |(layer, tree)| {
+                let kept = kept.clone();
+                tree.iter().filter_map(move |item| {
+                    let entry = item.map_err(Error::from).map(|(key, value)| Entry {
+                        seq: seq_of(&value, &key),
+                        id: key.to_vec(),
+                    });
+                    kept(layer, entry)
+                })
+            });
         let packed = self.packs.iter().flat_map(move |item| {
             let entries: Vec<Result<Entry>> = match item {
                 Err(e) => vec![Err(e.into())],
@@ -521,10 +544,11 @@ pub(super) fn spawn_packer(ids: Arc<Ids>) -> Result<std::thread::JoinHandle<()>>
                 match ids.pass() {
                     Ok(stats) => {
                         failures = 0;
-                        tracing::debug!(
+                        tracing::info!(
                             moved = stats.moved,
                             packs_written = stats.packs_written,
                             packs_rewritten = stats.packs_rewritten,
+                            generations = stats.generations,
                             packed = ids.packed.load(Ordering::Relaxed),
                             elapsed = ?started.elapsed(),
                             "event ids packed"
@@ -725,7 +749,7 @@ fn decode(key: &[u8], value: &[u8]) -> Result<Vec<(Vec<u8>, Seq)>> {
         if l.restarts.get(restart) == Some(&at) {
             id.clear();
             restart += 1;
-        } else if out.len() % RESTART_EVERY == 0 {
+        } else if out.len().is_multiple_of(RESTART_EVERY) {
             return Err(bad("restart point missing"));
         }
         let seq = read_entry(key, &l, &mut at, &mut id)?;
@@ -779,9 +803,8 @@ mod tests {
     use super::*;
 
     fn ids(n: usize, f: impl Fn(usize) -> String) -> Vec<(Vec<u8>, Seq)> {
-        let mut v: Vec<(Vec<u8>, Seq)> = (0..n)
-            .map(|i| (f(i).into_bytes(), i as Seq + 1))
-            .collect();
+        let mut v: Vec<(Vec<u8>, Seq)> =
+            (0..n).map(|i| (f(i).into_bytes(), i as Seq + 1)).collect();
         v.sort();
         v.dedup_by(|a, b| a.0 == b.0);
         v
@@ -812,12 +835,25 @@ mod tests {
 
     #[test]
     fn split_fills_every_part_but_the_last() {
-        let entries = ids(20_000, |i| format!("{:032x}", (i as u128).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c)));
+        let entries = ids(20_000, |i| {
+            format!(
+                "{:032x}",
+                (i as u128).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c)
+            )
+        });
         let parts = split(&entries);
         assert!(parts.len() > 10);
-        let sizes: Vec<usize> = parts.iter().map(|p| encode(&entries[p.clone()]).len()).collect();
+        let sizes: Vec<usize> = parts
+            .iter()
+            .map(|p| encode(&entries[p.clone()]).len())
+            .collect();
         assert!(sizes.iter().all(|s| *s <= MAX_PACK_BYTES), "{sizes:?}");
-        assert!(sizes[..sizes.len() - 1].iter().all(|s| *s > MAX_PACK_BYTES - 64), "{sizes:?}");
+        assert!(
+            sizes[..sizes.len() - 1]
+                .iter()
+                .all(|s| *s > MAX_PACK_BYTES - 64),
+            "{sizes:?}"
+        );
         assert_eq!(parts.iter().map(|p| p.len()).sum::<usize>(), entries.len());
     }
 
@@ -865,17 +901,26 @@ mod tests {
         let (db, ids_) = open_ids(dir.path());
         let mut expected: std::collections::BTreeMap<Vec<u8>, Seq> = Default::default();
         let mut seq = 0u64;
-        let mut add = |ids_: &Ids, id: String, expected: &mut std::collections::BTreeMap<Vec<u8>, Seq>| {
-            seq += 1;
-            put(ids_, id.as_bytes(), seq);
-            expected.insert(id.into_bytes(), seq);
-        };
+        let mut add =
+            |ids_: &Ids, id: String, expected: &mut std::collections::BTreeMap<Vec<u8>, Seq>| {
+                seq += 1;
+                put(ids_, id.as_bytes(), seq);
+                expected.insert(id.into_bytes(), seq);
+            };
         for round in 0..4u64 {
             for i in 0..3_000u64 {
-                add(&ids_, format!("seq-{:08}", round * 3_000 + i), &mut expected);
+                add(
+                    &ids_,
+                    format!("seq-{:08}", round * 3_000 + i),
+                    &mut expected,
+                );
                 let r = (round * 3_000 + i).wrapping_mul(0x9e37_79b9_7f4a_7c15);
                 add(&ids_, format!("{r:016x}-random"), &mut expected);
-                add(&ids_, format!("p{}-{:07}", i % 4, round * 3_000 + i), &mut expected);
+                add(
+                    &ids_,
+                    format!("p{}-{:07}", i % 4, round * 3_000 + i),
+                    &mut expected,
+                );
             }
             let stats = ids_.pass().expect("pass");
             assert_eq!((stats.moved, stats.generations), (9_000, 1));
@@ -884,7 +929,12 @@ mod tests {
             }
             assert_eq!(ids_.counts().expect("counts"), (0, expected.len() as u64));
             for (id, seq) in &expected {
-                assert_eq!(ids_.get(id).expect("get"), Some(*seq), "{}", String::from_utf8_lossy(id));
+                assert_eq!(
+                    ids_.get(id).expect("get"),
+                    Some(*seq),
+                    "{}",
+                    String::from_utf8_lossy(id)
+                );
             }
             assert_eq!(ids_.get(b"seq-99999999").expect("get"), None);
             assert_eq!(ids_.get(b"0").expect("get"), None);
@@ -949,6 +999,7 @@ mod tests {
             ids_.packs
                 .insert(b"ev-0099", encode(&entries))
                 .expect("insert");
+            #[allow(clippy::disallowed_methods)] // a test, no runtime
             db.flush().expect("flush");
         }
         let (db, ids_) = open_ids(dir.path());
@@ -960,7 +1011,11 @@ mod tests {
         assert!(ids_.due(), "a frozen generation's ids are due");
         put(&ids_, b"ev-1000", 1000);
         let stats = ids_.pass().expect("pass");
-        assert_eq!((stats.moved, stats.generations), (100, 1), "the frozen one first, alone");
+        assert_eq!(
+            (stats.moved, stats.generations),
+            (100, 1),
+            "the frozen one first, alone"
+        );
         assert_eq!(ids_.counts().expect("counts"), (1, 100));
         assert!(!db.tree_names().iter().any(|n| n == b"by_id"));
         ids_.pass().expect("pass");

@@ -62,8 +62,8 @@ mod audit;
 mod blocks;
 mod customers;
 mod erasure;
-mod ids;
 mod export;
+mod ids;
 mod outbox;
 mod recent;
 mod rollups;
@@ -404,9 +404,7 @@ impl Store {
         let meta = db.open_tree("meta").map_err(open_err)?;
         let trees = Trees {
             events: db.open_tree("events").map_err(open_err)?,
-            ids: Arc::new(
-                ids::Ids::open(&db, meta.clone()).map_err(open_err)?,
-            ),
+            ids: Arc::new(ids::Ids::open(&db, meta.clone()).map_err(open_err)?),
             by_time: db.open_tree(times::TREE).map_err(open_err)?,
             meta,
             cursors: db.open_tree("cursors").map_err(open_err)?,
@@ -847,6 +845,8 @@ impl Store {
     /// Returns the records checked and one line per problem found.
     pub fn verify(&self, progress: impl Fn(u64)) -> Result<Verification> {
         let t = &self.inner.trees;
+        // No event ids move between the index's trees meanwhile.
+        let _paused = t.ids.pause();
         let mut v = Verification::default();
         let problem = |v: &mut Verification, line: String| {
             if v.problems.len() < 1000 {
@@ -937,16 +937,24 @@ impl Store {
             }
             match decoded {
                 Err(e) => problem(&mut v, format!("tree events, seq {seq}: {e}")),
-                Ok(ev) => match t.ids.get(ev.event_id.as_bytes())? {
-                    Some(s) if s == seq => {}
-                    Some(_) => problem(
+                Ok(ev) => match t.ids.get(ev.event_id.as_bytes()) {
+                    Err(Error::Corrupt { tree, key, source }) => problem(
+                        &mut v,
+                        format!(
+                            "the event-id index, looking up event {:?} (seq {seq}): tree {tree}, key {key:?}: {source}",
+                            ev.event_id
+                        ),
+                    ),
+                    Err(e) => return Err(e),
+                    Ok(Some(s)) if s == seq => {}
+                    Ok(Some(_)) => problem(
                         &mut v,
                         format!(
                             "tree by_id: event {:?} (seq {seq}) points elsewhere",
                             ev.event_id
                         ),
                     ),
-                    None => problem(
+                    Ok(None) => problem(
                         &mut v,
                         format!("tree by_id: event {:?} (seq {seq}) is missing", ev.event_id),
                     ),
@@ -2718,7 +2726,10 @@ mod tests {
             assert_eq!(v.index_entries, if packed_erased { 351 } else { 300 });
             let (seq, ev) = store.get_by_event_id("e-123").expect("get").expect("found");
             assert_eq!(ev.event_id, "e-123");
-            assert_eq!(store.get(seq).expect("get").expect("event").event_id, "e-123");
+            assert_eq!(
+                store.get(seq).expect("get").expect("event").event_id,
+                "e-123"
+            );
         };
         {
             let store = Store::open(dir.path(), &links).expect("open");
@@ -2768,10 +2779,60 @@ mod tests {
         let mut never = linked_event(999);
         never.event.event_id = "e-never".into();
         let resent = store
-            .append(vec![linked_event(7), linked_event(349), never, linked_event(350)])
+            .append(vec![
+                linked_event(7),
+                linked_event(349),
+                never,
+                linked_event(350),
+            ])
             .await
             .expect("append");
         assert_eq!(resent.iter().filter(|a| is_dup(a)).count(), 3, "{resent:?}");
+        store.close().await.expect("close");
+    }
+
+    /// A damaged pack of event ids is reported by verify, and a publish
+    /// of an id it may hold is refused (never stored as new: it might be
+    /// a duplicate); ids outside it are unaffected.
+    #[tokio::test]
+    async fn a_damaged_id_pack_is_reported_and_refuses_what_it_may_hold() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let links = vec!["up".to_string()];
+        let store = Store::open(dir.path(), &links).expect("open");
+        store
+            .append((0..3000).map(linked_event).collect())
+            .await
+            .expect("append");
+        store.pack_ids();
+        let packs = store.inner.db.open_tree(ids::PACKS_TREE).expect("tree");
+        assert!(packs.len() > 1, "several packs");
+        let (key, value) = packs.first().expect("read").expect("a pack");
+        let mut damaged = value.to_vec();
+        let at = damaged.len() - 2;
+        damaged[at] ^= 0x5a;
+        packs.insert(&key, damaged).expect("insert");
+        let v = store.verify(|_| {}).expect("verify");
+        assert!(
+            v.problems.iter().any(|p| p.contains("bad id pack")),
+            "{:?}",
+            v.problems
+        );
+        let before = store.len().expect("len");
+        // The first pack's last id, and one before it.
+        let inside = String::from_utf8(key.to_vec()).expect("utf-8");
+        let mut ev = linked_event(0);
+        ev.event.event_id = inside.clone();
+        let refused = store.append(vec![ev]).await;
+        assert!(
+            matches!(&refused, Err(Error::Write { reason, .. }) if reason.contains("bad id pack")),
+            "{refused:?}"
+        );
+        assert_eq!(store.len().expect("len"), before, "nothing stored");
+        let fine = store
+            .append(vec![linked_event(5000)])
+            .await
+            .expect("append");
+        assert!(matches!(fine[0], Appended::Stored(_)), "{fine:?}");
         store.close().await.expect("close");
     }
 
