@@ -75,6 +75,12 @@ const ROUND_BYTES: usize = 4 << 20;
 /// `meta` key: ids in packs after the last pass (u64; the trigger's
 /// measure, approximate after a crash).
 const META_PACKED: &[u8] = b"id_packs_entries";
+/// `meta` key: ids written since the last pass, as the packer last
+/// recorded them (u64; every [`RECORD_EVERY`] and at stop), so that
+/// restarts do not put a pass off.
+const META_UNPACKED: &[u8] = b"id_unpacked";
+/// How often the packer records the ids written since the last pass.
+const RECORD_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The tree name of generation `n`.
 fn generation_name(n: u64) -> String {
@@ -93,11 +99,9 @@ fn generation_of(name: &[u8]) -> Option<u64> {
     let rest = name
         .strip_prefix(FIRST_GENERATION.as_bytes())?
         .strip_prefix(b".")?;
-    std::str::from_utf8(rest)
-        .ok()?
-        .parse()
-        .ok()
-        .filter(|n| *n > 0)
+    let n: u64 = std::str::from_utf8(rest).ok()?.parse().ok()?;
+    // Only the names this module writes (not "by_id.01", "by_id.+1").
+    (n > 0 && generation_name(n).as_bytes() == name).then_some(n)
 }
 
 /// The generations: the one written into, and those frozen, newest first.
@@ -133,6 +137,10 @@ pub(super) struct Ids {
     wake_lock: Mutex<()>,
     /// Fewest ids written since the last pass that start one.
     min_pass: AtomicU64,
+    /// Ids and bytes of packs that make a round full ([`SLICE`],
+    /// [`ROUND_BYTES`]; smaller in tests).
+    slice: usize,
+    round_bytes: usize,
 }
 
 /// What one pass did.
@@ -146,6 +154,8 @@ pub(super) struct PassStats {
     pub packs_rewritten: u64,
     /// Generations packed and dropped.
     pub generations: u64,
+    /// Entries kept unpacked (damaged, or falling into a damaged pack).
+    pub carried: u64,
 }
 
 /// What a round writes: the packs, and the ids moved into them.
@@ -153,15 +163,44 @@ pub(super) struct PassStats {
 struct RoundOut {
     packs: sled::Batch,
     pack_bytes: usize,
+    /// The ids dealt with (moved into packs, or carried).
     moved: Vec<sled::IVec>,
+    /// Entries that stay in `by_id`: those that fall into a damaged pack,
+    /// and damaged entries (id, value as stored).
+    carried: Vec<(sled::IVec, sled::IVec)>,
+    /// The damaged packs met, with what is wrong.
+    damaged: Vec<(sled::IVec, Error)>,
     written: u64,
     rewritten: u64,
+    /// Ids and bytes of packs that make a round full.
+    slice: usize,
+    round_bytes: usize,
 }
 
 impl RoundOut {
+    fn new(slice: usize, round_bytes: usize) -> RoundOut {
+        RoundOut {
+            packs: sled::Batch::default(),
+            pack_bytes: 0,
+            moved: Vec::new(),
+            carried: Vec::new(),
+            damaged: Vec::new(),
+            written: 0,
+            rewritten: 0,
+            slice,
+            round_bytes,
+        }
+    }
+
     /// Whether the round has done its share.
     fn full(&self) -> bool {
-        self.moved.len() >= SLICE || self.pack_bytes >= ROUND_BYTES
+        self.moved.len() >= self.slice || self.pack_bytes >= self.round_bytes
+    }
+
+    /// Keeps an entry in the current generation (see [`Ids::round`]).
+    fn carry(&mut self, id: sled::IVec, value: sled::IVec) {
+        self.moved.push(id.clone());
+        self.carried.push((id, value));
     }
 
     /// Writes `group` (sorted, distinct ids, all at or before `target`'s
@@ -177,10 +216,21 @@ impl RoundOut {
         last: bool,
     ) -> Result<()> {
         let entries = match &target {
-            Some((key, value)) => {
-                self.rewritten += 1;
-                merged(decode(key, value)?, group)
-            }
+            Some((key, value)) => match decode(key, value) {
+                Ok(old) => {
+                    self.rewritten += 1;
+                    merged(old, group)
+                }
+                Err(e) => {
+                    // Its ids stay where they are found (`by_id`); the
+                    // pack stays as it is, for verify to report.
+                    for (id, seq) in group.drain(..) {
+                        self.carry(id, sled::IVec::from(&seq.to_be_bytes()));
+                    }
+                    self.damaged.push((key.clone(), e));
+                    return Ok(());
+                }
+            },
             None => group.iter().map(|(id, seq)| (id.to_vec(), *seq)).collect(),
         };
         let parts = split(&entries);
@@ -223,6 +273,13 @@ impl Ids {
         }
         frozen.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
         let current = db.open_tree(generation_name(number))?;
+        // Ids written since the last pass, as last recorded; a store never
+        // packed (written before packs) is packed soon after it opens.
+        let unpacked = if meta.get(META_PACKED)?.is_none() && !current.is_empty() {
+            u64::MAX / 4
+        } else {
+            read_u64(META_UNPACKED)?
+        };
         Ok(Ids {
             db: db.clone(),
             generations: RwLock::new(Generations {
@@ -231,7 +288,7 @@ impl Ids {
                 frozen,
             }),
             packs: db.open_tree(PACKS_TREE)?,
-            unpacked: AtomicU64::new(0),
+            unpacked: AtomicU64::new(unpacked),
             packed: AtomicU64::new(read_u64(META_PACKED)?),
             meta,
             moving: Mutex::new(()),
@@ -239,6 +296,8 @@ impl Ids {
             wake: Condvar::new(),
             wake_lock: Mutex::new(()),
             min_pass: AtomicU64::new(MIN_PASS),
+            slice: SLICE,
+            round_bytes: ROUND_BYTES,
         })
     }
 
@@ -302,6 +361,13 @@ impl Ids {
             .max((self.packed.load(Ordering::Relaxed) / 8).min(MAX_PASS))
     }
 
+    /// Records the ids written since the last pass in `meta`.
+    fn record_unpacked(&self) -> Result<()> {
+        let n = self.unpacked.load(Ordering::Relaxed).min(u64::MAX / 4);
+        self.meta.insert(META_UNPACKED, &n.to_be_bytes())?;
+        Ok(())
+    }
+
     /// Whether a pass is due: enough new ids, or a frozen generation
     /// left by a pass that a crash or a failure cut short.
     fn due(&self) -> bool {
@@ -317,6 +383,7 @@ impl Ids {
     pub(super) fn pass(&self) -> Result<PassStats> {
         let mut stats = PassStats::default();
         self.unpacked.store(0, Ordering::Relaxed);
+        self.record_unpacked()?;
         if self.generations().frozen.is_empty() {
             let _moving = self.pause();
             let mut g = self
@@ -377,13 +444,17 @@ impl Ids {
         from: &Bound<Vec<u8>>,
         stats: &mut PassStats,
     ) -> Result<Option<sled::IVec>> {
-        let mut out = RoundOut::default();
+        let mut out = RoundOut::new(self.slice, self.round_bytes);
         let mut group: Vec<(sled::IVec, Seq)> = Vec::new();
         let mut target: Option<(sled::IVec, sled::IVec)> = None;
         let mut ended = true;
         for item in tree.range::<Vec<u8>, _>((from.clone(), Bound::Unbounded)) {
             let (key, value) = item?;
-            let seq = seq_of(&value, &key)?;
+            let Ok(seq) = seq_of(&value, &key) else {
+                // Damaged: kept as it is, for verify to report.
+                out.carry(key, value);
+                continue;
+            };
             let in_group = match &target {
                 _ if group.is_empty() => false,
                 Some((last, _)) => key <= *last,
@@ -400,7 +471,7 @@ impl Ids {
                 target = self.packs.range(key.as_ref()..).next().transpose()?;
             }
             group.push((key, seq));
-            if target.is_none() && group.len() >= SLICE {
+            if target.is_none() && group.len() >= self.slice {
                 // After every pack: its filled packs now; the rest is read
                 // again by the next round.
                 out.write(None, &mut group, false)?;
@@ -415,7 +486,23 @@ impl Ids {
             return Ok(None);
         };
         self.packs.apply_batch(out.packs)?;
-        let moved = out.moved.len() as u64;
+        if !out.carried.is_empty() {
+            // Into the current generation unless it has the id (a newer
+            // value), before the frozen one is dropped.
+            let generations = self.generations();
+            for (id, value) in &out.carried {
+                let _ = generations.current.compare_and_swap(
+                    id,
+                    None as Option<&[u8]>,
+                    Some(value.as_ref()),
+                )?;
+            }
+        }
+        for (key, e) in &out.damaged {
+            tracing::warn!(pack = %String::from_utf8_lossy(key), error = %e, "a damaged pack of event ids: the ids that fall into it stay unpacked, and publishes of ids it may hold are refused; stop the node and run `chainsight admin verify`");
+        }
+        stats.carried += out.carried.len() as u64;
+        let moved = (out.moved.len() - out.carried.len()) as u64;
         let packed = self.packed.fetch_add(moved, Ordering::Relaxed) + moved;
         self.meta.insert(META_PACKED, &packed.to_be_bytes())?;
         stats.moved += moved;
@@ -485,6 +572,13 @@ impl Ids {
         generations.chain(packed)
     }
 
+    /// Ids in force (a full scan, with passes paused).
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        let _paused = self.pause();
+        self.entries().count()
+    }
+
     /// Ids in the generations and in packs (a full scan).
     #[cfg(test)]
     pub(super) fn counts(&self) -> Result<(u64, u64)> {
@@ -516,6 +610,7 @@ pub(super) fn spawn_packer(ids: Arc<Ids>) -> Result<std::thread::JoinHandle<()>>
                 tracing::debug!(error = %e, "could not lower the id packer's priority");
             }
             let mut failures = 0u32;
+            let mut recorded = u64::MAX;
             loop {
                 {
                     let guard = ids
@@ -525,7 +620,7 @@ pub(super) fn spawn_packer(ids: Arc<Ids>) -> Result<std::thread::JoinHandle<()>>
                     let wait = if failures > 0 {
                         std::time::Duration::from_secs(u64::from(failures.min(6)) * 10)
                     } else {
-                        std::time::Duration::from_secs(3600)
+                        RECORD_EVERY
                     };
                     let _ = ids
                         .wake
@@ -535,9 +630,19 @@ pub(super) fn spawn_packer(ids: Arc<Ids>) -> Result<std::thread::JoinHandle<()>>
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
                 }
                 if ids.stop.load(Ordering::SeqCst) {
+                    if let Err(e) = ids.record_unpacked() {
+                        tracing::debug!(error = %e, "could not record the ids written since the last pass");
+                    }
                     break;
                 }
                 if !ids.due() && failures == 0 {
+                    let n = ids.unpacked.load(Ordering::Relaxed);
+                    if n != recorded {
+                        match ids.record_unpacked() {
+                            Ok(()) => recorded = n,
+                            Err(e) => tracing::debug!(error = %e, "could not record the ids written since the last pass"),
+                        }
+                    }
                     continue;
                 }
                 let started = std::time::Instant::now();
@@ -549,6 +654,7 @@ pub(super) fn spawn_packer(ids: Arc<Ids>) -> Result<std::thread::JoinHandle<()>>
                             packs_written = stats.packs_written,
                             packs_rewritten = stats.packs_rewritten,
                             generations = stats.generations,
+                            carried = stats.carried,
                             packed = ids.packed.load(Ordering::Relaxed),
                             elapsed = ?started.elapsed(),
                             "event ids packed"
@@ -697,7 +803,8 @@ fn layout<'a>(key: &[u8], value: &'a [u8]) -> Result<Layout<'a>> {
         .ok_or_else(|| bad("too short"))?;
     let entries_end = n
         .checked_mul(4)
-        .and_then(|b| value.len().checked_sub(4 + b))
+        .and_then(|b| b.checked_add(4))
+        .and_then(|b| value.len().checked_sub(b))
         .filter(|end| *end >= 1 && n >= 1)
         .ok_or_else(|| bad("restart points out of range"))?;
     let mut restarts = Vec::with_capacity(n);
@@ -864,7 +971,7 @@ mod tests {
         let value = encode(&entries);
         assert!(decode(b"ev-0038", &value).is_err(), "wrong key");
         for len in 0..value.len() {
-            let _ = decode(&key, &value[..len]);
+            assert!(decode(&key, &value[..len]).is_err(), "cut at {len}");
             let _ = find(&key, &value[..len], b"ev-0007");
         }
         for i in 0..value.len() {
@@ -897,8 +1004,22 @@ mod tests {
     /// before; a newer generation shadows the packs.
     #[test]
     fn passes_move_ids_into_packs_and_lookups_find_them() {
+        passes_find_every_id(SLICE, ROUND_BYTES);
+    }
+
+    /// The same with rounds of at most 50 ids or 8 KiB of packs: rounds
+    /// end at a pack's end, after a pack of ids after every pack, and the
+    /// next one goes on after the last id moved.
+    #[test]
+    fn passes_in_small_rounds_move_every_id() {
+        passes_find_every_id(50, 8 << 10);
+    }
+
+    fn passes_find_every_id(slice: usize, round_bytes: usize) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (db, ids_) = open_ids(dir.path());
+        let (db, mut ids_) = open_ids(dir.path());
+        ids_.slice = slice;
+        ids_.round_bytes = round_bytes;
         let mut expected: std::collections::BTreeMap<Vec<u8>, Seq> = Default::default();
         let mut seq = 0u64;
         let mut add =

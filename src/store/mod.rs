@@ -1594,8 +1594,16 @@ fn repair_tail(trees: &Trees) -> Result<usize> {
             continue;
         }
         let ev = trees.event(seq, &v)?;
-        if trees.ids.get(ev.event_id.as_bytes())? == Some(seq) {
-            break;
+        match trees.ids.get(ev.event_id.as_bytes()) {
+            Ok(Some(s)) if s == seq => break,
+            // A damaged pack of the id index: the event may be stored;
+            // it is kept (verify reports the pack).
+            Err(Error::Corrupt { tree, key, source }) => {
+                tracing::warn!(event = %ev.event_id, seq, tree, key = %key, error = %source, "the event-id index is damaged where it would hold this event; keeping it (stop the node and run `chainsight admin verify`)");
+                break;
+            }
+            Err(e) => return Err(e),
+            Ok(_) => {}
         }
         orphans.push((seq, ev));
     }
@@ -1698,9 +1706,16 @@ fn replay_log(db: &sled::Db, trees: &Trees) -> Result<usize> {
                     return Ok(false);
                 }
                 let ev = decode_event(f.seq, &f.record)?;
-                let fits = match trees.ids.get(ev.event_id.as_bytes())? {
-                    None => true,
-                    Some(seq) => seq == f.seq,
+                let fits = match trees.ids.get(ev.event_id.as_bytes()) {
+                    Ok(None) => true,
+                    Ok(Some(seq)) => seq == f.seq,
+                    // A damaged pack of the id index: replayed rather than
+                    // lost (its id is then found in `by_id`).
+                    Err(Error::Corrupt { tree, key, source }) => {
+                        tracing::warn!(event = %ev.event_id, seq = f.seq, tree, key = %key, error = %source, "the event-id index is damaged where it would hold this event; replaying it (stop the node and run `chainsight admin verify`)");
+                        true
+                    }
+                    Err(e) => return Err(e),
                 };
                 if fits {
                     accepted.push(ev);
@@ -2193,7 +2208,7 @@ mod tests {
         let t = &store.inner.trees;
         [
             slots::count(&t.events).unwrap(),
-            t.ids.generations().current.len(),
+            t.ids.len(),
             times::count(&t.by_time).unwrap(),
             customer_fingerprints(store),
             t.outboxes[0].tree.len(),
@@ -2485,11 +2500,7 @@ mod tests {
         );
         let t = &store.inner.trees;
         assert_eq!(
-            [
-                store.len().unwrap(),
-                t.ids.generations().current.len(),
-                t.outboxes[0].tree.len()
-            ],
+            [store.len().unwrap(), t.ids.len(), t.outboxes[0].tree.len()],
             [3; 3],
             "nothing of it stored"
         );
@@ -2804,9 +2815,17 @@ mod tests {
             .await
             .expect("append");
         store.pack_ids();
+        // Ids that will fall into the first pack ("e-1000" < "e-10000" <
+        // "e-1001"), not packed yet.
+        let mut later: Vec<NewEvent> = (0..100).map(|i| linked_event(3000 + i)).collect();
+        for (i, ne) in later.iter_mut().enumerate() {
+            ne.event.event_id = format!("e-1000{i:02}");
+        }
+        store.append(later).await.expect("append");
         let packs = store.inner.db.open_tree(ids::PACKS_TREE).expect("tree");
         assert!(packs.len() > 1, "several packs");
         let (key, value) = packs.first().expect("read").expect("a pack");
+        assert!(key.as_ref() > b"e-100099".as_slice(), "{key:?}");
         let mut damaged = value.to_vec();
         let at = damaged.len() - 2;
         damaged[at] ^= 0x5a;
@@ -2817,8 +2836,32 @@ mod tests {
             "{:?}",
             v.problems
         );
+        // A pass keeps the ids that fall into the damaged pack unpacked,
+        // packs the rest, and leaves the pack for verify.
+        let stats = store.pack_ids();
+        assert_eq!((stats.carried, stats.generations), (100, 1), "{stats:?}");
+        for i in 0..100 {
+            let id = format!("e-1000{i:02}");
+            assert!(store
+                .get_by_event_id(&id)
+                .expect("found unpacked")
+                .is_some());
+        }
+        let v = store.verify(|_| {}).expect("verify");
+        assert!(
+            v.problems.iter().any(|p| p.contains("bad id pack")),
+            "{:?}",
+            v.problems
+        );
+        // Every problem is the pack's (each stored event whose id it
+        // may hold is named), none the ids kept out of it.
+        assert!(v.problems.iter().all(|p| p.contains("e-1665")));
+        for i in 0..100 {
+            let id = format!("\"e-1000{i:02}\"");
+            assert!(!v.problems.iter().any(|p| p.contains(&id)), "{id}");
+        }
         let before = store.len().expect("len");
-        // The first pack's last id, and one before it.
+        // The first pack's last id.
         let inside = String::from_utf8(key.to_vec()).expect("utf-8");
         let mut ev = linked_event(0);
         ev.event.event_id = inside.clone();

@@ -350,10 +350,6 @@ impl Writer {
     ) -> Result<super::Erased> {
         use super::erasure;
         let t = &self.trees;
-        // The erased events' tombstones go into the current generation of
-        // the id index, which a pass does not freeze meanwhile.
-        let ids = t.ids.clone();
-        let generations = ids.generations();
         // The events: by the customer runs (the runs scanned before this
         // command, then those written since), and by id.
         let mut by_fingerprint = scanned.candidates.clone();
@@ -375,6 +371,13 @@ impl Writer {
                 None => tombstones.push(id),
             }
         }
+        // The tombstones go into the current generation of the id index,
+        // which a pass does not freeze while the guard lives. (Taken after
+        // the lookups above: they take it too, and a second read of the
+        // lock while a pass waits to freeze would wait forever.)
+        let ids = t.ids.clone();
+        ids.written(tombstones.len() as u64);
+        let generations = ids.generations();
         if !tombstones.is_empty() {
             let mark = if req.spare_origin.is_some() {
                 PEER_TOMBSTONE
@@ -386,7 +389,6 @@ impl Writer {
                 batch.insert(id.as_bytes(), &mark.to_be_bytes());
             }
             generations.current.apply_batch(batch)?;
-            t.ids.written(tombstones.len() as u64);
         }
         let mut erased: Vec<(Seq, crate::domain::PreferenceEvent)> = Vec::new();
         let mut frames: Vec<Location> = Vec::new();
