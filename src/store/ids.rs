@@ -159,7 +159,6 @@ pub(super) struct PassStats {
 }
 
 /// What a round writes: the packs, and the ids moved into them.
-#[derive(Default)]
 struct RoundOut {
     packs: sled::Batch,
     pack_bytes: usize,
@@ -273,9 +272,10 @@ impl Ids {
         }
         frozen.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
         let current = db.open_tree(generation_name(number))?;
+        let never_packed = !meta.contains_key(META_PACKED)?;
         // Ids written since the last pass, as last recorded; a store never
         // packed (written before packs) is packed soon after it opens.
-        let unpacked = if meta.get(META_PACKED)?.is_none() && !current.is_empty() {
+        let unpacked = if never_packed && !current.is_empty() {
             u64::MAX / 4
         } else {
             read_u64(META_UNPACKED)?
@@ -515,60 +515,55 @@ impl Ids {
     /// first, then those of the packs, each unless a newer layer holds
     /// its id too; with its sequence number or the reason it is damaged.
     pub(super) fn entries(&self) -> impl Iterator<Item = Result<Entry>> + '_ {
-        let trees: Vec<sled::Tree> = self.generations().trees().cloned().collect();
-        let newer = trees.clone();
-        let shadowed = move |layer: usize, id: &[u8]| -> Result<bool> {
-            for t in &newer[..layer.min(newer.len())] {
-                if t.contains_key(id)? {
-                    return Ok(true);
-                }
-            }
-            Ok(false)
-        };
+        let trees: Arc<Vec<sled::Tree>> = Arc::new(self.generations().trees().cloned().collect());
         let layers = trees.len();
-        let kept = {
-            let shadowed = shadowed.clone();
-            move |layer: usize, e: Result<Entry>| -> Option<Result<Entry>> {
-                match e {
-                    Ok(entry) => match shadowed(layer, &entry.id) {
-                        Ok(true) => None,
-                        Ok(false) => Some(Ok(entry)),
-                        Err(e) => Some(Err(e)),
-                    },
-                    Err(e) => Some(Err(e)),
+        // An entry read in `layer` (0: the current generation; `layers`:
+        // the packs), unless a newer layer holds its id.
+        let keep = {
+            let trees = trees.clone();
+            move |layer: usize, entry: Entry| -> Option<Result<Entry>> {
+                for newer in &trees[..layer] {
+                    match newer.contains_key(&entry.id) {
+                        Ok(true) => return None,
+                        Ok(false) => {}
+                        Err(e) => return Some(Err(e.into())),
+                    }
                 }
+                Some(Ok(entry))
             }
         };
-        let kept2 = kept.clone();
-        let generations = trees
-            .into_iter()
-            .enumerate()
-            .flat_map(move |(layer, tree)| {
-                let kept = kept.clone();
-                tree.iter().filter_map(move |item| {
-                    let entry = item.map_err(Error::from).map(|(key, value)| Entry {
+        let in_packs = keep.clone();
+        let generations = (0..layers).flat_map(move |layer| {
+            let keep = keep.clone();
+            trees[layer].iter().filter_map(move |item| match item {
+                Err(e) => Some(Err(e.into())),
+                Ok((key, value)) => keep(
+                    layer,
+                    Entry {
                         seq: seq_of(&value, &key),
                         id: key.to_vec(),
-                    });
-                    kept(layer, entry)
-                })
-            });
-        let packed = self.packs.iter().flat_map(move |item| {
-            let entries: Vec<Result<Entry>> = match item {
-                Err(e) => vec![Err(e.into())],
-                Ok((key, value)) => match decode(&key, &value) {
-                    Ok(entries) => entries
-                        .into_iter()
-                        .filter_map(|(id, seq)| kept2(layers, Ok(Entry { id, seq: Ok(seq) })))
-                        .collect(),
-                    Err(e) => vec![Ok(Entry {
-                        id: key.to_vec(),
-                        seq: Err(e),
-                    })],
-                },
-            };
-            entries
+                    },
+                ),
+            })
         });
+        let packed = self
+            .packs
+            .iter()
+            .flat_map(move |item| -> Vec<Result<Entry>> {
+                match item {
+                    Err(e) => vec![Err(e.into())],
+                    Ok((key, value)) => match decode(&key, &value) {
+                        Ok(entries) => entries
+                            .into_iter()
+                            .filter_map(|(id, seq)| in_packs(layers, Entry { id, seq: Ok(seq) }))
+                            .collect(),
+                        Err(e) => vec![Ok(Entry {
+                            id: key.to_vec(),
+                            seq: Err(e),
+                        })],
+                    },
+                }
+            });
         generations.chain(packed)
     }
 
@@ -688,15 +683,9 @@ fn corrupt(tree: &'static str, key: &[u8], what: impl Into<String>) -> Error {
     }
 }
 
-/// A `by_id` value as a sequence number.
+/// A generation's value as a sequence number.
 fn seq_of(value: &[u8], id: &[u8]) -> Result<Seq> {
-    <[u8; 8]>::try_from(value)
-        .map(Seq::from_be_bytes)
-        .map_err(|_| Error::Corrupt {
-            tree: "by_id",
-            key: String::from_utf8_lossy(id).into_owned(),
-            source: DecodeError::TooShort(value.len()),
-        })
+    super::seq_from(value, "by_id", &String::from_utf8_lossy(id))
 }
 
 /// `entries` (sorted, distinct) with `new` (sorted, distinct) merged in;
