@@ -503,9 +503,11 @@ pub struct MetricsConfig {
 pub struct StorageConfig {
     /// sled's page cache (MiB): pages read or written recently stay in
     /// memory up to this size, which bounds most of the node's memory.
-    /// Default 256 (sled's own is 1024: at 10M stored events that took
+    /// Default 128 (sled's own is 1024: at 10M stored events that took
     /// the node's peak RSS to 3.7 GiB, against 1.9 GiB at 256, with the
-    /// same ingest rate and insight query latency; README, session 19).
+    /// same ingest rate and insight query latency; README, session 19;
+    /// 256 until session 24, whose `bench growth` peaked at 597 MiB with
+    /// 128 against 699-736 MiB with 256, the query p99 within its goal).
     #[serde(default = "default_page_cache_mib")]
     pub page_cache_mib: u64,
     /// After the store could not write (a full disk), the node reopens it

@@ -356,8 +356,8 @@ pub struct Verification {
 pub const DEFAULT_ID_PACK_MIN: u64 = ids::MIN_PASS;
 
 /// The page cache of a store opened without a size: the node's default
-/// (`[storage] page_cache_mib`, 256 MiB; sled's own is 1 GiB).
-pub const DEFAULT_PAGE_CACHE_BYTES: u64 = 256 << 20;
+/// (`[storage] page_cache_mib`, 128 MiB; sled's own is 1 GiB).
+pub const DEFAULT_PAGE_CACHE_BYTES: u64 = 128 << 20;
 
 impl Store {
     /// Opens (creating if needed) the store in `dir`, with an outbox per
