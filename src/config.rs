@@ -506,7 +506,7 @@ pub struct StorageConfig {
     /// Default 128 (sled's own is 1024: at 10M stored events that took
     /// the node's peak RSS to 3.7 GiB, against 1.9 GiB at 256, with the
     /// same ingest rate and insight query latency; README, session 19;
-    /// 256 until session 24, whose `bench growth` peaked at 597 MiB with
+    /// 256 until session 24, whose `bench growth` peaked at 571-597 MiB with
     /// 128 against 699-736 MiB with 256, the query p99 within its goal).
     #[serde(default = "default_page_cache_mib")]
     pub page_cache_mib: u64,
