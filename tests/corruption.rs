@@ -71,29 +71,47 @@ async fn a_flipped_byte_in_an_event_is_reported_offline_and_refused_online() {
         "{out}"
     );
 
-    // Flip one byte in the payload of the event at seq 7, in the event
+    // Flip one byte in the frame of the event at seq 7, in the event
     // log's segment file: the `events` tree holds where its frame is, in
     // the run of its commit (key: the commit's first seq; value: format
     // byte 3, then per seq a 21-byte location: format byte 2, segment,
-    // offset and length, big-endian). The node is stopped; a test may
-    // block on sled here.
+    // offset (its top 16 bits: the entry in a block) and length,
+    // big-endian). The 20 events came in one request: their commit is in
+    // two compressed blocks of 10 (seqs 1-10 and 11-20), so the flip
+    // damages every event of the first block. (Not the second: the open
+    // reads the last event, and refuses a damaged one.) The node is
+    // stopped; a test may block on sled here.
+    let damaged = 7u64;
+    let block_first;
     {
         let store = node.data_dir().join("store");
         let db = sled::open(&store).expect("open sled");
         let events = db.open_tree("events").unwrap();
         let (first, run) = events
-            .range(..=7u64.to_be_bytes())
+            .range(..=damaged.to_be_bytes())
             .next_back()
-            .expect("a run with seq 7")
+            .expect("a run with the damaged seq")
             .unwrap();
         let first = u64::from_be_bytes(first.as_ref().try_into().unwrap());
         assert_eq!(run[0], 3, "a run of locations");
-        let slot = 1 + 21 * (7 - first) as usize;
-        let at = &run[slot..slot + 21];
-        assert_eq!(at[0], 2, "a location in the log");
-        let segment = u64::from_be_bytes(at[1..9].try_into().unwrap());
-        let offset = u64::from_be_bytes(at[9..17].try_into().unwrap());
-        let len = u32::from_be_bytes(at[17..21].try_into().unwrap());
+        let slot = |seq: u64| {
+            let at = 1 + 21 * (seq - first) as usize;
+            let at = &run[at..at + 21];
+            assert_eq!(at[0], 2, "a location in the log");
+            let segment = u64::from_be_bytes(at[1..9].try_into().unwrap());
+            let offset = u64::from_be_bytes(at[9..17].try_into().unwrap());
+            let len = u32::from_be_bytes(at[17..21].try_into().unwrap());
+            (segment, offset & ((1 << 48) - 1), offset >> 48, len)
+        };
+        let (segment, offset, entry, len) = slot(damaged);
+        assert_eq!(entry, 6, "seq 7 is the 7th entry of its block");
+        block_first = (first..=damaged)
+            .find(|&s| {
+                let (g, o, _, _) = slot(s);
+                (g, o) == (segment, offset)
+            })
+            .unwrap();
+        assert_eq!(block_first, 1);
         drop((events, db));
         let path = store.join("log").join(format!("{segment:020}.seg"));
         let mut bytes = std::fs::read(&path).unwrap();
@@ -126,7 +144,8 @@ async fn a_flipped_byte_in_an_event_is_reported_offline_and_refused_online() {
     };
     println!("backfill: cursors {delivered:?}, then {status}");
     assert_eq!(status.code(), tonic::Code::DataLoss, "{status}");
-    assert!(delivered.iter().all(|&c| c < 7), "{delivered:?}");
+    // Everything before the damaged block, then the refusal at it.
+    assert_eq!(delivered, (1..block_first).collect::<Vec<u64>>());
     assert!(node.log().contains("corrupt record"), "the node logs it");
 }
 

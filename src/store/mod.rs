@@ -258,13 +258,28 @@ impl Trees {
         seq: Seq,
         value: &'a [u8],
     ) -> Result<Option<std::borrow::Cow<'a, [u8]>>> {
-        match self.record(seq, value) {
-            Ok(record) => Ok(Some(record)),
-            Err(e) => match slots::get(&self.events, seq)? {
-                Some(now) if &*now == value => Err(e),
-                _ => Ok(None),
-            },
+        let e = match self.record(seq, value) {
+            Ok(record) => return Ok(Some(record)),
+            Err(e) => e,
+        };
+        let mut seen = value.to_vec();
+        let mut last = e;
+        // An event that stays when its block of the log is zeroed moves
+        // first (see `remove_records`): then it is read where it is now.
+        for _ in 0..4 {
+            match slots::get(&self.events, seq)? {
+                Some(now) if *now == *seen => return Err(last),
+                Some(now) => match self.record(seq, &now) {
+                    Ok(record) => return Ok(Some(std::borrow::Cow::Owned(record.into_owned()))),
+                    Err(e) => {
+                        seen = now.to_vec();
+                        last = e;
+                    }
+                },
+                None => return Ok(None),
+            }
         }
+        Err(last)
     }
 
     /// As [`Self::event`], for reads that race the writer (see
@@ -310,6 +325,11 @@ const META_LOG_END: &[u8] = b"log_end";
 /// `meta` key of the event log frames of removed events still to be
 /// zeroed ([`log::Location`]s, one after the other).
 const META_TO_ZERO: &[u8] = b"log_to_zero";
+/// `meta` key prefix (then the segment's id, u64 big-endian) of a segment
+/// of the event log that holds relocated blocks: events of sequence
+/// numbers below its id, which the test of a segment's liveness by its
+/// numbers misses (see [`relocated_into`]).
+const META_RELOCATED_INTO: &[u8] = b"log_relocated_into/";
 /// `meta` key of the highest sequence number removed by retention.
 const META_PURGED_UPTO: &[u8] = b"purged_upto";
 /// `meta` key of the rollup layout's signature (or a state word).
@@ -1698,7 +1718,7 @@ fn replay_log(db: &sled::Db, trees: &Trees) -> Result<usize> {
     let mut failed: Option<Error> = None;
     // The events of the accepted frames, in order (decoded once).
     let mut accepted: Vec<PreferenceEvent> = Vec::new();
-    let frames = trees
+    let replayed = trees
         .log
         .replay(from, |f| {
             let mut fits = || -> Result<bool> {
@@ -1734,6 +1754,8 @@ fn replay_log(db: &sled::Db, trees: &Trees) -> Result<usize> {
     if let Some(e) = failed {
         return Err(e);
     }
+    settle_relocated(trees, &replayed.relocated)?;
+    let frames = replayed.frames;
     let Some(last) = frames.last() else {
         return Ok(0);
     };
@@ -1836,6 +1858,32 @@ fn replay_log(db: &sled::Db, trees: &Trees) -> Result<usize> {
     Ok(frames.len())
 }
 
+/// The relocated blocks a replay found after the log's end sled kept: one
+/// that a location points to was moved to in full (its move's transaction
+/// is in sled); one that none points to is what a crash left of a move cut
+/// short before that transaction (the events are still where they were),
+/// and is zeroed.
+fn settle_relocated(trees: &Trees, relocated: &[(log::Location, Vec<Seq>)]) -> Result<()> {
+    for (at, seqs) in relocated {
+        let mut live = false;
+        for &seq in seqs {
+            live |= slots::get(&trees.events, seq)?
+                .and_then(|v| log::Location::decode(&v))
+                .is_some_and(|now| now.same_frame(at));
+        }
+        if !live {
+            trees.log.zero(&[*at]).map_err(|e| Error::Sled(e.into()))?;
+            tracing::warn!(
+                segment = at.segment,
+                offset = at.offset,
+                events = seqs.len(),
+                "zeroed a relocated block of the event log whose move a stop cut short (its events are where they were)"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Zeroes the frames an erasure or retention removed whose zeroing was cut
 /// short (they are recorded under [`META_TO_ZERO`] in the same transaction
 /// that removed them).
@@ -1844,10 +1892,7 @@ fn finish_zeroing(db: &sled::Db, trees: &Trees) -> Result<()> {
         return Ok(());
     };
     let locations = log::Location::decode_all(&owed);
-    trees
-        .log
-        .zero(&locations)
-        .map_err(|e| Error::Sled(e.into()))?;
+    remove_records(db, trees, &locations)?;
     trees.meta.remove(META_TO_ZERO)?;
     flush_blocking(db)?;
     tracing::info!(
@@ -1855,6 +1900,120 @@ fn finish_zeroing(db: &sled::Db, trees: &Trees) -> Result<()> {
         "zeroed the event log's frames of removed events that a stop had left"
     );
     Ok(())
+}
+
+/// Zeroes the event log's frames at `owed` (of events an erasure or
+/// retention removed). A block is zeroed whole: the events of it that are
+/// still stored are first written again as a relocated block at the log's
+/// end, synced, and their locations moved to it in one transaction with
+/// the log's new end, flushed. A stop anywhere in between loses nothing:
+/// before that transaction the events are where they were (and the open
+/// zeroes the orphaned copy, see [`settle_relocated`]); after it, the
+/// zeroing is finished from [`META_TO_ZERO`]. Idempotent.
+fn remove_records(db: &sled::Db, trees: &Trees, owed: &[log::Location]) -> Result<()> {
+    let mut moving: Vec<(Seq, Vec<String>, Vec<u8>)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for at in owed {
+        if !seen.insert((at.segment, at.offset)) {
+            continue;
+        }
+        let block = match trees.log.read_block(*at) {
+            Ok(Some(block)) => block,
+            // A single event's frame, or one zeroed or deleted already.
+            Ok(None)
+            | Err(log::FrameError::RolledBack { .. })
+            | Err(log::FrameError::NoSegment(_)) => continue,
+            Err(e) => {
+                // What stays of it cannot be read either: it goes.
+                tracing::error!(error = %e, "a block of the event log to zero is damaged; the events in it that were still stored are lost with it (run `chainsight admin verify`)");
+                continue;
+            }
+        };
+        for (i, (seq, links, record)) in block.entries().enumerate() {
+            let here = log::Location {
+                entry: i as u16,
+                ..*at
+            };
+            let stays = slots::get(&trees.events, seq)?
+                .and_then(|v| log::Location::decode(&v))
+                .is_some_and(|now| now == here);
+            if stays {
+                moving.push((seq, links, record.to_vec()));
+            }
+        }
+    }
+    if !moving.is_empty() {
+        moving.sort_by_key(|m| m.0);
+        let frames: Vec<log::NewFrame> = moving
+            .iter()
+            .map(|(seq, links, record)| log::NewFrame {
+                seq: *seq,
+                links: links.iter().map(String::as_str).collect(),
+                record: record.clone(),
+            })
+            .collect();
+        let io = |e: std::io::Error| Error::Sled(e.into());
+        let (locations, end) = trees
+            .log
+            .append_as(&frames, log::Packing::Relocated)
+            .map_err(io)?;
+        trees.log.sync().map_err(io)?;
+        let moves: Vec<(Seq, log::Location)> = moving
+            .iter()
+            .zip(&locations)
+            .map(|((seq, _, _), at)| (*seq, *at))
+            .collect();
+        let rewrites = slots::moved(&trees.events, &moves)?;
+        let mut pins: Vec<Vec<u8>> = locations
+            .iter()
+            .map(|at| relocated_key(at.segment))
+            .collect();
+        pins.dedup();
+        use sled::Transactional;
+        (&trees.events, &trees.meta)
+            .transaction(|(events, meta)| {
+                slots::apply_in(events, &rewrites)?;
+                meta.insert(META_LOG_END, &end.encode())?;
+                for pin in &pins {
+                    meta.insert(pin.as_slice(), &[])?;
+                }
+                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                sled::transaction::TransactionError::Storage(e) => Error::Sled(e),
+                sled::transaction::TransactionError::Abort(()) => Error::Closed,
+            })?;
+        flush_blocking(db)?;
+        tracing::debug!(
+            events = moving.len(),
+            "moved the stored events of event log blocks being zeroed"
+        );
+    }
+    trees.log.zero(owed).map_err(|e| Error::Sled(e.into()))
+}
+
+fn relocated_key(segment: u64) -> Vec<u8> {
+    let mut key = META_RELOCATED_INTO.to_vec();
+    key.extend_from_slice(&segment.to_be_bytes());
+    key
+}
+
+/// Whether the event log's segment `segment` holds relocated blocks of
+/// events still stored (a full scan of the `events` tree, only for a
+/// segment recorded as holding any; the record goes once none is left).
+fn relocated_into(trees: &Trees, segment: u64) -> Result<bool> {
+    let key = relocated_key(segment);
+    if !trees.meta.contains_key(&key)? {
+        return Ok(false);
+    }
+    for item in slots::range(&trees.events, 0, Seq::MAX) {
+        let (_, v) = item?;
+        if log::Location::decode(&v).is_some_and(|at| at.segment == segment) {
+            return Ok(true);
+        }
+    }
+    trees.meta.remove(&key)?;
+    Ok(false)
 }
 
 fn high_water(trees: &Trees) -> Result<Seq> {
@@ -2717,6 +2876,161 @@ mod tests {
         let stored = store.append(vec![linked_event(6)]).await.expect("append");
         assert_eq!(stored, [Appended::Stored(8)]);
         assert_eq!(store.get(8).unwrap().unwrap().event_id, "e-6");
+        store.close().await.expect("close");
+    }
+
+    /// An erasure of events inside compressed blocks of the log: each block
+    /// is zeroed whole, the events in it that stay are moved first, and
+    /// none of the erased events' bytes is left in any segment, blocks
+    /// decompressed; after a reopen the moved events are read where they
+    /// are, not indexed again as new ones.
+    #[tokio::test]
+    async fn an_erasure_in_blocks_moves_what_stays_and_leaves_none_of_the_erased_bytes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let links = ["upstream".to_string()];
+        let victim = "f00dfeedf00dfeedf00dfeedf00dfeed";
+        let victim_at = [3usize, 17, 38];
+        let victim_id = |n: usize| format!("erase-me-{n}");
+        let event = |i: usize| {
+            let mut ne = linked_event(i);
+            if let Some(n) = victim_at.iter().position(|v| *v == i) {
+                ne.event.event_id = victim_id(n);
+                ne.event.customer_pseudonym = victim.to_string();
+            }
+            ne
+        };
+        let needles: Vec<String> = (0..3).map(victim_id).chain([victim.to_string()]).collect();
+        let plain = || -> Vec<(u64, Vec<u8>, usize)> {
+            segment_files(dir.path())
+                .into_iter()
+                .map(|(id, bytes)| {
+                    let (plain, blocks) = log::with_blocks_decompressed(&bytes);
+                    (id, plain, blocks)
+                })
+                .collect()
+        };
+        let check = |store: &Store, when: &str| {
+            for (id, bytes, _) in plain() {
+                for needle in &needles {
+                    assert!(
+                        !holds(&bytes, needle.as_bytes()),
+                        "{when}: segment {id} still holds {needle:?}"
+                    );
+                }
+            }
+            for i in (0..40).filter(|i| !victim_at.contains(i)) {
+                let seq = i as Seq + 1;
+                let ev = store.get(seq).expect("read").expect("kept");
+                assert_eq!(ev.event_id, format!("e-{i}"), "{when}: seq {seq}");
+            }
+            for i in victim_at {
+                assert!(
+                    store.get(i as Seq + 1).expect("read").is_none(),
+                    "{when}: {i}"
+                );
+            }
+            assert_eq!(index_counts(store), [37, 40, 37, 37, 37], "{when}");
+        };
+        {
+            let store = Store::open(dir.path(), &links).expect("open");
+            store
+                .append((0..40).map(event).collect())
+                .await
+                .expect("append");
+            // In blocks (40 events: three), where the test finds what it
+            // looks for only decompressed.
+            let before = plain();
+            assert_eq!(before.iter().map(|(_, _, b)| b).sum::<usize>(), 3);
+            for needle in &needles {
+                assert!(
+                    before.iter().any(|(_, b, _)| holds(b, needle.as_bytes())),
+                    "{needle:?} is in the log before the erasure"
+                );
+            }
+            let erased = store
+                .erase(
+                    EraseRequest {
+                        id: "er-1".into(),
+                        requested_by: "test".into(),
+                        pseudonym: victim.into(),
+                        event_ids: Vec::new(),
+                        spare_origin: None,
+                    },
+                    Router::none(),
+                )
+                .await
+                .expect("erase");
+            assert_eq!(erased.events, 3);
+            check(&store, "after the erasure");
+            // The three blocks are zeros; the 37 events are in relocated
+            // blocks after them.
+            let after = plain();
+            assert_eq!(after.iter().map(|(_, _, b)| b).sum::<usize>(), 3);
+            store.close().await.expect("close");
+        }
+        let store = unlocked(|| Store::open(dir.path(), &links));
+        check(&store, "after a reopen");
+        // The erasure's signal took seq 41.
+        let stored = store.append(vec![linked_event(40)]).await.expect("append");
+        assert_eq!(stored, [Appended::Stored(42)]);
+        assert_eq!(store.get(42).unwrap().unwrap().event_id, "e-40");
+        let v = store.verify(|_| {}).expect("verify");
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        store.close().await.expect("close");
+    }
+
+    /// A stop after the events that stay in a block were written again at
+    /// the log's end but before their locations moved: the open zeroes
+    /// that copy, and the events are read where they were.
+    #[tokio::test]
+    async fn a_relocated_block_no_location_points_to_is_zeroed_at_open() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let links = ["upstream".to_string()];
+        {
+            let store = Store::open(dir.path(), &links).expect("open");
+            store
+                .append((0..20).map(linked_event).collect())
+                .await
+                .expect("append");
+            // The move's first half: the copy, synced, no transaction.
+            let t = &store.inner.trees;
+            let copies: Vec<NewEvent> = (0..2).map(linked_event).collect();
+            let records: Vec<Vec<u8>> = copies.iter().map(|ne| record::encode(&ne.event)).collect();
+            let frames: Vec<log::NewFrame> = records
+                .iter()
+                .enumerate()
+                .map(|(i, r)| log::NewFrame {
+                    seq: i as Seq + 1,
+                    links: vec!["upstream"],
+                    record: r.clone(),
+                })
+                .collect();
+            t.log
+                .append_as(&frames, log::Packing::Relocated)
+                .expect("append");
+            t.log.sync().expect("sync");
+            store.close().await.expect("close");
+        }
+        let blocks = |dir: &Path| -> usize {
+            segment_files(dir)
+                .values()
+                .map(|b| log::with_blocks_decompressed(b).1)
+                .sum()
+        };
+        assert_eq!(
+            blocks(dir.path()),
+            3,
+            "two blocks of the commit and the copy"
+        );
+        let store = unlocked(|| Store::open(dir.path(), &links));
+        assert_eq!(blocks(dir.path()), 2, "the copy is zeroed");
+        assert_eq!(index_counts(&store), [20; 5]);
+        for i in 0..20 {
+            let ev = store.get(i as Seq + 1).expect("read").expect("stored");
+            assert_eq!(ev.event_id, format!("e-{i}"));
+        }
+        let stored = store.append(vec![linked_event(20)]).await.expect("append");
+        assert_eq!(stored, [Appended::Stored(21)]);
         store.close().await.expect("close");
     }
 

@@ -279,15 +279,34 @@ pub(super) fn removals(
     tree: &sled::Tree,
     seqs: impl IntoIterator<Item = Seq>,
 ) -> Result<Vec<Rewrite>> {
-    // Per key touched: its slots (None: a key of its own).
-    let mut touched: BTreeMap<Seq, Option<Vec<u8>>> = BTreeMap::new();
-    for seq in seqs {
+    edits(tree, seqs.into_iter().map(|seq| (seq, None)))
+}
+
+/// The rewrites that point the events of `moves` to their new locations
+/// (events moved out of a block of the log that is zeroed). Numbers not
+/// stored are skipped.
+pub(super) fn moved(tree: &sled::Tree, moves: &[(Seq, Location)]) -> Result<Vec<Rewrite>> {
+    edits(tree, moves.iter().map(|(seq, at)| (*seq, Some(*at))))
+}
+
+/// Per event, its new location, or `None`: removed.
+fn edits(
+    tree: &sled::Tree,
+    changes: impl IntoIterator<Item = (Seq, Option<Location>)>,
+) -> Result<Vec<Rewrite>> {
+    // Per key touched: its slots, or for a key of its own its new value.
+    enum Touched {
+        Run(Vec<u8>),
+        Own(Option<Vec<u8>>),
+    }
+    let mut touched: BTreeMap<Seq, Touched> = BTreeMap::new();
+    for (seq, change) in changes {
         let known = touched
             .range(..=seq)
             .next_back()
-            .filter(|(first, slots)| match slots {
-                Some(slots) => seq < **first + (slots.len() / SLOT) as u64,
-                None => seq == **first,
+            .filter(|(first, t)| match t {
+                Touched::Run(slots) => seq < **first + (slots.len() / SLOT) as u64,
+                Touched::Own(_) => seq == **first,
             })
             .map(|(first, _)| *first);
         let first = match known {
@@ -296,25 +315,45 @@ pub(super) fn removals(
                 let Some((first, value)) = covering(tree, seq)? else {
                     continue;
                 };
-                let slots = run_slots(first, &value)?.map(<[u8]>::to_vec);
-                touched.entry(first).or_insert(slots);
+                let t = match run_slots(first, &value)? {
+                    Some(slots) => Touched::Run(slots.to_vec()),
+                    None => Touched::Own(Some(value.to_vec())),
+                };
+                touched.entry(first).or_insert(t);
                 first
             }
         };
-        if let Some(slots) = touched.get_mut(&first).expect("just found") {
-            let at = (seq - first) as usize * SLOT;
-            slots[at..at + SLOT].fill(0);
+        match touched.get_mut(&first).expect("just found") {
+            Touched::Run(slots) => {
+                let at = (seq - first) as usize * SLOT;
+                let slot = &mut slots[at..at + SLOT];
+                match change {
+                    // A removed slot stays removed.
+                    Some(to) if slot[0] != 0 => slot.copy_from_slice(&to.encode()),
+                    Some(_) => {}
+                    None => slot.fill(0),
+                }
+            }
+            Touched::Own(value) => {
+                *value = match change {
+                    Some(to) => value.as_ref().map(|_| to.encode().to_vec()),
+                    None => None,
+                }
+            }
         }
     }
     Ok(touched
         .into_iter()
-        .map(|(first, slots)| {
-            let value = slots.filter(|s| s.iter().any(|b| *b != 0)).map(|s| {
-                let mut value = Vec::with_capacity(1 + s.len());
-                value.push(RUN_FORMAT);
-                value.extend_from_slice(&s);
-                value
-            });
+        .map(|(first, t)| {
+            let value = match t {
+                Touched::Run(s) => s.iter().any(|b| *b != 0).then(|| {
+                    let mut value = Vec::with_capacity(1 + s.len());
+                    value.push(RUN_FORMAT);
+                    value.extend_from_slice(&s);
+                    value
+                }),
+                Touched::Own(value) => value,
+            };
             (first, value)
         })
         .collect())
@@ -382,6 +421,7 @@ mod tests {
             segment: 1,
             offset: 100 * i,
             len: 100,
+            entry: 0,
         }
     }
 

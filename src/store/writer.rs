@@ -327,11 +327,16 @@ impl Writer {
                 if to <= from {
                     return Ok(false);
                 }
-                super::slots::range(events, from, to - 1)
-                    .next()
-                    .transpose()
-                    .map(|e| e.is_some())
-                    .map_err(|e| std::io::Error::other(e.to_string()))
+                // Stored events numbered in the segment's range, or events
+                // relocated into it (numbered below it).
+                let live = || -> Result<bool> {
+                    Ok(super::slots::range(events, from, to - 1)
+                        .next()
+                        .transpose()?
+                        .is_some()
+                        || super::relocated_into(t, from)?)
+                };
+                live().map_err(|e| std::io::Error::other(e.to_string()))
             })
             .map_err(|e| Error::Sled(e.into()))?;
         Ok(victims.len())
@@ -601,14 +606,13 @@ impl Writer {
     }
 
     /// Zeroes the frames recorded as owed (under `META_TO_ZERO`, in the
-    /// transaction that removed their events), then forgets them. If that
-    /// fails they stay recorded, and the next open zeroes them.
+    /// transaction that removed their events), moving first the events
+    /// that stay in a block zeroed (see `super::remove_records`), then
+    /// forgets them. If that fails they stay recorded, and the next open
+    /// zeroes them.
     fn zero_owed(&self, owed: &[u8]) {
         let t = &self.trees;
-        let zeroed = t
-            .log
-            .zero(&super::log::Location::decode_all(owed))
-            .map_err(|e| Error::Sled(e.into()))
+        let zeroed = super::remove_records(&self.db, t, &Location::decode_all(owed))
             .and_then(|()| Ok(t.meta.remove(super::META_TO_ZERO).map(|_| ())?));
         if let Err(e) = zeroed {
             tracing::error!(error = %e, "could not zero the removed events' records in the event log; the next start of the node does");
@@ -802,7 +806,17 @@ impl Writer {
             })
             .collect();
         let io = |e: std::io::Error| (Error::Sled(sled::Error::Io(e)), false);
-        let (locations, end) = t.log.append(&frames).map_err(io)?;
+        // Small commits write key by key (see `plain` below) and their
+        // frames one by one: a failure after some of their `by_id` entries
+        // keeps the frames of those (a block is taken back whole). Larger
+        // ones write their frames in compressed blocks.
+        let plain = new.len() <= PLAIN_INSERTS_UP_TO;
+        let packing = if plain {
+            super::log::Packing::Single
+        } else {
+            super::log::Packing::Blocks
+        };
+        let (locations, end) = t.log.append_as(&frames, packing).map_err(io)?;
         let started = std::time::Instant::now();
         // A commit that fails from here on takes its frames back out of the
         // log (see `EventLog::rollback`), so that no replay stores what was
@@ -847,7 +861,6 @@ impl Writer {
         // global write lock and logs a manifest), a plain insert a few µs:
         // small commits (one request in flight) write key by key, large
         // ones tree by tree.
-        let plain = new.len() <= PLAIN_INSERTS_UP_TO;
         let put = |tree: &sled::Tree, kv: Kv| -> sled::Result<()> {
             if kv.is_empty() {
                 return Ok(());
