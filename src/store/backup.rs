@@ -135,9 +135,14 @@ pub(super) fn write_trees(
             // of locations); and a restored store has no log to replay.
             for item in super::slots::range(&tree, 0, super::Seq::MAX) {
                 let (seq, value) = item?;
+                // `None`: removed since (erasure, retention) by a running
+                // node; an event that stays is read where it moved.
+                let Some(record) = trees.record_live(seq, &value)? else {
+                    continue;
+                };
                 out.record(Record::Entry(pb::BackupEntry {
                     key: seq.to_be_bytes().to_vec(),
-                    value: trees.record(seq, &value)?.into_owned(),
+                    value: record.into_owned(),
                 }))
                 .map_err(io)?;
                 counts.entries += 1;
@@ -147,7 +152,13 @@ pub(super) fn write_trees(
         for entry in tree.iter() {
             let (key, value) = entry?;
             let value = match &*name {
-                b"meta" if &*key == super::META_LOG_END => continue,
+                // Of this store's event log, which a restored store has not.
+                b"meta"
+                    if &*key == super::META_LOG_END
+                        || key.starts_with(super::META_RELOCATED_INTO) =>
+                {
+                    continue
+                }
                 _ => value.to_vec(),
             };
             out.record(Record::Entry(pb::BackupEntry {

@@ -45,6 +45,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 
 use super::Seq;
@@ -291,6 +292,9 @@ pub(super) struct EventLog {
     /// Decompressed blocks recently read, newest last (see
     /// [`CACHED_BLOCKS`]); a block leaves it when it is zeroed.
     cache: Mutex<std::collections::VecDeque<(FrameKey, Arc<Block>)>>,
+    /// Counts zeroings: a block read from disk before one finished is not
+    /// cached (it may be the block zeroed).
+    zeroings: std::sync::atomic::AtomicU64,
 }
 
 fn segment_name(segment: u64) -> String {
@@ -331,6 +335,7 @@ impl EventLog {
             active: Mutex::new(None),
             poisoned: Default::default(),
             cache: Default::default(),
+            zeroings: Default::default(),
         })
     }
 
@@ -491,6 +496,7 @@ impl EventLog {
         };
         let end = a.len;
         a.len = first.offset;
+        self.zeroings.fetch_add(1, Ordering::SeqCst);
         self.forget(a.segment, Some(first.offset..end));
         let zeros = vec![0u8; (end - first.offset) as usize];
         let zeroed = a
@@ -552,11 +558,12 @@ impl EventLog {
         if let Some(block) = self.cached(at) {
             return block.record(seq, at.entry).map(<[u8]>::to_vec).map_err(bad);
         }
+        let zeroings = self.zeroings.load(Ordering::SeqCst);
         let mut buf = self.read_frame(at)?;
         if is_block(&buf) {
             let block = Arc::new(decode_block(&buf).map_err(bad)?);
             let record = block.record(seq, at.entry).map(<[u8]>::to_vec).map_err(bad);
-            self.remember(at, block);
+            self.remember(at, block, zeroings);
             return record;
         }
         if at.entry != 0 {
@@ -577,6 +584,7 @@ impl EventLog {
         if let Some(block) = self.cached(at) {
             return Ok(Some(block));
         }
+        let zeroings = self.zeroings.load(Ordering::SeqCst);
         let buf = self.read_frame(at)?;
         if !is_block(&buf) {
             return Ok(None);
@@ -586,7 +594,7 @@ impl EventLog {
             offset: at.offset,
             reason,
         })?);
-        self.remember(at, block.clone());
+        self.remember(at, block.clone(), zeroings);
         Ok(Some(block))
     }
 
@@ -618,9 +626,13 @@ impl EventLog {
         Some(block)
     }
 
-    fn remember(&self, at: Location, block: Arc<Block>) {
+    /// Caches a block read from disk when no zeroing began since
+    /// `zeroings` was read (before reading it).
+    fn remember(&self, at: Location, block: Arc<Block>, zeroings: u64) {
         let mut cache = self.cache.lock().expect("cache lock");
-        if cache.iter().any(|(k, _)| *k == at.frame_key()) {
+        if self.zeroings.load(Ordering::SeqCst) != zeroings
+            || cache.iter().any(|(k, _)| *k == at.frame_key())
+        {
             return;
         }
         if cache.len() >= CACHED_BLOCKS {
@@ -811,6 +823,7 @@ impl EventLog {
     pub fn zero(&self, locations: &[Location]) -> std::io::Result<()> {
         let mut touched: BTreeMap<u64, Arc<File>> = BTreeMap::new();
         let mut done = std::collections::HashSet::new();
+        self.zeroings.fetch_add(1, Ordering::SeqCst);
         for at in locations {
             if !done.insert(at.frame_key()) {
                 continue;

@@ -3345,6 +3345,80 @@ mod tests {
         store.close().await.expect("close");
     }
 
+    /// Retention of part of a commit written in blocks: the events that
+    /// stay move to the active segment; a later pass never deletes that
+    /// segment for having no stored event numbered in its range while the
+    /// moved events are in it.
+    #[tokio::test]
+    async fn retention_moves_what_stays_in_a_block_and_keeps_the_segment_it_moved_to() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let links = ["upstream".to_string()];
+        let base = PreferenceEvent::example().occurred_at.0;
+        let hour = 3_600_000_000_000i64;
+        // Commits of 20 (two blocks of 10): seqs 1-20 (segment 1), 21-40
+        // (segment 21; seqs 26 and 34 new, the rest old), 41-60 (segment
+        // 41), all old; later 61-80 (segment 61), new but for seq 61.
+        let is_new = |i: usize| [25, 33].contains(&i) || (61..80).contains(&i);
+        let event = |i: usize| {
+            let mut ne = linked_event(i);
+            let later = if is_new(i) { hour } else { 0 };
+            ne.event.occurred_at = UnixNanos(base + i as i64 + later);
+            ne
+        };
+        let segment = |id: u64| dir.path().join("log").join(format!("{id:020}.seg"));
+        let kept = [(26u64, "e-25"), (34, "e-33")];
+        {
+            let store = Store::open(dir.path(), &links).expect("open");
+            for (n, range) in [0..20, 20..40, 40..60].into_iter().enumerate() {
+                if n > 0 {
+                    store.inner.trees.log.end_active_segment();
+                }
+                store
+                    .append(range.map(event).collect())
+                    .await
+                    .expect("append");
+            }
+            let cut = UnixNanos(base + hour / 2);
+            assert_eq!(store.purge_before(cut, 1000).await.expect("purge"), 58);
+            // Segment 1 held only removed events: gone. Segment 21 keeps
+            // (by its numbers) the two that stay, which moved to segment
+            // 41, the active one.
+            assert_eq!(
+                store.inner.trees.log.ids_and_active(),
+                (vec![21, 41], Some(41))
+            );
+            for (seq, id) in kept {
+                let at = slots::get(&store.inner.trees.events, seq)
+                    .unwrap()
+                    .and_then(|v| log::Location::decode(&v))
+                    .unwrap();
+                assert_eq!(at.segment, 41, "seq {seq} moved");
+                assert_eq!(store.get(seq).unwrap().unwrap().event_id, id);
+            }
+            // Segment 41 stops being the active one; a pass removes seq 61.
+            store.inner.trees.log.end_active_segment();
+            store
+                .append((60..80).map(event).collect())
+                .await
+                .expect("append");
+            assert_eq!(store.purge_before(cut, 1000).await.expect("purge"), 1);
+            // No event numbered 41-60 is stored, but 26 and 34 are in
+            // segment 41: it stays.
+            assert_eq!(
+                store.inner.trees.log.ids_and_active(),
+                (vec![21, 41, 61], Some(61))
+            );
+            assert!(segment(41).exists());
+            store.close().await.expect("close");
+        }
+        let store = unlocked(|| Store::open(dir.path(), &links));
+        for (seq, id) in kept {
+            assert_eq!(store.get(seq).unwrap().unwrap().event_id, id);
+        }
+        assert_eq!(&index_counts(&store)[..4], [21, 80, 21, 21]);
+        store.close().await.expect("close");
+    }
+
     #[tokio::test]
     async fn retention_deletes_a_segment_it_emptied_but_never_the_active_one() {
         let dir = tempfile::tempdir().expect("temp dir");
