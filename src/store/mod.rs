@@ -1999,18 +1999,31 @@ fn relocated_key(segment: u64) -> Vec<u8> {
 }
 
 /// Whether the event log's segment `segment` holds relocated blocks of
-/// events still stored (a full scan of the `events` tree, only for a
-/// segment recorded as holding any; the record goes once none is left).
-fn relocated_into(trees: &Trees, segment: u64) -> Result<bool> {
+/// events still stored. Only a segment recorded as having received any is
+/// looked up in `referenced`, the segments any stored event's location
+/// names (a full scan of the `events` tree, made once per `referenced`,
+/// on the first such segment); the record goes once none is left in it.
+fn relocated_into(
+    trees: &Trees,
+    segment: u64,
+    referenced: &mut Option<std::collections::HashSet<u64>>,
+) -> Result<bool> {
     let key = relocated_key(segment);
     if !trees.meta.contains_key(&key)? {
         return Ok(false);
     }
-    for item in slots::range(&trees.events, 0, Seq::MAX) {
-        let (_, v) = item?;
-        if log::Location::decode(&v).is_some_and(|at| at.segment == segment) {
-            return Ok(true);
+    if referenced.is_none() {
+        let mut segments = std::collections::HashSet::new();
+        for item in slots::range(&trees.events, 0, Seq::MAX) {
+            let (_, v) = item?;
+            if let Some(at) = log::Location::decode(&v) {
+                segments.insert(at.segment);
+            }
         }
+        *referenced = Some(segments);
+    }
+    if referenced.as_ref().is_some_and(|r| r.contains(&segment)) {
+        return Ok(true);
     }
     trees.meta.remove(&key)?;
     Ok(false)

@@ -322,6 +322,7 @@ impl Writer {
         // stored event left is deleted.
         self.zero_owed(&owed);
         let events = &t.events;
+        let mut referenced = None;
         t.log
             .remove_dead(|from, to| {
                 if to <= from {
@@ -329,12 +330,12 @@ impl Writer {
                 }
                 // Stored events numbered in the segment's range, or events
                 // relocated into it (numbered below it).
-                let live = || -> Result<bool> {
+                let mut live = || -> Result<bool> {
                     Ok(super::slots::range(events, from, to - 1)
                         .next()
                         .transpose()?
                         .is_some()
-                        || super::relocated_into(t, from)?)
+                        || super::relocated_into(t, from, &mut referenced)?)
                 };
                 live().map_err(|e| std::io::Error::other(e.to_string()))
             })
