@@ -292,8 +292,9 @@ pub(super) struct EventLog {
     /// Decompressed blocks recently read, newest last (see
     /// [`CACHED_BLOCKS`]); a block leaves it when it is zeroed.
     cache: Mutex<std::collections::VecDeque<(FrameKey, Arc<Block>)>>,
-    /// Counts zeroings: a block read from disk before one finished is not
-    /// cached (it may be the block zeroed).
+    /// Counts zeroings (each counted after its write): a block read from
+    /// disk while one was under way is not cached (it may be the block
+    /// zeroed).
     zeroings: std::sync::atomic::AtomicU64,
 }
 
@@ -496,14 +497,44 @@ impl EventLog {
         };
         let end = a.len;
         a.len = first.offset;
-        self.zeroings.fetch_add(1, Ordering::SeqCst);
-        self.forget(a.segment, Some(first.offset..end));
         let zeros = vec![0u8; (end - first.offset) as usize];
         let zeroed = a
             .file
             .write_all_at(&zeros, first.offset)
             .and_then(|()| a.file.sync_data());
+        // After the writes: a read of the old bytes is then not cached.
+        self.zeroings.fetch_add(1, Ordering::SeqCst);
+        self.forget(a.segment, Some(first.offset..end));
         self.poison_on(zeroed)
+    }
+
+    /// Takes back the frame at `at` if it is the last of the log: zeroes
+    /// it (synced) and appends go on at its offset. Returns whether it was.
+    pub fn cut_tail(&self, at: Location) -> std::io::Result<bool> {
+        let is_tail = self
+            .active
+            .lock()
+            .expect("active lock")
+            .as_ref()
+            .is_some_and(|a| a.segment == at.segment && at.offset + u64::from(at.len) == a.len);
+        if !is_tail {
+            return Ok(false);
+        }
+        self.rollback(&[at])?;
+        Ok(true)
+    }
+
+    /// Where the next append goes (`None` before [`Self::replay`] found
+    /// it, or in a log without segments).
+    pub fn end(&self) -> Option<End> {
+        self.active
+            .lock()
+            .expect("active lock")
+            .as_ref()
+            .map(|a| End {
+                segment: a.segment,
+                offset: a.len,
+            })
     }
 
     /// Makes everything appended durable.
@@ -823,7 +854,6 @@ impl EventLog {
     pub fn zero(&self, locations: &[Location]) -> std::io::Result<()> {
         let mut touched: BTreeMap<u64, Arc<File>> = BTreeMap::new();
         let mut done = std::collections::HashSet::new();
-        self.zeroings.fetch_add(1, Ordering::SeqCst);
         for at in locations {
             if !done.insert(at.frame_key()) {
                 continue;
@@ -832,6 +862,9 @@ impl EventLog {
                 continue;
             };
             file.write_all_at(&vec![0u8; at.len as usize], at.offset)?;
+            // After the write: a read of the old bytes is then not cached
+            // (see `remember`).
+            self.zeroings.fetch_add(1, Ordering::SeqCst);
             self.forget(at.segment, Some(at.offset..at.offset + 1));
             touched.insert(at.segment, file);
         }
@@ -1266,8 +1299,15 @@ mod tests {
         // A flipped byte in a block is caught by its checksum, for every
         // entry of it; the other block still reads.
         let path = dir.path().join(segment_name(1));
-        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all_at(&[0x5a], locs[0].offset + 30).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let mut byte = [0u8];
+        f.read_exact_at(&mut byte, locs[0].offset + 30).unwrap();
+        f.write_all_at(&[byte[0] ^ 0x40], locs[0].offset + 30)
+            .unwrap();
         let log = EventLog::open(dir.path()).unwrap();
         for (f, at) in frames.iter().zip(&locs).take(10) {
             let e = log.read(f.seq, *at).unwrap_err().to_string();

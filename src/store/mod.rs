@@ -453,8 +453,10 @@ impl Store {
         let trees_opened = started.elapsed();
         times::convert(&db, &trees.by_time)?;
         replay_log(&db, &trees)?;
-        finish_zeroing(&db, &trees)?;
+        // Before the zeroing, which may append to the log: over frames a
+        // failed commit took back, whose slots `repair_tail` reads.
         repair_tail(&trees)?;
+        finish_zeroing(&db, &trees)?;
         let repaired = started.elapsed();
         if let Some(layout) = layout {
             let current = rollups_current(&trees, &layout)?;
@@ -1754,9 +1756,10 @@ fn replay_log(db: &sled::Db, trees: &Trees) -> Result<usize> {
     if let Some(e) = failed {
         return Err(e);
     }
-    settle_relocated(trees, &replayed.relocated)?;
+    let orphans = settle_relocated(trees, &replayed.relocated)?;
     let frames = replayed.frames;
     let Some(last) = frames.last() else {
+        zero_orphans(db, trees, &orphans)?;
         return Ok(0);
     };
     let end = log::End {
@@ -1849,6 +1852,7 @@ fn replay_log(db: &sled::Db, trees: &Trees) -> Result<usize> {
     trees.meta.insert(META_LOG_END, &end.encode())?;
     trees.meta.insert(META_LAST_SEQ, &high.to_be_bytes())?;
     flush_blocking(db)?;
+    zero_orphans(db, trees, &orphans)?;
     tracing::info!(
         events = frames.len(),
         from_seq = frames[0].seq,
@@ -1861,9 +1865,16 @@ fn replay_log(db: &sled::Db, trees: &Trees) -> Result<usize> {
 /// The relocated blocks a replay found after the log's end sled kept: one
 /// that a location points to was moved to in full (its move's transaction
 /// is in sled); one that none points to is what a crash left of a move cut
-/// short before that transaction (the events are still where they were),
-/// and is zeroed.
-fn settle_relocated(trees: &Trees, relocated: &[(log::Location, Vec<Seq>)]) -> Result<()> {
+/// short before that transaction (the events are still where they were).
+/// Those at the log's end are taken back (zeroed, and appends go on where
+/// they began); any others are returned, to be zeroed once the log's end
+/// past them is durable ([`zero_orphans`]): zeroed before, a replay would
+/// end at their zeros and cut off what follows them.
+fn settle_relocated(
+    trees: &Trees,
+    relocated: &[(log::Location, Vec<Seq>)],
+) -> Result<Vec<log::Location>> {
+    let mut orphans = Vec::new();
     for (at, seqs) in relocated {
         let mut live = false;
         for &seq in seqs {
@@ -1872,15 +1883,42 @@ fn settle_relocated(trees: &Trees, relocated: &[(log::Location, Vec<Seq>)]) -> R
                 .is_some_and(|now| now.same_frame(at));
         }
         if !live {
-            trees.log.zero(&[*at]).map_err(|e| Error::Sled(e.into()))?;
-            tracing::warn!(
-                segment = at.segment,
-                offset = at.offset,
-                events = seqs.len(),
-                "zeroed a relocated block of the event log whose move a stop cut short (its events are where they were)"
-            );
+            orphans.push(*at);
         }
     }
+    while let Some(last) = orphans.last().copied() {
+        if !trees
+            .log
+            .cut_tail(last)
+            .map_err(|e| Error::Sled(e.into()))?
+        {
+            break;
+        }
+        orphans.pop();
+        tracing::warn!(
+            segment = last.segment,
+            offset = last.offset,
+            "took back a relocated block at the end of the event log whose move a stop cut short (its events are where they were)"
+        );
+    }
+    Ok(orphans)
+}
+
+/// Zeroes relocated blocks no location points to that are not at the
+/// log's end, once the log's end is durable past them.
+fn zero_orphans(db: &sled::Db, trees: &Trees, orphans: &[log::Location]) -> Result<()> {
+    if orphans.is_empty() {
+        return Ok(());
+    }
+    if let Some(end) = trees.log.end() {
+        trees.meta.insert(META_LOG_END, &end.encode())?;
+    }
+    flush_blocking(db)?;
+    trees.log.zero(orphans).map_err(|e| Error::Sled(e.into()))?;
+    tracing::warn!(
+        blocks = orphans.len(),
+        "zeroed relocated blocks of the event log whose move failed (their events are where they were)"
+    );
     Ok(())
 }
 
@@ -1923,9 +1961,14 @@ fn remove_records(db: &sled::Db, trees: &Trees, owed: &[log::Location]) -> Resul
             Ok(None)
             | Err(log::FrameError::RolledBack { .. })
             | Err(log::FrameError::NoSegment(_)) => continue,
+            // Not read: the zeroing stays owed (retried at the next
+            // removal or open), the events that stay are not lost.
+            Err(e @ log::FrameError::Io { .. }) => {
+                return Err(Error::Sled(std::io::Error::other(e.to_string()).into()))
+            }
             Err(e) => {
-                // What stays of it cannot be read either: it goes.
-                tracing::error!(error = %e, "a block of the event log to zero is damaged; the events in it that were still stored are lost with it (run `chainsight admin verify`)");
+                // Damaged: what stays of it cannot be read either.
+                tracing::error!(error = %e, "a block of the event log to zero is damaged; the events in it that were still stored go with it (run `chainsight admin verify`)");
                 continue;
             }
         };
@@ -1957,32 +2000,44 @@ fn remove_records(db: &sled::Db, trees: &Trees, owed: &[log::Location]) -> Resul
             .log
             .append_as(&frames, log::Packing::Relocated)
             .map_err(io)?;
-        trees.log.sync().map_err(io)?;
-        let moves: Vec<(Seq, log::Location)> = moving
-            .iter()
-            .zip(&locations)
-            .map(|((seq, _, _), at)| (*seq, *at))
-            .collect();
-        let rewrites = slots::moved(&trees.events, &moves)?;
-        let mut pins: Vec<Vec<u8>> = locations
-            .iter()
-            .map(|at| relocated_key(at.segment))
-            .collect();
-        pins.dedup();
-        use sled::Transactional;
-        (&trees.events, &trees.meta)
-            .transaction(|(events, meta)| {
-                slots::apply_in(events, &rewrites)?;
-                meta.insert(META_LOG_END, &end.encode())?;
-                for pin in &pins {
-                    meta.insert(pin.as_slice(), &[])?;
-                }
-                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| match e {
-                sled::transaction::TransactionError::Storage(e) => Error::Sled(e),
-                sled::transaction::TransactionError::Abort(()) => Error::Closed,
-            })?;
+        let moved = || -> Result<()> {
+            trees.log.sync().map_err(io)?;
+            let moves: Vec<(Seq, log::Location)> = moving
+                .iter()
+                .zip(&locations)
+                .map(|((seq, _, _), at)| (*seq, *at))
+                .collect();
+            let rewrites = slots::moved(&trees.events, &moves)?;
+            let mut pins: Vec<Vec<u8>> = locations
+                .iter()
+                .map(|at| relocated_key(at.segment))
+                .collect();
+            pins.dedup();
+            use sled::Transactional;
+            (&trees.events, &trees.meta)
+                .transaction(|(events, meta)| {
+                    slots::apply_in(events, &rewrites)?;
+                    meta.insert(META_LOG_END, &end.encode())?;
+                    for pin in &pins {
+                        meta.insert(pin.as_slice(), &[])?;
+                    }
+                    Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+                })
+                .map_err(|e| match e {
+                    sled::transaction::TransactionError::Storage(e) => Error::Sled(e),
+                    sled::transaction::TransactionError::Abort(()) => Error::Closed,
+                })
+        };
+        if let Err(e) = moved() {
+            // The copies go again (they are the log's last frames: this
+            // runs on the writer's thread, or at open before it): no stale
+            // copy of the events stays behind, and the next commit does
+            // not follow one.
+            if let Err(undo) = trees.log.rollback(&locations) {
+                tracing::error!(error = %undo, "could not take back the copies of a failed move in the event log; the next open zeroes them");
+            }
+            return Err(e);
+        }
         flush_blocking(db)?;
         tracing::debug!(
             events = moving.len(),
@@ -2798,6 +2853,17 @@ mod tests {
         out
     }
 
+    /// The bytes of every segment file of the store in `dir`, whole (a
+    /// block may end in zero bytes), by segment id.
+    fn whole_segment_files(dir: &Path) -> std::collections::BTreeMap<u64, Vec<u8>> {
+        let mut out = std::collections::BTreeMap::new();
+        for id in segment_files(dir).into_keys() {
+            let path = dir.join("log").join(format!("{id:020}.seg"));
+            out.insert(id, std::fs::read(&path).expect("segment"));
+        }
+        out
+    }
+
     fn holds(haystack: &[u8], needle: &[u8]) -> bool {
         haystack.windows(needle.len()).any(|w| w == needle)
     }
@@ -2914,7 +2980,7 @@ mod tests {
         };
         let needles: Vec<String> = (0..3).map(victim_id).chain([victim.to_string()]).collect();
         let plain = || -> Vec<(u64, Vec<u8>, usize)> {
-            segment_files(dir.path())
+            whole_segment_files(dir.path())
                 .into_iter()
                 .map(|(id, bytes)| {
                     let (plain, blocks) = log::with_blocks_decompressed(&bytes);
@@ -2999,6 +3065,7 @@ mod tests {
     async fn a_relocated_block_no_location_points_to_is_zeroed_at_open() {
         let dir = tempfile::tempdir().expect("temp dir");
         let links = ["upstream".to_string()];
+        let orphan;
         {
             let store = Store::open(dir.path(), &links).expect("open");
             store
@@ -3018,14 +3085,16 @@ mod tests {
                     record: r.clone(),
                 })
                 .collect();
-            t.log
+            let (copy, _) = t
+                .log
                 .append_as(&frames, log::Packing::Relocated)
                 .expect("append");
             t.log.sync().expect("sync");
+            orphan = copy[0];
             store.close().await.expect("close");
         }
         let blocks = |dir: &Path| -> usize {
-            segment_files(dir)
+            whole_segment_files(dir)
                 .values()
                 .map(|b| log::with_blocks_decompressed(b).1)
                 .sum()
@@ -3042,8 +3111,15 @@ mod tests {
             let ev = store.get(i as Seq + 1).expect("read").expect("stored");
             assert_eq!(ev.event_id, format!("e-{i}"));
         }
+        // The copy was the log's last frame: taken back, the next commit
+        // goes where it began (not after zeros, where a replay would end).
         let stored = store.append(vec![linked_event(20)]).await.expect("append");
         assert_eq!(stored, [Appended::Stored(21)]);
+        let at = slots::get(&store.inner.trees.events, 21)
+            .unwrap()
+            .and_then(|v| log::Location::decode(&v))
+            .unwrap();
+        assert_eq!((at.segment, at.offset), (orphan.segment, orphan.offset));
         store.close().await.expect("close");
     }
 
