@@ -334,12 +334,13 @@ fn report(
             format!("{maker}: free text withheld by the agreement, path = [retailer, distributor]"),
         );
     }
-    let (scanned, found) = scan_for_personal_data(root, published)?;
+    let (scanned, blocks, found) = scan_for_personal_data(root, published)?;
     check(
         found.is_empty(),
         format!(
-            "no customer id or e-mail address in any byte of the 5 data directories ({} bytes scanned for {} strings{})",
+            "no customer id or e-mail address in any byte of the 5 data directories ({} bytes scanned, {} compressed blocks of the event logs among them decompressed, for {} strings{})",
             scanned,
+            blocks,
             published.iter().map(|(_, c)| c.len() * 2).sum::<usize>(),
             if found.is_empty() { String::new() } else { format!("; FOUND in {found:?}") }
         ),
@@ -351,7 +352,7 @@ fn report(
 fn scan_for_personal_data(
     root: &Path,
     published: &[(Vec<pb::CustomerEvent>, Vec<crate::workload::Customer>)],
-) -> Result<(u64, Vec<PathBuf>), Error> {
+) -> Result<(u64, usize, Vec<PathBuf>), Error> {
     let needles: Vec<String> = published
         .iter()
         .flat_map(|(_, customers)| {
@@ -363,6 +364,7 @@ fn scan_for_personal_data(
     let matcher =
         aho_corasick::AhoCorasick::new(&needles).map_err(|e| err("scan")(e.to_string()))?;
     let mut scanned = 0u64;
+    let mut blocks = 0usize;
     let mut found = Vec::new();
     let mut stack: Vec<PathBuf> = [RETAILERS[0], RETAILERS[1], DISTRIBUTOR, DAIRY, APPAREL]
         .iter()
@@ -374,14 +376,20 @@ fn scan_for_personal_data(
                 stack.push(entry.map_err(|e| err("scan")(e.to_string()))?.path());
             }
         } else {
-            let bytes = std::fs::read(&path).map_err(|e| err("scan")(e.to_string()))?;
+            let mut bytes = std::fs::read(&path).map_err(|e| err("scan")(e.to_string()))?;
+            if path.extension().is_some_and(|e| e == "seg") {
+                // The event log's compressed blocks, searched decompressed.
+                let (plain, n) = crate::store::with_log_blocks_decompressed(&bytes);
+                bytes = plain;
+                blocks += n;
+            }
             scanned += bytes.len() as u64;
             if matcher.is_match(&bytes) {
                 found.push(path);
             }
         }
     }
-    Ok((scanned, found))
+    Ok((scanned, blocks, found))
 }
 
 /// Whether no customer has the same pseudonym at both manufacturers.

@@ -80,6 +80,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, Notify};
 
+pub use log::with_blocks_decompressed as with_log_blocks_decompressed;
 pub use record::DecodeError;
 
 use crate::domain::{PreferenceEvent, UnixNanos};
