@@ -189,6 +189,12 @@ pub(super) struct Replayed {
     pub relocated: Vec<(Location, Vec<Seq>)>,
 }
 
+/// A frame as [`EventLog::read`] finds it.
+enum Loaded {
+    Block(Arc<Block>),
+    Single(Vec<u8>),
+}
+
 /// A block's entries, decompressed.
 #[derive(Debug)]
 pub(super) struct Block {
@@ -586,17 +592,12 @@ impl EventLog {
             offset: at.offset,
             reason,
         };
-        if let Some(block) = self.cached(at) {
-            return block.record(seq, at.entry).map(<[u8]>::to_vec).map_err(bad);
-        }
-        let zeroings = self.zeroings.load(Ordering::SeqCst);
-        let mut buf = self.read_frame(at)?;
-        if is_block(&buf) {
-            let block = Arc::new(decode_block(&buf).map_err(bad)?);
-            let record = block.record(seq, at.entry).map(<[u8]>::to_vec).map_err(bad);
-            self.remember(at, block, zeroings);
-            return record;
-        }
+        let mut buf = match self.load(at)? {
+            Loaded::Block(block) => {
+                return block.record(seq, at.entry).map(<[u8]>::to_vec).map_err(bad)
+            }
+            Loaded::Single(buf) => buf,
+        };
         if at.entry != 0 {
             return Err(bad(format!("a single frame has no entry {}", at.entry)));
         }
@@ -612,13 +613,22 @@ impl EventLog {
     /// The block at `at` (any entry of it), decompressed; `None` when the
     /// frame there is a single event's.
     pub fn read_block(&self, at: Location) -> Result<Option<Arc<Block>>, FrameError> {
+        Ok(match self.load(at)? {
+            Loaded::Block(block) => Some(block),
+            Loaded::Single(_) => None,
+        })
+    }
+
+    /// The frame at `at`: a block, decompressed (from the cache, or read
+    /// and cached), or a single event's frame as read.
+    fn load(&self, at: Location) -> Result<Loaded, FrameError> {
         if let Some(block) = self.cached(at) {
-            return Ok(Some(block));
+            return Ok(Loaded::Block(block));
         }
         let zeroings = self.zeroings.load(Ordering::SeqCst);
         let buf = self.read_frame(at)?;
         if !is_block(&buf) {
-            return Ok(None);
+            return Ok(Loaded::Single(buf));
         }
         let block = Arc::new(decode_block(&buf).map_err(|reason| FrameError::Bad {
             segment: at.segment,
@@ -626,7 +636,7 @@ impl EventLog {
             reason,
         })?);
         self.remember(at, block.clone(), zeroings);
-        Ok(Some(block))
+        Ok(Loaded::Block(block))
     }
 
     /// The bytes of the frame at `at`; zeros are a rolled-back (or

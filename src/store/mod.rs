@@ -2835,6 +2835,17 @@ mod tests {
     /// after its last byte that is not zero: the rest was allocated ahead
     /// of time), by segment id.
     fn segment_files(dir: &Path) -> std::collections::BTreeMap<u64, Vec<u8>> {
+        let mut out = whole_segment_files(dir);
+        for bytes in out.values_mut() {
+            let used = bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+            bytes.truncate(used);
+        }
+        out
+    }
+
+    /// The bytes of every segment file of the store in `dir`, whole (a
+    /// block may end in zero bytes), by segment id.
+    fn whole_segment_files(dir: &Path) -> std::collections::BTreeMap<u64, Vec<u8>> {
         let mut out = std::collections::BTreeMap::new();
         for entry in std::fs::read_dir(dir.join("log")).expect("log dir") {
             let path = entry.expect("entry").path();
@@ -2846,20 +2857,6 @@ mod tests {
             else {
                 continue;
             };
-            let mut bytes = std::fs::read(&path).expect("segment");
-            let used = bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
-            bytes.truncate(used);
-            out.insert(id, bytes);
-        }
-        out
-    }
-
-    /// The bytes of every segment file of the store in `dir`, whole (a
-    /// block may end in zero bytes), by segment id.
-    fn whole_segment_files(dir: &Path) -> std::collections::BTreeMap<u64, Vec<u8>> {
-        let mut out = std::collections::BTreeMap::new();
-        for id in segment_files(dir).into_keys() {
-            let path = dir.join("log").join(format!("{id:020}.seg"));
             out.insert(id, std::fs::read(&path).expect("segment"));
         }
         out
@@ -2934,16 +2931,7 @@ mod tests {
                 );
             }
             let erased = store
-                .erase(
-                    EraseRequest {
-                        id: "er-1".into(),
-                        requested_by: "test".into(),
-                        pseudonym: victim.into(),
-                        event_ids: Vec::new(),
-                        spare_origin: None,
-                    },
-                    Router::none(),
-                )
+                .erase(erase_customer("er-1", victim), Router::none())
                 .await
                 .expect("erase");
             assert_eq!(erased.events, 2);
@@ -3028,16 +3016,7 @@ mod tests {
                 );
             }
             let erased = store
-                .erase(
-                    EraseRequest {
-                        id: "er-1".into(),
-                        requested_by: "test".into(),
-                        pseudonym: victim.into(),
-                        event_ids: Vec::new(),
-                        spare_origin: None,
-                    },
-                    Router::none(),
-                )
+                .erase(erase_customer("er-1", victim), Router::none())
                 .await
                 .expect("erase");
             assert_eq!(erased.events, 3);
