@@ -356,7 +356,7 @@ pub fn restore(
         let mut done = 0u64;
         let apply = |tree: &Option<sled::Tree>, batch: &mut sled::Batch| -> Result<()> {
             if let Some(t) = tree {
-                t.apply_batch(std::mem::take(batch))?;
+                super::gate::apply_batch(t, std::mem::take(batch))?;
             }
             Ok(())
         };

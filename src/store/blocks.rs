@@ -752,7 +752,7 @@ mod tests {
         let mut batch = sled::Batch::default();
         let prefix = cells.keys().next().expect("a cell")[..PREFIX].to_vec();
         add_block(tree, &mut batch, &prefix, cells.iter(), id).expect("add");
-        tree.apply_batch(batch).expect("apply");
+        crate::store::gate::apply_batch(tree, batch).expect("apply");
     }
 
     /// A cell read back: its events and customers.
@@ -997,7 +997,7 @@ mod tests {
                     None => batch.remove(k),
                 }
             }
-            tree.apply_batch(batch).expect("apply");
+            crate::store::gate::apply_batch(&tree, batch).expect("apply");
         };
         apply(hour.rewrite());
         let (blocks, read) = hour_cells(&tree, 2);
@@ -1094,7 +1094,7 @@ mod tests {
                 },
             ),
         );
-        tree.apply_batch(batch).expect("apply");
+        crate::store::gate::apply_batch(&tree, batch).expect("apply");
         for id in 2..=4 {
             checkpoint(&tree, id, &BTreeMap::from([(key(6, 4_000_000), agg(1, 7))]));
         }

@@ -39,7 +39,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use prost::encoding::{decode_varint, encode_varint, encoded_len_varint};
 
-use super::{DecodeError, Error, Result, Seq};
+use super::{gate, DecodeError, Error, Result, Seq};
 
 /// Name of the packed tree.
 pub(super) const PACKS_TREE: &str = "id_packs";
@@ -424,7 +424,7 @@ impl Ids {
                 g.frozen.retain(|(n, _)| *n != number);
             }
             drop(tree);
-            self.db.drop_tree(generation_name(number))?;
+            gate::drop_tree(&self.db, generation_name(number))?;
             stats.generations += 1;
         }
         Ok(stats)
@@ -485,7 +485,7 @@ impl Ids {
         let Some(last) = out.moved.last().cloned() else {
             return Ok(None);
         };
-        self.packs.apply_batch(out.packs)?;
+        gate::apply_batch(&self.packs, out.packs)?;
         if !out.carried.is_empty() {
             // Into the current generation unless it has the id (a newer
             // value), before the frozen one is dropped.

@@ -63,6 +63,7 @@ mod blocks;
 mod customers;
 mod erasure;
 mod export;
+mod gate;
 mod ids;
 mod outbox;
 mod recent;
@@ -751,12 +752,10 @@ impl Store {
             after = *last;
             done += chunk.len() as u64;
             let cells = crate::rollup::fold(chunk.iter().map(|(_, ev)| ev), &layout);
-            rollups.apply_batch(rollups::prepare_batch(
+            gate::apply_batch(
                 rollups,
-                &cells,
-                after,
-                &rollups::Lane::ALL,
-            )?)?;
+                rollups::prepare_batch(rollups, &cells, after, &rollups::Lane::ALL)?,
+            )?;
             progress(done);
         }
         if let Some(h) = horizon {
@@ -1545,7 +1544,7 @@ fn index_customers(db: &sled::Db, trees: &Trees) -> Result<()> {
         for (first, value) in customers::runs(pending, customers::MAX_RUN) {
             batch.insert(&first.to_be_bytes(), value);
         }
-        Ok(trees.customer_runs.apply_batch(batch)?)
+        Ok(gate::apply_batch(&trees.customer_runs, batch)?)
     };
     let mut n = 0u64;
     if old_index && trees.meta.contains_key(META_CUSTOMER_INDEX)? {
@@ -1585,7 +1584,7 @@ fn index_customers(db: &sled::Db, trees: &Trees) -> Result<()> {
         write(&pending)?;
     }
     if old_index {
-        db.drop_tree("by_customer")?;
+        gate::drop_tree(db, "by_customer")?;
     }
     trees.meta.remove(META_CUSTOMER_INDEX)?;
     trees.meta.insert(META_CUSTOMER_RUNS, &[1])?;
@@ -1821,7 +1820,7 @@ fn replay_log(db: &sled::Db, trees: &Trees) -> Result<usize> {
     for (first, value) in slots::runs(&locations) {
         batch.insert(&first.to_be_bytes(), value);
     }
-    trees.events.apply_batch(batch)?;
+    gate::apply_batch(&trees.events, batch)?;
     // A replayed entry replaces one sled kept of the same number.
     for (k, v) in times::added(
         &trees.by_time,
@@ -2014,20 +2013,18 @@ fn remove_records(db: &sled::Db, trees: &Trees, owed: &[log::Location]) -> Resul
                 .map(|at| relocated_key(at.segment))
                 .collect();
             pins.dedup();
-            use sled::Transactional;
-            (&trees.events, &trees.meta)
-                .transaction(|(events, meta)| {
-                    slots::apply_in(events, &rewrites)?;
-                    meta.insert(META_LOG_END, &end.encode())?;
-                    for pin in &pins {
-                        meta.insert(pin.as_slice(), &[])?;
-                    }
-                    Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
-                })
-                .map_err(|e| match e {
-                    sled::transaction::TransactionError::Storage(e) => Error::Sled(e),
-                    sled::transaction::TransactionError::Abort(()) => Error::Closed,
-                })
+            gate::transaction(&(&trees.events, &trees.meta), |(events, meta)| {
+                slots::apply_in(events, &rewrites)?;
+                meta.insert(META_LOG_END, &end.encode())?;
+                for pin in &pins {
+                    meta.insert(pin.as_slice(), &[])?;
+                }
+                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                sled::transaction::TransactionError::Storage(e) => Error::Sled(e),
+                sled::transaction::TransactionError::Abort(()) => Error::Closed,
+            })
         };
         if let Err(e) = moved() {
             // The copies go again (they are the log's last frames: this
@@ -2322,7 +2319,7 @@ mod tests {
                 }
             }
             assert_eq!(old.len(), 600);
-            db.drop_tree(times::TREE).unwrap();
+            gate::drop_tree(&db, times::TREE).unwrap();
             #[allow(clippy::disallowed_methods)]
             db.flush().expect("flush");
         }
@@ -3322,7 +3319,7 @@ mod tests {
             let meta = db.open_tree("meta").expect("tree");
             match old {
                 OldCustomerIndex::PerEvent | OldCustomerIndex::None => {
-                    db.drop_tree("customer_runs").expect("drop");
+                    gate::drop_tree(&db, "customer_runs").expect("drop");
                     meta.remove(META_CUSTOMER_RUNS).expect("remove");
                 }
                 // The older version stored the third commit without a run.
@@ -3757,7 +3754,8 @@ mod tests {
                 if crash == Crash::Legacy {
                     tree.remove(b"\xffwatermark-views").expect("remove");
                 } else {
-                    tree.apply_batch(
+                    gate::apply_batch(
+                        &tree,
                         rollups::prepare_batch(&tree, &hourly, last, &[rollups::Lane::Hours])
                             .expect("batch"),
                     )
@@ -3774,7 +3772,7 @@ mod tests {
                     let mut record = last.to_be_bytes().to_vec();
                     record.extend_from_slice(&last_key);
                     batch.insert(&b"\xffpartial-views"[..], record);
-                    tree.apply_batch(batch).expect("half of the views");
+                    gate::apply_batch(&tree, batch).expect("half of the views");
                 }
                 #[allow(clippy::disallowed_methods)]
                 db.flush().expect("flush");

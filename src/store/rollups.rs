@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
-use super::{blocks, Error, Result, Seq, Trees};
+use super::{blocks, gate, Error, Result, Seq, Trees};
 use crate::domain::UnixNanos;
 use crate::rollup::{
     open_value, parse_period_prefix, seal_value, Agg, Bucket, DimSet, Interner, Layout, QueryCell,
@@ -637,7 +637,7 @@ fn finish_partial(
         let mut batch = merge_batch(tree, chunk.iter().copied(), upto)?;
         let key = chunk.last().map(|(k, _)| k.as_slice());
         mark_progress(&mut batch, lane, upto, last, key);
-        tree.apply_batch(batch)?;
+        gate::apply_batch(tree, batch)?;
     }
     Ok(())
 }
@@ -1259,7 +1259,7 @@ impl Pending {
                     .tree_lock
                     .write()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                tree.apply_batch(batch)?;
+                gate::apply_batch(tree, batch)?;
                 let mut maps = self.write();
                 let maps = maps.lane(lane);
                 let mut cache = self.cache();
@@ -1895,7 +1895,7 @@ pub(super) fn write_watermark(tree: &sled::Tree, upto: Seq) -> Result<()> {
     for lane in Lane::ALL {
         batch.insert(lane.watermark_key(), &upto.to_be_bytes());
     }
-    tree.apply_batch(batch)?;
+    gate::apply_batch(tree, batch)?;
     Ok(())
 }
 
@@ -2245,7 +2245,7 @@ mod tests {
         assert_eq!(events(&p), 5, "nothing merged yet");
         // The first two cells merged, as a chunk leaves them.
         let merged: BTreeMap<Vec<u8>, Agg> = frozen.into_iter().take(2).collect();
-        tree.apply_batch(merge_batch(&tree, &merged, 1).expect("batch"))
+        crate::store::gate::apply_batch(&tree, merge_batch(&tree, &merged, 1).expect("batch"))
             .expect("apply");
         p.write().lane(Lane::Views).frozen_done = Some(key(1));
         assert_eq!(events(&p), 5, "two from the tree, two frozen, one active");
@@ -2391,7 +2391,7 @@ mod tests {
             if merged > 0 {
                 let (key, delta) = all[merged - 1];
                 let batch = merge_batch(&tree, [(key, delta)], 1).expect("batch");
-                tree.apply_batch(batch).expect("apply");
+                crate::store::gate::apply_batch(&tree, batch).expect("apply");
                 p.write().lane(Lane::Views).frozen_done = Some(key.clone());
                 // As a checkpoint's chunk does: its periods leave the cache.
                 p.cache().remove(&parse_period_prefix(key).expect("prefix"));

@@ -24,7 +24,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{DecodeError, Error, Result, Seq};
+use super::{gate, DecodeError, Error, Result, Seq};
 
 /// The tree's name.
 pub(super) const TREE: &str = "time_blocks";
@@ -380,7 +380,7 @@ pub(super) fn convert(db: &sled::Db, tree: &sled::Tree) -> Result<usize> {
         for (k, v) in added(tree, chunk.drain(..))? {
             batch.insert(&k, v);
         }
-        tree.apply_batch(batch)?;
+        gate::apply_batch(tree, batch)?;
         Ok(())
     };
     for item in old.iter() {
@@ -399,7 +399,7 @@ pub(super) fn convert(db: &sled::Db, tree: &sled::Tree) -> Result<usize> {
     }
     write(&mut chunk)?;
     super::flush_blocking(db)?;
-    db.drop_tree(OLD_TREE)?;
+    gate::drop_tree(db, OLD_TREE)?;
     super::flush_blocking(db)?;
     tracing::info!(
         events = n,

@@ -12,11 +12,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use prost::Message;
-use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
 use tokio::sync::{mpsc, oneshot};
 
 use super::log::Location;
-use super::{record, times, Appended, Error, NewEvent, Result, Seq, Trees};
+use super::{gate, record, times, Appended, Error, NewEvent, Result, Seq, Trees};
 use crate::domain::UnixNanos;
 
 /// The sequence number a `by_id` tombstone of an erased event that was
@@ -297,21 +297,24 @@ impl Writer {
             pending.begin_change(None);
         }
         t.recent.begin_removal();
-        let removed = (&t.events, &t.by_time, &t.meta, &t.customer_runs)
-            .transaction(|(events, by_time, meta, customer_runs)| {
-                // `by_id` entries stay, as tombstones: a late resend of a
-                // removed event is still a duplicate, never a new copy.
+        let removed = gate::transaction(
+            &(&t.events, &t.by_time, &t.meta, &t.customer_runs),
+            |(events, by_time, meta, customer_runs)| {
+                // `by_id` entries stay, as tombstones: a late resend
+                // of a removed event is still a duplicate, never a
+                // new copy.
                 times::apply_in(by_time, &time_changes)?;
                 super::slots::apply_in(events, &slots)?;
                 super::slots::apply_in(customer_runs, &runs)?;
                 meta.insert(super::META_PURGED_UPTO, &purged_upto)?;
                 meta.insert(super::META_TO_ZERO, owed.as_slice())?;
                 Ok::<(), ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| match e {
-                TransactionError::Storage(e) => Error::Sled(e),
-                TransactionError::Abort(()) => Error::Closed,
-            });
+            },
+        )
+        .map_err(|e| match e {
+            TransactionError::Storage(e) => Error::Sled(e),
+            TransactionError::Abort(()) => Error::Closed,
+        });
         if let Some(pending) = &t.pending {
             pending.end_change(None);
         }
@@ -394,7 +397,7 @@ impl Writer {
             for id in &tombstones {
                 batch.insert(id.as_bytes(), &mark.to_be_bytes());
             }
-            generations.current.apply_batch(batch)?;
+            gate::apply_batch(&generations.current, batch)?;
         }
         let mut erased: Vec<(Seq, crate::domain::PreferenceEvent)> = Vec::new();
         let mut frames: Vec<Location> = Vec::new();
@@ -537,7 +540,7 @@ impl Writer {
         ];
         trees.extend(t.outboxes.iter().map(|o| &o.tree));
         let apply = || {
-            trees.as_slice().transaction(|tx| {
+            gate::transaction(trees.as_slice(), |tx| {
                 let mut unqueued = vec![0u64; t.outboxes.len()];
                 for (seq, ev) in &erased {
                     let key = seq.to_be_bytes();
@@ -876,7 +879,7 @@ impl Writer {
                 for (k, v) in kv {
                     batch.insert(k, v);
                 }
-                tree.apply_batch(batch)
+                gate::apply_batch(tree, batch)
             }
         };
         // A batch applies whole or not at all; key by key, a failure after
@@ -989,7 +992,7 @@ pub(super) fn remove_cells_before(
             }
         }
     }
-    rollups.apply_batch(batch)?;
+    gate::apply_batch(rollups, batch)?;
     Ok(())
 }
 
