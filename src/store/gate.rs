@@ -12,9 +12,11 @@
 //! held the lock, and every other sled user, sled's own flusher too,
 //! waited for the lock (session 25; upstream: spacejam/sled#1412,
 //! spacejam/sled#1308). This gate is taken shared around every batch and
-//! transaction of the store and alone around every `drop_tree`, so the
-//! two never overlap; the lint `clippy::disallowed_methods` (see
-//! `clippy.toml`) keeps the store from calling either outside it.
+//! transaction of the store and alone around every `drop_tree` and
+//! around the creation of a tree while the store runs (the id packer's
+//! generations), so they never overlap; the lint
+//! `clippy::disallowed_methods` (see `clippy.toml`) keeps the store from
+//! calling a batch, a transaction or `drop_tree` outside it.
 //!
 //! The gate is process-wide, like sled's lock: several stores in one
 //! process (the tests, the benchmarks) share both. A holder never takes
@@ -47,6 +49,19 @@ pub(super) fn apply_batch(tree: &sled::Tree, batch: sled::Batch) -> sled::Result
 pub(super) fn drop_tree(db: &sled::Db, name: impl AsRef<[u8]>) -> sled::Result<bool> {
     let _alone = GATE.write().unwrap_or_else(PoisonError::into_inner);
     db.drop_tree(name)
+}
+
+/// `db.open_tree(name)` for a tree that may not exist yet, alone in the
+/// gate: creating a tree, like dropping one, writes its first pages
+/// without sled's lock (`Db::open_tree` → `meta::open_tree`). Opening a
+/// tree that exists only looks it up.
+pub(super) fn create_tree(db: &sled::Db, name: impl AsRef<[u8]>) -> sled::Result<sled::Tree> {
+    let name = name.as_ref();
+    if db.tree_names().iter().any(|n| n.as_ref() == name) {
+        return db.open_tree(name);
+    }
+    let _alone = GATE.write().unwrap_or_else(PoisonError::into_inner);
+    db.open_tree(name)
 }
 
 /// `trees.transaction(f)`, inside the gate.
@@ -88,7 +103,7 @@ mod tests {
             .recv_timeout(Duration::from_secs(30))
             .expect("the drop goes on once the batch is done");
         assert!(result.expect("drop_tree"), "the tree existed");
-        dropper.join().expect("dropper");
+        dropper.join().expect("dropper").expect("sent");
         assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"doomed"));
         // And a batch waits for nothing once the drop is done.
         let tree = db.open_tree("kept").expect("tree");
@@ -96,5 +111,31 @@ mod tests {
         b.insert(b"a", b"1");
         super::apply_batch(&tree, b).expect("batch");
         assert_eq!(tree.get(b"a").expect("get").as_deref(), Some(&b"1"[..]));
+    }
+
+    #[test]
+    fn a_tree_is_created_only_while_no_batch_or_transaction_runs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sled::Config::new().path(dir.path()).open().expect("open");
+        db.open_tree("existing").expect("tree");
+        let batch = super::shared();
+        // A tree that exists is only looked up: no wait.
+        super::create_tree(&db, "existing").expect("existing tree");
+        let (done, created) = mpsc::channel();
+        let creator = {
+            let db = db.clone();
+            std::thread::spawn(move || done.send(super::create_tree(&db, "new").map(|_| ())))
+        };
+        assert!(
+            created.recv_timeout(Duration::from_millis(300)).is_err(),
+            "the tree was created while a batch held the gate"
+        );
+        drop(batch);
+        created
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the creation goes on once the batch is done")
+            .expect("create_tree");
+        creator.join().expect("creator").expect("sent");
+        assert!(db.tree_names().iter().any(|n| n.as_ref() == b"new"));
     }
 }

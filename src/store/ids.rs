@@ -386,12 +386,13 @@ impl Ids {
         self.record_unpacked()?;
         if self.generations().frozen.is_empty() {
             let _moving = self.pause();
+            // Only a pass changes the number (and one runs at a time).
+            let next = self.generations().number + 1;
+            let tree = gate::create_tree(&self.db, generation_name(next))?;
             let mut g = self
                 .generations
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let next = g.number + 1;
-            let tree = self.db.open_tree(generation_name(next))?;
             // Named before written into: a crash after this finds the
             // old generation at open, frozen.
             self.meta.insert(META_GENERATION, &next.to_be_bytes())?;
