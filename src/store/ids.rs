@@ -156,6 +156,9 @@ pub(super) struct PassStats {
     pub generations: u64,
     /// Entries kept unpacked (damaged, or falling into a damaged pack).
     pub carried: u64,
+    /// Time spent dropping generations' trees (alone in the sled gate:
+    /// the writer's batches wait meanwhile, see [`super::gate`]).
+    pub dropping: std::time::Duration,
 }
 
 /// What a round writes: the packs, and the ids moved into them.
@@ -425,7 +428,9 @@ impl Ids {
                 g.frozen.retain(|(n, _)| *n != number);
             }
             drop(tree);
+            let dropping = std::time::Instant::now();
             gate::drop_tree(&self.db, generation_name(number))?;
+            stats.dropping += dropping.elapsed();
             stats.generations += 1;
         }
         Ok(stats)
@@ -651,6 +656,7 @@ pub(super) fn spawn_packer(ids: Arc<Ids>) -> Result<std::thread::JoinHandle<()>>
                             packs_rewritten = stats.packs_rewritten,
                             generations = stats.generations,
                             carried = stats.carried,
+                            dropping = ?stats.dropping,
                             packed = ids.packed.load(Ordering::Relaxed),
                             elapsed = ?started.elapsed(),
                             "event ids packed"
