@@ -157,7 +157,9 @@ pub(super) struct PassStats {
     /// Entries kept unpacked (damaged, or falling into a damaged pack).
     pub carried: u64,
     /// Time spent dropping generations' trees (alone in the sled gate:
-    /// the writer's batches wait meanwhile, see [`super::gate`]).
+    /// every sled batch and transaction of the process waits meanwhile —
+    /// the writer's larger commits, the rollup checkpointer's merges —
+    /// see [`super::gate`]).
     pub dropping: std::time::Duration,
 }
 
