@@ -131,6 +131,9 @@ pub(super) struct Ids {
     /// Held by a pass per round and while it drops a generation, and by
     /// what must not interleave with one (a snapshot's copy).
     moving: Mutex<()>,
+    /// Held for a whole pass: one runs at a time (the packer thread's,
+    /// or one a test starts), as freezing and packing assume.
+    passing: Mutex<()>,
     /// Set to stop the packer thread.
     stop: AtomicBool,
     wake: Condvar,
@@ -297,6 +300,7 @@ impl Ids {
             packed: AtomicU64::new(read_u64(META_PACKED)?),
             meta,
             moving: Mutex::new(()),
+            passing: Mutex::new(()),
             stop: AtomicBool::new(false),
             wake: Condvar::new(),
             wake_lock: Mutex::new(()),
@@ -386,12 +390,17 @@ impl Ids {
     /// [`Self::round`]) holding [`Self::pause`] during each, and drops
     /// it. Stops early when the packer is stopped.
     pub(super) fn pass(&self) -> Result<PassStats> {
+        let _passing = self
+            .passing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut stats = PassStats::default();
         self.unpacked.store(0, Ordering::Relaxed);
         self.record_unpacked()?;
         if self.generations().frozen.is_empty() {
             let _moving = self.pause();
-            // Only a pass changes the number (and one runs at a time).
+            // Only a pass changes the number, and one runs at a time
+            // (`passing`).
             let next = self.generations().number + 1;
             let tree = gate::create_tree(&self.db, generation_name(next))?;
             let mut g = self
