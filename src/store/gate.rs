@@ -31,15 +31,38 @@
 //! it: the checkpointer's `tree_lock`, the writer's id generations; the
 //! id packer takes the gate alone holding only its `moving` lock).
 
-use std::sync::{PoisonError, RwLock, RwLockReadGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, TryLockError};
+use std::time::{Duration, Instant};
 
 use sled::transaction::{ConflictableTransactionResult, TransactionResult, Transactional};
 
 static GATE: RwLock<()> = RwLock::new(());
 
+/// Nanoseconds batches and transactions waited for the gate, in all (see
+/// [`waited`]).
+static WAITED: AtomicU64 = AtomicU64::new(0);
+
 /// Held shared for the length of one sled batch or transaction.
 pub(super) fn shared() -> RwLockReadGuard<'static, ()> {
-    GATE.read().unwrap_or_else(PoisonError::into_inner)
+    match GATE.try_read() {
+        Ok(shared) => shared,
+        Err(TryLockError::Poisoned(e)) => e.into_inner(),
+        Err(TryLockError::WouldBlock) => {
+            let started = Instant::now();
+            let shared = GATE.read().unwrap_or_else(PoisonError::into_inner);
+            let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            WAITED.fetch_add(nanos, Ordering::Relaxed);
+            shared
+        }
+    }
+}
+
+/// How long batches and transactions of this process waited for the
+/// gate since it started, in all (the id packer logs it: the price of
+/// keeping its drops apart).
+pub(super) fn waited() -> Duration {
+    Duration::from_nanos(WAITED.load(Ordering::Relaxed))
 }
 
 /// `tree.apply_batch(batch)`, inside the gate.
@@ -191,6 +214,8 @@ mod tests {
             .collect();
         got.sort_unstable();
         assert_eq!(got, ["batch", "transaction"]);
+        // Their wait is counted (the 300 ms above, less their start).
+        assert!(super::waited() >= Duration::from_millis(200));
         batch.join().expect("batch thread");
         transaction.join().expect("transaction thread");
         assert!(tree.get(b"batch").expect("get").is_some());

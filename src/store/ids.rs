@@ -668,6 +668,7 @@ pub(super) fn spawn_packer(ids: Arc<Ids>) -> Result<std::thread::JoinHandle<()>>
                             generations = stats.generations,
                             carried = stats.carried,
                             dropping = ?stats.dropping,
+                            batches_waited_in_all = ?gate::waited(),
                             packed = ids.packed.load(Ordering::Relaxed),
                             elapsed = ?started.elapsed(),
                             "event ids packed"
