@@ -208,11 +208,26 @@ impl LocalChain {
     }
 }
 
+/// A port free now, below Linux's default range of ephemeral ports
+/// (32768-60999): a node keeps its port across a restart, and a port the
+/// kernel hands out (as `bind(0)` would) can meanwhile become another
+/// connection's local port, so that the restarted node could not listen
+/// (seen in CI: `bench growth`'s reopen, "Address already in use").
 fn free_port() -> Result<u16, Error> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| err("find a free port")(e.to_string()))
+    use rand::Rng;
+    let mut rng = rand::rng();
+    let mut last = None;
+    for _ in 0..200 {
+        let port = rng.random_range(20_000..32_768);
+        match std::net::TcpListener::bind(("127.0.0.1", port)) {
+            Ok(_) => return Ok(port),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(err("find a free port")(format!(
+        "no free port in 20000-32767 after 200 tries: {}",
+        last.map_or_else(String::new, |e| e.to_string())
+    )))
 }
 
 /// A node process; killed (SIGKILL) if dropped while running.
