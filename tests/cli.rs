@@ -234,3 +234,44 @@ fn the_example_chain_configs_load_and_fit_together() {
     }
     assert!(dir.join("chainsight-node@.service").exists());
 }
+
+/// A node runs with mimalloc's purge delay at 10 ms unless the user set
+/// one: the binary runs itself again with it set, keeping its pid (so a
+/// supervisor's pid and signals still reach the node).
+#[cfg(target_os = "linux")]
+#[test]
+fn a_node_runs_with_a_short_allocator_purge_delay_unless_one_is_set() {
+    use std::io::BufRead;
+
+    let env = TestEnv::new();
+    let config = env.node_config("retailer", "");
+    for (set, want) in [(None, "10"), (Some("250"), "250")] {
+        let mut cmd = chainsight();
+        cmd.arg("node")
+            .arg("--config")
+            .arg(&config)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        match set {
+            Some(v) => cmd.env("MIMALLOC_PURGE_DELAY", v),
+            None => cmd.env_remove("MIMALLOC_PURGE_DELAY"),
+        };
+        let mut child = cmd.spawn().unwrap();
+        // The node prints its address once it listens: by then it runs as
+        // it will stay.
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.contains("listening"), "{line}");
+        let environ = std::fs::read(format!("/proc/{}/environ", child.id())).unwrap();
+        let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
+        let wanted = format!("MIMALLOC_PURGE_DELAY={want}");
+        assert!(
+            vars.contains(&wanted.as_bytes()),
+            "{wanted} not in the node's environment (set: {set:?})"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
