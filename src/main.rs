@@ -27,8 +27,11 @@ const PURGE_DELAY: &str = "MIMALLOC_PURGE_DELAY";
 /// session 27). mimalloc reads the option from the environment once,
 /// before `main`, and setting it later takes an `unsafe` call; so the
 /// process runs itself again with it set (`exec`: the same pid, arguments
-/// and environment otherwise). A delay the user set is kept; if the
-/// `exec` fails, the process runs on with mimalloc's default.
+/// and environment otherwise), before it starts a thread. Only `node`
+/// does: the short commands would pay the `exec` for nothing, and the
+/// nodes that `demo` and `bench` start are `node`s. A delay the user set
+/// is kept; if the `exec` fails, the process runs on with mimalloc's
+/// default.
 fn purge_freed_memory_promptly() {
     #[cfg(target_os = "linux")]
     {
@@ -50,8 +53,9 @@ fn purge_freed_memory_promptly() {
 }
 
 /// Turns transparent huge pages off for this process (and the nodes it
-/// starts). mimalloc returns freed memory to the OS after a second and
-/// faults it back in when it needs it again; with huge pages each fault
+/// starts). mimalloc returns freed memory to the OS (after 10 ms in a
+/// node, see [`purge_freed_memory_promptly`]) and faults it back in when
+/// it needs it again; with huge pages each fault
 /// zeroed 2 MiB: a tenth of a node's CPU under ingest and two thirds of the
 /// rollup checkpointer's, and twice the resident memory (`bench ingest`,
 /// `bench latency`; README, session 14). Failing to is harmless: the
@@ -479,9 +483,11 @@ enum CertsCommand {
 }
 
 fn main() -> ExitCode {
-    purge_freed_memory_promptly();
     no_transparent_huge_pages();
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Node { .. }) {
+        purge_freed_memory_promptly();
+    }
     init_tracing(log_format(&cli));
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
