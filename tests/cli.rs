@@ -275,3 +275,50 @@ fn a_node_runs_with_a_short_allocator_purge_delay_unless_one_is_set() {
         child.wait().unwrap();
     }
 }
+
+/// The store's background threads (rollup checkpointer, id packer) run at
+/// the node's own priority: sled frees replaced pages only once no thread
+/// is inside one of its operations, and a niced thread preempted there on
+/// busy CPUs held that back for long enough to make the node's memory jump
+/// by 100-190 MiB (README, Performance, session 28).
+#[cfg(target_os = "linux")]
+#[test]
+fn the_stores_background_threads_run_at_the_nodes_priority() {
+    use std::io::BufRead;
+
+    let env = TestEnv::new();
+    let config = env.node_config("retailer", "");
+    let mut child = chainsight()
+        .arg("node")
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The node logs "node started" once its store (and the store's
+    // threads) runs.
+    let mut log = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("node started") {
+        line.clear();
+        assert!(log.read_line(&mut line).unwrap() > 0, "the node exited");
+    }
+    let mut nice = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{}/task", child.id())).unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+        // After the command name in parentheses: state is field 3 of
+        // proc_pid_stat(5), nice field 19.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        if let Some(n) = after.split_whitespace().nth(16) {
+            nice.insert(comm.trim().to_string(), n.parse::<i32>().unwrap());
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for thread in ["rollup-checkpoi", "id-packer", "store-writer"] {
+        assert_eq!(nice.get(thread), Some(&0), "{thread}: {nice:?}");
+    }
+}

@@ -617,10 +617,8 @@ pub(super) fn spawn_packer(ids: Arc<Ids>) -> Result<std::thread::JoinHandle<()>>
         .name("id-packer".into())
         .spawn(move || {
             let _span = tracing::info_span!("id_packer").entered();
-            // Background work, like the rollup checkpointer's.
-            if let Err(e) = rustix::process::setpriority_process(None, 10) {
-                tracing::debug!(error = %e, "could not lower the id packer's priority");
-            }
+            // At normal priority, like the rollup checkpointer (see
+            // `rollups::spawn_checkpointer` for why).
             let mut failures = 0u32;
             let mut recorded = u64::MAX;
             loop {

@@ -1803,9 +1803,6 @@ pub(super) fn corrupt(k: &[u8], what: &str) -> Error {
     }
 }
 
-/// The checkpointer thread's nice value.
-const CHECKPOINTER_NICE: i32 = 10;
-
 /// Runs checkpoints until [`stop`] is called, then a last one.
 pub(super) fn spawn_checkpointer(
     pending: Arc<Pending>,
@@ -1815,13 +1812,16 @@ pub(super) fn spawn_checkpointer(
         .name("rollup-checkpoint".into())
         .spawn(move || {
             let _span = tracing::info_span!("rollup_checkpoint").entered();
-            // Merging is background work: where the CPUs are busy, commits
-            // (acknowledgements) and deliveries go first. (Linux keeps a
-            // nice value per thread; the backpressure on the waiting events
-            // keeps the checkpointer from falling behind for long.)
-            if let Err(e) = rustix::process::setpriority_process(None, CHECKPOINTER_NICE) {
-                tracing::debug!(error = %e, "could not lower the checkpointer's priority");
-            }
+            // Not at a lower priority (it ran at nice 10 from 2cfdcc4 to
+            // session 28): a thread that sled's epoch-based reclamation
+            // sees inside an operation holds back the freeing of every
+            // node version the writer replaces meanwhile, and a niced
+            // thread preempted there for a few hundred milliseconds on
+            // busy CPUs made the node's memory jump by 100-190 MiB
+            // (`bench growth` at 10M; README, session 28); preempted inside
+            // a sled batch it also held sled's global write lock, which
+            // every commit waits for. The price: `bench propagate`'s p99,
+            // where three nodes share two CPUs, rose about 1.7x.
             loop {
                 let stopping = pending.stop.load(Ordering::SeqCst);
                 let all = stopping || pending.draining.load(Ordering::SeqCst);
