@@ -286,39 +286,62 @@ fn a_node_runs_with_a_short_allocator_purge_delay_unless_one_is_set() {
 fn the_stores_background_threads_run_at_the_nodes_priority() {
     use std::io::BufRead;
 
-    let env = TestEnv::new();
-    let config = env.node_config("retailer", "");
-    let mut child = chainsight()
-        .arg("node")
-        .arg("--config")
-        .arg(&config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // The node logs "node started" once its store (and the store's
-    // threads) runs.
-    let mut log = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("node started") {
-        line.clear();
-        assert!(log.read_line(&mut line).unwrap() > 0, "the node exited");
-    }
-    let mut nice = std::collections::BTreeMap::new();
-    for task in std::fs::read_dir(format!("/proc/{}/task", child.id())).unwrap() {
-        let dir = task.unwrap().path();
-        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
-        // After the command name in parentheses: state is field 3 of
-        // proc_pid_stat(5), nice field 19.
-        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        if let Some(n) = after.split_whitespace().nth(16) {
-            nice.insert(comm.trim().to_string(), n.parse::<i32>().unwrap());
+    /// Kills the node however the test ends.
+    struct Node(std::process::Child);
+    impl Drop for Node {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
         }
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
+
+    let env = TestEnv::new();
+    let config = env.node_config("retailer", "");
+    let mut node = Node(
+        chainsight()
+            .arg("node")
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // The node logs "node started" once its store (and the store's
+    // threads) runs; its log is read on a thread, so that the wait has a
+    // deadline.
+    let log = std::io::BufReader::new(node.0.stderr.take().unwrap());
+    let (started, wait) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in log.lines().map_while(Result::ok) {
+            if line.contains("node started") {
+                let _ = started.send(());
+            }
+        }
+    });
+    wait.recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the node did not log \"node started\" within 30 s");
+    let pid = node.0.id();
+    // The nice value (field 19 of proc_pid_stat(5); after the command name
+    // in parentheses, the fields start at 3) of each thread, by name.
+    let nice_of = |dir: &std::path::Path| -> Option<i32> {
+        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+        let (_, after) = stat.rsplit_once(')')?;
+        after.split_whitespace().nth(16)?.parse().ok()
+    };
+    let mut nice = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if let Some(n) = nice_of(&dir) {
+            nice.insert(comm.trim().to_string(), n);
+        }
+    }
+    // The node's own priority (that of its main thread): the tests may run
+    // niced as a whole.
+    let own = nice_of(std::path::Path::new(&format!("/proc/{pid}/task/{pid}"))).unwrap();
     for thread in ["rollup-checkpoi", "id-packer", "store-writer"] {
-        assert_eq!(nice.get(thread), Some(&0), "{thread}: {nice:?}");
+        assert_eq!(nice.get(thread), Some(&own), "{thread}: {nice:?}");
     }
 }
