@@ -284,45 +284,16 @@ fn a_node_runs_with_a_short_allocator_purge_delay_unless_one_is_set() {
 #[cfg(target_os = "linux")]
 #[test]
 fn the_stores_background_threads_run_at_the_nodes_priority() {
-    use std::io::BufRead;
-
-    /// Kills the node however the test ends.
-    struct Node(std::process::Child);
-    impl Drop for Node {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
     let env = TestEnv::new();
-    let config = env.node_config("retailer", "");
-    let mut node = Node(
-        chainsight()
-            .arg("node")
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    env.node_config("retailer", "");
+    let node = env.start("retailer");
     // The node logs "node started" once its store (and the store's
-    // threads) runs; its log is read on a thread, so that the wait has a
-    // deadline.
-    let log = std::io::BufReader::new(node.0.stderr.take().unwrap());
-    let (started, wait) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in log.lines().map_while(Result::ok) {
-            if line.contains("node started") {
-                let _ = started.send(());
-            }
-        }
-    });
-    wait.recv_timeout(std::time::Duration::from_secs(30))
-        .expect("the node did not log \"node started\" within 30 s");
-    let pid = node.0.id();
+    // threads) runs.
+    common::wait_for(
+        || node.log().contains("node started"),
+        "the node's store to open",
+    );
+    let pid = node.pid();
     // The nice value (field 19 of proc_pid_stat(5); after the command name
     // in parentheses, the fields start at 3) of each thread, by name.
     let nice_of = |dir: &std::path::Path| -> Option<i32> {

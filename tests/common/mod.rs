@@ -234,6 +234,11 @@ impl NodeProc {
         self.dir.join("data")
     }
 
+    /// The running process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// Opens the node's store; the node must be stopped. A store this
     /// test opened and dropped just before may still be locked for a
     /// moment (sled's background threads close the file after the drop):
