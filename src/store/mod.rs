@@ -3957,6 +3957,78 @@ mod tests {
         );
     }
 
+    /// Commits are folded into the waiting rollups on the folder thread,
+    /// after their answer: an erasure right behind them (no query between
+    /// to wait for the folds) still corrects cells that hold its events,
+    /// never cells their fold lands in later.
+    #[tokio::test]
+    async fn an_erasure_right_after_the_commits_corrects_their_folded_cells() {
+        use crate::insights::{self, Dim, Query};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = reopen(dir.path(), Some(Layout::default()));
+        let query = Query {
+            filter: Default::default(),
+            group_by: vec![Dim::Category, Dim::Kind],
+            attribute_key: None,
+            bucket: None,
+            limit: 0,
+        };
+        // Distinct customers (their first 16 hex digits are what cells count).
+        let customer = |n: usize| {
+            let h = (n as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            format!("{h:016x}{n:016x}")
+        };
+        // Slow folds: they still wait when the erasure comes (other tests
+        // of this binary meanwhile only fold later).
+        struct Delay;
+        impl Drop for Delay {
+            fn drop(&mut self) {
+                writer::FOLD_DELAY_MS.store(0, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        writer::FOLD_DELAY_MS.store(20, std::sync::atomic::Ordering::Relaxed);
+        let _delay = Delay;
+        for round in 0..5 {
+            // Many commits in flight at once: the folder has a queue.
+            let commits = (0..8).map(|c| {
+                let events: Vec<NewEvent> = (0..200)
+                    .map(|i| {
+                        let mut ev = PreferenceEvent::example();
+                        ev.event_id = format!("e-{round}-{c}-{i}");
+                        ev.customer_pseudonym = customer(round * 8 + c);
+                        ev.occurred_at = UnixNanos(ev.occurred_at.0 + i as i64 * 1_000_000);
+                        NewEvent::local(ev)
+                    })
+                    .collect();
+                store.append(events)
+            });
+            for result in futures::future::join_all(commits).await {
+                result.expect("append");
+            }
+            let victim = customer(round * 8 + 3);
+            let erased = store
+                .erase(
+                    EraseRequest {
+                        id: format!("er-{round}"),
+                        requested_by: "test".into(),
+                        pseudonym: victim,
+                        event_ids: Vec::new(),
+                        spare_origin: None,
+                    },
+                    Router::none(),
+                )
+                .await
+                .expect("erase");
+            assert_eq!(erased.events, 200, "round {round}");
+        }
+        let kept = insights::run(&store, &query, 1).expect("query");
+        let total: u64 = kept.rows.iter().map(|r| r.events).sum();
+        assert_eq!(total, 5 * 7 * 200, "every erased event left the cells");
+        store.rebuild_rollups(|_| {}).await.expect("rebuild");
+        let rebuilt = insights::run(&store, &query, 1).expect("query");
+        assert_eq!(kept, rebuilt, "as a rebuild from the remaining events");
+    }
+
     /// Subscriptions read the newest events through a shared cache
     /// (`recent`): what they read is what sled holds, and an event erased
     /// or removed by retention after the cache held it is never served

@@ -1,7 +1,9 @@
 //! Rollup maintenance off the ingest path.
 //!
-//! The writer folds each committed batch into in-memory maps of cell
-//! deltas (`active`), one per [`Lane`]. A checkpointer thread regularly
+//! Each committed batch is folded into in-memory maps of cell deltas
+//! (`active`), one per [`Lane`], by the writer's folder thread (since
+//! session 29; before, by the writer itself, which then started its next
+//! commit only after the fold). A checkpointer thread regularly
 //! freezes a lane's map and merges it into the `rollups` tree in one atomic
 //! sled batch, together with the sequence number it covers up to (the
 //! lane's *watermark*, kept in the same tree). Queries read the tree plus
@@ -980,9 +982,21 @@ impl Pending {
         }
     }
 
-    /// Adds the cells of committed events up to `upto` (writer thread);
-    /// `hours`: the hours the events occurred in, sorted (ends the change
-    /// [`Self::begin_change`] began). Counts as the fold a
+    /// Returns once every fold announced so far ([`Self::fold_owed`]) is
+    /// done (writer thread, before anything that reads, merges or resets
+    /// the waiting cells as a whole: the folds run on their own thread).
+    pub(super) fn settle(&self) {
+        let mut count = self.fold_count();
+        while count.done < count.owed {
+            count = self
+                .folded
+                .wait(count)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    /// Adds the cells of committed events up to `upto` (the writer's
+    /// folder thread, commit by commit in order). Counts as the fold a
     /// [`Self::fold_owed`] announced.
     ///
     /// The events are folded into hash maps like the waiting cells' before
@@ -995,7 +1009,6 @@ impl Pending {
         new: impl IntoIterator<Item = &'a crate::domain::PreferenceEvent>,
         events: u64,
         upto: Seq,
-        hours: &[i64],
     ) {
         // Counted done however this ends (a panic included: queries must
         // not wait for a fold that will never come).
@@ -1014,7 +1027,6 @@ impl Pending {
         crate::rollup::fold_with(new, &self.layout, &[Bucket::Day], |key, delta| {
             own[Lane::of(key) as usize].merge_ref(key, delta);
         });
-        self.end_change(Some(hours));
         let (due, over) = {
             let mut maps = self.write();
             for (lane, cells) in Lane::ALL.into_iter().zip(own) {
@@ -2068,7 +2080,7 @@ mod tests {
         let layout = Arc::new(Layout::default());
         let p = Pending::with_maps(layout.clone(), Maps::default());
         for (i, commit) in events.chunks(150).enumerate() {
-            p.add(commit, commit.len() as u64, 150 * (i as u64 + 1), &[]);
+            p.add(commit, commit.len() as u64, 150 * (i as u64 + 1));
         }
         let expected = by_lane(crate::rollup::fold(&events, &layout));
         let maps = p.read();
@@ -2202,7 +2214,7 @@ mod tests {
             let (p, events) = (p.clone(), events.clone());
             std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_millis(200));
-                p.add(&events, 5, 5, &[hour]);
+                p.add(&events, 5, 5);
             })
         };
         assert_eq!(count(&p), 5, "the query waited for the fold");

@@ -42,17 +42,54 @@ pub(super) struct Append {
 /// Where an append's outcome goes.
 pub(super) type Reply = oneshot::Sender<Result<Vec<Appended>>>;
 
-/// A commit's outcomes (per append, per event) and the fold it owes.
-type Written<'b> = (Vec<Vec<Appended>>, Option<Fold<'b>>);
+/// Folds of commits that may wait for the folder thread before the
+/// writer waits for it (each holds a commit's new events).
+const FOLDS_QUEUED: usize = 2;
 
-/// A commit's new events to fold into the waiting rollups (see
-/// [`Writer::commit`]).
-struct Fold<'b> {
-    events: Vec<&'b crate::domain::PreferenceEvent>,
+/// A commit's outcomes (per append, per event) and, when it stored new
+/// events and rollups are kept, the highest sequence number among them:
+/// their fold is owed.
+type Written = (Vec<Vec<Appended>>, Option<Seq>);
+
+/// Tests: a pause before each fold, so that folds are still waiting when
+/// the commands behind their commits come.
+#[cfg(test)]
+pub(super) static FOLD_DELAY_MS: AtomicU64 = AtomicU64::new(0);
+
+/// A commit's new events to fold into the waiting rollups, on the folder
+/// thread (see [`Writer::commit`]).
+struct Fold {
+    events: Vec<crate::domain::PreferenceEvent>,
     /// The highest sequence number among them.
     upto: Seq,
-    /// The hours they occurred in, sorted.
-    hours: Vec<i64>,
+}
+
+/// The thread that folds committed events into the waiting rollups, so
+/// that the writer goes on to the next commit meanwhile, and where they
+/// are dropped.
+struct Folder {
+    tx: std::sync::mpsc::SyncSender<Fold>,
+    handle: std::thread::JoinHandle<()>,
+}
+
+impl Folder {
+    fn spawn(pending: Arc<super::rollups::Pending>) -> Result<Folder> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Fold>(FOLDS_QUEUED);
+        let handle = std::thread::Builder::new()
+            .name("rollup-folder".into())
+            .spawn(move || {
+                for fold in rx {
+                    #[cfg(test)]
+                    std::thread::sleep(std::time::Duration::from_millis(
+                        FOLD_DELAY_MS.load(Ordering::Relaxed),
+                    ));
+                    let n = fold.events.len() as u64;
+                    pending.add(&fold.events, n, fold.upto);
+                }
+            })
+            .map_err(|e| Error::Sled(sled::Error::Io(e)))?;
+        Ok(Folder { tx, handle })
+    }
 }
 
 pub(super) enum Command {
@@ -102,6 +139,10 @@ pub(super) fn spawn(
         None => None,
     };
     let packer = Some(super::ids::spawn_packer(trees.ids.clone())?);
+    let folder = match &trees.pending {
+        Some(p) => Some(Folder::spawn(p.clone())?),
+        None => None,
+    };
     let writer = Writer {
         db,
         trees,
@@ -111,6 +152,7 @@ pub(super) fn spawn(
         durable,
         checkpointer,
         packer,
+        folder,
     };
     let handle = std::thread::Builder::new()
         .name("store-writer".into())
@@ -135,6 +177,9 @@ struct Writer {
     /// Moves event ids into packs (see [`super::ids`]); stopped before
     /// the final flush.
     packer: Option<std::thread::JoinHandle<()>>,
+    /// Folds commits into the waiting rollups; stopped before the
+    /// checkpointer.
+    folder: Option<Folder>,
 }
 
 impl Writer {
@@ -145,6 +190,11 @@ impl Writer {
             let Some(first) = pending.take().or_else(|| rx.blocking_recv()) else {
                 break;
             };
+            if !matches!(first, Command::Append(_)) {
+                // What follows reads, merges or resets the waiting rollups
+                // as a whole: every commit's fold first.
+                self.settle_folds();
+            }
             let first = match first {
                 Command::Purge {
                     before,
@@ -229,8 +279,21 @@ impl Writer {
         Ok(counts)
     }
 
-    /// The last checkpoint of the rollups, then the final flush.
+    /// Waits until every commit answered so far is folded into the
+    /// waiting rollups.
+    fn settle_folds(&self) {
+        if let Some(pending) = &self.trees.pending {
+            pending.settle();
+        }
+    }
+
+    /// The last folds and checkpoint of the rollups, then the final flush.
     fn finish(&mut self) -> Result<()> {
+        if let Some(folder) = self.folder.take() {
+            drop(folder.tx);
+            let _ = folder.handle.join();
+        }
+        self.settle_folds();
         if let (Some(pending), Some(handle)) = (&self.trees.pending, self.checkpointer.take()) {
             super::rollups::stop(pending);
             let _ = handle.join();
@@ -670,8 +733,8 @@ impl Writer {
         // Queries from here on wait for this commit's fold (below): whoever
         // saw its events, by an answer or by the durable mark, finds them
         // counted.
-        let folding = fold.as_ref().zip(self.trees.pending.as_ref());
-        if let Some((_, pending)) = folding {
+        let folding = fold.zip(self.trees.pending.clone());
+        if let Some((_, pending)) = &folding {
             pending.fold_owed();
         }
         self.durable.send_replace(self.next_seq - 1);
@@ -683,19 +746,42 @@ impl Writer {
             .filter(|o| matches!(o, Appended::Stored(_)))
             .count();
         m.stored.inc_by(stored as u64);
+        // The new events, moved out for their fold.
+        let new_events = folding.as_ref().map(|_| {
+            let mut new_events = Vec::with_capacity(stored);
+            for (events, out) in batch.into_iter().zip(&outcomes) {
+                for (ne, outcome) in events.into_iter().zip(out) {
+                    if let Appended::Stored(_) = outcome {
+                        new_events.push(ne.event);
+                    }
+                }
+            }
+            new_events
+        });
         // The callers are answered before the new events are folded into
-        // the waiting rollups: the fold was about half of the writer's time
-        // per commit (perf, `bench propagate`), and no longer delays the
-        // acknowledgement, nor the links and subscribers that follow the
-        // durable mark. A query waits for the fold of every commit
-        // acknowledged before it started (`rollups::Pending::read_cells`);
-        // a crash refolds from the stored events.
+        // the waiting rollups, and the fold runs on the folder thread: it
+        // was about half of the writer's time per commit (perf, `bench
+        // propagate`), a third of it in `bench ingest` with the writer the
+        // bound, and delays neither the acknowledgement, nor the links and
+        // subscribers that follow the durable mark, nor the next commit. A
+        // query waits for the fold of every commit acknowledged before it
+        // started (`rollups::Pending::read_cells`); a crash refolds from
+        // the stored events.
         for (reply, outcome) in replies.into_iter().zip(outcomes) {
             let _ = reply.send(Ok(outcome));
         }
-        if let Some((fold, pending)) = folding {
+        if let (Some((upto, pending)), Some(events)) = (folding, new_events) {
+            let fold = Fold { events, upto };
+            let fold = match &self.folder {
+                Some(folder) => match folder.tx.send(fold) {
+                    Ok(()) => return,
+                    Err(std::sync::mpsc::SendError(fold)) => fold,
+                },
+                None => fold,
+            };
+            // The folder is gone (it panicked): folded here.
             let n = fold.events.len() as u64;
-            pending.add(fold.events.iter().copied(), n, fold.upto, &fold.hours);
+            pending.add(&fold.events, n, fold.upto);
         }
     }
 
@@ -703,12 +789,9 @@ impl Writer {
     /// their index and outbox entries (see [`Self::transact`]). On failure,
     /// says whether anything was applied. With the outcomes, the fold of
     /// the new events into the waiting rollups that is owed.
-    fn write<'b>(
-        &mut self,
-        batch: &'b [Vec<NewEvent>],
-    ) -> std::result::Result<Written<'b>, (Error, bool)> {
+    fn write(&mut self, batch: &[Vec<NewEvent>]) -> std::result::Result<Written, (Error, bool)> {
         let mut in_batch: HashMap<&str, Seq> = HashMap::new();
-        let mut new: Vec<(Seq, &'b NewEvent)> = Vec::new();
+        let mut new: Vec<(Seq, &NewEvent)> = Vec::new();
         let mut outcomes = Vec::with_capacity(batch.len());
         for events in batch {
             let mut out = Vec::with_capacity(events.len());
@@ -763,10 +846,10 @@ impl Writer {
     /// On failure, says whether anything was applied. Queries' folded
     /// window edges of the events' hours are dropped before and after
     /// (see [`super::rollups::Pending::begin_change`]).
-    fn transact<'b>(
+    fn transact(
         &self,
-        new: &[(Seq, &'b NewEvent)],
-    ) -> std::result::Result<Option<Fold<'b>>, (Error, bool)> {
+        new: &[(Seq, &NewEvent)],
+    ) -> std::result::Result<Option<Seq>, (Error, bool)> {
         let Some(pending) = &self.trees.pending else {
             return self.write_trees(new).map(|()| None);
         };
@@ -781,14 +864,11 @@ impl Writer {
             pending.end_change(None);
             return Err(e);
         }
+        pending.end_change(Some(&hours));
         // The events are in the trees: once their callers are answered,
         // their rollup deltas are folded into the waiting ones, merged into
         // the tree by the checkpointer (a crash refolds them).
-        Ok(Some(Fold {
-            events: new.iter().map(|(_, ne)| &ne.event).collect(),
-            upto: new.iter().map(|(s, _)| *s).max().unwrap_or(0),
-            hours,
-        }))
+        Ok(Some(new.iter().map(|(s, _)| *s).max().unwrap_or(0)))
     }
 
     /// [`Self::transact`]'s writes: the records to the event log, synced
