@@ -299,6 +299,10 @@ impl Maps {
 /// Longest a query waits for the fold of acknowledged commits.
 const FOLD_WAIT: Duration = Duration::from_secs(5);
 
+/// Events a fold adds to the waiting cells per hold of their lock: a
+/// query or a checkpoint's chunk waits for no more than that.
+const FOLD_CHUNK: usize = 64;
+
 /// Bytes of a cell key's period prefix (family, period kind, start hour).
 pub(super) const PREFIX: usize = 10;
 
@@ -373,32 +377,6 @@ impl Cells {
             None => {
                 period.insert(key.to_vec(), delta.clone());
                 self.len += 1;
-            }
-        }
-    }
-
-    /// Adds every cell of `other`: a period this map lacks is moved over
-    /// whole.
-    fn absorb(&mut self, other: Cells) {
-        if self.is_empty() {
-            *self = other;
-            return;
-        }
-        for (prefix, cells) in other.periods {
-            match self.periods.entry(prefix) {
-                std::collections::btree_map::Entry::Vacant(period) => {
-                    self.len += cells.len();
-                    period.insert(cells);
-                }
-                std::collections::btree_map::Entry::Occupied(mut period) => {
-                    // The period is found once, not again per cell.
-                    let period = period.get_mut();
-                    for (key, delta) in cells {
-                        if Self::merge_in(period, key, delta) {
-                            self.len += 1;
-                        }
-                    }
-                }
             }
         }
     }
@@ -551,6 +529,16 @@ pub(super) struct Pending {
     paused: AtomicUsize,
     /// Held by the checkpointer through each checkpoint.
     checkpointing: Mutex<()>,
+    /// Held through each commit's fold ([`Pending::add`]), which takes
+    /// the maps' lock chunk by chunk; a checkpoint freezes a lane only
+    /// between two commits' folds, so that a frozen map holds whole
+    /// commits, those up to its watermark. Handed over fairly at the end
+    /// of a fold: back-to-back folds would otherwise keep a checkpoint
+    /// from ever taking it.
+    folding: parking_lot::Mutex<()>,
+    /// A fold panicked half way: the maps may hold part of a commit's
+    /// cells without its events counted (see [`Pending::checkpoint`]).
+    half_folded: AtomicBool,
     /// Commits whose callers were answered before their fold, and folds
     /// done since ([`Pending::fold_owed`], [`Pending::add`]).
     folds: Mutex<FoldCount>,
@@ -923,6 +911,8 @@ impl Pending {
             failing: AtomicBool::new(false),
             paused: AtomicUsize::new(0),
             checkpointing: Mutex::new(()),
+            folding: parking_lot::Mutex::new(()),
+            half_folded: AtomicBool::new(false),
             folds: Mutex::new(FoldCount::default()),
             folded: Condvar::new(),
         }
@@ -999,11 +989,14 @@ impl Pending {
     /// folder thread, commit by commit in order). Counts as the fold a
     /// [`Self::fold_owed`] announced.
     ///
-    /// The events are folded into hash maps like the waiting cells' before
-    /// the lock is taken, then moved in: a new period whole, a cell of a
-    /// period that waits already with one search. (Folding under the lock
-    /// made the checkpointer wait for every commit's fold at each chunk it
-    /// merges, and stalled ingest at a million stored events.)
+    /// The events are folded straight into the waiting cells,
+    /// [`FOLD_CHUNK`] events per hold of the maps' lock (a whole commit
+    /// under one hold made the checkpointer wait for every commit's fold
+    /// at each chunk it merges, and stalled ingest at a million stored
+    /// events; until session 29 each commit was folded into maps of its
+    /// own first, then moved in: every cell hashed, searched and merged
+    /// twice). Each event's cells go in under one hold, so a query counts
+    /// an event in all its cells or in none.
     pub(super) fn add<'a>(
         &self,
         new: impl IntoIterator<Item = &'a crate::domain::PreferenceEvent>,
@@ -1015,30 +1008,42 @@ impl Pending {
         struct Done<'p>(&'p Pending);
         impl Drop for Done<'_> {
             fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.0.half_folded.store(true, Ordering::SeqCst);
+                }
                 self.0.fold_count().done += 1;
                 self.0.folded.notify_all();
             }
         }
         let done = Done(self);
-        let mut own: [Cells; 2] = Default::default();
-        // The views' week and month cells are derived from their day
-        // cells when they are read or merged (see [`derive`]): a third of
-        // the cells an event adds.
-        crate::rollup::fold_with(new, &self.layout, &[Bucket::Day], |key, delta| {
-            own[Lane::of(key) as usize].merge_ref(key, delta);
-        });
         let (due, over) = {
-            let mut maps = self.write();
-            for (lane, cells) in Lane::ALL.into_iter().zip(own) {
-                let waiting = maps.lane(lane);
-                waiting.active.absorb(cells);
-                waiting.counted(events, upto);
+            let folding = self.folding.lock();
+            let mut new = new.into_iter().peekable();
+            while new.peek().is_some() {
+                let mut maps = self.write();
+                let lanes = &mut maps.lanes;
+                // The views' week and month cells are derived from their
+                // day cells when they are read or merged (see [`derive`]):
+                // a third of the cells an event adds.
+                crate::rollup::fold_with(
+                    new.by_ref().take(FOLD_CHUNK),
+                    &self.layout,
+                    &[Bucket::Day],
+                    |key, delta| lanes[Lane::of(key) as usize].active.merge_ref(key, delta),
+                );
             }
-            (
+            let mut maps = self.write();
+            for lane in Lane::ALL {
+                maps.lane(lane).counted(events, upto);
+            }
+            let due_over = (
                 maps.lanes[0].active_events >= Lane::Hours.events()
                     || maps.lanes[1].active_events >= Lane::Views.events(),
                 Self::over(&maps),
-            )
+            );
+            drop(maps);
+            parking_lot::MutexGuard::unlock_fair(folding);
+            due_over
         };
         drop(done);
         if due {
@@ -1209,19 +1214,21 @@ impl Pending {
     /// drops the record. A checkpoint a failure cut short is resumed where
     /// it stopped by the next call.
     fn checkpoint(&self, tree: &sled::Tree, lane: Lane) -> Result<bool> {
-        // A panic while the maps were held for writing (the writer moves a
-        // commit's cells in under that lock) may have left them half
-        // added, without the commit's events counted: merging them would count them
-        // again when the next open folds that commit's events from the
-        // watermark. Nothing is merged until a restart does that.
-        if self.maps.is_poisoned() {
+        // A panic in a fold (while the maps were held for writing, or
+        // between two of its chunks) may have left a commit's cells half
+        // added, without the commit's events counted: merging them would
+        // count them again when the next open folds that commit's events
+        // from the watermark. Nothing is merged until a restart does that.
+        if self.maps.is_poisoned() || self.half_folded.load(Ordering::SeqCst) {
             return Err(Error::Write {
-                reason: "the waiting rollups were left half updated by a panic in the store's writer; restart the node (it folds the rollups of the events after the last checkpoint again)".into(),
+                reason: "the waiting rollups were left half updated by a panic in the store's rollup fold; restart the node (it folds the rollups of the events after the last checkpoint again)".into(),
                 disk_full: false,
             });
         }
         let started = std::time::Instant::now();
         let (frozen, upto, events, done) = {
+            // Between two commits' folds (see `folding`).
+            let _folding = self.folding.lock();
             let mut maps = self.write();
             let maps = maps.lane(lane);
             if maps.frozen.is_none() {
@@ -2181,6 +2188,85 @@ mod tests {
             .flat_map(|cells| cells.iter())
             .map(|c| c.counts.events)
             .sum()
+    }
+
+    /// A fold takes the maps' lock chunk by chunk, and checkpoints run
+    /// meanwhile: each one freezes whole commits only, so the tree holds
+    /// exactly the events up to its watermark (what a restart refolds
+    /// from), never part of a later commit.
+    #[test]
+    fn checkpoints_between_a_folds_chunks_freeze_whole_commits() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = sled::open(dir.path()).expect("sled");
+        let tree = db.open_tree("rollups").expect("tree");
+        let p = Arc::new(Pending::with_maps(
+            Arc::new(Layout::default()),
+            Maps::default(),
+        ));
+        let commits: Vec<Vec<crate::domain::PreferenceEvent>> = (0..30)
+            .map(|c| {
+                (0..1000)
+                    .map(|i| {
+                        let mut ev = crate::domain::PreferenceEvent::example();
+                        ev.event_id = format!("e-{c}-{i}");
+                        ev
+                    })
+                    .collect()
+            })
+            .collect();
+        let hour = crate::rollup::hour_of(commits[0][0].occurred_at);
+        let folder = {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                for (c, commit) in commits.iter().enumerate() {
+                    p.fold_owed();
+                    p.add(commit, commit.len() as u64, 1000 * (c as u64 + 1));
+                    // Commits come apart (the checkpoints get their turns
+                    // between them, and inside them).
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+        };
+        let piece = (
+            crate::rollup::FAMILY_BASE,
+            Bucket::Hour,
+            Some(hour),
+            Some(hour + 1),
+        );
+        let mut checkpoints = 0;
+        loop {
+            let folding = !folder.is_finished();
+            if p.checkpoint(&tree, Lane::Hours).expect("checkpoint") {
+                checkpoints += 1;
+            }
+            let in_tree: u64 = Pending::read_tree(&tree, &[piece])
+                .expect("read")
+                .iter()
+                .map(|(k, v)| {
+                    crate::rollup::open_value(k, v)
+                        .and_then(crate::rollup::AggRef::parse)
+                        .expect("cell")
+                        .counts
+                        .events
+                })
+                .sum();
+            let watermark = read_watermark(&tree, Lane::Hours.watermark_key())
+                .expect("read")
+                .unwrap_or(0);
+            assert_eq!(
+                in_tree, watermark,
+                "the tree holds the events up to its watermark"
+            );
+            if !folding {
+                break;
+            }
+        }
+        folder.join().expect("folder");
+        assert_eq!(events_read(&p, &tree, piece), 30_000);
+        assert!(
+            checkpoints > 1,
+            "checkpoints ran while folds did: {checkpoints}"
+        );
     }
 
     /// A commit's callers are answered before its fold: a query that
