@@ -312,7 +312,12 @@ fn the_stores_background_threads_run_at_the_nodes_priority() {
     // The node's own priority (that of its main thread): the tests may run
     // niced as a whole.
     let own = nice_of(std::path::Path::new(&format!("/proc/{pid}/task/{pid}"))).unwrap();
-    for thread in ["rollup-checkpoi", "id-packer", "store-writer"] {
+    for thread in [
+        "rollup-checkpoi",
+        "rollup-folder",
+        "id-packer",
+        "store-writer",
+    ] {
         assert_eq!(nice.get(thread), Some(&own), "{thread}: {nice:?}");
     }
 }

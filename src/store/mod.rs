@@ -741,6 +741,9 @@ impl Store {
         rollups.clear()?;
         let last = self.last_seq()?;
         if let Some(pending) = &self.inner.trees.pending {
+            // The folds of answered commits land before the reset, not
+            // after (their events are folded again from the tree below).
+            pending.settle();
             pending.reset(last);
         }
         let horizon = self.rollup_horizon()?;
@@ -3978,8 +3981,8 @@ mod tests {
             let h = (n as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
             format!("{h:016x}{n:016x}")
         };
-        // Slow folds: they still wait when the erasure comes (other tests
-        // of this binary meanwhile only fold later).
+        // Slow folds: they still wait when the erasure comes (meanwhile
+        // every store of this test binary folds, and so commits, slower).
         struct Delay;
         impl Drop for Delay {
             fn drop(&mut self) {
@@ -3989,7 +3992,8 @@ mod tests {
         writer::FOLD_DELAY_MS.store(20, std::sync::atomic::Ordering::Relaxed);
         let _delay = Delay;
         for round in 0..5 {
-            // Many commits in flight at once: the folder has a queue.
+            // Many commits in flight at once: the writer commits ahead of
+            // the folder.
             let commits = (0..8).map(|c| {
                 let events: Vec<NewEvent> = (0..200)
                     .map(|i| {

@@ -505,8 +505,8 @@ fn by_lane(mut cells: BTreeMap<Vec<u8>, Agg>) -> [BTreeMap<Vec<u8>, Agg>; 2] {
     [cells, views]
 }
 
-/// The rollups waiting in memory, shared by the writer (adds), the
-/// checkpointer (drains) and queries (read).
+/// The rollups waiting in memory, shared by the writer's folder thread
+/// (adds), the checkpointer (drains) and queries (read).
 pub(super) struct Pending {
     layout: Arc<Layout>,
     maps: RwLock<Maps>,
@@ -1016,7 +1016,7 @@ impl Pending {
             }
         }
         let done = Done(self);
-        let (due, over) = {
+        let due = {
             let folding = self.folding.lock();
             let mut new = new.into_iter().peekable();
             while new.peek().is_some() {
@@ -1036,36 +1036,46 @@ impl Pending {
             for lane in Lane::ALL {
                 maps.lane(lane).counted(events, upto);
             }
-            let due_over = (
-                maps.lanes[0].active_events >= Lane::Hours.events()
-                    || maps.lanes[1].active_events >= Lane::Views.events(),
-                Self::over(&maps),
-            );
+            let due = maps.lanes[0].active_events >= Lane::Hours.events()
+                || maps.lanes[1].active_events >= Lane::Views.events()
+                || Self::over(&maps);
             drop(maps);
             parking_lot::MutexGuard::unlock_fair(folding);
-            due_over
+            due
         };
         drop(done);
         if due {
             self.wake.notify_all();
         }
-        if over {
-            // Backpressure: let the checkpointer catch up.
-            let mut guard = self
-                .wake_lock
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            while Self::over(&self.read())
-                && !self.stop.load(Ordering::SeqCst)
-                && !self.failing.load(Ordering::SeqCst)
-            {
-                self.wake.notify_all();
-                guard = self
-                    .wake
-                    .wait_timeout(guard, Duration::from_millis(50))
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .0;
-            }
+    }
+
+    /// Backpressure (writer thread, before a commit): returns once no
+    /// lane holds more waiting events than it may, the checkpointer
+    /// catching up meanwhile (or at once when it stopped or failed). The
+    /// writer waits here rather than the folder: a commit's fold never
+    /// waits, so a query, which waits for the folds of every commit
+    /// acknowledged before it, never waits for a checkpoint (folds held
+    /// back on the folder thread made queries wait for up to
+    /// [`FOLD_WAIT`], then go on without the events of commits their
+    /// callers had seen acknowledged).
+    pub(super) fn wait_room(&self) {
+        if !Self::over(&self.read()) {
+            return;
+        }
+        let mut guard = self
+            .wake_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while Self::over(&self.read())
+            && !self.stop.load(Ordering::SeqCst)
+            && !self.failing.load(Ordering::SeqCst)
+        {
+            self.wake.notify_all();
+            guard = self
+                .wake
+                .wait_timeout(guard, Duration::from_millis(50))
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
         }
     }
 
@@ -1367,7 +1377,8 @@ impl Pending {
     }
 
     /// Returns once no delta waits in memory: every cell is in the tree.
-    /// Call on the writer thread (which alone adds deltas).
+    /// Call on the writer thread after [`Self::settle`] (no fold runs
+    /// then: the folder folds only the commits the writer hands it).
     pub(super) fn drain(&self) -> Result<()> {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         self.draining.store(true, Ordering::SeqCst);
@@ -2267,6 +2278,67 @@ mod tests {
             checkpoints > 1,
             "checkpoints ran while folds did: {checkpoints}"
         );
+    }
+
+    /// Backpressure holds the writer, never a fold: a fold that puts a
+    /// lane over its bound returns at once (a query waiting for it goes
+    /// on), and the writer's `wait_room` returns once a checkpoint made
+    /// room.
+    #[test]
+    fn a_lane_over_its_bound_holds_the_writer_not_the_fold() {
+        use std::sync::mpsc::{channel, RecvTimeoutError};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = sled::open(dir.path()).expect("sled");
+        let tree = db.open_tree("rollups").expect("tree");
+        let p = Arc::new(Pending::with_maps(
+            Arc::new(Layout::default()),
+            Maps::default(),
+        ));
+        let events: Vec<crate::domain::PreferenceEvent> = (0..5)
+            .map(|i| {
+                let mut ev = crate::domain::PreferenceEvent::example();
+                ev.event_id = format!("e-{i}");
+                ev
+            })
+            .collect();
+        let hour = crate::rollup::hour_of(events[0].occurred_at);
+        let piece = (
+            crate::rollup::FAMILY_BASE,
+            Bucket::Hour,
+            Some(hour),
+            Some(hour + 1),
+        );
+        // One commit whose count puts the hours lane at its bound.
+        let (done, folded) = channel();
+        p.fold_owed();
+        {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                p.add(&events, Lane::Hours.max_waiting(), 5);
+                let _ = done.send(());
+            });
+        }
+        folded
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the fold returned though no checkpoint ran");
+        assert_eq!(events_read(&p, &tree, piece), 5);
+        let (done, room) = channel();
+        {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                p.wait_room();
+                let _ = done.send(());
+            });
+        }
+        assert_eq!(
+            room.recv_timeout(Duration::from_millis(300)),
+            Err(RecvTimeoutError::Timeout),
+            "the writer waits while the lane is over its bound"
+        );
+        assert!(p.checkpoint(&tree, Lane::Hours).expect("checkpoint"));
+        room.recv_timeout(Duration::from_secs(20))
+            .expect("the writer goes on once a checkpoint made room");
+        assert_eq!(events_read(&p, &tree, piece), 5);
     }
 
     /// A commit's callers are answered before its fold: a query that

@@ -195,8 +195,9 @@ impl Writer {
                 break;
             };
             if !matches!(first, Command::Append(_)) {
-                // What follows reads, merges or resets the waiting rollups
-                // as a whole: every commit's fold first.
+                // Erasure corrects and retention drops waiting cells, a
+                // snapshot copies the rollups, the close merges them last:
+                // every answered commit's fold first.
                 self.settle_folds();
             }
             let first = match first {
@@ -705,6 +706,11 @@ impl Writer {
     }
 
     fn commit(&mut self, batch: Vec<Append>) {
+        if let Some(pending) = &self.trees.pending {
+            // Nothing more is answered while the waiting rollups are over
+            // their bound (their folds never wait, see `wait_room`).
+            pending.wait_room();
+        }
         let start_seq = self.next_seq;
         let (batch, replies): (Vec<Vec<NewEvent>>, Vec<Reply>) =
             batch.into_iter().map(|a| (a.events, a.reply)).unzip();
@@ -791,8 +797,9 @@ impl Writer {
 
     /// Decides per event whether it is new, then writes all new events and
     /// their index and outbox entries (see [`Self::transact`]). On failure,
-    /// says whether anything was applied. With the outcomes, the fold of
-    /// the new events into the waiting rollups that is owed.
+    /// says whether anything was applied. With the outcomes, when a fold
+    /// of new events into the waiting rollups is owed, the highest
+    /// sequence number among them.
     fn write(&mut self, batch: &[Vec<NewEvent>]) -> std::result::Result<Written, (Error, bool)> {
         let mut in_batch: HashMap<&str, Seq> = HashMap::new();
         let mut new: Vec<(Seq, &NewEvent)> = Vec::new();
