@@ -4012,13 +4012,7 @@ mod tests {
             let victim = customer(round * 8 + 3);
             let erased = store
                 .erase(
-                    EraseRequest {
-                        id: format!("er-{round}"),
-                        requested_by: "test".into(),
-                        pseudonym: victim,
-                        event_ids: Vec::new(),
-                        spare_origin: None,
-                    },
+                    erase_customer(&format!("er-{round}"), &victim),
                     Router::none(),
                 )
                 .await

@@ -952,23 +952,12 @@ impl Pending {
     /// caller saw acknowledged (a fold takes milliseconds; after
     /// [`FOLD_WAIT`] the query goes on, with a warning).
     fn wait_folds(&self) {
-        let mut count = self.fold_count();
-        let target = count.owed;
         let deadline = std::time::Instant::now() + FOLD_WAIT;
-        while count.done < target {
-            let now = std::time::Instant::now();
-            if now >= deadline {
-                tracing::warn!(
-                    owed = target - count.done,
-                    "a query did not wait any longer for the rollup fold of acknowledged commits; it may miss their events"
-                );
-                return;
-            }
-            count = self
-                .folded
-                .wait_timeout(count, deadline - now)
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .0;
+        if let Err(owed) = self.wait_announced(Some(deadline)) {
+            tracing::warn!(
+                owed,
+                "a query did not wait any longer for the rollup fold of acknowledged commits; it may miss their events"
+            );
         }
     }
 
@@ -976,13 +965,33 @@ impl Pending {
     /// done (writer thread, before anything that reads, merges or resets
     /// the waiting cells as a whole: the folds run on their own thread).
     pub(super) fn settle(&self) {
+        let _ = self.wait_announced(None);
+    }
+
+    /// Waits until the folds announced before the call are done, or
+    /// until `deadline`: then `Err` with how many are not.
+    fn wait_announced(&self, deadline: Option<std::time::Instant>) -> std::result::Result<(), u64> {
         let mut count = self.fold_count();
-        while count.done < count.owed {
-            count = self
-                .folded
-                .wait(count)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let target = count.owed;
+        while count.done < target {
+            count = match deadline {
+                None => self
+                    .folded
+                    .wait(count)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+                Some(deadline) => {
+                    let now = std::time::Instant::now();
+                    if now >= deadline {
+                        return Err(target - count.done);
+                    }
+                    self.folded
+                        .wait_timeout(count, deadline - now)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .0
+                }
+            };
         }
+        Ok(())
     }
 
     /// Adds the cells of committed events up to `upto` (the writer's
@@ -2192,6 +2201,27 @@ mod tests {
     }
 
     /// The events a query of `piece` counts (tree and waiting cells).
+    /// The example event under each of `ids`.
+    fn examples(ids: impl Iterator<Item = String>) -> Vec<crate::domain::PreferenceEvent> {
+        ids.map(|id| {
+            let mut ev = crate::domain::PreferenceEvent::example();
+            ev.event_id = id;
+            ev
+        })
+        .collect()
+    }
+
+    /// The base family's cells of the hour `ev` occurred in.
+    fn base_hour(ev: &crate::domain::PreferenceEvent) -> Piece {
+        let hour = crate::rollup::hour_of(ev.occurred_at);
+        (
+            crate::rollup::FAMILY_BASE,
+            Bucket::Hour,
+            Some(hour),
+            Some(hour + 1),
+        )
+    }
+
     fn events_read(p: &Pending, tree: &sled::Tree, piece: Piece) -> u64 {
         p.read_cells(tree, &[piece], None, &RwLock::new(Interner::default()))
             .expect("read")
@@ -2215,17 +2245,9 @@ mod tests {
             Maps::default(),
         ));
         let commits: Vec<Vec<crate::domain::PreferenceEvent>> = (0..30)
-            .map(|c| {
-                (0..1000)
-                    .map(|i| {
-                        let mut ev = crate::domain::PreferenceEvent::example();
-                        ev.event_id = format!("e-{c}-{i}");
-                        ev
-                    })
-                    .collect()
-            })
+            .map(|c| examples((0..1000).map(|i| format!("e-{c}-{i}"))))
             .collect();
-        let hour = crate::rollup::hour_of(commits[0][0].occurred_at);
+        let piece = base_hour(&commits[0][0]);
         let folder = {
             let p = p.clone();
             std::thread::spawn(move || {
@@ -2238,12 +2260,6 @@ mod tests {
                 }
             })
         };
-        let piece = (
-            crate::rollup::FAMILY_BASE,
-            Bucket::Hour,
-            Some(hour),
-            Some(hour + 1),
-        );
         let mut checkpoints = 0;
         loop {
             let folding = !folder.is_finished();
@@ -2294,20 +2310,8 @@ mod tests {
             Arc::new(Layout::default()),
             Maps::default(),
         ));
-        let events: Vec<crate::domain::PreferenceEvent> = (0..5)
-            .map(|i| {
-                let mut ev = crate::domain::PreferenceEvent::example();
-                ev.event_id = format!("e-{i}");
-                ev
-            })
-            .collect();
-        let hour = crate::rollup::hour_of(events[0].occurred_at);
-        let piece = (
-            crate::rollup::FAMILY_BASE,
-            Bucket::Hour,
-            Some(hour),
-            Some(hour + 1),
-        );
+        let events = examples((0..5).map(|i| format!("e-{i}")));
+        let piece = base_hour(&events[0]);
         // One commit whose count puts the hours lane at its bound.
         let (done, folded) = channel();
         p.fold_owed();
@@ -2350,20 +2354,8 @@ mod tests {
         let tree = db.open_tree("rollups").expect("tree");
         let layout = Arc::new(Layout::default());
         let p = Arc::new(Pending::with_maps(layout.clone(), Maps::default()));
-        let events: Vec<crate::domain::PreferenceEvent> = (0..5)
-            .map(|i| {
-                let mut ev = crate::domain::PreferenceEvent::example();
-                ev.event_id = format!("e-{i}");
-                ev
-            })
-            .collect();
-        let hour = crate::rollup::hour_of(events[0].occurred_at);
-        let piece = (
-            crate::rollup::FAMILY_BASE,
-            Bucket::Hour,
-            Some(hour),
-            Some(hour + 1),
-        );
+        let events = examples((0..5).map(|i| format!("e-{i}")));
+        let piece = base_hour(&events[0]);
         let count = |p: &Pending| events_read(p, &tree, piece);
         assert_eq!(count(&p), 0);
         // The writer: the commit is acknowledged, and folded 200 ms later.

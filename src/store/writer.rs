@@ -68,6 +68,26 @@ struct Fold {
     upto: Seq,
 }
 
+impl Fold {
+    /// The new events of `batch` (those stored, per `outcomes`), moved
+    /// out, up to `upto`.
+    fn of(batch: Vec<Vec<NewEvent>>, outcomes: &[Vec<Appended>], upto: Seq) -> Fold {
+        let mut events = Vec::new();
+        for (appended, out) in batch.into_iter().zip(outcomes) {
+            for (ne, outcome) in appended.into_iter().zip(out) {
+                if let Appended::Stored(_) = outcome {
+                    events.push(ne.event);
+                }
+            }
+        }
+        Fold { events, upto }
+    }
+
+    fn into_pending(self, pending: &super::rollups::Pending) {
+        pending.add(&self.events, self.events.len() as u64, self.upto);
+    }
+}
+
 /// The thread that folds committed events into the waiting rollups, so
 /// that the writer goes on to the next commit meanwhile, and where they
 /// are dropped.
@@ -87,8 +107,7 @@ impl Folder {
                     std::thread::sleep(std::time::Duration::from_millis(
                         FOLD_DELAY_MS.load(Ordering::Relaxed),
                     ));
-                    let n = fold.events.len() as u64;
-                    pending.add(&fold.events, n, fold.upto);
+                    fold.into_pending(&pending);
                 }
             })
             .map_err(|e| Error::Sled(sled::Error::Io(e)))?;
@@ -756,18 +775,7 @@ impl Writer {
             .filter(|o| matches!(o, Appended::Stored(_)))
             .count();
         m.stored.inc_by(stored as u64);
-        // The new events, moved out for their fold.
-        let new_events = folding.as_ref().map(|_| {
-            let mut new_events = Vec::with_capacity(stored);
-            for (events, out) in batch.into_iter().zip(&outcomes) {
-                for (ne, outcome) in events.into_iter().zip(out) {
-                    if let Appended::Stored(_) = outcome {
-                        new_events.push(ne.event);
-                    }
-                }
-            }
-            new_events
-        });
+        let fold = folding.map(|(upto, pending)| (Fold::of(batch, &outcomes, upto), pending));
         // The callers are answered before the new events are folded into
         // the waiting rollups, and the fold runs on the folder thread: it
         // was about half of the writer's time per commit (perf, `bench
@@ -780,8 +788,7 @@ impl Writer {
         for (reply, outcome) in replies.into_iter().zip(outcomes) {
             let _ = reply.send(Ok(outcome));
         }
-        if let (Some((upto, pending)), Some(events)) = (folding, new_events) {
-            let fold = Fold { events, upto };
+        if let Some((fold, pending)) = fold {
             let fold = match &self.folder {
                 Some(folder) => match folder.tx.send(fold) {
                     Ok(()) => return,
@@ -790,8 +797,7 @@ impl Writer {
                 None => fold,
             };
             // The folder is gone (it panicked): folded here.
-            let n = fold.events.len() as u64;
-            pending.add(&fold.events, n, fold.upto);
+            fold.into_pending(&pending);
         }
     }
 
