@@ -31,11 +31,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // CustomerEvent holds personal data: its Debug is written by hand
         // (src/pb.rs) so that a stray `?event` in a log line leaks nothing.
         .skip_debug([".chainsight.v1.CustomerEvent"])
+        // Maps as BTreeMap: the domain keeps attributes sorted, so decoding
+        // moves them without hashing, and an event encodes to the same
+        // bytes every time (a HashMap encodes in a random order).
+        .btree_map(".")
         .generate_default_stubs(true)
         .compile_fds(fds)?;
 
     pbjson_build::Builder::new()
         .register_descriptors(&descriptor_bytes)?
+        .btree_map(["."])
         .build(&[".chainsight"])?;
     Ok(())
 }

@@ -230,6 +230,19 @@ fn free_port() -> Result<u16, Error> {
     )))
 }
 
+/// `CHAINSIGHT_NODE_WRAPPER`: a command line the nodes run under, split
+/// at white space (`valgrind --tool=callgrind`, `perf record -g --`), to
+/// profile them where they run; their start and stop may then take up to
+/// ten minutes. Unset or blank: none.
+fn node_wrapper() -> Option<Vec<String>> {
+    let words: Vec<String> = std::env::var("CHAINSIGHT_NODE_WRAPPER")
+        .ok()?
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    (!words.is_empty()).then_some(words)
+}
+
 /// A node process; killed (SIGKILL) if dropped while running.
 struct NodeProcess {
     id: String,
@@ -245,7 +258,16 @@ impl NodeProcess {
             .append(true)
             .open(dir.join("node.log"))
             .map_err(|e| err("create log")(e.to_string()))?;
-        let mut child = tokio::process::Command::new(exe)
+        let wrapper = node_wrapper();
+        let mut command = match &wrapper {
+            Some(words) => {
+                let mut c = tokio::process::Command::new(&words[0]);
+                c.args(&words[1..]).arg(exe);
+                c
+            }
+            None => tokio::process::Command::new(exe),
+        };
+        let mut child = command
             .arg("node")
             .arg("--config")
             .arg(dir.join("node.toml"))
@@ -267,15 +289,19 @@ impl NodeProcess {
             .ok_or_else(|| err("start node")(format!("{id}: no stdout")))?;
         let mut line = String::new();
         let mut reader = tokio::io::BufReader::new(stdout);
-        tokio::time::timeout(Duration::from_secs(15), reader.read_line(&mut line))
-            .await
-            .map_err(|_| {
-                err("start node")(format!(
-                    "{id} did not start within 15 s; see {}",
-                    dir.join("node.log").display()
-                ))
-            })?
-            .map_err(|e| err("start node")(e.to_string()))?;
+        let start_within = if wrapper.is_some() { 600 } else { 15 };
+        tokio::time::timeout(
+            Duration::from_secs(start_within),
+            reader.read_line(&mut line),
+        )
+        .await
+        .map_err(|_| {
+            err("start node")(format!(
+                "{id} did not start within {start_within} s; see {}",
+                dir.join("node.log").display()
+            ))
+        })?
+        .map_err(|e| err("start node")(e.to_string()))?;
         if !line.contains("listening on") {
             return Err(err("start node")(format!(
                 "{id} exited: {}",
@@ -296,9 +322,12 @@ impl NodeProcess {
             nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
                 .map_err(|e| err("stop node")(format!("{}: {e}", self.id)))?;
         }
-        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+        let stop_within = if node_wrapper().is_some() { 600 } else { 20 };
+        let status = tokio::time::timeout(Duration::from_secs(stop_within), self.child.wait())
             .await
-            .map_err(|_| err("stop node")(format!("{} did not stop within 20 s", self.id)))?
+            .map_err(|_| {
+                err("stop node")(format!("{} did not stop within {stop_within} s", self.id))
+            })?
             .map_err(|e| err("stop node")(e.to_string()))?;
         if status.success() {
             Ok(())

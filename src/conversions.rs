@@ -85,7 +85,7 @@ pub fn customer_event_from_pb(ev: pb::CustomerEvent, now: UnixNanos) -> Result<C
             format!("must be at most {}", limits::QUANTITY),
         ));
     }
-    let attributes = attributes("attributes", ev.attributes.into_iter())?;
+    let attributes = attributes("attributes", ev.attributes)?;
     let personal = personal_data(
         ev.customer_id,
         ev.postal_code,
@@ -162,19 +162,31 @@ fn product_from_pb(p: Option<pb::Product>) -> Result<Product> {
 
 /// Free text: bounded, no control characters other than line breaks and tabs.
 fn free_text(field: &str, s: &str) -> Result<()> {
-    bounded_text(
-        field,
-        &s.replace(['\n', '\t', '\r'], " "),
-        limits::FREE_TEXT_LEN,
-    )
+    text_rule(s, limits::FREE_TEXT_LEN, |c| {
+        matches!(c, '\n' | '\t' | '\r')
+    })
+    .map_err(|reason| invalid(field, reason))
 }
 
 fn bounded_text(field: &str, s: &str, max: usize) -> Result<()> {
-    if s.chars().count() > max {
-        return Err(invalid(field, format!("longer than {max} characters")));
+    text_rule(s, max, |_| false).map_err(|reason| invalid(field, reason))
+}
+
+/// What is wrong with `s` as text of at most `max` characters without
+/// control characters other than those `allowed`. The field's name is
+/// formatted only for an error: this runs on every string of every
+/// published event.
+fn text_rule(
+    s: &str,
+    max: usize,
+    allowed: impl Fn(char) -> bool,
+) -> std::result::Result<(), String> {
+    // Cheap first: no string of at most `max` bytes has more characters.
+    if s.len() > max && s.chars().count() > max {
+        return Err(format!("longer than {max} characters"));
     }
-    if s.chars().any(char::is_control) {
-        return Err(invalid(field, "must not contain control characters"));
+    if s.chars().any(|c| c.is_control() && !allowed(c)) {
+        return Err("must not contain control characters".into());
     }
     Ok(())
 }
@@ -192,18 +204,14 @@ fn score(kind: EventKind, score: Option<u32>) -> Result<Option<u32>> {
     }
 }
 
-fn attributes(
-    field: &str,
-    attrs: impl ExactSizeIterator<Item = (String, String)>,
-) -> Result<BTreeMap<String, String>> {
+fn attributes(field: &str, attrs: BTreeMap<String, String>) -> Result<BTreeMap<String, String>> {
     if attrs.len() > limits::ATTRIBUTES {
         return Err(invalid(
             field,
             format!("at most {} attributes allowed", limits::ATTRIBUTES),
         ));
     }
-    let mut out = BTreeMap::new();
-    for (k, v) in attrs {
+    for (k, v) in &attrs {
         let key_ok = !k.is_empty()
             && k.len() <= limits::ATTRIBUTE_KEY_LEN
             && k.bytes()
@@ -213,15 +221,15 @@ fn attributes(
                 &format!("{field}.key"),
                 format!(
                     "key {:?} must be 1-{} characters of [A-Za-z0-9_.-]",
-                    truncate(&k, 80),
+                    truncate(k, 80),
                     limits::ATTRIBUTE_KEY_LEN
                 ),
             ));
         }
-        bounded_text(&format!("{field}[{k}]"), &v, limits::ATTRIBUTE_VALUE_LEN)?;
-        out.insert(k, v);
+        text_rule(v, limits::ATTRIBUTE_VALUE_LEN, |_| false)
+            .map_err(|reason| invalid(&format!("{field}[{k}]"), reason))?;
     }
-    Ok(out)
+    Ok(attrs)
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -316,7 +324,7 @@ pub fn preference_event_from_pb(ev: pb::PreferenceEvent) -> Result<PreferenceEve
         return Err(invalid("score", format!("must be 0-10, got {s}")));
     }
     let score = ev.score;
-    let attributes = attributes("attributes", ev.attributes.into_iter())?;
+    let attributes = attributes("attributes", ev.attributes)?;
     for (field, value, max) in [
         ("region", &ev.region, 16),
         ("age_band", &ev.age_band, 16),
@@ -706,7 +714,7 @@ pub fn preference_event_to_pb(ev: &PreferenceEvent) -> pb::PreferenceEvent {
         }),
         channel: ev.channel.number(),
         stage: ev.stage.number(),
-        attributes: ev.attributes.clone().into_iter().collect(),
+        attributes: ev.attributes.clone(),
         score: ev.score,
         quantity: ev.quantity,
         region: ev.region.clone(),

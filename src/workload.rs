@@ -212,7 +212,7 @@ impl Workload {
             K::Nps => Some(rng.random_range(0..=10)),
             _ => None,
         };
-        let mut attributes = std::collections::HashMap::new();
+        let mut attributes = std::collections::BTreeMap::new();
         if matches!(kind, K::Preference | K::Purchase | K::SearchUnmet) {
             let (key, values): (&str, &[&str]) = if item.brand == "Nordwear" {
                 ("size", &["S", "M", "L", "XL"])

@@ -5,7 +5,7 @@ mod common;
 // a plain fold over the events the test published (or, after a crash, over
 // the events the store actually holds).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -110,7 +110,7 @@ fn random_event(rng: &mut Rng, id: String, custs: &[Customer], days: i64) -> pb:
         pb::EventKind::Nps => Some(rng.below(11) as u32),
         _ => None,
     };
-    let mut attributes = HashMap::new();
+    let mut attributes = BTreeMap::new();
     if kind == pb::EventKind::Preference || (kind == pb::EventKind::Purchase && rng.below(3) == 0) {
         attributes.insert("size".to_string(), rng.pick(SIZES).to_string());
     }
