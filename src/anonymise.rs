@@ -7,6 +7,7 @@
 //! phone numbers and card-like digit runs. The raw values are consumed here
 //! and never reach the store or the wire.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
 
@@ -40,6 +41,9 @@ pub enum Error {
 pub struct Anonymiser {
     origin: String,
     key: [u8; KEY_LEN],
+    /// HMAC-SHA256 under `key`, its key block hashed once: each pseudonym
+    /// starts from a copy (see [`Self::pseudonym`]).
+    pseudonyms: Hmac<Sha256>,
 }
 
 impl std::fmt::Debug for Anonymiser {
@@ -56,6 +60,8 @@ impl Anonymiser {
         Anonymiser {
             origin: origin.into(),
             key,
+            pseudonyms: Hmac::<Sha256>::new_from_slice(&key)
+                .expect("HMAC accepts keys of any length"),
         }
     }
 
@@ -96,8 +102,7 @@ impl Anonymiser {
             free_text,
         } = personal;
         // The event's own identifiers, wherever the customer repeated them.
-        let customer_id_for_text = customer_id.clone();
-        let postal_for_text = postal_code.clone();
+        let (own_id, own_postal) = (customer_id.as_deref(), postal_code.as_deref());
         PreferenceEvent {
             event_id,
             origin: self.origin.clone(),
@@ -115,11 +120,7 @@ impl Anonymiser {
                         "[removed]".to_string()
                     } else {
                         bounded(
-                            scrub_own(
-                                &scrub_text(&v),
-                                customer_id_for_text.as_deref(),
-                                postal_for_text.as_deref(),
-                            ),
+                            scrub_own(scrub_text_owned(v), own_id, own_postal),
                             ATTRIBUTE_VALUE_LEN,
                         )
                     };
@@ -130,17 +131,11 @@ impl Anonymiser {
             quantity,
             region: region(country, postal_code.as_deref()),
             age_band: age_band(birth_year, occurred_at.year()).to_string(),
-            customer_pseudonym: customer_id
-                .map(|id| self.pseudonym(&id))
-                .unwrap_or_default(),
+            customer_pseudonym: own_id.map(|id| self.pseudonym(id)).unwrap_or_default(),
             text: free_text
                 .map(|t| {
                     bounded(
-                        scrub_own(
-                            &scrub_text(&t),
-                            customer_id_for_text.as_deref(),
-                            postal_for_text.as_deref(),
-                        ),
+                        scrub_own(scrub_text_owned(t), own_id, own_postal),
                         FREE_TEXT_LEN,
                     )
                 })
@@ -163,14 +158,21 @@ impl Anonymiser {
 
     /// HMAC-SHA256 of the customer id under the node key, hex (first 128 bits).
     pub fn pseudonym(&self, customer_id: &str) -> String {
-        keyed_digest(&self.key, customer_id.as_bytes())
+        hex_digest(self.pseudonyms.clone(), customer_id.as_bytes())
     }
 }
 
 /// First 128 bits of HMAC-SHA256(key, data), hex: enough to make collisions
 /// between customers negligible, short enough to keep indexes small.
 pub fn keyed_digest(key: &[u8], data: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts keys of any length");
+    hex_digest(
+        Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts keys of any length"),
+        data,
+    )
+}
+
+/// [`keyed_digest`] from a keyed HMAC state.
+fn hex_digest(mut mac: Hmac<Sha256>, data: &[u8]) -> String {
     mac.update(data);
     let out = mac.finalize().into_bytes();
     const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -315,8 +317,8 @@ fn personal_key(key: &str) -> bool {
 /// `text` without the event's own customer id and postal code, in any
 /// case; values shorter than 3 characters are not hunted for (they would
 /// blank ordinary words).
-fn scrub_own(text: &str, customer_id: Option<&str>, postal_code: Option<&str>) -> String {
-    let mut out = text.to_string();
+fn scrub_own(text: String, customer_id: Option<&str>, postal_code: Option<&str>) -> String {
+    let mut out = text;
     for (value, mark) in [(customer_id, "[id]"), (postal_code, "[postal]")] {
         let Some(value) = value else { continue };
         let found = find_own(&out, value);
@@ -428,17 +430,36 @@ fn bounded(mut text: String, max: usize) -> String {
 /// and card-like digit runs replaced by placeholders. Shorter numbers
 /// (sizes, years, prices) stay.
 pub fn scrub_text(text: &str) -> String {
+    scrub_text_cow(text).into_owned()
+}
+
+/// [`scrub_text`] of an owned text: the text itself, not a copy, when
+/// nothing in it is scrubbed (most attribute values and texts).
+fn scrub_text_owned(text: String) -> String {
+    let scrubbed = match scrub_text_cow(&text) {
+        Cow::Owned(s) => Some(s),
+        Cow::Borrowed(_) => None,
+    };
+    scrubbed.unwrap_or(text)
+}
+
+/// [`scrub_text`], borrowing `text` when nothing changes.
+fn scrub_text_cow(text: &str) -> Cow<'_, str> {
     let no_name = NAME_AFTER_CUE.replace_all(text, "${1}[name]");
     // Each pass only where it can change something: an address has an '@';
     // a number run is replaced only with 7 digits or more, and `\d`
     // (Unicode decimal digits) is within `char::is_numeric`.
-    let no_email = if no_name.contains('@') {
-        EMAIL.replace_all(&no_name, "[email]")
+    let with_email = if no_name.contains('@') {
+        match EMAIL.replace_all(&no_name, "[email]") {
+            Cow::Owned(s) => Some(s),
+            Cow::Borrowed(_) => None,
+        }
     } else {
-        std::borrow::Cow::Borrowed(no_name.as_ref())
+        None
     };
+    let no_email = with_email.map_or(no_name, Cow::Owned);
     if no_email.chars().filter(|c| c.is_numeric()).nth(6).is_none() {
-        return no_email.into_owned();
+        return no_email;
     }
     let scrubbed = NUMBER_RUN.replace_all(&no_email, |caps: &regex::Captures<'_>| {
         let run = &caps[0];
@@ -451,7 +472,7 @@ pub fn scrub_text(text: &str) -> String {
             run.to_string()
         }
     });
-    scrubbed.into_owned()
+    Cow::Owned(scrubbed.into_owned())
 }
 
 #[cfg(test)]
@@ -510,13 +531,13 @@ mod tests {
         );
         assert_eq!(t, "Hi, my name is [name]. Regards, [name]");
         let t = scrub_own(
-            "Customer CUST-7781 at 10115 tallinn",
+            "Customer CUST-7781 at 10115 tallinn".into(),
             Some("cust-7781"),
             Some("10115"),
         );
         assert_eq!(t, "Customer [id] at [postal] tallinn");
         // Short values are not hunted for (they would blank ordinary words).
-        assert_eq!(scrub_own("size 42", Some("42"), None), "size 42");
+        assert_eq!(scrub_own("size 42".into(), Some("42"), None), "size 42");
         assert!(personal_key("Contact") && personal_key("e_mail") && personal_key("customer_name"));
         assert!(!personal_key("size") && !personal_key("colour") && !personal_key("fat_pct"));
     }

@@ -90,14 +90,16 @@ impl Inner {
         let mut accepted = Vec::new();
         let mut accepted_at = Vec::new();
         for (i, ev) in events.into_iter().enumerate() {
-            let given_id = ev
-                .event_id
-                .chars()
-                .take(conversions::limits::EVENT_ID_LEN)
-                .collect();
+            let given_id = ev.event_id.clone();
             match conversions::customer_event_from_pb(ev, now) {
                 Ok(ce) => {
-                    results.push(result(ce.event_id.clone(), pb::PublishOutcome::Accepted));
+                    // The id as stored (the given one, nearly always).
+                    let id = if ce.event_id == given_id {
+                        given_id
+                    } else {
+                        ce.event_id.clone()
+                    };
+                    results.push(result(id, pb::PublishOutcome::Accepted));
                     let event = self.anonymiser.anonymise(ce);
                     let outboxes = self.links.route(&event);
                     accepted.push(NewEvent {
@@ -108,6 +110,10 @@ impl Inner {
                     accepted_at.push(i);
                 }
                 Err(Invalid { field, reason }) => {
+                    let given_id = given_id
+                        .chars()
+                        .take(conversions::limits::EVENT_ID_LEN)
+                        .collect();
                     let mut r = result(given_id, pb::PublishOutcome::Rejected);
                     r.field = field;
                     r.reason = reason;
