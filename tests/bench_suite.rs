@@ -9,12 +9,18 @@ use std::process::Command;
 use chainsight::bench::suite::Figures;
 
 fn run_quick(scenario: &str) -> Vec<Figures> {
+    run_quick_with(scenario, &[])
+}
+
+/// [`run_quick`] with more environment variables for the bench.
+fn run_quick_with(scenario: &str, env: &[(&str, &std::ffi::OsStr)]) -> Vec<Figures> {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("figures.json");
     let out = Command::new(env!("CARGO_BIN_EXE_chainsight"))
         .args(["bench", scenario, "--quick", "--json"])
         .arg(&json)
         .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -69,6 +75,34 @@ fn latency_times_every_request() {
     let l = f.latency.as_ref().unwrap();
     assert_eq!(l.samples, 100);
     assert!(l.p50_us <= l.p90_us && l.p90_us <= l.p99_us && l.p99_us <= l.max_us);
+}
+
+/// `CHAINSIGHT_NODE_WRAPPER` (for profilers): split at white space, it
+/// runs each node, which gets the node's command line after its words.
+#[test]
+fn nodes_run_under_the_wrapper_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let seen = dir.path().join("seen");
+    let script = dir.path().join("wrapper.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "printf '%s\\n' \"$*\" >> '{}'\nexec \"$@\"\n",
+            seen.display()
+        ),
+    )
+    .unwrap();
+    let command = format!("/bin/sh {}", script.display());
+    let f = &run_quick_with(
+        "latency",
+        &[("CHAINSIGHT_NODE_WRAPPER", std::ffi::OsStr::new(&command))],
+    )[0];
+    assert_eq!(f.events_sent, 100);
+    let seen = std::fs::read_to_string(&seen).expect("the wrapper ran");
+    let lines: Vec<&str> = seen.lines().collect();
+    assert_eq!(lines.len(), 1, "one node, started once: {seen}");
+    let node = format!("{} node --config ", env!("CARGO_BIN_EXE_chainsight"));
+    assert!(lines[0].starts_with(&node), "{seen}");
 }
 
 #[test]
