@@ -231,9 +231,13 @@ fn free_port() -> Result<u16, Error> {
 }
 
 /// `CHAINSIGHT_NODE_WRAPPER`: a command line the nodes run under, split
-/// at white space (`valgrind --tool=callgrind`, `perf record -g --`), to
-/// profile them where they run; their start and stop may then take up to
-/// ten minutes. Unset or blank: none.
+/// at white space (no quoting), to profile them where they run: e.g.
+/// `valgrind --tool=callgrind`. The wrapper must become the node (run it
+/// in its own process, as valgrind does, or `exec` it): the bench reads
+/// the CPU and memory of, signals and kills the process it started, so
+/// a wrapper that forks (`perf record -- …`) would be measured instead,
+/// and outlive a kill. Its standard output must stay the node's. Start and
+/// stop may then take up to ten minutes. Unset or blank: none.
 fn node_wrapper() -> Option<Vec<String>> {
     let words: Vec<String> = std::env::var("CHAINSIGHT_NODE_WRAPPER")
         .ok()?
