@@ -27,7 +27,6 @@
 //! have been valid, issued by the CA and for the origin's identity when the
 //! event was signed.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -123,64 +122,20 @@ pub enum FieldPart {
 /// The fields of `ev` the proof covers, by name, in canonical form: only
 /// those set (an empty string, a zero quantity, no score: not set).
 pub fn canonical_fields(ev: &PreferenceEvent) -> BTreeMap<String, String> {
-    canonical_pairs(ev)
-        .into_iter()
-        .map(|(name, value)| (name.into_owned(), value.into_owned()))
-        .collect()
+    let mut fields = BTreeMap::new();
+    for_each_canonical(ev, |start, rest, value| {
+        fields.insert(format!("{start}{rest}"), value.to_string());
+    });
+    fields
 }
 
-/// [`canonical_fields`] without copies where the event holds the value,
-/// sorted by name: what signing each published event needs.
-fn canonical_pairs<'a>(ev: &'a PreferenceEvent) -> Vec<(Cow<'a, str>, Cow<'a, str>)> {
-    let mut out: Vec<(Cow<'a, str>, Cow<'a, str>)> = Vec::with_capacity(16 + ev.attributes.len());
-    let mut put = |name: Cow<'a, str>, value: Cow<'a, str>| {
-        if !value.is_empty() {
-            out.push((name, value));
-        }
-    };
-    put("event_id".into(), ev.event_id.as_str().into());
-    put("origin".into(), ev.origin.as_str().into());
-    put("kind".into(), Cow::Owned(ev.kind.number().to_string()));
-    put(
-        "occurred_at".into(),
-        Cow::Owned(ev.occurred_at.0.to_string()),
-    );
-    put("product.gtin".into(), ev.product.gtin.as_str().into());
-    put(
-        "product.category".into(),
-        ev.product.category.as_str().into(),
-    );
-    put("product.brand".into(), ev.product.brand.as_str().into());
-    put(
-        "channel".into(),
-        Cow::Owned(ev.channel.number().to_string()),
-    );
-    put("stage".into(), Cow::Owned(ev.stage.number().to_string()));
-    put(
-        "score".into(),
-        Cow::Owned(ev.score.map(|s| s.to_string()).unwrap_or_default()),
-    );
-    if ev.quantity != 0 {
-        put("quantity".into(), Cow::Owned(ev.quantity.to_string()));
-    }
-    put("region".into(), ev.region.as_str().into());
-    put("age_band".into(), ev.age_band.as_str().into());
-    put("text".into(), ev.text.as_str().into());
-    for (k, v) in &ev.attributes {
-        put(Cow::Owned(format!("attributes.{k}")), v.as_str().into());
-    }
-    // Names are unique (attribute keys are, and carry their prefix).
-    out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    out
-}
-
-/// [`canonical_pairs`] without collecting or sorting them: calls
-/// `f(name_start, name_rest, value)` for each set field in the same
-/// (name) order, the name being `name_start` followed by `name_rest`
-/// (`"attributes."` and the key), numbers formatted on the stack. What
-/// signing each published event needs, without a dozen allocations; the
-/// test `streamed_fields_are_the_canonical_pairs` holds the two to the
-/// same fields and order.
+/// The fields of `ev` the proof covers (see [`canonical_fields`]):
+/// calls `f(name_start, name_rest, value)` for each, in name order, the
+/// name being `name_start` followed by `name_rest` (`"attributes."` and
+/// the key), numbers formatted on the stack. What signing each published
+/// event needs, without a dozen allocations; the test
+/// `streamed_fields_are_the_canonical_pairs` holds it to the form the
+/// signed bytes were first defined by (`canonical_pairs` there).
 fn for_each_canonical(ev: &PreferenceEvent, mut f: impl FnMut(&str, &str, &str)) {
     let mut put = |name: &str, value: &str| {
         if !value.is_empty() {
@@ -983,6 +938,56 @@ mod tests {
         );
     }
 
+    /// The canonical fields as signing first collected and sorted them: the
+    /// reference that the streamed form must give the same bytes as
+    /// (older nodes and stored proofs verify against them).
+    fn canonical_pairs<'a>(
+        ev: &'a PreferenceEvent,
+    ) -> Vec<(std::borrow::Cow<'a, str>, std::borrow::Cow<'a, str>)> {
+        use std::borrow::Cow;
+        let mut out: Vec<(Cow<'a, str>, Cow<'a, str>)> =
+            Vec::with_capacity(16 + ev.attributes.len());
+        let mut put = |name: Cow<'a, str>, value: Cow<'a, str>| {
+            if !value.is_empty() {
+                out.push((name, value));
+            }
+        };
+        put("event_id".into(), ev.event_id.as_str().into());
+        put("origin".into(), ev.origin.as_str().into());
+        put("kind".into(), Cow::Owned(ev.kind.number().to_string()));
+        put(
+            "occurred_at".into(),
+            Cow::Owned(ev.occurred_at.0.to_string()),
+        );
+        put("product.gtin".into(), ev.product.gtin.as_str().into());
+        put(
+            "product.category".into(),
+            ev.product.category.as_str().into(),
+        );
+        put("product.brand".into(), ev.product.brand.as_str().into());
+        put(
+            "channel".into(),
+            Cow::Owned(ev.channel.number().to_string()),
+        );
+        put("stage".into(), Cow::Owned(ev.stage.number().to_string()));
+        put(
+            "score".into(),
+            Cow::Owned(ev.score.map(|s| s.to_string()).unwrap_or_default()),
+        );
+        if ev.quantity != 0 {
+            put("quantity".into(), Cow::Owned(ev.quantity.to_string()));
+        }
+        put("region".into(), ev.region.as_str().into());
+        put("age_band".into(), ev.age_band.as_str().into());
+        put("text".into(), ev.text.as_str().into());
+        for (k, v) in &ev.attributes {
+            put(Cow::Owned(format!("attributes.{k}")), v.as_str().into());
+        }
+        // Names are unique (attribute keys are, and carry their prefix).
+        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// Events with every signed field set, empty or absent, in
     /// combinations: `i`'s bits pick which.
     fn variant(i: u32) -> PreferenceEvent {
@@ -1040,6 +1045,11 @@ mod tests {
                 streamed.push((format!("{start}{rest}"), value.to_string()));
             });
             assert_eq!(streamed, pairs, "variant {i}");
+            assert_eq!(
+                canonical_fields(&ev),
+                pairs.iter().cloned().collect::<BTreeMap<_, _>>(),
+                "variant {i}"
+            );
 
             let salts = Salts::new(&seed);
             let message = signed_message(

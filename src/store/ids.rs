@@ -992,19 +992,8 @@ mod tests {
     }
 
     fn open_ids(dir: &std::path::Path) -> (sled::Db, Ids) {
-        // A database dropped just before may still hold its lock for a
-        // moment (sled's flusher thread): retried, as the store's tests do.
-        let mut tries = 0;
-        let db = loop {
-            match sled::Config::new().path(dir).open() {
-                Ok(db) => break db,
-                Err(_) if tries < 200 => {
-                    tries += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(25));
-                }
-                Err(e) => panic!("open: {e}"),
-            }
-        };
+        // A database dropped just before may still hold its lock.
+        let db = crate::store::retry_open(|| sled::Config::new().path(dir).open());
         let meta = db.open_tree("meta").expect("tree");
         let ids = Ids::open(&db, meta).expect("ids");
         (db, ids)

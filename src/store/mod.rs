@@ -2112,6 +2112,24 @@ fn seq_from(bytes: &[u8], tree: &'static str, key: &str) -> Result<Seq> {
     Ok(Seq::from_be_bytes(arr))
 }
 
+/// What `open` opens, retried for up to 5 s while it fails: a sled
+/// database dropped a moment ago may still hold its lock (sled's flusher
+/// thread). For tests that reopen what they just closed.
+#[cfg(test)]
+pub(crate) fn retry_open<T, E: std::fmt::Display>(
+    mut open: impl FnMut() -> std::result::Result<T, E>,
+) -> T {
+    let mut last = String::new();
+    for _ in 0..200 {
+        match open() {
+            Ok(opened) => return opened,
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    panic!("still failing to open after 5 s: {last}");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2119,13 +2137,7 @@ mod tests {
 
     /// Opens once the writer of a dropped handle has let go of the files.
     fn reopen(dir: &Path, layout: Option<Layout>) -> Store {
-        for _ in 0..200 {
-            if let Ok(store) = Store::open_with(dir, &[], layout.clone()) {
-                return store;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(25));
-        }
-        panic!("store still locked");
+        retry_open(|| Store::open_with(dir, &[], layout.clone()))
     }
 
     /// What a commit cut short before its `by_id` writes leaves (events,

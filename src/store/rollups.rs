@@ -1943,6 +1943,15 @@ mod tests {
     use super::*;
     use crate::rollup::CellKey;
 
+    /// A `rollups` tree in a fresh sled database; the directory lives as
+    /// long as the returned guard.
+    fn rollups_tree() -> (tempfile::TempDir, sled::Tree) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = sled::open(dir.path()).expect("sled");
+        let tree = db.open_tree("rollups").expect("tree");
+        (dir, tree)
+    }
+
     /// The folded window edges' protocol with the writer: a fold is served
     /// again only while no event of its hour was stored or removed, a
     /// write drops the folds of its hours before it writes, and a fold
@@ -2044,9 +2053,7 @@ mod tests {
     /// checkpoint: what it left half added never reaches the tree.
     #[test]
     fn no_checkpoint_merges_what_a_panic_left_half_added() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let db = sled::open(dir.path()).expect("sled");
-        let tree = db.open_tree("rollups").expect("tree");
+        let (_dir, tree) = rollups_tree();
         let key = CellKey {
             family: Layout::family(0),
             period: Bucket::Day,
@@ -2157,9 +2164,7 @@ mod tests {
 
         // Read while waiting, then merged: the same events and customers
         // per week and month of every view.
-        let dir = tempfile::tempdir().expect("temp dir");
-        let db = sled::open(dir.path()).expect("sled");
-        let tree = db.open_tree("rollups").expect("tree");
+        let (_dir, tree) = rollups_tree();
         let per_cell = |p: &Pending| -> BTreeMap<(u8, u8, i64), (u64, u64)> {
             let mut pieces = Vec::new();
             for view in 0..layout.views.len() {
@@ -2237,9 +2242,7 @@ mod tests {
     /// from), never part of a later commit.
     #[test]
     fn checkpoints_between_a_folds_chunks_freeze_whole_commits() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let db = sled::open(dir.path()).expect("sled");
-        let tree = db.open_tree("rollups").expect("tree");
+        let (_dir, tree) = rollups_tree();
         let p = Arc::new(Pending::with_maps(
             Arc::new(Layout::default()),
             Maps::default(),
@@ -2303,9 +2306,7 @@ mod tests {
     #[test]
     fn a_lane_over_its_bound_holds_the_writer_not_the_fold() {
         use std::sync::mpsc::{channel, RecvTimeoutError};
-        let dir = tempfile::tempdir().expect("temp dir");
-        let db = sled::open(dir.path()).expect("sled");
-        let tree = db.open_tree("rollups").expect("tree");
+        let (_dir, tree) = rollups_tree();
         let p = Arc::new(Pending::with_maps(
             Arc::new(Layout::default()),
             Maps::default(),
@@ -2349,9 +2350,7 @@ mod tests {
     /// starts after the answer waits for the fold, and counts the events.
     #[test]
     fn a_query_waits_for_the_fold_of_acknowledged_commits() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let db = sled::open(dir.path()).expect("sled");
-        let tree = db.open_tree("rollups").expect("tree");
+        let (_dir, tree) = rollups_tree();
         let layout = Arc::new(Layout::default());
         let p = Arc::new(Pending::with_maps(layout.clone(), Maps::default()));
         let events = examples((0..5).map(|i| format!("e-{i}")));
@@ -2376,9 +2375,7 @@ mod tests {
     /// each once.
     #[test]
     fn a_query_during_a_chunked_checkpoint_counts_each_cell_once() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let db = sled::open(dir.path()).expect("sled");
-        let tree = db.open_tree("rollups").expect("tree");
+        let (_dir, tree) = rollups_tree();
         let family = Layout::family(0);
         let key = |day: i64| {
             CellKey {
@@ -2418,9 +2415,7 @@ mod tests {
     /// behind it; both lanes end merged, each cell counted once.
     #[test]
     fn a_views_checkpoint_merges_due_hours_between_its_chunks() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let db = sled::open(dir.path()).expect("sled");
-        let tree = db.open_tree("rollups").expect("tree");
+        let (_dir, tree) = rollups_tree();
         let views = Layout::family(0);
         let cell = |family: u8, period: Bucket, hour: i64| {
             CellKey {
@@ -2486,9 +2481,7 @@ mod tests {
     /// days before that end.
     #[test]
     fn weeks_and_months_read_during_a_chunked_checkpoint_count_each_day_once() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let db = sled::open(dir.path()).expect("sled");
-        let tree = db.open_tree("rollups").expect("tree");
+        let (_dir, tree) = rollups_tree();
         let family = Layout::family(0);
         // 2026-01-26 (a Monday) and the 40 days after: three months, six
         // weeks; one event a day, two on odd days, one more waiting.
@@ -2594,9 +2587,7 @@ mod tests {
     /// decode is reported, never merged into as if it were empty.
     #[test]
     fn a_corrupt_stored_cell_stops_the_merge_and_names_the_repair() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let db = sled::open(dir.path()).expect("sled");
-        let tree = db.open_tree("rollups").expect("tree");
+        let (_dir, tree) = rollups_tree();
         let cell = |family, period, hour| CellKey {
             family,
             period,
