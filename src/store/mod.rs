@@ -34,8 +34,10 @@
 //!   built with (`rollup_layout`)
 //!   and the hour before which retention removed them (`rollup_horizon`)
 //! - `cursors`: identity ‖ 0 ‖ subscription name → acknowledged cursor
-//! - `outbox/<link>`: seq → enqueue time (UnixNanos, i64) — events waiting
-//!   to be acknowledged by that upstream link
+//! - `outboxes/<link>`: first seq of a run → enqueue time and a bitmap of
+//!   the run's numbers — events waiting to be acknowledged by that
+//!   upstream link, one run per commit (see [`outbox`]; it replaced
+//!   `outbox/<link>`, seq → enqueue time, one key per event)
 //! - `audit`: seq (u64) → hash-chained audit record (see [`crate::audit`])
 //! - `certs`: SHA-256 → DER of the origin certificates events are signed
 //!   with (see [`crate::origin`])
@@ -352,6 +354,8 @@ struct Outbox {
     len: AtomicU64,
     /// Woken when entries are added.
     added: Notify,
+    /// Held while a run is read, changed and written back (see [`outbox`]).
+    edit: parking_lot::Mutex<()>,
 }
 
 /// What [`Store::verify`] checked and found.
@@ -1039,23 +1043,41 @@ impl Store {
             problem(&mut v, line);
         }
         for name in self.inner.db.tree_names() {
-            if !name.starts_with(b"outbox/") {
+            if !outbox::is_outbox_tree(&name) {
                 continue;
             }
             let tree = self.inner.db.open_tree(&name)?;
+            // Runs, or (a link no longer configured, so not moved at open)
+            // one key per entry.
+            let runs = name.starts_with(b"outboxes/");
             let name = String::from_utf8_lossy(&name).into_owned();
             for entry in tree.iter() {
-                let (key, _) = entry?;
-                v.outbox_entries += 1;
-                let seq = <[u8; 8]>::try_from(key.as_ref()).map(Seq::from_be_bytes);
-                if !seq
-                    .as_ref()
-                    .map_or(Ok(false), |s| slots::contains(&t.events, *s))?
-                {
-                    problem(
-                        &mut v,
-                        format!("tree {name}: entry {seq:?} names no stored event"),
-                    );
+                let (key, value) = entry?;
+                let seqs: Vec<Seq> = if runs {
+                    match outbox::Run::decode(&key, &value) {
+                        Ok(run) => run.seqs().collect(),
+                        Err(e) => {
+                            problem(&mut v, format!("tree {name}: {e}"));
+                            continue;
+                        }
+                    }
+                } else {
+                    match <[u8; 8]>::try_from(key.as_ref()) {
+                        Ok(k) => vec![Seq::from_be_bytes(k)],
+                        Err(_) => {
+                            problem(&mut v, format!("tree {name}: a key of {} bytes", key.len()));
+                            continue;
+                        }
+                    }
+                };
+                for seq in seqs {
+                    v.outbox_entries += 1;
+                    if !slots::contains(&t.events, seq)? {
+                        problem(
+                            &mut v,
+                            format!("tree {name}: entry {seq} names no stored event"),
+                        );
+                    }
                 }
             }
         }
@@ -1655,13 +1677,9 @@ fn repair_tail(trees: &Trees) -> Result<usize> {
                 .map(|(seq, ev)| times::Entry::new(ev.occurred_at.0, *seq)),
         )?,
     )?;
-    for (seq, _) in &orphans {
-        let key = seq.to_be_bytes();
-        for outbox in trees.outboxes.iter() {
-            if outbox.tree.remove(key)?.is_some() {
-                outbox.len.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-            }
-        }
+    let orphan_seqs: Vec<Seq> = orphans.iter().map(|(seq, _)| *seq).collect();
+    for outbox in trees.outboxes.iter() {
+        outbox.remove_seqs(&orphan_seqs)?;
     }
     slots::apply(
         &trees.events,
@@ -1681,13 +1699,9 @@ fn repair_tail(trees: &Trees) -> Result<usize> {
             &trees.by_time,
             &times::removed_seqs(&trees.by_time, &rolled_back)?,
         )?;
-        for seq in &rolled_back {
-            let key = seq.to_be_bytes();
-            for outbox in trees.outboxes.iter() {
-                if outbox.tree.remove(key)?.is_some() {
-                    outbox.len.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-                }
-            }
+        let rolled_back_seqs: Vec<Seq> = rolled_back.iter().copied().collect();
+        for outbox in trees.outboxes.iter() {
+            outbox.remove_seqs(&rolled_back_seqs)?;
         }
         slots::apply(
             &trees.events,
@@ -1769,7 +1783,7 @@ fn replay_log(db: &sled::Db, trees: &Trees) -> Result<usize> {
         segment: last.location.segment,
         offset: last.location.offset + u64::from(last.location.len),
     };
-    let now = UnixNanos::now().0.to_be_bytes();
+    let now = UnixNanos::now().0;
     let mut high = last_seq;
     // The customer runs of the commits sled lost, written again from their
     // frames. Replay starts at a commit, and a commit's run is one write: a
@@ -1834,16 +1848,21 @@ fn replay_log(db: &sled::Db, trees: &Trees) -> Result<usize> {
     )? {
         trees.by_time.insert(k, v)?;
     }
-    for (f, ev) in frames.iter().zip(&accepted) {
-        let key = f.seq.to_be_bytes();
+    let mut queued: Vec<Vec<Seq>> = vec![Vec::new(); trees.outboxes.len()];
+    for f in &frames {
         for link in &f.links {
             // A link no longer configured has no outbox to queue in.
-            if let Some(outbox) = trees.outboxes.iter().find(|o| &o.link == link) {
-                if outbox.tree.insert(key, &now)?.is_none() {
-                    outbox.len.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                }
+            if let Some(i) = trees.outboxes.iter().position(|o| &o.link == link) {
+                queued[i].push(f.seq);
             }
         }
+    }
+    for (outbox, mut seqs) in trees.outboxes.iter().zip(queued) {
+        seqs.sort_unstable();
+        outbox.add_seqs(&seqs, now)?;
+    }
+    for (f, ev) in frames.iter().zip(&accepted) {
+        let key = f.seq.to_be_bytes();
         trees
             .ids
             .generations()
@@ -2217,7 +2236,9 @@ mod tests {
                     .insert(seq.to_be_bytes(), record::encode(&ne.event))
                     .expect("insert");
                 times::insert(&by_time, ne.event.occurred_at.0, seq).expect("insert");
-                outbox.insert(seq.to_be_bytes(), &[0u8; 8]).expect("insert");
+            }
+            for (first, run) in outbox::runs_of(&[4, 5], 0) {
+                outbox.insert(first.to_be_bytes(), run).expect("insert");
             }
             if first_by_id_landed {
                 by_id.insert("e-3", &4u64.to_be_bytes()).expect("insert");
@@ -2230,7 +2251,7 @@ mod tests {
         assert_eq!(store.len().unwrap(), kept, "the remains are gone");
         assert_eq!(times::count(&store.inner.trees.by_time).unwrap(), kept);
         assert_eq!(customer_fingerprints(&store), kept);
-        assert_eq!(store.inner.trees.outboxes[0].tree.len(), kept);
+        assert_eq!(outbox::entries(&store.inner.trees.outboxes[0].tree), kept);
         assert_eq!(
             store.inner.trees.outboxes[0]
                 .len
@@ -2423,12 +2444,12 @@ mod tests {
                 .remove(ev.event_id.as_bytes())
                 .unwrap();
             times::remove(&db.open_tree(times::TREE).unwrap(), ev.occurred_at.0, *seq).unwrap();
-            outbox::open(db, link)
-                .unwrap()
-                .tree
-                .remove(seq.to_be_bytes())
-                .unwrap();
         }
+        db.open_tree(outbox::tree_name(link))
+            .unwrap()
+            .remove(events[0].0.to_be_bytes())
+            .unwrap()
+            .expect("the commit's outbox run");
         // The commit's run of locations and its customer run: one key
         // each, at its first number.
         db.open_tree("events")
@@ -2451,7 +2472,7 @@ mod tests {
             t.ids.len(),
             times::count(&t.by_time).unwrap(),
             customer_fingerprints(store),
-            t.outboxes[0].tree.len(),
+            outbox::entries(&t.outboxes[0].tree),
         ]
     }
 
@@ -2577,10 +2598,9 @@ mod tests {
             }
             for (ne, seq) in news.iter().zip(seqs) {
                 times::insert(&t.by_time, ne.event.occurred_at.0, seq).unwrap();
-                t.outboxes[0]
-                    .tree
-                    .insert(seq.to_be_bytes(), &[0u8; 8])
-                    .unwrap();
+            }
+            for (first, run) in outbox::runs_of(&seqs, 0) {
+                t.outboxes[0].tree.insert(first.to_be_bytes(), run).unwrap();
             }
             let fingerprints: Vec<(Seq, u32)> = news
                 .iter()
@@ -2740,7 +2760,11 @@ mod tests {
         );
         let t = &store.inner.trees;
         assert_eq!(
-            [store.len().unwrap(), t.ids.len(), t.outboxes[0].tree.len()],
+            [
+                store.len().unwrap(),
+                t.ids.len(),
+                outbox::entries(&t.outboxes[0].tree)
+            ],
             [3; 3],
             "nothing of it stored"
         );

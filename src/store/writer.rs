@@ -626,18 +626,31 @@ impl Writer {
             &generations.current,
         ];
         trees.extend(t.outboxes.iter().map(|o| &o.tree));
+        // The erased events leave the outboxes' runs: read and changed
+        // here, written in the transaction, with no acknowledgement's
+        // change of a run in between.
+        let edits: Vec<_> = t.outboxes.iter().map(|o| o.edit.lock()).collect();
+        let erased_seqs: Vec<Seq> = erased.iter().map(|(seq, _)| *seq).collect();
+        let (run_changes, unqueued): (Vec<_>, Vec<u64>) = t
+            .outboxes
+            .iter()
+            .map(|o| o.removals(&erased_seqs))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .unzip();
         let apply = || {
             gate::transaction(trees.as_slice(), |tx| {
-                let mut unqueued = vec![0u64; t.outboxes.len()];
-                for (seq, ev) in &erased {
-                    let key = seq.to_be_bytes();
+                for (_, ev) in &erased {
                     // The id stays taken (a resend is a duplicate), by a
                     // tombstone: no event holds its number any more.
                     tx[7].insert(ev.event_id.as_bytes(), &ERASED_TOMBSTONE.to_be_bytes())?;
-                    for (i, n) in unqueued.iter_mut().enumerate() {
-                        if tx[8 + i].remove(&key)?.is_some() {
-                            *n += 1;
-                        }
+                }
+                for (i, changes) in run_changes.iter().enumerate() {
+                    for (first, value) in changes {
+                        match value {
+                            Some(v) => tx[8 + i].insert(&first.to_be_bytes(), v.as_slice())?,
+                            None => tx[8 + i].remove(&first.to_be_bytes())?,
+                        };
                     }
                 }
                 super::slots::apply_in(&tx[0], &slots)?;
@@ -653,7 +666,7 @@ impl Writer {
                         None => tx[6].remove(key.as_slice())?,
                     };
                 }
-                Ok::<_, ConflictableTransactionError<()>>(unqueued)
+                Ok::<_, ConflictableTransactionError<()>>(())
             })
         };
         t.recent.begin_removal();
@@ -667,16 +680,17 @@ impl Writer {
             None => apply(),
         };
         t.recent.end_removal();
-        let applied = applied.map_err(|e| match e {
+        applied.map_err(|e| match e {
             TransactionError::Storage(e) => Error::Sled(e),
             TransactionError::Abort(()) => Error::Closed,
         })?;
+        drop(edits);
         self.next_seq += 1;
         self.flush_now()?;
         // The records leave the disk: the log's frames are zeroed.
         self.zero_owed(&owed);
         self.durable.send_replace(self.next_seq - 1);
-        for (outbox, n) in self.trees.outboxes.iter().zip(applied) {
+        for (outbox, n) in self.trees.outboxes.iter().zip(unqueued) {
             outbox
                 .len
                 .fetch_sub(n.min(outbox.len.load(Ordering::SeqCst)), Ordering::SeqCst);
@@ -891,7 +905,7 @@ impl Writer {
     /// [`Self::transact`]'s writes: the records to the event log, synced
     /// (the commit's one wait for the disk), then sled's trees.
     fn write_trees(&self, new: &[(Seq, &NewEvent)]) -> std::result::Result<(), (Error, bool)> {
-        let now = UnixNanos::now().0.to_be_bytes();
+        let now = UnixNanos::now().0;
         let t = &self.trees;
         let high_water = new.iter().map(|(s, _)| *s).max().unwrap_or(0).to_be_bytes();
         let frames: Vec<super::log::NewFrame> = new
@@ -942,7 +956,7 @@ impl Writer {
         let mut entries: Vec<times::Entry> = Vec::with_capacity(new.len());
         let mut fingerprints: Vec<(Seq, u32)> = Vec::with_capacity(new.len());
         let mut by_id: Kv = Vec::with_capacity(new.len());
-        let mut outboxes: Vec<Kv> = t.outboxes.iter().map(|_| Vec::new()).collect();
+        let mut outboxes: Vec<Vec<Seq>> = t.outboxes.iter().map(|_| Vec::new()).collect();
         for ((seq, ne), at) in new.iter().zip(&locations) {
             let key = seq.to_be_bytes();
             events.push((*seq, *at));
@@ -953,7 +967,7 @@ impl Writer {
             ));
             for &link in &ne.outboxes {
                 if let Some(outbox) = outboxes.get_mut(link) {
-                    outbox.push((key.to_vec(), now.to_vec()));
+                    outbox.push(*seq);
                 }
             }
             by_id.push((ne.event.event_id.as_bytes().to_vec(), key.to_vec()));
@@ -1009,8 +1023,12 @@ impl Writer {
             for (first, value) in super::customers::runs(&fingerprints, super::customers::MAX_RUN) {
                 t.customer_runs.insert(first.to_be_bytes(), value)?;
             }
-            for (outbox, kv) in t.outboxes.iter().zip(outboxes) {
-                put(&outbox.tree, kv)?;
+            // One run per link (see `super::outbox`): the new numbers are
+            // above every queued one.
+            for (outbox, seqs) in t.outboxes.iter().zip(outboxes) {
+                for (first, value) in super::outbox::runs_of(&seqs, now) {
+                    outbox.tree.insert(first.to_be_bytes(), value)?;
+                }
             }
             Ok(())
         };
