@@ -488,6 +488,15 @@ impl Store {
         })?;
         let flushes = Arc::new(AtomicU64::new(0));
         let last = high_water(&trees)?;
+        // Nothing is queued above the high-water mark, unless a repair ran
+        // while the link was not configured (an open without links, as
+        // `admin verify` does): those numbers are given out again.
+        for outbox in trees.outboxes.iter() {
+            let stale = outbox.truncate_from(last + 1)?;
+            if stale > 0 {
+                tracing::warn!(link = %outbox.link, entries = stale, above = last, "took out outbox entries above the high-water mark (of events removed while the link was not configured)");
+            }
+        }
         let (durable_tx, durable) = tokio::sync::watch::channel(last);
         let (failure_tx, failure) = tokio::sync::watch::channel(None);
         let (writer, writer_thread) = writer::spawn(
@@ -1667,6 +1676,11 @@ fn repair_tail(trees: &Trees) -> Result<usize> {
             &trees.customer_runs,
             &customers::truncated(&trees.customer_runs, first)?,
         )?;
+        // Their outbox entries go too; the run that reaches there ends
+        // before it (the numbers are given out again).
+        for outbox in trees.outboxes.iter() {
+            outbox.truncate_from(first)?;
+        }
     }
     times::apply(
         &trees.by_time,
@@ -1677,10 +1691,6 @@ fn repair_tail(trees: &Trees) -> Result<usize> {
                 .map(|(seq, ev)| times::Entry::new(ev.occurred_at.0, *seq)),
         )?,
     )?;
-    let orphan_seqs: Vec<Seq> = orphans.iter().map(|(seq, _)| *seq).collect();
-    for outbox in trees.outboxes.iter() {
-        outbox.remove_seqs(&orphan_seqs)?;
-    }
     slots::apply(
         &trees.events,
         &slots::removals(&trees.events, orphans.iter().map(|(seq, _)| *seq))?,
@@ -1699,10 +1709,6 @@ fn repair_tail(trees: &Trees) -> Result<usize> {
             &trees.by_time,
             &times::removed_seqs(&trees.by_time, &rolled_back)?,
         )?;
-        let rolled_back_seqs: Vec<Seq> = rolled_back.iter().copied().collect();
-        for outbox in trees.outboxes.iter() {
-            outbox.remove_seqs(&rolled_back_seqs)?;
-        }
         slots::apply(
             &trees.events,
             &slots::removals(&trees.events, rolled_back.iter().copied())?,
@@ -2284,6 +2290,11 @@ mod tests {
         assert_eq!(store.len().unwrap(), 5);
         assert_eq!(times::count(&store.inner.trees.by_time).unwrap(), 5);
         assert_eq!(customer_fingerprints(&store), 5);
+        assert_eq!(
+            outbox::queued_checked(&store.inner.trees.outboxes[0].tree),
+            (1..=5).collect::<Vec<Seq>>(),
+            "each stored event queued once, in runs that do not overlap"
+        );
         store.close().await.expect("close");
         drop(store);
         // A crash then loses the resend's sled writes (not its synced

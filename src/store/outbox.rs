@@ -145,6 +145,12 @@ impl Run {
                 bits.len()
             ))));
         }
+        let spare = bits.len() * 8 - span as usize;
+        if spare > 0 && bits.last().is_some_and(|b| b >> (8 - spare) != 0) {
+            return Err(corrupt(DecodeError::Payload(format!(
+                "a run of span {span} with numbers queued past its end"
+            ))));
+        }
         Ok(Run {
             first,
             queued_at,
@@ -183,7 +189,6 @@ impl Run {
         !was
     }
 
-    /// Takes `seq` out; whether it was queued.
     /// Ends the run at its last queued number (a run of none keeps one).
     fn trim(&mut self) {
         let last = self.seqs().last().unwrap_or(self.first);
@@ -195,6 +200,7 @@ impl Run {
         }
     }
 
+    /// Takes `seq` out; whether it was queued.
     fn clear(&mut self, seq: Seq) -> bool {
         if !self.covers(seq) {
             return false;
@@ -251,6 +257,25 @@ pub(super) fn entries(tree: &sled::Tree) -> usize {
             Run::decode(&k, &v).expect("a run").count() as usize
         })
         .sum()
+}
+
+/// Every number the runs of `tree` queue, in order, checking that no two
+/// runs overlap.
+#[cfg(test)]
+pub(super) fn queued_checked(tree: &sled::Tree) -> Vec<Seq> {
+    let runs: Vec<Run> = tree
+        .iter()
+        .map(|item| {
+            let (k, v) = item.expect("read");
+            Run::decode(&k, &v).expect("a run")
+        })
+        .collect();
+    for pair in runs.windows(2) {
+        assert!(pair[0].last() < pair[1].first, "runs overlap: {pair:?}");
+    }
+    runs.iter()
+        .flat_map(|r| r.seqs().collect::<Vec<_>>())
+        .collect()
 }
 
 /// Changes to an outbox tree: key → new value, or removal.
@@ -325,6 +350,38 @@ impl Outbox {
     pub(super) fn remove_seqs(&self, seqs: &[Seq]) -> Result<u64> {
         let _edit = self.edit.lock();
         let (changes, removed) = self.removals(seqs)?;
+        self.apply(changes)?;
+        let _ = self
+            .len
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                Some(n.saturating_sub(removed))
+            });
+        Ok(removed)
+    }
+
+    /// Takes out every number from `first` on, and ends the run that
+    /// covers it before it: numbers given out again after a repair (see
+    /// `super::repair_tail`) start new runs, which must not fall inside an
+    /// old one. How many were queued.
+    pub(super) fn truncate_from(&self, first: Seq) -> Result<u64> {
+        let _edit = self.edit.lock();
+        let mut changes = Vec::new();
+        let mut removed = 0;
+        if let Some(mut run) = self.run_at(first)?.filter(|run| run.first < first) {
+            let cut: Vec<Seq> = run.seqs().filter(|&s| s >= first).collect();
+            for s in &cut {
+                run.clear(*s);
+            }
+            removed += cut.len() as u64;
+            run.trim();
+            changes.push((run.first, (run.count() > 0).then(|| run.encode())));
+        }
+        for item in self.tree.range(first.to_be_bytes()..) {
+            let (k, v) = item?;
+            let run = Run::decode(&k, &v)?;
+            removed += run.count();
+            changes.push((run.first, None));
+        }
         self.apply(changes)?;
         let _ = self
             .len
@@ -568,6 +625,9 @@ mod tests {
             "bitmap and span disagree"
         );
         assert!(Run::decode(&key[..4], &good).is_err(), "short key");
+        let mut past_end = good.clone();
+        *past_end.last_mut().expect("a bitmap") |= 0x80;
+        assert!(Run::decode(&key, &past_end).is_err(), "a bit past the span");
     }
 
     fn event(i: usize, routed: bool) -> NewEvent {
@@ -677,6 +737,37 @@ mod tests {
             .flat_map(|r| r.seqs().collect::<Vec<_>>())
             .collect();
         assert_eq!(all, expected);
+    }
+
+    #[tokio::test]
+    async fn truncating_ends_the_run_that_reaches_there_and_drops_those_after() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = three_commits(dir.path()).await;
+        let outbox = &store.inner.trees.outboxes[0];
+        assert_eq!(outbox.truncate_from(8).expect("truncate"), 7, "9 to 15");
+        assert_eq!(store.outbox_len(0), 7);
+        assert_eq!(queued_checked(&outbox.tree), [1, 2, 3, 4, 5, 6, 7]);
+        let run = outbox.run_at(6).expect("read").expect("a run");
+        assert_eq!((run.first, run.last()), (6, 7), "ends at its last number");
+        assert_eq!(outbox.truncate_from(100).expect("truncate"), 0);
+        store.close().await.expect("close");
+        drop(store);
+
+        // Runs above the high-water mark (as a repair leaves them when the
+        // store was opened without the link) are taken out at open.
+        {
+            let db = crate::store::retry_open(|| sled::open(dir.path()));
+            let tree = db.open_tree(tree_name("up")).expect("tree");
+            for (first, run) in runs_of(&[16, 17, 20], 0) {
+                tree.insert(first.to_be_bytes(), run).expect("insert");
+            }
+            #[allow(clippy::disallowed_methods)]
+            db.flush().expect("flush");
+        }
+        let store = crate::store::retry_open(|| Store::open(dir.path(), &["up".to_string()]));
+        assert_eq!(store.outbox_len(0), 7);
+        let outbox = &store.inner.trees.outboxes[0];
+        assert_eq!(queued_checked(&outbox.tree), [1, 2, 3, 4, 5, 6, 7]);
     }
 
     #[tokio::test]
