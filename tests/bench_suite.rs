@@ -111,6 +111,14 @@ fn propagate_delivers_every_event_at_the_third_node() {
     assert!(f.latency.as_ref().unwrap().samples > 0);
     assert_eq!(f.extra["backlog_events"], 2_000.0);
     assert!(f.extra["drain_events_per_s"] > 0.0);
+    // The flow's rate leaves out the wait before the first arrival, which
+    // is part of the whole drain.
+    let (whole, first) = (
+        f.extra["drain_seconds"],
+        f.extra["drain_first_arrival_seconds"],
+    );
+    assert!(first > 0.0 && first < whole, "{first} of {whole} s");
+    assert!(f.extra["drain_flow_events_per_s"] >= f.extra["drain_events_per_s"]);
 }
 
 #[test]
