@@ -691,9 +691,11 @@ impl Writer {
         self.zero_owed(&owed);
         self.durable.send_replace(self.next_seq - 1);
         for (outbox, n) in self.trees.outboxes.iter().zip(unqueued) {
-            outbox
+            let _ = outbox
                 .len
-                .fetch_sub(n.min(outbox.len.load(Ordering::SeqCst)), Ordering::SeqCst);
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |len| {
+                    Some(len.saturating_sub(n))
+                });
         }
         self.trees.erasures_added.notify_waiters();
         tracing::info!(
@@ -780,8 +782,12 @@ impl Writer {
         if let Some((_, pending)) = &folding {
             pending.fold_owed();
         }
+        // The outboxes count their new entries before a link can see them
+        // (an acknowledgement counted off first would be lost at zero),
+        // and the links are woken after, when they can read them.
+        let added = self.count_queued(&batch, &outcomes);
         self.durable.send_replace(self.next_seq - 1);
-        self.announce(&batch, &outcomes);
+        self.announce(&added);
         let m = crate::metrics::get();
         let stored = outcomes
             .iter()
@@ -1064,9 +1070,9 @@ impl Writer {
         marks().map_err(|e| (e, true))
     }
 
-    /// After a successful flush: count the new outbox entries and wake the
-    /// links that have work.
-    fn announce(&self, batch: &[Vec<NewEvent>], outcomes: &[Vec<Appended>]) {
+    /// After a successful flush, before the durable mark moves: counts the
+    /// new outbox entries on; per link, how many.
+    fn count_queued(&self, batch: &[Vec<NewEvent>], outcomes: &[Vec<Appended>]) -> Vec<u64> {
         let mut added = vec![0u64; self.trees.outboxes.len()];
         for (events, out) in batch.iter().zip(outcomes) {
             for (ne, outcome) in events.iter().zip(out) {
@@ -1079,9 +1085,16 @@ impl Writer {
                 }
             }
         }
-        for (outbox, n) in self.trees.outboxes.iter().zip(added) {
+        for (outbox, &n) in self.trees.outboxes.iter().zip(&added) {
+            outbox.len.fetch_add(n, Ordering::SeqCst);
+        }
+        added
+    }
+
+    /// After the durable mark moved: wake the links that have new work.
+    fn announce(&self, added: &[u64]) {
+        for (outbox, &n) in self.trees.outboxes.iter().zip(added) {
             if n > 0 {
-                outbox.len.fetch_add(n, Ordering::SeqCst);
                 outbox.added.notify_one();
             }
         }
