@@ -23,7 +23,6 @@ use tracing::Instrument;
 
 use crate::anonymise::Anonymiser;
 use crate::config::{NodeConfig, Propagation, TlsFiles};
-use crate::conversions;
 use crate::domain::{PreferenceEvent, UnixNanos};
 use crate::pb;
 use crate::policy::LinkAgreement;
@@ -504,10 +503,29 @@ impl Worker {
                 ))
             })?;
         let window = self.settings.window.max(1);
-        let (tx, rx) = tokio::sync::mpsc::channel(window);
-        let mut client = pb::peering_client::PeeringClient::new(channel)
+        let (tx, rx) = tokio::sync::mpsc::channel::<EncodedBatch>(window);
+        // `Peering.Forward` as the generated client calls it, with batches
+        // sent as the bytes they were written as (see `EncodedBatch`).
+        let mut client = tonic::client::Grpc::new(channel)
             .max_encoding_message_size(self.settings.batch_max_bytes * 2 + 64 * 1024);
-        let mut acks = client.forward(ReceiverStream::new(rx)).await?.into_inner();
+        client
+            .ready()
+            .await
+            .map_err(|e| SessionError::Rpc(format!("cannot reach {}: {e}", link.address)))?;
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        request
+            .extensions_mut()
+            .insert(tonic::GrpcMethod::new("chainsight.v1.Peering", "Forward"));
+        let mut acks = client
+            .streaming(
+                request,
+                tonic::codegen::http::uri::PathAndQuery::from_static(
+                    "/chainsight.v1.Peering/Forward",
+                ),
+                crate::service::PreEncoded::<EncodedBatch, pb::ForwardAck>::default(),
+            )
+            .await?
+            .into_inner();
         link.state.connected.store(true, Ordering::SeqCst);
         lock(&link.state.last_error).clear();
         tracing::info!("connected");
@@ -527,7 +545,8 @@ impl Worker {
                     self.settings.batch_max_bytes,
                 );
                 let agreement = self.links.agreement(idx);
-                let batch_agreement = agreement.clone();
+                let links = self.links.clone();
+                let batch_id = next_batch;
                 let queued = tokio::task::spawn_blocking(move || {
                     let mut queued = store.outbox_batch(idx, cursor, max_events, max_bytes)?;
                     let last = queued.last().map(|q| q.seq);
@@ -553,11 +572,23 @@ impl Worker {
                         .iter()
                         .filter_map(|fp| store.certificate(fp).transpose())
                         .collect::<Result<Vec<_>, _>>()?;
-                    Ok::<_, store::Error>((queued, certificates, last, withheld))
+                    // Shaped for the link and written in wire form here,
+                    // off the runtime's threads too.
+                    let seqs: Vec<Seq> = queued.iter().map(|q| q.seq).collect();
+                    let events: Vec<PreferenceEvent> = queued
+                        .into_iter()
+                        .map(|q| links.outgoing_under(idx, &agreement, q.event))
+                        .collect();
+                    let batch = EncodedBatch(store::record::forward_batch(
+                        batch_id,
+                        &events,
+                        &certificates,
+                    ));
+                    Ok::<_, store::Error>((seqs, batch, last, withheld))
                 })
                 .await
                 .map_err(|e| SessionError::Protocol(e.to_string()))??;
-                let (queued, certificates, last, withheld) = queued;
+                let (seqs, batch, last, withheld) = queued;
                 if withheld > 0 {
                     tracing::info!(
                         events = withheld,
@@ -566,29 +597,13 @@ impl Worker {
                 }
                 let Some(last) = last else { break };
                 cursor = last;
-                if queued.is_empty() {
+                if seqs.is_empty() {
                     continue;
                 }
-                let seqs: Vec<Seq> = queued.iter().map(|q| q.seq).collect();
-                let events = queued
-                    .into_iter()
-                    .map(|q| {
-                        conversions::preference_event_to_pb(&self.links.outgoing_under(
-                            self.idx,
-                            &batch_agreement,
-                            q.event,
-                        ))
-                    })
-                    .collect();
-                let batch_id = next_batch;
                 next_batch += 1;
-                tx.send(pb::ForwardBatch {
-                    batch_id,
-                    events,
-                    certificates,
-                })
-                .await
-                .map_err(|_| SessionError::Protocol("request stream closed".into()))?;
+                tx.send(batch)
+                    .await
+                    .map_err(|_| SessionError::Protocol("request stream closed".into()))?;
                 tracing::debug!(batch_id, events = seqs.len(), "batch sent");
                 inflight.push_back((batch_id, seqs));
             }
@@ -688,6 +703,15 @@ impl Worker {
                 "link stalled: events are waiting and none was acknowledged"
             );
         }
+    }
+}
+
+/// A `pb::ForwardBatch` in wire form (see `store::record::forward_batch`).
+struct EncodedBatch(Vec<u8>);
+
+impl crate::service::Encoded for EncodedBatch {
+    fn encoded(&self) -> &[u8] {
+        &self.0
     }
 }
 
