@@ -1854,18 +1854,22 @@ fn replay_log(db: &sled::Db, trees: &Trees) -> Result<usize> {
     )? {
         trees.by_time.insert(k, v)?;
     }
-    let mut queued: Vec<Vec<Seq>> = vec![Vec::new(); trees.outboxes.len()];
+    let mut queued: std::collections::BTreeMap<&str, Vec<Seq>> = Default::default();
     for f in &frames {
         for link in &f.links {
-            // A link no longer configured has no outbox to queue in.
-            if let Some(i) = trees.outboxes.iter().position(|o| &o.link == link) {
-                queued[i].push(f.seq);
-            }
+            queued.entry(link.as_str()).or_default().push(f.seq);
         }
     }
-    for (outbox, mut seqs) in trees.outboxes.iter().zip(queued) {
+    for (link, mut seqs) in queued {
         seqs.sort_unstable();
-        outbox.add_seqs(&seqs, now)?;
+        match trees.outboxes.iter().find(|o| o.link == link) {
+            Some(outbox) => outbox.add_seqs(&seqs, now)?,
+            // A link this open does not configure (an admin command opens
+            // without links; a link may be left out of the config for a
+            // while) is queued for all the same: the replay happens once,
+            // and the events would otherwise never be forwarded.
+            None => outbox::open(db, link)?.add_seqs(&seqs, now)?,
+        };
     }
     for (f, ev) in frames.iter().zip(&accepted) {
         let key = f.seq.to_be_bytes();
@@ -2561,6 +2565,51 @@ mod tests {
         // Nothing is replayed twice.
         let store = unlocked(|| Store::open(dir.path(), &links));
         assert_eq!(index_counts(&store), [6, 6, 6, 6, 6]);
+        store.close().await.expect("close");
+    }
+
+    /// An open without the link (as `admin verify` does) replays a commit
+    /// sled lost: its events are queued for the link all the same, and
+    /// found there when the node opens with it.
+    #[tokio::test]
+    async fn a_replay_without_the_links_still_queues_for_them() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let links = ["upstream".to_string()];
+        let first_end = {
+            let store = linked_store(dir.path(), &links, 0..3).await;
+            let end = store.inner.trees.meta.get(META_LOG_END).unwrap().unwrap();
+            store
+                .append((3..5).map(linked_event).collect())
+                .await
+                .expect("append");
+            store.close().await.expect("close");
+            end
+        };
+        {
+            let db = unlocked(|| sled::open(dir.path()));
+            let lost: Vec<(Seq, PreferenceEvent)> = [4u64, 5]
+                .into_iter()
+                .map(|seq| (seq, linked_event(seq as usize - 1).event))
+                .collect();
+            lose_commit(&db, &links[0], &lost);
+            let meta = db.open_tree("meta").unwrap();
+            meta.insert(META_LAST_SEQ, &3u64.to_be_bytes()).unwrap();
+            meta.insert(META_LOG_END, first_end).unwrap();
+            #[allow(clippy::disallowed_methods)]
+            db.flush().expect("flush");
+        }
+        {
+            let store = unlocked(|| Store::open(dir.path(), &[]));
+            assert_eq!(store.len().unwrap(), 5, "replayed without the link");
+            store.close().await.expect("close");
+        }
+        let store = unlocked(|| Store::open(dir.path(), &links));
+        assert_eq!(index_counts(&store), [5, 5, 5, 5, 5]);
+        assert_eq!(store.outbox_len(0), 5);
+        assert_eq!(
+            outbox::queued_checked(&store.inner.trees.outboxes[0].tree),
+            [1, 2, 3, 4, 5]
+        );
         store.close().await.expect("close");
     }
 
