@@ -2506,12 +2506,12 @@ mod tests {
             .sum()
     }
 
-    #[tokio::test]
-    async fn commits_sled_had_not_flushed_are_indexed_again_from_the_event_log() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let links = ["upstream".to_string()];
+    /// A store with `links` and two commits (events 1–3, then 4–5), of
+    /// which sled lost the second (a crash before its background flush):
+    /// its writes are gone, the log's frames are not.
+    async fn second_commit_lost(dir: &Path, links: &[String]) {
         let first_end = {
-            let store = linked_store(dir.path(), &links, 0..3).await;
+            let store = linked_store(dir, links, 0..3).await;
             let end = store.inner.trees.meta.get(META_LOG_END).unwrap().unwrap();
             store
                 .append((3..5).map(linked_event).collect())
@@ -2520,21 +2520,24 @@ mod tests {
             store.close().await.expect("close");
             end
         };
-        // sled lost the second commit (a crash before its background
-        // flush): its writes are gone, the log's frames are not.
-        {
-            let db = unlocked(|| sled::open(dir.path()));
-            let lost: Vec<(Seq, PreferenceEvent)> = [4u64, 5]
-                .into_iter()
-                .map(|seq| (seq, linked_event(seq as usize - 1).event))
-                .collect();
-            lose_commit(&db, &links[0], &lost);
-            let meta = db.open_tree("meta").unwrap();
-            meta.insert(META_LAST_SEQ, &3u64.to_be_bytes()).unwrap();
-            meta.insert(META_LOG_END, first_end).unwrap();
-            #[allow(clippy::disallowed_methods)]
-            db.flush().expect("flush");
-        }
+        let db = unlocked(|| sled::open(dir));
+        let lost: Vec<(Seq, PreferenceEvent)> = [4u64, 5]
+            .into_iter()
+            .map(|seq| (seq, linked_event(seq as usize - 1).event))
+            .collect();
+        lose_commit(&db, &links[0], &lost);
+        let meta = db.open_tree("meta").unwrap();
+        meta.insert(META_LAST_SEQ, &3u64.to_be_bytes()).unwrap();
+        meta.insert(META_LOG_END, first_end).unwrap();
+        #[allow(clippy::disallowed_methods)]
+        db.flush().expect("flush");
+    }
+
+    #[tokio::test]
+    async fn commits_sled_had_not_flushed_are_indexed_again_from_the_event_log() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let links = ["upstream".to_string()];
+        second_commit_lost(dir.path(), &links).await;
         let store = unlocked(|| Store::open(dir.path(), &links));
         assert_eq!(index_counts(&store), [5, 5, 5, 5, 5], "indexed again");
         assert_eq!(
@@ -2575,29 +2578,7 @@ mod tests {
     async fn a_replay_without_the_links_still_queues_for_them() {
         let dir = tempfile::tempdir().expect("temp dir");
         let links = ["upstream".to_string()];
-        let first_end = {
-            let store = linked_store(dir.path(), &links, 0..3).await;
-            let end = store.inner.trees.meta.get(META_LOG_END).unwrap().unwrap();
-            store
-                .append((3..5).map(linked_event).collect())
-                .await
-                .expect("append");
-            store.close().await.expect("close");
-            end
-        };
-        {
-            let db = unlocked(|| sled::open(dir.path()));
-            let lost: Vec<(Seq, PreferenceEvent)> = [4u64, 5]
-                .into_iter()
-                .map(|seq| (seq, linked_event(seq as usize - 1).event))
-                .collect();
-            lose_commit(&db, &links[0], &lost);
-            let meta = db.open_tree("meta").unwrap();
-            meta.insert(META_LAST_SEQ, &3u64.to_be_bytes()).unwrap();
-            meta.insert(META_LOG_END, first_end).unwrap();
-            #[allow(clippy::disallowed_methods)]
-            db.flush().expect("flush");
-        }
+        second_commit_lost(dir.path(), &links).await;
         {
             let store = unlocked(|| Store::open(dir.path(), &[]));
             assert_eq!(store.len().unwrap(), 5, "replayed without the link");

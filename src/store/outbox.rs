@@ -345,17 +345,22 @@ impl Outbox {
         Ok(super::gate::apply_batch(&self.tree, batch)?)
     }
 
+    /// Counts `n` entries off the backlog (never below zero).
+    pub(super) fn count_off(&self, n: u64) {
+        let _ = self
+            .len
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |len| {
+                Some(len.saturating_sub(n))
+            });
+    }
+
     /// Takes `seqs` out (any order; numbers not queued are skipped) and
     /// counts them off; how many were queued.
     pub(super) fn remove_seqs(&self, seqs: &[Seq]) -> Result<u64> {
         let _edit = self.edit.lock();
         let (changes, removed) = self.removals(seqs)?;
         self.apply(changes)?;
-        let _ = self
-            .len
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                Some(n.saturating_sub(removed))
-            });
+        self.count_off(removed);
         Ok(removed)
     }
 
@@ -383,11 +388,7 @@ impl Outbox {
             changes.push((run.first, None));
         }
         self.apply(changes)?;
-        let _ = self
-            .len
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                Some(n.saturating_sub(removed))
-            });
+        self.count_off(removed);
         Ok(removed)
     }
 
@@ -491,18 +492,7 @@ impl Store {
         let durable = self.durable_seq();
         let outbox = self.outbox(link);
         // From the run that covers `start`, if one does.
-        let from = match outbox.tree.range(..start.to_be_bytes()).next_back() {
-            Some(item) => {
-                let (k, v) = item?;
-                let run = Run::decode(&k, &v)?;
-                if run.covers(start) {
-                    run.first
-                } else {
-                    start
-                }
-            }
-            None => start,
-        };
+        let from = outbox.run_at(start)?.map_or(start, |run| run.first);
         'runs: for item in outbox.tree.range(from.to_be_bytes()..) {
             let (k, v) = item?;
             let run = Run::decode(&k, &v)?;

@@ -691,11 +691,7 @@ impl Writer {
         self.zero_owed(&owed);
         self.durable.send_replace(self.next_seq - 1);
         for (outbox, n) in self.trees.outboxes.iter().zip(unqueued) {
-            let _ = outbox
-                .len
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |len| {
-                    Some(len.saturating_sub(n))
-                });
+            outbox.count_off(n);
         }
         self.trees.erasures_added.notify_waiters();
         tracing::info!(
