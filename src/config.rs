@@ -515,12 +515,12 @@ pub struct StorageConfig {
     /// Default 256.
     #[serde(default = "default_resume_free_mib")]
     pub resume_free_mib: u64,
-    /// New event ids the store takes one key each (`by_id`) before a
+    /// New event ids the store keeps in its journal (`id_journal.<n>`,
+    /// held by id in memory: the id's bytes and about 40 more) before a
     /// background pass moves them into packs of a few KB (`id_packs`);
-    /// once more are packed, an eighth of those. sled keeps a few hundred
-    /// bytes of memory per 10 keys whatever its cache size, so the ids'
-    /// keys once were the largest part of the node's memory at millions of
-    /// events. Default 100000; at least 1.
+    /// once more are packed, an eighth of those (at most 250,000 unless
+    /// this is higher). A higher value holds more ids in memory and makes
+    /// the store's open read more. Default 100000; at least 1.
     #[serde(default = "default_id_pack_min")]
     pub id_pack_min: u64,
 }

@@ -17,6 +17,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The environment variable mimalloc reads its purge delay from.
 const PURGE_DELAY: &str = "MIMALLOC_PURGE_DELAY";
+/// A node's purge delay, in ms (see [`purge_freed_memory_promptly`]).
+const NODE_PURGE_DELAY_MS: &str = "100";
 
 /// mimalloc (version 3) returns memory a thread freed to the OS only after
 /// a second (`purge_delay`; arenas ten times that), where version 2 waited
@@ -24,7 +26,10 @@ const PURGE_DELAY: &str = "MIMALLOC_PURGE_DELAY";
 /// buffers and page copies, the waiting rollup cells), so freed memory
 /// piled up: under `bench growth` its resident memory ran 50-130 MiB
 /// higher at 3M events than with 10 ms, at the same ingest rate (README,
-/// session 27). mimalloc reads the option from the environment once,
+/// session 27). A node uses 100 ms: memory returned after 10 ms was soon
+/// faulted back in, and with 100 ms `bench ingest` ran 2-20 % faster in
+/// four alternating pairs, `bench growth` peaking at 466 MiB at 10M events
+/// (README, session 32). mimalloc reads the option from the environment once,
 /// before `main`, and setting it later takes an `unsafe` call; so the
 /// process runs itself again with it set (`exec`: the same pid, arguments
 /// and environment otherwise), before it starts a thread. Only `node`
@@ -47,13 +52,13 @@ fn purge_freed_memory_promptly() {
         let _failed = std::process::Command::new(&exe)
             .arg0(arg0)
             .args(args)
-            .env(PURGE_DELAY, "10")
+            .env(PURGE_DELAY, NODE_PURGE_DELAY_MS)
             .exec();
     }
 }
 
 /// Turns transparent huge pages off for this process (and the nodes it
-/// starts). mimalloc returns freed memory to the OS (after 10 ms in a
+/// starts). mimalloc returns freed memory to the OS (after 100 ms in a
 /// node, see [`purge_freed_memory_promptly`]) and faults it back in when
 /// it needs it again; with huge pages each fault
 /// zeroed 2 MiB: a tenth of a node's CPU under ingest and two thirds of the

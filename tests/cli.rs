@@ -235,7 +235,7 @@ fn the_example_chain_configs_load_and_fit_together() {
     assert!(dir.join("chainsight-node@.service").exists());
 }
 
-/// A node runs with mimalloc's purge delay at 10 ms unless the user set
+/// A node runs with mimalloc's purge delay at 100 ms unless the user set
 /// one: the binary runs itself again with it set, keeping its pid (so a
 /// supervisor's pid and signals still reach the node).
 #[cfg(target_os = "linux")]
@@ -245,7 +245,7 @@ fn a_node_runs_with_a_short_allocator_purge_delay_unless_one_is_set() {
 
     let env = TestEnv::new();
     let config = env.node_config("retailer", "");
-    for (set, want) in [(None, "10"), (Some("250"), "250")] {
+    for (set, want) in [(None, "100"), (Some("250"), "250")] {
         let mut cmd = chainsight();
         cmd.arg("node")
             .arg("--config")

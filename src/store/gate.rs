@@ -28,7 +28,8 @@
 //! it again before letting it go (std's lock makes a second shared taker
 //! wait behind a waiting exclusive one) and, holding it, waits for none
 //! of the store's own locks (some are held by callers *before* they take
-//! it: the checkpointer's `tree_lock`, the writer's id generations; the
+//! it: the checkpointer's `tree_lock`, the writer's id generations and the
+//! current id journal's lock; the
 //! id packer takes the gate alone holding only its `moving` lock).
 
 use std::sync::atomic::{AtomicU64, Ordering};

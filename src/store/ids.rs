@@ -1,11 +1,17 @@
 //! The event-id index (event_id → seq: deduplication, lookup by id), in
 //! sled trees of two kinds.
 //!
-//! - `by_id` (and later `by_id.1`, `by_id.2`, …: generations) holds one
-//!   key per id, as commits write them (and erasures' tombstones): cheap to
-//!   write. But sled splits a leaf past 16 keys and keeps a few hundred
-//!   bytes of memory per leaf whatever its cache size: at 10M events
-//!   `by_id` alone was about 1M leaves and 380 MiB resident (session 22).
+//! - Generations (`id_journal.0`, `id_journal.1`, …) hold the ids as
+//!   commits write them (and erasures' tombstones): one journal record
+//!   per commit, the ids held by id in memory (see
+//!   [`super::id_journal`]). Cheap to write, but memory per id.
+//!   Stores written before journals held a generation as a tree of one
+//!   key per id (`by_id`, `by_id.1`, …): sled splits a leaf past 16 keys
+//!   and keeps a few hundred bytes of memory per leaf whatever its cache
+//!   size (at 10M events `by_id` alone was about 1M leaves and 380 MiB
+//!   resident, session 22), and the inserts were about a third of the
+//!   writer's time (session 32). Such trees are frozen at open and packed
+//!   by the next pass.
 //! - `id_packs` holds the ids of older generations, in id order, a few KB
 //!   of them per key: key = the pack's last id, value = its entries (see
 //!   [`encode`]). About 600 ids per key instead of one.
@@ -27,8 +33,8 @@
 //! those packed (at least [`MIN_PASS`], at most [`MAX_PASS`]): up to 2M
 //! packed ids, whatever their order, each is then rewritten about eight
 //! times over its life; beyond, random ids are rewritten more often (a
-//! pass touches most packs), which keeps the generations' trees, and the
-//! memory sled holds for them, small. Ids that arrive in order (the
+//! pass touches most packs), which keeps the generations, and the
+//! memory they take, small. Ids that arrive in order (the
 //! node's UUIDv7s, a retailer's running numbers) mostly land after every
 //! pack or at one pack's end: a pass then writes new packs and rewrites
 //! few.
@@ -39,6 +45,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use prost::encoding::{decode_varint, encode_varint, encoded_len_varint};
 
+use super::id_journal::Journal;
 use super::{gate, DecodeError, Error, Result, Seq};
 
 /// Name of the packed tree.
@@ -61,10 +68,9 @@ const RESTART_EVERY: usize = 16;
 /// Fewest ids written since the last pass that start one (default).
 pub(crate) const MIN_PASS: u64 = 100_000;
 /// Most ids written since the last pass before the next is due (unless
-/// the minimum is set higher): a generation's tree costs sled memory per
-/// leaf like the old one-key-per-id index did, and reading and dropping
-/// it whole adds that again for a moment (about 180 MB at 1M ids; at
-/// 250,000 about a quarter). Past 2M packed ids a pass then comes more
+/// the minimum is set higher): a generation's journal holds its ids in
+/// memory (an id's bytes and about 40 more), and a frozen one stays
+/// there while a pass packs it. Past 2M packed ids a pass then comes more
 /// often than an eighth of them: ids in order still cost a pass little,
 /// random ids rewrite more packs per id.
 const MAX_PASS: u64 = 250_000;
@@ -106,15 +112,113 @@ fn generation_of(name: &[u8]) -> Option<u64> {
 
 /// The generations: the one written into, and those frozen, newest first.
 pub(super) struct Generations {
-    pub current: sled::Tree,
+    pub current: Arc<Journal>,
     number: u64,
-    frozen: Vec<(u64, sled::Tree)>,
+    frozen: Vec<(u64, Layer)>,
 }
 
 impl Generations {
-    /// The trees, newest first.
-    fn trees(&self) -> impl Iterator<Item = &sled::Tree> {
-        std::iter::once(&self.current).chain(self.frozen.iter().map(|(_, t)| t))
+    /// The layers, newest first.
+    fn layers(&self) -> Vec<Layer> {
+        std::iter::once(Layer::Journal(self.current.clone()))
+            .chain(self.frozen.iter().map(|(_, l)| l.clone()))
+            .collect()
+    }
+}
+
+/// A generation: a journal (see [`super::id_journal`]), or a tree of one
+/// key per id as stores before journals wrote them (frozen at open, and
+/// packed and dropped by the next pass).
+#[derive(Clone)]
+pub(super) enum Layer {
+    Journal(Arc<Journal>),
+    Tree(sled::Tree),
+}
+
+impl Layer {
+    /// The value stored for `id` in this generation.
+    fn get(&self, id: &[u8]) -> Result<Option<Seq>> {
+        match self {
+            Layer::Journal(j) => j.get(id),
+            Layer::Tree(t) => match t.get(id)? {
+                Some(v) => seq_of(&v, id).map(Some),
+                None => Ok(None),
+            },
+        }
+    }
+
+    fn contains(&self, id: &[u8]) -> Result<bool> {
+        match self {
+            Layer::Journal(j) => Ok(j.contains(id)),
+            Layer::Tree(t) => Ok(t.contains_key(id)?),
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> u64 {
+        match self {
+            Layer::Journal(j) => j.len() as u64,
+            Layer::Tree(t) => t.len() as u64,
+        }
+    }
+
+    /// Its tree's name, as generation `n`.
+    fn tree_name(&self, n: u64) -> String {
+        match self {
+            Layer::Journal(_) => super::id_journal::name(n),
+            Layer::Tree(_) => generation_name(n),
+        }
+    }
+
+    /// The entries (id, value as stored) after `from`, in id order.
+    fn entries_after(
+        &self,
+        from: &Bound<Vec<u8>>,
+    ) -> Box<dyn Iterator<Item = Result<(sled::IVec, sled::IVec)>> + '_> {
+        match self {
+            Layer::Tree(t) => Box::new(
+                t.range::<Vec<u8>, _>((from.clone(), Bound::Unbounded))
+                    .map(|item| item.map_err(Error::from)),
+            ),
+            Layer::Journal(j) => Box::new(j.entries_after(from).map(Ok)),
+        }
+    }
+
+    /// Every entry, in id order, with its sequence number or why it
+    /// cannot be read (a journal's damaged records too).
+    fn entries(&self) -> Box<dyn Iterator<Item = Result<Entry>>> {
+        match self {
+            Layer::Tree(t) => Box::new(t.iter().map(|item| {
+                let (key, value) = item?;
+                Ok(Entry {
+                    seq: seq_of(&value, &key),
+                    id: key.to_vec(),
+                })
+            })),
+            Layer::Journal(j) => {
+                let (all, damaged) = j.snapshot();
+                let tree = String::from_utf8_lossy(&j.tree().name()).into_owned();
+                Box::new(
+                    all.into_iter()
+                        .map(|(id, value)| {
+                            Ok(Entry {
+                                seq: seq_of(&value, &id),
+                                id,
+                            })
+                        })
+                        .chain(damaged.into_iter().map(move |d| {
+                            Ok(Entry {
+                                seq: Err(corrupt(
+                                    "id_journal",
+                                    &d.key,
+                                    format!("{tree}: {}", d.why),
+                                )),
+                                id: d.key,
+                            })
+                        })),
+                )
+            }
+        }
     }
 }
 
@@ -263,35 +367,62 @@ impl RoundOut {
 }
 
 impl Ids {
-    pub(super) fn open(db: &sled::Db, meta: sled::Tree) -> sled::Result<Ids> {
+    pub(super) fn open(db: &sled::Db, meta: sled::Tree) -> Result<Ids> {
         let read_u64 = |key: &[u8]| -> sled::Result<u64> {
             Ok(meta
                 .get(key)?
                 .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
                 .map_or(0, u64::from_be_bytes))
         };
-        let number = read_u64(META_GENERATION)?;
-        let mut frozen: Vec<(u64, sled::Tree)> = Vec::new();
+        let mut number = read_u64(META_GENERATION)?;
+        let mut current: Option<Journal> = None;
+        let mut frozen: Vec<(u64, Layer)> = Vec::new();
         for name in db.tree_names() {
-            match generation_of(&name) {
-                Some(n) if n != number => frozen.push((n, db.open_tree(&name)?)),
-                _ => {}
+            if let Some(n) = super::id_journal::number_of(&name) {
+                if n == number {
+                    current = Some(Journal::open(db.open_tree(&name)?, MAX_PASS as usize)?);
+                } else {
+                    let journal = Journal::open(db.open_tree(&name)?, 0)?;
+                    journal.freeze();
+                    frozen.push((n, Layer::Journal(Arc::new(journal))));
+                }
+            } else if let Some(n) = generation_of(&name) {
+                // A tree of one key per id, written before journals (the
+                // current generation's too): frozen, for the next pass.
+                let tree = db.open_tree(&name)?;
+                if tree.is_empty() {
+                    drop(tree);
+                    gate::drop_tree(db, &name)?;
+                } else {
+                    frozen.push((n, Layer::Tree(tree)));
+                }
             }
         }
         frozen.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
-        let current = db.open_tree(generation_name(number))?;
-        let never_packed = !meta.contains_key(META_PACKED)?;
-        // Ids written since the last pass, as last recorded; a store never
-        // packed (written before packs) is packed soon after it opens.
-        let unpacked = if never_packed && !current.is_empty() {
-            u64::MAX / 4
-        } else {
-            read_u64(META_UNPACKED)?
+        let current = match current {
+            Some(journal) => journal,
+            None => {
+                // A new store, or one written before journals: a new
+                // generation after every one found, named before it is
+                // written into.
+                if let Some((newest, _)) = frozen.first() {
+                    number = number.max(newest + 1);
+                }
+                meta.insert(META_GENERATION, &number.to_be_bytes())?;
+                Journal::open(
+                    db.open_tree(super::id_journal::name(number))?,
+                    MAX_PASS as usize,
+                )?
+            }
         };
+        // Ids written since the last pass, as last recorded; a store
+        // written before packs is packed soon after it opens (its tree is
+        // frozen: a pass is due).
+        let unpacked = read_u64(META_UNPACKED)?;
         Ok(Ids {
             db: db.clone(),
             generations: RwLock::new(Generations {
-                current,
+                current: Arc::new(current),
                 number,
                 frozen,
             }),
@@ -328,17 +459,35 @@ impl Ids {
     /// The sequence number stored for `id` (or a tombstone's).
     pub(super) fn get(&self, id: &[u8]) -> Result<Option<Seq>> {
         let generations = self.generations();
-        for tree in generations.trees() {
-            if let Some(v) = tree.get(id)? {
-                return seq_of(&v, id).map(Some);
+        if let Some(seq) = generations.current.get(id)? {
+            return Ok(Some(seq));
+        }
+        for (_, layer) in &generations.frozen {
+            if let Some(seq) = layer.get(id)? {
+                return Ok(Some(seq));
             }
         }
-        match self.packs.range(id..).next() {
-            None => Ok(None),
-            Some(item) => {
-                let (key, value) = item?;
-                find(&key, &value, id)
+        if let Some(item) = self.packs.range(id..).next() {
+            let (key, value) = item?;
+            if let Some(seq) = find(&key, &value, id)? {
+                return Ok(Some(seq));
             }
+        }
+        // A journal record that cannot be read may hold any id: one not
+        // found is refused rather than stored a second time.
+        let damaged = std::iter::once(&generations.current)
+            .chain(generations.frozen.iter().filter_map(|(_, l)| match l {
+                Layer::Journal(j) => Some(j),
+                Layer::Tree(_) => None,
+            }))
+            .find(|j| j.has_damaged());
+        match damaged {
+            Some(journal) => Err(corrupt(
+                "id_journal",
+                &journal.tree().name(),
+                "a record of the event-id index cannot be read and may hold this id",
+            )),
+            None => Ok(None),
         }
     }
 
@@ -402,21 +551,27 @@ impl Ids {
             // Only a pass changes the number, and one runs at a time
             // (`passing`).
             let next = self.generations().number + 1;
-            let tree = gate::create_tree(&self.db, generation_name(next))?;
-            let mut g = self
-                .generations
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            // Named before written into: a crash after this finds the
-            // old generation at open, frozen.
-            self.meta.insert(META_GENERATION, &next.to_be_bytes())?;
-            let old = std::mem::replace(&mut g.current, tree);
-            let number = g.number;
-            g.frozen.push((number, old));
-            g.number = next;
+            let journal = Arc::new(Journal::create(&self.db, next, MAX_PASS as usize)?);
+            let old = {
+                let mut g = self
+                    .generations
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                // Named before written into: a crash after this finds the
+                // old generation at open, frozen.
+                self.meta.insert(META_GENERATION, &next.to_be_bytes())?;
+                let old = std::mem::replace(&mut g.current, journal);
+                let number = g.number;
+                g.frozen.push((number, Layer::Journal(old.clone())));
+                g.number = next;
+                old
+            };
+            // Its ids in order, for the rounds (the writer goes on in the
+            // new one meanwhile).
+            old.freeze();
         }
         loop {
-            let Some((number, tree)) = self.generations().frozen.last().cloned() else {
+            let Some((number, layer)) = self.generations().frozen.last().cloned() else {
                 break;
             };
             let mut from: Bound<Vec<u8>> = Bound::Unbounded;
@@ -425,12 +580,20 @@ impl Ids {
                     return Ok(stats);
                 }
                 let _moving = self.pause();
-                let Some(last) = self.round(&tree, &from, &mut stats)? else {
+                let Some(last) = self.round(&layer, &from, &mut stats)? else {
                     break;
                 };
                 from = Bound::Excluded(last.to_vec());
             }
             let _moving = self.pause();
+            if let Layer::Journal(journal) = &layer {
+                // Records that cannot be read go on in the current
+                // journal, for verify to report.
+                let damaged = journal.damaged();
+                if !damaged.is_empty() {
+                    self.generations().current.carry_damaged(&damaged)?;
+                }
+            }
             {
                 let mut g = self
                     .generations
@@ -438,9 +601,10 @@ impl Ids {
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 g.frozen.retain(|(n, _)| *n != number);
             }
-            drop(tree);
+            let name = layer.tree_name(number);
+            drop(layer);
             let dropping = std::time::Instant::now();
-            gate::drop_tree(&self.db, generation_name(number))?;
+            gate::drop_tree(&self.db, name)?;
             stats.dropping += dropping.elapsed();
             stats.generations += 1;
         }
@@ -457,7 +621,7 @@ impl Ids {
     /// once.
     fn round(
         &self,
-        tree: &sled::Tree,
+        layer: &Layer,
         from: &Bound<Vec<u8>>,
         stats: &mut PassStats,
     ) -> Result<Option<sled::IVec>> {
@@ -465,7 +629,7 @@ impl Ids {
         let mut group: Vec<(sled::IVec, Seq)> = Vec::new();
         let mut target: Option<(sled::IVec, sled::IVec)> = None;
         let mut ended = true;
-        for item in tree.range::<Vec<u8>, _>((from.clone(), Bound::Unbounded)) {
+        for item in layer.entries_after(from) {
             let (key, value) = item?;
             let Ok(seq) = seq_of(&value, &key) else {
                 // Damaged: kept as it is, for verify to report.
@@ -507,12 +671,17 @@ impl Ids {
             // Into the current generation unless it has the id (a newer
             // value), before the frozen one is dropped.
             let generations = self.generations();
+            // The generation packed is the oldest frozen one (the last);
+            // a newer one's value for an id stays in force.
+            let newer = &generations.frozen[..generations.frozen.len().saturating_sub(1)];
             for (id, value) in &out.carried {
-                let _ = generations.current.compare_and_swap(
-                    id,
-                    None as Option<&[u8]>,
-                    Some(value.as_ref()),
-                )?;
+                let mut shadowed = false;
+                for (_, layer) in newer {
+                    shadowed |= layer.contains(id)?;
+                }
+                if !shadowed {
+                    generations.current.insert_absent(id, value)?;
+                }
             }
         }
         for (key, e) in &out.damaged {
@@ -532,7 +701,7 @@ impl Ids {
     /// first, then those of the packs, each unless a newer layer holds
     /// its id too; with its sequence number or the reason it is damaged.
     pub(super) fn entries(&self) -> impl Iterator<Item = Result<Entry>> + '_ {
-        let trees: Arc<Vec<sled::Tree>> = Arc::new(self.generations().trees().cloned().collect());
+        let trees: Arc<Vec<Layer>> = Arc::new(self.generations().layers());
         let layers = trees.len();
         // An entry read in `layer` (0: the current generation; `layers`:
         // the packs), unless a newer layer holds its id.
@@ -540,10 +709,10 @@ impl Ids {
             let trees = trees.clone();
             move |layer: usize, entry: Entry| -> Option<Result<Entry>> {
                 for newer in &trees[..layer] {
-                    match newer.contains_key(&entry.id) {
+                    match newer.contains(&entry.id) {
                         Ok(true) => return None,
                         Ok(false) => {}
-                        Err(e) => return Some(Err(e.into())),
+                        Err(e) => return Some(Err(e)),
                     }
                 }
                 Some(Ok(entry))
@@ -552,15 +721,9 @@ impl Ids {
         let in_packs = keep.clone();
         let generations = (0..layers).flat_map(move |layer| {
             let keep = keep.clone();
-            trees[layer].iter().filter_map(move |item| match item {
-                Err(e) => Some(Err(e.into())),
-                Ok((key, value)) => keep(
-                    layer,
-                    Entry {
-                        seq: seq_of(&value, &key),
-                        id: key.to_vec(),
-                    },
-                ),
+            trees[layer].entries().filter_map(move |item| match item {
+                Err(e) => Some(Err(e)),
+                Ok(entry) => keep(layer, entry),
             })
         });
         let packed = self
@@ -594,7 +757,7 @@ impl Ids {
     /// Ids in the generations and in packs (a full scan).
     #[cfg(test)]
     pub(super) fn counts(&self) -> Result<(u64, u64)> {
-        let hot = self.generations().trees().map(|t| t.len() as u64).sum();
+        let hot = self.generations().layers().iter().map(Layer::len).sum();
         let mut packed = 0;
         for item in self.packs.iter() {
             let (key, value) = item?;
@@ -674,7 +837,7 @@ pub(super) fn spawn_packer(ids: Arc<Ids>) -> Result<std::thread::JoinHandle<()>>
                     }
                     Err(e) => {
                         failures += 1;
-                        tracing::error!(error = %e, "packing event ids failed; will retry (deduplication is unaffected: the ids stay in by_id)");
+                        tracing::error!(error = %e, "packing event ids failed; will retry (deduplication is unaffected: the ids stay in their generation)");
                     }
                 }
             }
@@ -1002,8 +1165,8 @@ mod tests {
     fn put(ids: &Ids, id: &[u8], seq: Seq) {
         ids.generations()
             .current
-            .insert(id, &seq.to_be_bytes())
-            .expect("insert");
+            .append([(id, seq)])
+            .expect("append");
     }
 
     /// Ids in order, at random and in interleaved runs (as from several
@@ -1067,13 +1230,15 @@ mod tests {
             assert_eq!(ids_.get(b"seq-99999999").expect("get"), None);
             assert_eq!(ids_.get(b"0").expect("get"), None);
             assert_eq!(ids_.get(b"p2-").expect("get"), None);
-            // The frozen generation's tree is gone; the current one is new.
+            // The frozen generation's journal is gone; the current one is
+            // new.
             let names: Vec<String> = db
                 .tree_names()
                 .iter()
-                .filter_map(|n| generation_of(n).map(generation_name))
+                .filter_map(|n| super::super::id_journal::number_of(n))
+                .map(super::super::id_journal::name)
                 .collect();
-            assert_eq!(names, [generation_name(round + 1)]);
+            assert_eq!(names, [super::super::id_journal::name(round + 1)]);
         }
         for item in ids_.packs.iter() {
             let (key, value) = item.expect("pack");
@@ -1145,11 +1310,143 @@ mod tests {
             "the frozen one first, alone"
         );
         assert_eq!(ids_.counts().expect("counts"), (1, 100));
-        assert!(!db.tree_names().iter().any(|n| n == b"by_id"));
+        let frozen_name = super::super::id_journal::name(0);
+        assert!(!db.tree_names().iter().any(|n| n == frozen_name.as_bytes()));
         ids_.pass().expect("pass");
         assert_eq!(ids_.counts().expect("counts"), (0, 101));
         for (id, seq) in entries.iter().chain([&(b"ev-1000".to_vec(), 1000)]) {
             assert_eq!(ids_.get(id).expect("get"), Some(*seq));
         }
+    }
+
+    /// A store written before journals holds its generations as trees of
+    /// one key per id (the current one included): at open they are
+    /// frozen, their ids found (a newer generation's value first), and
+    /// the next pass packs and drops them; new ids go into a journal of a
+    /// new number.
+    #[test]
+    fn trees_of_one_key_per_id_are_frozen_found_and_packed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let db = crate::store::retry_open(|| sled::Config::new().path(dir.path()).open());
+            let meta = db.open_tree("meta").expect("tree");
+            meta.insert(META_GENERATION, &2u64.to_be_bytes())
+                .expect("insert");
+            let older = db.open_tree(generation_name(1)).expect("tree");
+            let current = db.open_tree(generation_name(2)).expect("tree");
+            for i in 0..50u64 {
+                older
+                    .insert(format!("ev-{i:03}"), &i.to_be_bytes())
+                    .expect("insert");
+            }
+            current
+                .insert("ev-007", &Seq::MAX.to_be_bytes())
+                .expect("insert");
+            current
+                .insert("ev-100", &100u64.to_be_bytes())
+                .expect("insert");
+            current.insert("ev-bad", &[1, 2]).expect("insert");
+            // An empty one is dropped.
+            db.open_tree(generation_name(0)).expect("tree");
+            #[allow(clippy::disallowed_methods)] // a test, no runtime
+            db.flush().expect("flush");
+        }
+        let (db, ids_) = open_ids(dir.path());
+        assert_eq!(ids_.generations().number, 3);
+        assert_eq!(ids_.generations().frozen.len(), 2);
+        assert!(!db
+            .tree_names()
+            .iter()
+            .any(|n| n == generation_name(0).as_bytes()));
+        assert_eq!(ids_.get(b"ev-003").expect("get"), Some(3));
+        assert_eq!(ids_.get(b"ev-007").expect("get"), Some(Seq::MAX));
+        assert_eq!(ids_.get(b"ev-100").expect("get"), Some(100));
+        assert!(ids_.get(b"ev-bad").is_err(), "a damaged entry is an error");
+        assert_eq!(ids_.get(b"ev-200").expect("get"), None);
+        assert!(ids_.due());
+        put(&ids_, b"ev-200", 200);
+        assert_eq!(ids_.entries().count(), 53, "each id once");
+        ids_.pass().expect("pass");
+        ids_.pass().expect("pass");
+        assert!(ids_.generations().frozen.is_empty());
+        assert!(!db.tree_names().iter().any(|n| generation_of(n).is_some()));
+        for (id, seq) in [
+            (b"ev-003".as_slice(), 3),
+            (b"ev-007", Seq::MAX),
+            (b"ev-100", 100),
+            (b"ev-200", 200),
+        ] {
+            assert_eq!(ids_.get(id).expect("get"), Some(seq));
+        }
+        // The damaged entry was carried into the journal, still an error.
+        assert!(ids_.get(b"ev-bad").is_err());
+        drop(ids_);
+        drop(db);
+        let (_db, ids_) = open_ids(dir.path());
+        assert_eq!(ids_.get(b"ev-007").expect("get"), Some(Seq::MAX));
+        assert!(ids_.get(b"ev-bad").is_err());
+        assert_eq!(ids_.generations().number, 4);
+    }
+
+    /// A journal record that cannot be read may hold any id: lookups of
+    /// ids found nowhere are refused, verify lists it, and a pass carries
+    /// it into the current journal rather than dropping it with its
+    /// generation.
+    #[test]
+    fn a_damaged_journal_record_refuses_unknown_ids_and_outlives_passes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (db, ids_) = open_ids(dir.path());
+            put(&ids_, b"ev-1", 1);
+            ids_.generations()
+                .current
+                .tree()
+                .insert(9u64.to_be_bytes(), &[1u8, 200])
+                .expect("insert");
+            #[allow(clippy::disallowed_methods)] // a test, no runtime
+            db.flush().expect("flush");
+        }
+        let (_db, ids_) = open_ids(dir.path());
+        assert_eq!(ids_.get(b"ev-1").expect("get"), Some(1));
+        assert!(matches!(ids_.get(b"ev-2"), Err(Error::Corrupt { .. })));
+        let damaged = |ids_: &Ids| {
+            ids_.entries()
+                .filter(|e| matches!(e, Ok(e) if e.seq.is_err()))
+                .count()
+        };
+        assert_eq!(damaged(&ids_), 1);
+        for _ in 0..2 {
+            ids_.pass().expect("pass");
+            assert!(ids_.generations().frozen.is_empty());
+            assert_eq!(ids_.get(b"ev-1").expect("get"), Some(1));
+            assert!(matches!(ids_.get(b"ev-2"), Err(Error::Corrupt { .. })));
+            assert_eq!(damaged(&ids_), 1);
+        }
+    }
+
+    /// An id carried out of an older generation (its pack is damaged)
+    /// does not shadow a newer generation's value for it.
+    #[test]
+    fn a_carried_id_does_not_shadow_a_newer_generations_value() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let db = crate::store::retry_open(|| sled::Config::new().path(dir.path()).open());
+            let older = db.open_tree(generation_name(1)).expect("tree");
+            let newer = db.open_tree(generation_name(2)).expect("tree");
+            older.insert("a", &1u64.to_be_bytes()).expect("insert");
+            newer.insert("a", &Seq::MAX.to_be_bytes()).expect("insert");
+            // The pack "a" falls into cannot be read.
+            db.open_tree(PACKS_TREE)
+                .expect("tree")
+                .insert("b", &[PACK_V1, 0xff])
+                .expect("insert");
+            #[allow(clippy::disallowed_methods)] // a test, no runtime
+            db.flush().expect("flush");
+        }
+        let (_db, ids_) = open_ids(dir.path());
+        assert_eq!(ids_.get(b"a").expect("get"), Some(Seq::MAX));
+        let stats = ids_.pass().expect("pass");
+        assert_eq!(stats.generations, 2);
+        assert_eq!(ids_.get(b"a").expect("get"), Some(Seq::MAX));
     }
 }

@@ -8,9 +8,10 @@
 //!   one's record is in the event log, one slot per seq (see [`slots`];
 //!   stores written before: seq → where its record is, or before the log
 //!   the record itself, see [`record`])
-//! - `by_id`, `id_packs`: event_id → seq — deduplication; new ids one
-//!   key each, moved by a background pass into packs of a few KB (see
-//!   [`ids`])
+//! - `id_journal.<n>`, `id_packs`: event_id → seq — deduplication; a
+//!   commit's new ids in one journal record (held by id in memory, see
+//!   [`id_journal`]), moved by a background pass into packs of a few KB
+//!   (see [`ids`]; the journal replaced `by_id`, one key per id)
 //! - `time_blocks`: day ‖ first seq of a bucket of 256 → the occurred_at
 //!   of each of its events that occurred that day — time range scans (see
 //!   [`times`]; it replaced `by_time`, occurred_at ‖ seq → (), one key per
@@ -44,7 +45,7 @@
 //! - `dp_budget`: analyst identity → period start (i64) ‖ ε spent (f64)
 //!
 //! An event's outbox entries are written in the same commit as the event
-//! and before its `by_id` entry, which is what makes it stored: after a
+//! and before its id's journal record, which is what makes it stored: after a
 //! crash an event is never stored without being queued where it must go
 //! (see `writer::Writer::transact` and `repair_tail`).
 //!
@@ -66,6 +67,7 @@ mod customers;
 mod erasure;
 mod export;
 mod gate;
+mod id_journal;
 mod ids;
 mod outbox;
 mod recent;
@@ -209,8 +211,8 @@ struct Trees {
     /// seq → the record's [`log::Location`] (or, in stores written before
     /// the event log, the record itself).
     events: sled::Tree,
-    /// The event-id index: generations of one key per id (`by_id`, …,
-    /// written by the writer) and packs.
+    /// The event-id index: generations (journals written by the writer)
+    /// and packs.
     ids: Arc<ids::Ids>,
     by_time: sled::Tree,
     meta: sled::Tree,
@@ -430,7 +432,10 @@ impl Store {
         let meta = db.open_tree("meta").map_err(open_err)?;
         let trees = Trees {
             events: db.open_tree("events").map_err(open_err)?,
-            ids: Arc::new(ids::Ids::open(&db, meta.clone()).map_err(open_err)?),
+            ids: Arc::new(ids::Ids::open(&db, meta.clone()).map_err(|e| match e {
+                Error::Sled(source) => open_err(source),
+                e => e,
+            })?),
             by_time: db.open_tree(times::TREE).map_err(open_err)?,
             meta,
             cursors: db.open_tree("cursors").map_err(open_err)?,
@@ -988,13 +993,13 @@ impl Store {
                     Ok(Some(_)) => problem(
                         &mut v,
                         format!(
-                            "tree by_id: event {:?} (seq {seq}) points elsewhere",
+                            "event-id index: event {:?} (seq {seq}) points elsewhere",
                             ev.event_id
                         ),
                     ),
                     Ok(None) => problem(
                         &mut v,
-                        format!("tree by_id: event {:?} (seq {seq}) is missing", ev.event_id),
+                        format!("event-id index: event {:?} (seq {seq}) is missing", ev.event_id),
                     ),
                 },
             }
@@ -1014,7 +1019,7 @@ impl Store {
                 Ok(seq) if seq <= self.purged_upto()? => {}
                 Ok(seq) => problem(
                     &mut v,
-                    format!("tree by_id: {id:?} points to seq {seq}, which holds no event"),
+                    format!("event-id index: {id:?} points to seq {seq}, which holds no event"),
                 ),
                 Err(e) => problem(&mut v, format!("the event-id index at {id:?}: {e}")),
             }
@@ -1871,15 +1876,13 @@ fn replay_log(db: &sled::Db, trees: &Trees) -> Result<usize> {
             None => outbox::open(db, link)?.add_seqs(&seqs, now)?,
         };
     }
-    for (f, ev) in frames.iter().zip(&accepted) {
-        let key = f.seq.to_be_bytes();
-        trees
-            .ids
-            .generations()
-            .current
-            .insert(ev.event_id.as_bytes(), &key)?;
-        high = high.max(f.seq);
-    }
+    trees.ids.generations().current.append(
+        frames
+            .iter()
+            .zip(&accepted)
+            .map(|(f, ev)| (ev.event_id.as_bytes(), f.seq)),
+    )?;
+    high = frames.iter().map(|f| f.seq).fold(high, Seq::max);
     // The log's end first, as in a commit (see `Writer::write_trees`).
     trees.meta.insert(META_LOG_END, &end.encode())?;
     trees.meta.insert(META_LAST_SEQ, &high.to_be_bytes())?;
@@ -2599,8 +2602,9 @@ mod tests {
         failed_commit(0).await;
     }
 
-    /// The writer's key-by-key `by_id` writes failed after the first: the
-    /// first event is stored, the others' frames are rolled back. The
+    /// The commit's id of the first event landed, the others' did not (as
+    /// the key-by-key `by_id` writes before the id journal could leave
+    /// it): the first event is stored, the others' frames are rolled back. The
     /// event log's replay must leave their slots to the repair (which
     /// removes their index and outbox entries), not drop them unseen.
     #[tokio::test]
@@ -2655,7 +2659,7 @@ mod tests {
                 t.ids
                     .generations()
                     .current
-                    .insert(ne.event.event_id.as_bytes(), &seq.to_be_bytes())
+                    .append([(ne.event.event_id.as_bytes(), seq)])
                     .unwrap();
             }
             t.log.rollback(&locations[kept..]).unwrap();

@@ -480,11 +480,9 @@ impl Writer {
             } else {
                 ERASED_TOMBSTONE
             };
-            let mut batch = sled::Batch::default();
-            for id in &tombstones {
-                batch.insert(id.as_bytes(), &mark.to_be_bytes());
-            }
-            gate::apply_batch(&generations.current, batch)?;
+            generations
+                .current
+                .append(tombstones.iter().map(|id| (id.as_bytes(), mark)))?;
         }
         let mut erased: Vec<(Seq, crate::domain::PreferenceEvent)> = Vec::new();
         let mut frames: Vec<Location> = Vec::new();
@@ -614,7 +612,7 @@ impl Writer {
                 .map(|(seq, ev)| times::Entry::new(ev.occurred_at.0, *seq)),
         )?;
         // [events, by_time, customer_runs, meta, erasures, erasure_signals,
-        //  rollups, by_id, outbox 0, outbox 1, ...]
+        //  rollups, the id journal, outbox 0, outbox 1, ...]
         let mut trees: Vec<&sled::Tree> = vec![
             &t.events,
             &t.by_time,
@@ -623,7 +621,7 @@ impl Writer {
             &t.erasures,
             &t.erasure_signals,
             &t.rollups,
-            &generations.current,
+            generations.current.tree(),
         ];
         trees.extend(t.outboxes.iter().map(|o| &o.tree));
         // The erased events leave the outboxes' runs: read and changed
@@ -638,12 +636,18 @@ impl Writer {
             .collect::<Result<Vec<_>>>()?
             .into_iter()
             .unzip();
+        // The ids stay taken (a resend is a duplicate), by tombstones: no
+        // event holds their numbers any more. Lookups of the journal wait
+        // until the transaction is in (or failed: then nothing changes).
+        let tombstones = generations.current.begin(
+            erased
+                .iter()
+                .map(|(_, ev)| (ev.event_id.as_bytes(), ERASED_TOMBSTONE)),
+        );
         let apply = || {
             gate::transaction(trees.as_slice(), |tx| {
-                for (_, ev) in &erased {
-                    // The id stays taken (a resend is a duplicate), by a
-                    // tombstone: no event holds its number any more.
-                    tx[7].insert(ev.event_id.as_bytes(), &ERASED_TOMBSTONE.to_be_bytes())?;
+                for (key, record) in tombstones.records() {
+                    tx[7].insert(key, record.as_slice())?;
                 }
                 for (i, changes) in run_changes.iter().enumerate() {
                     for (first, value) in changes {
@@ -684,6 +688,7 @@ impl Writer {
             TransactionError::Storage(e) => Error::Sled(e),
             TransactionError::Abort(()) => Error::Closed,
         })?;
+        tombstones.commit();
         drop(edits);
         self.next_seq += 1;
         self.flush_now()?;
@@ -860,7 +865,7 @@ impl Writer {
     /// Appends the new events' records to the event log and syncs it (what
     /// makes them durable), then writes their sled entries tree by tree:
     /// first the events' locations, then their time and customer indexes
-    /// and outbox entries, then the `by_id` entries (which make an event
+    /// and outbox entries, then the ids' journal record (which makes an event
     /// "stored": deduplication finds it), and last the high-water mark and
     /// the log's end. Each tree gets one atomic sled `Batch`, or, for small
     /// commits, plain inserts in event order.
@@ -871,7 +876,7 @@ impl Writer {
     /// hold a prefix of these writes, and the open replays every frame
     /// after the log end sled kept ([`super::replay_log`]): synced commits
     /// are never lost to sled's background flush. A commit that fails
-    /// before its `by_id` entries takes its frames back out of the log;
+    /// before its ids' record takes its frames back out of the log;
     /// what it left in sled is removed on open ([`super::repair_tail`]),
     /// and the senders resend. A multi-tree transaction would give the same
     /// guarantee at several times the CPU per event (it buffers every write
@@ -924,9 +929,8 @@ impl Writer {
             .collect();
         let io = |e: std::io::Error| (Error::Sled(sled::Error::Io(e)), false);
         // Small commits write key by key (see `plain` below) and their
-        // frames one by one: a failure after some of their `by_id` entries
-        // keeps the frames of those (a block is taken back whole). Larger
-        // ones write their frames in compressed blocks.
+        // frames one by one; larger ones write their frames in compressed
+        // blocks.
         let plain = new.len() <= PLAIN_INSERTS_UP_TO;
         let packing = if plain {
             super::log::Packing::Single
@@ -939,13 +943,12 @@ impl Writer {
         // log (see `EventLog::rollback`), so that no replay stores what was
         // refused; if even that fails, they may be found at the next open,
         // so their sequence numbers stay used.
-        let rollback_from = |first: usize, e: Error| {
-            if let Err(undo) = t.log.rollback(&locations[first..]) {
+        let rollback = |e: Error| {
+            if let Err(undo) = t.log.rollback(&locations) {
                 tracing::error!(error = %undo, "could not take a failed commit's events back out of the event log; they may be stored at the next open, and their senders find them there as duplicates");
             }
             (e, true)
         };
-        let rollback = |e: Error| rollback_from(0, e);
         t.log
             .sync()
             .map_err(|e| rollback(Error::Sled(sled::Error::Io(e))))?;
@@ -957,10 +960,8 @@ impl Writer {
         let mut events: Vec<(Seq, Location)> = Vec::with_capacity(new.len());
         let mut entries: Vec<times::Entry> = Vec::with_capacity(new.len());
         let mut fingerprints: Vec<(Seq, u32)> = Vec::with_capacity(new.len());
-        let mut by_id: Kv = Vec::with_capacity(new.len());
         let mut outboxes: Vec<Vec<Seq>> = t.outboxes.iter().map(|_| Vec::new()).collect();
         for ((seq, ne), at) in new.iter().zip(&locations) {
-            let key = seq.to_be_bytes();
             events.push((*seq, *at));
             entries.push(times::Entry::new(ne.event.occurred_at.0, *seq));
             fingerprints.push((
@@ -972,7 +973,6 @@ impl Writer {
                     outbox.push(*seq);
                 }
             }
-            by_id.push((ne.event.event_id.as_bytes().to_vec(), key.to_vec()));
         }
         // A sled batch costs tens of µs whatever its size (it takes sled's
         // global write lock and logs a manifest), a plain insert a few µs:
@@ -997,7 +997,8 @@ impl Writer {
         };
         // A batch applies whole or not at all; key by key, a failure after
         // the first insert leaves some events in the tree.
-        // Until the `by_id` entries are in, the events are not stored:
+        // Until the ids are in the index's journal, the events are not
+        // stored:
         // a failure takes them out of the log again, and the next open
         // removes what reached sled (`super::repair_tail`). Once they are
         // in, the events are stored, and the next open completes the rest
@@ -1035,23 +1036,18 @@ impl Writer {
             Ok(())
         };
         indexes().map_err(rollback)?;
-        // Key by key, the events whose `by_id` entry landed before a
-        // failure are stored, and keep their frames.
-        let ids = by_id.len() as u64;
-        {
-            let generations = t.ids.generations();
-            if plain {
-                for (i, (k, v)) in by_id.into_iter().enumerate() {
-                    generations
-                        .current
-                        .insert(k, v)
-                        .map_err(|e| rollback_from(i, e.into()))?;
-                }
-            } else {
-                put(&generations.current, by_id).map_err(|e| rollback(e.into()))?;
-            }
-        }
-        t.ids.written(ids);
+        // The ids, into the index's journal: one insert (or one batch of
+        // a few records), so all of the commit's events are stored or
+        // none (see `super::id_journal`).
+        t.ids
+            .generations()
+            .current
+            .append(
+                new.iter()
+                    .map(|(seq, ne)| (ne.event.event_id.as_bytes(), *seq)),
+            )
+            .map_err(rollback)?;
+        t.ids.written(new.len() as u64);
         // The log's end before the high-water mark: sled may keep the
         // first write without the second. A log end ahead of the mark only
         // skips frames sled holds whole (everything before it is in); a
