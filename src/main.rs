@@ -309,6 +309,11 @@ enum BenchScenario {
         /// Nodes do not sign events (to measure what origin proofs cost).
         #[arg(long)]
         unsigned: bool,
+        /// Also write each event of the timed phase to this file: the
+        /// retailer's acknowledgement (Unix seconds) and the latency to the
+        /// manufacturer (ms), one per line — when in the run the tail was.
+        #[arg(long)]
+        samples: Option<PathBuf>,
         #[command(flatten)]
         common: BenchCommon,
     },
@@ -1249,6 +1254,7 @@ fn bench_run(scenario: BenchScenario) -> (chainsight::bench::Run, BenchCommon) {
             batch,
             backlog,
             unsigned,
+            samples,
             common,
         } => {
             let opts = if common.quick {
@@ -1258,6 +1264,7 @@ fn bench_run(scenario: BenchScenario) -> (chainsight::bench::Run, BenchCommon) {
                     batch: 50,
                     backlog: 2_000,
                     unsigned,
+                    samples,
                 }
             } else {
                 PropagateOptions {
@@ -1266,6 +1273,7 @@ fn bench_run(scenario: BenchScenario) -> (chainsight::bench::Run, BenchCommon) {
                     batch,
                     backlog,
                     unsigned,
+                    samples,
                 }
             };
             (Run::Propagate(opts), common)

@@ -14,11 +14,21 @@ fn run_quick(scenario: &str) -> Vec<Figures> {
 
 /// [`run_quick`] with more environment variables for the bench.
 fn run_quick_with(scenario: &str, env: &[(&str, &std::ffi::OsStr)]) -> Vec<Figures> {
+    run_quick_args(scenario, env, &[])
+}
+
+/// [`run_quick_with`] with more arguments for the bench.
+fn run_quick_args(
+    scenario: &str,
+    env: &[(&str, &std::ffi::OsStr)],
+    args: &[&std::ffi::OsStr],
+) -> Vec<Figures> {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("figures.json");
     let out = Command::new(env!("CARGO_BIN_EXE_chainsight"))
         .args(["bench", scenario, "--quick", "--json"])
         .arg(&json)
+        .args(args)
         .env("RUST_LOG", "warn")
         .envs(env.iter().copied())
         .output()
@@ -107,8 +117,44 @@ fn nodes_run_under_the_wrapper_command() {
 
 #[test]
 fn propagate_delivers_every_event_at_the_third_node() {
-    let f = &run_quick("propagate")[0];
-    assert!(f.latency.as_ref().unwrap().samples > 0);
+    let dir = tempfile::tempdir().unwrap();
+    let samples = dir.path().join("samples.txt");
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let f = &run_quick_args(
+        "propagate",
+        &[],
+        &["--samples".as_ref(), samples.as_os_str()],
+    )[0];
+    let after = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let latency = f.latency.as_ref().unwrap();
+    assert!(latency.samples > 0);
+    // `--samples`: one line per event of the timed phase, each when the
+    // retailer acknowledged it (within the run) and its latency.
+    let lines = std::fs::read_to_string(&samples).expect("--samples writes its file");
+    let rows: Vec<(f64, f64)> = lines
+        .lines()
+        .map(|l| {
+            let mut p = l.split(' ').map(|x| x.parse::<f64>().expect(l));
+            (p.next().expect(l), p.next().expect(l))
+        })
+        .collect();
+    assert_eq!(rows.len(), latency.samples, "one line per sample");
+    for (at, ms) in &rows {
+        assert!(
+            *at > before && *at < after,
+            "{at} outside {before}..{after}"
+        );
+        assert!(
+            *ms >= 0.0 && *ms <= latency.max_us as f64 / 1e3 + 0.001,
+            "{ms} ms"
+        );
+    }
     assert_eq!(f.extra["backlog_events"], 2_000.0);
     assert!(f.extra["drain_events_per_s"] > 0.0);
     // The flow's rate leaves out the wait before the first arrival, which

@@ -41,6 +41,12 @@ pub struct PropagateOptions {
     /// Nodes do not sign events (`[trust] sign = false`): the cost of
     /// origin proofs is the difference.
     pub unsigned: bool,
+    /// Also write each event of the latency phase to this file: when the
+    /// retailer acknowledged it (Unix seconds) and how long it took to
+    /// reach the manufacturer (ms), one event per line, in the order
+    /// acknowledged — to see when in a run the tail happens.
+    #[serde(skip)]
+    pub samples: Option<std::path::PathBuf>,
 }
 
 impl Default for PropagateOptions {
@@ -51,6 +57,7 @@ impl Default for PropagateOptions {
             batch: 50,
             backlog: 100_000,
             unsigned: false,
+            samples: None,
         }
     }
 }
@@ -212,6 +219,36 @@ impl Arrivals {
     }
 }
 
+/// Writes `bench propagate --samples`: per acknowledged event, in the
+/// order acknowledged, the acknowledgement's wall-clock time (Unix
+/// seconds) and the end-to-end latency (ms).
+fn write_samples(
+    path: &std::path::Path,
+    acks: &[(String, Instant)],
+    arrivals: &Arrivals,
+) -> Result<(), Error> {
+    use std::fmt::Write as _;
+    let (now, wall) = (Instant::now(), std::time::SystemTime::now());
+    let wall = wall
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    let times = arrivals
+        .times
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut out = String::with_capacity(acks.len() * 24);
+    for (id, acked) in acks {
+        if let Some(arrived) = times.get(id) {
+            let at = wall - now.duration_since(*acked).as_secs_f64();
+            let ms = arrived.saturating_duration_since(*acked).as_secs_f64() * 1e3;
+            let _ = writeln!(out, "{at:.6} {ms:.3}");
+        }
+    }
+    std::fs::write(path, &out)
+        .map_err(|e| crate::chain::err("writing the samples")(format!("{}: {e}", path.display())))
+}
+
 /// Runs `bench propagate`.
 pub async fn propagate(opts: PropagateOptions) -> Result<suite::Figures, Error> {
     let mut chain =
@@ -256,6 +293,9 @@ pub async fn propagate(opts: PropagateOptions) -> Result<suite::Figures, Error> 
             .collect()
     };
 
+    if let Some(path) = &opts.samples {
+        write_samples(path, &acks, &arrivals)?;
+    }
     // Phase 2: a backlog builds while the distributor is down, then drains.
     tracing::info!(
         "propagate: stopping the distributor, publishing a backlog of {} events",
