@@ -12,9 +12,13 @@
 //! mid-query is never counted twice.
 //!
 //! The lanes: the hourly cells (base and attribute families, about one new
-//! cell per event) are merged every second or 50,000 events, which bounds
+//! cell per event) are merged every 5 s or 50,000 events, which bounds
 //! the memory they wait in (every 200 ms or 10,000 events until session
-//! 14: 5 % less ingest and a longer latency tail, for about 25 MiB less).
+//! 14: 5 % less ingest and a longer latency tail, for about 25 MiB less;
+//! every second until session 33: at a few thousand events a second the
+//! three nodes of `bench propagate` merged small checkpoints every
+//! second, at the same moments, and each one delayed delivery by 20-50
+//! ms — the whole tail of the chain's p99).
 //! The views' day, week and month cells are few and rewritten over and
 //! over (each merge reads, adds to and writes back the same cells,
 //! distinct-customer sketches of a kilobyte included), so they wait longer
@@ -98,7 +102,11 @@ impl Lane {
     /// Merge at least this often while deltas wait.
     fn every(self) -> Duration {
         match self {
-            Lane::Hours => Duration::from_secs(1),
+            // At a steady few thousand events a second the events bound
+            // comes first only after 10-25 s: every 5 s, a checkpoint
+            // writes each hour's block once for 5 s of events rather than
+            // five times (README, session 33).
+            Lane::Hours => Duration::from_secs(5),
             Lane::Views => Duration::from_secs(15),
         }
     }
@@ -125,6 +133,10 @@ impl Lane {
 /// A lane whose deltas wait is merged once no event came for this long,
 /// whatever its cadence: an idle node settles its rollups.
 const SETTLE: Duration = Duration::from_secs(1);
+
+/// Longest pause between two chunks of an unpressed checkpoint (see
+/// [`Pending::pace`]).
+const PACE_MAX: Duration = Duration::from_millis(5);
 
 /// Cells to read: `family`'s `period` cells starting in the hours
 /// `from..to` (open ends: unbounded).
@@ -1283,6 +1295,7 @@ impl Pending {
         let mut hours_between = lane == Lane::Views;
         for (final_chunk, chunk) in chunked(&remaining) {
             chunks += 1;
+            let chunk_started = std::time::Instant::now();
             // Only the checkpointer writes cells while it runs (retention
             // pauses it, an erasure lets it finish first), so the batch is
             // prepared without blocking queries.
@@ -1318,6 +1331,9 @@ impl Pending {
             if !final_chunk && hours_between {
                 hours_between = self.hours_between_chunks(tree);
             }
+            if !final_chunk {
+                self.pace(chunk_started.elapsed());
+            }
         }
         if tracing::enabled!(tracing::Level::DEBUG) {
             // Cells written per family kind: base (hourly, every
@@ -1349,6 +1365,36 @@ impl Pending {
             );
         }
         Ok(true)
+    }
+
+    /// Between two chunks of a checkpoint that nothing presses (no lane
+    /// with half its events bound waiting behind it, no drain, stop or
+    /// pause waiting), sleeps as
+    /// long as the chunk took, at most [`PACE_MAX`]: a checkpoint then
+    /// takes at most half of a CPU, and the threads that answer and
+    /// forward find one free. Run flat out, the checkpoints of the three
+    /// nodes of `bench propagate`, which come at the same moments, took
+    /// both CPUs for 100-300 ms, and every event forwarded meanwhile
+    /// waited (README, session 33).
+    fn pace(&self, took: Duration) {
+        if let Some(pause) = self.pause_after(took) {
+            std::thread::sleep(pause);
+        }
+    }
+
+    /// How long [`Self::pace`] sleeps after a chunk that took `took`:
+    /// nothing while something presses.
+    fn pause_after(&self, took: Duration) -> Option<Duration> {
+        let pressed = self.stop.load(Ordering::SeqCst)
+            || self.draining.load(Ordering::SeqCst)
+            || self.paused.load(Ordering::SeqCst) > 0
+            || {
+                let maps = self.read();
+                Lane::ALL
+                    .iter()
+                    .any(|lane| maps.lanes[*lane as usize].active_events >= lane.events() / 2)
+            };
+        (!pressed).then(|| took.min(PACE_MAX))
     }
 
     /// Merges the hours lane, if it is due, between two chunks of a views
@@ -1915,7 +1961,8 @@ pub(super) fn spawn_checkpointer(
                 let draining = pending.draining.load(Ordering::SeqCst);
                 let paused = pending.paused.load(Ordering::SeqCst) > 0;
                 if failed || paused || (idle && !draining) {
-                    let _ = pending.wake.wait_timeout(guard, Lane::Hours.every());
+                    // Often enough to notice a lane that settled.
+                    let _ = pending.wake.wait_timeout(guard, SETTLE);
                 }
             }
         })
@@ -2441,7 +2488,7 @@ mod tests {
             }
             lane.counted(days as u64, days as u64);
         }
-        // A due hourly cell (it waited two seconds).
+        // A due hourly cell (it waited twice its lane's cadence).
         let hour = cell(crate::rollup::FAMILY_BASE, Bucket::Hour, 7);
         {
             let mut maps = p.write();
@@ -2562,6 +2609,34 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A checkpoint sleeps between its chunks as long as each took (at
+    /// most `PACE_MAX`) unless a lane has half its events bound waiting,
+    /// or a drain, a stop or a pause waits for it.
+    #[test]
+    fn checkpoints_pace_themselves_unless_pressed() {
+        let p = Pending::with_maps(Arc::new(Layout::default()), Maps::default());
+        let ms = Duration::from_millis;
+        assert_eq!(p.pause_after(ms(2)), Some(ms(2)));
+        assert_eq!(p.pause_after(ms(40)), Some(PACE_MAX));
+        for lane in Lane::ALL {
+            p.write().lane(lane).active_events = lane.events() / 2 - 1;
+            assert_eq!(p.pause_after(ms(2)), Some(ms(2)), "{lane:?} below half");
+            p.write().lane(lane).active_events = lane.events() / 2;
+            assert_eq!(p.pause_after(ms(2)), None, "{lane:?} at half its bound");
+            p.write().lane(lane).active_events = 0;
+        }
+        for flag in [&p.stop, &p.draining] {
+            flag.store(true, Ordering::SeqCst);
+            assert_eq!(p.pause_after(ms(2)), None);
+            flag.store(false, Ordering::SeqCst);
+        }
+        {
+            let _paused = p.pause();
+            assert_eq!(p.pause_after(ms(2)), None, "a pause waits");
+        }
+        assert_eq!(p.pause_after(ms(2)), Some(ms(2)));
     }
 
     /// A lane is due at its count or its cadence, or once no event came
