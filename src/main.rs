@@ -282,8 +282,9 @@ enum BenchScenario {
     },
     /// Publish acknowledgement latency with one request (one event) in flight.
     Latency {
-        /// Timed requests. The default (about 10 s) spans the rollup
-        /// checkpoints (every second and every 5 s), which set the tail.
+        /// Timed requests. The default (about 10 s) spans the hourly
+        /// rollup checkpoints (every 5 s), which set the tail; the views'
+        /// (every 15 s) come later.
         #[arg(long, default_value_t = 15_000)]
         events: u64,
         /// Untimed requests first.
