@@ -301,31 +301,29 @@ impl Journal {
         self.any_damaged.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// `id`'s value among the frozen ids.
+    fn frozen_value(&self, id: &[u8]) -> Option<&Value> {
+        let frozen = self.frozen.get()?;
+        let i = frozen.binary_search_by(|(k, _)| (**k).cmp(id)).ok()?;
+        Some(&frozen[i].1)
+    }
+
     /// The value stored for `id`.
     pub(super) fn get(&self, id: &[u8]) -> Result<Option<Seq>> {
         // The lock first: [`Self::freeze`] empties the map and fills the
         // frozen ids under it.
         let state = self.state.read();
-        if let Some(frozen) = self.frozen.get() {
-            if let Ok(i) = frozen.binary_search_by(|(k, _)| (**k).cmp(id)) {
-                return match &frozen[i].1 {
-                    Value::Seq(seq) => Ok(Some(*seq)),
-                    Value::Odd(v) => odd(id, v),
-                };
-            }
+        match self.frozen_value(id) {
+            Some(Value::Seq(seq)) => Ok(Some(*seq)),
+            Some(Value::Odd(v)) => odd(id, v),
+            None => state.get(id),
         }
-        state.get(id)
     }
 
     /// Whether the journal has `id`.
     pub(super) fn contains(&self, id: &[u8]) -> bool {
         let state = self.state.read();
-        if let Some(frozen) = self.frozen.get() {
-            if frozen.binary_search_by(|(k, _)| (**k).cmp(id)).is_ok() {
-                return true;
-            }
-        }
-        state.ids.contains_key(id) || state.odd.contains_key(id)
+        self.frozen_value(id).is_some() || state.ids.contains_key(id) || state.odd.contains_key(id)
     }
 
     /// Ids in the journal.

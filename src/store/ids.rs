@@ -677,7 +677,10 @@ impl Ids {
             for (id, value) in &out.carried {
                 let mut shadowed = false;
                 for (_, layer) in newer {
-                    shadowed |= layer.contains(id)?;
+                    if layer.contains(id)? {
+                        shadowed = true;
+                        break;
+                    }
                 }
                 if !shadowed {
                     generations.current.insert_absent(id, value)?;
