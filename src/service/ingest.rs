@@ -142,7 +142,7 @@ impl Inner {
             }
             _ => accepted,
         };
-        let outcomes = self.store.append(accepted).await?;
+        let outcomes = self.store.append_durable(accepted).await?;
         for (i, outcome) in accepted_at.into_iter().zip(outcomes) {
             if let Appended::Duplicate(_) = outcome {
                 results[i].outcome = pb::PublishOutcome::Duplicate as i32;

@@ -104,7 +104,7 @@ impl Inner {
             }
         }
         let (new, refused) = self.check_origins(batch.certificates, new).await?;
-        let outcomes = self.store.append(new).await?;
+        let outcomes = self.store.append_durable(new).await?;
         let stored = outcomes
             .iter()
             .filter(|o| matches!(o, Appended::Stored(_)))

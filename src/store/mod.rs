@@ -178,6 +178,10 @@ struct Inner {
     path: PathBuf,
     flushes: Arc<AtomicU64>,
     durable: tokio::sync::watch::Receiver<Seq>,
+    /// The highest sequence number whose caller the writer answered:
+    /// ahead of `durable` while that commit's sled writes run (see
+    /// [`Store::wait_applied`]).
+    answered: Arc<AtomicU64>,
     /// The write failure that left the database unusable, if any.
     failure: tokio::sync::watch::Receiver<Option<String>>,
     audit: audit::AuditLog,
@@ -503,12 +507,14 @@ impl Store {
             }
         }
         let (durable_tx, durable) = tokio::sync::watch::channel(last);
+        let answered = Arc::new(AtomicU64::new(last));
         let (failure_tx, failure) = tokio::sync::watch::channel(None);
         let (writer, writer_thread) = writer::spawn(
             db.clone(),
             trees.clone(),
             flushes.clone(),
             durable_tx,
+            answered.clone(),
             failure_tx,
         )?;
         Ok(Store {
@@ -520,6 +526,7 @@ impl Store {
                 path: dir.to_path_buf(),
                 flushes,
                 durable,
+                answered,
                 failure,
                 audit,
                 symbols: Default::default(),
@@ -531,20 +538,64 @@ impl Store {
     /// whether it was stored or a duplicate. Returns once the events are
     /// flushed to disk.
     pub async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>> {
+        self.append_when(events, false).await
+    }
+
+    /// [`Self::append`], returning once the events are durable in the
+    /// event log, before the commit's sled writes (tens of µs more): for
+    /// answering a publisher sooner. Reads by id or number and queries
+    /// wait for those writes; subscribers and links follow the durable
+    /// mark ([`Self::durable_seq`]), which moves after them. Should the
+    /// writes fail, the events are stored at the node's next start.
+    pub async fn append_durable(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>> {
+        self.append_when(events, true).await
+    }
+
+    async fn append_when(&self, events: Vec<NewEvent>, early: bool) -> Result<Vec<Appended>> {
         if events.is_empty() {
             return Ok(Vec::new());
         }
         let (reply, rx) = oneshot::channel();
         self.inner
             .writer
-            .send(writer::Command::Append(writer::Append { events, reply }))
+            .send(writer::Command::Append(writer::Append {
+                events,
+                reply,
+                early,
+            }))
             .await
             .map_err(|_| Error::Closed)?;
         rx.await.map_err(|_| Error::Closed)?
     }
 
+    /// Returns once the sled writes of every commit answered so far are
+    /// done. The writer answers a commit's callers once its events are
+    /// durable in the event log, before its sled writes (tens of µs, see
+    /// `writer::Writer::commit`): a read by id or number waits for them,
+    /// so that it finds what its caller saw acknowledged. With `seq`,
+    /// only if that number is not applied yet. Gives up after a second,
+    /// or once the store failed.
+    pub(super) fn wait_applied(&self, seq: Option<Seq>) {
+        let answered = self
+            .inner
+            .answered
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let durable = *self.inner.durable.borrow();
+        if durable >= answered || seq.is_some_and(|seq| seq <= durable || seq > answered) {
+            return;
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while *self.inner.durable.borrow() < answered
+            && self.inner.failure.borrow().is_none()
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_micros(20));
+        }
+    }
+
     /// The event at `seq`.
     pub fn get(&self, seq: Seq) -> Result<Option<PreferenceEvent>> {
+        self.wait_applied(Some(seq));
         match slots::get(&self.inner.trees.events, seq)? {
             None => Ok(None),
             Some(bytes) => self.inner.trees.event_live(seq, &bytes),
@@ -553,6 +604,7 @@ impl Store {
 
     /// The sequence number and event stored under `event_id`.
     pub fn get_by_event_id(&self, event_id: &str) -> Result<Option<(Seq, PreferenceEvent)>> {
+        self.wait_applied(None);
         let Some(seq) = self.inner.trees.ids.get(event_id.as_bytes())? else {
             return Ok(None);
         };
@@ -617,6 +669,10 @@ impl Store {
         let tree = &self.inner.trees.rollups;
         let symbols = &self.inner.symbols;
         let pending = self.inner.trees.pending.as_deref();
+        if pending.is_none() {
+            // No folds to wait for: the answered commits' sled writes.
+            self.wait_applied(None);
+        }
         let mut segments = match pending {
             Some(pending) => pending.read_cells(tree, pieces, hour_view, symbols)?,
             None => vec![Arc::new(rollups::decode_cells(
@@ -3181,6 +3237,76 @@ mod tests {
             .and_then(|v| log::Location::decode(&v))
             .unwrap();
         assert_eq!((at.segment, at.offset), (orphan.segment, orphan.offset));
+        store.close().await.expect("close");
+    }
+
+    /// A commit's callers are answered once its events are durable in the
+    /// event log, before its sled writes: a read by id or number right
+    /// after the answer waits for them and finds the event.
+    #[tokio::test]
+    async fn reads_after_an_answer_wait_for_the_commits_sled_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let links = vec!["up".to_string()];
+        let store = Store::open(dir.path(), &links).expect("open");
+        store.append(vec![linked_event(0)]).await.expect("append");
+        let mut slow = linked_event(1);
+        slow.event.event_id = writer::SLOW_APPLY_ID.into();
+        let stored = store.append_durable(vec![slow]).await.expect("append");
+        assert_eq!(stored, [Appended::Stored(2)]);
+        assert_eq!(store.durable_seq(), 1, "answered before its sled writes");
+        let (seq, ev) = store
+            .get_by_event_id(writer::SLOW_APPLY_ID)
+            .expect("get")
+            .expect("found right after the answer");
+        assert_eq!((seq, ev.event_id.as_str()), (2, writer::SLOW_APPLY_ID));
+        assert_eq!(store.durable_seq(), 2);
+        assert!(store.get(2).expect("get").is_some());
+        store.close().await.expect("close");
+    }
+
+    /// A commit that fails after its callers were answered: the writer
+    /// refuses every write until a restart (and says so), and the restart
+    /// indexes the answered events from the event log.
+    #[tokio::test]
+    async fn a_failure_after_the_answer_halts_the_writer_and_the_restart_stores_the_events() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let links = vec!["up".to_string()];
+        {
+            let store = Store::open(dir.path(), &links).expect("open");
+            store.append(vec![linked_event(0)]).await.expect("append");
+            let mut failing = linked_event(1);
+            failing.event.event_id = writer::FAIL_APPLY_ID.into();
+            let stored = store.append_durable(vec![failing]).await.expect("answered");
+            assert_eq!(stored, [Appended::Stored(2)]);
+            let e = store
+                .append(vec![linked_event(2)])
+                .await
+                .expect_err("halted");
+            assert!(e.to_string().contains("restart the node"), "{e}");
+            let failure = store.watch_failure().borrow().clone();
+            assert!(
+                failure.as_deref().is_some_and(|f| f.contains("event log")),
+                "{failure:?}"
+            );
+            assert_eq!(store.durable_seq(), 1);
+            let _ = store.close().await;
+        }
+        let store = unlocked(|| Store::open(dir.path(), &links));
+        let (seq, _) = store
+            .get_by_event_id(writer::FAIL_APPLY_ID)
+            .expect("get")
+            .expect("indexed from the log at open");
+        assert_eq!(seq, 2);
+        let mut resent = linked_event(1);
+        resent.event.event_id = writer::FAIL_APPLY_ID.into();
+        let again = store
+            .append(vec![resent, linked_event(2)])
+            .await
+            .expect("append");
+        assert_eq!(again, [Appended::Duplicate(2), Appended::Stored(3)]);
+        assert_eq!(index_counts(&store), [3; 5]);
+        let v = store.verify(|_| {}).expect("verify");
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
         store.close().await.expect("close");
     }
 

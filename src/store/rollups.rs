@@ -953,6 +953,14 @@ impl Pending {
         self.fold_count().owed += 1;
     }
 
+    /// The fold [`Self::fold_owed`] announced will not come (its commit
+    /// failed after its callers were answered; the writer halted): queries
+    /// stop waiting for it.
+    pub(super) fn fold_dropped(&self) {
+        self.fold_count().done += 1;
+        self.folded.notify_all();
+    }
+
     fn fold_count(&self) -> std::sync::MutexGuard<'_, FoldCount> {
         self.folds
             .lock()

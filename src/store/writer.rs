@@ -37,6 +37,10 @@ const MAX_BATCH_EVENTS: usize = 8192;
 pub(super) struct Append {
     pub events: Vec<NewEvent>,
     pub reply: Reply,
+    /// Answer once the events are durable in the event log, before the
+    /// commit's sled writes (see [`super::Store::append_durable`]); else
+    /// once those are done too.
+    pub early: bool,
 }
 
 /// Where an append's outcome goes.
@@ -50,6 +54,14 @@ pub(super) type Reply = oneshot::Sender<Result<Vec<Appended>>>;
 /// peaked 25 MiB higher).
 const FOLDS_QUEUED: usize = 0;
 
+/// An append's reply while its commit runs (taken once sent), and
+/// whether it is answered early ([`Append::early`]).
+type Waiting = (Option<Reply>, bool);
+
+/// What [`Writer::write`] answers the early callers with: the outcomes,
+/// and the highest new sequence number if any.
+type Answer<'a> = dyn FnMut(&[Vec<Appended>], Option<Seq>) + 'a;
+
 /// A commit's outcomes (per append, per event) and, when it stored new
 /// events and rollups are kept, the highest sequence number among them:
 /// their fold is owed.
@@ -59,6 +71,16 @@ type Written = (Vec<Vec<Appended>>, Option<Seq>);
 /// the commands behind their commits come.
 #[cfg(test)]
 pub(super) static FOLD_DELAY_MS: AtomicU64 = AtomicU64::new(0);
+
+/// Tests: an event with this id makes its commit's sled writes wait
+/// 300 ms after the callers were answered.
+#[cfg(test)]
+pub(super) const SLOW_APPLY_ID: &str = "test-slow-apply";
+/// Tests: an event with this id makes its commit fail after its callers
+/// were answered and its locations were written (as an I/O error of
+/// sled's would).
+#[cfg(test)]
+pub(super) const FAIL_APPLY_ID: &str = "test-fail-apply";
 
 /// A commit's new events to fold into the waiting rollups, on the folder
 /// thread (see [`Writer::commit`]).
@@ -150,6 +172,7 @@ pub(super) fn spawn(
     trees: Trees,
     flushes: Arc<AtomicU64>,
     durable: tokio::sync::watch::Sender<Seq>,
+    answered: Arc<AtomicU64>,
     failure: tokio::sync::watch::Sender<Option<String>>,
 ) -> Result<(mpsc::Sender<Command>, std::thread::JoinHandle<()>)> {
     let next_seq = super::high_water(&trees)? + 1;
@@ -173,6 +196,8 @@ pub(super) fn spawn(
         failure,
         flushes,
         durable,
+        answered,
+        halted: None,
         checkpointer,
         packer,
         folder,
@@ -194,6 +219,12 @@ struct Writer {
     failure: tokio::sync::watch::Sender<Option<String>>,
     flushes: Arc<AtomicU64>,
     durable: tokio::sync::watch::Sender<Seq>,
+    /// The highest sequence number whose caller was answered (see
+    /// `Self::commit`); ahead of `durable` while a commit's sled writes run.
+    answered: Arc<AtomicU64>,
+    /// Why every write is refused until the node restarts (see
+    /// [`Self::halt`]), and whether for a full disk.
+    halted: Option<(String, bool)>,
     /// Merges rollup deltas into the tree; stopped (after a last merge)
     /// before the final flush.
     checkpointer: Option<std::thread::JoinHandle<()>>,
@@ -212,6 +243,14 @@ impl Writer {
         loop {
             let Some(first) = pending.take().or_else(|| rx.blocking_recv()) else {
                 break;
+            };
+            let first = match (first, &self.halted) {
+                (Command::Close { reply }, _) => Command::Close { reply },
+                (other, Some((reason, disk_full))) => {
+                    refuse(other, reason, *disk_full);
+                    continue;
+                }
+                (other, None) => other,
             };
             if !matches!(first, Command::Append(_)) {
                 // Erasure corrects and retention drops waiting cells, a
@@ -748,41 +787,63 @@ impl Writer {
             pending.wait_room();
         }
         let start_seq = self.next_seq;
-        let (batch, replies): (Vec<Vec<NewEvent>>, Vec<Reply>) =
-            batch.into_iter().map(|a| (a.events, a.reply)).unzip();
-        let (outcomes, fold) = match self.write(&batch) {
+        let (batch, mut replies): (Vec<Vec<NewEvent>>, Vec<Waiting>) = batch
+            .into_iter()
+            .map(|a| (a.events, (Some(a.reply), a.early)))
+            .unzip();
+        // Early callers are answered once their events are durable in the
+        // event log, before the commit's sled writes (see
+        // `Self::write_trees`): those took a tenth of a one-event
+        // request's acknowledgement (27 of about 410 µs, `bench latency`).
+        // Queries from then on wait for this commit's fold (below), reads
+        // by id or number for its sled writes (`Store::wait_applied`):
+        // whoever saw its events acknowledged finds them.
+        let answered = self.answered.clone();
+        let pending = self.trees.pending.clone();
+        let mut synced = false;
+        let mut answer = |outcomes: &[Vec<Appended>], upto: Option<Seq>| {
+            synced = true;
+            if let Some(upto) = upto {
+                if let Some(pending) = &pending {
+                    pending.fold_owed();
+                }
+                answered.fetch_max(upto, Ordering::SeqCst);
+            }
+            for ((reply, early), outcome) in replies.iter_mut().zip(outcomes) {
+                if let Some(reply) = reply.take_if(|_| *early) {
+                    let _ = reply.send(Ok(outcome.clone()));
+                }
+            }
+        };
+        let written = self.write(&batch, &mut answer);
+        let late = replies.into_iter().filter_map(|(reply, _)| reply).collect();
+        let (outcomes, fold) = match written {
             Ok(written) => written,
+            Err((e, _)) if synced => {
+                // The events are in the event log, not all in sled.
+                let reason = self.halt(&e);
+                fail(late, &e, &reason);
+                return;
+            }
             Err((e, false)) => {
                 // Nothing was applied: its numbers are free again.
                 self.next_seq = start_seq;
                 self.failed(&e);
-                fail(replies, &e, "nothing of it was stored");
+                fail(late, &e, "nothing of it was stored");
                 return;
             }
             Err((e, true)) => {
-                // Part of it is in the trees: its numbers stay used (a next
-                // commit must not write over those events). sled refuses
-                // every write after such an I/O error until the store is
-                // reopened, and reopening removes the leftovers
-                // (`repair_tail`); the senders resend.
+                // Its frames were taken back out of the log, or may still
+                // be found there at the next open if that failed too: its
+                // numbers stay used (a next commit must not write over
+                // those events); the senders resend.
                 self.failed(&e);
-                fail(replies, &e, "it was not stored; retrying is safe");
+                fail(late, &e, "it was not stored; retrying is safe");
                 return;
             }
         };
-        // The new events' frames were synced to the event log before their
-        // sled writes (see `Self::write_trees`): they are durable, and sled
-        // flushes its part in the background (a crash's loss of it is
-        // replayed from the log at open). Readers (subscribers, link
-        // workers) may now see everything up to here; set before links are
-        // woken so they find it.
-        // Queries from here on wait for this commit's fold (below): whoever
-        // saw its events, by an answer or by the durable mark, finds them
-        // counted.
-        let folding = fold.zip(self.trees.pending.clone());
-        if let Some((_, pending)) = &folding {
-            pending.fold_owed();
-        }
+        // Readers (subscribers, link workers) may now see everything up to
+        // here; set before links are woken so they find it.
         // The outboxes count their new entries before a link can see them
         // (an acknowledgement counted off first would be lost at zero),
         // and the links are woken after, when they can read them.
@@ -796,19 +857,21 @@ impl Writer {
             .filter(|o| matches!(o, Appended::Stored(_)))
             .count();
         m.stored.inc_by(stored as u64);
-        let fold = folding.map(|(upto, pending)| (Fold::of(batch, &outcomes, upto), pending));
-        // The callers are answered before the new events are folded into
-        // the waiting rollups, and the fold runs on the folder thread: it
-        // was about half of the writer's time per commit (perf, `bench
-        // propagate`), a third of it in `bench ingest` with the writer the
-        // bound, and delays neither the acknowledgement, nor the links and
+        for (reply, outcome) in late.into_iter().zip(&outcomes) {
+            let _ = reply.send(Ok(outcome.clone()));
+        }
+        // The new events are folded into the waiting rollups after the
+        // callers were answered, on the folder thread: the fold was about
+        // half of the writer's time per commit (perf, `bench propagate`),
+        // a third of it in `bench ingest` with the writer the bound, and
+        // delays neither the acknowledgement, nor the links and
         // subscribers that follow the durable mark, nor the next commit. A
         // query waits for the fold of every commit acknowledged before it
         // started (`rollups::Pending::read_cells`); a crash refolds from
         // the stored events.
-        for (reply, outcome) in replies.into_iter().zip(outcomes) {
-            let _ = reply.send(Ok(outcome));
-        }
+        let fold = fold
+            .zip(self.trees.pending.clone())
+            .map(|(upto, pending)| (Fold::of(batch, &outcomes, upto), pending));
         if let Some((fold, pending)) = fold {
             let fold = match &self.folder {
                 Some(folder) => match folder.tx.send(fold) {
@@ -822,12 +885,38 @@ impl Writer {
         }
     }
 
+    /// A commit failed after its callers were answered: its events are
+    /// durable in the event log but not all in sled. The next open indexes
+    /// them from the log (as after a crash at that moment), as long as
+    /// nothing is written after them: the writer refuses every write
+    /// until the node restarts, and the node reports the failure (health
+    /// NOT_SERVING). Queries stop waiting for the commit's fold (its
+    /// events are counted after the restart).
+    /// Returns what the callers not answered yet are told.
+    fn halt(&mut self, e: &Error) -> String {
+        let reason = format!("the store could not index events it had acknowledged ({e}); they are safe in its event log, and the store indexes them when it opens again: free space if the disk is full (the node then reopens its store by itself), else restart the node");
+        if self.failure.borrow().is_none() {
+            self.failure.send_replace(Some(reason.clone()));
+        }
+        if let Some(pending) = &self.trees.pending {
+            pending.fold_dropped();
+        }
+        self.halted = Some((reason, is_disk_full(e)));
+        "the events are durable in the store's event log and are stored when the store opens again: restart the node (or, if the disk is full, free space: the node then reopens its store)".into()
+    }
+
     /// Decides per event whether it is new, then writes all new events and
     /// their index and outbox entries (see [`Self::transact`]). On failure,
     /// says whether anything was applied. With the outcomes, when a fold
     /// of new events into the waiting rollups is owed, the highest
     /// sequence number among them.
-    fn write(&mut self, batch: &[Vec<NewEvent>]) -> std::result::Result<Written, (Error, bool)> {
+    /// `answer` gets the outcomes, and the highest new sequence number if
+    /// any, once the new events are durable (at once if there are none).
+    fn write(
+        &mut self,
+        batch: &[Vec<NewEvent>],
+        answer: &mut Answer<'_>,
+    ) -> std::result::Result<Written, (Error, bool)> {
         let mut in_batch: HashMap<&str, Seq> = HashMap::new();
         let mut new: Vec<(Seq, &NewEvent)> = Vec::new();
         let mut outcomes = Vec::with_capacity(batch.len());
@@ -856,9 +945,11 @@ impl Writer {
             outcomes.push(out);
         }
         if new.is_empty() {
+            answer(&outcomes, None);
             return Ok((outcomes, None));
         }
-        let fold = self.transact(&new)?;
+        let upto = new.iter().map(|(s, _)| *s).max();
+        let fold = self.transact(&new, &mut || answer(&outcomes, upto))?;
         Ok((outcomes, fold))
     }
 
@@ -887,9 +978,10 @@ impl Writer {
     fn transact(
         &self,
         new: &[(Seq, &NewEvent)],
+        answer: &mut dyn FnMut(),
     ) -> std::result::Result<Option<Seq>, (Error, bool)> {
         let Some(pending) = &self.trees.pending else {
-            return self.write_trees(new).map(|()| None);
+            return self.write_trees(new, answer).map(|()| None);
         };
         let mut hours: Vec<i64> = new
             .iter()
@@ -898,20 +990,31 @@ impl Writer {
         hours.sort_unstable();
         hours.dedup();
         pending.begin_change(Some(&hours));
-        if let Err(e) = self.write_trees(new) {
+        if let Err(e) = self.write_trees(new, answer) {
             pending.end_change(None);
             return Err(e);
         }
         pending.end_change(Some(&hours));
-        // The events are in the trees: once their callers are answered,
-        // their rollup deltas are folded into the waiting ones, merged into
+        // The events are in the trees and their callers answered: their
+        // rollup deltas are folded into the waiting ones next, merged into
         // the tree by the checkpointer (a crash refolds them).
         Ok(Some(new.iter().map(|(s, _)| *s).max().unwrap_or(0)))
     }
 
     /// [`Self::transact`]'s writes: the records to the event log, synced
-    /// (the commit's one wait for the disk), then sled's trees.
-    fn write_trees(&self, new: &[(Seq, &NewEvent)]) -> std::result::Result<(), (Error, bool)> {
+    /// (the commit's one wait for the disk), then `answer` (the events
+    /// are durable: their callers are answered), then sled's trees.
+    ///
+    /// Everything that reads the trees or may refuse the commit (the time
+    /// index's blocks) runs before the sync; after it, only sled's inserts.
+    /// A failure from the answer on leaves the frames in the log: the
+    /// commit is acknowledged, the next open indexes it from the log, and
+    /// the writer halts until then (see [`Writer::halt`]).
+    fn write_trees(
+        &self,
+        new: &[(Seq, &NewEvent)],
+        answer: &mut dyn FnMut(),
+    ) -> std::result::Result<(), (Error, bool)> {
         let now = UnixNanos::now().0;
         let t = &self.trees;
         let high_water = new.iter().map(|(s, _)| *s).max().unwrap_or(0).to_be_bytes();
@@ -938,24 +1041,16 @@ impl Writer {
             super::log::Packing::Blocks
         };
         let (locations, end) = t.log.append_as(&frames, packing).map_err(io)?;
-        let started = std::time::Instant::now();
-        // A commit that fails from here on takes its frames back out of the
-        // log (see `EventLog::rollback`), so that no replay stores what was
-        // refused; if even that fails, they may be found at the next open,
-        // so their sequence numbers stay used.
+        // A commit that fails before its answer takes its frames back out
+        // of the log (see `EventLog::rollback`), so that no replay stores
+        // what was refused; if even that fails, they may be found at the
+        // next open, so their sequence numbers stay used.
         let rollback = |e: Error| {
             if let Err(undo) = t.log.rollback(&locations) {
                 tracing::error!(error = %undo, "could not take a failed commit's events back out of the event log; they may be stored at the next open, and their senders find them there as duplicates");
             }
             (e, true)
         };
-        t.log
-            .sync()
-            .map_err(|e| rollback(Error::Sled(sled::Error::Io(e))))?;
-        self.flushes.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::get()
-            .flush_seconds
-            .observe(started.elapsed().as_secs_f64());
         type Kv = Vec<(Vec<u8>, Vec<u8>)>;
         let mut events: Vec<(Seq, Location)> = Vec::with_capacity(new.len());
         let mut entries: Vec<times::Entry> = Vec::with_capacity(new.len());
@@ -973,6 +1068,34 @@ impl Writer {
                     outbox.push(*seq);
                 }
             }
+        }
+        // The blocks of the days and buckets the events fall in, each read
+        // and written whole (only this thread writes them); read before
+        // the sync, so that a damaged block refuses the commit with
+        // nothing of it in sled and its frames out of the log.
+        let blocks = times::added(&t.by_time, entries).map_err(rollback)?;
+        // One key per stretch of consecutive numbers: a commit's new events
+        // are numbered consecutively, so one key (per `slots::MAX_RUN`).
+        let slot_runs = super::slots::runs(&events);
+        let started = std::time::Instant::now();
+        t.log
+            .sync()
+            .map_err(|e| rollback(Error::Sled(sled::Error::Io(e))))?;
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::get()
+            .flush_seconds
+            .observe(started.elapsed().as_secs_f64());
+        // Durable: the callers are answered before sled's part (tens of µs
+        // of a one-event commit's ack; a query or a read by id waits for
+        // it, see `Store::wait_applied`). Whatever fails from here on, the
+        // frames stay in the log for the next open to index.
+        answer();
+        let applied = |e: Error| (e, true);
+        #[cfg(test)]
+        let injected = |id: &str| new.iter().any(|(_, ne)| ne.event.event_id == id);
+        #[cfg(test)]
+        if injected(SLOW_APPLY_ID) {
+            std::thread::sleep(std::time::Duration::from_millis(300));
         }
         // A sled batch costs tens of µs whatever its size (it takes sled's
         // global write lock and logs a manifest), a plain insert a few µs:
@@ -995,25 +1118,22 @@ impl Writer {
                 gate::apply_batch(tree, batch)
             }
         };
-        // A batch applies whole or not at all; key by key, a failure after
-        // the first insert leaves some events in the tree.
         // Until the ids are in the index's journal, the events are not
-        // stored:
-        // a failure takes them out of the log again, and the next open
-        // removes what reached sled (`super::repair_tail`). Once they are
-        // in, the events are stored, and the next open completes the rest
-        // from the log (`super::replay_log`).
-        // One key per stretch of consecutive numbers: a commit's new events
-        // are numbered consecutively, so one key (per `slots::MAX_RUN`).
-        // The blocks of the days and buckets the events fall in, each read
-        // and written whole (only this thread writes them); read before
-        // anything is written, so that a damaged block fails the commit
-        // with nothing of it in sled.
-        let blocks = times::added(&t.by_time, entries).map_err(rollback)?;
-        for (first, value) in super::slots::runs(&events) {
+        // stored in sled: a crash or failure before leaves what reached
+        // sled for the next open to remove (`super::repair_tail`) before
+        // it indexes the frames again (`super::replay_log`). Once they are
+        // in, the next open completes the rest from the log.
+        for (first, value) in slot_runs {
             t.events
                 .insert(first.to_be_bytes(), value)
-                .map_err(|e| rollback(e.into()))?;
+                .map_err(|e| applied(e.into()))?;
+        }
+        #[cfg(test)]
+        if injected(FAIL_APPLY_ID) {
+            return Err(applied(Error::Write {
+                reason: "injected after the answer".into(),
+                disk_full: false,
+            }));
         }
         let indexes = || -> Result<()> {
             put(
@@ -1035,7 +1155,7 @@ impl Writer {
             }
             Ok(())
         };
-        indexes().map_err(rollback)?;
+        indexes().map_err(applied)?;
         // The ids, into the index's journal: one insert (or one batch of
         // a few records), so all of the commit's events are stored or
         // none (see `super::id_journal`).
@@ -1046,7 +1166,7 @@ impl Writer {
                 new.iter()
                     .map(|(seq, ne)| (ne.event.event_id.as_bytes(), *seq)),
             )
-            .map_err(rollback)?;
+            .map_err(applied)?;
         t.ids.written(new.len() as u64);
         // The log's end before the high-water mark: sled may keep the
         // first write without the second. A log end ahead of the mark only
@@ -1059,7 +1179,7 @@ impl Writer {
             t.meta.insert(super::META_LAST_SEQ, &high_water)?;
             Ok(())
         };
-        marks().map_err(|e| (e, true))
+        marks().map_err(applied)
     }
 
     /// After a successful flush, before the durable mark moves: counts the
@@ -1126,6 +1246,31 @@ fn owed_zeroing(meta: &sled::Tree, frames: &[Location]) -> Result<Vec<u8>> {
         owed.extend_from_slice(&at.encode());
     }
     Ok(owed)
+}
+
+/// Answers a command of a halted writer (see [`Writer::halt`]).
+fn refuse(command: Command, reason: &str, disk_full: bool) {
+    let e = || Error::Write {
+        reason: reason.to_string(),
+        disk_full,
+    };
+    match command {
+        Command::Append(a) => {
+            let _ = a.reply.send(Err(e()));
+        }
+        Command::Purge { reply, .. } => {
+            let _ = reply.send(Err(e()));
+        }
+        Command::Erase { reply, .. } => {
+            let _ = reply.send(Err(e()));
+        }
+        Command::Snapshot { reply, .. } => {
+            let _ = reply.send(Err(e()));
+        }
+        Command::Close { reply } => {
+            let _ = reply.send(Err(e()));
+        }
+    }
 }
 
 /// Answers every command of a batch with the error.
