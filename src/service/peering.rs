@@ -360,6 +360,8 @@ impl pb::peering_server::Peering for PeeringService {
         req: Request<pb::LinksRequest>,
     ) -> Result<Response<pb::LinksResponse>, Status> {
         let span = rpc_span(&req, "Peering.Links");
+        // Backlogs that count every commit answered so far.
+        self.inner.store.applied().instrument(span.clone()).await;
         let _guard = span.enter();
         authorize(&req, &self.inner.policy, Role::Operator)?;
         let links = self

@@ -394,6 +394,10 @@ impl Feed {
 
     /// Sends signals until the subscription ends; says how it ended.
     async fn serve(&mut self, sent: &mut u64) -> &'static str {
+        // From every commit answered so far: a backfill right after a
+        // publish's answer includes its events (the durable mark moves
+        // after the commit's sled writes, which follow the answer).
+        self.store.applied().await;
         let mut durable = self.store.watch_durable();
         let mut reloads = self.access.policy.watch_reloads();
         // Grounds change only by a reload: checked once here (a reload may

@@ -575,7 +575,7 @@ impl Store {
     /// so that it finds what its caller saw acknowledged. With `seq`,
     /// only if that number is not applied yet. Gives up after a second,
     /// or once the store failed.
-    pub(super) fn wait_applied(&self, seq: Option<Seq>) {
+    fn wait_applied(&self, seq: Option<Seq>) {
         let answered = self
             .inner
             .answered
@@ -591,6 +591,22 @@ impl Store {
         {
             std::thread::sleep(std::time::Duration::from_micros(20));
         }
+    }
+
+    /// [`Self::wait_applied`] for async callers: returns once the sled
+    /// writes of every commit answered so far are done (the durable mark
+    /// reached it), or after a second.
+    pub async fn applied(&self) {
+        let answered = self
+            .inner
+            .answered
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let mut durable = self.inner.durable.clone();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            durable.wait_for(|d| *d >= answered),
+        )
+        .await;
     }
 
     /// The event at `seq`.

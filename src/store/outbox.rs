@@ -545,10 +545,9 @@ impl Store {
         self.outbox(link).remove_seqs(seqs).map(drop)
     }
 
-    /// Events waiting in `link`'s outbox, those of every answered commit
-    /// included (see [`Store::wait_applied`]).
+    /// Events waiting in `link`'s outbox (an answered commit's count once
+    /// its sled writes are done: [`Store::applied`]).
     pub fn outbox_len(&self, link: usize) -> u64 {
-        self.wait_applied(None);
         self.outbox(link).len.load(Ordering::SeqCst)
     }
 

@@ -956,8 +956,18 @@ impl Pending {
     /// The fold [`Self::fold_owed`] announced will not come (its commit
     /// failed after its callers were answered; the writer halted): queries
     /// stop waiting for it.
+    /// Waits for the folds owed before it first: the count says how many
+    /// folds are done, not which, and a query must not take this one for
+    /// an earlier commit's that is still folding.
     pub(super) fn fold_dropped(&self) {
-        self.fold_count().done += 1;
+        let mut count = self.fold_count();
+        while count.done + 1 < count.owed {
+            count = self
+                .folded
+                .wait(count)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        count.done += 1;
         self.folded.notify_all();
     }
 

@@ -2,10 +2,12 @@
 //!
 //! Appends arrive on a bounded channel. The writer takes the first waiting
 //! command, drains whatever else is already queued (up to a batch limit),
-//! appends their records to the event log and syncs it once, writes their
-//! sled entries (one sled batch per tree, see `Writer::transact`) without a
-//! flush, and only then answers each caller. One thread owns the sequence counter,
-//! so deduplication and numbering need no locks.
+//! appends their records to the event log and syncs it once, answers the
+//! callers that asked to be answered then (publishers, see
+//! [`super::Store::append_durable`]), writes their sled entries (one sled
+//! batch per tree, see `Writer::transact`) without a flush, and then
+//! answers the others. One thread owns the sequence counter, so
+//! deduplication and numbering need no locks.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
