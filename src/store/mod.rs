@@ -576,12 +576,10 @@ impl Store {
     /// only if that number is not applied yet. Gives up after a second,
     /// or once the store failed.
     fn wait_applied(&self, seq: Option<Seq>) {
-        let answered = self
-            .inner
-            .answered
-            .load(std::sync::atomic::Ordering::SeqCst);
-        let durable = *self.inner.durable.borrow();
-        if durable >= answered || seq.is_some_and(|seq| seq <= durable || seq > answered) {
+        let Some(answered) = self.answered_ahead() else {
+            return;
+        };
+        if seq.is_some_and(|seq| seq <= *self.inner.durable.borrow() || seq > answered) {
             return;
         }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
@@ -597,16 +595,25 @@ impl Store {
     /// writes of every commit answered so far are done (the durable mark
     /// reached it), or after a second.
     pub async fn applied(&self) {
-        let answered = self
-            .inner
-            .answered
-            .load(std::sync::atomic::Ordering::SeqCst);
+        let Some(answered) = self.answered_ahead() else {
+            return;
+        };
         let mut durable = self.inner.durable.clone();
         let _ = tokio::time::timeout(
             std::time::Duration::from_secs(1),
             durable.wait_for(|d| *d >= answered),
         )
         .await;
+    }
+
+    /// The highest sequence number answered, if the sled writes of its
+    /// commit are not done yet (the durable mark is behind it).
+    fn answered_ahead(&self) -> Option<Seq> {
+        let answered = self
+            .inner
+            .answered
+            .load(std::sync::atomic::Ordering::SeqCst);
+        (*self.inner.durable.borrow() < answered).then_some(answered)
     }
 
     /// The event at `seq`.
@@ -2514,6 +2521,13 @@ mod tests {
         }
     }
 
+    /// [`linked_event`] with the id `id`.
+    fn linked_event_with_id(i: usize, id: &str) -> NewEvent {
+        let mut ne = linked_event(i);
+        ne.event.event_id = id.into();
+        ne
+    }
+
     /// A store with `links` holding `linked_event(i)` for each `i` in
     /// `events`, in one commit.
     async fn linked_store(dir: &Path, links: &[String], events: std::ops::Range<usize>) -> Store {
@@ -3265,8 +3279,7 @@ mod tests {
         let links = vec!["up".to_string()];
         let store = Store::open(dir.path(), &links).expect("open");
         store.append(vec![linked_event(0)]).await.expect("append");
-        let mut slow = linked_event(1);
-        slow.event.event_id = writer::SLOW_APPLY_ID.into();
+        let slow = linked_event_with_id(1, writer::SLOW_APPLY_ID);
         let stored = store.append_durable(vec![slow]).await.expect("append");
         assert_eq!(stored, [Appended::Stored(2)]);
         assert_eq!(store.durable_seq(), 1, "answered before its sled writes");
@@ -3280,6 +3293,29 @@ mod tests {
         store.close().await.expect("close");
     }
 
+    /// Early callers (answered at the sync) and late ones (after the sled
+    /// writes) in one commit each get their own outcomes.
+    #[tokio::test]
+    async fn early_and_late_callers_of_one_commit_get_their_own_outcomes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let links = vec!["up".to_string()];
+        let store = Store::open(dir.path(), &links).expect("open");
+        // Holds the writer for 300 ms after its answer: the next two
+        // appends queue meanwhile and go into one commit.
+        let slow = linked_event_with_id(0, writer::SLOW_APPLY_ID);
+        store.append_durable(vec![slow]).await.expect("append");
+        let (early, late) = tokio::join!(
+            store.append_durable(vec![linked_event(1), linked_event(2)]),
+            store.append(vec![linked_event(3)]),
+        );
+        assert_eq!(
+            early.expect("early"),
+            [Appended::Stored(2), Appended::Stored(3)]
+        );
+        assert_eq!(late.expect("late"), [Appended::Stored(4)]);
+        store.close().await.expect("close");
+    }
+
     /// A commit that fails after its callers were answered: the writer
     /// refuses every write until a restart (and says so), and the restart
     /// indexes the answered events from the event log.
@@ -3290,8 +3326,7 @@ mod tests {
         {
             let store = Store::open(dir.path(), &links).expect("open");
             store.append(vec![linked_event(0)]).await.expect("append");
-            let mut failing = linked_event(1);
-            failing.event.event_id = writer::FAIL_APPLY_ID.into();
+            let failing = linked_event_with_id(1, writer::FAIL_APPLY_ID);
             let stored = store.append_durable(vec![failing]).await.expect("answered");
             assert_eq!(stored, [Appended::Stored(2)]);
             let e = store
@@ -3313,8 +3348,7 @@ mod tests {
             .expect("get")
             .expect("indexed from the log at open");
         assert_eq!(seq, 2);
-        let mut resent = linked_event(1);
-        resent.event.event_id = writer::FAIL_APPLY_ID.into();
+        let resent = linked_event_with_id(1, writer::FAIL_APPLY_ID);
         let again = store
             .append(vec![resent, linked_event(2)])
             .await

@@ -818,20 +818,29 @@ impl Writer {
             }
         };
         let written = self.write(&batch, &mut answer);
-        let late = replies.into_iter().filter_map(|(reply, _)| reply).collect();
+        // The callers not answered yet, with their append's place.
+        let late: Vec<(usize, Reply)> = replies
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, (reply, _))| Some((i, reply?)))
+            .collect();
         let (outcomes, fold) = match written {
             Ok(written) => written,
             Err((e, _)) if synced => {
                 // The events are in the event log, not all in sled.
                 let reason = self.halt(&e);
-                fail(late, &e, &reason);
+                fail(late.into_iter().map(|(_, r)| r), &e, &reason);
                 return;
             }
             Err((e, false)) => {
                 // Nothing was applied: its numbers are free again.
                 self.next_seq = start_seq;
                 self.failed(&e);
-                fail(late, &e, "nothing of it was stored");
+                fail(
+                    late.into_iter().map(|(_, r)| r),
+                    &e,
+                    "nothing of it was stored",
+                );
                 return;
             }
             Err((e, true)) => {
@@ -840,7 +849,11 @@ impl Writer {
                 // numbers stay used (a next commit must not write over
                 // those events); the senders resend.
                 self.failed(&e);
-                fail(late, &e, "it was not stored; retrying is safe");
+                fail(
+                    late.into_iter().map(|(_, r)| r),
+                    &e,
+                    "it was not stored; retrying is safe",
+                );
                 return;
             }
         };
@@ -859,8 +872,10 @@ impl Writer {
             .filter(|o| matches!(o, Appended::Stored(_)))
             .count();
         m.stored.inc_by(stored as u64);
-        for (reply, outcome) in late.into_iter().zip(&outcomes) {
-            let _ = reply.send(Ok(outcome.clone()));
+        for (i, reply) in late {
+            if let Some(outcome) = outcomes.get(i) {
+                let _ = reply.send(Ok(outcome.clone()));
+            }
         }
         // The new events are folded into the waiting rollups after the
         // callers were answered, on the folder thread: the fold was about
@@ -1276,7 +1291,7 @@ fn refuse(command: Command, reason: &str, disk_full: bool) {
 }
 
 /// Answers every command of a batch with the error.
-fn fail(replies: Vec<Reply>, e: &Error, consequence: &str) {
+fn fail(replies: impl IntoIterator<Item = Reply>, e: &Error, consequence: &str) {
     tracing::error!(error = %e, "store write failed; {consequence}");
     let reason = format!("{e}; {consequence}");
     let disk_full = is_disk_full(e);
