@@ -135,7 +135,7 @@ async fn latency_counts_add_up() {
         warmup: 10,
         seed: 2,
     };
-    let figures = nats::latency(&opts).await.expect("nats latency");
+    let figures = nats::latency(opts.clone()).await.expect("nats latency");
     report(&figures);
     check(&figures, "latency", "nats", 110);
     assert_eq!(figures.latency.as_ref().map(|l| l.samples), Some(100));

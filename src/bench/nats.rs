@@ -233,7 +233,8 @@ async fn publish_all(
 /// One publish in flight: `opts.warmup` untimed, then `opts.events` timed
 /// publishes, each awaited until JetStream acknowledges it. The counts
 /// include the warm-up, which the stream holds too.
-pub async fn latency(opts: &LatencyOptions) -> Result<Figures, Error> {
+pub async fn latency(opts: LatencyOptions) -> Result<Figures, Error> {
+    let opts = &opts;
     let server = NatsServer::start("latency").await?;
     let js = context(server.connect("bench latency").await?, 1);
     let target = create_stream(&js, stream_config("LATENCY", SUBJECT, &[])).await?;

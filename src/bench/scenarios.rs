@@ -233,7 +233,8 @@ pub async fn ingest(opts: &IngestOptions) -> Result<Figures, Error> {
 }
 
 /// `bench latency`: one publish (one event) in flight at a time.
-pub async fn latency(opts: &LatencyOptions) -> Result<Figures, Error> {
+pub async fn latency(opts: LatencyOptions) -> Result<Figures, Error> {
+    let opts = &opts;
     let mut fig = Figures::new("latency", SYSTEM, opts);
     let events = payloads(opts.seed, (opts.warmup + opts.events) as usize);
     let mut chain = one_node("chainsight-bench-latency-", "")?;
