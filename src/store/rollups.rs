@@ -459,6 +459,9 @@ struct LaneMaps {
     since: Option<std::time::Instant>,
     /// When the newest was.
     last: Option<std::time::Instant>,
+    /// This wait's share off the lane's cadence, drawn in [-1/4, 1/4)
+    /// when its first delta comes (see [`Self::due`]).
+    jitter: f64,
     /// Being merged into the tree by the checkpointer, chunk by chunk.
     frozen: Option<Arc<Cells>>,
     /// The last key of `frozen` merged into the tree so far: the cells up
@@ -487,7 +490,10 @@ impl LaneMaps {
         self.active_events += events;
         self.active_upto = self.active_upto.max(upto);
         let now = std::time::Instant::now();
-        self.since.get_or_insert(now);
+        if self.since.is_none() {
+            self.since = Some(now);
+            self.jitter = rand::random::<f64>() / 2.0 - 0.25;
+        }
         self.last = Some(now);
     }
 
@@ -497,12 +503,37 @@ impl LaneMaps {
         !self.active.is_empty() || self.active_events > 0
     }
 
+    /// How long until the lane is due by time (its cadence, or
+    /// [`SETTLE`] after the last delta), if anything waits.
+    fn due_in(&self, lane: Lane) -> Option<Duration> {
+        if !self.has_work() {
+            return None;
+        }
+        let cadence = self.since.map(|t| {
+            lane.every()
+                .mul_f64(1.0 + self.jitter)
+                .saturating_sub(t.elapsed())
+        });
+        let settle = self.last.map(|t| SETTLE.saturating_sub(t.elapsed()));
+        cadence.into_iter().chain(settle).min()
+    }
+
     /// Whether the checkpointer should merge this lane now.
+    ///
+    /// Its cadence is the lane's give or take a quarter, drawn anew for
+    /// every wait: nodes that share a host and started together (the
+    /// demo's chain, `bench propagate`'s three nodes on two CPUs) merged
+    /// their hourly cells at the same moments, every 5 s, and the three
+    /// checkpoints together held both CPUs for about 300 ms, which made
+    /// the whole tail of the chain's delivery latency (an event
+    /// forwarded meanwhile took 10-20 ms, README, session 35).
     fn due(&self, lane: Lane) -> bool {
         self.frozen.is_some()
             || self.has_work()
                 && (self.active_events >= lane.events()
-                    || self.since.is_some_and(|t| t.elapsed() >= lane.every())
+                    || self
+                        .since
+                        .is_some_and(|t| t.elapsed() >= lane.every().mul_f64(1.0 + self.jitter))
                     || self.last.is_some_and(|t| t.elapsed() >= SETTLE))
     }
 }
@@ -1981,8 +2012,21 @@ pub(super) fn spawn_checkpointer(
                 let draining = pending.draining.load(Ordering::SeqCst);
                 let paused = pending.paused.load(Ordering::SeqCst) > 0;
                 if failed || paused || (idle && !draining) {
-                    // Often enough to notice a lane that settled.
-                    let _ = pending.wake.wait_timeout(guard, SETTLE);
+                    // Until the first lane is due by time (not at the next
+                    // of fixed one-second rounds: the rounds of nodes that
+                    // started together stay in step, and so would their
+                    // checkpoints, whatever their cadences), at most
+                    // SETTLE; a lane at its count wakes this thread.
+                    let wait = {
+                        let maps = pending.read();
+                        Lane::ALL
+                            .iter()
+                            .filter_map(|lane| maps.lanes[*lane as usize].due_in(*lane))
+                            .min()
+                            .unwrap_or(SETTLE)
+                    };
+                    let wait = if failed || paused { SETTLE } else { wait.clamp(Duration::from_millis(1), SETTLE) };
+                    let _ = pending.wake.wait_timeout(guard, wait);
                 }
             }
         })
@@ -2671,11 +2715,53 @@ mod tests {
         lane.last = now.checked_sub(SETTLE + Duration::from_millis(100));
         assert!(lane.due(Lane::Views), "quiet for longer than SETTLE");
         lane.last = Some(now);
-        lane.since = now.checked_sub(Lane::Views.every());
+        lane.since = now.checked_sub(Lane::Views.every().mul_f64(0.7));
+        lane.jitter = -0.25;
+        assert!(!lane.due(Lane::Views), "before its cadence");
+        lane.jitter = -0.3;
+        assert!(lane.due(Lane::Views), "waiting for its cadence");
+        lane.jitter = 0.24;
+        lane.since = now.checked_sub(Lane::Views.every().mul_f64(1.25));
         assert!(lane.due(Lane::Views), "waiting for the lane's cadence");
         let mut busy = LaneMaps::default();
         busy.counted(Lane::Views.events(), 1);
         assert!(busy.due(Lane::Views), "at the lane's count");
+    }
+
+    /// The checkpointer sleeps until the first lane is due by time: the
+    /// lane's cadence (give or take its quarter) or SETTLE after the last
+    /// delta, whichever comes first; nothing when nothing waits.
+    #[test]
+    fn a_lane_says_when_it_is_due() {
+        let mut lane = LaneMaps::default();
+        assert_eq!(lane.due_in(Lane::Hours), None, "nothing waits");
+        lane.counted(10, 10);
+        assert!((-0.25..0.25).contains(&lane.jitter), "{}", lane.jitter);
+        let left = lane.due_in(Lane::Hours).expect("events wait");
+        assert!(
+            left <= SETTLE && left > SETTLE - Duration::from_millis(500),
+            "{left:?}"
+        );
+        let now = std::time::Instant::now();
+        lane.jitter = 0.0;
+        lane.since = now.checked_sub(Lane::Hours.every() - Duration::from_millis(300));
+        let left = lane.due_in(Lane::Hours).expect("events wait");
+        assert!(
+            left <= Duration::from_millis(300) && left > Duration::from_millis(100),
+            "{left:?}"
+        );
+        lane.since = now.checked_sub(Lane::Hours.every());
+        assert_eq!(lane.due_in(Lane::Hours), Some(Duration::ZERO));
+        assert!(lane.due(Lane::Hours));
+        // A new wait draws its own share.
+        let draws: std::collections::HashSet<u64> = (0..20)
+            .map(|_| {
+                let mut l = LaneMaps::default();
+                l.counted(1, 1);
+                l.jitter.to_bits()
+            })
+            .collect();
+        assert!(draws.len() > 1, "the cadence is drawn anew");
     }
 
     /// A stored cell (a view's) or an hour's block manifest that does not
