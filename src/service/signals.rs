@@ -450,42 +450,44 @@ impl Feed {
                 }
                 continue;
             }
+            // The chunk's signals first: an event's is already encoded (the
+            // same message `to_signal` makes); an erasure's depends on the
+            // filter.
+            let signals: Vec<(Seq, Option<bytes::Bytes>)> = chunk
+                .into_iter()
+                .map(|(seq, shared)| {
+                    let signal = match &shared {
+                        Shared::Event(e) => self.filter.matches(e.event()).then(|| e.signal()),
+                        Shared::Erasure(_) => to_signal(&self.filter, seq, &shared).map(|signal| {
+                            use prost::Message;
+                            signal.encode_to_vec().into()
+                        }),
+                    };
+                    (seq, signal)
+                })
+                .collect();
             // `SubscribeBatches`: the signals that go together, as a
-            // `SignalBatch` in wire form (each signal a field 1).
-            // Sized for the whole chunk up front (at most one message's
+            // `SignalBatch` in wire form (each signal a field 1), in a
+            // buffer sized for the chunk's up front (at most one message's
             // worth; after a full one is split off, the next gets as much):
             // grown by doubling from empty, its copies were a tenth of the
             // runtime threads' time with 64 subscribers (`bench fanout`,
             // perf).
-            let mut batch = match self.batch {
-                Some(limit) => bytes::BytesMut::with_capacity(
-                    chunk
-                        .iter()
-                        .map(|(_, shared)| match shared {
-                            Shared::Event(e) => e.signal_len() + 11,
-                            Shared::Erasure(_) => 128,
-                        })
-                        .sum::<usize>()
-                        .min(limit),
-                ),
-                None => bytes::BytesMut::new(),
-            };
+            let wanted = self.batch.map_or(0, |limit| {
+                signals
+                    .iter()
+                    .filter_map(|(_, signal)| signal.as_ref())
+                    .map(|signal| signal.len() + 11)
+                    .sum::<usize>()
+                    .min(limit)
+            });
+            let mut batch = bytes::BytesMut::with_capacity(wanted);
             let mut batched = 0u64;
-            for (seq, shared) in chunk {
+            for (seq, signal) in signals {
                 self.cursor = seq;
                 self.live.at(seq);
-                // An event's signal is already encoded (the same message
-                // `to_signal` makes); an erasure's depends on the filter.
-                let signal = match &shared {
-                    Shared::Event(e) if self.filter.matches(e.event()) => e.signal(),
-                    Shared::Event(_) => continue,
-                    Shared::Erasure(_) => match to_signal(&self.filter, seq, &shared) {
-                        Some(signal) => {
-                            use prost::Message;
-                            signal.encode_to_vec().into()
-                        }
-                        None => continue,
-                    },
+                let Some(signal) = signal else {
+                    continue;
                 };
                 let Some(limit) = self.batch else {
                     if let Err(ended) = self.send(EncodedSignal(signal), *sent).await {
