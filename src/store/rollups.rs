@@ -490,7 +490,11 @@ impl LaneMaps {
         self.active_events += events;
         self.active_upto = self.active_upto.max(upto);
         let now = std::time::Instant::now();
-        if self.since.is_none() {
+        // A wait starts with its first work: a commit of duplicates only
+        // (nothing counted, no cell) does not start it, or the lane's
+        // cadence would run from then and a first event after a quiet
+        // hour would find the lane due at once.
+        if self.since.is_none() && self.has_work() {
             self.since = Some(now);
             self.jitter = rand::random::<f64>() / 2.0 - 0.25;
         }
@@ -2759,6 +2763,13 @@ mod tests {
         lane.since = now.checked_sub(Lane::Hours.every());
         assert_eq!(lane.due_in(Lane::Hours), Some(Duration::ZERO));
         assert!(lane.due(Lane::Hours));
+        // Nothing counted starts no wait.
+        let mut quiet = LaneMaps::default();
+        quiet.counted(0, 7);
+        assert_eq!(quiet.since, None);
+        assert_eq!(quiet.due_in(Lane::Hours), None);
+        quiet.counted(3, 9);
+        assert!(quiet.since.is_some());
         // A new wait draws its own share.
         let draws: std::collections::HashSet<u64> = (0..20)
             .map(|_| {
