@@ -55,11 +55,6 @@ impl RecentEvent {
         &self.event
     }
 
-    /// The length of [`Self::signal`].
-    pub fn signal_len(&self) -> usize {
-        self.signal.len()
-    }
-
     /// The encoded `Signal { cursor: seq, event }` (shared, not copied).
     pub fn signal(&self) -> Bytes {
         self.signal.clone()

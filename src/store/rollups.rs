@@ -535,10 +535,7 @@ impl LaneMaps {
         self.frozen.is_some()
             || self.has_work()
                 && (self.active_events >= lane.events()
-                    || self
-                        .since
-                        .is_some_and(|t| t.elapsed() >= lane.every().mul_f64(1.0 + self.jitter))
-                    || self.last.is_some_and(|t| t.elapsed() >= SETTLE))
+                    || self.due_in(lane) == Some(Duration::ZERO))
     }
 }
 
