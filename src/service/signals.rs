@@ -176,6 +176,7 @@ impl SignalsService {
             shutdown: self.shutdown.clone(),
             purged_seen: self.store.purged_upto().map_err(ApiError::from)?,
             live: crate::metrics::open_stream(&peer.identity, &req.name, start),
+            _following: req.follow.then(|| self.store.follow()),
             access: Access {
                 policy: self.policy.clone(),
                 limits: self.limits.clone(),
@@ -314,6 +315,9 @@ struct Feed {
     purged_seen: Seq,
     /// This stream in the metrics (its lag), while it is open.
     live: crate::metrics::StreamGuard,
+    /// A following subscription: the store keeps new events ready for it
+    /// while it lives (see [`Store::follow`]).
+    _following: Option<crate::store::Following>,
     /// What the subscription was granted on, checked again as it runs.
     access: Access,
 }

@@ -76,7 +76,7 @@ mod slots;
 mod times;
 
 pub use erasure::{EraseRequest, Erased, ErasureRecord, ErasureSignal, LinkErasure, Route, Router};
-pub use recent::RecentEvent;
+pub use recent::{Following, RecentEvent};
 pub use rollups::{Piece, RawCell};
 
 use std::path::{Path, PathBuf};
@@ -1346,6 +1346,14 @@ impl Store {
     /// Woken whenever an erasure is recorded.
     pub fn erasures_added(&self) -> Arc<Notify> {
         self.inner.trees.erasures_added.clone()
+    }
+
+    /// Registers a following subscription while the guard lives: the
+    /// writer then keeps each commit's new events, decoded and encoded,
+    /// in the cache [`Self::scan_shared`] reads first (see
+    /// `store::recent`).
+    pub fn follow(&self) -> Following {
+        self.inner.trees.recent.follow()
     }
 
     /// Up to `limit` events with `after < seq <= upto`, and the erasure
@@ -4290,9 +4298,22 @@ mod tests {
     /// from it again.
     #[tokio::test]
     async fn shared_reads_match_the_store_before_and_after_erasure_and_retention() {
+        shared_reads_match_the_store(false).await;
+    }
+
+    /// As above, with a following subscription open: the writer puts each
+    /// commit's new events in the cache (a commit of duplicates and new
+    /// events, and one of small single frames, included).
+    #[tokio::test]
+    async fn shared_reads_match_the_store_with_the_writer_filling_the_cache() {
+        shared_reads_match_the_store(true).await;
+    }
+
+    async fn shared_reads_match_the_store(follow: bool) {
         use prost::Message;
         let dir = tempfile::tempdir().expect("temp dir");
         let store = reopen(dir.path(), None);
+        let following = follow.then(|| store.follow());
         let events: Vec<NewEvent> = (0..40)
             .map(|i| {
                 let mut ev = PreferenceEvent::example();
@@ -4302,7 +4323,23 @@ mod tests {
             })
             .collect();
         let first_time = events[0].event.occurred_at;
-        store.append(events).await.expect("append");
+        // Three commits: 30 events; 5 of them again with 5 new; 5 new.
+        let again: Vec<NewEvent> = events[25..35].to_vec();
+        let last: Vec<NewEvent> = events[35..].to_vec();
+        store.append(events[..30].to_vec()).await.expect("append");
+        let outcomes = store.append(again).await.expect("append");
+        assert_eq!(
+            outcomes
+                .iter()
+                .filter(|o| matches!(o, Appended::Duplicate(_)))
+                .count(),
+            5
+        );
+        store.append(last).await.expect("append");
+        // Before any read: the writer filled the cache only if followed.
+        let cached = store.inner.trees.recent.read(0, store.durable_seq(), 1000);
+        assert_eq!(cached.complete, follow);
+        assert_eq!(cached.events.len(), if follow { 40 } else { 0 });
         // Both ways of reading, as the signals subscribers get them.
         let compare = |store: &Store| {
             let upto = store.durable_seq();
@@ -4376,6 +4413,20 @@ mod tests {
         let ids = compare(&store);
         assert_eq!(ids.len(), 29);
         assert!(!ids.contains(&"e-0".to_string()) && ids.contains(&"e-10".to_string()));
+        // New events after the removals: cached by the writer again.
+        let more: Vec<NewEvent> = (40..45)
+            .map(|i| {
+                let mut ev = PreferenceEvent::example();
+                ev.event_id = format!("e-{i}");
+                NewEvent::local(ev)
+            })
+            .collect();
+        store.append(more).await.expect("append");
+        let upto = store.durable_seq();
+        let cached = store.inner.trees.recent.read(upto - 5, upto, 1000);
+        assert_eq!(cached.complete, follow);
+        assert_eq!(compare(&store).len(), 34);
+        drop(following);
         store.close().await.expect("close");
     }
 

@@ -17,6 +17,7 @@
 //! (generation check). So an event removed is never served from it.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -45,6 +46,11 @@ impl RecentEvent {
         }
     }
 
+    /// `signal`: [`encode_signal`] of the event's stored encoding.
+    pub(super) fn with_signal(seq: Seq, event: PreferenceEvent, signal: Bytes) -> RecentEvent {
+        RecentEvent { seq, event, signal }
+    }
+
     /// Its sequence number (the signal's cursor).
     pub fn seq(&self) -> Seq {
         self.seq
@@ -64,7 +70,7 @@ impl RecentEvent {
 /// `Signal { cursor = 1: seq, event = 2: <payload> }` in protobuf wire
 /// form, from the event's stored encoding: what prost would write for the
 /// decoded event, without decoding and encoding it again.
-fn encode_signal(seq: Seq, payload: &[u8]) -> Bytes {
+pub(super) fn encode_signal(seq: Seq, payload: &[u8]) -> Bytes {
     use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
     let mut out = BytesMut::with_capacity(
         2 + encoded_len_varint(seq) + encoded_len_varint(payload.len() as u64) + payload.len(),
@@ -83,6 +89,19 @@ fn encode_signal(seq: Seq, payload: &[u8]) -> Bytes {
 pub(super) struct Recent {
     capacity: usize,
     run: Mutex<Run>,
+    /// Following subscriptions open ([`Following`]): while there are any,
+    /// the store writer puts each commit's new events in ([`Self::push`]).
+    followers: AtomicUsize,
+}
+
+/// Counts one following subscription while it lives (see
+/// [`Recent::follow`]).
+pub struct Following(Arc<Recent>);
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        self.0.followers.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 #[derive(Default)]
@@ -96,6 +115,19 @@ struct Run {
     /// Events are being removed: nothing is served or kept until the
     /// removal is written ([`Recent::end_removal`]).
     removing: bool,
+}
+
+impl Run {
+    /// Drops the oldest events beyond `capacity`.
+    fn trim(&mut self, capacity: usize) {
+        while self.events.len() > capacity {
+            if let Some((seq, _)) = self.events.pop_first() {
+                if let Some(covered) = &mut self.covered {
+                    covered.0 = covered.0.max(seq);
+                }
+            }
+        }
+    }
 }
 
 /// What [`Recent::read`] found.
@@ -116,7 +148,50 @@ impl Recent {
         Recent {
             capacity,
             run: Mutex::new(Run::default()),
+            followers: AtomicUsize::new(0),
         }
+    }
+
+    /// A following subscription opens: until the guard is dropped, the
+    /// writer keeps the newest events here as it commits them, so that no
+    /// follower reads and decodes them from the store again (the first
+    /// reader of each did: with one follower, every event it got).
+    pub(super) fn follow(self: &Arc<Self>) -> Following {
+        self.followers.fetch_add(1, Ordering::SeqCst);
+        Following(self.clone())
+    }
+
+    /// Whether a following subscription is open (and the cache keeps
+    /// anything).
+    pub(super) fn followed(&self) -> bool {
+        self.capacity > 0 && self.followers.load(Ordering::SeqCst) > 0
+    }
+
+    /// Keeps the new events of a commit that numbered `first..=last` (the
+    /// writer, before readers may see them): every event of that range,
+    /// in order. They continue the cached run if it ends at `first - 1`,
+    /// else they start a new one.
+    pub(super) fn push(&self, first: Seq, last: Seq, events: &[Arc<RecentEvent>]) {
+        if self.capacity == 0 || last < first {
+            return;
+        }
+        let mut run = self.run();
+        if run.removing {
+            return;
+        }
+        match run.covered {
+            Some((from, to)) if to.checked_add(1) == Some(first) => {
+                run.covered = Some((from, last));
+            }
+            _ => {
+                run.events.clear();
+                run.covered = Some((first.saturating_sub(1), last));
+            }
+        }
+        for e in events {
+            run.events.insert(e.seq, e.clone());
+        }
+        run.trim(self.capacity);
     }
 
     fn run(&self) -> std::sync::MutexGuard<'_, Run> {
@@ -186,13 +261,7 @@ impl Recent {
                 run.covered = Some((after, upto));
             }
         }
-        while run.events.len() > self.capacity {
-            if let Some((seq, _)) = run.events.pop_first() {
-                if let Some(covered) = &mut run.covered {
-                    covered.0 = covered.0.max(seq);
-                }
-            }
-        }
+        run.trim(self.capacity);
     }
 
     /// Events are about to be removed: forgets everything, and serves and

@@ -9,7 +9,7 @@ use crate::domain::PreferenceEvent;
 use crate::pb;
 
 const FORMAT_V1: u8 = 1;
-const HEADER: usize = 5;
+pub(super) const HEADER: usize = 5;
 
 /// Why a record could not be decoded.
 #[derive(Debug, thiserror::Error)]

@@ -1003,6 +1003,14 @@ impl Pending {
         self.folded.notify_all();
     }
 
+    /// Whether every fold announced before the latest one
+    /// ([`Self::fold_owed`]) is done: nothing is folding elsewhere, so the
+    /// latest may be folded on any thread without overtaking another.
+    pub(super) fn only_latest_owed(&self) -> bool {
+        let count = self.fold_count();
+        count.done + 1 >= count.owed
+    }
+
     fn fold_count(&self) -> std::sync::MutexGuard<'_, FoldCount> {
         self.folds
             .lock()

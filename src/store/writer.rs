@@ -56,6 +56,15 @@ pub(super) type Reply = oneshot::Sender<Result<Vec<Appended>>>;
 /// peaked 25 MiB higher).
 const FOLDS_QUEUED: usize = 0;
 
+/// A commit of at most this many new events is folded on the writer
+/// thread, after its callers were answered, when the folder has nothing
+/// left to fold (so it overtakes no fold): a few µs of work, against
+/// waking the folder and waiting until it takes the fold over. With one
+/// request in flight, the folder was woken on the CPU that was about to
+/// deliver the answer and ran ahead of it there while the writer's CPU
+/// went idle (`perf sched`, `bench latency`).
+const FOLD_HERE_UP_TO: usize = PLAIN_INSERTS_UP_TO;
+
 /// An append's reply while its commit runs (taken once sent), and
 /// whether it is answered early ([`Append::early`]).
 type Waiting = (Option<Reply>, bool);
@@ -87,28 +96,96 @@ pub(super) const FAIL_APPLY_ID: &str = "test-fail-apply";
 /// A commit's new events to fold into the waiting rollups, on the folder
 /// thread (see [`Writer::commit`]).
 struct Fold {
-    events: Vec<crate::domain::PreferenceEvent>,
+    events: FoldEvents,
     /// The highest sequence number among them.
     upto: Seq,
 }
 
-impl Fold {
+/// A commit's new events, as [`Committed`] held them.
+enum FoldEvents {
+    Plain(Vec<crate::domain::PreferenceEvent>),
+    Shared(Vec<Arc<super::RecentEvent>>),
+}
+
+/// A commit's appends after it was written: as they came, or, while a
+/// subscription follows, its new events shared with the cache of the
+/// newest events.
+enum Committed {
+    Plain(Vec<Vec<NewEvent>>),
+    Shared(Vec<Arc<super::RecentEvent>>),
+}
+
+impl Committed {
     /// The new events of `batch` (those stored, per `outcomes`), moved
-    /// out, up to `upto`.
-    fn of(batch: Vec<Vec<NewEvent>>, outcomes: &[Vec<Appended>], upto: Seq) -> Fold {
-        let mut events = Vec::new();
-        for (appended, out) in batch.into_iter().zip(outcomes) {
-            for (ne, outcome) in appended.into_iter().zip(out) {
+    /// out, with their signals, if `signals` holds one for each of them,
+    /// in the same order (the writer numbers new events as they come);
+    /// else (none were made: nothing follows) `batch` back.
+    fn shared(
+        batch: Vec<Vec<NewEvent>>,
+        outcomes: &[Vec<Appended>],
+        signals: Vec<(Seq, bytes::Bytes)>,
+    ) -> std::result::Result<Vec<Arc<super::RecentEvent>>, Vec<Vec<NewEvent>>> {
+        let stored = || {
+            outcomes.iter().flatten().filter_map(|o| match o {
+                Appended::Stored(seq) => Some(*seq),
+                Appended::Duplicate(_) => None,
+            })
+        };
+        if signals.is_empty() || !stored().eq(signals.iter().map(|(seq, _)| *seq)) {
+            return Err(batch);
+        }
+        let mut signals = signals.into_iter();
+        let mut out = Vec::with_capacity(signals.len());
+        for (appended, out_of) in batch.into_iter().zip(outcomes) {
+            for (ne, outcome) in appended.into_iter().zip(out_of) {
                 if let Appended::Stored(_) = outcome {
-                    events.push(ne.event);
+                    if let Some((seq, signal)) = signals.next() {
+                        let event = super::RecentEvent::with_signal(seq, ne.event, signal);
+                        out.push(Arc::new(event));
+                    }
                 }
             }
         }
+        Ok(out)
+    }
+}
+
+impl Fold {
+    /// The new events of a commit (those stored, per `outcomes`), moved
+    /// out, up to `upto`.
+    fn of(committed: Committed, outcomes: &[Vec<Appended>], upto: Seq) -> Fold {
+        let events = match committed {
+            Committed::Plain(batch) => {
+                let mut events = Vec::new();
+                for (appended, out) in batch.into_iter().zip(outcomes) {
+                    for (ne, outcome) in appended.into_iter().zip(out) {
+                        if let Appended::Stored(_) = outcome {
+                            events.push(ne.event);
+                        }
+                    }
+                }
+                FoldEvents::Plain(events)
+            }
+            Committed::Shared(shared) => FoldEvents::Shared(shared),
+        };
         Fold { events, upto }
     }
 
+    fn len(&self) -> usize {
+        match &self.events {
+            FoldEvents::Plain(e) => e.len(),
+            FoldEvents::Shared(e) => e.len(),
+        }
+    }
+
     fn into_pending(self, pending: &super::rollups::Pending) {
-        pending.add(&self.events, self.events.len() as u64, self.upto);
+        let n = self.len() as u64;
+        match &self.events {
+            FoldEvents::Plain(events) => pending.add(events, n, self.upto),
+            FoldEvents::Shared(events) => {
+                pending.add(events.iter().map(|e| e.event()), n, self.upto)
+            }
+        }
     }
 }
 
@@ -203,6 +280,7 @@ pub(super) fn spawn(
         checkpointer,
         packer,
         folder,
+        signals: Default::default(),
     };
     let handle = std::thread::Builder::new()
         .name("store-writer".into())
@@ -236,6 +314,11 @@ struct Writer {
     /// Folds commits into the waiting rollups; stopped before the
     /// checkpointer.
     folder: Option<Folder>,
+    /// The signals of the commit being written, for the cache of the
+    /// newest events (only while a subscription follows, see
+    /// [`super::Store::follow`]): made from the frames' records in
+    /// [`Self::write_trees`], kept with their events in [`Self::commit`].
+    signals: std::cell::RefCell<Vec<(Seq, bytes::Bytes)>>,
 }
 
 impl Writer {
@@ -818,6 +901,9 @@ impl Writer {
             }
         };
         let written = self.write(&batch, &mut answer);
+        // Taken whatever came of it: a failed commit's signals must not be
+        // mistaken for a later one's (whose numbers may be the same).
+        let signals = std::mem::take(&mut *self.signals.borrow_mut());
         // The callers not answered yet, with their append's place.
         let late: Vec<(usize, Reply)> = replies
             .into_iter()
@@ -863,6 +949,15 @@ impl Writer {
         // (an acknowledgement counted off first would be lost at zero),
         // and the links are woken after, when they can read them.
         let added = self.count_queued(&batch, &outcomes);
+        let committed = match Committed::shared(batch, &outcomes, signals) {
+            Ok(shared) => {
+                self.trees
+                    .recent
+                    .push(start_seq, self.next_seq - 1, &shared);
+                Committed::Shared(shared)
+            }
+            Err(batch) => Committed::Plain(batch),
+        };
         self.durable.send_replace(self.next_seq - 1);
         self.announce(&added);
         let m = crate::metrics::get();
@@ -888,16 +983,19 @@ impl Writer {
         // the stored events.
         let fold = fold
             .zip(self.trees.pending.clone())
-            .map(|(upto, pending)| (Fold::of(batch, &outcomes, upto), pending));
+            .map(|(upto, pending)| (Fold::of(committed, &outcomes, upto), pending));
         if let Some((fold, pending)) = fold {
+            // A small fold with the folder idle is done here (see
+            // `FOLD_HERE_UP_TO`).
+            let here = fold.len() <= FOLD_HERE_UP_TO && pending.only_latest_owed();
             let fold = match &self.folder {
-                Some(folder) => match folder.tx.send(fold) {
+                Some(folder) if !here => match folder.tx.send(fold) {
                     Ok(()) => return,
                     Err(std::sync::mpsc::SendError(fold)) => fold,
                 },
-                None => fold,
+                // Small, or the folder is gone (it panicked): folded here.
+                _ => fold,
             };
-            // The folder is gone (it panicked): folded here.
             fold.into_pending(&pending);
         }
     }
@@ -1047,6 +1145,16 @@ impl Writer {
                 record: record::encode(&ne.event),
             })
             .collect();
+        {
+            let mut signals = self.signals.borrow_mut();
+            signals.clear();
+            if t.recent.followed() {
+                signals.extend(frames.iter().map(|f| {
+                    let payload = &f.record[record::HEADER..];
+                    (f.seq, super::recent::encode_signal(f.seq, payload))
+                }));
+            }
+        }
         let io = |e: std::io::Error| (Error::Sled(sled::Error::Io(e)), false);
         // Small commits write key by key (see `plain` below) and their
         // frames one by one; larger ones write their frames in compressed
