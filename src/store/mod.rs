@@ -4310,9 +4310,23 @@ mod tests {
     }
 
     async fn shared_reads_match_the_store(follow: bool) {
+        use crate::insights::{self, Dim, Query};
         use prost::Message;
         let dir = tempfile::tempdir().expect("temp dir");
-        let store = reopen(dir.path(), None);
+        // With rollups: small commits are folded on the writer thread, and
+        // while followed, from the events the cache shares.
+        let store = reopen(dir.path(), Some(Layout::default()));
+        let counted = |store: &Store| {
+            let query = Query {
+                filter: Default::default(),
+                group_by: vec![Dim::Kind],
+                attribute_key: None,
+                bucket: None,
+                limit: 0,
+            };
+            let report = insights::run(store, &query, 1).expect("query");
+            report.rows.iter().map(|r| r.events).sum::<u64>()
+        };
         let following = follow.then(|| store.follow());
         let events: Vec<NewEvent> = (0..40)
             .map(|i| {
@@ -4327,6 +4341,15 @@ mod tests {
         let again: Vec<NewEvent> = events[25..35].to_vec();
         let last: Vec<NewEvent> = events[35..].to_vec();
         store.append(events[..30].to_vec()).await.expect("append");
+        // Nobody has read the newest events yet: the writer starts no run.
+        let read_all = |store: &Store| store.inner.trees.recent.read(0, store.durable_seq(), 1000);
+        assert!(!read_all(&store).complete);
+        // A follower catches up (its read fills the cache to the newest).
+        let caught_up = store.durable_seq();
+        assert_eq!(
+            store.scan_shared(0, caught_up, 1000).expect("read").len(),
+            30
+        );
         let outcomes = store.append(again).await.expect("append");
         assert_eq!(
             outcomes
@@ -4336,10 +4359,15 @@ mod tests {
             5
         );
         store.append(last).await.expect("append");
-        // Before any read: the writer filled the cache only if followed.
-        let cached = store.inner.trees.recent.read(0, store.durable_seq(), 1000);
+        assert_eq!(counted(&store), 40, "every new event folded once");
+        // No read since: the writer went on with the run only if followed.
+        let cached = store
+            .inner
+            .trees
+            .recent
+            .read(caught_up, store.durable_seq(), 1000);
         assert_eq!(cached.complete, follow);
-        assert_eq!(cached.events.len(), if follow { 40 } else { 0 });
+        assert_eq!(cached.events.len(), if follow { 10 } else { 0 });
         // Both ways of reading, as the signals subscribers get them.
         let compare = |store: &Store| {
             let upto = store.durable_seq();
@@ -4413,7 +4441,8 @@ mod tests {
         let ids = compare(&store);
         assert_eq!(ids.len(), 29);
         assert!(!ids.contains(&"e-0".to_string()) && ids.contains(&"e-10".to_string()));
-        // New events after the removals: cached by the writer again.
+        // New events after the removals (the reads above caught up with
+        // the newest): cached by the writer again.
         let more: Vec<NewEvent> = (40..45)
             .map(|i| {
                 let mut ev = PreferenceEvent::example();

@@ -153,24 +153,35 @@ impl Recent {
     }
 
     /// A following subscription opens: until the guard is dropped, the
-    /// writer keeps the newest events here as it commits them, so that no
-    /// follower reads and decodes them from the store again (the first
-    /// reader of each did: with one follower, every event it got).
+    /// writer keeps the newest events here as it commits them, once a
+    /// follower caught up (see [`Self::wants`]), so that no follower reads
+    /// and decodes them from the store again (the first reader of each
+    /// did: with one follower, every event it got).
     pub(super) fn follow(self: &Arc<Self>) -> Following {
         self.followers.fetch_add(1, Ordering::SeqCst);
         Following(self.clone())
     }
 
-    /// Whether a following subscription is open (and the cache keeps
-    /// anything).
-    pub(super) fn followed(&self) -> bool {
-        self.capacity > 0 && self.followers.load(Ordering::SeqCst) > 0
+    /// Whether [`Self::push`] would keep the events of a commit that
+    /// numbers from `first` on: a following subscription is open, and the
+    /// cached run ends right before `first`. The writer does not start a
+    /// run: a follower that reached the newest events did, by reading
+    /// them. So a follower far behind (or a slow one that never caught
+    /// up) does not make the cache fill up with events nobody reads.
+    pub(super) fn wants(&self, first: Seq) -> bool {
+        if self.capacity == 0 || self.followers.load(Ordering::SeqCst) == 0 {
+            return false;
+        }
+        let run = self.run();
+        !run.removing
+            && run
+                .covered
+                .is_some_and(|(_, to)| to.checked_add(1) == Some(first))
     }
 
     /// Keeps the new events of a commit that numbered `first..=last` (the
     /// writer, before readers may see them): every event of that range,
-    /// in order. They continue the cached run if it ends at `first - 1`,
-    /// else they start a new one.
+    /// in order, if they continue the cached run (see [`Self::wants`]).
     pub(super) fn push(&self, first: Seq, last: Seq, events: &[Arc<RecentEvent>]) {
         if self.capacity == 0 || last < first {
             return;
@@ -183,10 +194,7 @@ impl Recent {
             Some((from, to)) if to.checked_add(1) == Some(first) => {
                 run.covered = Some((from, last));
             }
-            _ => {
-                run.events.clear();
-                run.covered = Some((first.saturating_sub(1), last));
-            }
+            _ => return,
         }
         for e in events {
             run.events.insert(e.seq, e.clone());

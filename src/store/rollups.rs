@@ -596,6 +596,20 @@ struct FoldCount {
     done: u64,
 }
 
+/// Counts a fold done when dropped, however the fold ends (a panic
+/// included: queries must not wait for a fold that will never come).
+struct FoldDone<'p>(&'p Pending);
+
+impl Drop for FoldDone<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.half_folded.store(true, Ordering::SeqCst);
+        }
+        self.0.fold_count().done += 1;
+        self.0.folded.notify_all();
+    }
+}
+
 /// Keeps checkpoints from starting while it lives ([`Pending::pause`]).
 pub(super) struct Paused<'a>(&'a Pending);
 
@@ -1082,43 +1096,15 @@ impl Pending {
         events: u64,
         upto: Seq,
     ) {
-        // Counted done however this ends (a panic included: queries must
-        // not wait for a fold that will never come).
-        struct Done<'p>(&'p Pending);
-        impl Drop for Done<'_> {
-            fn drop(&mut self) {
-                if std::thread::panicking() {
-                    self.0.half_folded.store(true, Ordering::SeqCst);
-                }
-                self.0.fold_count().done += 1;
-                self.0.folded.notify_all();
-            }
-        }
-        let done = Done(self);
+        // Counted done however this ends.
+        let done = FoldDone(self);
         let due = {
             let folding = self.folding.lock();
             let mut new = new.into_iter().peekable();
             while new.peek().is_some() {
-                let mut maps = self.write();
-                let lanes = &mut maps.lanes;
-                // The views' week and month cells are derived from their
-                // day cells when they are read or merged (see [`derive`]):
-                // a third of the cells an event adds.
-                crate::rollup::fold_with(
-                    new.by_ref().take(FOLD_CHUNK),
-                    &self.layout,
-                    &[Bucket::Day],
-                    |key, delta| lanes[Lane::of(key) as usize].active.merge_ref(key, delta),
-                );
+                self.fold_into(&mut self.write(), new.by_ref().take(FOLD_CHUNK));
             }
-            let mut maps = self.write();
-            for lane in Lane::ALL {
-                maps.lane(lane).counted(events, upto);
-            }
-            let due = maps.lanes[0].active_events >= Lane::Hours.events()
-                || maps.lanes[1].active_events >= Lane::Views.events()
-                || Self::over(&maps);
-            drop(maps);
+            let due = self.count_in(&mut self.write(), events, upto);
             parking_lot::MutexGuard::unlock_fair(folding);
             due
         };
@@ -1126,6 +1112,66 @@ impl Pending {
         if due {
             self.wake.notify_all();
         }
+    }
+
+    /// As [`Self::add`] for at most [`FOLD_CHUNK`] events, but only if
+    /// neither the fold's lock nor the cells' are held right now (by the
+    /// checkpointer or a query): the store writer folds small commits
+    /// itself and must not wait for those. Returns whether it folded;
+    /// if not, nothing changed.
+    pub(super) fn try_add<'a>(
+        &self,
+        new: impl ExactSizeIterator<Item = &'a crate::domain::PreferenceEvent>,
+        events: u64,
+        upto: Seq,
+    ) -> bool {
+        if new.len() > FOLD_CHUNK {
+            return false;
+        }
+        let Some(folding) = self.folding.try_lock() else {
+            return false;
+        };
+        let mut maps = match self.maps.try_write() {
+            Ok(maps) => maps,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return false,
+        };
+        let done = FoldDone(self);
+        self.fold_into(&mut maps, new);
+        let due = self.count_in(&mut maps, events, upto);
+        drop(maps);
+        parking_lot::MutexGuard::unlock_fair(folding);
+        drop(done);
+        if due {
+            self.wake.notify_all();
+        }
+        true
+    }
+
+    /// Folds `new` into the waiting cells.
+    fn fold_into<'a>(
+        &self,
+        maps: &mut Maps,
+        new: impl Iterator<Item = &'a crate::domain::PreferenceEvent>,
+    ) {
+        let lanes = &mut maps.lanes;
+        // The views' week and month cells are derived from their day cells
+        // when they are read or merged (see [`derive`]): a third of the
+        // cells an event adds.
+        crate::rollup::fold_with(new, &self.layout, &[Bucket::Day], |key, delta| {
+            lanes[Lane::of(key) as usize].active.merge_ref(key, delta)
+        });
+    }
+
+    /// Counts a fold's `events` up to `upto` in every lane; says whether
+    /// a checkpoint is due.
+    fn count_in(&self, maps: &mut Maps, events: u64, upto: Seq) -> bool {
+        for lane in Lane::ALL {
+            maps.lane(lane).counted(events, upto);
+        }
+        maps.lanes[0].active_events >= Lane::Hours.events()
+            || maps.lanes[1].active_events >= Lane::Views.events()
+            || Self::over(maps)
     }
 
     /// Backpressure (writer thread, before a commit): returns once no

@@ -58,7 +58,9 @@ const FOLDS_QUEUED: usize = 0;
 
 /// A commit of at most this many new events is folded on the writer
 /// thread, after its callers were answered, when the folder has nothing
-/// left to fold (so it overtakes no fold): a few µs of work, against
+/// left to fold (so it overtakes no fold) and neither the checkpointer
+/// nor a query holds the waiting cells (the writer must not wait for
+/// them; the folder does): a few µs of work, against
 /// waking the folder and waiting until it takes the fold over. With one
 /// request in flight, the folder was woken on the CPU that was about to
 /// deliver the answer and ran ahead of it there while the writer's CPU
@@ -175,6 +177,18 @@ impl Fold {
         match &self.events {
             FoldEvents::Plain(e) => e.len(),
             FoldEvents::Shared(e) => e.len(),
+        }
+    }
+
+    /// [`Self::into_pending`] if the waiting cells are free right now
+    /// (see `rollups::Pending::try_add`); says whether it folded.
+    fn try_into_pending(&self, pending: &super::rollups::Pending) -> bool {
+        let n = self.len() as u64;
+        match &self.events {
+            FoldEvents::Plain(events) => pending.try_add(events.iter(), n, self.upto),
+            FoldEvents::Shared(events) => {
+                pending.try_add(events.iter().map(|e| e.event()), n, self.upto)
+            }
         }
     }
 
@@ -985,17 +999,22 @@ impl Writer {
             .zip(self.trees.pending.clone())
             .map(|(upto, pending)| (Fold::of(committed, &outcomes, upto), pending));
         if let Some((fold, pending)) = fold {
-            // A small fold with the folder idle is done here (see
-            // `FOLD_HERE_UP_TO`).
-            let here = fold.len() <= FOLD_HERE_UP_TO && pending.only_latest_owed();
+            // A small fold with the folder idle is done here if the cells
+            // are free (see `FOLD_HERE_UP_TO`).
+            if fold.len() <= FOLD_HERE_UP_TO
+                && pending.only_latest_owed()
+                && fold.try_into_pending(&pending)
+            {
+                return;
+            }
             let fold = match &self.folder {
-                Some(folder) if !here => match folder.tx.send(fold) {
+                Some(folder) => match folder.tx.send(fold) {
                     Ok(()) => return,
                     Err(std::sync::mpsc::SendError(fold)) => fold,
                 },
-                // Small, or the folder is gone (it panicked): folded here.
-                _ => fold,
+                None => fold,
             };
+            // The folder is gone (it panicked): folded here.
             fold.into_pending(&pending);
         }
     }
@@ -1148,7 +1167,7 @@ impl Writer {
         {
             let mut signals = self.signals.borrow_mut();
             signals.clear();
-            if t.recent.followed() {
+            if frames.first().is_some_and(|f| t.recent.wants(f.seq)) {
                 signals.extend(frames.iter().map(|f| {
                     let payload = &f.record[record::HEADER..];
                     (f.seq, super::recent::encode_signal(f.seq, payload))
