@@ -1397,6 +1397,7 @@ impl Store {
             Some(last) if events.len() >= limit => last.seq(),
             _ => upto,
         };
+        recent.reached(bound);
         let erasures = self.erasure_signals(after, bound)?;
         let mut out: Vec<(Seq, Shared)> = events
             .into_iter()
@@ -4455,6 +4456,28 @@ mod tests {
         let cached = store.inner.trees.recent.read(upto - 5, upto, 1000);
         assert_eq!(cached.complete, follow);
         assert_eq!(compare(&store).len(), 34);
+        // The follower stops reading: the writer keeps the new events for
+        // `recent::NEAR` numbers past the furthest read, then no more.
+        let head = store.durable_seq();
+        let fresh = |from: usize, n: usize| -> Vec<NewEvent> {
+            (from..from + n)
+                .map(|i| {
+                    let mut ev = PreferenceEvent::example();
+                    ev.event_id = format!("s-{i}");
+                    NewEvent::local(ev)
+                })
+                .collect()
+        };
+        let near = recent::NEAR as usize;
+        store.append(fresh(0, near + 100)).await.expect("append");
+        let ahead = store.durable_seq();
+        store.append(fresh(near + 100, 10)).await.expect("append");
+        let recent = &store.inner.trees.recent;
+        assert_eq!(recent.read(head, ahead, usize::MAX).complete, follow);
+        assert!(
+            !recent.read(ahead, store.durable_seq(), usize::MAX).complete,
+            "nothing kept that far past the furthest read"
+        );
         drop(following);
         store.close().await.expect("close");
     }

@@ -17,7 +17,7 @@
 //! (generation check). So an event removed is never served from it.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -92,7 +92,16 @@ pub(super) struct Recent {
     /// Following subscriptions open ([`Following`]): while there are any,
     /// the store writer puts each commit's new events in ([`Self::push`]).
     followers: AtomicUsize,
+    /// The furthest any read of the shared events reached (the end of the
+    /// range [`super::Store::scan_shared`] answered).
+    reached: AtomicU64,
 }
+
+/// How far (in sequence numbers) the newest events may run ahead of the
+/// furthest read before the writer stops keeping them: a follower that
+/// caught up and then stalled makes the cache hold at most this many
+/// events nobody read, not its whole capacity.
+pub(super) const NEAR: u64 = DEFAULT_CAPACITY as u64 / 4;
 
 /// Counts one following subscription while it lives (see
 /// [`Recent::follow`]).
@@ -149,7 +158,13 @@ impl Recent {
             capacity,
             run: Mutex::new(Run::default()),
             followers: AtomicUsize::new(0),
+            reached: AtomicU64::new(0),
         }
+    }
+
+    /// A read of the shared events answered everything up to `seq`.
+    pub(super) fn reached(&self, seq: Seq) {
+        self.reached.fetch_max(seq, Ordering::SeqCst);
     }
 
     /// A following subscription opens: until the guard is dropped, the
@@ -163,13 +178,18 @@ impl Recent {
     }
 
     /// Whether [`Self::push`] would keep the events of a commit that
-    /// numbers from `first` on: a following subscription is open, and the
-    /// cached run ends right before `first`. The writer does not start a
-    /// run: a follower that reached the newest events did, by reading
-    /// them. So a follower far behind (or a slow one that never caught
-    /// up) does not make the cache fill up with events nobody reads.
+    /// numbers from `first` on: a following subscription is open, a read
+    /// reached within [`NEAR`] of `first`, and the cached run ends right
+    /// before `first`. The writer does not start a run: a follower that
+    /// reached the newest events did, by reading them. So a follower far
+    /// behind, a slow one that never caught up, or one that caught up and
+    /// then stalled does not make the cache fill up with events nobody
+    /// reads.
     pub(super) fn wants(&self, first: Seq) -> bool {
         if self.capacity == 0 || self.followers.load(Ordering::SeqCst) == 0 {
+            return false;
+        }
+        if self.reached.load(Ordering::SeqCst).saturating_add(NEAR) < first.saturating_sub(1) {
             return false;
         }
         let run = self.run();
