@@ -4482,6 +4482,43 @@ mod tests {
         store.close().await.expect("close");
     }
 
+    /// A commit of a few events is folded on the writer thread when the
+    /// folder has nothing left (`writer::FOLD_HERE_UP_TO`), and counted
+    /// once.
+    #[tokio::test]
+    async fn small_commits_are_folded_on_the_writer_once() {
+        use crate::insights::{self, Dim, Query};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = reopen(dir.path(), Some(Layout::default()));
+        let query = Query {
+            filter: Default::default(),
+            group_by: vec![Dim::Kind],
+            attribute_key: None,
+            bucket: None,
+            limit: 0,
+        };
+        let pending = store.inner.trees.pending.clone().expect("rollups");
+        for i in 0..5 {
+            let mut ev = PreferenceEvent::example();
+            ev.event_id = format!("small-{i}");
+            store
+                .append(vec![NewEvent::local(ev)])
+                .await
+                .expect("append");
+            // The query waits for the fold: the folder is idle after it.
+            let report = insights::run(&store, &query, 1).expect("query");
+            let counted: u64 = report.rows.iter().map(|r| r.events).sum();
+            assert_eq!(counted, i + 1, "each event counted once");
+        }
+        // Each could find the cells held by a checkpoint at that moment
+        // (then the folder folds it): not all five.
+        let on_writer = pending
+            .folded_by_try
+            .load(std::sync::atomic::Ordering::SeqCst);
+        assert!(on_writer >= 1, "{on_writer} of 5 folded on the writer");
+        store.close().await.expect("close");
+    }
+
     #[tokio::test]
     async fn the_audit_trail_continues_its_chain_after_a_reopen() {
         use crate::audit::Kind;

@@ -583,6 +583,9 @@ pub(super) struct Pending {
     /// A fold panicked half way: the maps may hold part of a commit's
     /// cells without its events counted (see [`Pending::checkpoint`]).
     half_folded: AtomicBool,
+    /// Tests: folds done by [`Self::try_add`] (on the store writer).
+    #[cfg(test)]
+    pub(super) folded_by_try: std::sync::atomic::AtomicU64,
     /// Commits whose callers were answered before their fold, and folds
     /// done since ([`Pending::fold_owed`], [`Pending::add`]).
     folds: Mutex<FoldCount>,
@@ -971,6 +974,8 @@ impl Pending {
             checkpointing: Mutex::new(()),
             folding: parking_lot::Mutex::new(()),
             half_folded: AtomicBool::new(false),
+            #[cfg(test)]
+            folded_by_try: Default::default(),
             folds: Mutex::new(FoldCount::default()),
             folded: Condvar::new(),
         }
@@ -1137,6 +1142,8 @@ impl Pending {
             Err(std::sync::TryLockError::WouldBlock) => return false,
         };
         let done = FoldDone(self);
+        #[cfg(test)]
+        self.folded_by_try.fetch_add(1, Ordering::SeqCst);
         self.fold_into(&mut maps, new);
         let due = self.count_in(&mut maps, events, upto);
         drop(maps);
