@@ -9,9 +9,12 @@
 //! The cache holds one contiguous run of sequence numbers: every event
 //! stored with `after < seq <= upto` is in it (erasure signals are not:
 //! they differ per filter and are read from their own tree). Reads fill
-//! it; it grows at its top and is bounded by count, the oldest entries
-//! going first, so a subscriber far behind reads from sled without
-//! pushing the live run out. Erasure and retention empty it, since they
+//! it, and while a subscription follows, the store writer continues a run
+//! that reaches the newest events with each commit's new events, as long
+//! as a read came within [`NEAR`] of them (see [`Recent::wants`]); it
+//! grows at its top and is bounded by count, the oldest entries going
+//! first, so a subscriber far behind reads from sled without pushing the
+//! live run out. Erasure and retention empty it, since they
 //! remove events, and while they write nothing is served from it or kept
 //! in it; a read that began before such a change never fills it
 //! (generation check). So an event removed is never served from it.
@@ -90,7 +93,8 @@ pub(super) struct Recent {
     capacity: usize,
     run: Mutex<Run>,
     /// Following subscriptions open ([`Following`]): while there are any,
-    /// the store writer puts each commit's new events in ([`Self::push`]).
+    /// the store writer may put each commit's new events in
+    /// ([`Self::wants`], [`Self::push`]).
     followers: AtomicUsize,
     /// The furthest any read of the shared events reached (the end of the
     /// range [`super::Store::scan_shared`] answered).
