@@ -4310,24 +4310,27 @@ mod tests {
         shared_reads_match_the_store(true).await;
     }
 
-    async fn shared_reads_match_the_store(follow: bool) {
+    /// Every event the insight cells count (a query waits for the folds
+    /// of the commits answered before it).
+    fn events_counted(store: &Store) -> u64 {
         use crate::insights::{self, Dim, Query};
+        let query = Query {
+            filter: Default::default(),
+            group_by: vec![Dim::Kind],
+            attribute_key: None,
+            bucket: None,
+            limit: 0,
+        };
+        let report = insights::run(store, &query, 1).expect("query");
+        report.rows.iter().map(|r| r.events).sum()
+    }
+
+    async fn shared_reads_match_the_store(follow: bool) {
         use prost::Message;
         let dir = tempfile::tempdir().expect("temp dir");
         // With rollups: small commits are folded on the writer thread, and
         // while followed, from the events the cache shares.
         let store = reopen(dir.path(), Some(Layout::default()));
-        let counted = |store: &Store| {
-            let query = Query {
-                filter: Default::default(),
-                group_by: vec![Dim::Kind],
-                attribute_key: None,
-                bucket: None,
-                limit: 0,
-            };
-            let report = insights::run(store, &query, 1).expect("query");
-            report.rows.iter().map(|r| r.events).sum::<u64>()
-        };
         let following = follow.then(|| store.follow());
         let events: Vec<NewEvent> = (0..40)
             .map(|i| {
@@ -4360,7 +4363,7 @@ mod tests {
             5
         );
         store.append(last).await.expect("append");
-        assert_eq!(counted(&store), 40, "every new event folded once");
+        assert_eq!(events_counted(&store), 40, "every new event folded once");
         // No read since: the writer went on with the run only if followed.
         let cached = store
             .inner
@@ -4487,16 +4490,8 @@ mod tests {
     /// once.
     #[tokio::test]
     async fn small_commits_are_folded_on_the_writer_once() {
-        use crate::insights::{self, Dim, Query};
         let dir = tempfile::tempdir().expect("temp dir");
         let store = reopen(dir.path(), Some(Layout::default()));
-        let query = Query {
-            filter: Default::default(),
-            group_by: vec![Dim::Kind],
-            attribute_key: None,
-            bucket: None,
-            limit: 0,
-        };
         let pending = store.inner.trees.pending.clone().expect("rollups");
         for i in 0..5 {
             let mut ev = PreferenceEvent::example();
@@ -4506,9 +4501,7 @@ mod tests {
                 .await
                 .expect("append");
             // The query waits for the fold: the folder is idle after it.
-            let report = insights::run(&store, &query, 1).expect("query");
-            let counted: u64 = report.rows.iter().map(|r| r.events).sum();
-            assert_eq!(counted, i + 1, "each event counted once");
+            assert_eq!(events_counted(&store), i + 1, "each event counted once");
         }
         // Each could find the cells held by a checkpoint at that moment
         // (then the folder folds it): not all five.

@@ -2079,15 +2079,16 @@ pub(super) fn spawn_checkpointer(
                     // started together stay in step, and so would their
                     // checkpoints, whatever their cadences), at most
                     // SETTLE; a lane at its count wakes this thread.
-                    let wait = {
+                    let wait = if failed || paused {
+                        SETTLE
+                    } else {
                         let maps = pending.read();
                         Lane::ALL
                             .iter()
                             .filter_map(|lane| maps.lanes[*lane as usize].due_in(*lane))
                             .min()
-                            .unwrap_or(SETTLE)
+                            .map_or(SETTLE, |w| w.clamp(Duration::from_millis(1), SETTLE))
                     };
-                    let wait = if failed || paused { SETTLE } else { wait.clamp(Duration::from_millis(1), SETTLE) };
                     let _ = pending.wake.wait_timeout(guard, wait);
                 }
             }
