@@ -173,6 +173,9 @@ struct Inner {
     db: sled::Db,
     trees: Trees,
     writer: mpsc::Sender<writer::Command>,
+    /// The writer itself, for small appends committed on the caller's
+    /// thread while it is idle (see [`writer::try_commit`]).
+    shared_writer: writer::Shared,
     /// Joined when the last handle goes, so the files are released.
     writer_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     path: PathBuf,
@@ -509,7 +512,7 @@ impl Store {
         let (durable_tx, durable) = tokio::sync::watch::channel(last);
         let answered = Arc::new(AtomicU64::new(last));
         let (failure_tx, failure) = tokio::sync::watch::channel(None);
-        let (writer, writer_thread) = writer::spawn(
+        let (writer, shared_writer, writer_thread) = writer::spawn(
             db.clone(),
             trees.clone(),
             flushes.clone(),
@@ -522,6 +525,7 @@ impl Store {
                 db,
                 trees,
                 writer,
+                shared_writer,
                 writer_thread: std::sync::Mutex::new(Some(writer_thread)),
                 path: dir.to_path_buf(),
                 flushes,
@@ -555,6 +559,14 @@ impl Store {
         if events.is_empty() {
             return Ok(Vec::new());
         }
+        let events = if early {
+            match writer::try_commit(&self.inner.shared_writer, &self.inner.writer, events) {
+                Ok(outcome) => return outcome,
+                Err(events) => events,
+            }
+        } else {
+            events
+        };
         let (reply, rx) = oneshot::channel();
         self.inner
             .writer
@@ -4509,6 +4521,65 @@ mod tests {
             .folded_by_try
             .load(std::sync::atomic::Ordering::SeqCst);
         assert!(on_writer >= 1, "{on_writer} of 5 folded on the writer");
+        store.close().await.expect("close");
+    }
+
+    /// A small append answered early is committed on the caller's thread
+    /// while the writer is idle (`writer::try_commit`), and the writer's
+    /// thread does its sled writes and fold after: each event is found by
+    /// id right after its answer, counted once, deduplicated, and stored
+    /// whole after a close (which finishes the last commit first).
+    #[tokio::test]
+    async fn small_durable_appends_are_committed_on_the_callers_thread() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = reopen(dir.path(), Some(Layout::default()));
+        let event = |i: u64| {
+            let mut ev = PreferenceEvent::example();
+            ev.event_id = format!("inline-{i}");
+            NewEvent::local(ev)
+        };
+        for i in 0..5 {
+            let stored = store.append_durable(vec![event(i)]).await.expect("append");
+            assert_eq!(stored, [Appended::Stored(i + 1)]);
+            let (seq, _) = store
+                .get_by_event_id(&format!("inline-{i}"))
+                .expect("get")
+                .expect("found right after the answer");
+            assert_eq!(seq, i + 1);
+            assert_eq!(events_counted(&store), i + 1, "each event counted once");
+        }
+        let inline = store
+            .inner
+            .shared_writer
+            .lock()
+            .expect("writer")
+            .as_ref()
+            .map_or(0, |w| w.inline_commits);
+        // Each could find the writer's thread still busy with the commit
+        // before (then it queues there): not all five.
+        assert!(
+            inline >= 1,
+            "{inline} of 5 committed on the caller's thread"
+        );
+        let again = store.append_durable(vec![event(0)]).await.expect("resend");
+        assert_eq!(again, [Appended::Duplicate(1)]);
+        let last = store.append_durable(vec![event(5)]).await.expect("append");
+        assert_eq!(last, [Appended::Stored(6)]);
+        store.close().await.expect("close");
+        drop(store);
+        let store = reopen(dir.path(), Some(Layout::default()));
+        assert_eq!(store.durable_seq(), 6);
+        let t = &store.inner.trees;
+        let indexed = [
+            slots::count(&t.events).expect("events"),
+            t.ids.len(),
+            times::count(&t.by_time).expect("times"),
+            customer_fingerprints(&store),
+        ];
+        assert_eq!(indexed, [6; 4]);
+        let v = store.verify(|_| {}).expect("verify");
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        assert_eq!(events_counted(&store), 6);
         store.close().await.expect("close");
     }
 

@@ -1211,6 +1211,16 @@ impl Pending {
         }
     }
 
+    /// Whether no lane holds more waiting events than it may (a commit
+    /// would not wait in [`Self::wait_room`]); false, without waiting, if
+    /// the cells are being written.
+    pub(super) fn has_room(&self) -> bool {
+        match self.maps.try_read() {
+            Ok(maps) => !Self::over(&maps),
+            Err(_) => false,
+        }
+    }
+
     /// Whether a lane holds more waiting events than it may.
     fn over(maps: &Maps) -> bool {
         Lane::ALL
