@@ -543,6 +543,16 @@ impl EventLog {
             })
     }
 
+    /// Whether the next append starts a new segment (creates its file and
+    /// syncs the directory).
+    pub fn starts_segment(&self) -> bool {
+        self.active
+            .lock()
+            .expect("active lock")
+            .as_ref()
+            .is_none_or(|a| a.len >= a.capacity)
+    }
+
     /// Makes everything appended durable.
     pub fn sync(&self) -> std::io::Result<()> {
         self.usable()?;

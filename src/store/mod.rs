@@ -47,12 +47,15 @@
 //! An event's outbox entries are written in the same commit as the event
 //! and before its id's journal record, which is what makes it stored: after a
 //! crash an event is never stored without being queued where it must go
-//! (see `writer::Writer::transact` and `repair_tail`).
+//! (see `writer::Writer::write_sled` and `repair_tail`).
 //!
-//! All writes go through one writer thread that batches concurrent appends
-//! into one commit and a single sync of the event log (group commit): an
-//! append returns only after its events are on disk, and one sync serves
-//! every publisher waiting at that moment. sled's part of a commit is
+//! All writes go through one writer that batches concurrent appends into
+//! one commit and a single sync of the event log (group commit): an append
+//! returns only after its events are on disk, and one sync serves every
+//! publisher waiting at that moment. The writer has its own thread; a
+//! small append answered early is synced on its caller's thread when the
+//! writer is idle, and the writer's thread does the rest of its commit
+//! (`writer::try_commit`). sled's part of a commit is
 //! flushed in the background and, if a crash loses it, replayed from the
 //! log at open. Nothing outside this module touches sled or the log.
 
@@ -83,7 +86,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{oneshot, Notify};
 
 pub use log::with_blocks_decompressed as with_log_blocks_decompressed;
 pub use record::DecodeError;
@@ -172,7 +175,7 @@ pub struct Store {
 struct Inner {
     db: sled::Db,
     trees: Trees,
-    writer: mpsc::Sender<writer::Command>,
+    writer: writer::Queue,
     /// The writer itself, for small appends committed on the caller's
     /// thread while it is idle (see [`writer::try_commit`]).
     shared_writer: writer::Shared,
@@ -583,7 +586,8 @@ impl Store {
     /// Returns once the sled writes of every commit answered so far are
     /// done. The writer answers a commit's callers once its events are
     /// durable in the event log, before its sled writes (tens of µs, see
-    /// `writer::Writer::commit`): a read by id or number waits for them,
+    /// `writer::Writer::sync` and `writer::try_commit`): a read by id or
+    /// number waits for them,
     /// so that it finds what its caller saw acknowledged. With `seq`,
     /// only if that number is not applied yet. Gives up after a second,
     /// or once the store failed.
@@ -1598,8 +1602,7 @@ impl Drop for Inner {
     /// The writer stops once its queue closes (this was the last handle);
     /// waiting for it means the data directory is released on return.
     fn drop(&mut self) {
-        let (closed, _) = mpsc::channel(1);
-        drop(std::mem::replace(&mut self.writer, closed));
+        drop(std::mem::replace(&mut self.writer, writer::Queue::closed()));
         let handle = self
             .writer_thread
             .get_mut()
@@ -1741,7 +1744,7 @@ fn index_customers(db: &sled::Db, trees: &Trees) -> Result<()> {
 /// Removes the events at the end of the store whose `by_id` entry is
 /// missing: the remains of a commit that a crash (or an I/O error)
 /// interrupted before its flush. The writer applies its batches in the
-/// order events, indexes and outboxes, `by_id` (see `Writer::transact`),
+/// order events, indexes and outboxes, `by_id` (see `Writer::write_sled`),
 /// and sled recovers a prefix of them, so such events were never
 /// acknowledged: their senders send them again. Their index and outbox
 /// entries go with them. Returns how many were removed.
@@ -1983,7 +1986,7 @@ fn replay_log(db: &sled::Db, trees: &Trees) -> Result<usize> {
             .map(|(f, ev)| (ev.event_id.as_bytes(), f.seq)),
     )?;
     high = frames.iter().map(|f| f.seq).fold(high, Seq::max);
-    // The log's end first, as in a commit (see `Writer::write_trees`).
+    // The log's end first, as in a commit (see `Writer::write_sled`).
     trees.meta.insert(META_LOG_END, &end.encode())?;
     trees.meta.insert(META_LAST_SEQ, &high.to_be_bytes())?;
     flush_blocking(db)?;
@@ -4565,7 +4568,18 @@ mod tests {
         assert_eq!(again, [Appended::Duplicate(1)]);
         let last = store.append_durable(vec![event(5)]).await.expect("append");
         assert_eq!(last, [Appended::Stored(6)]);
+        // The close finishes the last commit's sled writes before it
+        // flushes: sled's marks are at its end (no replay needed).
         store.close().await.expect("close");
+        let meta = &store.inner.trees.meta;
+        let last_seq = meta.get(META_LAST_SEQ).expect("meta").expect("mark");
+        assert_eq!(last_seq.as_ref(), 6u64.to_be_bytes());
+        let log_end = meta.get(META_LOG_END).expect("meta").expect("log end");
+        assert_eq!(
+            log::End::decode(&log_end),
+            store.inner.trees.log.end(),
+            "sled's log end is the log's"
+        );
         drop(store);
         let store = reopen(dir.path(), Some(Layout::default()));
         assert_eq!(store.durable_seq(), 6);
@@ -4580,6 +4594,80 @@ mod tests {
         let v = store.verify(|_| {}).expect("verify");
         assert!(v.problems.is_empty(), "{:?}", v.problems);
         assert_eq!(events_counted(&store), 6);
+        store.close().await.expect("close");
+    }
+
+    /// Small appends answered early from many tasks at once, on a runtime
+    /// with two threads: some commit on their callers' threads, the others
+    /// queue for the writer's; every event is stored once, under its own
+    /// number, and an id sent twice at once is stored once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_small_appends_are_numbered_once_each() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = reopen(dir.path(), Some(Layout::default()));
+        let event = |id: String| {
+            let mut ev = PreferenceEvent::example();
+            ev.event_id = id;
+            NewEvent::local(ev)
+        };
+        let mut stored = Vec::new();
+        for round in 0..20 {
+            let mut tasks = Vec::new();
+            for i in 0..6 {
+                let store = store.clone();
+                let ev = event(format!("c-{round}-{i}"));
+                tasks.push(tokio::spawn(
+                    async move { store.append_durable(vec![ev]).await },
+                ));
+            }
+            for _ in 0..2 {
+                let store = store.clone();
+                let ev = event(format!("twice-{round}"));
+                tasks.push(tokio::spawn(
+                    async move { store.append_durable(vec![ev]).await },
+                ));
+            }
+            let mut twice = Vec::new();
+            for (i, task) in tasks.into_iter().enumerate() {
+                let outcome = task.await.expect("task").expect("append");
+                let [outcome] = outcome[..] else {
+                    panic!("one outcome per event: {outcome:?}");
+                };
+                if i >= 6 {
+                    twice.push(outcome);
+                }
+                if let Appended::Stored(seq) = outcome {
+                    stored.push(seq);
+                }
+            }
+            let firsts = twice
+                .iter()
+                .filter(|o| matches!(o, Appended::Stored(_)))
+                .count();
+            assert_eq!(firsts, 1, "an id sent twice at once: {twice:?}");
+        }
+        stored.sort_unstable();
+        assert_eq!(stored, (1..=140).collect::<Vec<Seq>>());
+        let inline = store
+            .inner
+            .shared_writer
+            .lock()
+            .expect("writer")
+            .as_ref()
+            .map_or(0, |w| w.inline_commits);
+        // Both ways were taken (in runs here, 1 to 11 on callers' threads).
+        assert!(
+            inline < 140,
+            "every append was committed on its caller's thread"
+        );
+        store.applied().await;
+        assert_eq!(events_counted(&store), 140);
+        store.close().await.expect("close");
+        drop(store);
+        let store = reopen(dir.path(), Some(Layout::default()));
+        assert_eq!(store.durable_seq(), 140);
+        let v = store.verify(|_| {}).expect("verify");
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
         store.close().await.expect("close");
     }
 

@@ -998,7 +998,7 @@ impl Pending {
     }
 
     /// A commit's callers are about to be answered, its fold to follow
-    /// (writer thread): queries from now on wait for that fold
+    /// (under the writer's mutex): queries from now on wait for that fold
     /// ([`Self::wait_folds`]).
     pub(super) fn fold_owed(&self) {
         self.fold_count().owed += 1;
@@ -1263,7 +1263,8 @@ impl Pending {
     }
 
     /// Events that occurred in `hours` (sorted; `None`: any events) are
-    /// about to be stored or removed (writer thread, before it writes):
+    /// about to be stored or removed (under the writer's mutex, before it
+    /// writes):
     /// folds of those hours are stale from now on, and until
     /// [`Self::end_change`] nothing folded is kept, since a fold may see
     /// part of the change.

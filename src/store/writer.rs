@@ -5,9 +5,12 @@
 //! appends their records to the event log and syncs it once, answers the
 //! callers that asked to be answered then (publishers, see
 //! [`super::Store::append_durable`]), writes their sled entries (one sled
-//! batch per tree, see `Writer::transact`) without a flush, and then
-//! answers the others. One thread owns the sequence counter, so
-//! deduplication and numbering need no locks.
+//! batch per tree, see `Writer::write_sled`) without a flush, and then
+//! answers the others. The writer (its sequence counter among it) sits
+//! behind one mutex: its thread holds it for each command, and a small
+//! append answered early may be synced under it by its caller's thread
+//! while the writer is idle ([`try_commit`]); deduplication and numbering
+//! happen under it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,7 +34,7 @@ pub(super) const PEER_TOMBSTONE: Seq = Seq::MAX - 1;
 /// Queue depth before appenders wait (backpressure).
 const QUEUE: usize = 1024;
 /// Commits of at most this many events write key by key rather than one
-/// sled batch per tree (see `Writer::transact`).
+/// sled batch per tree (see `Writer::write_sled`).
 const PLAIN_INSERTS_UP_TO: usize = 16;
 /// Most events written in one group commit and flush.
 const MAX_BATCH_EVENTS: usize = 8192;
@@ -143,7 +146,7 @@ pub(super) const SLOW_APPLY_ID: &str = "test-slow-apply";
 pub(super) const FAIL_APPLY_ID: &str = "test-fail-apply";
 
 /// A commit's new events to fold into the waiting rollups, on the folder
-/// thread (see [`Writer::commit`]).
+/// thread (see [`Writer::apply`]).
 struct Fold {
     events: FoldEvents,
     /// The highest sequence number among them.
@@ -317,9 +320,13 @@ pub(super) fn spawn(
     durable: tokio::sync::watch::Sender<Seq>,
     answered: Arc<AtomicU64>,
     failure: tokio::sync::watch::Sender<Option<String>>,
-) -> Result<(mpsc::Sender<Command>, Shared, std::thread::JoinHandle<()>)> {
+) -> Result<(Queue, Shared, std::thread::JoinHandle<()>)> {
     let next_seq = super::high_water(&trees)? + 1;
     let (tx, rx) = mpsc::channel(QUEUE);
+    let queue = Queue {
+        tx,
+        sent: Arc::new(AtomicU64::new(0)),
+    };
     let checkpointer = match &trees.pending {
         Some(p) => Some(super::rollups::spawn_checkpointer(
             p.clone(),
@@ -345,6 +352,9 @@ pub(super) fn spawn(
         packer,
         folder,
         synced: None,
+        sent: queue.sent.clone(),
+        taken: 0,
+        slow_sync: std::cell::Cell::new(false),
         #[cfg(test)]
         inline_commits: 0,
     };
@@ -354,8 +364,40 @@ pub(super) fn spawn(
         .name("store-writer".into())
         .spawn(move || run(&thread_shared, rx))
         .map_err(|e| Error::Sled(sled::Error::Io(e)))?;
-    Ok((tx, shared, handle))
+    Ok((queue, shared, handle))
 }
+
+/// The writer's queue. Commands are counted as they are sent, so that a
+/// caller committing on its own thread knows that none sent before is
+/// waiting or running (see [`try_commit`]).
+pub(super) struct Queue {
+    tx: mpsc::Sender<Command>,
+    sent: Arc<AtomicU64>,
+}
+
+impl Queue {
+    pub(super) async fn send(
+        &self,
+        command: Command,
+    ) -> std::result::Result<(), mpsc::error::SendError<Command>> {
+        self.sent.fetch_add(1, Ordering::SeqCst);
+        self.tx.send(command).await
+    }
+
+    /// A queue without a writer: every send fails.
+    pub(super) fn closed() -> Queue {
+        let (tx, _) = mpsc::channel(1);
+        Queue {
+            tx,
+            sent: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+/// A sync slower than this (the disk stalls) sends the next small appends
+/// to the writer's thread rather than onto a caller's (see
+/// [`Writer::idle`]), until a sync there is fast again.
+const SLOW_SYNC: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// The writer, shared by its thread and the callers that commit a small
 /// append themselves while it is idle ([`try_commit`]); `None` once closed.
@@ -367,9 +409,10 @@ pub(super) type Shared = Arc<std::sync::Mutex<Option<Writer>>>;
 pub(super) const INLINE_UP_TO: usize = PLAIN_INSERTS_UP_TO;
 
 /// Commits a small append that is answered early on the calling thread,
-/// when the writer is idle (nothing queued, no commit running or
-/// unfinished, room in the waiting rollups): its records are appended to
-/// the event log and synced here, and the answer comes back at once.
+/// when the writer is idle (see [`Writer::idle`]: no command sent before
+/// is waiting or running, no commit unfinished, room in the waiting
+/// rollups): its records are appended to the event log and synced here,
+/// under the writer's mutex, and the answer comes back at once.
 /// The commit's sled writes and the rest ([`Writer::apply`]) are left to
 /// the writer's thread, which is woken for them and does them before
 /// anything else.
@@ -381,17 +424,18 @@ pub(super) const INLINE_UP_TO: usize = PLAIN_INSERTS_UP_TO;
 /// less than its 360 µs on the 2-CPU host (`bench latency`); committing
 /// here saves about 25 µs of it (the thread still sleeps in the sync and
 /// is woken from it). The calling (runtime) thread is blocked for the
-/// append and the sync meanwhile (about 80 µs; longer only if the disk
-/// stalls), which the runtime's other threads absorb; under load the
-/// writer is busy and appends queue for it as before.
+/// append and the sync meanwhile (about 80 µs), which the runtime's other
+/// threads absorb; after a slow sync, and when the event log starts a new
+/// segment, appends go to the writer's thread. Under load the writer is
+/// busy and appends queue for it as before.
 ///
 /// Gives the events back if the writer is not idle.
 pub(super) fn try_commit(
     shared: &Shared,
-    queue: &mpsc::Sender<Command>,
+    queue: &Queue,
     events: Vec<NewEvent>,
 ) -> std::result::Result<Result<Vec<Appended>>, Vec<NewEvent>> {
-    if events.len() > INLINE_UP_TO || queue.capacity() < queue.max_capacity() {
+    if events.len() > INLINE_UP_TO {
         return Err(events);
     }
     let Ok(mut guard) = shared.try_lock() else {
@@ -401,11 +445,14 @@ pub(super) fn try_commit(
         return Err(events);
     };
     let (reply, mut answer) = oneshot::channel();
-    writer.synced = writer.sync(vec![Append {
-        events,
-        reply,
-        early: true,
-    }]);
+    // A commit of duplicates only leaves nothing to do.
+    writer.synced = writer
+        .sync(vec![Append {
+            events,
+            reply,
+            early: true,
+        }])
+        .filter(|synced| synced.logged.is_some());
     let unfinished = writer.synced.is_some();
     #[cfg(test)]
     {
@@ -415,7 +462,7 @@ pub(super) fn try_commit(
     if unfinished {
         // Full: the writer's thread has commands to take, and finishes
         // this commit before them anyway.
-        let _ = queue.try_send(Command::Finish);
+        let _ = queue.tx.try_send(Command::Finish);
     }
     // `sync` answered the append (with its outcome or its failure).
     Ok(answer.try_recv().unwrap_or(Err(Error::Closed)))
@@ -430,13 +477,7 @@ fn run(shared: &Shared, mut rx: mpsc::Receiver<Command>) {
         let Some(first) = pending.take().or_else(|| rx.blocking_recv()) else {
             break;
         };
-        let Ok(mut guard) = shared.lock() else {
-            // A commit panicked on a caller's thread: its state is unknown,
-            // so nothing more is written (every later command fails as
-            // with a closed store).
-            tracing::error!("the store writer stopped: a commit panicked; restart the node");
-            return;
-        };
+        let mut guard = lock(shared);
         let Some(writer) = guard.as_mut() else {
             return;
         };
@@ -457,15 +498,30 @@ fn run(shared: &Shared, mut rx: mpsc::Receiver<Command>) {
             }
         }
     }
-    let Ok(mut guard) = shared.lock() else {
-        return;
-    };
+    let mut guard = lock(shared);
     if let Some(mut writer) = guard.take() {
         if let Some(synced) = writer.synced.take() {
             writer.apply(synced);
         }
         if let Err(e) = writer.finish() {
             tracing::error!(error = %e, "final flush failed");
+        }
+    }
+}
+
+/// The writer thread's hold of the writer. If a commit panicked on a
+/// caller's thread (the mutex is poisoned), what it left is unknown: the
+/// writer refuses every write from then on (see [`Writer::panicked`]).
+fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Option<Writer>> {
+    match shared.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => {
+            let mut guard = poisoned.into_inner();
+            shared.clear_poison();
+            if let Some(writer) = guard.as_mut() {
+                writer.panicked();
+            }
+            guard
         }
     }
 }
@@ -489,7 +545,8 @@ pub(super) struct Writer {
     flushes: Arc<AtomicU64>,
     durable: tokio::sync::watch::Sender<Seq>,
     /// The highest sequence number whose caller was answered (see
-    /// `Self::commit`); ahead of `durable` while a commit's sled writes run.
+    /// `Self::sync`); ahead of `durable` while a commit's sled writes run
+    /// (and, after [`try_commit`], until the writer's thread woke for them).
     answered: Arc<AtomicU64>,
     /// Why every write is refused until the node restarts (see
     /// [`Self::halt`]), and whether for a full disk.
@@ -506,6 +563,13 @@ pub(super) struct Writer {
     /// A commit synced by a caller's thread whose sled writes remain (see
     /// [`try_commit`]): done before anything else.
     synced: Option<Synced>,
+    /// How many commands were sent ([`Queue::send`]) and how many of them
+    /// this writer took: a caller commits on its own thread only when all
+    /// were.
+    sent: Arc<AtomicU64>,
+    taken: u64,
+    /// Whether the last sync took longer than [`SLOW_SYNC`].
+    slow_sync: std::cell::Cell<bool>,
     /// Tests: how many commits callers' threads synced.
     #[cfg(test)]
     pub(super) inline_commits: u64,
@@ -516,13 +580,35 @@ impl Writer {
     /// [`try_commit`]).
     fn idle(&self) -> bool {
         self.synced.is_none()
+            && self.taken == self.sent.load(Ordering::SeqCst)
             && self.halted.is_none()
+            && !self.slow_sync.get()
+            && !self.trees.log.starts_segment()
             && self.trees.pending.as_ref().is_none_or(|p| p.has_room())
+    }
+
+    /// A commit panicked on a caller's thread, holding the writer: what it
+    /// left is unknown, so the writer refuses every write until the node
+    /// restarts (whose open indexes what reached the event log).
+    fn panicked(&mut self) {
+        self.synced = None;
+        if let Some(pending) = &self.trees.pending {
+            pending.end_change(None);
+        }
+        let e = Error::Write {
+            reason: "a commit panicked".into(),
+            disk_full: false,
+        };
+        let reason = self.halt(&e);
+        tracing::error!("the store writer stopped writing: a commit panicked; {reason}");
     }
 
     /// Runs the command `first` (with the appends queued behind it, in one
     /// commit).
     fn take(&mut self, first: Command, rx: &mut mpsc::Receiver<Command>) -> Next {
+        if !matches!(first, Command::Finish) {
+            self.taken += 1;
+        }
         let first = match (first, &self.halted) {
             (Command::Close { reply }, _) => Command::Close { reply },
             (Command::Finish, _) => return Next::Go(None),
@@ -574,6 +660,7 @@ impl Writer {
         while n < MAX_BATCH_EVENTS {
             match rx.try_recv() {
                 Ok(Command::Append(append)) => {
+                    self.taken += 1;
                     n += append.events.len();
                     batch.push(append);
                 }
@@ -1342,10 +1429,11 @@ impl Writer {
     /// [`Self::log`]'s writes: the records to the event log, synced (the
     /// commit's one wait for the disk). Everything that reads the trees
     /// or may refuse the commit (the time index's blocks) runs here,
-    /// before the sync; after it ([`Self::write_sled`]), only sled's
-    /// inserts. A failure from the sync on leaves the frames in the log:
-    /// the commit is acknowledged, the next open indexes it from the log,
-    /// and the writer halts until then (see [`Writer::halt`]).
+    /// before the sync; a failure up to and with the sync takes the frames
+    /// back out of the log. After it ([`Self::write_sled`]), only sled's
+    /// inserts: a failure there leaves the frames in the log, the commit
+    /// is acknowledged, the next open indexes it from the log, and the
+    /// writer halts until then (see [`Writer::halt`]).
     fn write_log(&self, new: &[(Seq, &NewEvent)]) -> std::result::Result<Logged, (Error, bool)> {
         let now = UnixNanos::now().0;
         let t = &self.trees;
@@ -1415,7 +1503,8 @@ impl Writer {
             }
         }
         // The blocks of the days and buckets the events fall in, each read
-        // and written whole (only this thread writes them); read before
+        // and written whole (only under the writer's mutex, each commit's
+        // written in its `apply` before the next `sync`); read before
         // the sync, so that a damaged block refuses the commit with
         // nothing of it in sled and its frames out of the log.
         let blocks = times::added(&t.by_time, entries).map_err(rollback)?;
@@ -1427,9 +1516,11 @@ impl Writer {
             .sync()
             .map_err(|e| rollback(Error::Sled(sled::Error::Io(e))))?;
         self.flushes.fetch_add(1, Ordering::Relaxed);
+        let took = started.elapsed();
+        self.slow_sync.set(took > SLOW_SYNC);
         crate::metrics::get()
             .flush_seconds
-            .observe(started.elapsed().as_secs_f64());
+            .observe(took.as_secs_f64());
         // Durable: the callers are answered before sled's part (tens of µs
         // of a one-event commit's ack; a query or a read by id waits for
         // it, see `Store::wait_applied`). Whatever fails from here on, the
