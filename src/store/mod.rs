@@ -4551,25 +4551,23 @@ mod tests {
             assert_eq!(seq, i + 1);
             assert_eq!(events_counted(&store), i + 1, "each event counted once");
         }
-        let inline = store
-            .inner
-            .shared_writer
-            .lock()
-            .expect("writer")
-            .as_ref()
-            .map_or(0, |w| w.inline_commits);
         // Each could find the writer's thread still busy with the commit
         // before (then it queues there): not all five.
+        let inline = inline_commits(&store);
         assert!(
             inline >= 1,
             "{inline} of 5 committed on the caller's thread"
         );
         let again = store.append_durable(vec![event(0)]).await.expect("resend");
         assert_eq!(again, [Appended::Duplicate(1)]);
+        // The last one committed on this thread (its sled writes left to the
+        // writer's): the close finishes them before it flushes, so sled's
+        // marks are at its end (no replay needed).
+        wait_idle(&store);
+        let before = inline_commits(&store);
         let last = store.append_durable(vec![event(5)]).await.expect("append");
         assert_eq!(last, [Appended::Stored(6)]);
-        // The close finishes the last commit's sled writes before it
-        // flushes: sled's marks are at its end (no replay needed).
+        assert_eq!(inline_commits(&store), before + 1, "committed here");
         store.close().await.expect("close");
         let meta = &store.inner.trees.meta;
         let last_seq = meta.get(META_LAST_SEQ).expect("meta").expect("mark");
@@ -4594,6 +4592,108 @@ mod tests {
         let v = store.verify(|_| {}).expect("verify");
         assert!(v.problems.is_empty(), "{:?}", v.problems);
         assert_eq!(events_counted(&store), 6);
+        store.close().await.expect("close");
+    }
+
+    /// How many commits callers' threads synced in `store`.
+    fn inline_commits(store: &Store) -> u64 {
+        let writer = store.inner.shared_writer.lock().expect("writer");
+        writer.as_ref().map_or(0, |w| w.inline_commits)
+    }
+
+    /// Returns once a caller could commit on its own thread (the writer's
+    /// thread is done with everything before); a slow sync of this loaded
+    /// test machine is forgotten.
+    fn wait_idle(store: &Store) {
+        for _ in 0..5000 {
+            if let Ok(writer) = store.inner.shared_writer.try_lock() {
+                let writer = writer.as_ref().expect("open");
+                writer.slow_sync.set(false);
+                if writer.idle() {
+                    return;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        panic!("the writer did not become idle");
+    }
+
+    /// A command the writer's thread took but could not run yet (a caller
+    /// holds the writer) keeps callers from committing ahead of it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_command_taken_but_not_run_keeps_callers_from_committing_ahead() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = reopen(dir.path(), Some(Layout::default()));
+        let event = |id: &str| {
+            let mut ev = PreferenceEvent::example();
+            ev.event_id = id.into();
+            NewEvent::local(ev)
+        };
+        store.append(vec![event("first")]).await.expect("append");
+        wait_idle(&store);
+        let late = {
+            let held = store.inner.shared_writer.lock().expect("writer");
+            let writer = held.as_ref().expect("open");
+            assert!(writer.idle(), "nothing queued or running");
+            let queued = store.clone();
+            let late = tokio::spawn(async move { queued.append(vec![event("late")]).await });
+            // The writer's thread takes it and waits for the writer.
+            for _ in 0..5000 {
+                if store.inner.writer.queued() == 0 && store.inner.writer.sent() == 2 {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            assert_eq!(store.inner.writer.sent(), 2, "sent");
+            assert_eq!(store.inner.writer.queued(), 0, "taken from the queue");
+            assert!(!writer.idle(), "a command taken but not run");
+            late
+        };
+        let outcome = late.await.expect("task").expect("append");
+        assert_eq!(outcome, [Appended::Stored(2)]);
+        store.close().await.expect("close");
+    }
+
+    /// A commit that panics on a caller's thread (holding the writer):
+    /// the writer refuses every write after, saying why, still closes,
+    /// and a reopen finds the store whole.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_that_panics_on_a_callers_thread_halts_the_writer() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let event = |id: &str| {
+            let mut ev = PreferenceEvent::example();
+            ev.event_id = id.into();
+            NewEvent::local(ev)
+        };
+        {
+            let store = reopen(dir.path(), Some(Layout::default()));
+            store.append(vec![event("first")]).await.expect("append");
+            wait_idle(&store);
+            let panicking = store.clone();
+            let task = tokio::spawn(async move {
+                panicking
+                    .append_durable(vec![event(writer::PANIC_SYNC_ID)])
+                    .await
+            });
+            assert!(task.await.expect_err("panicked").is_panic());
+            let e = store
+                .append(vec![event("after")])
+                .await
+                .expect_err("refused");
+            assert!(e.to_string().contains("panicked"), "{e}");
+            let failure = store.watch_failure().borrow().clone();
+            assert!(
+                failure.as_deref().is_some_and(|f| f.contains("panicked")),
+                "{failure:?}"
+            );
+            store.close().await.expect("close");
+        }
+        let store = reopen(dir.path(), Some(Layout::default()));
+        assert!(store.get_by_event_id("first").expect("get").is_some());
+        let v = store.verify(|_| {}).expect("verify");
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        let again = store.append(vec![event("after")]).await.expect("append");
+        assert!(matches!(again[..], [Appended::Stored(_)]), "{again:?}");
         store.close().await.expect("close");
     }
 
@@ -4648,14 +4748,9 @@ mod tests {
         }
         stored.sort_unstable();
         assert_eq!(stored, (1..=140).collect::<Vec<Seq>>());
-        let inline = store
-            .inner
-            .shared_writer
-            .lock()
-            .expect("writer")
-            .as_ref()
-            .map_or(0, |w| w.inline_commits);
-        // Both ways were taken (in runs here, 1 to 11 on callers' threads).
+        // Some queued for the writer's thread (in runs here, 1 to 11 of
+        // the 140 were committed on callers' threads).
+        let inline = inline_commits(&store);
         assert!(
             inline < 140,
             "every append was committed on its caller's thread"

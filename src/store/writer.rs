@@ -139,6 +139,9 @@ pub(super) static FOLD_DELAY_MS: AtomicU64 = AtomicU64::new(0);
 /// 300 ms after the callers were answered.
 #[cfg(test)]
 pub(super) const SLOW_APPLY_ID: &str = "test-slow-apply";
+/// Tests: an event with this id makes its commit panic before its sync.
+#[cfg(test)]
+pub(super) const PANIC_SYNC_ID: &str = "test-panic-sync";
 /// Tests: an event with this id makes its commit fail after its callers
 /// were answered and its locations were written (as an I/O error of
 /// sled's would).
@@ -376,15 +379,33 @@ pub(super) struct Queue {
 }
 
 impl Queue {
+    /// Sends `command` once the queue has room; counted as it goes in (a
+    /// send dropped while it waits for room is not counted).
     pub(super) async fn send(
         &self,
         command: Command,
     ) -> std::result::Result<(), mpsc::error::SendError<Command>> {
+        let Ok(permit) = self.tx.reserve().await else {
+            return Err(mpsc::error::SendError(command));
+        };
         self.sent.fetch_add(1, Ordering::SeqCst);
-        self.tx.send(command).await
+        permit.send(command);
+        Ok(())
     }
 
     /// A queue without a writer: every send fails.
+    /// Tests: how many commands went into the queue.
+    #[cfg(test)]
+    pub(super) fn sent(&self) -> u64 {
+        self.sent.load(Ordering::SeqCst)
+    }
+
+    /// Tests: how many commands wait in the queue.
+    #[cfg(test)]
+    pub(super) fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
     pub(super) fn closed() -> Queue {
         let (tx, _) = mpsc::channel(1);
         Queue {
@@ -394,10 +415,11 @@ impl Queue {
     }
 }
 
-/// A sync slower than this (the disk stalls) sends the next small appends
+/// A sync slower than this (the disk stalls: a sync takes 0.06–0.2 ms on
+/// the bench host, a few ms on slow volumes) sends the next small appends
 /// to the writer's thread rather than onto a caller's (see
 /// [`Writer::idle`]), until a sync there is fast again.
-const SLOW_SYNC: std::time::Duration = std::time::Duration::from_millis(1);
+const SLOW_SYNC: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// The writer, shared by its thread and the callers that commit a small
 /// append themselves while it is idle ([`try_commit`]); `None` once closed.
@@ -409,10 +431,9 @@ pub(super) type Shared = Arc<std::sync::Mutex<Option<Writer>>>;
 pub(super) const INLINE_UP_TO: usize = PLAIN_INSERTS_UP_TO;
 
 /// Commits a small append that is answered early on the calling thread,
-/// when the writer is idle (see [`Writer::idle`]: no command sent before
-/// is waiting or running, no commit unfinished, room in the waiting
-/// rollups): its records are appended to the event log and synced here,
-/// under the writer's mutex, and the answer comes back at once.
+/// when the writer is idle (see [`Writer::idle`]): its records are
+/// appended to the event log and synced here, under the writer's mutex,
+/// and the answer comes back at once.
 /// The commit's sled writes and the rest ([`Writer::apply`]) are left to
 /// the writer's thread, which is woken for them and does them before
 /// anything else.
@@ -563,13 +584,13 @@ pub(super) struct Writer {
     /// A commit synced by a caller's thread whose sled writes remain (see
     /// [`try_commit`]): done before anything else.
     synced: Option<Synced>,
-    /// How many commands were sent ([`Queue::send`]) and how many of them
-    /// this writer took: a caller commits on its own thread only when all
-    /// were.
+    /// How many commands went into the queue ([`Queue::send`]) and how
+    /// many of them this writer took: a caller commits on its own thread
+    /// only when all were.
     sent: Arc<AtomicU64>,
     taken: u64,
     /// Whether the last sync took longer than [`SLOW_SYNC`].
-    slow_sync: std::cell::Cell<bool>,
+    pub(super) slow_sync: std::cell::Cell<bool>,
     /// Tests: how many commits callers' threads synced.
     #[cfg(test)]
     pub(super) inline_commits: u64,
@@ -577,8 +598,11 @@ pub(super) struct Writer {
 
 impl Writer {
     /// Whether a caller may commit on its own thread now (see
-    /// [`try_commit`]).
-    fn idle(&self) -> bool {
+    /// [`try_commit`]): every command that went into the queue was taken
+    /// and run, no commit is left unfinished, the writer is not halted,
+    /// the last sync was not slow, the log's next append does not start a
+    /// segment, and the waiting rollups have room.
+    pub(super) fn idle(&self) -> bool {
         self.synced.is_none()
             && self.taken == self.sent.load(Ordering::SeqCst)
             && self.halted.is_none()
@@ -587,20 +611,23 @@ impl Writer {
             && self.trees.pending.as_ref().is_none_or(|p| p.has_room())
     }
 
-    /// A commit panicked on a caller's thread, holding the writer: what it
-    /// left is unknown, so the writer refuses every write until the node
-    /// restarts (whose open indexes what reached the event log).
+    /// A commit panicked on a caller's thread, holding the writer (in
+    /// [`Self::sync`], before its answer: no caller saw it acknowledged,
+    /// and no fold is owed for it): what it left is unknown, so the writer
+    /// refuses every write until the node restarts, whose open indexes
+    /// whatever reached the event log (a resend then finds it a
+    /// duplicate).
     fn panicked(&mut self) {
         self.synced = None;
         if let Some(pending) = &self.trees.pending {
             pending.end_change(None);
         }
-        let e = Error::Write {
-            reason: "a commit panicked".into(),
-            disk_full: false,
-        };
-        let reason = self.halt(&e);
-        tracing::error!("the store writer stopped writing: a commit panicked; {reason}");
+        let reason = "a commit panicked in the store; what it wrote is not known to be whole, so the store takes no more writes: restart the node (its open indexes what reached the event log)".to_string();
+        tracing::error!("{reason}");
+        if self.failure.borrow().is_none() {
+            self.failure.send_replace(Some(reason.clone()));
+        }
+        self.halted = Some((reason, false));
     }
 
     /// Runs the command `first` (with the appends queued behind it, in one
@@ -1435,6 +1462,10 @@ impl Writer {
     /// is acknowledged, the next open indexes it from the log, and the
     /// writer halts until then (see [`Writer::halt`]).
     fn write_log(&self, new: &[(Seq, &NewEvent)]) -> std::result::Result<Logged, (Error, bool)> {
+        #[cfg(test)]
+        if new.iter().any(|(_, ne)| ne.event.event_id == PANIC_SYNC_ID) {
+            panic!("injected panic before the sync");
+        }
         let now = UnixNanos::now().0;
         let t = &self.trees;
         let high_water = new.iter().map(|(s, _)| *s).max().unwrap_or(0).to_be_bytes();
