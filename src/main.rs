@@ -290,6 +290,10 @@ enum BenchScenario {
         /// Untimed requests first.
         #[arg(long, default_value_t = 200)]
         warmup: u64,
+        /// How the requests go: on one `PublishStream` held open, or one
+        /// unary `Publish` call each.
+        #[arg(long, value_enum, default_value = "publish-stream")]
+        via: chainsight::bench::suite::Via,
         #[command(flatten)]
         common: BenchCommon,
     },
@@ -1235,6 +1239,7 @@ fn bench_run(scenario: BenchScenario) -> (chainsight::bench::Run, BenchCommon) {
         BenchScenario::Latency {
             events,
             warmup,
+            via,
             common,
         } => {
             let (events, warmup) = if common.quick {
@@ -1245,6 +1250,7 @@ fn bench_run(scenario: BenchScenario) -> (chainsight::bench::Run, BenchCommon) {
             let opts = suite::LatencyOptions {
                 events,
                 warmup,
+                via,
                 ..Default::default()
             };
             (Run::Latency(opts), common)

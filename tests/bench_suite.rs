@@ -79,12 +79,17 @@ fn ingest_counts_add_up_and_reports_cpu_memory_and_disk() {
 }
 
 #[test]
-fn latency_times_every_request() {
-    let f = &run_quick("latency")[0];
-    assert_eq!(f.events_sent, 100);
-    let l = f.latency.as_ref().unwrap();
-    assert_eq!(l.samples, 100);
-    assert!(l.p50_us <= l.p90_us && l.p90_us <= l.p99_us && l.p99_us <= l.max_us);
+fn latency_times_every_request_both_ways() {
+    for via in ["publish-stream", "publish"] {
+        let f = &run_quick_args("latency", &[], &["--via".as_ref(), via.as_ref()])[0];
+        assert_eq!(f.parameters["via"], via.replace('-', "_"), "{via}");
+        assert_eq!(f.events_sent, 100, "{via}");
+        assert_eq!(f.events_acknowledged, 100, "{via}");
+        assert_eq!(f.events_stored, 100, "{via}");
+        let l = f.latency.as_ref().unwrap();
+        assert_eq!(l.samples, 100, "{via}");
+        assert!(l.p50_us <= l.p90_us && l.p90_us <= l.p99_us && l.p99_us <= l.max_us);
+    }
 }
 
 /// `CHAINSIGHT_NODE_WRAPPER` (for profilers): split at white space, it

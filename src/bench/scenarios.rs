@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::suite::{
     dir_bytes, mean_encoded_len, payloads, CpuMeter, EventSource, Figures, IngestOptions,
-    LatencyOptions, ProcSample,
+    LatencyOptions, ProcSample, Via,
 };
 use super::{err, Error, Percentiles};
 use crate::chain::{LocalChain, NodeSpec};
@@ -245,17 +245,44 @@ pub async fn latency(opts: LatencyOptions) -> Result<Figures, Error> {
     let mut acknowledged = 0;
     let bar = progress(opts.warmup + opts.events, "one in flight");
     let mut started = Instant::now();
+    // The stream's requests, one at a time (a new one once the last was
+    // answered).
+    let (stream_tx, stream_rx) = tokio::sync::mpsc::channel::<pb::PublishRequest>(1);
+    let mut responses = match opts.via {
+        Via::PublishStream => Some(
+            client
+                .publish_stream(tokio_stream::wrappers::ReceiverStream::new(stream_rx))
+                .await
+                .map_err(|e| err("publish")(e.message().to_string()))?
+                .into_inner(),
+        ),
+        Via::Publish => None,
+    };
     for (i, ev) in events.into_iter().enumerate() {
         if i as u64 == opts.warmup {
             started = Instant::now();
             acknowledged = 0;
         }
+        let request = pb::PublishRequest { events: vec![ev] };
         let sent = Instant::now();
-        let resp = client
-            .publish(pb::PublishRequest { events: vec![ev] })
-            .await
-            .map_err(|e| err("publish")(e.message().to_string()))?
-            .into_inner();
+        let resp = match responses.as_mut() {
+            Some(responses) => {
+                stream_tx
+                    .send(request)
+                    .await
+                    .map_err(|_| err("publish")("the stream's sender stopped".into()))?;
+                responses
+                    .message()
+                    .await
+                    .map_err(|e| err("publish")(e.message().to_string()))?
+                    .ok_or_else(|| err("publish")("the node ended the stream".into()))?
+            }
+            None => client
+                .publish(request)
+                .await
+                .map_err(|e| err("publish")(e.message().to_string()))?
+                .into_inner(),
+        };
         if i as u64 >= opts.warmup {
             samples.push(sent.elapsed());
         }
@@ -271,6 +298,19 @@ pub async fn latency(opts: LatencyOptions) -> Result<Figures, Error> {
     let seconds = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
     meter.finish(&mut fig, acknowledged);
+    // The stream ends when its requests do: the node answers with its end.
+    drop(stream_tx);
+    if let Some(mut responses) = responses {
+        if let Some(extra) = responses
+            .message()
+            .await
+            .map_err(|e| err("publish")(e.message().to_string()))?
+        {
+            return Err(err("publish")(format!(
+                "an answer without a request: {extra:?}"
+            )));
+        }
+    }
     chain.stop(NODE).await?;
     fig.events_sent = opts.events;
     fig.events_acknowledged = acknowledged;

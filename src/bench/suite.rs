@@ -136,6 +136,21 @@ pub struct LatencyOptions {
     /// Untimed requests first.
     pub warmup: u64,
     pub seed: u64,
+    /// How the requests go.
+    pub via: Via,
+}
+
+/// How `bench latency` sends its requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Via {
+    /// One `Ingest.PublishStream` held open, one request on it at a time
+    /// (as a publisher with a steady flow sends, and as the NATS client
+    /// publishes on its connection).
+    PublishStream,
+    /// One unary `Ingest.Publish` call per request (a new HTTP/2 stream
+    /// each: headers, message and trailers both ways).
+    Publish,
 }
 
 impl Default for LatencyOptions {
@@ -145,6 +160,7 @@ impl Default for LatencyOptions {
             events: 15_000,
             warmup: 200,
             seed: 2,
+            via: Via::PublishStream,
         }
     }
 }
