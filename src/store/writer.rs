@@ -443,8 +443,8 @@ pub(super) const INLINE_UP_TO: usize = PLAIN_INSERTS_UP_TO;
 /// wake-ups of an idle CPU: with both waits replaced by polling (an
 /// experiment), a one-event publish's acknowledgement took about 70 µs
 /// less than its 360 µs on the 2-CPU host (`bench latency`); committing
-/// here saves about 25 µs of it (the thread still sleeps in the sync and
-/// is woken from it). The calling (runtime) thread is blocked for the
+/// here saves 30–50 µs of it (the thread still sleeps in the sync and is
+/// woken from it; README, session 37). The calling (runtime) thread is blocked for the
 /// append and the sync meanwhile (about 80 µs), which the runtime's other
 /// threads absorb; after a slow sync, and when the event log starts a new
 /// segment, appends go to the writer's thread. Under load the writer is
@@ -1573,17 +1573,7 @@ impl Writer {
     /// [`Self::index`]'s sled inserts, after the answer.
     fn write_sled(&self, new: &[(Seq, &NewEvent)], logged: Logged) -> Result<()> {
         let t = &self.trees;
-        let Logged {
-            now,
-            plain,
-            high_water,
-            end,
-            blocks,
-            slot_runs,
-            fingerprints,
-            outboxes,
-            ..
-        } = logged;
+        let plain = logged.plain;
         type Kv = Vec<(Vec<u8>, Vec<u8>)>;
         #[cfg(test)]
         let injected = |id: &str| new.iter().any(|(_, ne)| ne.event.event_id == id);
@@ -1617,7 +1607,7 @@ impl Writer {
         // sled for the next open to remove (`super::repair_tail`) before
         // it indexes the frames again (`super::replay_log`). Once they are
         // in, the next open completes the rest from the log.
-        for (first, value) in slot_runs {
+        for (first, value) in logged.slot_runs {
             t.events.insert(first.to_be_bytes(), value)?;
         }
         #[cfg(test)]
@@ -1629,18 +1619,24 @@ impl Writer {
         }
         put(
             &t.by_time,
-            blocks.into_iter().map(|(k, v)| (k.to_vec(), v)).collect(),
+            logged
+                .blocks
+                .into_iter()
+                .map(|(k, v)| (k.to_vec(), v))
+                .collect(),
         )?;
         // A commit's new events have consecutive numbers: one run (per
         // 1024 events: 4 KB, like `slots::MAX_RUN`'s runs small enough for
         // sled's leaves to stay out of blob files).
-        for (first, value) in super::customers::runs(&fingerprints, super::customers::MAX_RUN) {
+        for (first, value) in
+            super::customers::runs(&logged.fingerprints, super::customers::MAX_RUN)
+        {
             t.customer_runs.insert(first.to_be_bytes(), value)?;
         }
         // One run per link (see `super::outbox`): the new numbers are
         // above every queued one.
-        for (outbox, seqs) in t.outboxes.iter().zip(outboxes) {
-            for (first, value) in super::outbox::runs_of(&seqs, now) {
+        for (outbox, seqs) in t.outboxes.iter().zip(logged.outboxes) {
+            for (first, value) in super::outbox::runs_of(&seqs, logged.now) {
                 outbox.tree.insert(first.to_be_bytes(), value)?;
             }
         }
@@ -1658,8 +1654,8 @@ impl Writer {
         // mark ahead of the log end would make the open refuse this
         // commit's frames as older than the mark, end the log there and
         // zero them.
-        t.meta.insert(super::META_LOG_END, &end.encode())?;
-        t.meta.insert(super::META_LAST_SEQ, &high_water)?;
+        t.meta.insert(super::META_LOG_END, &logged.end.encode())?;
+        t.meta.insert(super::META_LAST_SEQ, &logged.high_water)?;
         Ok(())
     }
 
