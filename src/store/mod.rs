@@ -4536,11 +4536,7 @@ mod tests {
     async fn small_durable_appends_are_committed_on_the_callers_thread() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = reopen(dir.path(), Some(Layout::default()));
-        let event = |i: u64| {
-            let mut ev = PreferenceEvent::example();
-            ev.event_id = format!("inline-{i}");
-            NewEvent::local(ev)
-        };
+        let event = |i: u64| event_with_id(&format!("inline-{i}"));
         for i in 0..5 {
             let stored = store.append_durable(vec![event(i)]).await.expect("append");
             assert_eq!(stored, [Appended::Stored(i + 1)]);
@@ -4595,6 +4591,13 @@ mod tests {
         store.close().await.expect("close");
     }
 
+    /// An example event with `id`, for no link.
+    fn event_with_id(id: &str) -> NewEvent {
+        let mut ev = PreferenceEvent::example();
+        ev.event_id = id.into();
+        NewEvent::local(ev)
+    }
+
     /// How many commits callers' threads synced in `store`.
     fn inline_commits(store: &Store) -> u64 {
         let writer = store.inner.shared_writer.lock().expect("writer");
@@ -4624,19 +4627,18 @@ mod tests {
     async fn a_command_taken_but_not_run_keeps_callers_from_committing_ahead() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = reopen(dir.path(), Some(Layout::default()));
-        let event = |id: &str| {
-            let mut ev = PreferenceEvent::example();
-            ev.event_id = id.into();
-            NewEvent::local(ev)
-        };
-        store.append(vec![event("first")]).await.expect("append");
+        store
+            .append(vec![event_with_id("first")])
+            .await
+            .expect("append");
         wait_idle(&store);
         let late = {
             let held = store.inner.shared_writer.lock().expect("writer");
             let writer = held.as_ref().expect("open");
             assert!(writer.idle(), "nothing queued or running");
             let queued = store.clone();
-            let late = tokio::spawn(async move { queued.append(vec![event("late")]).await });
+            let late =
+                tokio::spawn(async move { queued.append(vec![event_with_id("late")]).await });
             // The writer's thread takes it and waits for the writer.
             for _ in 0..5000 {
                 if store.inner.writer.queued() == 0 && store.inner.writer.sent() == 2 {
@@ -4660,24 +4662,22 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_commit_that_panics_on_a_callers_thread_halts_the_writer() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let event = |id: &str| {
-            let mut ev = PreferenceEvent::example();
-            ev.event_id = id.into();
-            NewEvent::local(ev)
-        };
         {
             let store = reopen(dir.path(), Some(Layout::default()));
-            store.append(vec![event("first")]).await.expect("append");
+            store
+                .append(vec![event_with_id("first")])
+                .await
+                .expect("append");
             wait_idle(&store);
             let panicking = store.clone();
             let task = tokio::spawn(async move {
                 panicking
-                    .append_durable(vec![event(writer::PANIC_SYNC_ID)])
+                    .append_durable(vec![event_with_id(writer::PANIC_SYNC_ID)])
                     .await
             });
             assert!(task.await.expect_err("panicked").is_panic());
             let e = store
-                .append(vec![event("after")])
+                .append(vec![event_with_id("after")])
                 .await
                 .expect_err("refused");
             assert!(e.to_string().contains("panicked"), "{e}");
@@ -4692,7 +4692,10 @@ mod tests {
         assert!(store.get_by_event_id("first").expect("get").is_some());
         let v = store.verify(|_| {}).expect("verify");
         assert!(v.problems.is_empty(), "{:?}", v.problems);
-        let again = store.append(vec![event("after")]).await.expect("append");
+        let again = store
+            .append(vec![event_with_id("after")])
+            .await
+            .expect("append");
         assert!(matches!(again[..], [Appended::Stored(_)]), "{again:?}");
         store.close().await.expect("close");
     }
@@ -4705,24 +4708,19 @@ mod tests {
     async fn concurrent_small_appends_are_numbered_once_each() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = reopen(dir.path(), Some(Layout::default()));
-        let event = |id: String| {
-            let mut ev = PreferenceEvent::example();
-            ev.event_id = id;
-            NewEvent::local(ev)
-        };
         let mut stored = Vec::new();
         for round in 0..20 {
             let mut tasks = Vec::new();
             for i in 0..6 {
                 let store = store.clone();
-                let ev = event(format!("c-{round}-{i}"));
+                let ev = event_with_id(&format!("c-{round}-{i}"));
                 tasks.push(tokio::spawn(
                     async move { store.append_durable(vec![ev]).await },
                 ));
             }
             for _ in 0..2 {
                 let store = store.clone();
-                let ev = event(format!("twice-{round}"));
+                let ev = event_with_id(&format!("twice-{round}"));
                 tasks.push(tokio::spawn(
                     async move { store.append_durable(vec![ev]).await },
                 ));

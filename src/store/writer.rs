@@ -70,9 +70,9 @@ const FOLDS_QUEUED: usize = 0;
 /// went idle (`perf sched`, `bench latency`).
 const FOLD_HERE_UP_TO: usize = PLAIN_INSERTS_UP_TO;
 
-/// An append's reply while its commit runs (taken once sent), and
-/// whether it is answered early ([`Append::early`]).
-type Waiting = (Option<Reply>, bool);
+/// An append's reply, and whether it is answered early
+/// ([`Append::early`]).
+type Waiting = (Reply, bool);
 
 /// What [`Writer::write`] gives: the outcomes (per append, per event),
 /// the highest new sequence number, and the new events' records as
@@ -88,7 +88,9 @@ pub(super) struct Synced {
     outcomes: Vec<Vec<Appended>>,
     /// The callers not answered yet, with their append's place.
     late: Vec<(usize, Reply)>,
-    /// The new events' records as logged, if any are new.
+    /// The highest new sequence number, and the new events' records as
+    /// logged, if any are new.
+    upto: Option<Seq>,
     logged: Option<Logged>,
 }
 
@@ -393,7 +395,6 @@ impl Queue {
         Ok(())
     }
 
-    /// A queue without a writer: every send fails.
     /// Tests: how many commands went into the queue.
     #[cfg(test)]
     pub(super) fn sent(&self) -> u64 {
@@ -406,6 +407,7 @@ impl Queue {
         self.tx.max_capacity() - self.tx.capacity()
     }
 
+    /// A queue without a writer: every send fails.
     pub(super) fn closed() -> Queue {
         let (tx, _) = mpsc::channel(1);
         Queue {
@@ -444,11 +446,11 @@ pub(super) const INLINE_UP_TO: usize = PLAIN_INSERTS_UP_TO;
 /// experiment), a one-event publish's acknowledgement took about 70 µs
 /// less than its 360 µs on the 2-CPU host (`bench latency`); committing
 /// here saves 30–50 µs of it (the thread still sleeps in the sync and is
-/// woken from it; README, session 37). The calling (runtime) thread is blocked for the
-/// append and the sync meanwhile (about 80 µs), which the runtime's other
-/// threads absorb; after a slow sync, and when the event log starts a new
-/// segment, appends go to the writer's thread. Under load the writer is
-/// busy and appends queue for it as before.
+/// woken from it; README, session 37). The calling (runtime) thread is
+/// blocked for the append and the sync meanwhile (about 80 µs), which the
+/// runtime's other threads absorb; after a slow sync, and when the event
+/// log starts a new segment, appends go to the writer's thread. Under
+/// load the writer is busy and appends queue for it as before.
 ///
 /// Gives the events back if the writer is not idle.
 pub(super) fn try_commit(
@@ -633,12 +635,13 @@ impl Writer {
     /// Runs the command `first` (with the appends queued behind it, in one
     /// commit).
     fn take(&mut self, first: Command, rx: &mut mpsc::Receiver<Command>) -> Next {
-        if !matches!(first, Command::Finish) {
-            self.taken += 1;
+        if matches!(first, Command::Finish) {
+            // Sent uncounted; the commit it woke for was finished before.
+            return Next::Go(None);
         }
+        self.taken += 1;
         let first = match (first, &self.halted) {
             (Command::Close { reply }, _) => Command::Close { reply },
-            (Command::Finish, _) => return Next::Go(None),
             (other, Some((reason, disk_full))) => {
                 refuse(other, reason, *disk_full);
                 return Next::Go(None);
@@ -1195,12 +1198,12 @@ impl Writer {
         let start_seq = self.next_seq;
         let (batch, replies): (Vec<Vec<NewEvent>>, Vec<Waiting>) = batch
             .into_iter()
-            .map(|a| (a.events, (Some(a.reply), a.early)))
+            .map(|a| (a.events, (a.reply, a.early)))
             .unzip();
         let (outcomes, upto, logged) = match self.write(&batch) {
             Ok(written) => written,
             Err((e, applied)) => {
-                let replies = replies.into_iter().filter_map(|(reply, _)| reply);
+                let replies = replies.into_iter().map(|(reply, _)| reply);
                 self.failed(&e);
                 if applied {
                     // Its frames were taken back out of the log, or may
@@ -1225,12 +1228,10 @@ impl Writer {
         // The callers not answered yet, with their append's place.
         let mut late = Vec::new();
         for (i, ((reply, early), outcome)) in replies.into_iter().zip(&outcomes).enumerate() {
-            match reply {
-                Some(reply) if early => {
-                    let _ = reply.send(Ok(outcome.clone()));
-                }
-                Some(reply) => late.push((i, reply)),
-                None => {}
+            if early {
+                let _ = reply.send(Ok(outcome.clone()));
+            } else {
+                late.push((i, reply));
             }
         }
         Some(Synced {
@@ -1238,6 +1239,7 @@ impl Writer {
             batch,
             outcomes,
             late,
+            upto,
             logged,
         })
     }
@@ -1251,6 +1253,7 @@ impl Writer {
             batch,
             outcomes,
             late,
+            upto,
             logged,
         } = synced;
         let mut signals = Vec::new();
@@ -1264,11 +1267,7 @@ impl Writer {
                 fail(late.into_iter().map(|(_, r)| r), &e, &reason);
                 return;
             }
-            fold = self
-                .trees
-                .pending
-                .as_ref()
-                .and(new.iter().map(|(s, _)| *s).max());
+            fold = self.trees.pending.as_ref().and(upto);
         }
         // Readers (subscribers, link workers) may now see everything up to
         // here; set before links are woken so they find it.
@@ -1441,8 +1440,8 @@ impl Writer {
 
     /// The sled writes of a commit [`Self::log`] made durable (`new` are
     /// its new events); see there.
-    fn index(&self, new: &[(Seq, &NewEvent)], logged: Logged) -> Result<()> {
-        let hours = logged.hours.clone();
+    fn index(&self, new: &[(Seq, &NewEvent)], mut logged: Logged) -> Result<()> {
+        let hours = logged.hours.take();
         let written = self.write_sled(new, logged);
         if let (Some(pending), Some(hours)) = (&self.trees.pending, hours) {
             // The events are in the trees and their callers answered: their
