@@ -75,20 +75,6 @@ const BLOCK_HEADER: usize = 7;
 /// zstd's fastest regular level: 1 and 3 measured within 1 % of each
 /// other in size on these records.
 const ZSTD_LEVEL: i32 = 1;
-/// Bytes of the active segment written with zeros (and synced) at a time,
-/// ahead of the appends. A segment is allocated ahead of time, but the
-/// file system marks allocated blocks unwritten, and the first sync into
-/// such a block also writes the file's extent map: measured here with
-/// 512-byte frames (one event per commit), every eighth sync (the one
-/// that starts a 4 KB block) took 111-118 µs against 63-67 µs; into
-/// blocks written with zeros before, every sync took about 71 µs (p90 77
-/// against 107-110 µs, p99 101 against 120-137 µs). Zeroing 1 MiB and
-/// syncing it took about 1.9 ms, once per 1 MiB of appends (2,000
-/// one-event commits).
-pub(super) const ZERO_AHEAD: u64 = 1 << 20;
-/// The zeroing starts again once fewer zeroed bytes than this are left
-/// ahead of the appends.
-pub(super) const ZERO_AHEAD_LOW: u64 = 256 << 10;
 /// Decompressed blocks kept for readers (sequential readers, subscribers
 /// and links, read the entries of a block one after the other).
 const CACHED_BLOCKS: usize = 64;
@@ -277,9 +263,6 @@ struct Active {
     /// The bytes allocated ahead of time: the next segment starts once
     /// `len` reaches it.
     capacity: u64,
-    /// Where the bytes written with zeros ahead of the appends end (see
-    /// [`ZERO_AHEAD`]); at most `len` when the appends went past them.
-    zeroed: u64,
     /// The frames of a commit are put together here.
     buf: Vec<u8>,
     /// A block's entries before compression.
@@ -294,7 +277,6 @@ impl Active {
             file,
             len,
             capacity: SEGMENT_BYTES,
-            zeroed: len,
             buf: Vec::new(),
             raw: Vec::new(),
             compressor: zstd::bulk::Compressor::new(ZSTD_LEVEL)?,
@@ -569,45 +551,6 @@ impl EventLog {
             .expect("active lock")
             .as_ref()
             .is_none_or(|a| a.len >= a.capacity)
-    }
-
-    /// Writes zeros (synced) into the next [`ZERO_AHEAD`] bytes of the
-    /// active segment after the appends, when fewer than
-    /// [`ZERO_AHEAD_LOW`] zeroed bytes are left ahead of them, so that a
-    /// commit's sync writes into blocks the file system counts as written
-    /// (see [`ZERO_AHEAD`]). Returns whether it wrote. Only past the end
-    /// of the log, whose zeros a replay reads as its end: call it where no
-    /// append runs, as the writer's thread does when it has nothing else to
-    /// do. An I/O error poisons the log as an append's does.
-    pub fn zero_ahead(&self) -> std::io::Result<bool> {
-        self.usable()?;
-        let mut active = self.active.lock().expect("active lock");
-        let Some(a) = active.as_mut() else {
-            return Ok(false);
-        };
-        let start = a.zeroed.max(a.len);
-        if start >= a.capacity || start - a.len >= ZERO_AHEAD_LOW {
-            return Ok(false);
-        }
-        let end = (start + ZERO_AHEAD).min(a.capacity);
-        let zeros = vec![0u8; (end - start) as usize];
-        let written = a
-            .file
-            .write_all_at(&zeros, start)
-            .and_then(|()| a.file.sync_data());
-        self.poison_on(written)?;
-        a.zeroed = end;
-        Ok(true)
-    }
-
-    /// Where the zeroed bytes ahead of the appends end, and the log's end.
-    #[cfg(test)]
-    pub(super) fn zeroed_ahead(&self) -> Option<(u64, u64)> {
-        self.active
-            .lock()
-            .expect("active lock")
-            .as_ref()
-            .map(|a| (a.zeroed, a.len))
     }
 
     /// Makes everything appended durable.
@@ -1310,69 +1253,6 @@ mod tests {
         assert_eq!(after.iter().map(|f| f.seq).collect::<Vec<_>>(), [3]);
         assert_eq!(Location::decode(&more[0].encode()), Some(more[0]));
         assert_eq!(End::decode(&end.encode()), Some(end));
-    }
-
-    /// Zeros go ahead of the appends, never over a frame: commits small
-    /// and large (one past all the zeroed bytes), each followed by a
-    /// zeroing, read back whole, and a replay finds them all and its end.
-    #[test]
-    fn zeros_ahead_of_the_appends_never_cover_a_frame() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = EventLog::open(dir.path()).unwrap();
-        let big = |seq: Seq| NewFrame {
-            seq,
-            links: vec![],
-            record: vec![seq as u8; 100_000],
-        };
-        let mut written = Vec::new();
-        let mut seq = 0;
-        for round in 0..40 {
-            // Mostly one small frame; every tenth commit 1.2 MB.
-            let frames: Vec<NewFrame> = if round % 10 == 9 {
-                (0..12)
-                    .map(|_| {
-                        seq += 1;
-                        big(seq)
-                    })
-                    .collect()
-            } else {
-                seq += 1;
-                vec![frame(seq, &["up"], seq as u8)]
-            };
-            let (locs, _) = log.append(&frames).unwrap();
-            log.sync().unwrap();
-            written.extend(frames.into_iter().zip(locs));
-            let (zeroed, len) = log.zeroed_ahead().unwrap();
-            let wrote = log.zero_ahead().unwrap();
-            assert_eq!(
-                wrote,
-                zeroed.max(len) - len < ZERO_AHEAD_LOW,
-                "zeroes only when few zeroed bytes are left"
-            );
-            let (zeroed, len) = log.zeroed_ahead().unwrap();
-            assert!(zeroed >= len + ZERO_AHEAD_LOW, "{zeroed} ahead of {len}");
-            assert!(!log.zero_ahead().unwrap(), "nothing more to zero");
-        }
-        for (f, at) in &written {
-            assert_eq!(log.read(f.seq, *at).unwrap(), f.record, "frame {}", f.seq);
-        }
-        let (zeroed, len) = log.zeroed_ahead().unwrap();
-        let file = std::fs::File::open(dir.path().join(segment_name(1))).unwrap();
-        let mut ahead = vec![1u8; (zeroed - len) as usize];
-        file.read_exact_at(&mut ahead, len).unwrap();
-        assert!(ahead.iter().all(|b| *b == 0), "zeros after the last frame");
-        drop(log);
-        let log = EventLog::open(dir.path()).unwrap();
-        let replayed = log.replay(None, |_| true).unwrap().frames;
-        assert_eq!(
-            replayed.iter().map(|f| f.seq).collect::<Vec<_>>(),
-            (1..=seq).collect::<Vec<_>>()
-        );
-        assert_eq!(
-            log.end().map(|e| e.offset),
-            Some(len),
-            "appends go on there"
-        );
     }
 
     /// A record much like the others of its commit, as real ones are.

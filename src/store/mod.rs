@@ -4607,41 +4607,6 @@ mod tests {
     /// Returns once a caller could commit on its own thread (the writer's
     /// thread is done with everything before); a slow sync of this loaded
     /// test machine is forgotten.
-    /// The writer's thread zeroes the event log's next blocks when it has
-    /// nothing else to do (see `log::ZERO_AHEAD`), after commits on a
-    /// caller's thread and on its own alike.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_writer_zeroes_the_logs_next_blocks_when_idle() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = reopen(dir.path(), Some(Layout::default()));
-        let zeroed = |store: &Store| {
-            let (zeroed, len) = store.inner.trees.log.zeroed_ahead().expect("active");
-            zeroed.saturating_sub(len)
-        };
-        store
-            .append_durable(vec![event_with_id("zero-1")])
-            .await
-            .expect("append");
-        wait_idle(&store);
-        assert!(zeroed(&store) >= log::ZERO_AHEAD_LOW, "{}", zeroed(&store));
-        // A commit too large for a caller's thread: on the writer's.
-        let many: Vec<_> = (0..200)
-            .map(|i| event_with_id(&format!("zero-many-{i}")))
-            .collect();
-        store.append_durable(many).await.expect("append");
-        wait_idle(&store);
-        assert!(zeroed(&store) >= log::ZERO_AHEAD_LOW, "{}", zeroed(&store));
-        store.close().await.expect("close");
-        drop(store);
-        let store = reopen(dir.path(), Some(Layout::default()));
-        assert_eq!(
-            events_counted(&store),
-            201,
-            "every event there after a reopen"
-        );
-        store.close().await.expect("close");
-    }
-
     fn wait_idle(store: &Store) {
         for _ in 0..5000 {
             if let Ok(writer) = store.inner.shared_writer.try_lock() {

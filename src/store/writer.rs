@@ -508,14 +508,7 @@ fn run(shared: &Shared, mut rx: mpsc::Receiver<Command>) {
             writer.apply(synced);
         }
         match writer.take(first, &mut rx) {
-            Next::Go(next) => {
-                // Nothing else to do: the log's next blocks are zeroed
-                // (see `log::ZERO_AHEAD`), not while commits wait.
-                if next.is_none() && rx.is_empty() {
-                    writer.zero_log_ahead();
-                }
-                pending = next;
-            }
+            Next::Go(next) => pending = next,
             Next::Close(reply) => {
                 let mut writer = guard.take();
                 let finished = writer.as_mut().map_or(Ok(()), Writer::finish);
@@ -1249,19 +1242,6 @@ impl Writer {
             upto,
             logged,
         })
-    }
-
-    /// Zeroes the event log's next blocks when few are left (see
-    /// [`super::log::EventLog::zero_ahead`]). An I/O error there poisons
-    /// the log: the next commit fails and halts the writer as a failed
-    /// append does.
-    fn zero_log_ahead(&mut self) {
-        if self.halted.is_some() {
-            return;
-        }
-        if let Err(e) = self.trees.log.zero_ahead() {
-            tracing::error!(error = %e, "could not write zeros ahead of the event log's appends");
-        }
     }
 
     /// A commit's second part, after [`Self::sync`]: the sled writes, the
