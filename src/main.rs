@@ -504,7 +504,7 @@ fn main() -> ExitCode {
         purge_freed_memory_promptly();
     }
     init_tracing(log_format(&cli));
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime(&cli) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -518,6 +518,21 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The async runtime: a node's has `[runtime] worker_threads` workers
+/// (default half the CPUs, see `config::default_worker_threads`); every
+/// other command's one per CPU (tokio's default). A node.toml that does
+/// not load is reported by the command itself.
+fn runtime(cli: &Cli) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Command::Node { config } = &cli.command {
+        if let Ok(config) = NodeConfig::load(config) {
+            builder.worker_threads(config.runtime.workers());
+        }
+    }
+    builder.build()
 }
 
 /// The log format: the flag, else a node's `[log] format`, else human.

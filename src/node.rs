@@ -165,6 +165,7 @@ async fn run_once(
         data_dir = %config.data_dir.display(),
         last_seq = parts.store.last_seq()?,
         links = workers.len(),
+        runtime_workers = tokio::runtime::Handle::current().metrics().num_workers(),
         "node started"
     );
 

@@ -124,6 +124,7 @@ impl Reloader {
             ("dp_budget", differs(&old.dp_budget, &new.dp_budget)),
             ("log", differs(&old.log, &new.log)),
             ("storage", differs(&old.storage, &new.storage)),
+            ("runtime", differs(&old.runtime, &new.runtime)),
             ("metrics", differs(&old.metrics, &new.metrics)),
             ("export", differs(&old.export, &new.export)),
         ] {

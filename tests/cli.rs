@@ -67,6 +67,19 @@ fn node_refuses_a_bad_config_naming_the_key() {
         err.contains("privacy.k_min") && err.contains("at least 1"),
         "{err}"
     );
+    let path = env.node_config("retailer", "[runtime]\nworker_threads = 0\n");
+    let out = chainsight()
+        .arg("node")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("runtime.worker_threads") && err.contains("at least 1"),
+        "{err}"
+    );
 
     std::fs::write(
         &path,
@@ -82,6 +95,17 @@ fn node_refuses_a_bad_config_naming_the_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("bogus"), "{err}");
+}
+
+#[test]
+fn a_node_runs_the_runtime_workers_it_is_told() {
+    let env = TestEnv::new();
+    env.node_config("retailer", "[runtime]\nworker_threads = 3\n");
+    let mut node = env.start("retailer");
+    common::wait_for(|| node.log().contains("node started"), "the node's start");
+    let log = node.log();
+    assert!(log.contains("runtime_workers=3"), "{log}");
+    node.terminate();
 }
 
 #[test]
