@@ -504,34 +504,30 @@ pub struct MetricsConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeConfig {
-    /// Worker threads of the runtime. Default: half the CPUs, at least
-    /// one (see [`default_worker_threads`]).
+    /// Worker threads of the runtime. Default: one per CPU.
+    ///
+    /// Fewer can answer a lone request sooner, at a risk. On the 2-CPU
+    /// host (README, session 38), one worker against two measured
+    /// `bench latency` p50 255-261 vs 280-291 µs and p99 425-439 vs
+    /// 483-561 µs at a tenth less CPU, `bench propagate` p50 4.1-4.3 vs
+    /// 4.5-4.8 ms, `bench ingest` the same, and with 64 followers (`bench
+    /// fanout`) a delivery lag p99 of 108-191 vs 334-391 ms for a tenth
+    /// less ingest. But every connection then waits while the one worker
+    /// does anything long: a small publish synced on it (a slow disk's
+    /// fdatasync), a sled read behind a rollup checkpoint's batch, a
+    /// request of thousands of events; on a stuck disk, health checks and
+    /// HTTP/2 keepalives stop too. Hence not the default.
     #[serde(default)]
     pub worker_threads: Option<usize>,
 }
 
 impl RuntimeConfig {
-    /// The worker threads to start: as set, else the default for this
-    /// machine.
+    /// The worker threads to start: as set, else one per CPU.
     pub fn workers(&self) -> usize {
         self.worker_threads.unwrap_or_else(|| {
-            default_worker_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
         })
     }
-}
-
-/// The default number of runtime workers on a machine of `cpus` CPUs:
-/// half of them, at least one. The store's own threads (its writer, the
-/// rollup fold and checkpoints, sled's flusher) take CPU beside the
-/// runtime, and a request's steps wait for each other: on the 2-CPU host
-/// (README, session 38), one worker against tokio's default of one per
-/// CPU measured `bench latency` p50 255-261 vs 280-291 µs and p99 425-439
-/// vs 483-561 µs, `bench propagate` p50 4.1-4.3 vs 4.5-4.8 ms at 5 % less
-/// CPU, `bench ingest` the same (53,000 events/s), and with 64 followers
-/// (`bench fanout`) the delivery lag p99 108-191 vs 334-391 ms for a
-/// tenth less ingest.
-pub fn default_worker_threads(cpus: usize) -> usize {
-    (cpus / 2).max(1)
 }
 
 /// `[storage]`: the sled store's use of memory.
@@ -836,7 +832,7 @@ impl NodeConfig {
                 return Err(invalid(
                     path,
                     "runtime.worker_threads",
-                    "must be at least 1 and at most 1024 (or left out: half the CPUs)",
+                    "must be at least 1 and at most 1024 (or left out: one per CPU)",
                 ));
             }
         }
@@ -1146,15 +1142,12 @@ mod tests {
     }
 
     #[test]
-    fn the_runtime_has_half_the_cpus_unless_told() {
-        assert_eq!(default_worker_threads(1), 1);
-        assert_eq!(default_worker_threads(2), 1);
-        assert_eq!(default_worker_threads(3), 1);
-        assert_eq!(default_worker_threads(8), 4);
+    fn the_runtime_has_a_worker_per_cpu_unless_told() {
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        assert_eq!(RuntimeConfig::default().workers(), cpus);
         let set = RuntimeConfig {
             worker_threads: Some(3),
         };
         assert_eq!(set.workers(), 3);
-        assert!(RuntimeConfig::default().workers() >= 1);
     }
 }

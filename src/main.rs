@@ -521,8 +521,7 @@ fn main() -> ExitCode {
 }
 
 /// The async runtime: a node's has `[runtime] worker_threads` workers
-/// (default half the CPUs, see `config::default_worker_threads`); every
-/// other command's one per CPU (tokio's default). A node.toml that does
+/// (default one per CPU, as every other command's). A node.toml that does
 /// not load is reported by the command itself.
 fn runtime(cli: &Cli) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
