@@ -245,6 +245,10 @@ struct Trees {
     recent: Arc<recent::Recent>,
     /// The segment files holding the events' records.
     log: Arc<log::EventLog>,
+    /// `META_PURGED_UPTO` as the last purge left it, in memory: every
+    /// follower reads it on each round (see [`Store::purged_upto`]), and a
+    /// sled read there can wait behind a rollup checkpoint's batch.
+    purged: Arc<AtomicU64>,
 }
 
 impl Trees {
@@ -440,6 +444,7 @@ impl Store {
             .map_err(open_err)?;
         let sled_recovered = started.elapsed();
         let meta = db.open_tree("meta").map_err(open_err)?;
+        let purged = Arc::new(AtomicU64::new(meta_seq(&meta, META_PURGED_UPTO)?));
         let trees = Trees {
             events: db.open_tree("events").map_err(open_err)?,
             ids: Arc::new(ids::Ids::open(&db, meta.clone()).map_err(|e| match e {
@@ -469,6 +474,7 @@ impl Store {
             pending: None,
             recent: Arc::new(recent::Recent::new(recent::DEFAULT_CAPACITY)),
             log: Arc::new(log::EventLog::open(&dir.join("log")).map_err(|e| open_err(e.into()))?),
+            purged,
         };
         let mut trees = trees;
         let trees_opened = started.elapsed();
@@ -917,9 +923,15 @@ impl Store {
         slots::first(&self.inner.trees.events)
     }
 
-    /// The highest sequence number retention has removed (0 if none).
+    /// The highest sequence number retention has removed (0 if none):
+    /// from memory, set once a purge's transaction is done (the stored
+    /// mark is read at open).
     pub fn purged_upto(&self) -> Result<Seq> {
-        meta_seq(&self.inner.trees.meta, META_PURGED_UPTO)
+        Ok(self
+            .inner
+            .trees
+            .purged
+            .load(std::sync::atomic::Ordering::SeqCst))
     }
 
     /// The cursor acknowledged under subscription `name` of `identity`.
@@ -3804,6 +3816,7 @@ mod tests {
                 .await
                 .expect("purge");
             assert_eq!(removed, 6);
+            assert_eq!(store.purged_upto().unwrap(), 8, "the highest removed");
             // Segment 1 held only removed events: gone. Segment 4 holds
             // two stored events; segment 7 none, but it is the active one.
             assert_eq!(
@@ -3822,6 +3835,7 @@ mod tests {
             store.inner.trees.log.ids_and_active(),
             (vec![4, 7], Some(7))
         );
+        assert_eq!(store.purged_upto().unwrap(), 8, "read back at open");
         assert_eq!(&index_counts(&store)[..4], [2, 8, 2, 2]);
         for (seq, id) in [(5, "e-4"), (6, "e-5")] {
             assert_eq!(store.get(seq).unwrap().unwrap().event_id, id);

@@ -837,6 +837,8 @@ impl Writer {
         }
         t.recent.end_removal();
         removed?;
+        t.purged
+            .fetch_max(u64::from_be_bytes(purged_upto), Ordering::SeqCst);
         self.flush_now()?;
         // Their records go from the log too: zeroed, and a segment with no
         // stored event left is deleted.
