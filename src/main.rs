@@ -503,8 +503,14 @@ fn main() -> ExitCode {
     if matches!(cli.command, Command::Node { .. }) {
         purge_freed_memory_promptly();
     }
-    init_tracing(log_format(&cli));
-    let runtime = match runtime(&cli) {
+    // Read once here for the log format and the runtime; the command
+    // loads it again and reports a node.toml that does not load.
+    let node_config = match &cli.command {
+        Command::Node { config } => NodeConfig::load(config).ok(),
+        _ => None,
+    };
+    init_tracing(log_format(&cli, node_config.as_ref()));
+    let runtime = match runtime(node_config.as_ref()) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -520,31 +526,26 @@ fn main() -> ExitCode {
     }
 }
 
-/// The async runtime: a node's has `[runtime] worker_threads` workers
-/// (default one per CPU, as every other command's). A node.toml that does
-/// not load is reported by the command itself.
-fn runtime(cli: &Cli) -> std::io::Result<tokio::runtime::Runtime> {
+/// The async runtime: a node's (`node`, its config if it loads) has
+/// `[runtime] worker_threads` workers (default one per CPU, as every
+/// other command's).
+fn runtime(node: Option<&NodeConfig>) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
-    if let Command::Node { config } = &cli.command {
-        if let Ok(config) = NodeConfig::load(config) {
-            builder.worker_threads(config.runtime.workers());
-        }
+    if let Some(config) = node {
+        builder.worker_threads(config.runtime.workers());
     }
     builder.build()
 }
 
-/// The log format: the flag, else a node's `[log] format`, else human.
-/// (A node.toml that does not load is reported by the command itself.)
-fn log_format(cli: &Cli) -> LogFormat {
-    if let Some(f) = cli.log_format {
-        return f;
-    }
-    match &cli.command {
-        Command::Node { config } => match NodeConfig::load(config) {
-            Ok(cfg) if cfg.log.format == chainsight::config::LogFormat::Json => LogFormat::Json,
-            _ => LogFormat::Human,
-        },
+/// The log format: the flag, else a node's `[log] format` (`node`, its
+/// config if it loads), else human.
+fn log_format(cli: &Cli, node: Option<&NodeConfig>) -> LogFormat {
+    match (cli.log_format, node) {
+        (Some(f), _) => f,
+        (None, Some(cfg)) if cfg.log.format == chainsight::config::LogFormat::Json => {
+            LogFormat::Json
+        }
         _ => LogFormat::Human,
     }
 }

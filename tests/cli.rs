@@ -51,31 +51,30 @@ fn certs_init_writes_ca_and_named_pairs() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not a valid identity"));
 }
 
+/// `chainsight node` with the config at `path`, expected to refuse it:
+/// what it printed on stderr.
+fn node_refusal(path: &std::path::Path) -> String {
+    let out = chainsight()
+        .arg("node")
+        .arg("--config")
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn node_refuses_a_bad_config_naming_the_key() {
     let env = TestEnv::new();
     let path = env.node_config("retailer", "[privacy]\nk_min = 0\n");
-    let out = chainsight()
-        .arg("node")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = node_refusal(&path);
     assert!(
         err.contains("privacy.k_min") && err.contains("at least 1"),
         "{err}"
     );
     let path = env.node_config("retailer", "[runtime]\nworker_threads = 0\n");
-    let out = chainsight()
-        .arg("node")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = node_refusal(&path);
     assert!(
         err.contains("runtime.worker_threads") && err.contains("at least 1"),
         "{err}"
@@ -86,14 +85,7 @@ fn node_refuses_a_bad_config_naming_the_key() {
         "id = \"retailer\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"d\"\nbogus = 1\n",
     )
     .unwrap();
-    let out = chainsight()
-        .arg("node")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = node_refusal(&path);
     assert!(err.contains("bogus"), "{err}");
 }
 
